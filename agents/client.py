@@ -1,0 +1,271 @@
+"""The agent runtime: join, heartbeat, take tasks, evaluate, train, upload, leave.
+
+An agent's data never leaves it: only the trained model (an update blob) and a small
+notice with counts and metrics go on the bus. Many agents may share one process
+(asyncio), each with its own identity, inbox and connection-level state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import redis.asyncio as aioredis
+from numpy.typing import NDArray
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from agents.trainers import Trainer, create_trainer
+from federated_learning.bus.blobs import BlobMissing, BlobStore
+from federated_learning.bus.consumer import ensure_group
+from federated_learning.protocol.keys import GROUP_AGENT, Keys
+from federated_learning.protocol.messages import (
+    AgentJoined, AgentLeft, Evaluation, Heartbeat, MalformedMessage, ModelSpec, Task, TaskKind,
+    UpdateSubmitted, decode, encode,
+)
+from federated_learning.protocol.tensors import InvalidTensor, decode_layers, encode_layers, validate_layers
+
+log = logging.getLogger(__name__)
+
+UPDATE_BLOB_TTL_S = 24 * 3600
+RECONNECT_BACKOFF_CAP_S = 10.0
+DEFAULT_MAX_BLOB_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TrainedUpdate:
+    blob: bytes
+    num_examples: int
+    loss: float
+    accuracy: float
+    seconds: float
+
+
+@dataclass
+class LocalDataset:
+    """One dataset an agent holds, split into local training and held-out evaluation parts."""
+
+    x_train: NDArray[np.floating]
+    y_train: NDArray[np.integer]
+    x_eval: NDArray[np.floating]
+    y_eval: NDArray[np.integer]
+
+    @property
+    def size(self) -> int:
+        return int(len(self.y_train))
+
+
+def _trainer_for(spec: ModelSpec) -> Trainer:
+    params: dict[str, object] = {"hidden": spec.hidden} if spec.trainer == "mlp" else {}
+    return create_trainer(spec.trainer, num_features=spec.num_features,
+                          num_classes=spec.num_classes, **params)
+
+
+def clip_update(global_layers: dict[str, NDArray[np.float32]], local: dict[str, NDArray[np.float32]],
+                max_norm: float) -> dict[str, NDArray[np.float32]]:
+    """Scale ``local - global`` to L2 norm at most ``max_norm`` (over all layers); return the clipped model."""
+    deltas = {name: local[name].astype(np.float64) - global_layers[name] for name in local}
+    norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in deltas.values())))
+    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    return {name: (global_layers[name] + scale * deltas[name]).astype(local[name].dtype) for name in local}
+
+
+class FederatedClient:
+    """One agent. ``await initialize()`` joins and starts working; ``await close()`` leaves."""
+
+    def __init__(
+        self,
+        agent_id: str,
+        *,
+        redis_url: str | None = None,
+        redis: aioredis.Redis | None = None,
+        key_prefix: str = "fl",
+        heartbeat_interval_s: float = 30.0,
+        max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
+        seed: int = 0,
+    ) -> None:
+        if redis is None and redis_url is None:
+            raise ValueError("FederatedClient needs redis_url or redis")
+        self.agent_id = agent_id
+        self._redis_url = redis_url
+        self._redis = redis
+        self._owns_redis = redis is None
+        self.keys = Keys(key_prefix)
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.max_blob_bytes = max_blob_bytes
+        self.seed = seed
+        self.datasets: dict[str, LocalDataset] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+        self.completed_tasks = 0
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        assert self._redis is not None, "initialize() first"
+        return self._redis
+
+    def add_dataset(self, name: str, x: NDArray[np.floating], y: NDArray[np.integer], *,
+                    eval_fraction: float = 0.2, x_eval: NDArray[np.floating] | None = None,
+                    y_eval: NDArray[np.integer] | None = None) -> None:
+        """Hold (x, y) under ``name``, with a held-out part for evaluating received models.
+
+        The held-out part is (x_eval, y_eval) when given, else ``eval_fraction`` of (x, y)
+        (at least one example).
+        """
+        if len(x) != len(y) or len(y) < 1:
+            raise ValueError(f"dataset '{name}' needs matching x and y with at least 1 example")
+        if x_eval is not None and y_eval is not None:
+            if len(x_eval) != len(y_eval) or len(y_eval) < 1:
+                raise ValueError(f"dataset '{name}' needs matching x_eval and y_eval")
+            self.datasets[name] = LocalDataset(x, y, x_eval, y_eval)
+            return
+        if not 0 < eval_fraction < 1 or len(y) < 2:
+            raise ValueError(f"dataset '{name}': eval_fraction must be in (0, 1) and x hold >= 2 examples")
+        order = np.random.default_rng(self.seed).permutation(len(y))
+        n_eval = max(1, int(round(len(y) * eval_fraction)))
+        held, train = order[:n_eval], order[n_eval:]
+        self.datasets[name] = LocalDataset(x[train], y[train], x[held], y[held])
+
+    async def initialize(self) -> None:
+        """Connect, join, and start the heartbeat and inbox loops."""
+        if self._redis is None:
+            from federated_learning.bus.connection import connect
+
+            assert self._redis_url is not None
+            self._redis = await connect(self._redis_url)
+        self._blobs = BlobStore(self.redis, self.keys, max_bytes=self.max_blob_bytes)
+        await ensure_group(self.redis, self.keys.inbox_stream(self.agent_id), GROUP_AGENT)
+        await self.join()
+        self._tasks = [asyncio.create_task(self._heartbeat_loop()),
+                       asyncio.create_task(self._inbox_loop())]
+
+    async def join(self) -> None:
+        message = AgentJoined(
+            agent_id=self.agent_id,
+            datasets={name: data.size for name, data in self.datasets.items()},
+            device={"platform": platform.platform(), "python": platform.python_version()},
+        )
+        await self.redis.xadd(self.keys.agent_stream, encode(message))  # type: ignore[arg-type]
+
+    async def close(self, reason: str = "shutting down") -> None:
+        """Leave cleanly: tell the coordinator, stop the loops, close the connection."""
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.redis.xadd(self.keys.agent_stream,
+                                  encode(AgentLeft(agent_id=self.agent_id, reason=reason)))  # type: ignore[arg-type]
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            log.warning("agent %s could not announce leaving", self.agent_id)
+        if self._owns_redis:
+            await self.redis.aclose()
+
+    async def _heartbeat_loop(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                await self.redis.xadd(self.keys.agent_stream,
+                                      encode(Heartbeat(agent_id=self.agent_id)))  # type: ignore[arg-type]
+                backoff = 0.5
+                await asyncio.sleep(self.heartbeat_interval_s)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("agent %s lost the bus (%s); retrying in %.1fs", self.agent_id, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RECONNECT_BACKOFF_CAP_S)
+                await self._rejoin()
+
+    async def _rejoin(self) -> None:
+        try:
+            await ensure_group(self.redis, self.keys.inbox_stream(self.agent_id), GROUP_AGENT)
+            await self.join()
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            pass
+
+    async def _inbox_loop(self) -> None:
+        inbox = self.keys.inbox_stream(self.agent_id)
+        backoff = 0.5
+        start = "0"  # first the tasks left pending by an earlier run, then new ones
+        while not self._stop.is_set():
+            try:
+                reply = await self.redis.xreadgroup(GROUP_AGENT, self.agent_id, {inbox: start},
+                                                    count=8, block=None if start == "0" else 1000)
+                entries = reply[0][1] if reply else []
+                if start == "0" and not entries:
+                    start = ">"
+                for entry_id, fields in entries:
+                    if fields:
+                        await self.handle_task(fields)
+                    await self.redis.xack(inbox, GROUP_AGENT, entry_id)
+                backoff = 0.5
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("agent %s inbox lost the bus (%s); retrying in %.1fs", self.agent_id, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RECONNECT_BACKOFF_CAP_S)
+                await self._rejoin()
+                start = "0"
+
+    async def handle_task(self, fields: dict[bytes, bytes]) -> None:
+        """Evaluate the received model, train if asked, upload; a bad task is logged and skipped."""
+        try:
+            task = decode(Task, fields)
+        except MalformedMessage as exc:
+            log.warning("agent %s: malformed task skipped: %s", self.agent_id, exc.reason)
+            return
+        data = self.datasets.get(task.dataset)
+        if data is None or time.time() > task.deadline_at:
+            log.info("agent %s: skipping task %s/%d (%s)", self.agent_id, task.training_id, task.round,
+                     "no such dataset" if data is None else "deadline passed")
+            return
+        trainer = _trainer_for(task.model)
+        try:
+            received = decode_layers(await self._blobs.get(task.model_digest), max_bytes=self.max_blob_bytes)
+            validate_layers(received, {s.name: (tuple(s.shape), s.dtype) for s in trainer.layer_specs()})
+        except (BlobMissing, InvalidTensor) as exc:
+            log.warning("agent %s: model of %s/%d refused: %s", self.agent_id, task.training_id, task.round, exc)
+            return
+        evaluation, trained = await asyncio.to_thread(self._work, task, trainer, received, data)
+        common = dict(training_id=task.training_id, round=task.round, attempt=task.attempt,
+                      agent_id=self.agent_id, received_model_version=task.model_version,
+                      evaluation=evaluation)
+        if trained is None:
+            notice = UpdateSubmitted(kind=TaskKind.EVALUATE, num_examples=evaluation.num_examples,
+                                     **common)  # type: ignore[arg-type]
+        else:
+            digest = await self._blobs.put(trained.blob, ttl_s=UPDATE_BLOB_TTL_S)
+            notice = UpdateSubmitted(
+                kind=TaskKind.TRAIN, update_digest=digest, num_examples=trained.num_examples,
+                train_loss=trained.loss, train_accuracy=trained.accuracy,
+                train_seconds=trained.seconds, **common)  # type: ignore[arg-type]
+        await self.redis.xadd(self.keys.update_stream, encode(notice))  # type: ignore[arg-type]
+        self.completed_tasks += 1
+
+    def _work(self, task: Task, trainer: Trainer, received: dict[str, NDArray[np.floating]],
+              data: LocalDataset) -> tuple[Evaluation, TrainedUpdate | None]:
+        """Evaluate the received model on held-out data; train on local data for train tasks."""
+        weights = {name: np.asarray(a, dtype=np.float32) for name, a in received.items()}
+        evaluated = trainer.evaluate(weights, data.x_eval, data.y_eval)
+        evaluation = Evaluation(loss=float(evaluated.loss), accuracy=float(evaluated.accuracy),
+                                num_examples=int(evaluated.num_examples))
+        if task.kind is TaskKind.EVALUATE:
+            return evaluation, None
+        started = time.perf_counter()
+        settings = task.settings
+        local, result = trainer.train(
+            weights, data.x_train, data.y_train, epochs=settings.epochs,
+            batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+            proximal_mu=settings.proximal_mu,
+            seed=zlib.crc32(f"{self.seed}/{self.agent_id}/{task.training_id}/{task.round}".encode()),
+        )
+        local = dict(local)
+        if settings.clip_norm is not None:
+            local = clip_update(weights, local, settings.clip_norm)
+        return evaluation, TrainedUpdate(
+            blob=encode_layers(local), num_examples=int(result.num_examples),
+            loss=float(result.loss), accuracy=float(result.accuracy),
+            seconds=time.perf_counter() - started)

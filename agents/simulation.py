@@ -1,0 +1,173 @@
+"""Simulated agents on the digits data against a running deployment.
+
+Each agent is a real :class:`FederatedClient` with its own identity and inbox; they
+share this process (asyncio) and one connection pool. The training is started over
+REST like any user would, and the final model is downloaded over REST and scored on
+a global test set that no agent holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from agents.client import FederatedClient
+from agents.data import Dataset, make_client_datasets
+from agents.trainers import create_trainer
+from federated_learning.bus.connection import connect
+from federated_learning.protocol.tensors import decode_layers
+
+log = logging.getLogger(__name__)
+
+DATASET = "digits"
+NUM_FEATURES = 64
+NUM_CLASSES = 10
+POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class SimulationOptions:
+    redis_url: str
+    dashboard_url: str
+    key_prefix: str = "fl"
+    clients: int = 69
+    rounds: int = 20
+    partition: str = "dirichlet:0.5"
+    seed: int = 0
+    clients_per_round: int = 20
+    min_clients: int | None = None
+    algorithm: str = "fedavg"
+    algorithm_params: dict[str, float | int | str] = field(default_factory=dict)
+    trainer: str = "softmax"
+    local_epochs: int = 5
+    batch_size: int = 8
+    learning_rate: float = 0.1
+    proximal_mu: float = 0.0
+    privacy_level: str = "none"
+    heartbeat_interval_s: float = 5.0
+    round_deadline_s: float = 60.0
+    timeout_s: float = 900.0
+
+
+@dataclass
+class SimulationReport:
+    training_id: str
+    status: str
+    reason: str
+    rounds: list[dict[str, Any]]
+    final_version: int | None
+    final_test_accuracy: float | None
+    final_federated_accuracy: float | None
+    seconds: float
+    options: dict[str, Any]
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+
+def training_request(options: SimulationOptions) -> dict[str, Any]:
+    """The REST body of ``POST /api/training/start`` for these options."""
+    return {
+        "name": f"digits-{options.algorithm}-{options.partition}",
+        "dataset": DATASET,
+        "model": {"trainer": options.trainer, "num_features": NUM_FEATURES,
+                  "num_classes": NUM_CLASSES, "seed": options.seed},
+        "algorithm": options.algorithm,
+        "algorithm_params": options.algorithm_params,
+        "rounds": options.rounds,
+        "clients_per_round": options.clients_per_round,
+        "min_clients": options.min_clients,
+        "round_deadline_s": options.round_deadline_s,
+        "local": {"epochs": options.local_epochs, "batch_size": options.batch_size,
+                  "learning_rate": options.learning_rate, "proximal_mu": options.proximal_mu},
+        "privacy_level": options.privacy_level,
+    }
+
+
+def test_accuracy(model_bytes: bytes, options: SimulationOptions, test: Dataset) -> float:
+    trainer = create_trainer(options.trainer, num_features=NUM_FEATURES, num_classes=NUM_CLASSES)
+    weights = decode_layers(model_bytes, max_bytes=1 << 30)
+    return float(trainer.evaluate({k: v.astype(np.float32) for k, v in weights.items()},
+                                  test.x, test.y).accuracy)
+
+
+async def start_agents(options: SimulationOptions) -> tuple[list[FederatedClient], Dataset]:
+    clients_data, test = make_client_datasets(options.clients, options.partition, options.seed)
+    redis = await connect(options.redis_url)
+    agents = []
+    for data in clients_data:
+        agent = FederatedClient(f"agent-{data.client_id:03d}", redis=redis, key_prefix=options.key_prefix,
+                                heartbeat_interval_s=options.heartbeat_interval_s, seed=options.seed)
+        agent.add_dataset(DATASET, data.train.x, data.train.y, x_eval=data.eval.x, y_eval=data.eval.y)
+        agents.append(agent)
+    await asyncio.gather(*(agent.initialize() for agent in agents))
+    return agents, test
+
+
+async def stop_agents(agents: list[FederatedClient]) -> None:
+    await asyncio.gather(*(agent.close() for agent in agents))
+    if agents:
+        await agents[0].redis.aclose()
+
+
+async def run_simulation(options: SimulationOptions,
+                         on_round: Callable[[dict[str, Any]], None] | None = None) -> SimulationReport:
+    """Start agents, start a training over REST, follow it to the end, score the final model."""
+    started = time.monotonic()
+    agents, test = await start_agents(options)
+    try:
+        async with httpx.AsyncClient(base_url=options.dashboard_url, timeout=30.0) as http:
+            response = await http.post("/api/training/start", json=training_request(options))
+            response.raise_for_status()
+            training_id = response.json()["training_id"]
+            status, rounds = await _follow(http, training_id, options, on_round)
+            final_version = status.get("current_version")
+            accuracy = None
+            if final_version is not None:
+                model = await http.get(f"/api/training/{training_id}/versions/{final_version}/model")
+                model.raise_for_status()
+                accuracy = test_accuracy(model.content, options, test)
+    finally:
+        await stop_agents(agents)
+    final_eval = status.get("final_evaluation") or {}
+    return SimulationReport(
+        training_id=training_id, status=status["status"], reason=status.get("reason", ""),
+        rounds=rounds, final_version=final_version, final_test_accuracy=accuracy,
+        final_federated_accuracy=final_eval.get("accuracy"),
+        seconds=time.monotonic() - started, options=asdict(options),
+    )
+
+
+async def _follow(http: httpx.AsyncClient, training_id: str, options: SimulationOptions,
+                  on_round: Callable[[dict[str, Any]], None] | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    seen = 0
+    deadline = time.monotonic() + options.timeout_s
+    rounds: list[dict[str, Any]] = []
+    while True:
+        status_response = await http.get(f"/api/training/{training_id}/status")
+        if status_response.status_code == 404:  # the coordinator has not taken the command yet
+            await asyncio.sleep(POLL_S)
+            continue
+        status_response.raise_for_status()
+        status = status_response.json()
+        metrics = (await http.get(f"/api/training/{training_id}/metrics")).json()
+        for row in metrics[seen:]:
+            rounds.append(row)
+            if on_round is not None:
+                on_round(row)
+        seen = len(metrics)
+        if status["status"] in ("completed", "failed", "stopped"):
+            return status, rounds
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"training {training_id} still {status['status']} after {options.timeout_s}s")
+        await asyncio.sleep(POLL_S)

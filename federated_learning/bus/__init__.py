@@ -1,0 +1,1 @@
+"""Redis plumbing: connections with retry, consumer loops, blob store, embedded server."""

@@ -1,0 +1,202 @@
+"""Consumer-group loop: read, handle, acknowledge; claim what dead consumers left.
+
+Semantics (at least once):
+- a handler returns normally once its effect is durable; only then is the entry acked;
+- a handler that raises leaves the entry pending; it is retried, and after
+  ``max_deliveries`` failures moved to the dead-letter stream and acked;
+- on start the consumer first re-handles its own pending entries (same consumer
+  name after a restart), then periodically claims entries idle longer than
+  ``claim_idle_ms`` from other consumers (XAUTOCLAIM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger(__name__)
+
+Fields = dict[bytes, bytes]
+Handler = Callable[[bytes, Fields], Awaitable[None]]
+
+MAX_DELIVERIES = 5
+CLAIM_EVERY_S = 2.0
+RECONNECT_BACKOFF_CAP_S = 5.0
+
+
+async def ensure_group(redis: aioredis.Redis, stream: str, group: str, *, start_id: str = "0") -> None:
+    """Create ``group`` on ``stream`` (and the stream); an existing group is fine.
+
+    Raises ``TypeError`` when the key exists with another type: we refuse to delete it.
+    """
+    try:
+        await redis.xgroup_create(stream, group, id=start_id, mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" in str(exc):
+            return
+        if "WRONGTYPE" in str(exc):
+            raise TypeError(
+                f"key '{stream}' exists and is not a stream; refusing to delete it"
+            ) from exc
+        raise
+
+
+@dataclass
+class ConsumerStats:
+    handled: int = 0
+    failed: int = 0
+    claimed: int = 0
+    dead_lettered: int = 0
+
+
+class StreamConsumer:
+    """One consumer in one group over one or more streams, handled one entry at a time."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        group: str,
+        consumer: str,
+        handlers: Mapping[str, Handler],
+        *,
+        dead_letter_stream: str,
+        block_ms: int = 500,
+        count: int = 32,
+        claim_idle_ms: int = 15_000,
+        max_deliveries: int = MAX_DELIVERIES,
+    ) -> None:
+        self._redis = redis
+        self.group = group
+        self.consumer = consumer
+        self._handlers = dict(handlers)
+        self._dead_letter = dead_letter_stream
+        self.block_ms = block_ms
+        self.count = count
+        self.claim_idle_ms = claim_idle_ms
+        self.max_deliveries = max_deliveries
+        self._failures: dict[tuple[str, bytes], int] = {}
+        self._last_claim = 0.0
+        self.stats = ConsumerStats()
+
+    async def setup(self) -> None:
+        for stream in self._handlers:
+            await ensure_group(self._redis, stream, self.group)
+
+    async def _handle(self, stream: str, entry_id: bytes, fields: Fields) -> None:
+        try:
+            await self._handlers[stream](entry_id, fields)
+        except (RedisConnectionError, RedisTimeoutError):
+            raise
+        except Exception:
+            key = (stream, entry_id)
+            self._failures[key] = self._failures.get(key, 0) + 1
+            self.stats.failed += 1
+            log.exception(
+                "handler for %s entry %s failed (%d/%d)",
+                stream, entry_id.decode(), self._failures[key], self.max_deliveries,
+            )
+            if self._failures[key] >= self.max_deliveries:
+                await self._redis.xadd(
+                    self._dead_letter,
+                    {b"stream": stream.encode(), b"id": entry_id, b"group": self.group.encode(), **fields},
+                    maxlen=10_000,
+                    approximate=True,
+                )
+                await self._redis.xack(stream, self.group, entry_id)
+                self._failures.pop(key, None)
+                self.stats.dead_lettered += 1
+            return
+        await self._redis.xack(stream, self.group, entry_id)
+        self._failures.pop((stream, entry_id), None)
+        self.stats.handled += 1
+
+    async def _read(self, start_id: str, block_ms: int | None) -> int:
+        """Read and handle one batch; returns how many entries were handled."""
+        reply = await self._redis.xreadgroup(
+            self.group,
+            self.consumer,
+            {stream: start_id for stream in self._handlers},
+            count=self.count,
+            block=block_ms,
+        )
+        seen = 0
+        for stream_name, entries in reply or []:
+            stream = stream_name.decode() if isinstance(stream_name, bytes) else stream_name
+            for entry_id, fields in entries:
+                if fields is None:  # deleted while pending
+                    await self._redis.xack(stream, self.group, entry_id)
+                    continue
+                await self._handle(stream, entry_id, fields)
+                seen += 1
+        return seen
+
+    async def _claim_idle(self) -> int:
+        """XAUTOCLAIM entries idle for ``claim_idle_ms`` from any consumer; handle them."""
+        self._last_claim = time.monotonic()
+        seen = 0
+        for stream in self._handlers:
+            cursor: bytes | str = "0-0"
+            while True:
+                reply = await self._redis.xautoclaim(
+                    stream, self.group, self.consumer, self.claim_idle_ms, start_id=cursor, count=self.count
+                )
+                cursor, entries = reply[0], reply[1]
+                for entry_id, fields in entries:
+                    if fields is None:
+                        continue
+                    self.stats.claimed += 1
+                    await self._handle(stream, entry_id, fields)
+                    seen += 1
+                if cursor in (b"0-0", "0-0"):
+                    break
+        return seen
+
+    async def drain_own_pending(self) -> int:
+        """Re-handle this consumer's pending entries (after a restart); returns the count.
+
+        Terminates: an entry either gets acked or, after ``max_deliveries`` failures,
+        dead-lettered and acked.
+        """
+        total = 0
+        while (handled := await self._read("0", None)) > 0:
+            total += handled
+        return total
+
+    async def poll_once(self) -> int:
+        """Claim if due, then read new entries (blocking up to ``block_ms``)."""
+        handled = 0
+        if time.monotonic() - self._last_claim >= CLAIM_EVERY_S:
+            handled += await self._claim_idle()
+        handled += await self._read(">", self.block_ms)
+        if self._failures:
+            handled += await self._read("0", None)
+        return handled
+
+    async def run(self, stop: asyncio.Event, *, burst: bool = False,
+                  on_idle: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Loop until ``stop`` is set (or, with ``burst``, until nothing is left to read)."""
+        await self.setup()
+        await self.drain_own_pending()
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                handled = await self.poll_once()
+                if on_idle is not None:
+                    await on_idle()
+                backoff = 0.1
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("bus connection lost in %s/%s (%s); retrying in %.1fs",
+                            self.group, self.consumer, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RECONNECT_BACKOFF_CAP_S)
+                continue
+            if burst and handled == 0:
+                return

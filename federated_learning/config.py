@@ -1,0 +1,141 @@
+"""Settings: ``config.json`` at the top level, every key overridable by ``FL_<KEY>``.
+
+Loaded once in each process's ``main()`` and passed down; library code never
+imports a module-level settings instance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_FILE_ENV = "FL_CONFIG_FILE"
+DEFAULT_CONFIG_FILE = Path("config.json")
+
+SERVICE_PORT_OFFSETS = {
+    "coordinator": 1,
+    "aggregator": 2,
+    "privacy": 3,
+    "versions": 4,
+    "monitor": 5,
+}
+AGGREGATOR_WORKER_PORT_OFFSET = 10
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line that names the key."""
+
+
+class Settings(BaseSettings):
+    """Everything a deployment is configured with."""
+
+    model_config = SettingsConfigDict(env_prefix="FL_", extra="forbid", validate_default=True)
+
+    redis_url: str = Field(default="", description="empty: start the embedded valkey-server")
+    redis_key_prefix: str = Field(default="fl", pattern=r"^[A-Za-z0-9_\-]{1,32}$")
+    redis_embedded_port: int = Field(default=0, ge=0, le=65535, description="0: any free port")
+    redis_tls_ca_file: Path | None = None
+    redis_tls_cert_file: Path | None = None
+    redis_tls_key_file: Path | None = None
+    redis_connect_attempts: int = Field(default=20, ge=1, le=1000)
+
+    cpu_cores: int = Field(default=12, ge=1, le=1024)
+    aggregator_workers: int = Field(default=1, ge=1, le=64)
+    max_concurrent_trainings: int = Field(default=3, ge=1, le=1000)
+    default_privacy_level: Literal["none", "low", "medium", "high"] = "medium"
+
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(default=8080, ge=0, le=65535)
+    metrics_port_base: int = Field(
+        default=9100, ge=0, le=65000, description="service i exports on base+offset; 0: any free port"
+    )
+
+    min_clients_per_round: int = Field(default=3, ge=1)
+    max_clients_per_round: int = Field(default=20, ge=1)
+    heartbeat_interval_s: float = Field(default=30.0, gt=0, le=3600)
+    heartbeat_timeout_s: float = Field(default=90.0, gt=0, le=86400)
+    round_deadline_s: float = Field(default=120.0, gt=0, le=86400)
+    claim_idle_ms: int = Field(default=15_000, ge=100)
+    max_blob_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+
+    data_dir: Path = Path("data")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.min_clients_per_round > self.max_clients_per_round:
+            raise ValueError(
+                f"min_clients_per_round ({self.min_clients_per_round}) must not exceed "
+                f"max_clients_per_round ({self.max_clients_per_round})"
+            )
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed "
+                f"heartbeat_interval_s ({self.heartbeat_interval_s})"
+            )
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url '{self.redis_url}' must start with redis://, rediss:// or unix://")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The JSON file arrives as init kwargs; the environment overrides it.
+        return env_settings, init_settings
+
+    @property
+    def uses_embedded_redis(self) -> bool:
+        return not self.redis_url
+
+    def metrics_port(self, service: str, worker: int = 0) -> int:
+        """Port on which ``service`` exports Prometheus metrics (0: pick a free one)."""
+        if self.metrics_port_base == 0:
+            return 0
+        if service == "aggregator":
+            return self.metrics_port_base + AGGREGATOR_WORKER_PORT_OFFSET + worker
+        return self.metrics_port_base + SERVICE_PORT_OFFSETS[service]
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error.get("loc", ())) or "(config)"
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if error.get("type") == "extra_forbidden":
+        return f"config key '{key}' is unknown"
+    if key == "(config)":
+        return f"config: {message}"
+    return f"config '{key}' is {error.get('input')!r}: {message}"
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Read the config file (``path``, ``$FL_CONFIG_FILE`` or ./config.json) and the environment.
+
+    Raises :class:`ConfigError` with one line naming the offending key.
+    """
+    path = path or Path(os.environ.get(CONFIG_FILE_ENV, DEFAULT_CONFIG_FILE))
+    values: dict[str, Any] = {}
+    if path.exists():
+        try:
+            loaded = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object")
+        values.update(loaded)
+    elif path != DEFAULT_CONFIG_FILE:
+        raise ConfigError(f"config file {path} does not exist")
+    values.update(overrides)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0])) from exc

@@ -1,0 +1,1 @@
+"""Pure round logic: training state, agent selection, round decisions. No I/O."""

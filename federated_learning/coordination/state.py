@@ -1,0 +1,78 @@
+"""The durable state of a training and of the agent registry, as stored in Redis (JSON)."""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from federated_learning.protocol.messages import Evaluation, TrainingConfig, TrainingStatus
+
+
+class RoundPhase(StrEnum):
+    IDLE = "idle"
+    COLLECTING = "collecting"
+    AGGREGATING = "aggregating"
+
+
+class TrainingState(BaseModel):
+    """Everything the coordinator must remember about one training across restarts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    training_id: str
+    config: TrainingConfig
+    status: TrainingStatus = TrainingStatus.CREATED
+    reason: str = ""
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+
+    min_clients: int
+    clients_per_round: int
+    round_deadline_s: float
+    privacy_level: str
+
+    layer_spec: dict[str, tuple[tuple[int, ...], str]] = Field(default_factory=dict)
+    current_version: int | None = None
+    current_digest: str | None = None
+    state_digest: str | None = None
+
+    round: int = 0
+    attempt: int = 0
+    phase: RoundPhase = RoundPhase.IDLE
+    selected: list[str] = Field(default_factory=list)
+    responded: list[str] = Field(default_factory=list)
+    dropped: list[str] = Field(default_factory=list)
+    retries: int = 0
+    round_started_at: float = 0.0
+    deadline_at: float = 0.0
+
+    completed_rounds: int = 0
+    best_accuracy: float | None = None
+    final_evaluation: Evaluation | None = None
+    epsilon_spent: float = 0.0
+
+    @property
+    def is_active(self) -> bool:
+        """Holds one of the concurrency slots."""
+        return self.status in (
+            TrainingStatus.CREATED, TrainingStatus.INITIALIZING, TrainingStatus.RUNNING,
+            TrainingStatus.PAUSED, TrainingStatus.EVALUATING, TrainingStatus.SAVING,
+        )
+
+    def touch(self) -> None:
+        self.updated_at = time.time()
+
+
+class AgentRecord(BaseModel):
+    """A registered agent: what it holds and how to verify it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent_id: str
+    datasets: dict[str, int]
+    device: dict[str, str] = Field(default_factory=dict)
+    public_key: str | None = None
+    joined_at: float = Field(default_factory=time.time)
+    rounds_completed: int = 0

@@ -1,0 +1,1 @@
+"""The dashboard: FastAPI REST, WebSocket live stream and the web page."""

@@ -1,0 +1,111 @@
+"""The live stream: one reader of the event stream fans events out to WebSocket subscribers.
+
+Each subscriber has a bounded queue; when a slow client's queue is full its events
+are dropped (and counted, then reported to it), so no client can slow the system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Gauge
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from federated_learning.protocol.messages import Event, MalformedMessage, decode
+
+log = logging.getLogger(__name__)
+
+QUEUE_SIZE = 256
+ALL = "*"
+
+PUSHED_KINDS = {
+    "round_completed": ("round_completed", "metric_update"),
+    "alert": ("alert",),
+    "alert_resolved": ("alert_resolved",),
+    "training_completed": ("training_completed",),
+    "training_status": ("training_status",),
+    "version_committed": ("version_committed",),
+    "rollback": ("rollback",),
+    "agent_joined": ("agent_update",),
+    "agent_left": ("agent_update",),
+    "agent_dropped": ("agent_update",),
+}
+
+SOCKETS = Gauge("fl_dashboard_websockets", "Open WebSocket connections")
+DROPPED = Counter("fl_dashboard_ws_dropped_total", "Events dropped for slow WebSocket clients")
+
+
+def to_pushes(event: Event) -> list[dict[str, Any]]:
+    """The WebSocket messages an event becomes (none for kinds that are not pushed)."""
+    pushes = []
+    for push_type in PUSHED_KINDS.get(event.kind, ()):
+        data = dict(event.data)
+        if push_type == "metric_update":
+            data = {k: event.data.get(k) for k in
+                    ("eval_accuracy", "eval_loss", "train_loss", "train_accuracy", "participants",
+                     "round_seconds", "epsilon_spent", "version")}
+        pushes.append({"type": push_type, "training_id": event.training_id, "round": event.round,
+                       "agent_id": event.agent_id, "severity": event.severity.value,
+                       "message": event.message, "data": data, "at": event.at})
+    return pushes
+
+
+@dataclass
+class Subscriber:
+    client_id: str
+    queue: asyncio.Queue[dict[str, Any]] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
+    topics: set[str] = field(default_factory=set)
+    dropped: int = 0
+
+    def wants(self, training_id: str | None) -> bool:
+        return ALL in self.topics or (training_id is not None and training_id in self.topics)
+
+    def offer(self, message: dict[str, Any]) -> None:
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            DROPPED.inc()
+
+
+class EventHub:
+    def __init__(self, redis: aioredis.Redis, stream: str) -> None:
+        self._redis = redis
+        self._stream = stream
+        self.subscribers: dict[int, Subscriber] = {}
+
+    def add(self, subscriber: Subscriber) -> None:
+        self.subscribers[id(subscriber)] = subscriber
+        SOCKETS.set(len(self.subscribers))
+
+    def remove(self, subscriber: Subscriber) -> None:
+        self.subscribers.pop(id(subscriber), None)
+        SOCKETS.set(len(self.subscribers))
+
+    def publish(self, event: Event) -> None:
+        for push in to_pushes(event):
+            for subscriber in list(self.subscribers.values()):
+                if subscriber.wants(event.training_id):
+                    subscriber.offer(push)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tail the event stream (from now on) until ``stop``."""
+        last_id = "$"
+        while not stop.is_set():
+            try:
+                reply = await self._redis.xread({self._stream: last_id}, count=500, block=500)
+            except (RedisConnectionError, OSError) as exc:
+                log.warning("event stream read failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for _stream, entries in reply or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    try:
+                        self.publish(decode(Event, fields))
+                    except MalformedMessage:
+                        continue

@@ -1,0 +1,64 @@
+"""Assembles the dashboard app: routers, validation-error reporting, metrics, the web page."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import make_asgi_app
+
+from federated_learning.dashboard.live import EventHub
+from federated_learning.dashboard.routes import live, system, trainings
+from federated_learning.services.runtime import ServiceContext
+
+STATIC = Path(__file__).parent / "static"
+
+
+def _describe(errors: list[dict[str, object]]) -> str:
+    parts = []
+    for error in errors[:5]:
+        loc = ".".join(str(p) for p in error.get("loc", ()) if p != "body")  # type: ignore[union-attr]
+        parts.append(f"{loc or 'body'}: {error.get('msg')}")
+    return "; ".join(parts)
+
+
+def create_app(ctx: ServiceContext) -> FastAPI:
+    """The dashboard over an open service context (its Redis client and settings)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        hub_task = asyncio.create_task(app.state.hub.run(ctx.stop))
+        health_task = asyncio.create_task(ctx.health_loop())
+        try:
+            yield
+        finally:
+            ctx.stop.set()
+            await asyncio.gather(hub_task, health_task, return_exceptions=True)
+
+    app = FastAPI(title="Federated learning dashboard", version="1", lifespan=lifespan)
+    app.state.ctx = ctx
+    app.state.hub = EventHub(ctx.redis, ctx.keys.event_stream)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = _describe(list(exc.errors()))
+        await ctx.reject("rest", "invalid_body", f"{request.method} {request.url.path}: {detail}")
+        return JSONResponse(status_code=422, content={"detail": detail})
+
+    app.include_router(system.router)
+    app.include_router(trainings.router)
+    app.include_router(live.router)
+    app.mount("/metrics", make_asgi_app())
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    return app

@@ -1,0 +1,94 @@
+"""Health of the dashboard itself and of the whole system; agents; alerts."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query
+
+from federated_learning.dashboard.deps import Agents, AppKeys, Redis
+from federated_learning.monitoring.alerts import EXPECTED_SERVICES, Alert
+from federated_learning.protocol.keys import (
+    GROUP_AGGREGATOR, GROUP_COORDINATOR, GROUP_MONITOR, GROUP_PRIVACY, GROUP_VERSIONS,
+)
+
+router = APIRouter(prefix="/api", tags=["system"])
+
+PENDING_DEGRADED = 1_000
+
+
+@router.get("/health")
+async def health(redis: Redis) -> dict[str, Any]:
+    """The dashboard is up and reaches the bus."""
+    await redis.ping()
+    return {"status": "ok", "time": time.time()}
+
+
+async def _stream_report(redis: Redis, stream: str, group: str) -> dict[str, Any]:
+    length = int(await redis.xlen(stream))
+    pending = 0
+    try:
+        for info in await redis.xinfo_groups(stream):
+            if info["name"] in (group, group.encode()):
+                pending = int(info["pending"])
+    except Exception:  # the stream may not exist yet
+        pass
+    return {"stream": stream, "group": group, "length": length, "pending": pending}
+
+
+@router.get("/system/health")
+async def system_health(redis: Redis, keys: AppKeys) -> dict[str, Any]:
+    """Each service's instances and their age, Redis memory, stream backlogs, and a verdict."""
+    services: dict[str, list[dict[str, Any]]] = {}
+    async for key in redis.scan_iter(match=keys.service_health_pattern, count=200):
+        raw = await redis.get(key)
+        if raw:
+            record = json.loads(raw)
+            record["age_s"] = round(time.time() - record["at"], 2)
+            services.setdefault(record["service"], []).append(record)
+    memory = await redis.info("memory")
+    streams = [
+        await _stream_report(redis, keys.control_stream, GROUP_COORDINATOR),
+        await _stream_report(redis, keys.update_stream, GROUP_COORDINATOR),
+        await _stream_report(redis, keys.job_stream, GROUP_AGGREGATOR),
+        await _stream_report(redis, keys.aggregate_stream, GROUP_PRIVACY),
+        await _stream_report(redis, keys.release_stream, GROUP_VERSIONS),
+        await _stream_report(redis, keys.event_stream, GROUP_MONITOR),
+    ]
+    reasons = [f"service '{s}' is down" for s in (*EXPECTED_SERVICES, "monitor") if s not in services]
+    reasons += [f"{s['stream']} has {s['pending']} pending entries" for s in streams
+                if s["pending"] > PENDING_DEGRADED]
+    critical = any(s in ("coordinator", "aggregator", "versions") for s in EXPECTED_SERVICES
+                   if s not in services)
+    verdict: Literal["healthy", "degraded", "critical"] = (
+        "critical" if critical else "degraded" if reasons else "healthy")
+    return {
+        "health_status": verdict, "reasons": reasons, "services": services, "streams": streams,
+        "redis": {"used_memory": memory.get("used_memory"), "maxmemory": memory.get("maxmemory")},
+    }
+
+
+@router.get("/agents")
+async def list_agents(agents: Agents, redis: Redis, keys: AppKeys) -> list[dict[str, Any]]:
+    last_seen = await agents.last_seen()
+    alive = set(await agents.alive())
+    dropouts = {k.decode(): int(v) for k, v in (await redis.hgetall(keys.agent_dropouts)).items()}
+    return [
+        {**record.model_dump(mode="json", exclude={"public_key"}), "alive": record.agent_id in alive,
+         "last_seen": last_seen.get(record.agent_id), "dropouts": dropouts.get(record.agent_id, 0)}
+        for record in sorted(await agents.all(), key=lambda r: r.agent_id)
+    ]
+
+
+@router.get("/alerts", response_model=list[Alert])
+async def alerts(redis: Redis, keys: AppKeys, training_id: str | None = None,
+                 severity: Literal["info", "warning", "critical"] | None = None,
+                 open_only: bool = Query(default=False)) -> list[Alert]:
+    records = [Alert.model_validate_json(v) for v in (await redis.hgetall(keys.alerts)).values()]
+    chosen = [a for a in records
+              if (training_id is None or a.training_id == training_id)
+              and (severity is None or a.severity == severity)
+              and (not open_only or a.is_open)]
+    return sorted(chosen, key=lambda a: a.created_at, reverse=True)

@@ -1,0 +1,111 @@
+"""Trainings: start, list, status, stop, metrics, versions, model download."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Response, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from federated_learning.bus.blobs import BlobMissing
+from federated_learning.coordination.state import TrainingState
+from federated_learning.dashboard.deps import Blobs, Context, Trainings, Versions
+from federated_learning.protocol.messages import (
+    Identifier, RoundMetrics, StartTraining, StopTraining, TrainingConfig, VersionRecord, encode,
+)
+from federated_learning.protocol.tensors import InvalidTensor
+from federated_learning.records.checkpoints import CheckpointStore
+
+router = APIRouter(prefix="/api", tags=["trainings"])
+
+
+class StartRequest(TrainingConfig):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    training_id: Identifier | None = None
+
+
+class StartResponse(BaseModel):
+    training_id: str
+    status: str = "accepted"
+
+
+class StopRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(default="stopped by operator", max_length=500)
+
+
+def _public(state: TrainingState) -> dict[str, Any]:
+    return state.model_dump(mode="json", exclude={"layer_spec"})
+
+
+async def _state(trainings: Trainings, training_id: str) -> TrainingState:
+    state = await trainings.load(training_id)
+    if state is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no training '{training_id}'")
+    return state
+
+
+@router.post("/training/start", status_code=status.HTTP_202_ACCEPTED, response_model=StartResponse)
+async def start_training(body: StartRequest, ctx: Context, trainings: Trainings) -> StartResponse:
+    training_id = body.training_id or uuid.uuid4().hex[:12]
+    if body.training_id and await trainings.load(training_id) is not None:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"training '{training_id}' exists")
+    config = TrainingConfig.model_validate(body.model_dump(exclude={"training_id"}))
+    command = StartTraining(training_id=training_id, config=config)
+    await ctx.redis.xadd(ctx.keys.control_stream, encode(command))  # type: ignore[arg-type]
+    return StartResponse(training_id=training_id)
+
+
+@router.get("/trainings")
+async def list_trainings(trainings: Trainings) -> list[dict[str, Any]]:
+    states = [await trainings.load(tid) for tid in await trainings.list_ids()]
+    return [_public(s) for s in states if s is not None]
+
+
+@router.get("/training/{training_id}/status")
+async def training_status(training_id: str, trainings: Trainings) -> dict[str, Any]:
+    return _public(await _state(trainings, training_id))
+
+
+@router.post("/training/{training_id}/stop", status_code=status.HTTP_202_ACCEPTED)
+async def stop_training(training_id: str, ctx: Context, trainings: Trainings,
+                        body: StopRequest | None = None) -> dict[str, str]:
+    await _state(trainings, training_id)
+    command = StopTraining(training_id=training_id, reason=(body or StopRequest()).reason)
+    await ctx.redis.xadd(ctx.keys.control_stream, encode(command))  # type: ignore[arg-type]
+    return {"training_id": training_id, "status": "stopping"}
+
+
+@router.get("/training/{training_id}/metrics", response_model=list[RoundMetrics])
+async def training_metrics(training_id: str, trainings: Trainings) -> list[RoundMetrics]:
+    await _state(trainings, training_id)
+    return await trainings.metrics(training_id)
+
+
+@router.get("/training/{training_id}/versions", response_model=list[VersionRecord])
+async def training_versions(training_id: str, trainings: Trainings, versions: Versions) -> list[VersionRecord]:
+    await _state(trainings, training_id)
+    return await versions.history(training_id)
+
+
+@router.get("/training/{training_id}/versions/{version}/model",
+            response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}})
+async def download_model(training_id: str, version: int, ctx: Context, versions: Versions,
+                         blobs: Blobs) -> Response:
+    """The version's weights as a safetensors file (from the bus, else from its checkpoint)."""
+    record = await versions.get(training_id, version)
+    if record is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no version {version} of '{training_id}'")
+    try:
+        data = await blobs.get(record.model_digest)
+    except (BlobMissing, InvalidTensor):
+        try:
+            data = CheckpointStore(ctx.settings.data_dir / "checkpoints").read(
+                training_id, version, record.model_digest)
+        except (OSError, InvalidTensor) as exc:
+            raise HTTPException(status.HTTP_410_GONE, detail=f"version {version} unavailable: {exc}") from exc
+    return Response(content=data, media_type="application/octet-stream", headers={
+        "Content-Disposition": f'attachment; filename="{training_id}-v{version}.safetensors"',
+        "X-Model-SHA256": record.model_digest,
+    })

@@ -1,0 +1,153 @@
+"""``scripts/deploy-federated-learning.py``: start Redis (embedded) and every service, supervise, stop.
+
+Writes ``<data_dir>/run/deployment.json`` (the Redis URL, the dashboard URL, the
+log folder) so that agents and scripts on this machine find the deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from federated_learning.bus.embedded import EmbeddedServerError, EmbeddedValkey
+from federated_learning.config import ConfigError, Settings, load_settings
+from federated_learning.deploy.supervisor import Child, Supervisor
+
+log = logging.getLogger("deploy")
+
+POLL_S = 0.2
+START_ORDER = ("versions", "privacy", "aggregator", "coordinator", "monitor", "dashboard")
+STOP_ORDER = ("dashboard", "coordinator", "aggregator", "privacy", "versions", "monitor")
+
+
+def deployment_file(data_dir: Path) -> Path:
+    return data_dir / "run" / "deployment.json"
+
+
+def read_deployment(data_dir: Path) -> dict[str, str]:
+    """What a running deployment wrote about itself (Redis URL, dashboard URL)."""
+    path = deployment_file(data_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"no deployment found: {path} does not exist")
+    data: dict[str, str] = json.loads(path.read_text())
+    return data
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def check_ports(settings: Settings) -> None:
+    """Refuse to start when a configured port is taken; name the key."""
+    if settings.dashboard_port and _port_in_use(settings.dashboard_host, settings.dashboard_port):
+        raise ConfigError(f"config 'dashboard_port' is {settings.dashboard_port}: port already in use")
+    if settings.metrics_port_base:
+        ports = [settings.metrics_port(s) for s in ("coordinator", "privacy", "versions", "monitor")]
+        ports += [settings.metrics_port("aggregator", i) for i in range(settings.aggregator_workers)]
+        for port in ports:
+            if _port_in_use("127.0.0.1", port):
+                raise ConfigError(f"config 'metrics_port_base' is {settings.metrics_port_base}: "
+                                  f"port {port} already in use")
+    if settings.redis_embedded_port and settings.uses_embedded_redis and \
+            _port_in_use("127.0.0.1", settings.redis_embedded_port):
+        raise ConfigError(f"config 'redis_embedded_port' is {settings.redis_embedded_port}: port already in use")
+
+
+def build_children(settings: Settings, config_path: Path | None, redis_url: str, logs: Path) -> list[Child]:
+    env = {**os.environ, "FL_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1",
+           "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR",
+                                             str((settings.data_dir / "numba-cache").resolve()))}
+    if config_path is not None:
+        env["FL_CONFIG_FILE"] = str(config_path.resolve())
+    children = []
+    for service in START_ORDER:
+        instances = settings.aggregator_workers if service == "aggregator" else 1
+        for instance in range(instances):
+            name = f"{service}-{instance}" if instances > 1 else service
+            command = [sys.executable, "-m", f"federated_learning.services.{service}",
+                       "--instance", str(instance)]
+            children.append(Child(name=name, command=command, log_path=logs / f"{name}.log", env=env))
+    return children
+
+
+def run(settings: Settings, config_path: Path | None) -> int:
+    check_ports(settings)
+    data_dir = settings.data_dir.resolve()
+    logs = data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    server: EmbeddedValkey | None = None
+    if settings.uses_embedded_redis:
+        server = EmbeddedValkey(data_dir / "redis", port=settings.redis_embedded_port)
+        redis_url = server.start()
+        log.info("embedded valkey-server at %s (append-only file in %s)", redis_url, data_dir / "redis")
+    else:
+        redis_url = settings.redis_url
+        log.info("using external Redis at %s", redis_url.split("@")[-1])
+    children = build_children(settings, config_path, redis_url, logs)
+    supervisor = Supervisor(children)
+    stop = {"requested": False}
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        stop["requested"] = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    dashboard_url = f"http://{settings.dashboard_host}:{settings.dashboard_port}"
+    run_file = deployment_file(data_dir)
+    run_file.parent.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({
+        "redis_url": redis_url, "dashboard_url": dashboard_url, "logs": str(logs),
+        "key_prefix": settings.redis_key_prefix, "pid": os.getpid(), "started_at": time.time(),
+        "metrics_port_base": settings.metrics_port_base,
+    }, indent=1))
+    try:
+        supervisor.start_all()
+        log.info("dashboard: %s  (REST /api, WebSocket /ws/{client_id}, metrics %s/metrics)",
+                 dashboard_url, dashboard_url)
+        if settings.metrics_port_base:
+            log.info("service metrics on 127.0.0.1:%d-%d; logs in %s", settings.metrics_port_base + 1,
+                     settings.metrics_port("aggregator", settings.aggregator_workers - 1), logs)
+        while not stop["requested"]:
+            supervisor.poll()
+            time.sleep(POLL_S)
+    finally:
+        order = {name: i for i, name in enumerate(STOP_ORDER)}
+        supervisor.children.sort(key=lambda c: order[c.name.split("-")[0]])
+        supervisor.stop_all()
+        if server is not None:
+            server.stop()
+        run_file.unlink(missing_ok=True)
+        log.info("deployment stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Deploy the federated learning system on this machine.")
+    parser.add_argument("--config", type=Path, default=None, help="config file (default ./config.json)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s deploy %(levelname)s %(message)s")
+    try:
+        settings = load_settings(args.config)
+        return run(settings, args.config)
+    except (ConfigError, EmbeddedServerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

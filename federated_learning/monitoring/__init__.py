@@ -1,0 +1,1 @@
+"""Pure monitoring logic: alert rules and their lifecycle. No I/O."""

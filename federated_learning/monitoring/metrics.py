@@ -1,0 +1,42 @@
+"""Training metrics as the monitor records them (seed 004's ``TrainingMetric``)."""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MetricType(StrEnum):
+    ACCURACY = "accuracy"
+    LOSS = "loss"
+    ROUND_TIME = "round_time"
+    PARTICIPATION = "participation"
+    UPDATE_NORM = "update_norm"
+    EPSILON_SPENT = "epsilon_spent"
+    BYTES_RECEIVED = "bytes_received"
+
+
+class TrainingMetric(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    training_id: str
+    round_number: int = Field(ge=0)
+    metric_type: MetricType
+    value: float = Field(allow_inf_nan=False)
+    timestamp: float = Field(default_factory=time.time)
+
+
+def metrics_from_round(data: dict[str, Any], training_id: str, round_number: int) -> list[TrainingMetric]:
+    """The TrainingMetrics a ``round_completed`` event carries."""
+    pairs = [
+        (MetricType.ACCURACY, data.get("eval_accuracy")),
+        (MetricType.LOSS, data.get("eval_loss")),
+        (MetricType.ROUND_TIME, data.get("round_seconds")),
+        (MetricType.PARTICIPATION, data.get("participants")),
+        (MetricType.EPSILON_SPENT, data.get("epsilon_spent")),
+    ]
+    return [TrainingMetric(training_id=training_id, round_number=round_number, metric_type=kind,
+                           value=float(value))
+            for kind, value in pairs if isinstance(value, int | float)]

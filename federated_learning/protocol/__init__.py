@@ -1,0 +1,1 @@
+"""The wire contract shared by services and agents: messages, key names, tensor codec."""

@@ -1,0 +1,170 @@
+"""Every Redis key, stream and group name, in one place.
+
+All keys start with a configurable prefix so several deployments can share one
+server. Keys that belong to one training carry the hash tag ``{t:<id>}`` so a
+Redis Cluster keeps a training's keys on one slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from federated_learning.types import AgentId, BlobDigest, RoundNumber, TrainingId
+
+GROUP_COORDINATOR = "coordinator"
+GROUP_AGGREGATOR = "aggregator"
+GROUP_PRIVACY = "privacy"
+GROUP_VERSIONS = "versions"
+GROUP_MONITOR = "monitor"
+GROUP_AGENT = "agent"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one deployment prefix."""
+
+    prefix: str = "fl"
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    # -- streams (bus) --------------------------------------------------------
+    @property
+    def control_stream(self) -> str:
+        """Commands from the dashboard to the coordinator (start, stop)."""
+        return self._k("stream", "control")
+
+    @property
+    def agent_stream(self) -> str:
+        """Joins, heartbeats and leaves from agents."""
+        return self._k("stream", "agents")
+
+    @property
+    def update_stream(self) -> str:
+        """Update notices from agents, read by the coordinator."""
+        return self._k("stream", "updates")
+
+    @property
+    def job_stream(self) -> str:
+        """Aggregation jobs, read by the aggregator workers."""
+        return self._k("stream", "jobs")
+
+    @property
+    def aggregate_stream(self) -> str:
+        """Aggregation results, read by the privacy manager."""
+        return self._k("stream", "aggregates")
+
+    @property
+    def release_stream(self) -> str:
+        """Models released by the privacy manager, read by the version manager."""
+        return self._k("stream", "releases")
+
+    @property
+    def version_stream(self) -> str:
+        """Committed versions, read by the coordinator."""
+        return self._k("stream", "versions")
+
+    @property
+    def event_stream(self) -> str:
+        """Everything that happened, read by the monitor and the dashboard."""
+        return self._k("stream", "events")
+
+    def inbox_stream(self, agent_id: AgentId) -> str:
+        """One agent's task inbox."""
+        return self._k("inbox", agent_id)
+
+    # -- blobs ----------------------------------------------------------------
+    def blob(self, digest: BlobDigest) -> str:
+        return self._k("blob", digest)
+
+    # -- registry -------------------------------------------------------------
+    @property
+    def agents(self) -> str:
+        """Hash agent id -> AgentRecord JSON."""
+        return self._k("agents")
+
+    @property
+    def agents_last_seen(self) -> str:
+        """Sorted set agent id -> last heartbeat (unix seconds)."""
+        return self._k("agents", "last_seen")
+
+    # -- trainings ------------------------------------------------------------
+    @property
+    def trainings(self) -> str:
+        """Sorted set of training ids by creation time."""
+        return self._k("trainings")
+
+    @property
+    def active_trainings(self) -> str:
+        """Set of training ids that hold a concurrency slot."""
+        return self._k("trainings", "active")
+
+    @property
+    def training_queue(self) -> str:
+        """List of training ids waiting for a free slot."""
+        return self._k("trainings", "queue")
+
+    def training(self, training_id: TrainingId) -> str:
+        """JSON of the training's state (config, status, round, version)."""
+        return self._k("training", f"{{t:{training_id}}}")
+
+    def round_updates(self, training_id: TrainingId, round_number: RoundNumber) -> str:
+        """Hash agent id -> accepted UpdateSubmitted JSON for one round."""
+        return self._k("updates", f"{{t:{training_id}}}", str(round_number))
+
+    def training_metrics(self, training_id: TrainingId) -> str:
+        """List of RoundMetrics JSON, one per completed round."""
+        return self._k("metrics", f"{{t:{training_id}}}")
+
+    def versions(self, training_id: TrainingId) -> str:
+        """Hash version number -> VersionRecord JSON."""
+        return self._k("versions", f"{{t:{training_id}}}")
+
+    def version_by_round(self, training_id: TrainingId) -> str:
+        """Hash round -> version number committed for that round."""
+        return self._k("version_round", f"{{t:{training_id}}}")
+
+    def aggregator_state(self, training_id: TrainingId) -> str:
+        """Hash round -> blob digest of the strategy state after that round."""
+        return self._k("aggstate", f"{{t:{training_id}}}")
+
+    def release(self, training_id: TrainingId) -> str:
+        """Hash round -> ModelReleased JSON (what the privacy manager released)."""
+        return self._k("release", f"{{t:{training_id}}}")
+
+    def privacy_budget(self, training_id: TrainingId) -> str:
+        """JSON of the training's privacy accountant."""
+        return self._k("privacy", f"{{t:{training_id}}}")
+
+    # -- monitoring -----------------------------------------------------------
+    def service_health(self, service: str, instance: str) -> str:
+        """Key with a TTL that a live service instance refreshes."""
+        return self._k("health", service, instance)
+
+    @property
+    def service_health_pattern(self) -> str:
+        return self._k("health", "*")
+
+    @property
+    def alerts(self) -> str:
+        """Hash alert id -> Alert JSON."""
+        return self._k("alerts")
+
+    @property
+    def open_alerts(self) -> str:
+        """Hash condition key -> alert id of the open alert for it."""
+        return self._k("alerts", "open")
+
+    def metric_series(self, training_id: TrainingId) -> str:
+        """List of TrainingMetric JSON recorded by the monitor."""
+        return self._k("monitor", f"{{t:{training_id}}}")
+
+    @property
+    def agent_dropouts(self) -> str:
+        """Hash agent id -> rounds it dropped out of."""
+        return self._k("monitor", "dropouts")
+
+    @property
+    def rejections(self) -> str:
+        """Hash reason -> count of rejected inputs."""
+        return self._k("rejections")

@@ -1,0 +1,394 @@
+"""Message models for every stream, one pydantic model per direction.
+
+Every message carries ``schema_version``; a reader refuses versions it does not
+know. Messages are serialised to JSON only at the stream boundary
+(:func:`encode` / :func:`decode_*`), in a single stream field ``m``.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Annotated, Any, Literal, TypeAlias, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+SCHEMA_VERSION = 1
+PAYLOAD_FIELD = b"m"
+
+Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
+Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+# -- trainings ------------------------------------------------------------------
+
+
+class TrainingStatus(StrEnum):
+    QUEUED = "queued"
+    CREATED = "created"
+    INITIALIZING = "initializing"
+    RUNNING = "running"
+    PAUSED = "paused"
+    EVALUATING = "evaluating"
+    SAVING = "saving"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (TrainingStatus.COMPLETED, TrainingStatus.FAILED, TrainingStatus.STOPPED)
+
+
+class ModelSpec(BaseModel):
+    """Which built-in model the agents train, and its initialisation seed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    trainer: Literal["softmax", "mlp"] = "softmax"
+    num_features: int = Field(gt=0, le=1_000_000)
+    num_classes: int = Field(ge=2, le=100_000)
+    hidden: int = Field(default=64, gt=0, le=65_536)
+    seed: int = 0
+
+
+class LocalTrainingSettings(BaseModel):
+    """What an agent does with a task: its local optimisation settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    epochs: int = Field(default=1, ge=1, le=1000)
+    batch_size: int = Field(default=16, ge=1, le=1_000_000)
+    learning_rate: FiniteFloat = Field(default=0.1, gt=0, le=100)
+    proximal_mu: FiniteFloat = Field(default=0.0, ge=0, le=1000)
+    clip_norm: FiniteFloat | None = Field(default=None, gt=0, le=1e6)
+
+
+PrivacyLevelName = Literal["none", "low", "medium", "high"]
+
+
+class TrainingConfig(BaseModel):
+    """A training as a user asks for it (REST body of ``POST /api/training/start``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(default="training", min_length=1, max_length=200)
+    dataset: Identifier
+    model: ModelSpec
+    algorithm: Literal["fedavg", "fedprox"] = "fedavg"
+    algorithm_params: dict[str, float | int | str] = Field(default_factory=dict)
+    rounds: int = Field(default=10, ge=1, le=100_000)
+    min_clients: int | None = Field(default=None, ge=1)
+    clients_per_round: int | None = Field(default=None, ge=1)
+    over_selection: FiniteFloat = Field(default=1.2, ge=1.0, le=3.0)
+    round_deadline_s: FiniteFloat | None = Field(default=None, gt=0, le=86_400)
+    max_round_attempts: int = Field(default=3, ge=1, le=100)
+    local: LocalTrainingSettings = Field(default_factory=LocalTrainingSettings)
+    privacy_level: PrivacyLevelName | None = None
+    target_accuracy: FiniteFloat | None = Field(default=None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _clients_consistent(self) -> TrainingConfig:
+        if self.min_clients and self.clients_per_round and self.min_clients > self.clients_per_round:
+            raise ValueError(
+                f"min_clients ({self.min_clients}) must not exceed clients_per_round "
+                f"({self.clients_per_round})"
+            )
+        if self.algorithm == "fedprox" and self.local.proximal_mu == 0.0:
+            raise ValueError("algorithm 'fedprox' needs local.proximal_mu > 0")
+        return self
+
+
+class StartTraining(Message):
+    type: Literal["start_training"] = "start_training"
+    training_id: Identifier
+    config: TrainingConfig
+    requested_at: float = Field(default_factory=time.time)
+
+
+class StopTraining(Message):
+    type: Literal["stop_training"] = "stop_training"
+    training_id: Identifier
+    reason: str = Field(default="stopped by operator", max_length=500)
+    failed: bool = False
+
+
+ControlCommand: TypeAlias = Annotated[StartTraining | StopTraining, Field(discriminator="type")]
+
+
+# -- agents -------------------------------------------------------------------
+
+
+class AgentJoined(Message):
+    type: Literal["join"] = "join"
+    agent_id: Identifier
+    datasets: dict[Identifier, Annotated[int, Field(ge=0)]]
+    device: dict[str, str] = Field(default_factory=dict)
+    public_key: str | None = Field(default=None, max_length=200)
+
+
+class Heartbeat(Message):
+    type: Literal["heartbeat"] = "heartbeat"
+    agent_id: Identifier
+    sent_at: float = Field(default_factory=time.time)
+
+
+class AgentLeft(Message):
+    type: Literal["leave"] = "leave"
+    agent_id: Identifier
+    reason: str = Field(default="", max_length=500)
+
+
+AgentMessage: TypeAlias = Annotated[
+    AgentJoined | Heartbeat | AgentLeft, Field(discriminator="type")
+]
+
+
+class TaskKind(StrEnum):
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+
+
+class Task(Message):
+    """What the coordinator asks of one agent for one round."""
+
+    type: Literal["task"] = "task"
+    kind: TaskKind
+    training_id: Identifier
+    round: int = Field(ge=0)
+    attempt: int = Field(ge=1)
+    dataset: Identifier
+    model: ModelSpec
+    model_digest: Digest
+    model_version: int = Field(ge=0)
+    settings: LocalTrainingSettings
+    deadline_at: float
+
+
+class Evaluation(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    loss: FiniteFloat = Field(ge=0)
+    accuracy: FiniteFloat = Field(ge=0, le=1)
+    num_examples: int = Field(ge=0)
+
+
+class UpdateSubmitted(Message):
+    """An agent's notice that its update blob is uploaded (or, for evaluate tasks, its report)."""
+
+    type: Literal["update"] = "update"
+    kind: TaskKind = TaskKind.TRAIN
+    training_id: Identifier
+    round: int = Field(ge=0)
+    attempt: int = Field(ge=1)
+    agent_id: Identifier
+    update_digest: Digest | None = None
+    num_examples: int = Field(ge=0)
+    train_loss: FiniteFloat | None = None
+    train_accuracy: FiniteFloat | None = Field(default=None, ge=0, le=1)
+    received_model_version: int = Field(ge=0)
+    evaluation: Evaluation | None = None
+    train_seconds: FiniteFloat = Field(default=0.0, ge=0)
+    signature: str | None = Field(default=None, max_length=200)
+
+    @model_validator(mode="after")
+    def _train_has_blob(self) -> UpdateSubmitted:
+        if self.kind is TaskKind.TRAIN and (self.update_digest is None or self.num_examples <= 0):
+            raise ValueError("a train notice needs update_digest and num_examples > 0")
+        if self.kind is TaskKind.EVALUATE and self.evaluation is None:
+            raise ValueError("an evaluate notice needs evaluation")
+        return self
+
+
+# -- pipeline -------------------------------------------------------------------
+
+
+class UpdateRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    agent_id: Identifier
+    digest: Digest
+    num_examples: int = Field(gt=0)
+    metrics: dict[str, FiniteFloat] = Field(default_factory=dict)
+
+
+class AggregationJob(Message):
+    type: Literal["aggregation_job"] = "aggregation_job"
+    training_id: Identifier
+    round: int = Field(ge=1)
+    attempt: int = Field(ge=1)
+    algorithm: str
+    algorithm_params: dict[str, float | int | str] = Field(default_factory=dict)
+    base_version: int = Field(ge=0)
+    base_digest: Digest
+    state_digest: Digest | None = None
+    updates: list[UpdateRef] = Field(min_length=1)
+
+    @property
+    def job_key(self) -> str:
+        return f"{self.training_id}/{self.round}/{self.attempt}"
+
+
+class AggregateReady(Message):
+    type: Literal["aggregate_ready"] = "aggregate_ready"
+    training_id: Identifier
+    round: int = Field(ge=1)
+    attempt: int = Field(ge=1)
+    base_version: int = Field(ge=0)
+    model_digest: Digest
+    state_digest: Digest | None = None
+    contributors: list[Identifier]
+    num_examples: int = Field(ge=0)
+    aggregation_seconds: FiniteFloat = Field(ge=0)
+    update_norm_mean: FiniteFloat = Field(default=0.0, ge=0)
+    worker: str = ""
+
+
+class PrivacyReport(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    level: PrivacyLevelName
+    mechanism: str
+    noise_std: FiniteFloat = 0.0
+    epsilon_spent: FiniteFloat = 0.0
+    delta: FiniteFloat = 0.0
+    note: str = ""
+
+
+class ModelReleased(Message):
+    type: Literal["model_released"] = "model_released"
+    training_id: Identifier
+    round: int = Field(ge=0)
+    parent_version: int | None = Field(default=None, ge=0)
+    model_digest: Digest
+    state_digest: Digest | None = None
+    contributors: list[Identifier] = Field(default_factory=list)
+    num_examples: int = Field(default=0, ge=0)
+    algorithm: str = ""
+    privacy: PrivacyReport
+
+
+class VersionRecord(BaseModel):
+    """A committed version: its lineage, where it is stored, and how it was made."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    training_id: str
+    version: int
+    round: int
+    parent_version: int | None
+    model_digest: str
+    state_digest: str | None
+    checkpoint: str
+    algorithm: str
+    contributors: list[str]
+    num_examples: int
+    privacy: PrivacyReport
+    created_at: float
+
+
+class VersionCommitted(Message):
+    type: Literal["version_committed"] = "version_committed"
+    training_id: Identifier
+    version: int = Field(ge=0)
+    round: int = Field(ge=0)
+    parent_version: int | None = None
+    model_digest: Digest
+    state_digest: Digest | None = None
+
+
+# -- events ---------------------------------------------------------------------
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class Event(Message):
+    """Something that happened, for the monitor, the dashboard and people."""
+
+    type: Literal["event"] = "event"
+    kind: str = Field(min_length=1, max_length=64)
+    source: str = Field(min_length=1, max_length=64)
+    severity: Severity = Severity.INFO
+    message: str = Field(default="", max_length=2000)
+    training_id: str | None = None
+    round: int | None = None
+    agent_id: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+    at: float = Field(default_factory=time.time)
+
+
+class RoundMetrics(BaseModel):
+    """One completed round, as the coordinator records it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    training_id: str
+    round: int
+    version: int
+    attempts: int
+    participants: int
+    selected: int
+    num_examples: int
+    train_loss: float | None
+    train_accuracy: float | None
+    eval_loss: float | None
+    eval_accuracy: float | None
+    eval_of_version: int | None
+    round_seconds: float
+    aggregation_seconds: float
+    epsilon_spent: float
+    completed_at: float
+
+
+M = TypeVar("M", bound=BaseModel)
+
+_control = TypeAdapter(ControlCommand)
+_agent = TypeAdapter(AgentMessage)
+
+
+class MalformedMessage(ValueError):
+    """A stream entry that is not a valid message; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def encode(message: BaseModel) -> dict[bytes, bytes]:
+    """Stream fields for ``message``."""
+    return {PAYLOAD_FIELD: message.model_dump_json().encode()}
+
+
+def _payload(fields: dict[bytes, bytes]) -> bytes:
+    raw = fields.get(PAYLOAD_FIELD)
+    if raw is None:
+        raise MalformedMessage(f"entry has no '{PAYLOAD_FIELD.decode()}' field")
+    return raw
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).replace("\n", " ")[:500]
+
+
+def decode(model: type[M], fields: dict[bytes, bytes]) -> M:
+    """Parse stream fields into ``model``; raise :class:`MalformedMessage` with the reason."""
+    try:
+        return model.model_validate_json(_payload(fields))
+    except ValueError as exc:
+        raise MalformedMessage(_short(exc)) from exc
+
+
+def decode_control(fields: dict[bytes, bytes]) -> StartTraining | StopTraining:
+    try:
+        return _control.validate_json(_payload(fields))
+    except ValueError as exc:
+        raise MalformedMessage(_short(exc)) from exc
+
+
+def decode_agent_message(fields: dict[bytes, bytes]) -> AgentJoined | Heartbeat | AgentLeft:
+    try:
+        return _agent.validate_json(_payload(fields))
+    except ValueError as exc:
+        raise MalformedMessage(_short(exc)) from exc

@@ -1,0 +1,1 @@
+"""Durable records in Redis (trainings, agents): typed reads and writes, no decisions."""

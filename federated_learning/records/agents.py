@@ -1,0 +1,77 @@
+"""The agent registry: who joined, what data they hold, when they were last heard."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from federated_learning.coordination.state import AgentRecord
+from federated_learning.protocol.keys import Keys
+from federated_learning.protocol.messages import AgentJoined, AgentLeft, Heartbeat
+
+
+@dataclass(frozen=True)
+class RegistryOutcome:
+    """What applying an agent message did: an event to report, or a rejection reason."""
+
+    event: str | None = None
+    rejected: str | None = None
+    detail: str = ""
+
+
+class AgentRegistry:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, heartbeat_timeout_s: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+
+    async def apply(self, message: AgentJoined | Heartbeat | AgentLeft) -> RegistryOutcome:
+        now = time.time()
+        if isinstance(message, AgentJoined):
+            existing = await self.get(message.agent_id)
+            if existing and existing.public_key and message.public_key != existing.public_key:
+                return RegistryOutcome(rejected="key_mismatch",
+                                       detail="agent id is bound to another public key")
+            record = AgentRecord(agent_id=message.agent_id, datasets=dict(message.datasets),
+                                 device=dict(message.device), public_key=message.public_key,
+                                 joined_at=existing.joined_at if existing else now)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self._keys.agents, message.agent_id, record.model_dump_json())
+                pipe.zadd(self._keys.agents_last_seen, {message.agent_id: now})
+                await pipe.execute()
+            sizes = ", ".join(f"{k}={v}" for k, v in message.datasets.items())
+            return RegistryOutcome(event="agent_joined" if existing is None else "agent_rejoined",
+                                   detail=f"datasets {sizes}")
+        if not await self.is_registered(message.agent_id):
+            return RegistryOutcome(rejected="unknown_agent", detail=f"{message.type} before join")
+        if isinstance(message, Heartbeat):
+            await self._redis.zadd(self._keys.agents_last_seen, {message.agent_id: now})
+            return RegistryOutcome()
+        await self._redis.zrem(self._keys.agents_last_seen, message.agent_id)
+        return RegistryOutcome(event="agent_left", detail=message.reason or "left")
+
+    async def get(self, agent_id: str) -> AgentRecord | None:
+        raw = await self._redis.hget(self._keys.agents, agent_id)
+        return None if raw is None else AgentRecord.model_validate_json(raw)
+
+    async def is_registered(self, agent_id: str) -> bool:
+        return bool(await self._redis.hexists(self._keys.agents, agent_id))
+
+    async def all(self) -> list[AgentRecord]:
+        raw = await self._redis.hgetall(self._keys.agents)
+        return [AgentRecord.model_validate_json(v) for v in raw.values()]
+
+    async def datasets(self) -> dict[str, dict[str, int]]:
+        return {record.agent_id: record.datasets for record in await self.all()}
+
+    async def last_seen(self) -> dict[str, float]:
+        pairs = await self._redis.zrange(self._keys.agents_last_seen, 0, -1, withscores=True)
+        return {member.decode(): float(score) for member, score in pairs}
+
+    async def alive(self) -> list[str]:
+        """Agents heard from within the heartbeat timeout, sorted."""
+        since = time.time() - self.heartbeat_timeout_s
+        members = await self._redis.zrangebyscore(self._keys.agents_last_seen, since, "+inf")
+        return sorted(m.decode() for m in members)

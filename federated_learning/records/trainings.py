@@ -1,0 +1,59 @@
+"""Training states in Redis: one JSON per training, an index, an active set and a queue."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+
+from federated_learning.coordination.state import TrainingState
+from federated_learning.protocol.keys import Keys
+from federated_learning.protocol.messages import RoundMetrics
+
+
+class TrainingStore:
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+
+    async def load(self, training_id: str) -> TrainingState | None:
+        raw = await self._redis.get(self._keys.training(training_id))
+        return None if raw is None else TrainingState.model_validate_json(raw)
+
+    async def create(self, state: TrainingState, *, queued: bool) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._keys.training(state.training_id), state.model_dump_json())
+            pipe.zadd(self._keys.trainings, {state.training_id: state.created_at})
+            if queued:
+                pipe.rpush(self._keys.training_queue, state.training_id)
+            await pipe.execute()
+
+    def stage_save(self, pipe: Pipeline, state: TrainingState, *, active: bool | None = None) -> None:
+        """Add the state write (and active-set change) to ``pipe``."""
+        state.touch()
+        pipe.set(self._keys.training(state.training_id), state.model_dump_json())
+        if active is True:
+            pipe.sadd(self._keys.active_trainings, state.training_id)
+        elif active is False:
+            pipe.srem(self._keys.active_trainings, state.training_id)
+
+    async def save(self, state: TrainingState, *, active: bool | None = None) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            self.stage_save(pipe, state, active=active)
+            await pipe.execute()
+
+    async def active_ids(self) -> list[str]:
+        return sorted(m.decode() for m in await self._redis.smembers(self._keys.active_trainings))
+
+    async def active_count(self) -> int:
+        return int(await self._redis.scard(self._keys.active_trainings))
+
+    async def pop_queued(self) -> str | None:
+        raw = await self._redis.lpop(self._keys.training_queue)
+        return None if raw is None else raw.decode()
+
+    async def list_ids(self, limit: int = 100) -> list[str]:
+        return [m.decode() for m in await self._redis.zrevrange(self._keys.trainings, 0, limit - 1)]
+
+    async def metrics(self, training_id: str) -> list[RoundMetrics]:
+        raw = await self._redis.lrange(self._keys.training_metrics(training_id), 0, -1)
+        return [RoundMetrics.model_validate_json(item) for item in raw]

@@ -1,0 +1,158 @@
+"""Aggregator worker: takes aggregation jobs, runs the training's rule, writes the result.
+
+Any worker of the consumer group takes any job; a job taken over from a dead worker
+gives the same model because the updates are read in the job's fixed order and the
+rules are deterministic (identical for any thread count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import Counter, Histogram
+
+from federated_learning.bus.blobs import BlobMissing
+from federated_learning.bus.consumer import StreamConsumer
+from federated_learning.config import load_settings
+from federated_learning.protocol.keys import GROUP_AGGREGATOR
+from federated_learning.protocol.messages import (
+    AggregateReady, AggregationJob, MalformedMessage, Severity, decode, encode,
+)
+from federated_learning.protocol.tensors import (
+    InvalidTensor, decode_layers, encode_layers, spec_of, validate_layers,
+)
+from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
+
+log = logging.getLogger(__name__)
+
+JOBS = Counter("fl_aggregation_jobs_total", "Aggregation jobs", ["algorithm", "outcome"])
+SECONDS = Histogram("fl_aggregation_seconds", "Seconds spent in the aggregation rule",
+                    ["algorithm"], buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+
+
+class AggregationFailed(RuntimeError):
+    """A job that cannot produce a model (every update invalid, or the rule refused)."""
+
+
+class Aggregator:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.consumer = StreamConsumer(
+            ctx.redis, GROUP_AGGREGATOR, f"aggregator-{ctx.instance}",
+            {ctx.keys.job_stream: self.on_job},
+            dead_letter_stream=ctx.dead_letter_stream, count=1,
+            claim_idle_ms=ctx.settings.claim_idle_ms,
+        )
+
+    async def run(self, *, burst: bool = False) -> None:
+        await self.consumer.run(self.ctx.stop, burst=burst)
+
+    async def on_job(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            job = decode(AggregationJob, fields)
+        except MalformedMessage as exc:
+            await self.ctx.reject("jobs", "malformed", exc.reason)
+            return
+        try:
+            ready = await self.aggregate(job)
+        except (AggregationFailed, ValueError, BlobMissing, InvalidTensor) as exc:
+            JOBS.labels(job.algorithm, "failed").inc()
+            await self.ctx.emit("aggregation_failed", f"job {job.job_key}: {exc}",
+                                severity=Severity.CRITICAL, training_id=job.training_id,
+                                round=job.round, attempt=job.attempt)
+            return
+        await self.ctx.redis.xadd(self.ctx.keys.aggregate_stream, encode(ready))  # type: ignore[arg-type]
+        JOBS.labels(job.algorithm, "ok").inc()
+
+    async def _load_updates(self, job: AggregationJob, spec: dict[str, tuple[tuple[int, ...], str]],
+                            slabs: list[np.ndarray]) -> list[int]:
+        """Fill row k of every slab with update k; return the indices of usable updates."""
+        usable: list[int] = []
+        for k, ref in enumerate(job.updates):
+            try:
+                layers = decode_layers(await self.ctx.blobs.get(ref.digest),
+                                       max_bytes=self.ctx.settings.max_blob_bytes)
+                validate_layers(layers, spec)
+            except (BlobMissing, InvalidTensor) as exc:
+                await self.ctx.reject("jobs", getattr(exc, "reason", "blob_missing"), str(exc),
+                                      training_id=job.training_id, round=job.round,
+                                      agent_id=ref.agent_id)
+                continue
+            for slab, layer in zip(slabs, layers.values(), strict=True):
+                slab[len(usable)] = layer.reshape(-1)
+            usable.append(k)
+        return usable
+
+    async def aggregate(self, job: AggregationJob) -> AggregateReady:
+        from federated_learning.aggregation import allocate_slabs, create_strategy
+
+        base = decode_layers(await self.ctx.blobs.get(job.base_digest),
+                             max_bytes=self.ctx.settings.max_blob_bytes)
+        names = list(base)
+        global_layers = list(base.values())
+        strategy = create_strategy(job.algorithm, **job.algorithm_params)
+        if job.state_digest:
+            strategy.load_state_dict(decode_layers(await self.ctx.blobs.get(job.state_digest),
+                                                   max_bytes=self.ctx.settings.max_blob_bytes))
+        slabs = allocate_slabs(global_layers, len(job.updates))
+        usable = await self._load_updates(job, spec_of(base), slabs)
+        if not usable:
+            raise AggregationFailed("no usable update")
+        if len(usable) < len(job.updates):
+            slabs = [slab[: len(usable)] for slab in slabs]
+        refs = [job.updates[k] for k in usable]
+        started = time.perf_counter()
+        new_layers = strategy.aggregate_slabs(
+            global_layers, slabs, [ref.num_examples for ref in refs],
+            client_metrics=[dict(ref.metrics) for ref in refs],
+        )
+        seconds = time.perf_counter() - started
+        SECONDS.labels(job.algorithm).observe(seconds)
+        model = dict(zip(names, (np.asarray(layer).reshape(base[name].shape)
+                                 for name, layer in zip(names, new_layers, strict=True)), strict=True))
+        model_digest = await self.ctx.blobs.put(encode_layers(model))
+        state = strategy.state_dict()
+        state_digest = await self.ctx.blobs.put(encode_layers(state)) if state else None
+        log.info("job %s: %s over %d updates in %.3fs", job.job_key, job.algorithm, len(refs), seconds)
+        return AggregateReady(
+            training_id=job.training_id, round=job.round, attempt=job.attempt,
+            base_version=job.base_version, model_digest=model_digest, state_digest=state_digest,
+            contributors=[ref.agent_id for ref in refs],
+            num_examples=sum(ref.num_examples for ref in refs), aggregation_seconds=seconds,
+            worker=self.consumer.consumer,
+        )
+
+
+def configure_numba(settings_cores: int, data_dir: Path) -> None:
+    """Cache compiled kernels in the data folder; use the configured cores (at most what exists)."""
+    os.environ.setdefault("NUMBA_CACHE_DIR", str((data_dir / "numba-cache").resolve()))
+
+
+async def _main(args: argparse.Namespace) -> None:
+    settings = load_settings(args.config)
+    setup_logging(settings.log_level, f"aggregator-{args.instance}")
+    configure_numba(settings.cpu_cores, settings.data_dir)
+    from federated_learning.aggregation import configure_threads, warm_up
+
+    configure_threads(settings.cpu_cores)
+    warm_up()
+    ctx = await open_context(settings, "aggregator", args.instance)
+    aggregator = Aggregator(ctx)
+    await serve(ctx, aggregator.run)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="federated learning aggregator worker")
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--instance", default="0")
+    asyncio.run(_main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,499 @@
+"""Coordinator: trainings, rounds, agent registry, selection, deadlines, retries.
+
+A thin shell over :mod:`federated_learning.coordination`: every handler loads the
+training's state from Redis, decides with pure functions, and writes the new
+state together with its side effects (tasks, jobs) in one MULTI/EXEC, so a
+restart at any moment resumes from a consistent state. Entries are acked only
+after that write; a redelivered entry finds its effect already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from federated_learning.bus.blobs import BlobMissing
+from federated_learning.bus.consumer import StreamConsumer
+from federated_learning.config import load_settings
+from federated_learning.records.agents import AgentRegistry
+from federated_learning.coordination.rounds import RoundDecision, decide_round, summarize_notices
+from federated_learning.coordination.selection import eligible_agents, round_rng, select_agents
+from federated_learning.coordination.state import RoundPhase, TrainingState
+from federated_learning.records.trainings import TrainingStore
+from federated_learning.models import initial_model
+from federated_learning.protocol.keys import GROUP_COORDINATOR
+from federated_learning.protocol.messages import (
+    AggregationJob, Evaluation, MalformedMessage, ModelReleased, PrivacyReport, RoundMetrics, Severity,
+    StartTraining, StopTraining, Task, TaskKind, TrainingStatus, UpdateRef, UpdateSubmitted,
+    VersionCommitted, decode, decode_agent_message, decode_control, encode,
+)
+from federated_learning.protocol.tensors import InvalidTensor, decode_layers, encode_layers, validate_layers
+from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.25
+UPDATE_BLOB_TTL_AFTER_COMMIT_S = 3600
+INBOX_MAXLEN = 1000
+
+ROUNDS = Counter("fl_rounds_completed_total", "Rounds completed", ["training"])
+ROUND_RETRIES = Counter("fl_round_retries_total", "Rounds retried with a new selection")
+UPDATES_ACCEPTED = Counter("fl_updates_accepted_total", "Updates accepted")
+ROUND_SECONDS = Histogram("fl_round_seconds", "Seconds from round start to committed version",
+                          buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))
+ACTIVE = Gauge("fl_trainings_active", "Trainings holding a slot")
+ALIVE = Gauge("fl_agents_alive", "Agents with a live heartbeat")
+
+
+class Coordinator:
+    """Runs the round protocol of every training."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.keys = ctx.keys
+        self.redis = ctx.redis
+        self.settings = ctx.settings
+        self.store = TrainingStore(ctx.redis, ctx.keys)
+        self.registry = AgentRegistry(ctx.redis, ctx.keys, ctx.settings.heartbeat_timeout_s)
+        self._last_tick = 0.0
+        self.consumer = StreamConsumer(
+            ctx.redis, GROUP_COORDINATOR, f"coordinator-{ctx.instance}",
+            {
+                self.keys.control_stream: self.on_control,
+                self.keys.agent_stream: self.on_agent_message,
+                self.keys.update_stream: self.on_update,
+                self.keys.version_stream: self.on_version,
+            },
+            dead_letter_stream=ctx.dead_letter_stream, block_ms=int(TICK_S * 1000),
+            claim_idle_ms=ctx.settings.claim_idle_ms,
+        )
+
+    async def run(self, *, burst: bool = False) -> None:
+        await self.consumer.run(self.ctx.stop, burst=burst, on_idle=self.tick)
+
+    # -- control ---------------------------------------------------------------
+
+    async def on_control(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            command = decode_control(fields)
+        except MalformedMessage as exc:
+            await self.ctx.reject("control", "malformed", exc.reason)
+            return
+        if isinstance(command, StartTraining):
+            await self.start_training(command)
+        else:
+            await self.stop_training(command)
+
+    async def start_training(self, command: StartTraining) -> None:
+        if await self.store.load(command.training_id) is not None:
+            return  # redelivered or repeated: the training exists already
+        config = command.config
+        state = TrainingState(
+            training_id=command.training_id, config=config,
+            min_clients=config.min_clients or self.settings.min_clients_per_round,
+            clients_per_round=min(config.clients_per_round or self.settings.max_clients_per_round,
+                                  self.settings.max_clients_per_round),
+            round_deadline_s=config.round_deadline_s or self.settings.round_deadline_s,
+            privacy_level=config.privacy_level or self.settings.default_privacy_level,
+            created_at=command.requested_at,
+        )
+        if state.min_clients > state.clients_per_round:
+            state.status = TrainingStatus.FAILED
+            state.reason = (f"min_clients ({state.min_clients}) exceeds the clients per round "
+                            f"({state.clients_per_round}) allowed by max_clients_per_round")
+            await self.store.create(state, queued=False)
+            await self._emit_status(state, Severity.WARNING)
+            return
+        state.status = TrainingStatus.QUEUED
+        await self.store.create(state, queued=True)
+        await self.ctx.emit("training_created", f"training '{config.name}' queued",
+                            training_id=state.training_id, status=state.status.value)
+        await self.activate_queued()
+
+    async def stop_training(self, command: StopTraining) -> None:
+        state = await self.store.load(command.training_id)
+        if state is None:
+            await self.ctx.reject("control", "unknown_training", command.training_id,
+                                  training_id=command.training_id)
+            return
+        if state.status.is_final:
+            return
+        await self.finish(state, TrainingStatus.FAILED if command.failed else TrainingStatus.STOPPED,
+                          command.reason)
+
+    async def activate_queued(self) -> None:
+        """Start queued trainings while slots are free."""
+        while await self.store.active_count() < self.settings.max_concurrent_trainings:
+            training_id = await self.store.pop_queued()
+            if training_id is None:
+                return
+            state = await self.store.load(training_id)
+            if state is None or state.status is not TrainingStatus.QUEUED:
+                continue
+            await self.initialize(state)
+
+    async def initialize(self, state: TrainingState) -> None:
+        """Build the initial model and hand it to the version manager as version 0."""
+        state.status = TrainingStatus.INITIALIZING
+        try:
+            layers = initial_model(state.config.model)
+        except ValueError as exc:
+            await self.finish(state, TrainingStatus.FAILED, f"cannot build the model: {exc}")
+            return
+        state.layer_spec = {name: (tuple(a.shape), a.dtype.name) for name, a in layers.items()}
+        digest = await self.ctx.blobs.put(encode_layers(layers))
+        release = ModelReleased(
+            training_id=state.training_id, round=0, model_digest=digest,
+            algorithm=state.config.algorithm,
+            privacy=PrivacyReport(level="none", mechanism="none", note="initial model"),
+        )
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self.store.stage_save(pipe, state, active=True)
+            pipe.xadd(self.keys.release_stream, encode(release))  # type: ignore[arg-type]
+            await pipe.execute()
+        await self._emit_status(state)
+
+    async def finish(self, state: TrainingState, status: TrainingStatus, reason: str) -> None:
+        state.status = status
+        state.reason = reason
+        state.phase = RoundPhase.IDLE
+        await self.store.save(state, active=False)
+        severity = Severity.INFO if status is TrainingStatus.COMPLETED else Severity.WARNING
+        await self._emit_status(state, severity)
+        if status is TrainingStatus.COMPLETED:
+            await self.ctx.emit(
+                "training_completed", f"training completed after {state.completed_rounds} rounds",
+                training_id=state.training_id, round=state.round,
+                final_version=state.current_version,
+                final_evaluation=state.final_evaluation.model_dump() if state.final_evaluation else None)
+        await self.activate_queued()
+
+    async def _emit_status(self, state: TrainingState, severity: Severity = Severity.INFO) -> None:
+        await self.ctx.emit("training_status", f"training is {state.status.value}"
+                            + (f": {state.reason}" if state.reason else ""),
+                            severity=severity, training_id=state.training_id, round=state.round,
+                            status=state.status.value, reason=state.reason)
+
+    # -- agents ----------------------------------------------------------------
+
+    async def on_agent_message(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            message = decode_agent_message(fields)
+        except MalformedMessage as exc:
+            await self.ctx.reject("agents", "malformed", exc.reason)
+            return
+        outcome = await self.registry.apply(message)
+        if outcome.rejected:
+            await self.ctx.reject("agents", outcome.rejected, outcome.detail,
+                                  agent_id=message.agent_id)
+        elif outcome.event:
+            await self.ctx.emit(outcome.event, outcome.detail, agent_id=message.agent_id)
+
+    # -- rounds ----------------------------------------------------------------
+
+    async def open_round(self, state: TrainingState, round_number: int, *, retry: bool = False) -> None:
+        """Select agents and send them their tasks; pause when too few are alive."""
+        evaluating = state.status is TrainingStatus.EVALUATING
+        candidates = eligible_agents(await self.registry.datasets(), await self.registry.alive(),
+                                     state.config.dataset)
+        if round_number != state.round:
+            state.selected, state.responded, state.dropped, state.retries = [], [], [], 0
+        state.round = round_number
+        accepted = await self.redis.hlen(self.keys.round_updates(state.training_id, round_number))
+        if not evaluating and len(candidates) < state.min_clients:
+            if state.status is not TrainingStatus.PAUSED:
+                state.status = TrainingStatus.PAUSED
+                state.reason = (f"only {len(candidates)} agents alive with dataset "
+                                f"'{state.config.dataset}'; need {state.min_clients}")
+                state.phase = RoundPhase.IDLE
+                await self.store.save(state)
+                await self._emit_status(state, Severity.WARNING)
+            return
+        if state.status is TrainingStatus.PAUSED:
+            state.status, state.reason = TrainingStatus.RUNNING, ""
+            await self._emit_status(state)
+        state.attempt += 1
+        rng = round_rng(state.training_id, round_number, state.attempt)
+        if evaluating:
+            chosen = [a for a in candidates if a not in state.selected]
+        else:
+            chosen = select_agents(candidates, state.clients_per_round - accepted,
+                                   state.config.over_selection, rng, exclude=state.selected)
+        now = time.time()
+        state.selected = sorted(set(state.selected) | set(chosen))
+        state.phase = RoundPhase.COLLECTING
+        state.deadline_at = now + state.round_deadline_s
+        if not retry:
+            state.round_started_at = now
+        assert state.current_digest is not None and state.current_version is not None
+        task_kind = TaskKind.EVALUATE if evaluating else TaskKind.TRAIN
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for agent_id in chosen:
+                task = Task(kind=task_kind, training_id=state.training_id, round=round_number,
+                            attempt=state.attempt, dataset=state.config.dataset,
+                            model=state.config.model, model_digest=state.current_digest,
+                            model_version=state.current_version, settings=state.config.local,
+                            deadline_at=state.deadline_at)
+                pipe.xadd(self.keys.inbox_stream(agent_id), encode(task),  # type: ignore[arg-type]
+                          maxlen=INBOX_MAXLEN, approximate=True)
+            self.store.stage_save(pipe, state)
+            await pipe.execute()
+        await self.ctx.emit("round_started" if not retry else "round_retried",
+                            f"{task_kind.value} round {round_number} attempt {state.attempt}: "
+                            f"asked {len(chosen)} of {len(candidates)} eligible agents",
+                            training_id=state.training_id, round=round_number,
+                            attempt=state.attempt, selected=len(chosen), eligible=len(candidates))
+
+    async def on_update(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            notice = decode(UpdateSubmitted, fields)
+        except MalformedMessage as exc:
+            await self.ctx.reject("updates", "malformed", exc.reason)
+            return
+        context = {"training_id": notice.training_id, "round": notice.round, "agent_id": notice.agent_id}
+        state = await self.store.load(notice.training_id)
+        if state is None:
+            await self.ctx.reject("updates", "unknown_training", notice.training_id, **context)
+            return
+        if not await self.registry.is_registered(notice.agent_id):
+            await self.ctx.reject("updates", "unknown_agent", notice.agent_id, **context)
+            return
+        expected_kind = TaskKind.EVALUATE if state.status is TrainingStatus.EVALUATING else TaskKind.TRAIN
+        if (state.phase is not RoundPhase.COLLECTING or notice.round != state.round
+                or notice.kind is not expected_kind):
+            await self.ctx.reject("updates", "stale_round",
+                                  f"{notice.kind.value} notice for round {notice.round}; training is in "
+                                  f"round {state.round} ({state.status.value}/{state.phase.value})",
+                                  **context)
+            return
+        if notice.agent_id not in state.selected:
+            await self.ctx.reject("updates", "not_selected",
+                                  f"agent was not asked in round {notice.round}", **context)
+            return
+        updates_key = self.keys.round_updates(state.training_id, state.round)
+        if await self.redis.hexists(updates_key, notice.agent_id):
+            return  # redelivery: (training, round, agent) is accepted once
+        problem = await self._check_update_blob(state, notice)
+        if notice.agent_id not in state.responded:
+            state.responded.append(notice.agent_id)
+        if problem is not None:
+            await self.store.save(state)
+            await self.ctx.reject("updates", problem[0], problem[1], **context)
+        else:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(updates_key, notice.agent_id, notice.model_dump_json())
+                self.store.stage_save(pipe, state)
+                await pipe.execute()
+            UPDATES_ACCEPTED.inc()
+        await self.advance(state)
+
+    async def _check_update_blob(self, state: TrainingState, notice: UpdateSubmitted) -> tuple[str, str] | None:
+        """Reason and detail when the update blob is missing or invalid, else None."""
+        if notice.kind is TaskKind.EVALUATE or notice.update_digest is None:
+            return None
+        try:
+            layers = decode_layers(await self.ctx.blobs.get(notice.update_digest),
+                                   max_bytes=self.settings.max_blob_bytes)
+            validate_layers(layers, state.layer_spec)
+        except BlobMissing:
+            return "blob_missing", f"no blob {notice.update_digest}"
+        except InvalidTensor as exc:
+            return exc.reason, exc.detail
+        return None
+
+    async def advance(self, state: TrainingState) -> None:
+        """Decide what a collecting round does next, and do it."""
+        if state.phase is not RoundPhase.COLLECTING:
+            return
+        updates_key = self.keys.round_updates(state.training_id, state.round)
+        accepted = await self.redis.hlen(updates_key)
+        evaluating = state.status is TrainingStatus.EVALUATING
+        decision = decide_round(
+            accepted=accepted, responded=len(state.responded), selected=len(state.selected),
+            target=len(state.selected) if evaluating else state.clients_per_round,
+            min_clients=0 if evaluating else state.min_clients,
+            now=time.time(), deadline_at=state.deadline_at,
+            attempt=state.retries + 1, max_attempts=state.config.max_round_attempts,
+        )
+        if decision is RoundDecision.WAIT:
+            return
+        if evaluating:
+            await self.complete_evaluation(state)
+        elif decision is RoundDecision.AGGREGATE:
+            await self.close_round(state)
+        elif decision is RoundDecision.RETRY:
+            state.retries += 1
+            ROUND_RETRIES.inc()
+            await self.open_round(state, state.round, retry=True)
+        else:
+            await self.finish(state, TrainingStatus.FAILED,
+                              f"round {state.round}: only {accepted} updates after "
+                              f"{state.retries + 1} attempts; need {state.min_clients}")
+
+    async def close_round(self, state: TrainingState) -> None:
+        """Write the aggregation job naming exactly the accepted updates, in agent order."""
+        raw = await self.redis.hgetall(self.keys.round_updates(state.training_id, state.round))
+        notices = sorted((UpdateSubmitted.model_validate_json(v) for v in raw.values()),
+                         key=lambda n: n.agent_id)
+        assert state.current_digest is not None and state.current_version is not None
+        job = AggregationJob(
+            training_id=state.training_id, round=state.round, attempt=state.attempt,
+            algorithm=state.config.algorithm, algorithm_params=state.config.algorithm_params,
+            base_version=state.current_version, base_digest=state.current_digest,
+            state_digest=state.state_digest,
+            updates=[UpdateRef(agent_id=n.agent_id, digest=n.update_digest or "", num_examples=n.num_examples,
+                               metrics=_notice_metrics(n)) for n in notices],
+        )
+        state.phase = RoundPhase.AGGREGATING
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.job_stream, encode(job))  # type: ignore[arg-type]
+            self.store.stage_save(pipe, state)
+            await pipe.execute()
+        await self.ctx.emit("round_closed", f"round {state.round}: aggregating {len(notices)} updates",
+                            training_id=state.training_id, round=state.round, updates=len(notices),
+                            attempt=state.attempt)
+
+    async def on_version(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            committed = decode(VersionCommitted, fields)
+        except MalformedMessage as exc:
+            await self.ctx.reject("versions", "malformed", exc.reason)
+            return
+        state = await self.store.load(committed.training_id)
+        if state is None or state.status.is_final:
+            return
+        if committed.round == 0 and state.status is TrainingStatus.INITIALIZING:
+            self._adopt(state, committed)
+            state.status = TrainingStatus.RUNNING
+            await self._emit_status(state)
+            await self.open_round(state, 1)
+        elif committed.round == state.round and state.status in (TrainingStatus.RUNNING, TrainingStatus.PAUSED) \
+                and state.current_version != committed.version:
+            await self.complete_round(state, committed)
+
+    @staticmethod
+    def _adopt(state: TrainingState, committed: VersionCommitted) -> None:
+        state.current_version = committed.version
+        state.current_digest = committed.model_digest
+        state.state_digest = committed.state_digest
+
+    async def complete_round(self, state: TrainingState, committed: VersionCommitted) -> None:
+        raw = await self.redis.hgetall(self.keys.round_updates(state.training_id, state.round))
+        notices = [UpdateSubmitted.model_validate_json(v) for v in raw.values()]
+        summary = summarize_notices(notices)
+        release_raw = await self.redis.hget(self.keys.release(state.training_id), str(state.round))
+        release = ModelReleased.model_validate_json(release_raw) if release_raw else None
+        if release is not None:
+            state.epsilon_spent = release.privacy.epsilon_spent
+        now = time.time()
+        metrics = RoundMetrics(
+            training_id=state.training_id, round=state.round, version=committed.version,
+            attempts=state.retries + 1, participants=len(notices), selected=len(state.selected),
+            num_examples=int(summary["num_examples"] or 0),
+            train_loss=summary["train_loss"], train_accuracy=summary["train_accuracy"],
+            eval_loss=summary["eval_loss"], eval_accuracy=summary["eval_accuracy"],
+            eval_of_version=state.current_version, round_seconds=now - state.round_started_at,
+            aggregation_seconds=0.0, epsilon_spent=state.epsilon_spent, completed_at=now,
+        )
+        self._adopt(state, committed)
+        state.completed_rounds = state.round
+        state.phase = RoundPhase.IDLE
+        if metrics.eval_accuracy is not None:
+            state.best_accuracy = max(state.best_accuracy or 0.0, metrics.eval_accuracy)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(self.keys.training_metrics(state.training_id), metrics.model_dump_json())
+            self.store.stage_save(pipe, state)
+            await pipe.execute()
+        ROUNDS.labels(state.training_id).inc()
+        ROUND_SECONDS.observe(metrics.round_seconds)
+        await self.ctx.blobs.expire([n.update_digest for n in notices if n.update_digest],
+                                    UPDATE_BLOB_TTL_AFTER_COMMIT_S)
+        await self.ctx.emit("round_completed", f"round {state.round} committed as version {committed.version}",
+                            training_id=state.training_id, round=state.round, **metrics.model_dump())
+        target = state.config.target_accuracy
+        reached = target is not None and (metrics.eval_accuracy or 0.0) >= target
+        if state.round >= state.config.rounds or reached:
+            state.status = TrainingStatus.EVALUATING
+            await self._emit_status(state)
+        await self.open_round(state, state.round + 1)
+
+    async def complete_evaluation(self, state: TrainingState) -> None:
+        raw = await self.redis.hgetall(self.keys.round_updates(state.training_id, state.round))
+        summary = summarize_notices([UpdateSubmitted.model_validate_json(v) for v in raw.values()])
+        if summary["eval_accuracy"] is not None:
+            state.final_evaluation = Evaluation(
+                loss=float(summary["eval_loss"] or 0.0), accuracy=float(summary["eval_accuracy"]),
+                num_examples=int(summary["eval_examples"] or 0))
+        state.status = TrainingStatus.SAVING
+        state.phase = RoundPhase.IDLE
+        await self.store.save(state)
+        await self._emit_status(state)
+        await self.finish(state, TrainingStatus.COMPLETED, "")
+
+    # -- periodic --------------------------------------------------------------
+
+    async def tick(self) -> None:
+        """Deadlines, paused trainings, dropouts; at most every ``TICK_S``."""
+        now = time.monotonic()
+        if now - self._last_tick < TICK_S:
+            return
+        self._last_tick = now
+        alive = await self.registry.alive()
+        ALIVE.set(len(alive))
+        active = await self.store.active_ids()
+        ACTIVE.set(len(active))
+        for training_id in active:
+            state = await self.store.load(training_id)
+            if state is None:
+                continue
+            if state.status is TrainingStatus.PAUSED:
+                await self.open_round(state, state.round)
+            elif state.phase is RoundPhase.COLLECTING:
+                await self._report_dropouts(state, set(alive))
+                await self.advance(state)
+        await self.activate_queued()
+
+    async def _report_dropouts(self, state: TrainingState, alive: set[str]) -> None:
+        gone = [a for a in state.selected if a not in alive and a not in state.responded
+                and a not in state.dropped]
+        if not gone:
+            return
+        state.dropped.extend(gone)
+        await self.store.save(state)
+        for agent_id in gone:
+            await self.ctx.emit("agent_dropped", f"agent stopped heartbeating during round {state.round}",
+                                severity=Severity.WARNING, training_id=state.training_id,
+                                round=state.round, agent_id=agent_id)
+
+
+def _notice_metrics(notice: UpdateSubmitted) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    if notice.train_loss is not None:
+        metrics["train_loss"] = notice.train_loss
+    if notice.evaluation is not None:
+        metrics["accuracy"] = notice.evaluation.accuracy
+        metrics["loss"] = notice.evaluation.loss
+    return metrics
+
+
+async def _main(args: argparse.Namespace) -> None:
+    settings = load_settings(args.config)
+    setup_logging(settings.log_level, "coordinator")
+    ctx = await open_context(settings, "coordinator", args.instance)
+    coordinator = Coordinator(ctx)
+    await serve(ctx, coordinator.run)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="federated learning coordinator")
+    parser.add_argument("--config", type=lambda p: __import__("pathlib").Path(p), default=None)
+    parser.add_argument("--instance", default="0")
+    asyncio.run(_main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

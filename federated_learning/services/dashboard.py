@@ -1,0 +1,46 @@
+"""Dashboard process: the FastAPI app under uvicorn, plus its health key; metrics at /metrics."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import uvicorn
+
+from federated_learning.bus.connection import connect
+from federated_learning.config import load_settings
+from federated_learning.dashboard.main import create_app
+from federated_learning.services.runtime import ServiceContext, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+async def _main(args: argparse.Namespace) -> None:
+    settings = load_settings(args.config)
+    setup_logging(settings.log_level, "dashboard")
+    url = os.environ.get("FL_REDIS_URL") or settings.redis_url
+    redis = await connect(url, settings, attempts=settings.redis_connect_attempts)
+    ctx = ServiceContext(redis=redis, settings=settings, service="dashboard", instance=args.instance,
+                         metrics_port=settings.dashboard_port)
+    config = uvicorn.Config(create_app(ctx), host=settings.dashboard_host, port=settings.dashboard_port,
+                            log_level="warning", ws="websockets-sansio", lifespan="on")
+    server = uvicorn.Server(config)
+    log.info("dashboard on http://%s:%d", settings.dashboard_host, settings.dashboard_port)
+    try:
+        await server.serve()
+    finally:
+        await redis.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="federated learning dashboard")
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--instance", default="0")
+    asyncio.run(_main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Monitor: records round metrics and dropouts from the event stream; raises and resolves alerts.
+
+Alerts come from rules in :mod:`federated_learning.monitoring.alerts` applied every
+``CHECK_EVERY_S`` to the services' health keys and the trainings' round state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge
+
+from federated_learning.bus.consumer import StreamConsumer
+from federated_learning.config import load_settings
+from federated_learning.coordination.state import TrainingState
+from federated_learning.monitoring.alerts import (
+    Alert, RoundObservation, reconcile, services_down, stalled_rounds,
+)
+from federated_learning.monitoring.metrics import metrics_from_round
+from federated_learning.protocol.keys import GROUP_MONITOR
+from federated_learning.protocol.messages import Event, MalformedMessage, decode
+from federated_learning.services.runtime import HEALTH_TTL_S, ServiceContext, open_context, serve, setup_logging
+
+log = logging.getLogger(__name__)
+
+CHECK_EVERY_S = 2.0
+STARTUP_GRACE_S = HEALTH_TTL_S + 5
+METRIC_SERIES_MAXLEN = 100_000
+
+EVENTS = Counter("fl_monitor_events_total", "Events seen", ["kind"])
+DROPOUTS = Counter("fl_agent_dropouts_total", "Agents that dropped out of a round")
+ALERTS_OPEN = Gauge("fl_alerts_open", "Open alerts", ["severity"])
+ACCURACY = Gauge("fl_training_accuracy", "Latest federated evaluation accuracy", ["training"])
+
+
+class Monitor:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.started_at = time.time()
+        self._last_check = 0.0
+        self.consumer = StreamConsumer(
+            ctx.redis, GROUP_MONITOR, f"monitor-{ctx.instance}",
+            {ctx.keys.event_stream: self.on_event},
+            dead_letter_stream=ctx.dead_letter_stream, claim_idle_ms=ctx.settings.claim_idle_ms,
+        )
+
+    async def run(self, *, burst: bool = False) -> None:
+        await self.consumer.run(self.ctx.stop, burst=burst, on_idle=self.check)
+
+    async def on_event(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            event = decode(Event, fields)
+        except MalformedMessage as exc:
+            await self.ctx.reject("events", "malformed", exc.reason)
+            return
+        EVENTS.labels(event.kind).inc()
+        if event.kind == "round_completed" and event.training_id and event.round is not None:
+            metrics = metrics_from_round(event.data, event.training_id, event.round)
+            if metrics:
+                key = self.ctx.keys.metric_series(event.training_id)
+                await self.ctx.redis.rpush(key, *(m.model_dump_json() for m in metrics))
+                await self.ctx.redis.ltrim(key, -METRIC_SERIES_MAXLEN, -1)
+            accuracy = event.data.get("eval_accuracy")
+            if isinstance(accuracy, float):
+                ACCURACY.labels(event.training_id).set(accuracy)
+        elif event.kind == "agent_dropped" and event.agent_id:
+            DROPOUTS.inc()
+            await self.ctx.redis.hincrby(self.ctx.keys.agent_dropouts, event.agent_id, 1)
+
+    async def check(self) -> None:
+        """Apply the alert rules, at most every ``CHECK_EVERY_S``."""
+        now = time.time()
+        if now - self._last_check < CHECK_EVERY_S:
+            return
+        self._last_check = now
+        conditions = []
+        if now - self.started_at > STARTUP_GRACE_S:
+            conditions += services_down(await self._alive_services())
+        conditions += stalled_rounds(await self._round_observations(), now)
+        open_alerts = await self._open_alerts()
+        raised, resolved = reconcile(open_alerts, conditions, now)
+        for alert in raised:
+            await self._store(alert, is_open=True)
+            await self.ctx.emit("alert", alert.message, severity=alert.severity,
+                                training_id=alert.training_id, **alert.model_dump())
+        for alert in resolved:
+            await self._store(alert, is_open=False)
+            await self.ctx.emit("alert_resolved", f"resolved: {alert.message}",
+                                training_id=alert.training_id, **alert.model_dump())
+        still_open = [a for k, a in open_alerts.items() if k not in {r.key for r in resolved}] + raised
+        for severity in ("info", "warning", "critical"):
+            ALERTS_OPEN.labels(severity).set(sum(1 for a in still_open if a.severity == severity))
+
+    async def _alive_services(self) -> set[str]:
+        services = set()
+        async for key in self.ctx.redis.scan_iter(match=self.ctx.keys.service_health_pattern, count=200):
+            raw = await self.ctx.redis.get(key)
+            if raw:
+                services.add(json.loads(raw)["service"])
+        return services
+
+    async def _round_observations(self) -> list[RoundObservation]:
+        observations = []
+        for member in await self.ctx.redis.smembers(self.ctx.keys.active_trainings):
+            raw = await self.ctx.redis.get(self.ctx.keys.training(member.decode()))
+            if raw is None:
+                continue
+            state = TrainingState.model_validate_json(raw)
+            observations.append(RoundObservation(
+                training_id=state.training_id, round=state.round, phase=state.phase.value,
+                started_at=state.round_started_at, deadline_s=state.round_deadline_s))
+        return observations
+
+    async def _open_alerts(self) -> dict[str, Alert]:
+        open_ids = await self.ctx.redis.hgetall(self.ctx.keys.open_alerts)
+        alerts = {}
+        for key, alert_id in open_ids.items():
+            raw = await self.ctx.redis.hget(self.ctx.keys.alerts, alert_id)
+            if raw is not None:
+                alerts[key.decode()] = Alert.model_validate_json(raw)
+        return alerts
+
+    async def _store(self, alert: Alert, *, is_open: bool) -> None:
+        async with self.ctx.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.ctx.keys.alerts, alert.alert_id, alert.model_dump_json())
+            if is_open:
+                pipe.hset(self.ctx.keys.open_alerts, alert.key, alert.alert_id)
+            else:
+                pipe.hdel(self.ctx.keys.open_alerts, alert.key)
+            await pipe.execute()
+
+
+async def _main(args: argparse.Namespace) -> None:
+    settings = load_settings(args.config)
+    setup_logging(settings.log_level, "monitor")
+    ctx = await open_context(settings, "monitor", args.instance)
+    await serve(ctx, Monitor(ctx).run)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="federated learning monitor")
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--instance", default="0")
+    asyncio.run(_main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Privacy manager: validates each aggregate, applies central DP, charges the budget, releases.
+
+A release is recorded (``release`` hash, keyed by round) in the same transaction that
+charges the accountant and announces it, so a redelivered aggregate re-announces
+the recorded release instead of charging the budget twice. A refused model is never
+written anywhere: the training is stopped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge
+
+from federated_learning.bus.consumer import StreamConsumer
+from federated_learning.config import load_settings
+from federated_learning.privacy.release import ReleaseRefused, plan_release
+from federated_learning.protocol.keys import GROUP_PRIVACY
+from federated_learning.protocol.messages import (
+    AggregateReady, MalformedMessage, ModelReleased, Severity, StopTraining, decode, encode,
+)
+from federated_learning.protocol.tensors import InvalidTensor, decode_layers, encode_layers, validate_layers
+from federated_learning.records.trainings import TrainingStore
+from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
+
+log = logging.getLogger(__name__)
+
+RELEASES = Counter("fl_privacy_releases_total", "Models released", ["level"])
+REFUSALS = Counter("fl_privacy_refusals_total", "Releases refused", ["reason"])
+EPSILON = Gauge("fl_privacy_epsilon_spent", "Epsilon spent", ["training"])
+
+
+class PrivacyManager:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.trainings = TrainingStore(ctx.redis, ctx.keys)
+        self.consumer = StreamConsumer(
+            ctx.redis, GROUP_PRIVACY, f"privacy-{ctx.instance}",
+            {ctx.keys.aggregate_stream: self.on_aggregate},
+            dead_letter_stream=ctx.dead_letter_stream, claim_idle_ms=ctx.settings.claim_idle_ms,
+        )
+
+    async def run(self, *, burst: bool = False) -> None:
+        await self.consumer.run(self.ctx.stop, burst=burst)
+
+    async def on_aggregate(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
+        keys = self.ctx.keys
+        try:
+            ready = decode(AggregateReady, fields)
+        except MalformedMessage as exc:
+            await self.ctx.reject("aggregates", "malformed", exc.reason)
+            return
+        recorded = await self.ctx.redis.hget(keys.release(ready.training_id), str(ready.round))
+        if recorded is not None:
+            await self.ctx.redis.xadd(keys.release_stream, {b"m": recorded})
+            return
+        state = await self.trainings.load(ready.training_id)
+        if state is None or state.status.is_final:
+            await self.ctx.reject("aggregates", "unknown_training", ready.training_id,
+                                  training_id=ready.training_id, round=ready.round)
+            return
+        try:
+            layers = decode_layers(await self.ctx.blobs.get(ready.model_digest),
+                                   max_bytes=self.ctx.settings.max_blob_bytes)
+            validate_layers(layers, state.layer_spec)
+        except InvalidTensor as exc:
+            await self.ctx.reject("aggregates", exc.reason, exc.detail,
+                                  training_id=ready.training_id, round=ready.round)
+            return
+        budget_raw = await self.ctx.redis.get(keys.privacy_budget(ready.training_id))
+        try:
+            plan = plan_release(state, layers, ready, budget_raw.decode() if budget_raw else None)
+        except ReleaseRefused as exc:
+            await self.refuse(ready, str(exc))
+            return
+        digest = ready.model_digest
+        if plan.noised_layers is not None:
+            digest = await self.ctx.blobs.put(encode_layers(plan.noised_layers))
+        release = ModelReleased(
+            training_id=ready.training_id, round=ready.round, parent_version=ready.base_version,
+            model_digest=digest, state_digest=ready.state_digest, contributors=ready.contributors,
+            num_examples=ready.num_examples, algorithm=state.config.algorithm, privacy=plan.report,
+        )
+        payload = release.model_dump_json()
+        async with self.ctx.redis.pipeline(transaction=True) as pipe:
+            if plan.budget_json is not None:
+                pipe.set(keys.privacy_budget(ready.training_id), plan.budget_json)
+            pipe.hset(keys.release(ready.training_id), str(ready.round), payload)
+            pipe.xadd(keys.release_stream, encode(release))  # type: ignore[arg-type]
+            await pipe.execute()
+        RELEASES.labels(plan.report.level).inc()
+        EPSILON.labels(ready.training_id).set(plan.report.epsilon_spent)
+        await self.ctx.emit("model_released", plan.report.note or f"released under '{plan.report.level}'",
+                            training_id=ready.training_id, round=ready.round,
+                            **plan.report.model_dump())
+        for alert in plan.alerts:
+            await self.ctx.emit("privacy_budget", alert, severity=Severity.WARNING,
+                                training_id=ready.training_id, round=ready.round)
+
+    async def refuse(self, ready: AggregateReady, reason: str) -> None:
+        REFUSALS.labels("budget").inc()
+        stop = StopTraining(training_id=ready.training_id, reason=reason, failed=True)
+        await self.ctx.redis.xadd(self.ctx.keys.control_stream, encode(stop))  # type: ignore[arg-type]
+        await self.ctx.emit("release_refused", reason, severity=Severity.CRITICAL,
+                            training_id=ready.training_id, round=ready.round)
+
+
+async def _main(args: argparse.Namespace) -> None:
+    settings = load_settings(args.config)
+    setup_logging(settings.log_level, "privacy")
+    ctx = await open_context(settings, "privacy", args.instance)
+    await serve(ctx, PrivacyManager(ctx).run)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="federated learning privacy manager")
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--instance", default="0")
+    asyncio.run(_main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

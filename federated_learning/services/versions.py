@@ -1,0 +1,114 @@
+"""Version manager: commits released models as numbered checkpoints and announces them.
+
+Idempotent per (training, round): the version number of a round is recorded in the
+same transaction that records the version and announces it; a redelivered release
+re-announces the recorded version. Numbers are assigned as one more than the last
+committed version, so a crash between the disk write and the record rewrites the
+same file under the same number: no gaps, no duplicates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge
+
+from federated_learning.bus.blobs import BlobMissing
+from federated_learning.bus.consumer import StreamConsumer
+from federated_learning.config import load_settings
+from federated_learning.protocol.keys import GROUP_VERSIONS
+from federated_learning.protocol.messages import (
+    MalformedMessage, ModelReleased, VersionCommitted, VersionRecord, decode, encode,
+)
+from federated_learning.protocol.tensors import InvalidTensor, decode_layers
+from federated_learning.records.checkpoints import CheckpointStore
+from federated_learning.records.versions import VersionIndex
+from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
+
+log = logging.getLogger(__name__)
+
+COMMITS = Counter("fl_versions_committed_total", "Versions committed")
+LATEST = Gauge("fl_version_latest", "Latest committed version", ["training"])
+
+
+class VersionManager:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.index = VersionIndex(ctx.redis, ctx.keys)
+        self.checkpoints = CheckpointStore(ctx.settings.data_dir / "checkpoints")
+        self.consumer = StreamConsumer(
+            ctx.redis, GROUP_VERSIONS, f"versions-{ctx.instance}",
+            {ctx.keys.release_stream: self.on_release},
+            dead_letter_stream=ctx.dead_letter_stream, claim_idle_ms=ctx.settings.claim_idle_ms,
+        )
+
+    async def run(self, *, burst: bool = False) -> None:
+        await self.consumer.run(self.ctx.stop, burst=burst)
+
+    async def on_release(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            release = decode(ModelReleased, fields)
+        except MalformedMessage as exc:
+            await self.ctx.reject("releases", "malformed", exc.reason)
+            return
+        existing = await self.index.version_of_round(release.training_id, release.round)
+        if existing is not None:
+            record = await self.index.get(release.training_id, existing)
+            if record is not None:
+                await self.ctx.redis.xadd(self.ctx.keys.version_stream, encode(_announcement(record)))  # type: ignore[arg-type]
+            return
+        try:
+            data = await self.ctx.blobs.get(release.model_digest)
+            decode_layers(data, max_bytes=self.ctx.settings.max_blob_bytes)
+        except (BlobMissing, InvalidTensor) as exc:
+            await self.ctx.reject("releases", getattr(exc, "reason", "blob_missing"), str(exc),
+                                  training_id=release.training_id, round=release.round)
+            return
+        version = await self.index.next_version(release.training_id)
+        record = VersionRecord(
+            training_id=release.training_id, version=version, round=release.round,
+            parent_version=release.parent_version, model_digest=release.model_digest,
+            state_digest=release.state_digest,
+            checkpoint=str(self.checkpoints.model_path(release.training_id, version)),
+            algorithm=release.algorithm, contributors=release.contributors,
+            num_examples=release.num_examples, privacy=release.privacy, created_at=time.time(),
+        )
+        await asyncio.to_thread(self.checkpoints.write, release.training_id, version, data,
+                                record.model_dump_json(indent=1))
+        async with self.ctx.redis.pipeline(transaction=True) as pipe:
+            self.index.stage_commit(pipe, record)
+            pipe.xadd(self.ctx.keys.version_stream, encode(_announcement(record)))  # type: ignore[arg-type]
+            await pipe.execute()
+        COMMITS.inc()
+        LATEST.labels(release.training_id).set(version)
+        await self.ctx.emit("version_committed", f"version {version} from round {release.round}",
+                            training_id=release.training_id, round=release.round, version=version,
+                            parent_version=release.parent_version, digest=release.model_digest)
+
+
+def _announcement(record: VersionRecord) -> VersionCommitted:
+    return VersionCommitted(training_id=record.training_id, version=record.version, round=record.round,
+                            parent_version=record.parent_version, model_digest=record.model_digest,
+                            state_digest=record.state_digest)
+
+
+async def _main(args: argparse.Namespace) -> None:
+    settings = load_settings(args.config)
+    setup_logging(settings.log_level, "versions")
+    ctx = await open_context(settings, "versions", args.instance)
+    await serve(ctx, VersionManager(ctx).run)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="federated learning version manager")
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--instance", default="0")
+    asyncio.run(_main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
