@@ -413,7 +413,8 @@ class Coordinator:
         await self.ctx.blobs.expire([n.update_digest for n in notices if n.update_digest],
                                     UPDATE_BLOB_TTL_AFTER_COMMIT_S)
         await self.ctx.emit("round_completed", f"round {state.round} committed as version {committed.version}",
-                            training_id=state.training_id, round=state.round, **metrics.model_dump())
+                            training_id=state.training_id, round=state.round,
+                            **metrics.model_dump(exclude={"training_id", "round"}))
         target = state.config.target_accuracy
         reached = target is not None and (metrics.eval_accuracy or 0.0) >= target
         if state.round >= state.config.rounds or reached:

@@ -87,11 +87,11 @@ class Monitor:
         for alert in raised:
             await self._store(alert, is_open=True)
             await self.ctx.emit("alert", alert.message, severity=alert.severity,
-                                training_id=alert.training_id, **alert.model_dump())
+                                training_id=alert.training_id, alert=alert.model_dump(mode="json"))
         for alert in resolved:
             await self._store(alert, is_open=False)
             await self.ctx.emit("alert_resolved", f"resolved: {alert.message}",
-                                training_id=alert.training_id, **alert.model_dump())
+                                training_id=alert.training_id, alert=alert.model_dump(mode="json"))
         still_open = [a for k, a in open_alerts.items() if k not in {r.key for r in resolved}] + raised
         for severity in ("info", "warning", "critical"):
             ALERTS_OPEN.labels(severity).set(sum(1 for a in still_open if a.severity == severity))

@@ -1,0 +1,28 @@
+"""The round protocol end to end inside one event loop, against a real valkey-server."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from federated_learning.protocol.keys import Keys
+from federated_learning.protocol.messages import RoundMetrics, VersionRecord
+from tests.integration.conftest import digits_config, start_training, wait_for_status
+
+
+async def test_training_runs_all_rounds_and_commits_one_version_per_round(redis: aioredis.Redis, system, make_agents) -> None:
+    await system.start()
+    await make_agents(6)
+    await start_training(redis, "t1", digits_config(rounds=3))
+
+    state = await wait_for_status(redis, "t1", {"completed", "failed"})
+
+    assert state.status == "completed", state.reason
+    keys = Keys()
+    versions = sorted(VersionRecord.model_validate_json(v).version
+                      for v in (await redis.hgetall(keys.versions("t1"))).values())
+    assert versions == [0, 1, 2, 3]
+    metrics = [RoundMetrics.model_validate_json(m) for m in await redis.lrange(keys.training_metrics("t1"), 0, -1)]
+    assert [m.round for m in metrics] == [1, 2, 3]
+    assert all(m.participants >= 2 for m in metrics)
+    assert state.final_evaluation is not None
+    assert state.final_evaluation.accuracy > metrics[0].eval_accuracy
