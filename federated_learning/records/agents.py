@@ -27,8 +27,13 @@ class AgentRegistry:
         self._keys = keys
         self.heartbeat_timeout_s = heartbeat_timeout_s
 
-    async def apply(self, message: AgentJoined | Heartbeat | AgentLeft) -> RegistryOutcome:
-        now = time.time()
+    async def apply(self, message: AgentJoined | Heartbeat | AgentLeft, at: float | None = None) -> RegistryOutcome:
+        """Apply a join, heartbeat or leave received at ``at`` (unix seconds; default now).
+
+        Pass the stream entry's server timestamp as ``at``: liveness then does not depend
+        on how far behind the reader is, nor on the agent's clock.
+        """
+        now = time.time() if at is None else at
         if isinstance(message, AgentJoined):
             existing = await self.get(message.agent_id)
             if existing and existing.public_key and message.public_key != existing.public_key:
@@ -39,7 +44,7 @@ class AgentRegistry:
                                  joined_at=existing.joined_at if existing else now)
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self._keys.agents, message.agent_id, record.model_dump_json())
-                pipe.zadd(self._keys.agents_last_seen, {message.agent_id: now})
+                pipe.zadd(self._keys.agents_last_seen, {message.agent_id: now}, gt=True)
                 await pipe.execute()
             sizes = ", ".join(f"{k}={v}" for k, v in message.datasets.items())
             return RegistryOutcome(event="agent_joined" if existing is None else "agent_rejoined",
@@ -47,7 +52,7 @@ class AgentRegistry:
         if not await self.is_registered(message.agent_id):
             return RegistryOutcome(rejected="unknown_agent", detail=f"{message.type} before join")
         if isinstance(message, Heartbeat):
-            await self._redis.zadd(self._keys.agents_last_seen, {message.agent_id: now})
+            await self._redis.zadd(self._keys.agents_last_seen, {message.agent_id: now}, gt=True)
             return RegistryOutcome()
         await self._redis.zrem(self._keys.agents_last_seen, message.agent_id)
         return RegistryOutcome(event="agent_left", detail=message.reason or "left")
@@ -75,3 +80,8 @@ class AgentRegistry:
         since = time.time() - self.heartbeat_timeout_s
         members = await self._redis.zrangebyscore(self._keys.agents_last_seen, since, "+inf")
         return sorted(m.decode() for m in members)
+
+
+def entry_time(entry_id: bytes) -> float:
+    """The server time (unix seconds) at which a stream entry was added, from its id."""
+    return int(entry_id.split(b"-", 1)[0]) / 1000.0

@@ -19,7 +19,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from federated_learning.bus.blobs import BlobMissing
 from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
-from federated_learning.records.agents import AgentRegistry
+from federated_learning.records.agents import AgentRegistry, entry_time
 from federated_learning.coordination.rounds import RoundDecision, decide_round, summarize_notices
 from federated_learning.coordination.selection import eligible_agents, round_rng, select_agents
 from federated_learning.coordination.state import RoundPhase, TrainingState
@@ -180,13 +180,13 @@ class Coordinator:
 
     # -- agents ----------------------------------------------------------------
 
-    async def on_agent_message(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
+    async def on_agent_message(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
             message = decode_agent_message(fields)
         except MalformedMessage as exc:
             await self.ctx.reject("agents", "malformed", exc.reason)
             return
-        outcome = await self.registry.apply(message)
+        outcome = await self.registry.apply(message, at=entry_time(entry_id))
         if outcome.rejected:
             await self.ctx.reject("agents", outcome.rejected, outcome.detail,
                                   agent_id=message.agent_id)

@@ -1,0 +1,108 @@
+"""Bad input on every inbound path is rejected with a reason, counted, reported; the round goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import redis.asyncio as aioredis
+
+from federated_learning.bus.blobs import BlobStore
+from federated_learning.protocol.keys import Keys
+from federated_learning.protocol.messages import (
+    AgentJoined, Heartbeat, TaskKind, UpdateSubmitted, VersionRecord, encode,
+)
+from federated_learning.protocol.tensors import encode_layers
+from tests.integration.conftest import digits_config, start_training, wait_for_status
+
+KEYS = Keys()
+
+
+async def keep_alive(redis: aioredis.Redis, agents: list[str]) -> None:
+    while True:
+        for agent in agents:
+            await redis.xadd(KEYS.agent_stream, encode(Heartbeat(agent_id=agent)))  # type: ignore[arg-type]
+        await asyncio.sleep(0.2)
+
+
+def model(weight: np.ndarray | None = None, bias: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    return {"dense.weight": np.zeros((64, 10), np.float32) if weight is None else weight,
+            "dense.bias": np.zeros(10, np.float32) if bias is None else bias}
+
+
+async def submit(redis: aioredis.Redis, agent: str, digest: str, round_number: int = 1) -> None:
+    notice = UpdateSubmitted(kind=TaskKind.TRAIN, training_id="bad", round=round_number, attempt=1,
+                             agent_id=agent, update_digest=digest, num_examples=10,
+                             received_model_version=0)
+    await redis.xadd(KEYS.update_stream, encode(notice))  # type: ignore[arg-type]
+
+
+async def rejection_counts(redis: aioredis.Redis) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in (await redis.hgetall(KEYS.rejections)).items()}
+
+
+async def test_every_bad_update_is_rejected_and_the_round_completes(redis: aioredis.Redis, system, settings) -> None:
+    agents = [f"fake-{i}" for i in range(9)]
+    for agent in agents:
+        await redis.xadd(KEYS.agent_stream, encode(AgentJoined(agent_id=agent, datasets={"digits": 10})))  # type: ignore[arg-type]
+    beats = asyncio.create_task(keep_alive(redis, agents))
+    await system.start()
+    try:
+        await start_training(redis, "bad", digits_config(rounds=1, clients_per_round=9, min_clients=2,
+                                                         round_deadline_s=3.0))
+        state = await wait_for_status(redis, "bad", {"running"})
+        while state.phase != "collecting":
+            state = await wait_for_status(redis, "bad", {"running"})
+        assert state.selected == agents
+        blobs = BlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
+        nan = np.zeros((64, 10), np.float32)
+        nan[3, 3] = np.nan
+        await submit(redis, "fake-0", await blobs.put(encode_layers(model(weight=nan))))
+        await submit(redis, "fake-1", await blobs.put(encode_layers(model(weight=np.zeros((10, 64), np.float32)))))
+        await submit(redis, "fake-2", await blobs.put(encode_layers(model(bias=np.zeros(10, np.float64)))))
+        tampered = await blobs.put(encode_layers(model(bias=np.ones(10, np.float32))))
+        await redis.set(KEYS.blob(tampered), encode_layers(model(bias=np.full(10, 9, np.float32))))
+        await submit(redis, "fake-3", tampered)
+        oversized = "f" * 64
+        await redis.set(KEYS.blob(oversized), b"x" * (settings.max_blob_bytes + 1))
+        await submit(redis, "fake-4", oversized)
+        await submit(redis, "ghost", await blobs.put(encode_layers(model())))
+        await submit(redis, "fake-5", await blobs.put(encode_layers(model())), round_number=7)
+        await redis.xadd(KEYS.update_stream, {"m": "{not json"})
+        await submit(redis, "fake-6", await blobs.put(encode_layers(model(bias=np.full(10, 2, np.float32)))))
+        await submit(redis, "fake-7", await blobs.put(encode_layers(model(bias=np.full(10, 3, np.float32)))))
+
+        state = await wait_for_status(redis, "bad", {"completed", "failed"}, timeout_s=30)
+    finally:
+        beats.cancel()
+    events = [json.loads(fields[b"m"]) for _id, fields in await redis.xrange(KEYS.event_stream)]
+    assert state.status == "completed", "\n".join(f"{e['kind']} {e['message']}" for e in events if e["kind"] != "input_rejected")
+    counts = await rejection_counts(redis)
+    for reason in ("not_finite", "bad_shape", "bad_dtype", "hash_mismatch", "too_large",
+                   "unknown_agent", "stale_round", "malformed"):
+        assert counts.get(f"updates:{reason}") == 1, (reason, counts)
+    record = VersionRecord.model_validate_json(await redis.hget(KEYS.versions("bad"), "1"))
+    assert record.contributors == ["fake-6", "fake-7"]
+    events = [json.loads(fields[b"m"]) for _id, fields in await redis.xrange(KEYS.event_stream)]
+    reasons = {e["data"].get("reason") for e in events if e["kind"] == "input_rejected"}
+    assert {"not_finite", "bad_shape", "hash_mismatch", "stale_round", "unknown_agent"} <= reasons
+
+
+async def test_malformed_entries_on_every_service_stream_are_rejected(redis: aioredis.Redis, system) -> None:
+    await system.start()
+    streams = {
+        KEYS.control_stream: "control", KEYS.agent_stream: "agents", KEYS.version_stream: "versions",
+        KEYS.job_stream: "jobs", KEYS.aggregate_stream: "aggregates", KEYS.release_stream: "releases",
+        KEYS.event_stream: "events",
+    }
+    for stream in streams:
+        await redis.xadd(stream, {"m": '{"schema_version": 99}'})
+    for _ in range(100):
+        counts = await rejection_counts(redis)
+        if all(counts.get(f"{source}:malformed") for source in streams.values()):
+            break
+        await asyncio.sleep(0.05)
+    assert all(counts.get(f"{source}:malformed") == 1 for source in streams.values()), counts
+    for stream, group in ((KEYS.job_stream, "aggregator"), (KEYS.release_stream, "versions")):
+        assert (await redis.xpending(stream, group))["pending"] == 0
