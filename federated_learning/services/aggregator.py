@@ -134,11 +134,26 @@ def configure_numba(settings_cores: int, data_dir: Path) -> None:
     os.environ.setdefault("NUMBA_CACHE_DIR", str((data_dir / "numba-cache").resolve()))
 
 
+WARM_UP_RULES = ("fedavg", "fedavgm", "fedadam", "krum", "trimmed_mean", "median")
+
+
+def warm_up() -> None:
+    """Load the kernels (from the on-disk cache after the first start) before the first round."""
+    from federated_learning.aggregation import create_strategy
+
+    started = time.perf_counter()
+    base = [np.zeros(8, np.float32)]
+    updates = [[np.full(8, k, np.float32)] for k in range(7)]
+    for name in WARM_UP_RULES:
+        create_strategy(name).aggregate(base, updates, [1] * len(updates))
+    log.info("aggregation kernels ready in %.2fs", time.perf_counter() - started)
+
+
 async def _main(args: argparse.Namespace) -> None:
     settings = load_settings(args.config)
     setup_logging(settings.log_level, f"aggregator-{args.instance}")
     configure_numba(settings.cpu_cores, settings.data_dir)
-    from federated_learning.aggregation import configure_threads, warm_up
+    from federated_learning.aggregation import configure_threads
 
     configure_threads(settings.cpu_cores)
     warm_up()

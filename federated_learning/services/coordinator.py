@@ -263,12 +263,15 @@ class Coordinator:
             await self.ctx.reject("updates", "unknown_agent", notice.agent_id, **context)
             return
         expected_kind = TaskKind.EVALUATE if state.status is TrainingStatus.EVALUATING else TaskKind.TRAIN
-        if (state.phase is not RoundPhase.COLLECTING or notice.round != state.round
-                or notice.kind is not expected_kind):
+        closed = notice.round < state.round or (
+            notice.round == state.round and state.phase is not RoundPhase.COLLECTING)
+        if closed or notice.round != state.round or notice.kind is not expected_kind:
+            # Over-selected agents answering just after their round closed are expected.
+            just_late = closed and notice.round >= state.round - 1
             await self.ctx.reject("updates", "stale_round",
                                   f"{notice.kind.value} notice for round {notice.round}; training is in "
                                   f"round {state.round} ({state.status.value}/{state.phase.value})",
-                                  **context)
+                                  severity=Severity.INFO if just_late else Severity.WARNING, **context)
             return
         if notice.agent_id not in state.selected:
             await self.ctx.reject("updates", "not_selected",

@@ -75,13 +75,15 @@ class ServiceContext:
         await self.redis.xadd(self.keys.event_stream, encode(event),  # type: ignore[arg-type]
                               maxlen=EVENT_STREAM_MAXLEN, approximate=True)
 
-    async def reject(self, source: str, reason: str, detail: str, **context: object) -> None:
+    async def reject(self, source: str, reason: str, detail: str, *,
+                     severity: Severity = Severity.WARNING, **context: object) -> None:
         """Count a rejected input, and report it as an event; nothing else is disturbed."""
         REJECTED.labels(self.service, source, reason).inc()
         await self.redis.hincrby(self.keys.rejections, f"{source}:{reason}", 1)
-        log.warning("rejected input from %s (%s): %s %s", source, reason, detail, context or "")
+        log.log(logging.INFO if severity is Severity.INFO else logging.WARNING,
+                "rejected input from %s (%s): %s %s", source, reason, detail, context or "")
         await self.emit("input_rejected", f"{source}: {reason}: {detail}",
-                        severity=Severity.WARNING,
+                        severity=severity,
                         training_id=_str_or_none(context.pop("training_id", None)),
                         round=_int_or_none(context.pop("round", None)),
                         agent_id=_str_or_none(context.pop("agent_id", None)),

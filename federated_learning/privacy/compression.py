@@ -1,0 +1,283 @@
+"""Update compression: top-k / random-k sparsification, 8- and 4-bit stochastic quantization.
+
+Sources: top-k with error feedback, Stich, Cordonnier and Jaggi, "Sparsified SGD with
+Memory", 2018, arXiv:1809.07599, and Karimireddy et al., "Error Feedback Fixes SignSGD and
+other Gradient Compression Schemes", 2019, arXiv:1901.09847; unbiased stochastic
+quantization, Alistarh et al., "QSGD", 2017, arXiv:1610.02132 (here with a per-block
+min/step grid instead of QSGD's norm scaling).
+
+An update (list of layers) is compressed as one flat vector. The encoded form holds only
+numpy arrays (`CompressedUpdate.to_tensors`), so it can travel as safetensors, never pickle:
+sparse forms keep uint32 indices and float32 values, quantized forms keep uint8 codes
+(two 4-bit codes per byte) with a float32 minimum and step per block.
+
+Order with differential privacy: clip, then compress, then noise.
+1. The agent clips its update to C first: clipping fixes the sensitivity the accountant
+   assumes, and must see the update the agent actually computed.
+2. It compresses the clipped update (adding its error-feedback residual).
+3. Noise comes last, on what is released: the server decompresses, re-clips each update
+   to C with `clip_l2` (a no-op for top-k of a clipped vector; needed because the residual
+   and unbiased quantization can raise the L2 norm above C), sums, and adds the central
+   noise. Under local DP the agent adds its noise to the decompressed vector, so noise
+   is calibrated to C and never itself compressed away.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from federated_learning.privacy.layers import Layers, flatten, shapes_of, unflatten
+
+DEFAULT_BLOCK_SIZE = 1024
+"""Coordinates per quantization block; each block costs 8 bytes of minimum and step."""
+
+_DENSE_BYTES_PER_VALUE = 4
+
+
+class CompressionMethod(enum.IntEnum):
+    """How an update was encoded; the integer is stored in the tensors."""
+
+    TOP_K = 1
+    RANDOM_K = 2
+    QUANTIZE_8 = 3
+    QUANTIZE_4 = 4
+
+
+_SPARSE = (CompressionMethod.TOP_K, CompressionMethod.RANDOM_K)
+_BITS = {CompressionMethod.QUANTIZE_8: 8, CompressionMethod.QUANTIZE_4: 4}
+
+
+@dataclass(frozen=True)
+class CompressedUpdate:
+    """A compressed update: method, layer shapes and the payload arrays.
+
+    Payload arrays by method: sparse -> "indices" (uint32, ascending), "values" (float32);
+    quantized -> "codes" (uint8), "minimum" and "step" (float32, one per block).
+    """
+
+    method: CompressionMethod
+    shapes: tuple[tuple[int, ...], ...]
+    arrays: Mapping[str, NDArray[np.generic]]
+    block_size: int = 0
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "size", sum(int(np.prod(shape, dtype=np.int64)) for shape in self.shapes)
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the payload arrays (layer shapes excluded: a dense upload needs them too)."""
+        return sum(int(array.nbytes) for array in self.arrays.values())
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes of the same update as dense float32."""
+        return _DENSE_BYTES_PER_VALUE * self.size
+
+    def get_ratio(self) -> float:
+        """Compression ratio: dense float32 bytes / compressed bytes (4.0 for 8-bit codes)."""
+        return self.dense_nbytes / self.nbytes if self.nbytes else math.inf
+
+    def bytes_saved(self) -> int:
+        """Dense float32 bytes minus compressed bytes."""
+        return self.dense_nbytes - self.nbytes
+
+    def to_tensors(self) -> dict[str, NDArray[np.generic]]:
+        """Flat name -> array mapping, ready for `safetensors.numpy.save`."""
+        tensors: dict[str, NDArray[np.generic]] = {
+            "method": np.array([int(self.method)], dtype=np.uint8),
+            "block_size": np.array([self.block_size], dtype=np.int64),
+            "shape_ndims": np.array([len(shape) for shape in self.shapes], dtype=np.int64),
+            "shape_dims": np.array([d for shape in self.shapes for d in shape], dtype=np.int64),
+        }
+        tensors.update({f"payload.{name}": np.ascontiguousarray(array)
+                        for name, array in self.arrays.items()})
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, NDArray[np.generic]]) -> CompressedUpdate:
+        """Inverse of `to_tensors`."""
+        method = CompressionMethod(int(tensors["method"][0]))
+        dims = [int(d) for d in tensors["shape_dims"]]
+        shapes: list[tuple[int, ...]] = []
+        for ndim in (int(n) for n in tensors["shape_ndims"]):
+            shapes.append(tuple(dims[:ndim]))
+            dims = dims[ndim:]
+        arrays = {name.removeprefix("payload."): array for name, array in tensors.items()
+                  if name.startswith("payload.")}
+        return cls(method, tuple(shapes), arrays, int(tensors["block_size"][0]))
+
+
+Compressor = Callable[[Layers], CompressedUpdate]
+
+
+def keep_count(num_values: int, fraction: float) -> int:
+    """How many of num_values coordinates a sparsifier keeping `fraction` of them keeps (>= 1)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"kept fraction must be in (0, 1]; got {fraction}")
+    return max(1, min(num_values, round(num_values * fraction)))
+
+
+def _sparse(method: CompressionMethod, layers: Layers, indices: NDArray[np.integer],
+            values: NDArray[np.floating]) -> CompressedUpdate:
+    order = np.argsort(indices, kind="stable")
+    return CompressedUpdate(
+        method, tuple(shapes_of(layers)),
+        {"indices": indices[order].astype(np.uint32), "values": values[order].astype(np.float32)},
+    )
+
+
+def _check_k(k: int, size: int) -> None:
+    if size >= 2**32:
+        raise ValueError(f"sparse updates index with uint32; update has {size} values")
+    if not 1 <= k <= size:
+        raise ValueError(f"k must be in [1, {size}]; got {k}")
+
+
+def top_k(layers: Layers, k: int) -> CompressedUpdate:
+    """Keep the k coordinates of largest magnitude (ties broken arbitrarily)."""
+    flat = flatten(layers)
+    _check_k(k, flat.size)
+    indices = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:]
+    return _sparse(CompressionMethod.TOP_K, layers, indices, flat[indices])
+
+
+def random_k(
+    layers: Layers, k: int, rng: np.random.Generator, *, unbiased: bool = False
+) -> CompressedUpdate:
+    """Keep k coordinates chosen uniformly without replacement.
+
+    With unbiased=True kept values are scaled by d/k so the decompressed vector's
+    expectation is the input (higher variance); the default keeps them as they are, the
+    contractive form meant for error feedback.
+    """
+    flat = flatten(layers)
+    _check_k(k, flat.size)
+    indices = rng.choice(flat.size, size=k, replace=False)
+    values = flat[indices] * (np.float32(flat.size / k) if unbiased else np.float32(1.0))
+    return _sparse(CompressionMethod.RANDOM_K, layers, indices, values)
+
+
+def _block_grid(
+    blocks: NDArray[np.float64], levels: int
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Per-block float32 (minimum, step) whose grid minimum + [0, levels] * step covers the block.
+
+    The minimum is rounded down and the step up in float32, so every value maps into
+    [0, levels] and stochastic rounding needs no clamping, which would bias it.
+    """
+    lowest = blocks.min(axis=1)
+    minimum = lowest.astype(np.float32)
+    below = minimum.astype(np.float64) > lowest
+    minimum[below] = np.nextafter(minimum[below], np.float32(-np.inf))
+    span = blocks.max(axis=1) - minimum.astype(np.float64)
+    step = (span / levels).astype(np.float32)
+    short = minimum.astype(np.float64) + levels * step.astype(np.float64) < blocks.max(axis=1)
+    step[short] = np.nextafter(step[short], np.float32(np.inf))
+    return minimum, step
+
+
+def quantize(
+    layers: Layers, bits: int, rng: np.random.Generator, block_size: int = DEFAULT_BLOCK_SIZE
+) -> CompressedUpdate:
+    """Unbiased stochastic quantization to 2**bits levels per block of block_size values.
+
+    With t = (x - min) / step in [0, L], L = 2**bits - 1, the code is floor(t) + 1 with
+    probability t - floor(t), else floor(t); decoded min + code * step has expectation x.
+    bits is 8 (one code per byte) or 4 (two codes per byte, low nibble first).
+    """
+    method = {8: CompressionMethod.QUANTIZE_8, 4: CompressionMethod.QUANTIZE_4}.get(bits)
+    if method is None:
+        raise ValueError(f"quantization bits must be 8 or 4; got {bits}")
+    if block_size < 1:
+        raise ValueError(f"block size must be >= 1; got {block_size}")
+    flat = flatten(layers, np.float64)
+    if not np.isfinite(flat).all():
+        raise ValueError("cannot quantize an update with NaN or infinite values")
+    levels = 2**bits - 1
+    num_blocks = max(1, -(-flat.size // block_size))
+    padded = np.pad(flat, (0, num_blocks * block_size - flat.size), mode="edge") \
+        if flat.size else np.zeros(block_size)
+    blocks = padded.reshape(num_blocks, block_size)
+    minimum, step = _block_grid(blocks, levels)
+    safe_step = np.where(step > 0, step, 1.0).astype(np.float64)[:, None]
+    scaled = (blocks - minimum.astype(np.float64)[:, None]) / safe_step
+    lower = np.floor(scaled)
+    # float64 rounding can put a block's maximum a hair above `levels`; clamp that case only.
+    codes = np.minimum(lower + (rng.random(scaled.shape) < scaled - lower), levels)
+    codes = codes.astype(np.uint8)
+    codes = codes.ravel()[: flat.size]
+    if bits == 4:
+        codes = np.pad(codes, (0, codes.size % 2))
+        codes = codes[0::2] | (codes[1::2] << 4)
+    return CompressedUpdate(
+        method, tuple(shapes_of(layers)),
+        {"codes": codes, "minimum": minimum, "step": step}, block_size,
+    )
+
+
+def _unpack_codes(compressed: CompressedUpdate) -> NDArray[np.uint8]:
+    codes = np.asarray(compressed.arrays["codes"], dtype=np.uint8)
+    if compressed.method == CompressionMethod.QUANTIZE_4:
+        codes = np.stack([codes & 0x0F, codes >> 4], axis=1).ravel()
+    return codes[: compressed.size]
+
+
+def decompress(compressed: CompressedUpdate) -> list[NDArray[np.float32]]:
+    """Dense float32 layers of the original shapes."""
+    flat = np.zeros(compressed.size, dtype=np.float32)
+    if compressed.method in _SPARSE:
+        indices = np.asarray(compressed.arrays["indices"], dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= compressed.size):
+            raise ValueError(f"sparse indices must be in [0, {compressed.size})")
+        flat[indices] = compressed.arrays["values"]
+    else:
+        codes = _unpack_codes(compressed)
+        block = np.arange(compressed.size) // compressed.block_size
+        minimum = np.asarray(compressed.arrays["minimum"], dtype=np.float64)
+        step = np.asarray(compressed.arrays["step"], dtype=np.float64)
+        flat = (minimum[block] + codes * step[block]).astype(np.float32)
+    return [np.asarray(layer, dtype=np.float32) for layer in unflatten(flat, compressed.shapes)]
+
+
+class ErrorFeedback:
+    """Per-agent residual memory: what compression dropped is added to the next update.
+
+    compress: corrected = update + residual; sent = compressor(corrected);
+    residual <- corrected - decompress(sent).
+    """
+
+    def __init__(self) -> None:
+        self._residuals: dict[str, NDArray[np.float32]] = {}
+
+    def compress(self, agent_id: str, layers: Layers, compressor: Compressor) -> CompressedUpdate:
+        """Compress layers plus this agent's residual, and keep the new residual."""
+        flat = flatten(layers)
+        residual = self._residuals.get(agent_id)
+        if residual is not None:
+            if residual.size != flat.size:
+                raise ValueError(
+                    f"agent '{agent_id}' update has {flat.size} values; its residual has "
+                    f"{residual.size} (model changed shape? call reset first)"
+                )
+            flat = flat + residual
+        sent = compressor(unflatten(flat, shapes_of(layers)))
+        self._residuals[agent_id] = flat - flatten(decompress(sent))
+        return sent
+
+    def residual(self, agent_id: str) -> NDArray[np.float32] | None:
+        """The agent's residual as a flat float32 vector; None before its first update."""
+        residual = self._residuals.get(agent_id)
+        return None if residual is None else residual.copy()
+
+    def reset(self, agent_id: str) -> None:
+        """Forget the agent's residual (e.g. when the model architecture changes)."""
+        self._residuals.pop(agent_id, None)

@@ -1,0 +1,48 @@
+"""The whole system as separate processes: training, metrics endpoints, WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import websockets
+
+from tests.e2e.conftest import Deployment, training_body, wait_status
+
+
+async def test_ten_agents_train_three_rounds_through_the_deployed_processes(deployment: Deployment, agents) -> None:
+    ws_url = deployment.dashboard_url.replace("http", "ws") + "/ws/e2e-test"
+    async with websockets.connect(ws_url) as socket, httpx.AsyncClient(base_url=deployment.dashboard_url) as http:
+        await socket.send(json.dumps({"action": "subscribe", "training_id": "*"}))
+        assert json.loads(await socket.recv())["type"] == "subscribed"
+        response = await http.post("/api/training/start", json=training_body(3))
+        assert response.status_code == 202
+        training_id = response.json()["training_id"]
+
+        pushed: list[dict] = []
+        async def collect() -> None:
+            while True:
+                pushed.append(json.loads(await socket.recv()))
+        collector = asyncio.create_task(collect())
+        status = await wait_status(http, training_id, {"completed", "failed"})
+        await asyncio.sleep(0.3)
+        collector.cancel()
+
+        assert status["status"] == "completed", status["reason"]
+        metrics = (await http.get(f"/api/training/{training_id}/metrics")).json()
+        assert [m["round"] for m in metrics] == [1, 2, 3]
+        assert status["final_evaluation"]["accuracy"] > metrics[0]["eval_accuracy"] + 0.2
+        versions = (await http.get(f"/api/training/{training_id}/versions")).json()
+        assert [v["version"] for v in versions] == [0, 1, 2, 3]
+        model = await http.get(f"/api/training/{training_id}/versions/3/model")
+        assert model.headers["x-model-sha256"] == versions[3]["model_digest"]
+
+        types = [p["type"] for p in pushed]
+        assert types.count("round_completed") == 3
+        assert "metric_update" in types and "training_completed" in types
+
+        for service, records in deployment.health()["services"].items():
+            port = records[0]["metrics_port"]
+            text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+            assert "fl_" in text and "process_cpu_seconds_total" in text, service

@@ -1,0 +1,194 @@
+"""Sparsification, stochastic quantization, error feedback and the tensor encoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import load, save
+
+from federated_learning.privacy.compression import (
+    CompressedUpdate,
+    CompressionMethod,
+    ErrorFeedback,
+    decompress,
+    keep_count,
+    quantize,
+    random_k,
+    top_k,
+)
+
+
+def _layers(seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(30, 40)).astype(np.float32), rng.normal(size=7).astype(np.float32)]
+
+
+def test_top_k_keeps_the_largest_magnitudes() -> None:
+    layers = [np.array([0.1, -5.0, 0.2], dtype=np.float32), np.array([[3.0, -0.3]], np.float32)]
+
+    compressed = top_k(layers, 2)
+
+    restored = decompress(compressed)
+    np.testing.assert_array_equal(restored[0], [0.0, -5.0, 0.0])
+    np.testing.assert_array_equal(restored[1], [[3.0, 0.0]])
+    np.testing.assert_array_equal(compressed.arrays["indices"], np.array([1, 3], np.uint32))
+
+
+def test_top_k_with_all_values_is_lossless() -> None:
+    layers = _layers()
+
+    restored = decompress(top_k(layers, 1207))
+
+    for original, back in zip(layers, restored, strict=True):
+        np.testing.assert_array_equal(original, back)
+
+
+def test_random_k_keeps_k_original_values() -> None:
+    layers = _layers()
+    flat = np.concatenate([layer.ravel() for layer in layers])
+
+    compressed = random_k(layers, 100, np.random.default_rng(1))
+
+    indices = compressed.arrays["indices"]
+    assert len(set(indices.tolist())) == 100
+    np.testing.assert_array_equal(compressed.arrays["values"], flat[indices])
+
+
+def test_unbiased_random_k_is_unbiased() -> None:
+    layers = [np.linspace(-1, 1, 20, dtype=np.float32)]
+    rng = np.random.default_rng(2)
+
+    mean = np.mean([decompress(random_k(layers, 5, rng, unbiased=True))[0]
+                    for _ in range(4000)], axis=0)
+
+    np.testing.assert_allclose(mean, layers[0], atol=0.1)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_stochastic_quantization_is_unbiased(bits: int) -> None:
+    layers = [np.random.default_rng(3).normal(size=300).astype(np.float32)]
+    rng = np.random.default_rng(4)
+    draws = 3000
+
+    decoded = np.array([decompress(quantize(layers, bits, rng, block_size=64))[0]
+                        for _ in range(draws)])
+
+    step = np.repeat(quantize(layers, bits, rng, block_size=64).arrays["step"], 64)[:300]
+    max_std_of_mean = (step / 2) / np.sqrt(draws)
+    assert np.all(np.abs(decoded.mean(axis=0) - layers[0]) < 5 * max_std_of_mean)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantization_error_is_within_one_step(bits: int) -> None:
+    layers = _layers()
+    compressed = quantize(layers, bits, np.random.default_rng(5), block_size=128)
+
+    restored = decompress(compressed)
+
+    flat = np.concatenate([layer.ravel() for layer in layers])
+    back = np.concatenate([layer.ravel() for layer in restored])
+    step = np.repeat(compressed.arrays["step"], 128)[: flat.size]
+    assert np.all(np.abs(back - flat) <= step * (1 + 1e-5))
+    assert [layer.shape for layer in restored] == [(30, 40), (7,)]
+
+
+def test_constant_block_quantizes_exactly() -> None:
+    layers = [np.full(10, 0.75, dtype=np.float32)]
+
+    restored = decompress(quantize(layers, 4, np.random.default_rng(0)))
+
+    np.testing.assert_array_equal(restored[0], layers[0])
+
+
+def test_ratios_and_bytes_saved_count_the_payload() -> None:
+    layers = [np.zeros(4096, dtype=np.float32)]
+    rng = np.random.default_rng(0)
+
+    q8 = quantize(layers, 8, rng, block_size=1024)
+    q4 = quantize(layers, 4, rng, block_size=1024)
+    sparse = top_k(layers, 41)
+
+    assert q8.nbytes == 4096 + 4 * 8 and q4.nbytes == 2048 + 4 * 8
+    assert q8.get_ratio() == pytest.approx(16384 / 4128)
+    assert q4.get_ratio() == pytest.approx(16384 / 2080)
+    assert sparse.nbytes == 41 * 8 and sparse.bytes_saved() == 16384 - 328
+    assert sparse.dense_nbytes == 16384
+
+
+def test_four_bit_codes_pack_two_per_byte_with_odd_length() -> None:
+    layers = [np.arange(9, dtype=np.float32)]
+
+    compressed = quantize(layers, 4, np.random.default_rng(0), block_size=16)
+
+    assert compressed.arrays["codes"].dtype == np.uint8
+    assert compressed.arrays["codes"].size == 5
+    np.testing.assert_allclose(decompress(compressed)[0], layers[0], atol=9 / 15 + 1e-6)
+
+
+@pytest.mark.parametrize("method", list(CompressionMethod))
+def test_encoding_round_trips_through_safetensors(method: CompressionMethod) -> None:
+    layers = _layers()
+    rng = np.random.default_rng(6)
+    compressed = {
+        CompressionMethod.TOP_K: lambda: top_k(layers, 50),
+        CompressionMethod.RANDOM_K: lambda: random_k(layers, 50, rng),
+        CompressionMethod.QUANTIZE_8: lambda: quantize(layers, 8, rng),
+        CompressionMethod.QUANTIZE_4: lambda: quantize(layers, 4, rng),
+    }[method]()
+
+    restored = CompressedUpdate.from_tensors(load(save(compressed.to_tensors())))
+
+    assert restored.method == method and restored.shapes == ((30, 40), (7,))
+    for a, b in zip(decompress(compressed), decompress(restored), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_error_feedback_keeps_what_compression_dropped() -> None:
+    feedback = ErrorFeedback()
+    update = [np.array([1.0, 0.5, 0.25, 0.1], dtype=np.float32)]
+
+    first = feedback.compress("agent-1", update, lambda layers: top_k(layers, 1))
+
+    np.testing.assert_array_equal(decompress(first)[0], [1.0, 0, 0, 0])
+    assert feedback.residual("agent-1") == pytest.approx([0.0, 0.5, 0.25, 0.1])
+    second = feedback.compress("agent-1", update, lambda layers: top_k(layers, 1))
+    np.testing.assert_array_equal(decompress(second)[0], [1.0, 0, 0, 0])
+    assert feedback.residual("agent-1") == pytest.approx([0.0, 1.0, 0.5, 0.2])
+    third = feedback.compress("agent-1", update, lambda layers: top_k(layers, 1))
+    np.testing.assert_array_equal(decompress(third)[0], [0, 1.5, 0, 0])
+    assert feedback.residual("agent-2") is None
+
+
+def test_error_feedback_loses_nothing_over_rounds() -> None:
+    feedback = ErrorFeedback()
+    rng = np.random.default_rng(8)
+    updates = [[rng.normal(size=200).astype(np.float32)] for _ in range(30)]
+
+    sent = [decompress(feedback.compress("a", u, lambda layers: top_k(layers, 10)))[0]
+            for u in updates]
+
+    residual = feedback.residual("a")
+    assert residual is not None
+    np.testing.assert_allclose(np.sum(sent, axis=0) + residual,
+                               np.sum([u[0] for u in updates], axis=0), atol=1e-4)
+
+
+def test_error_feedback_refuses_a_shape_change_until_reset() -> None:
+    feedback = ErrorFeedback()
+    feedback.compress("a", [np.ones(4, np.float32)], lambda layers: top_k(layers, 1))
+
+    with pytest.raises(ValueError, match="residual has 4"):
+        feedback.compress("a", [np.ones(5, np.float32)], lambda layers: top_k(layers, 1))
+    feedback.reset("a")
+    feedback.compress("a", [np.ones(5, np.float32)], lambda layers: top_k(layers, 1))
+
+
+def test_keep_count_and_bad_parameters() -> None:
+    assert keep_count(1000, 0.01) == 10
+    assert keep_count(10, 0.001) == 1
+    with pytest.raises(ValueError, match="kept fraction must be in \\(0, 1\\]; got 1.5"):
+        keep_count(10, 1.5)
+    with pytest.raises(ValueError, match="k must be in \\[1, 1207\\]; got 0"):
+        top_k(_layers(), 0)
+    with pytest.raises(ValueError, match="bits must be 8 or 4; got 2"):
+        quantize(_layers(), 2, np.random.default_rng(0))
