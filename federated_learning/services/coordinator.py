@@ -202,6 +202,7 @@ class Coordinator:
                                      state.config.dataset)
         if round_number != state.round:
             state.selected, state.responded, state.dropped, state.retries = [], [], [], 0
+            state.attempt = 0
         state.round = round_number
         accepted = await self.redis.hlen(self.keys.round_updates(state.training_id, round_number))
         if not evaluating and len(candidates) < state.min_clients:
