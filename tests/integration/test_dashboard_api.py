@@ -1,0 +1,98 @@
+"""The dashboard's REST API over a real valkey-server (ASGI in-process)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from federated_learning.dashboard.live import Subscriber, to_pushes
+from federated_learning.dashboard.main import create_app
+from federated_learning.protocol.keys import Keys
+from federated_learning.protocol.messages import Event, StartTraining, decode
+from federated_learning.services.runtime import ServiceContext
+from tests.integration.conftest import digits_config, start_training, wait_for_status
+
+KEYS = Keys()
+BODY = {"dataset": "digits", "model": {"trainer": "softmax", "num_features": 64, "num_classes": 10},
+        "rounds": 2}
+
+
+@pytest.fixture
+async def http(redis: aioredis.Redis, settings) -> AsyncIterator[httpx.AsyncClient]:
+    ctx = ServiceContext(redis=redis, settings=settings, service="dashboard", instance="0")
+    app = create_app(ctx)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        yield client
+
+
+async def test_start_puts_a_validated_command_on_the_control_stream(http: httpx.AsyncClient, redis: aioredis.Redis) -> None:
+    response = await http.post("/api/training/start", json={**BODY, "training_id": "abc"})
+    assert response.status_code == 202
+    assert response.json()["training_id"] == "abc"
+    [(_id, fields)] = await redis.xrange(KEYS.control_stream)
+    command = decode(StartTraining, fields)
+    assert command.training_id == "abc" and command.config.rounds == 2
+
+
+@pytest.mark.parametrize("body", [
+    {**BODY, "rounds": 0},
+    {**BODY, "model": {"trainer": "cnn", "num_features": 64, "num_classes": 10}},
+    {**BODY, "min_clients": 9, "clients_per_round": 3},
+    {**BODY, "surprise": 1},
+    {"dataset": "digits"},
+])
+async def test_invalid_start_body_is_rejected_counted_and_changes_nothing(
+        http: httpx.AsyncClient, redis: aioredis.Redis, body: dict) -> None:
+    response = await http.post("/api/training/start", json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"]
+    assert await redis.xlen(KEYS.control_stream) == 0
+    assert int(await redis.hget(KEYS.rejections, "rest:invalid_body")) == 1
+
+
+async def test_unknown_training_is_404(http: httpx.AsyncClient) -> None:
+    for path in ("/api/training/nope/status", "/api/training/nope/metrics", "/api/training/nope/versions"):
+        response = await http.get(path)
+        assert response.status_code == 404
+        assert "no training 'nope'" in response.json()["detail"]
+    assert (await http.post("/api/training/nope/stop")).status_code == 404
+
+
+async def test_status_metrics_and_model_of_a_finished_training(
+        http: httpx.AsyncClient, redis: aioredis.Redis, system, make_agents) -> None:
+    await system.start()
+    await make_agents(4)
+    await start_training(redis, "done", digits_config(rounds=2))
+    await wait_for_status(redis, "done", {"completed"})
+
+    status = (await http.get("/api/training/done/status")).json()
+    assert status["status"] == "completed" and status["current_version"] == 2
+    assert [m["round"] for m in (await http.get("/api/training/done/metrics")).json()] == [1, 2]
+    model = await http.get("/api/training/done/versions/2/model")
+    assert model.status_code == 200 and model.headers["content-type"] == "application/octet-stream"
+    agents = (await http.get("/api/agents")).json()
+    assert len(agents) == 4 and all(a["alive"] for a in agents)
+    assert (await http.get("/api/health")).json()["status"] == "ok"
+
+
+async def test_page_and_assets_are_served_locally(http: httpx.AsyncClient) -> None:
+    page = await http.get("/")
+    assert page.status_code == 200 and "<canvas" in page.text
+    assert "http" not in page.text.replace("http-equiv", "")  # no CDN
+    assert (await http.get("/static/app.js")).status_code == 200
+
+
+def test_round_completed_becomes_round_and_metric_pushes() -> None:
+    event = Event(kind="round_completed", source="coordinator", training_id="t", round=3,
+                  data={"eval_accuracy": 0.9, "version": 3})
+    assert [p["type"] for p in to_pushes(event)] == ["round_completed", "metric_update"]
+
+
+def test_slow_subscriber_drops_instead_of_blocking() -> None:
+    subscriber = Subscriber("slow")
+    for _ in range(subscriber.queue.maxsize + 5):
+        subscriber.offer({"type": "x"})
+    assert subscriber.dropped == 5
