@@ -32,6 +32,8 @@ class TrainingState(BaseModel):
     clients_per_round: int
     round_deadline_s: float
     privacy_level: str
+    clip_norm: float | None = None
+    """L2 bound of each agent's update (agents clip to it); set when the privacy level needs it."""
 
     layer_spec: dict[str, tuple[tuple[int, ...], str]] = Field(default_factory=dict)
     current_version: int | None = None

@@ -13,12 +13,14 @@ depend on the agents, so the conservative bound is the honest one.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from federated_learning.coordination.state import TrainingState
+from federated_learning.privacy.accountant import PrivacyAccountant, compute_noise_multiplier
+from federated_learning.privacy.levels import PrivacyLevel, privacy_targets
+from federated_learning.privacy.mechanisms import add_gaussian_noise, secure_rng
 from federated_learning.protocol.messages import AggregateReady, PrivacyReport
 from federated_learning.types import NamedLayers
 
@@ -37,9 +39,12 @@ class ReleasePlan:
     alerts: list[str] = field(default_factory=list)
 
 
-def _system_rng() -> np.random.Generator:
-    # Noise that protects people must not be predictable: seed from the OS.
-    return np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+def clip_norm_for(level: str, requested: float | None) -> float | None:
+    """The clipping bound agents apply: the training's own, else the level's (None without DP)."""
+    targets = privacy_targets(PrivacyLevel(level))
+    if not targets.enabled:
+        return requested
+    return requested if requested is not None else targets.clip_norm
 
 
 def plan_release(state: TrainingState, layers: NamedLayers, ready: AggregateReady,
@@ -50,10 +55,6 @@ def plan_release(state: TrainingState, layers: NamedLayers, ready: AggregateRead
         return ReleasePlan(PrivacyReport(
             level="none", mechanism="none",
             note="privacy level 'none': released without noise, no budget charged"))
-    from federated_learning.privacy.accountant import PrivacyAccountant, compute_noise_multiplier
-    from federated_learning.privacy.levels import PrivacyLevel, privacy_targets
-    from federated_learning.privacy.mechanisms import add_gaussian_noise
-
     target = privacy_targets(PrivacyLevel(level))
     if budget_json is None:
         accountant = PrivacyAccountant(target.epsilon, target.delta)
@@ -65,11 +66,12 @@ def plan_release(state: TrainingState, layers: NamedLayers, ready: AggregateRead
             f"privacy budget exhausted: epsilon spent {accountant.get_epsilon():.3f} of "
             f"{target.epsilon}; one more release would exceed it")
     spent = accountant.step(noise_multiplier, 1.0)
-    clip = state.config.local.clip_norm or target.clip_norm
-    weights = [ref for ref in ready.contributors]
-    sensitivity = clip / max(len(weights), 1)
+    clip = state.clip_norm or target.clip_norm
+    assert clip is not None
+    # One agent moves the example-weighted mean by at most clip * n_k / sum(n).
+    sensitivity = clip * ready.max_client_examples / max(ready.num_examples, 1)
     std = noise_multiplier * sensitivity
-    noised = add_gaussian_noise(list(layers.values()), std, rng or _system_rng())
+    noised = add_gaussian_noise(list(layers.values()), std, rng or secure_rng())
     alerts = []
     if spent >= BUDGET_WARNING_FRACTION * target.epsilon:
         alerts.append(f"privacy budget {spent / target.epsilon:.0%} spent "

@@ -240,6 +240,7 @@ class AggregateReady(Message):
     state_digest: Digest | None = None
     contributors: list[Identifier]
     num_examples: int = Field(ge=0)
+    max_client_examples: int = Field(default=0, ge=0)
     aggregation_seconds: FiniteFloat = Field(ge=0)
     update_norm_mean: FiniteFloat = Field(default=0.0, ge=0)
     worker: str = ""

@@ -124,7 +124,8 @@ class Aggregator:
             training_id=job.training_id, round=job.round, attempt=job.attempt,
             base_version=job.base_version, model_digest=model_digest, state_digest=state_digest,
             contributors=[ref.agent_id for ref in refs],
-            num_examples=sum(ref.num_examples for ref in refs), aggregation_seconds=seconds,
+            num_examples=sum(ref.num_examples for ref in refs),
+            max_client_examples=max(ref.num_examples for ref in refs), aggregation_seconds=seconds,
             worker=self.consumer.consumer,
         )
 

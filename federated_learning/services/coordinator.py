@@ -25,6 +25,7 @@ from federated_learning.coordination.selection import eligible_agents, round_rng
 from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.records.trainings import TrainingStore
 from federated_learning.models import initial_model
+from federated_learning.privacy.release import clip_norm_for
 from federated_learning.protocol.keys import GROUP_COORDINATOR
 from federated_learning.protocol.messages import (
     AggregationJob, Evaluation, MalformedMessage, ModelReleased, PrivacyReport, RoundMetrics, Severity,
@@ -101,6 +102,7 @@ class Coordinator:
             privacy_level=config.privacy_level or self.settings.default_privacy_level,
             created_at=command.requested_at,
         )
+        state.clip_norm = clip_norm_for(state.privacy_level, config.local.clip_norm)
         if state.min_clients > state.clients_per_round:
             state.status = TrainingStatus.FAILED
             state.reason = (f"min_clients ({state.min_clients}) exceeds the clients per round "
@@ -237,7 +239,8 @@ class Coordinator:
                 task = Task(kind=task_kind, training_id=state.training_id, round=round_number,
                             attempt=state.attempt, dataset=state.config.dataset,
                             model=state.config.model, model_digest=state.current_digest,
-                            model_version=state.current_version, settings=state.config.local,
+                            model_version=state.current_version,
+                            settings=state.config.local.model_copy(update={"clip_norm": state.clip_norm}),
                             deadline_at=state.deadline_at)
                 pipe.xadd(self.keys.inbox_stream(agent_id), encode(task),  # type: ignore[arg-type]
                           maxlen=INBOX_MAXLEN, approximate=True)

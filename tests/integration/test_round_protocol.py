@@ -26,3 +26,22 @@ async def test_training_runs_all_rounds_and_commits_one_version_per_round(redis:
     assert all(m.participants >= 2 for m in metrics)
     assert state.final_evaluation is not None
     assert state.final_evaluation.accuracy > metrics[0].eval_accuracy
+
+
+async def test_private_training_releases_noised_versions_and_charges_the_budget(
+        redis: aioredis.Redis, system, make_agents) -> None:
+    await system.start()
+    await make_agents(5)
+    await start_training(redis, "dp", digits_config(rounds=2, privacy_level="low"))
+
+    state = await wait_for_status(redis, "dp", {"completed", "failed"})
+
+    assert state.status == "completed", state.reason
+    assert state.clip_norm == 2.0
+    keys = Keys()
+    records = sorted((VersionRecord.model_validate_json(v) for v in (await redis.hgetall(keys.versions("dp"))).values()),
+                     key=lambda r: r.version)
+    assert [r.privacy.mechanism for r in records] == ["none", "gaussian", "gaussian"]
+    assert 0 < records[1].privacy.epsilon_spent < records[2].privacy.epsilon_spent <= 8.0
+    assert await redis.exists(keys.privacy_budget("dp"))
+    assert state.epsilon_spent == records[2].privacy.epsilon_spent
