@@ -39,9 +39,10 @@ ACCURACY = Gauge("fl_training_accuracy", "Latest federated evaluation accuracy",
 
 
 class Monitor:
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, *, startup_grace_s: float = STARTUP_GRACE_S) -> None:
         self.ctx = ctx
         self.started_at = time.time()
+        self.startup_grace_s = startup_grace_s
         self._last_check = 0.0
         self.consumer = StreamConsumer(
             ctx.redis, GROUP_MONITOR, f"monitor-{ctx.instance}",
@@ -79,7 +80,7 @@ class Monitor:
             return
         self._last_check = now
         conditions = []
-        if now - self.started_at > STARTUP_GRACE_S:
+        if now - self.started_at >= self.startup_grace_s:
             conditions += services_down(await self._alive_services())
         conditions += stalled_rounds(await self._round_observations(), now)
         open_alerts = await self._open_alerts()
