@@ -35,8 +35,9 @@ from federated_learning.deploy.launcher import deployment_file  # noqa: E402
 
 DEMO_DATA_DIR = ROOT / "data" / "demo"
 START_TIMEOUT_S = 120.0
-# Chosen with scripts/tune-demo.py (in-process FedAvg over the same split).
-DEMO_TRAINING = dict(rounds=20, clients_per_round=20, local_epochs=5, batch_size=8, learning_rate=0.1)
+# Chosen with scripts/tune-demo.py (in-process FedAvg over the same split); 20 agents per
+# round is config.json's max_clients_per_round.
+DEMO_TRAINING = dict(rounds=30, clients_per_round=20, local_epochs=10, batch_size=4, learning_rate=1.0)
 
 
 def parse_args() -> argparse.Namespace:

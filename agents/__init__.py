@@ -1,0 +1,1 @@
+"""Agents: the client runtime, built-in trainers, data splits and the simulation."""
