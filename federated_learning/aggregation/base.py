@@ -1,0 +1,306 @@
+"""Shared vocabulary of the aggregation rules: update slabs, input checks, the Strategy base.
+
+A round's updates are held as one slab per layer: ``slabs[i]`` is a C-contiguous
+``(K, d_i)`` array whose row ``k`` is layer ``i`` of client ``k`` flattened. Rules read
+the slabs in place, so aggregation needs no ``K x d`` temporaries.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from numba import njit
+from numpy.typing import NDArray
+
+Layers = list[NDArray[np.floating]]
+Slab = NDArray[np.floating]
+
+# Only reassociation: x * 0 must stay NaN for NaN/Inf x, so no nnan/ninf/nsz flags.
+REASSOCIATE = {"reassoc"}
+
+
+@njit(cache=True, nogil=True, fastmath=REASSOCIATE)
+def all_finite(values):  # type: ignore[no-untyped-def]
+    """True when no entry of a 1-D float array is NaN or Inf.
+
+    Serial on purpose: it reads O(d) values (1/K of an aggregation's input), and a
+    parallel region costs a scheduler time slice when another process holds a core.
+    x * 0 is 0 for finite x and NaN otherwise, so one vectorised sum tests every entry.
+    """
+    probe = values[0] * 0.0
+    for c in range(values.size):
+        probe += values[c] * 0.0
+    return probe == 0.0
+
+
+def is_all_finite(values: NDArray[np.generic]) -> bool:
+    """True when no entry of ``values`` (any shape) is NaN or Inf."""
+    if values.size == 0 or not np.issubdtype(values.dtype, np.floating):
+        return True
+    return bool(all_finite(np.ascontiguousarray(values).reshape(-1)))
+
+
+def slab_dtype(layer: NDArray[np.generic]) -> type[np.floating]:
+    """float64 for float64 layers, float32 for everything else."""
+    return np.float64 if layer.dtype == np.float64 else np.float32
+
+
+def allocate_slabs(global_layers: Sequence[NDArray[np.generic]], num_clients: int) -> list[Slab]:
+    """One uninitialised C-contiguous ``(num_clients, layer.size)`` slab per layer."""
+    if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)):
+        raise ValueError(f"num_clients must be an int; got {num_clients!r}")
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1; got {num_clients}")
+    return [np.empty((int(num_clients), layer.size), slab_dtype(layer)) for layer in global_layers]
+
+
+def fill_slabs(
+    slabs: Sequence[Slab], client_layers: Sequence[Sequence[NDArray[np.generic]]]
+) -> None:
+    """Copy client ``k``'s layer ``i`` into row ``k`` of ``slabs[i]``."""
+    for k, layers in enumerate(client_layers):
+        for slab, layer in zip(slabs, layers, strict=True):
+            np.copyto(slab[k], np.reshape(layer, -1), casting="same_kind")
+
+
+def check_global_layers(global_layers: Sequence[NDArray[np.generic]]) -> None:
+    """Reject an empty model, non-array layers and non-finite weights."""
+    if len(global_layers) == 0:
+        raise ValueError("global model has no layers")
+    for i, layer in enumerate(global_layers):
+        if not isinstance(layer, np.ndarray):
+            raise ValueError(f"global layer {i} is a {type(layer).__name__}, not a numpy array")
+        if not (np.issubdtype(layer.dtype, np.number) or layer.dtype == np.bool_):
+            raise ValueError(f"global layer {i} has non-numeric dtype {layer.dtype}")
+        if not is_all_finite(layer):
+            raise ValueError(f"global layer {i} contains NaN or Inf")
+
+
+def check_client_layers(
+    global_layers: Sequence[NDArray[np.generic]],
+    client_layers: Sequence[Sequence[NDArray[np.generic]]],
+) -> None:
+    """Every client sends one numeric array per global layer, of the same shape."""
+    if len(client_layers) == 0:
+        raise ValueError("no client updates to aggregate")
+    for k, layers in enumerate(client_layers):
+        if len(layers) != len(global_layers):
+            raise ValueError(
+                f"client {k} sent {len(layers)} layers; the global model has {len(global_layers)}"
+            )
+        for i, (layer, reference) in enumerate(zip(layers, global_layers, strict=True)):
+            if not isinstance(layer, np.ndarray):
+                raise ValueError(f"client {k} layer {i} is a {type(layer).__name__}, not an array")
+            if not (np.issubdtype(layer.dtype, np.number) or layer.dtype == np.bool_):
+                raise ValueError(f"client {k} layer {i} has non-numeric dtype {layer.dtype}")
+            if layer.shape != reference.shape:
+                raise ValueError(
+                    f"client {k} layer {i} has shape {layer.shape}; "
+                    f"the global layer has shape {reference.shape}"
+                )
+
+
+def check_slabs(global_layers: Sequence[NDArray[np.generic]], slabs: Sequence[Slab]) -> int:
+    """Check slab count, shapes, dtype and layout; return the number of clients K."""
+    if len(slabs) != len(global_layers):
+        raise ValueError(f"got {len(slabs)} slabs for a model of {len(global_layers)} layers")
+    num_clients = -1
+    for i, (slab, layer) in enumerate(zip(slabs, global_layers, strict=True)):
+        if not isinstance(slab, np.ndarray) or slab.ndim != 2:
+            raise ValueError(f"slab {i} must be a 2-D numpy array (clients x layer size)")
+        if slab.dtype not in (np.float32, np.float64):
+            raise ValueError(f"slab {i} has dtype {slab.dtype}; must be float32 or float64")
+        if not slab.flags.c_contiguous:
+            raise ValueError(f"slab {i} must be C-contiguous")
+        if slab.shape[1] != layer.size:
+            raise ValueError(
+                f"slab {i} holds rows of {slab.shape[1]} values; global layer {i} has {layer.size}"
+            )
+        if num_clients == -1:
+            num_clients = slab.shape[0]
+        elif slab.shape[0] != num_clients:
+            raise ValueError(f"slab {i} has {slab.shape[0]} rows; slab 0 has {num_clients}")
+    if num_clients < 1:
+        raise ValueError("no client updates to aggregate")
+    return num_clients
+
+
+def check_num_examples(num_examples: Sequence[int], num_clients: int) -> NDArray[np.int64]:
+    """Example counts: one positive int per client."""
+    if len(num_examples) != num_clients:
+        raise ValueError(f"got {len(num_examples)} example counts for {num_clients} updates")
+    for k, n in enumerate(num_examples):
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+            raise ValueError(f"client {k} example count must be an int; got {n!r}")
+        if n <= 0:
+            raise ValueError(f"client {k} example count must be > 0; got {n}")
+    return np.asarray([int(n) for n in num_examples], dtype=np.int64)
+
+
+def check_staleness(staleness: Sequence[int] | None, num_clients: int) -> NDArray[np.int64]:
+    """Staleness in model versions: one non-negative int per client; None means all fresh."""
+    if staleness is None:
+        return np.zeros(num_clients, dtype=np.int64)
+    if len(staleness) != num_clients:
+        raise ValueError(f"got {len(staleness)} staleness values for {num_clients} updates")
+    for k, s in enumerate(staleness):
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)):
+            raise ValueError(f"client {k} staleness must be an int; got {s!r}")
+        if s < 0:
+            raise ValueError(f"client {k} staleness must be >= 0; got {s}")
+    return np.asarray([int(s) for s in staleness], dtype=np.int64)
+
+
+def check_client_metrics(
+    client_metrics: Sequence[Mapping[str, float]] | None, num_clients: int
+) -> list[Mapping[str, float]] | None:
+    """One metrics mapping per client, when given."""
+    if client_metrics is None:
+        return None
+    if len(client_metrics) != num_clients:
+        raise ValueError(f"got {len(client_metrics)} client metrics for {num_clients} updates")
+    return list(client_metrics)
+
+
+def example_weights(num_examples: NDArray[np.int64]) -> NDArray[np.float64]:
+    """FedAvg weights ``n_k / sum(n)`` in float64; scaling every n_k by c changes nothing."""
+    counts = num_examples.astype(np.float64)
+    return np.asarray(counts / counts.sum(), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class UpdateBatch:
+    """A validated round of updates, as the rules see it."""
+
+    global_layers: list[NDArray[np.generic]]
+    slabs: list[Slab]
+    num_examples: NDArray[np.int64]
+    staleness: NDArray[np.int64]
+    client_metrics: list[Mapping[str, float]] | None
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.num_examples.size)
+
+
+def output_like(layer: NDArray[np.generic]) -> NDArray[np.floating]:
+    """Uninitialised flat output for a layer: float64 for float64 models, else float32."""
+    return np.empty(layer.size, slab_dtype(layer))
+
+
+def shape_like(
+    flat: Sequence[NDArray[np.floating]], layers: Sequence[NDArray[np.generic]]
+) -> Layers:
+    """Reshape flat outputs to the global layers' shapes (views, no copies)."""
+    return [out.reshape(layer.shape) for out, layer in zip(flat, layers, strict=True)]
+
+
+def raise_non_finite_input(batch: UpdateBatch, rule: str) -> None:
+    """Name the first update holding NaN/Inf; if none does, the result itself overflowed."""
+    for i, slab in enumerate(batch.slabs):
+        for k in range(slab.shape[0]):
+            if not is_all_finite(slab[k]):
+                raise ValueError(f"client {k} layer {i} contains NaN or Inf")
+    raise ValueError(f"{rule} result is not finite (float overflow); updates are too large")
+
+
+def check_real(
+    rule: str, name: str, value: object, low: float, high: float, *, low_open: bool, high_open: bool
+) -> float:
+    """A finite real hyperparameter inside an interval; the message quotes the interval."""
+    left = "(" if low_open else "["
+    right = ")" if high_open else "]"
+    interval = f"{left}{low:g}, {high:g}{right}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"{rule} {name} must be a number in {interval}; got {value!r}")
+    number = float(value)
+    too_low = number <= low if low_open else number < low
+    too_high = number >= high if high_open else number > high
+    if not math.isfinite(number) or too_low or too_high:
+        raise ValueError(f"{rule} {name} must be in {interval}; got {value!r}")
+    return number
+
+
+def check_int(rule: str, name: str, value: object, low: int) -> int:
+    """An int hyperparameter ``>= low``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{rule} {name} must be an int >= {low}; got {value!r}")
+    if value < low:
+        raise ValueError(f"{rule} {name} must be >= {low}; got {value}")
+    return int(value)
+
+
+class Strategy(ABC):
+    """An aggregation rule: client models (or gradients) in, the next global model out."""
+
+    name: ClassVar[str]
+    requires_individual_updates: ClassVar[bool] = False
+
+    def aggregate(
+        self,
+        global_layers: list[NDArray[np.generic]],
+        client_layers: list[list[NDArray[np.generic]]],
+        num_examples: list[int],
+        *,
+        client_metrics: list[dict[str, float]] | None = None,
+        staleness: list[int] | None = None,
+    ) -> Layers:
+        """Aggregate per-client layer lists; copies them into slabs once."""
+        check_global_layers(global_layers)
+        check_client_layers(global_layers, client_layers)
+        slabs = allocate_slabs(global_layers, len(client_layers))
+        fill_slabs(slabs, client_layers)
+        return self.aggregate_slabs(
+            global_layers, slabs, num_examples, client_metrics=client_metrics, staleness=staleness
+        )
+
+    def aggregate_slabs(
+        self,
+        global_layers: list[NDArray[np.generic]],
+        slabs: list[Slab],
+        num_examples: list[int],
+        *,
+        client_metrics: list[dict[str, float]] | None = None,
+        staleness: list[int] | None = None,
+    ) -> Layers:
+        """Aggregate updates already laid out as ``(K, d_i)`` slabs (see ``allocate_slabs``)."""
+        check_global_layers(global_layers)
+        num_clients = check_slabs(global_layers, slabs)
+        batch = UpdateBatch(
+            global_layers=list(global_layers),
+            slabs=list(slabs),
+            num_examples=check_num_examples(num_examples, num_clients),
+            staleness=check_staleness(staleness, num_clients),
+            client_metrics=check_client_metrics(client_metrics, num_clients),
+        )
+        self.check_batch(batch)
+        return shape_like(self.aggregate_batch(batch), batch.global_layers)
+
+    def check_batch(self, batch: UpdateBatch) -> None:
+        """Rule-specific preconditions (client counts, metrics); raise ValueError."""
+
+    @abstractmethod
+    def aggregate_batch(self, batch: UpdateBatch) -> list[NDArray[np.floating]]:
+        """Flat new global layers for a validated batch."""
+
+    def state_dict(self) -> dict[str, NDArray[np.generic]]:
+        """Server-side state to persist between rounds; empty for stateless rules."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, NDArray[np.generic]]) -> None:
+        """Restore what ``state_dict`` returned."""
+        if state:
+            raise ValueError(f"{self.name} keeps no state; got keys {sorted(state)}")
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({params})"
+
+    def params(self) -> dict[str, object]:
+        """The hyperparameters this rule was created with."""
+        return {}

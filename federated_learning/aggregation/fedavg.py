@@ -1,0 +1,167 @@
+"""FedAvg, FedProx and FedSGD, and the weighted-sum kernel the other averaging rules share.
+
+- FedAvg: McMahan et al., "Communication-Efficient Learning of Deep Networks from
+  Decentralized Data", 2016, arXiv:1602.05629. New model = sum_k (n_k / n) w_k.
+- FedProx: Li et al., "Federated Optimization in Heterogeneous Networks", 2018,
+  arXiv:1812.06127. The server side is FedAvg; ``proximal_mu`` is the weight of the
+  proximal term (mu/2)||w - w_t||^2 in each agent's local objective.
+- FedSGD (same paper as FedAvg): agents send gradients g_k; the server steps
+  w <- w - lr * sum_k (n_k / n) g_k.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from numba import njit, prange
+from numpy.typing import NDArray
+
+from .base import (
+    Slab,
+    Strategy,
+    UpdateBatch,
+    all_finite,
+    check_real,
+    example_weights,
+    output_like,
+    raise_non_finite_input,
+    slab_dtype,
+)
+
+WEIGHTED_SUM_BLOCK = 4096
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def weighted_sum_affine(slab, rows, weights, base, scale, base_coef, out):  # type: ignore[no-untyped-def]
+    """out[c] = scale * sum_j weights[j] * slab[rows[j], c] + base_coef * base[c].
+
+    slab: (K, d) float32/float64, C-contiguous; rows: (m,) int64 row indices; weights:
+    (m,) float64; base, out: (d,); base is not read when base_coef == 0. Each
+    coordinate is summed over j in order, in float64, by one thread, so the result does
+    not depend on the thread count. Returns False when an output is NaN or Inf.
+    """
+    d = slab.shape[1]
+    m = rows.size
+    num_blocks = (d + WEIGHTED_SUM_BLOCK - 1) // WEIGHTED_SUM_BLOCK
+    finite = np.ones(num_blocks, np.bool_)
+    for b in prange(num_blocks):
+        c0 = b * WEIGHTED_SUM_BLOCK
+        n = min(d, c0 + WEIGHTED_SUM_BLOCK) - c0
+        acc = np.zeros(n, np.float64)
+        j = 0
+        while j + 4 <= m:
+            r0, r1, r2, r3 = rows[j], rows[j + 1], rows[j + 2], rows[j + 3]
+            w0, w1, w2, w3 = weights[j], weights[j + 1], weights[j + 2], weights[j + 3]
+            for c in range(n):
+                acc[c] += (w0 * slab[r0, c0 + c] + w1 * slab[r1, c0 + c]) + (
+                    w2 * slab[r2, c0 + c] + w3 * slab[r3, c0 + c]
+                )
+            j += 4
+        while j < m:
+            r0 = rows[j]
+            w0 = weights[j]
+            for c in range(n):
+                acc[c] += w0 * slab[r0, c0 + c]
+            j += 1
+        if base_coef == 0.0:
+            for c in range(n):
+                out[c0 + c] = scale * acc[c]
+        else:
+            for c in range(n):
+                out[c0 + c] = scale * acc[c] + base_coef * base[c0 + c]
+        finite[b] = all_finite(out[c0 : c0 + n])
+    return finite.all()
+
+
+def flat_base(layer: NDArray[np.generic]) -> NDArray[np.floating]:
+    """The global layer as a flat float32/float64 vector (a view when it already is one)."""
+    return np.ascontiguousarray(np.reshape(layer, -1), dtype=slab_dtype(layer))
+
+
+def weighted_combination(
+    batch: UpdateBatch,
+    weights: NDArray[np.float64],
+    *,
+    scale: float = 1.0,
+    base_coef: float = 0.0,
+    rows: NDArray[np.int64] | None = None,
+    rule: str = "fedavg",
+) -> list[NDArray[np.floating]]:
+    """Per layer: ``scale * sum_j weights[j] * update[rows[j]] + base_coef * global``.
+
+    Raises ValueError when an update holds NaN/Inf: with weights > 0 (or any weight, as
+    0 * NaN is NaN) a non-finite input always reaches the output, so checking the O(d)
+    output is equivalent to checking the O(K d) inputs.
+    """
+    chosen = np.arange(batch.num_clients, dtype=np.int64) if rows is None else rows
+    outputs = []
+    for slab, layer in zip(batch.slabs, batch.global_layers, strict=True):
+        out = output_like(layer)
+        finite = weighted_sum_affine(
+            slab, chosen, weights, flat_base(layer), float(scale), float(base_coef), out
+        )
+        if not finite:
+            raise_non_finite_input(batch, rule)
+        outputs.append(out)
+    return outputs
+
+
+def fedavg(slabs: list[Slab], weights: NDArray[np.float64]) -> list[NDArray[np.floating]]:
+    """Weighted mean of every layer's rows: ``sum_k weights[k] * slabs[i][k]`` (no checks)."""
+    rows = np.arange(slabs[0].shape[0], dtype=np.int64)
+    outputs = []
+    for slab in slabs:
+        out = np.empty(slab.shape[1], slab.dtype)
+        weighted_sum_affine(slab, rows, weights, out, 1.0, 0.0, out)
+        outputs.append(out)
+    return outputs
+
+
+class FedAvg(Strategy):
+    """Example-weighted mean of the clients' models (Flower's FedAvg)."""
+
+    name: ClassVar[str] = "fedavg"
+
+    def aggregate_batch(self, batch: UpdateBatch) -> list[NDArray[np.floating]]:
+        return weighted_combination(batch, example_weights(batch.num_examples), rule=self.name)
+
+
+class FedProx(FedAvg):
+    """FedAvg on the server; ``proximal_mu`` is sent to the agents' local objective."""
+
+    name: ClassVar[str] = "fedprox"
+
+    def __init__(self, *, proximal_mu: float) -> None:
+        self.proximal_mu = check_real(
+            self.name, "proximal_mu", proximal_mu, 0.0, float("inf"), low_open=False, high_open=True
+        )
+
+    def params(self) -> dict[str, object]:
+        return {"proximal_mu": self.proximal_mu}
+
+
+class FedSGD(Strategy):
+    """Clients send gradients; the server takes one SGD step on their weighted mean."""
+
+    name: ClassVar[str] = "fedsgd"
+
+    def __init__(self, *, server_learning_rate: float = 1.0) -> None:
+        self.server_learning_rate = check_real(
+            self.name,
+            "server_learning_rate",
+            server_learning_rate,
+            0.0,
+            float("inf"),
+            low_open=True,
+            high_open=True,
+        )
+
+    def params(self) -> dict[str, object]:
+        return {"server_learning_rate": self.server_learning_rate}
+
+    def aggregate_batch(self, batch: UpdateBatch) -> list[NDArray[np.floating]]:
+        weights = example_weights(batch.num_examples)
+        return weighted_combination(
+            batch, weights, scale=-self.server_learning_rate, base_coef=1.0, rule=self.name
+        )
