@@ -69,6 +69,11 @@ class LocalTrainingSettings(BaseModel):
 
 
 PrivacyLevelName = Literal["none", "low", "medium", "high"]
+AlgorithmName = Literal[
+    "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "perffedavg",
+    "krum", "multikrum", "trimmed_mean", "median", "bulyan",
+]
+"""Aggregation rules a (synchronous) training can name; their parameters follow Flower's."""
 
 
 class TrainingConfig(BaseModel):
@@ -78,7 +83,7 @@ class TrainingConfig(BaseModel):
     name: str = Field(default="training", min_length=1, max_length=200)
     dataset: Identifier
     model: ModelSpec
-    algorithm: Literal["fedavg", "fedprox"] = "fedavg"
+    algorithm: AlgorithmName = "fedavg"
     algorithm_params: dict[str, float | int | str] = Field(default_factory=dict)
     rounds: int = Field(default=10, ge=1, le=100_000)
     min_clients: int | None = Field(default=None, ge=1)

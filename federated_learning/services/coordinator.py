@@ -103,10 +103,10 @@ class Coordinator:
             created_at=command.requested_at,
         )
         state.clip_norm = clip_norm_for(state.privacy_level, config.local.clip_norm)
-        if state.min_clients > state.clients_per_round:
+        refusal = refuse_training(state)
+        if refusal is not None:
             state.status = TrainingStatus.FAILED
-            state.reason = (f"min_clients ({state.min_clients}) exceeds the clients per round "
-                            f"({state.clients_per_round}) allowed by max_clients_per_round")
+            state.reason = refusal
             await self.store.create(state, queued=False)
             await self._emit_status(state, Severity.WARNING)
             return
@@ -476,6 +476,33 @@ class Coordinator:
             await self.ctx.emit("agent_dropped", f"agent stopped heartbeating during round {state.round}",
                                 severity=Severity.WARNING, training_id=state.training_id,
                                 round=state.round, agent_id=agent_id)
+
+
+def minimum_updates(algorithm: str, num_malicious: int) -> int:
+    """Fewest updates a round of ``algorithm`` can aggregate (Krum: 2f+3, Bulyan: 4f+3)."""
+    if algorithm in ("krum", "multikrum"):
+        return 2 * num_malicious + 3
+    if algorithm == "bulyan":
+        return 4 * num_malicious + 3
+    return 1
+
+
+def refuse_training(state: TrainingState) -> str | None:
+    """Why a training cannot run as configured, or None."""
+    if state.min_clients > state.clients_per_round:
+        return (f"min_clients ({state.min_clients}) exceeds the clients per round "
+                f"({state.clients_per_round}) allowed by max_clients_per_round")
+    from federated_learning.aggregation import create_strategy
+
+    try:
+        strategy = create_strategy(state.config.algorithm, **state.config.algorithm_params)
+    except ValueError as exc:
+        return f"algorithm '{state.config.algorithm}': {exc}"
+    needed = minimum_updates(state.config.algorithm, int(getattr(strategy, "num_malicious_clients", 0)))
+    if state.min_clients < needed:
+        return (f"algorithm '{state.config.algorithm}' needs at least {needed} updates per round; "
+                f"min_clients is {state.min_clients}")
+    return None
 
 
 def _notice_metrics(notice: UpdateSubmitted) -> dict[str, float]:

@@ -88,3 +88,27 @@ async def test_round_without_answers_is_retried_with_a_new_selection_then_fails(
     retried = await events_of(redis, "round_retried")
     assert [e["data"]["attempt"] for e in retried] == [2, 3]
     assert len(state.selected) == 6  # every attempt asked agents not asked before
+
+
+async def test_training_whose_rule_cannot_work_fails_at_start_with_the_reason(
+        redis: aioredis.Redis, system) -> None:
+    await system.start("coordinator")
+    await start_training(redis, "k", digits_config(algorithm="krum", min_clients=3,
+                                                   algorithm_params={"num_malicious_clients": 2}))
+    await start_training(redis, "x", digits_config(algorithm="trimmed_mean",
+                                                   algorithm_params={"beta": 0.7}))
+
+    krum = await wait_for_status(redis, "k", {"failed"})
+    trimmed = await wait_for_status(redis, "x", {"failed"})
+    assert "needs at least 7 updates per round; min_clients is 3" in krum.reason
+    assert "beta" in trimmed.reason
+
+
+async def test_robust_rule_trains_through_the_pipeline(redis: aioredis.Redis, system, make_agents) -> None:
+    await system.start()
+    await make_agents(6)
+    await start_training(redis, "m", digits_config(algorithm="multikrum", clients_per_round=6, min_clients=5,
+                                                   algorithm_params={"num_malicious_clients": 1,
+                                                                     "num_clients_to_keep": 3}))
+    state = await wait_for_status(redis, "m", {"completed", "failed"})
+    assert state.status == "completed", state.reason
