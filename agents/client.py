@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from agents.attacks import Attack, poison_update
 from agents.trainers import Trainer, create_trainer
 from federated_learning.bus.blobs import BlobMissing, BlobStore
 from federated_learning.bus.consumer import ensure_group
@@ -88,6 +89,7 @@ class FederatedClient:
         heartbeat_interval_s: float = 30.0,
         max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
         seed: int = 0,
+        attack: Attack | None = None,
     ) -> None:
         if redis is None and redis_url is None:
             raise ValueError("FederatedClient needs redis_url or redis")
@@ -99,6 +101,8 @@ class FederatedClient:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.max_blob_bytes = max_blob_bytes
         self.seed = seed
+        self.attack = attack
+        """Set only in robustness experiments: this agent then uploads poisoned updates."""
         self.datasets: dict[str, LocalDataset] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -263,6 +267,8 @@ class FederatedClient:
             seed=zlib.crc32(f"{self.seed}/{self.agent_id}/{task.training_id}/{task.round}".encode()),
         )
         local = dict(local)
+        if self.attack is not None:
+            local = poison_update(self.attack, weights, local, np.random.default_rng(task.round))
         if settings.clip_norm is not None:
             local = clip_update(weights, local, settings.clip_norm)
         return evaluation, TrainedUpdate(

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from agents.attacks import Attack, flip_labels
 from agents.client import FederatedClient
 from agents.data import Dataset, make_client_datasets
 from agents.trainers import create_trainer
@@ -54,6 +55,8 @@ class SimulationOptions:
     learning_rate: float = 1.0
     proximal_mu: float = 0.0
     privacy_level: str = "none"
+    malicious_fraction: float = 0.0
+    attack: str = "sign_flip"
     heartbeat_interval_s: float = 5.0
     round_deadline_s: float = 60.0
     timeout_s: float = 900.0
@@ -105,14 +108,27 @@ def test_accuracy(model_bytes: bytes, options: SimulationOptions, test: Dataset)
 async def start_agents(options: SimulationOptions) -> tuple[list[FederatedClient], Dataset]:
     clients_data, test = make_client_datasets(options.clients, options.partition, options.seed)
     redis = await connect(options.redis_url)
+    malicious = malicious_ids(options.clients, options.malicious_fraction, options.seed)
+    attack = Attack(options.attack)
     agents = []
     for data in clients_data:
+        bad = data.client_id in malicious
         agent = FederatedClient(f"agent-{data.client_id:03d}", redis=redis, key_prefix=options.key_prefix,
-                                heartbeat_interval_s=options.heartbeat_interval_s, seed=options.seed)
-        agent.add_dataset(DATASET, data.train.x, data.train.y, x_eval=data.eval.x, y_eval=data.eval.y)
+                                heartbeat_interval_s=options.heartbeat_interval_s, seed=options.seed,
+                                attack=attack if bad and attack is not Attack.LABEL_FLIP else None)
+        y_train = flip_labels(data.train.y, NUM_CLASSES) if bad and attack is Attack.LABEL_FLIP else data.train.y
+        agent.add_dataset(DATASET, data.train.x, y_train, x_eval=data.eval.x, y_eval=data.eval.y)
         agents.append(agent)
     await asyncio.gather(*(agent.initialize() for agent in agents))
     return agents, test
+
+
+def malicious_ids(num_clients: int, fraction: float, seed: int) -> set[int]:
+    """Which simulated agents attack: ``round(fraction * num_clients)`` of them, fixed by ``seed``."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"malicious fraction must be in [0, 1); got {fraction}")
+    count = int(round(fraction * num_clients))
+    return set(np.random.default_rng(seed + 7919).choice(num_clients, size=count, replace=False).tolist())
 
 
 async def stop_agents(agents: list[FederatedClient]) -> None:

@@ -20,21 +20,14 @@ reexec_in_venv()
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-
-import httpx  # noqa: E402
 
 from agents.simulation import SimulationOptions, run_simulation  # noqa: E402
 from federated_learning.config import ConfigError, load_settings  # noqa: E402
-from federated_learning.deploy.launcher import deployment_file  # noqa: E402
+from federated_learning.deploy.local import DeploymentFailed, LocalDeployment  # noqa: E402
 
 DEMO_DATA_DIR = ROOT / "data" / "demo"
-START_TIMEOUT_S = 120.0
 # Chosen with scripts/tune-demo.py (in-process FedAvg over the same split); 20 agents per
 # round is config.json's max_clients_per_round.
 DEMO_TRAINING = dict(rounds=30, clients_per_round=20, local_epochs=10, batch_size=4, learning_rate=1.0)
@@ -52,34 +45,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def start_deployment(config: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    DEMO_DATA_DIR.mkdir(parents=True, exist_ok=True)
-    log = open(DEMO_DATA_DIR / "deploy.log", "ab")  # noqa: SIM115 - owned by the child
-    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "deploy-federated-learning.py"),
-                             "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env)
-
-
-def wait_until_up(process: subprocess.Popen[bytes], dashboard_url: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = (DEMO_DATA_DIR / "deploy.log").read_text()[-2000:]
-            sys.exit(f"the deployment exited with {process.returncode}:\n{tail}")
-        try:
-            if httpx.get(f"{dashboard_url}/api/system/health", timeout=2).json()["health_status"] == "healthy":
-                return
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass
-        time.sleep(0.5)
-    sys.exit(f"the deployment did not become healthy within {START_TIMEOUT_S:.0f}s; see {DEMO_DATA_DIR}/logs")
-
-
-def stop_deployment(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        process.wait(120)
-
-
 def print_round(row: dict[str, object]) -> None:
     acc = row.get("eval_accuracy")
     print(f"round {row['round']:>2}: accuracy of the model sent out {acc:.3f}, "  # type: ignore[str-format]
@@ -89,27 +54,24 @@ def print_round(row: dict[str, object]) -> None:
 def main() -> int:
     args = parse_args()
     shutil.rmtree(DEMO_DATA_DIR, ignore_errors=True)
-    env = {**os.environ, "FL_DATA_DIR": str(DEMO_DATA_DIR)}
     os.environ["FL_DATA_DIR"] = str(DEMO_DATA_DIR)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    dashboard_url = f"http://{settings.dashboard_host}:{settings.dashboard_port}"
+    deployment = LocalDeployment(settings, args.config, DEMO_DATA_DIR)
     print(f"starting the deployment (logs in {DEMO_DATA_DIR / 'logs'})", flush=True)
-    process = start_deployment(args.config, env)
     report = None
     try:
-        wait_until_up(process, dashboard_url)
-        deployment = deployment_file(DEMO_DATA_DIR)
-        redis_url = json.loads(deployment.read_text())["redis_url"]
-        print(f"dashboard: {dashboard_url}", flush=True)
+        deployment.start()
+        print(f"dashboard: {deployment.dashboard_url}", flush=True)
         print(f"{args.clients} agents, {args.partition} split, {args.rounds} rounds of FedAvg, "
               f"{DEMO_TRAINING['clients_per_round']} agents per round", flush=True)
         options = SimulationOptions(
-            redis_url=redis_url, dashboard_url=dashboard_url, key_prefix=settings.redis_key_prefix,
-            clients=args.clients, rounds=args.rounds, partition=args.partition, seed=args.seed,
+            redis_url=deployment.redis_url, dashboard_url=deployment.dashboard_url,
+            key_prefix=settings.redis_key_prefix, clients=args.clients, rounds=args.rounds,
+            partition=args.partition, seed=args.seed,
             clients_per_round=DEMO_TRAINING["clients_per_round"], local_epochs=DEMO_TRAINING["local_epochs"],
             batch_size=DEMO_TRAINING["batch_size"], learning_rate=DEMO_TRAINING["learning_rate"],
             privacy_level="none",
@@ -120,12 +82,14 @@ def main() -> int:
         print(f"training {report.status} in {report.seconds:.1f}s"
               + (f": {report.reason}" if report.reason else ""), flush=True)
         if args.keep_running:
-            print(f"the deployment keeps running at {dashboard_url}; Ctrl-C stops it", flush=True)
-            process.wait()
+            print(f"the deployment keeps running at {deployment.dashboard_url}; Ctrl-C stops it", flush=True)
+            deployment.wait()
+    except DeploymentFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         pass
     finally:
-        stop_deployment(process)
+        deployment.stop()
     if report is None or report.final_test_accuracy is None or report.status != "completed":
         print("final test accuracy: unavailable", flush=True)
         return 1

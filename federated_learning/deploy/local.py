@@ -1,0 +1,83 @@
+"""Run the launcher as a child process and wait until the deployment is healthy (demo, experiments)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from federated_learning.config import Settings
+from federated_learning.deploy.launcher import deployment_file
+
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 120.0
+LAUNCHER = Path(__file__).resolve().parents[2] / "scripts" / "deploy-federated-learning.py"
+
+
+class DeploymentFailed(RuntimeError):
+    """The deployment exited or did not become healthy; the message holds the log tail."""
+
+
+class LocalDeployment:
+    """``scripts/deploy-federated-learning.py`` as a child, with its data in ``data_dir``."""
+
+    def __init__(self, settings: Settings, config: Path | None, data_dir: Path,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.config = config
+        self.data_dir = data_dir
+        self.env = {**os.environ, "FL_DATA_DIR": str(data_dir), **(extra_env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.settings.dashboard_host}:{self.settings.dashboard_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return str(json.loads(deployment_file(self.data_dir).read_text())["redis_url"])
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, str(LAUNCHER)] + (["--config", str(self.config)] if self.config else [])
+        with open(self.data_dir / "deploy.log", "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = (self.data_dir / "deploy.log").read_text()[-2000:]
+                raise DeploymentFailed(f"the deployment exited with {self.process.returncode}:\n{tail}")
+            try:
+                health = httpx.get(f"{self.dashboard_url}/api/system/health", timeout=2).json()
+                if health["health_status"] == "healthy":
+                    return
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise DeploymentFailed(f"not healthy within {START_TIMEOUT_S:.0f}s; see {self.data_dir / 'logs'}")
+
+    def wait(self) -> None:
+        if self.process is not None:
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(STOP_TIMEOUT_S)
+        self.process = None
+
+    def __enter__(self) -> LocalDeployment:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
