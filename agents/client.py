@@ -13,6 +13,7 @@ import platform
 import time
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -22,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agents.attacks import Attack, poison_update
 from agents.trainers import Trainer, create_trainer
+from federated_learning.privacy.signing import AgentKeyPair
 from federated_learning.bus.blobs import BlobMissing, BlobStore
 from federated_learning.bus.consumer import ensure_group
 from federated_learning.protocol.keys import GROUP_AGENT, Keys
@@ -90,6 +92,7 @@ class FederatedClient:
         max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
         seed: int = 0,
         attack: Attack | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         if redis is None and redis_url is None:
             raise ValueError("FederatedClient needs redis_url or redis")
@@ -103,6 +106,9 @@ class FederatedClient:
         self.seed = seed
         self.attack = attack
         """Set only in robustness experiments: this agent then uploads poisoned updates."""
+        self.identity = (AgentKeyPair.load_or_generate(state_dir / agent_id) if state_dir is not None
+                          else AgentKeyPair.generate())
+        """Ed25519 identity: kept in ``state_dir`` across restarts when one is given."""
         self.datasets: dict[str, LocalDataset] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -153,6 +159,7 @@ class FederatedClient:
             agent_id=self.agent_id,
             datasets={name: data.size for name, data in self.datasets.items()},
             device={"platform": platform.platform(), "python": platform.python_version()},
+            public_key=self.identity.public_key_bytes.hex(),
         )
         await self.redis.xadd(self.keys.agent_stream, encode(message))  # type: ignore[arg-type]
 
@@ -246,7 +253,9 @@ class FederatedClient:
                 kind=TaskKind.TRAIN, update_digest=digest, num_examples=trained.num_examples,
                 train_loss=trained.loss, train_accuracy=trained.accuracy,
                 train_seconds=trained.seconds, **common)  # type: ignore[arg-type]
-        await self.redis.xadd(self.keys.update_stream, encode(notice))  # type: ignore[arg-type]
+        signature = self.identity.sign(notice.signed_bytes()).hex()
+        await self.redis.xadd(self.keys.update_stream,
+                              encode(notice.model_copy(update={"signature": signature})))  # type: ignore[arg-type]
         self.completed_tasks += 1
 
     def _work(self, task: Task, trainer: Trainer, received: dict[str, NDArray[np.floating]],

@@ -7,6 +7,7 @@ know. Messages are serialised to JSON only at the stream boundary
 
 from __future__ import annotations
 
+import json
 import time
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeAlias, TypeVar
@@ -19,6 +20,12 @@ PAYLOAD_FIELD = b"m"
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def canonical_json(fields: dict[str, Any]) -> bytes:
+    """Sorted keys, no whitespace, UTF-8: the same bytes for the same fields on every side."""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode()
 
 
 class Message(BaseModel):
@@ -132,7 +139,8 @@ class AgentJoined(Message):
     agent_id: Identifier
     datasets: dict[Identifier, Annotated[int, Field(ge=0)]]
     device: dict[str, str] = Field(default_factory=dict)
-    public_key: str | None = Field(default=None, max_length=200)
+    public_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
+                                   description="hex of the agent's raw Ed25519 public key")
 
 
 class Heartbeat(Message):
@@ -196,7 +204,15 @@ class UpdateSubmitted(Message):
     received_model_version: int = Field(ge=0)
     evaluation: Evaluation | None = None
     train_seconds: FiniteFloat = Field(default=0.0, ge=0)
-    signature: str | None = Field(default=None, max_length=200)
+    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$",
+                                  description="hex Ed25519 signature of signed_bytes()")
+
+    def signed_bytes(self) -> bytes:
+        """What the agent signs: the canonical JSON of every field but the signature.
+
+        It names the update blob's SHA-256, so the signature covers the update too.
+        """
+        return canonical_json(self.model_dump(mode="json", exclude={"signature"}))
 
     @model_validator(mode="after")
     def _train_has_blob(self) -> UpdateSubmitted:

@@ -26,6 +26,7 @@ from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.records.trainings import TrainingStore
 from federated_learning.models import initial_model
 from federated_learning.privacy.release import clip_norm_for
+from federated_learning.privacy.signing import verify
 from federated_learning.protocol.keys import GROUP_COORDINATOR
 from federated_learning.protocol.messages import (
     AggregationJob, Evaluation, MalformedMessage, ModelReleased, PrivacyReport, RoundMetrics, Severity,
@@ -263,8 +264,13 @@ class Coordinator:
         if state is None:
             await self.ctx.reject("updates", "unknown_training", notice.training_id, **context)
             return
-        if not await self.registry.is_registered(notice.agent_id):
+        agent = await self.registry.get(notice.agent_id)
+        if agent is None:
             await self.ctx.reject("updates", "unknown_agent", notice.agent_id, **context)
+            return
+        signature_problem = check_signature(notice, agent.public_key, self.settings.require_signed_updates)
+        if signature_problem is not None:
+            await self.ctx.reject("updates", signature_problem[0], signature_problem[1], **context)
             return
         expected_kind = TaskKind.EVALUATE if state.status is TrainingStatus.EVALUATING else TaskKind.TRAIN
         closed = notice.round < state.round or (
@@ -476,6 +482,18 @@ class Coordinator:
             await self.ctx.emit("agent_dropped", f"agent stopped heartbeating during round {state.round}",
                                 severity=Severity.WARNING, training_id=state.training_id,
                                 round=state.round, agent_id=agent_id)
+
+
+def check_signature(notice: UpdateSubmitted, public_key: str | None,
+                    required: bool) -> tuple[str, str] | None:
+    """Reason and detail when the notice's signature is missing or wrong, else None."""
+    if public_key is None:
+        return ("unsigned", "agent registered no public key") if required else None
+    if notice.signature is None:
+        return "unsigned", "notice carries no signature"
+    if not verify(bytes.fromhex(public_key), notice.signed_bytes(), bytes.fromhex(notice.signature)):
+        return "bad_signature", "signature does not match the agent's registered key"
+    return None
 
 
 def minimum_updates(algorithm: str, num_malicious: int) -> int:

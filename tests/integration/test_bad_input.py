@@ -9,6 +9,7 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from federated_learning.bus.blobs import BlobStore
+from federated_learning.privacy.signing import AgentKeyPair
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import (
     AgentJoined, Heartbeat, TaskKind, UpdateSubmitted, VersionRecord, encode,
@@ -31,10 +32,17 @@ def model(weight: np.ndarray | None = None, bias: np.ndarray | None = None) -> d
             "dense.bias": np.zeros(10, np.float32) if bias is None else bias}
 
 
-async def submit(redis: aioredis.Redis, agent: str, digest: str, round_number: int = 1) -> None:
+IDENTITIES = {f"fake-{i}": AgentKeyPair.generate() for i in range(12)}
+
+
+async def submit(redis: aioredis.Redis, agent: str, digest: str, round_number: int = 1, *,
+                 signer: AgentKeyPair | None = None, signed: bool = True) -> None:
     notice = UpdateSubmitted(kind=TaskKind.TRAIN, training_id="bad", round=round_number, attempt=1,
                              agent_id=agent, update_digest=digest, num_examples=10,
                              received_model_version=0)
+    if signed:
+        key = signer or IDENTITIES.get(agent) or AgentKeyPair.generate()
+        notice = notice.model_copy(update={"signature": key.sign(notice.signed_bytes()).hex()})
     await redis.xadd(KEYS.update_stream, encode(notice))  # type: ignore[arg-type]
 
 
@@ -43,18 +51,20 @@ async def rejection_counts(redis: aioredis.Redis) -> dict[str, int]:
 
 
 async def test_every_bad_update_is_rejected_and_the_round_completes(redis: aioredis.Redis, system, settings) -> None:
-    agents = [f"fake-{i}" for i in range(9)]
+    agents = [f"fake-{i}" for i in range(11)]
     for agent in agents:
-        await redis.xadd(KEYS.agent_stream, encode(AgentJoined(agent_id=agent, datasets={"digits": 10})))  # type: ignore[arg-type]
+        joined = AgentJoined(agent_id=agent, datasets={"digits": 10},
+                             public_key=IDENTITIES[agent].public_key_bytes.hex())
+        await redis.xadd(KEYS.agent_stream, encode(joined))  # type: ignore[arg-type]
     beats = asyncio.create_task(keep_alive(redis, agents))
     await system.start()
     try:
-        await start_training(redis, "bad", digits_config(rounds=1, clients_per_round=9, min_clients=2,
+        await start_training(redis, "bad", digits_config(rounds=1, clients_per_round=11, min_clients=2,
                                                          round_deadline_s=3.0))
         state = await wait_for_status(redis, "bad", {"running"})
         while state.phase != "collecting":
             state = await wait_for_status(redis, "bad", {"running"})
-        assert state.selected == agents
+        assert state.selected == sorted(agents)
         blobs = BlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
         nan = np.zeros((64, 10), np.float32)
         nan[3, 3] = np.nan
@@ -70,6 +80,8 @@ async def test_every_bad_update_is_rejected_and_the_round_completes(redis: aiore
         await submit(redis, "ghost", await blobs.put(encode_layers(model())))
         await submit(redis, "fake-5", await blobs.put(encode_layers(model())), round_number=7)
         await redis.xadd(KEYS.update_stream, {"m": "{not json"})
+        await submit(redis, "fake-8", await blobs.put(encode_layers(model())), signer=AgentKeyPair.generate())
+        await submit(redis, "fake-9", await blobs.put(encode_layers(model())), signed=False)
         await submit(redis, "fake-6", await blobs.put(encode_layers(model(bias=np.full(10, 2, np.float32)))))
         await submit(redis, "fake-7", await blobs.put(encode_layers(model(bias=np.full(10, 3, np.float32)))))
 
@@ -80,7 +92,7 @@ async def test_every_bad_update_is_rejected_and_the_round_completes(redis: aiore
     assert state.status == "completed", "\n".join(f"{e['kind']} {e['message']}" for e in events if e["kind"] != "input_rejected")
     counts = await rejection_counts(redis)
     for reason in ("not_finite", "bad_shape", "bad_dtype", "hash_mismatch", "too_large",
-                   "unknown_agent", "stale_round", "malformed"):
+                   "unknown_agent", "stale_round", "malformed", "bad_signature", "unsigned"):
         assert counts.get(f"updates:{reason}") == 1, (reason, counts)
     record = VersionRecord.model_validate_json(await redis.hget(KEYS.versions("bad"), "1"))
     assert record.contributors == ["fake-6", "fake-7"]
