@@ -1,0 +1,261 @@
+"""Anomaly statistics: suspicious client updates and sudden jumps in a metric series.
+
+Robust z-score (the "modified z-score" of Iglewicz and Hoaglin, "How to Detect and Handle
+Outliers", 1993, who recommend flagging |z| > 3.5):
+
+    z_i = (x_i - median(x)) / (1.4826 * MAD),     MAD = median_i |x_i - median(x)|
+
+1.4826 = 1 / Phi^-1(3/4) makes 1.4826 * MAD estimate the standard deviation of normal data.
+When more than half the values are equal, MAD is 0; we then fall back to the mean absolute
+deviation around the median, scaled by sqrt(pi/2) = 1.2533 (its normal-consistency factor),
+and if that is 0 too (all values equal) every score is 0.
+
+An update is judged by its delta from the global model, delta_k = update_k - global:
+its L2 norm (a boosted or scaled update stands out) and its cosine similarity to the
+coordinate-wise median delta, the consensus direction (a sign-flipped or otherwise
+adversarial update points away from it; cf. Fung, Yoon and Beschastnikh, "The Limitations
+of Federated Learning in Sybil Settings", 2018, arXiv:1808.04866, on cosine similarity of
+client updates). An agent is flagged when |norm_z| > threshold or cosine_z < -threshold.
+
+Each statistic's scale has a floor, because honest updates can agree more closely than the
+differences that matter: ten honest cosines at 0.94 +- 0.005 would otherwise turn one honest
+0.885 into z = -6. The floors are ``COSINE_MIN_SCALE`` for cosines (bounded in [-1, 1]) and
+``NORM_MIN_RELATIVE_SCALE`` times the median norm for norms. With fewer than
+``MIN_UPDATES_FOR_SCORES`` finite updates a median and its spread say nothing, and every
+score is 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from federated_learning.monitoring.alerts import Condition
+from federated_learning.protocol.messages import Severity
+from federated_learning.types import AgentId, RoundNumber
+from federated_learning.versioning.compare import cosine_from_moments
+
+MAD_TO_SIGMA = 1.4826
+MEAN_AD_TO_SIGMA = 1.2533
+"""sqrt(pi / 2): sigma / E|X - mu| for normal X."""
+UPDATE_Z_THRESHOLD = 3.5
+JUMP_Z_THRESHOLD = 3.0
+JUMP_WINDOW = 5
+COSINE_MIN_SCALE = 0.05
+"""Cosines closer than this to the median carry no signal."""
+NORM_MIN_RELATIVE_SCALE = 0.05
+"""Norms within this fraction of the median norm carry no signal."""
+MIN_UPDATES_FOR_SCORES = 5
+CHUNK_ELEMENTS = 1 << 16
+"""Float64 elements per column block when reducing the stack of deltas."""
+
+REASON_NORM = "norm_outlier"
+REASON_DIRECTION = "opposes_consensus"
+REASON_NON_FINITE = "non_finite"
+
+
+def robust_scale(values: NDArray[np.float64], center: float) -> float:
+    """1.4826 * MAD, else 1.2533 * mean |x - center| when MAD is 0 (0.0 when that is 0 too)."""
+    deviations = np.abs(values - center)
+    mad = float(np.median(deviations))
+    if mad > 0.0:
+        return MAD_TO_SIGMA * mad
+    return MEAN_AD_TO_SIGMA * float(np.mean(deviations))
+
+
+def robust_z_scores(values: ArrayLike, min_scale: float = 0.0) -> NDArray[np.float64]:
+    """(x - median) / max(robust_scale, min_scale), shape (n,) float64; zeros when that is 0."""
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        return x
+    if not np.isfinite(x).all():
+        raise ValueError("robust z-scores need finite values; got NaN or Inf")
+    center = float(np.median(x))
+    scale = max(robust_scale(x, center), min_scale)
+    if scale == 0.0:
+        return np.zeros_like(x)
+    return (x - center) / scale
+
+
+def update_z_scores(norms: NDArray[np.float64],
+                    cosines: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Robust z of norms and cosines with their scale floors; zeros below ``MIN_UPDATES_FOR_SCORES``."""
+    if norms.size < MIN_UPDATES_FOR_SCORES:
+        return np.zeros_like(norms), np.zeros_like(cosines)
+    norm_floor = NORM_MIN_RELATIVE_SCALE * float(np.median(norms))
+    return robust_z_scores(norms, norm_floor), robust_z_scores(cosines, COSINE_MIN_SCALE)
+
+
+@dataclass(frozen=True)
+class UpdateFlag:
+    """One agent's update statistics; ``reasons`` is empty when nothing looks wrong."""
+
+    agent_id: AgentId
+    norm: float
+    norm_z: float
+    cosine: float
+    cosine_z: float
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def suspicious(self) -> bool:
+        return bool(self.reasons)
+
+
+def _check_layout(global_layers: Sequence[NDArray[np.floating]],
+                  updates: Sequence[Sequence[NDArray[np.floating]]],
+                  agent_ids: Sequence[AgentId]) -> None:
+    if len(updates) != len(agent_ids):
+        raise ValueError(f"got {len(updates)} updates for {len(agent_ids)} agent ids")
+    if len(set(agent_ids)) != len(agent_ids):
+        raise ValueError(f"agent ids must be unique; got {list(agent_ids)}")
+    shapes = [layer.shape for layer in global_layers]
+    for agent_id, update in zip(agent_ids, updates, strict=True):
+        if [layer.shape for layer in update] != shapes:
+            raise ValueError(f"agent {agent_id}'s update has layer shapes "
+                             f"{[layer.shape for layer in update]}; the global model has {shapes}")
+
+
+def stack_deltas(global_layers: Sequence[NDArray[np.floating]],
+                 updates: Sequence[Sequence[NDArray[np.floating]]]) -> NDArray[np.float32]:
+    """Row k is update_k - global, all layers flattened: shape (K, d), float32."""
+    sizes = [layer.size for layer in global_layers]
+    stack = np.empty((len(updates), sum(sizes)), dtype=np.float32)
+    for row, update in zip(stack, updates, strict=True):
+        offset = 0
+        for size, layer, base in zip(sizes, update, global_layers, strict=True):
+            np.subtract(layer.reshape(-1), base.reshape(-1), out=row[offset:offset + size],
+                        casting="same_kind")
+            offset += size
+    return stack
+
+
+def norms_and_median_cosines(
+        stack: NDArray[np.float32]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """L2 norm of each row and its cosine to the coordinate-wise median row, both (K,) float64.
+
+    Works over column blocks so the median's sort copy and the float64 casts are bounded by
+    ``CHUNK_ELEMENTS``; the (K, d) float32 stack itself is the only full-size array.
+    """
+    rows, columns = stack.shape
+    block = max(1, CHUNK_ELEMENTS // max(rows, 1))
+    squares = np.zeros(rows, dtype=np.float64)
+    dots = np.zeros(rows, dtype=np.float64)
+    median_square = 0.0
+    for start in range(0, columns, block):
+        part = stack[:, start:start + block].astype(np.float64)
+        median = np.median(part, axis=0)
+        squares += np.einsum("ij,ij->i", part, part)
+        dots += part @ median
+        median_square += float(median @ median)
+    cosines = np.array([cosine_from_moments(float(sq), median_square, float(dot))
+                        for sq, dot in zip(squares, dots, strict=True)], dtype=np.float64)
+    return np.sqrt(squares), cosines
+
+
+def _reasons(norm_z: float, cosine_z: float, z_threshold: float) -> tuple[str, ...]:
+    reasons = []
+    if abs(norm_z) > z_threshold:
+        reasons.append(REASON_NORM)
+    if cosine_z < -z_threshold:
+        reasons.append(REASON_DIRECTION)
+    return tuple(reasons)
+
+
+def _is_finite(update: Sequence[NDArray[np.floating]]) -> bool:
+    return all(bool(np.isfinite(layer).all()) for layer in update)
+
+
+def score_updates(global_layers: Sequence[NDArray[np.floating]],
+                  updates: Sequence[Sequence[NDArray[np.floating]]], agent_ids: Sequence[AgentId],
+                  z_threshold: float = UPDATE_Z_THRESHOLD) -> list[UpdateFlag]:
+    """Statistics for every agent, in input order; see the module docstring.
+
+    Memory: one (K, d) float32 stack of the deltas (K updates of d parameters) plus
+    column-block temporaries; fine for this monitoring path at modest sizes (100 agents
+    x 1M parameters is 400 MB), not for very large models.
+    Updates holding NaN or Inf are left out of the statistics and flagged ``non_finite``.
+    """
+    _check_layout(global_layers, updates, agent_ids)
+    finite = [_is_finite(update) for update in updates]
+    kept = [update for update, ok in zip(updates, finite, strict=True) if ok]
+    norms = cosines = norm_z = cosine_z = np.empty(0, dtype=np.float64)
+    if kept:
+        norms, cosines = norms_and_median_cosines(stack_deltas(global_layers, kept))
+        norm_z, cosine_z = update_z_scores(norms, cosines)
+    flags, j = [], 0
+    for agent_id, ok in zip(agent_ids, finite, strict=True):
+        if not ok:
+            flags.append(UpdateFlag(agent_id, math.nan, math.nan, math.nan, math.nan,
+                                    (REASON_NON_FINITE,)))
+            continue
+        nz, cz = float(norm_z[j]), float(cosine_z[j])
+        flags.append(UpdateFlag(agent_id, float(norms[j]), nz, float(cosines[j]), cz,
+                                _reasons(nz, cz, z_threshold)))
+        j += 1
+    return flags
+
+
+def flag_suspicious_updates(global_layers: list[NDArray[np.floating]],
+                            updates: list[list[NDArray[np.floating]]], agent_ids: list[AgentId],
+                            z_threshold: float = UPDATE_Z_THRESHOLD) -> list[UpdateFlag]:
+    """The agents whose update has |norm_z| > z_threshold or cosine_z < -z_threshold."""
+    if z_threshold <= 0:
+        raise ValueError(f"z_threshold must be > 0; got {z_threshold}")
+    scores = score_updates(global_layers, updates, agent_ids, z_threshold)
+    return [flag for flag in scores if flag.suspicious]
+
+
+def trend_residuals(series: Sequence[float], window: int) -> NDArray[np.float64]:
+    """r_i = x_i - median(x_{i-window} .. x_{i-1}) for i = window .. n-1."""
+    x = np.asarray(series, dtype=np.float64)
+    return np.array([x[i] - float(np.median(x[i - window:i])) for i in range(window, x.size)],
+                    dtype=np.float64)
+
+
+def metric_jumps(series: list[float], window: int = JUMP_WINDOW,
+                 z_threshold: float = JUMP_Z_THRESHOLD) -> list[int]:
+    """Indices i whose value jumps against its recent trend.
+
+    The residual r_i = x_i - median of the ``window`` previous values removes the level and a
+    steady trend; index i is a jump when the robust z-score of r_i among all residuals
+    exceeds ``z_threshold`` in absolute value. The first ``window`` values have no full
+    window and are never reported.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1; got {window}")
+    if z_threshold <= 0:
+        raise ValueError(f"z_threshold must be > 0; got {z_threshold}")
+    if not all(math.isfinite(v) for v in series):
+        raise ValueError("metric series must be finite; got NaN or Inf")
+    scores = robust_z_scores(trend_residuals(series, window))
+    return [window + int(j) for j in np.flatnonzero(np.abs(scores) > z_threshold)]
+
+
+def _describe(flag: UpdateFlag, round_number: RoundNumber) -> str:
+    where = f"agent {flag.agent_id}'s update in round {round_number}"
+    if REASON_NON_FINITE in flag.reasons:
+        return f"{where} holds NaN or Inf values"
+    return (f"{where} looks suspicious ({', '.join(flag.reasons)}): norm {flag.norm:.4g} "
+            f"(robust z {flag.norm_z:+.1f}), cosine to the median update {flag.cosine:+.3f} "
+            f"(robust z {flag.cosine_z:+.1f})")
+
+
+def anomaly_conditions(flags: Sequence[UpdateFlag], training_id: str,
+                       round_number: RoundNumber) -> list[Condition]:
+    """A ``suspicious_update`` warning per flagged agent, keyed by training and agent."""
+    return [
+        Condition(
+            key=f"suspicious_update:{training_id}:{flag.agent_id}", rule="suspicious_update",
+            severity=Severity.WARNING, training_id=training_id,
+            message=_describe(flag, round_number),
+            action=f"check agent {flag.agent_id} (its data, software version and credentials); if "
+                   "its updates stay suspicious, switch the training to a robust rule (median, "
+                   "trimmed_mean, krum or bulyan) or remove the agent",
+        )
+        for flag in flags if flag.suspicious
+    ]

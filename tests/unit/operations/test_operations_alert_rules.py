@@ -1,0 +1,70 @@
+from federated_learning.monitoring.rules import (
+    ProcessUsage,
+    accuracy_drop,
+    agent_failure_rate,
+    pending_backlog,
+    privacy_budget,
+    process_resources,
+    redis_memory,
+)
+
+MIB = 2**20
+
+
+def test_accuracy_drop_fires_at_the_threshold_and_not_above_it() -> None:
+    fired = accuracy_drop("t", {0: 0.25, 1: 0.5, 2: 0.375}, threshold=0.25)
+    assert [c.key for c in fired] == ["accuracy_drop:t"]
+    assert "version 2" in fired[0].message and "version 1" in fired[0].message
+    assert accuracy_drop("t", {0: 0.25, 1: 0.5, 2: 0.376}, threshold=0.25) == []
+
+
+def test_accuracy_drop_is_silent_when_the_latest_is_best() -> None:
+    assert accuracy_drop("t", {0: 0.5, 1: 0.9}) == []
+    assert accuracy_drop("t", {}) == []
+
+
+def test_agent_failure_rate_fires_at_the_threshold_and_not_below() -> None:
+    outcomes = {"a": [True] * 5 + [False] * 5, "b": [True] * 6 + [False] * 4, "c": [False] * 2}
+    fired = agent_failure_rate("t", outcomes, window=10, threshold=0.5)
+    assert [c.key for c in fired] == ["agent_failure_rate:t:a"]
+    assert "agent a failed 5 of its last 10 tasks" in fired[0].message
+
+
+def test_agent_failure_rate_looks_only_at_the_window() -> None:
+    outcomes = {"a": [False] * 10 + [True] * 4}
+    assert agent_failure_rate("t", outcomes, window=4, threshold=0.5) == []
+    assert len(agent_failure_rate("t", outcomes, window=8, threshold=0.5)) == 1
+
+
+def test_privacy_budget_warns_at_eighty_percent_and_not_below() -> None:
+    assert privacy_budget("t", 0.79, 1.0) == []
+    [warning] = privacy_budget("t", 0.8, 1.0)
+    assert (warning.key, warning.severity) == ("privacy_budget_warning:t", "warning")
+
+
+def test_privacy_budget_is_critical_at_one_hundred_percent() -> None:
+    [critical] = privacy_budget("t", 2.0, 2.0)
+    assert (critical.key, critical.severity) == ("privacy_budget_exhausted:t", "critical")
+    assert "100%" in critical.message
+
+
+def test_redis_memory_fires_at_the_fraction_and_not_below() -> None:
+    assert [c.key for c in redis_memory(90 * MIB, 100 * MIB, fraction=0.9)] == ["redis_memory"]
+    assert redis_memory(90 * MIB - 1, 100 * MIB, fraction=0.9) == []
+
+
+def test_redis_without_maxmemory_never_alerts() -> None:
+    assert redis_memory(10**12, 0) == []
+
+
+def test_pending_backlog_fires_at_the_limit_and_not_below() -> None:
+    fired = pending_backlog({"fl:updates/aggregator": 100, "fl:jobs/privacy": 99}, limit=100)
+    assert [c.key for c in fired] == ["pending_backlog:fl:updates/aggregator"]
+
+
+def test_process_exhaustion_fires_at_the_limits_and_not_below() -> None:
+    usages = [ProcessUsage("aggregator", 95.0, 89.9), ProcessUsage("coordinator", 94.9, 90.0)]
+    fired = process_resources(usages, cpu_limit=95.0, memory_limit=90.0)
+    assert [(c.key, c.severity) for c in fired] == [
+        ("cpu_exhaustion:aggregator", "warning"), ("memory_exhaustion:coordinator", "critical")]
+    assert all(c.message and c.action for c in fired)

@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+
+from federated_learning.monitoring.anomaly import (
+    MAD_TO_SIGMA,
+    MEAN_AD_TO_SIGMA,
+    REASON_DIRECTION,
+    REASON_NON_FINITE,
+    REASON_NORM,
+    anomaly_conditions,
+    flag_suspicious_updates,
+    metric_jumps,
+    robust_z_scores,
+    score_updates,
+)
+
+
+def honest_round(num_honest: int = 10, seed: int = 0) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+    rng = np.random.default_rng(seed)
+    global_layers = [rng.normal(size=(4, 5)).astype(np.float32), rng.normal(size=3).astype(np.float32)]
+    direction = [rng.normal(size=layer.shape) for layer in global_layers]
+    updates = [[(g + d + 0.3 * rng.normal(size=g.shape)).astype(np.float32)
+                for g, d in zip(global_layers, direction)] for _ in range(num_honest)]
+    return global_layers, updates
+
+
+def test_robust_z_scores_on_a_hand_example() -> None:
+    np.testing.assert_allclose(robust_z_scores([1, 2, 3, 4, 100]),
+                               np.array([-2, -1, 0, 1, 97]) / MAD_TO_SIGMA)
+
+
+def test_robust_z_scores_fall_back_to_mean_absolute_deviation_when_mad_is_zero() -> None:
+    np.testing.assert_allclose(robust_z_scores([5, 5, 5, 5, 10]), [0, 0, 0, 0, 5 / MEAN_AD_TO_SIGMA])
+
+
+def test_robust_z_scores_of_equal_values_are_zero() -> None:
+    np.testing.assert_array_equal(robust_z_scores([2.0, 2.0, 2.0]), [0.0, 0.0, 0.0])
+
+
+def test_sign_flipped_and_scaled_updates_are_flagged_and_honest_ones_are_not() -> None:
+    global_layers, updates = honest_round()
+    deltas = [[u - g for u, g in zip(update, global_layers)] for update in updates[:2]]
+    flipped = [g - d for g, d in zip(global_layers, deltas[0])]
+    boosted = [g + 100 * d for g, d in zip(global_layers, deltas[1])]
+    ids = [f"honest-{k}" for k in range(10)] + ["flipped", "boosted"]
+    flags = flag_suspicious_updates(global_layers, updates + [flipped, boosted], ids)
+    assert {flag.agent_id: flag.reasons for flag in flags} == {
+        "flipped": (REASON_DIRECTION,), "boosted": (REASON_NORM,)}
+    flipped_flag = next(flag for flag in flags if flag.agent_id == "flipped")
+    assert flipped_flag.cosine < 0 and flipped_flag.cosine_z < -3.5
+
+
+def test_every_agent_gets_statistics_in_input_order() -> None:
+    global_layers, updates = honest_round(num_honest=3)
+    scores = score_updates(global_layers, updates, ["a", "b", "c"])
+    assert [s.agent_id for s in scores] == ["a", "b", "c"]
+    assert not any(s.suspicious for s in scores)
+
+
+def test_non_finite_update_is_flagged_without_spoiling_the_rest() -> None:
+    global_layers, updates = honest_round(num_honest=4)
+    broken = [layer.copy() for layer in updates[0]]
+    broken[1][0] = np.nan
+    flags = flag_suspicious_updates(global_layers, updates + [broken], ["a", "b", "c", "d", "nan"])
+    assert [(flag.agent_id, flag.reasons) for flag in flags] == [("nan", (REASON_NON_FINITE,))]
+
+
+def test_update_with_wrong_shape_is_rejected_naming_the_agent() -> None:
+    global_layers, updates = honest_round(num_honest=2)
+    with pytest.raises(ValueError, match="agent b's update has layer shapes"):
+        flag_suspicious_updates(global_layers, [updates[0], [updates[1][0]]], ["a", "b"])
+
+
+def test_conditions_name_agent_norm_and_z() -> None:
+    global_layers, updates = honest_round()
+    boosted = [g + 100 * (u - g) for g, u in zip(global_layers, updates[0])]
+    ids = [f"honest-{k}" for k in range(10)] + ["boosted"]
+    conditions = anomaly_conditions(flag_suspicious_updates(global_layers, updates + [boosted], ids), "t1", 7)
+    assert [c.key for c in conditions] == ["suspicious_update:t1:boosted"]
+    assert conditions[0].rule == "suspicious_update" and conditions[0].severity == "warning"
+    assert "agent boosted" in conditions[0].message and "round 7" in conditions[0].message
+    assert "robust z" in conditions[0].message and "robust rule" in conditions[0].action
+
+
+def test_metric_jump_against_the_trend_is_detected() -> None:
+    series = [float(i) for i in range(20)]
+    series[10] -= 5.0
+    assert metric_jumps(series) == [10]
+
+
+def test_steady_trend_has_no_jumps() -> None:
+    assert metric_jumps([0.5 + 0.25 * (i % 2) for i in range(12)]) == []
+    assert metric_jumps([1.0] * 12) == []
+
+
+def test_short_series_has_no_jumps() -> None:
+    assert metric_jumps([0.1, 0.9, 0.1], window=5) == []
+
+
+def test_scale_floor_caps_z_scores_of_a_tight_cluster() -> None:
+    np.testing.assert_allclose(robust_z_scores([0.94, 0.94, 0.95, 0.93, 0.89], min_scale=0.05),
+                               [0.0, 0.0, 0.2, -0.2, -1.0])
+
+
+def test_too_few_updates_are_never_flagged_by_statistics() -> None:
+    global_layers, updates = honest_round(num_honest=3)
+    boosted = [g + 100 * (u - g) for g, u in zip(global_layers, updates[0], strict=True)]
+    assert flag_suspicious_updates(global_layers, [*updates, boosted], ["a", "b", "c", "d"]) == []
