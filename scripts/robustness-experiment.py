@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.simulation import SimulationOptions, run_simulation
+from federated_learning.bus.embedded import free_port
 from federated_learning.config import load_settings
 from federated_learning.deploy.local import LocalDeployment
 
@@ -39,7 +40,7 @@ def run_one(deployment: LocalDeployment, rule: str, malicious: float, attack: st
     options = SimulationOptions(
         redis_url=deployment.redis_url, dashboard_url=deployment.dashboard_url, clients=args.clients,
         rounds=args.rounds, partition=args.partition, seed=args.seed, clients_per_round=CLIENTS_PER_ROUND,
-        min_clients=CLIENTS_PER_ROUND if rule == "bulyan" else None,
+        min_clients=CLIENTS_PER_ROUND if rule in ("krum", "multikrum", "bulyan") else None,
         algorithm=rule, algorithm_params=RULES[rule], malicious_fraction=malicious, attack=attack,
         privacy_level="none",
     )
@@ -78,7 +79,9 @@ def main() -> int:
     p.add_argument("--markdown", type=Path, default=None)
     args = p.parse_args()
     shutil.rmtree(DATA_DIR, ignore_errors=True)
-    os.environ["FL_DATA_DIR"] = str(DATA_DIR)
+    # Own data folder and free ports, so a running demo or deployment is not disturbed.
+    os.environ.update({"FL_DATA_DIR": str(DATA_DIR), "FL_METRICS_PORT_BASE": "0",
+                       "FL_DASHBOARD_PORT": str(free_port())})
     settings = load_settings(ROOT / "config.json")
     results: dict[str, dict[str, Any]] = {}
     with LocalDeployment(settings, ROOT / "config.json", DATA_DIR, {"FL_DEFAULT_PRIVACY_LEVEL": "none"}) as deployment:

@@ -40,7 +40,17 @@ from .order_statistics import (
 
 
 @njit(cache=True, nogil=True)
-def window_means(floats, offset, theta, half, beta, prefix, middle, best, best_sum):  # type: ignore[no-untyped-def]
+def window_means(  # type: ignore[no-untyped-def]
+    floats,
+    offset,
+    theta,
+    half,
+    beta,
+    prefix,
+    middle,
+    best,
+    best_sum,
+):
     """best_sum[l] = sum of the beta sorted values nearest the median, column offset + l.
 
     floats: (theta, >= offset + LANES) sorted column-wise; prefix: (theta + 1, LANES)
@@ -67,12 +77,23 @@ def window_means(floats, offset, theta, half, beta, prefix, middle, best, best_s
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def mean_closest_to_median(slab, bits, key, rows, first, second, beta, out):  # type: ignore[no-untyped-def]
+def mean_closest_to_median(  # type: ignore[no-untyped-def]
+    slab,
+    bits,
+    key,
+    rows,
+    first,
+    second,
+    beta,
+    out,
+    num_threads,
+):
     """out[c] = mean of the beta values of slab[rows, c] closest to their median.
 
     slab: (K, d) float32/float64 and ``bits``, its memory as int32/int64; key:
     ``order_key_constants(slab.dtype)``; rows: (theta,) int64; first/second: a full
-    sorting network for theta inputs; out: (d,). In sorted order the beta nearest values
+    sorting network for theta inputs; out: (d,); num_threads: how many per-thread
+    buffers (tasks) to use, as in ``mean_of_ranks``. In sorted order the beta nearest values
     form a window; the window whose farther end is nearest the median wins (the lower one
     on ties), and its sum comes from float64 prefix sums. Returns False on NaN/Inf input.
     """
@@ -80,7 +101,7 @@ def mean_closest_to_median(slab, bits, key, rows, first, second, beta, out):  # 
     theta = rows.size
     half = theta // 2
     num_chunks = (d + ORDER_CHUNK - 1) // ORDER_CHUNK
-    num_tasks = min(num_chunks, numba.get_num_threads())
+    num_tasks = max(1, min(num_chunks, num_threads))
     finite = np.ones(num_tasks, np.bool_)
     for task in prange(num_tasks):
         buffer = np.empty((theta, BUFFER_STRIDE), bits.dtype)
@@ -147,7 +168,10 @@ class Bulyan(Strategy):
             out = output_like(layer)
             key = order_key_constants(slab.dtype)
             bits = as_bits(slab)
-            if not mean_closest_to_median(slab, bits, key, picked, first, second, beta, out):
+            threads = numba.get_num_threads()
+            if not mean_closest_to_median(
+                slab, bits, key, picked, first, second, beta, out, threads
+            ):
                 raise_non_finite_input(batch, self.name)
             outputs.append(out)
         return outputs

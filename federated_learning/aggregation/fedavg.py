@@ -33,7 +33,15 @@ WEIGHTED_SUM_BLOCK = 4096
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def weighted_sum_affine(slab, rows, weights, base, scale, base_coef, out):  # type: ignore[no-untyped-def]
+def weighted_sum_affine(  # type: ignore[no-untyped-def]
+    slab,
+    rows,
+    weights,
+    base,
+    scale,
+    base_coef,
+    out,
+):
     """out[c] = scale * sum_j weights[j] * slab[rows[j], c] + base_coef * base[c].
 
     slab: (K, d) float32/float64, C-contiguous; rows: (m,) int64 row indices; weights:

@@ -23,7 +23,13 @@ from .state import check_state_shapes, pack_state, unpack_state
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def momentum_step(current, delta, velocity, momentum, learning_rate):  # type: ignore[no-untyped-def]
+def momentum_step(  # type: ignore[no-untyped-def]
+    current,
+    delta,
+    velocity,
+    momentum,
+    learning_rate,
+):
     """In place: v = momentum * v - delta; delta <- current - lr * v (the new weights).
 
     current, delta, velocity: (d,) float32/float64; delta = fedavg - current, so

@@ -50,7 +50,8 @@ class FedBuff(Strategy):
     def check_batch(self, batch: UpdateBatch) -> None:
         if batch.num_clients > self.buffer_size:
             raise ValueError(
-                f"{self.name} buffer holds at most {self.buffer_size} updates; got {batch.num_clients}"
+                f"{self.name} buffer holds at most {self.buffer_size} updates; "
+                f"got {batch.num_clients}"
             )
 
     def aggregate_batch(self, batch: UpdateBatch) -> list[NDArray[np.floating]]:

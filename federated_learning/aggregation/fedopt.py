@@ -34,7 +34,17 @@ ADAGRAD = 2
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def fedopt_step(current, delta, m, v, rule, beta_1, beta_2, eta, tau):  # type: ignore[no-untyped-def]
+def fedopt_step(  # type: ignore[no-untyped-def]
+    current,
+    delta,
+    m,
+    v,
+    rule,
+    beta_1,
+    beta_2,
+    eta,
+    tau,
+):
     """In place, fused: update moments m, v from delta, then overwrite delta with w_{t+1}.
 
     current, delta, m, v: (d,) float32/float64; rule: ADAM, YOGI or ADAGRAD; the

@@ -1,4 +1,4 @@
-"""Coordinate-wise order statistics of K updates via sorting networks, vectorised across coordinates.
+"""Coordinate-wise order statistics of K updates: sorting networks vectorised across coordinates.
 
 For every coordinate c, the K values x_1[c], ..., x_K[c] go through a fixed sequence
 of compare-exchange operations (Batcher's odd-even merge sort, Batcher 1968, "Sorting
@@ -172,11 +172,23 @@ def keys_to_bits(buffer, row, count, key):  # type: ignore[no-untyped-def]
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def mean_of_ranks(slab, bits, key, rows, first, second, lo, hi, out):  # type: ignore[no-untyped-def]
+def mean_of_ranks(  # type: ignore[no-untyped-def]
+    slab,
+    bits,
+    key,
+    rows,
+    first,
+    second,
+    lo,
+    hi,
+    out,
+    num_threads,
+):
     """out[c] = mean(sorted(slab[rows, c])[lo:hi]), summed in float64; returns finiteness.
 
     slab: (K, d) float32/float64, C-contiguous, and ``bits``, the same memory as int32/int64;
-    key: ``order_key_constants(slab.dtype)``; rows: (m,) int64; first/second: a
+    key: ``order_key_constants(slab.dtype)``; num_threads: how many buffers (tasks) to
+    use, normally ``numba.get_num_threads()``; rows: (m,) int64; first/second: a
     network from ``range_network(m, lo, hi)``; out: (d,). Each thread owns one buffer of
     m x BUFFER_STRIDE keys (allocated once, not per chunk), copies ORDER_CHUNK-wide
     blocks of the m rows into it (contiguous reads the hardware prefetcher follows), then
@@ -187,7 +199,7 @@ def mean_of_ranks(slab, bits, key, rows, first, second, lo, hi, out):  # type: i
     m = rows.size
     inv = 1.0 / (hi - lo)
     num_chunks = (d + ORDER_CHUNK - 1) // ORDER_CHUNK
-    num_tasks = min(num_chunks, numba.get_num_threads())
+    num_tasks = max(1, min(num_chunks, num_threads))
     finite = np.ones(num_tasks, np.bool_)
     for task in prange(num_tasks):
         buffer = np.empty((m, BUFFER_STRIDE), bits.dtype)
@@ -216,4 +228,5 @@ def coordinate_mean_of_ranks(
     """Fill ``out`` with the mean of ranks lo..hi-1 of every coordinate; False if NaN/Inf seen."""
     first, second = range_network(int(rows.size), lo, hi)
     key = order_key_constants(slab.dtype)
-    return bool(mean_of_ranks(slab, as_bits(slab), key, rows, first, second, lo, hi, out))
+    threads = numba.get_num_threads()
+    return bool(mean_of_ranks(slab, as_bits(slab), key, rows, first, second, lo, hi, out, threads))

@@ -25,7 +25,7 @@ def trim_bounds(num_clients: int, beta: float) -> tuple[int, int]:
 
 
 def trimmed_mean(slabs: list[Slab], beta: float, outputs: list[NDArray[np.floating]]) -> bool:
-    """Fill ``outputs[i]`` with the coordinate-wise trimmed mean of ``slabs[i]``; False on NaN/Inf."""
+    """Fill ``outputs[i]`` with the trimmed mean of ``slabs[i]``'s columns; False on NaN/Inf."""
     rows = np.arange(slabs[0].shape[0], dtype=np.int64)
     lo, hi = trim_bounds(rows.size, beta)
     finite = True

@@ -7,7 +7,12 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from federated_learning.protocol.messages import Evaluation, TrainingConfig, TrainingStatus
+from federated_learning.protocol.messages import (
+    ASYNC_ALGORITHMS, Evaluation, TrainingConfig, TrainingStatus,
+)
+
+DEFAULT_BUFFER_SIZE = 10
+"""FedBuff's buffer size when the training names none (the aggregation rule's default)."""
 
 
 class RoundPhase(StrEnum):
@@ -46,6 +51,8 @@ class TrainingState(BaseModel):
     selected: list[str] = Field(default_factory=list)
     responded: list[str] = Field(default_factory=list)
     dropped: list[str] = Field(default_factory=list)
+    in_flight: dict[str, float] = Field(default_factory=dict)
+    """Asynchronous trainings: agent -> deadline of the task it is working on."""
     retries: int = 0
     round_started_at: float = 0.0
     deadline_at: float = 0.0
@@ -62,6 +69,15 @@ class TrainingState(BaseModel):
             TrainingStatus.CREATED, TrainingStatus.INITIALIZING, TrainingStatus.RUNNING,
             TrainingStatus.PAUSED, TrainingStatus.EVALUATING, TrainingStatus.SAVING,
         )
+
+    @property
+    def is_buffered(self) -> bool:
+        """Trains buffered-asynchronously (FedBuff) rather than in synchronous rounds."""
+        return self.config.algorithm in ASYNC_ALGORITHMS
+
+    @property
+    def buffer_size(self) -> int:
+        return int(self.config.algorithm_params.get("buffer_size", DEFAULT_BUFFER_SIZE))
 
     def touch(self) -> None:
         self.updated_at = time.time()

@@ -139,10 +139,16 @@ def run(settings: Settings, config_path: Path | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Deploy the federated learning system on this machine.")
     parser.add_argument("--config", type=Path, default=None, help="config file (default ./config.json)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="aggregator worker processes; overrides config 'aggregator_workers'")
     args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers is {args.workers}; must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s deploy %(levelname)s %(message)s")
     try:
         settings = load_settings(args.config)
+        if args.workers is not None:
+            settings = settings.model_copy(update={"aggregator_workers": args.workers})
         return run(settings, args.config)
     except (ConfigError, EmbeddedServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -78,9 +78,11 @@ class LocalTrainingSettings(BaseModel):
 PrivacyLevelName = Literal["none", "low", "medium", "high"]
 AlgorithmName = Literal[
     "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "perffedavg",
-    "krum", "multikrum", "trimmed_mean", "median", "bulyan",
+    "krum", "multikrum", "trimmed_mean", "median", "bulyan", "fedbuff",
 ]
-"""Aggregation rules a (synchronous) training can name; their parameters follow Flower's."""
+"""Aggregation rules a training can name; their parameters follow Flower's. ``fedbuff``
+trains buffered-asynchronously (no rounds for agents to wait on)."""
+ASYNC_ALGORITHMS = frozenset({"fedbuff"})
 
 
 class TrainingConfig(BaseModel):
@@ -98,6 +100,8 @@ class TrainingConfig(BaseModel):
     over_selection: FiniteFloat = Field(default=1.2, ge=1.0, le=3.0)
     round_deadline_s: FiniteFloat | None = Field(default=None, gt=0, le=86_400)
     max_round_attempts: int = Field(default=3, ge=1, le=100)
+    max_staleness: int = Field(default=10, ge=0, le=10_000,
+                               description="asynchronous trainings: oldest base version accepted, in versions")
     local: LocalTrainingSettings = Field(default_factory=LocalTrainingSettings)
     privacy_level: PrivacyLevelName | None = None
     target_accuracy: FiniteFloat | None = Field(default=None, gt=0, le=1)
@@ -231,6 +235,7 @@ class UpdateRef(BaseModel):
     agent_id: Identifier
     digest: Digest
     num_examples: int = Field(gt=0)
+    model_version: int = Field(default=0, ge=0, description="the version the update was trained from")
     metrics: dict[str, FiniteFloat] = Field(default_factory=dict)
 
 

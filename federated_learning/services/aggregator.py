@@ -22,10 +22,19 @@ from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
 from federated_learning.protocol.keys import GROUP_AGGREGATOR
 from federated_learning.protocol.messages import (
-    AggregateReady, AggregationJob, MalformedMessage, Severity, decode, encode,
+    AggregateReady,
+    AggregationJob,
+    MalformedMessage,
+    Severity,
+    decode,
+    encode,
 )
 from federated_learning.protocol.tensors import (
-    InvalidTensor, decode_layers, encode_layers, spec_of, validate_layers,
+    InvalidTensor,
+    decode_layers,
+    encode_layers,
+    spec_of,
+    validate_layers,
 )
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
 
@@ -111,6 +120,7 @@ class Aggregator:
         new_layers = strategy.aggregate_slabs(
             global_layers, slabs, [ref.num_examples for ref in refs],
             client_metrics=[dict(ref.metrics) for ref in refs],
+            staleness=[max(0, job.base_version - ref.model_version) for ref in refs],
         )
         seconds = time.perf_counter() - started
         SECONDS.labels(job.algorithm).observe(seconds)

@@ -19,21 +19,43 @@ from prometheus_client import Counter, Gauge, Histogram
 from federated_learning.bus.blobs import BlobMissing
 from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
-from federated_learning.records.agents import AgentRegistry, entry_time
+from federated_learning.coordination.checks import check_signature, notice_metrics, refuse_training
 from federated_learning.coordination.rounds import RoundDecision, decide_round, summarize_notices
 from federated_learning.coordination.selection import eligible_agents, round_rng, select_agents
 from federated_learning.coordination.state import RoundPhase, TrainingState
-from federated_learning.records.trainings import TrainingStore
 from federated_learning.models import initial_model
 from federated_learning.privacy.release import clip_norm_for
-from federated_learning.privacy.signing import verify
 from federated_learning.protocol.keys import GROUP_COORDINATOR
 from federated_learning.protocol.messages import (
-    AggregationJob, Evaluation, MalformedMessage, ModelReleased, PrivacyReport, RoundMetrics, Severity,
-    StartTraining, StopTraining, Task, TaskKind, TrainingStatus, UpdateRef, UpdateSubmitted,
-    VersionCommitted, decode, decode_agent_message, decode_control, encode,
+    AggregationJob,
+    Evaluation,
+    MalformedMessage,
+    ModelReleased,
+    PrivacyReport,
+    RoundMetrics,
+    Severity,
+    StartTraining,
+    StopTraining,
+    Task,
+    TaskKind,
+    TrainingStatus,
+    UpdateRef,
+    UpdateSubmitted,
+    VersionCommitted,
+    decode,
+    decode_agent_message,
+    decode_control,
+    encode,
 )
-from federated_learning.protocol.tensors import InvalidTensor, decode_layers, encode_layers, validate_layers
+from federated_learning.protocol.tensors import (
+    InvalidTensor,
+    decode_layers,
+    encode_layers,
+    validate_layers,
+)
+from federated_learning.records.agents import AgentRegistry, entry_time
+from federated_learning.records.trainings import TrainingStore
+from federated_learning.services.buffered import BufferedRounds
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
 
 log = logging.getLogger(__name__)
@@ -62,6 +84,7 @@ class Coordinator:
         self.store = TrainingStore(ctx.redis, ctx.keys)
         self.registry = AgentRegistry(ctx.redis, ctx.keys, ctx.settings.heartbeat_timeout_s)
         self._last_tick = 0.0
+        self.buffered = BufferedRounds(self)
         self.consumer = StreamConsumer(
             ctx.redis, GROUP_COORDINATOR, f"coordinator-{ctx.instance}",
             {
@@ -201,6 +224,9 @@ class Coordinator:
     async def open_round(self, state: TrainingState, round_number: int, *, retry: bool = False) -> None:
         """Select agents and send them their tasks; pause when too few are alive."""
         evaluating = state.status is TrainingStatus.EVALUATING
+        if state.is_buffered and not evaluating:
+            await self.buffered.open(state, round_number)
+            return
         candidates = eligible_agents(await self.registry.datasets(), await self.registry.alive(),
                                      state.config.dataset)
         if round_number != state.round:
@@ -271,6 +297,9 @@ class Coordinator:
         signature_problem = check_signature(notice, agent.public_key, self.settings.require_signed_updates)
         if signature_problem is not None:
             await self.ctx.reject("updates", signature_problem[0], signature_problem[1], **context)
+            return
+        if state.is_buffered and state.status is TrainingStatus.RUNNING and notice.kind is TaskKind.TRAIN:
+            await self.buffered.on_update(state, notice, context)
             return
         expected_kind = TaskKind.EVALUATE if state.status is TrainingStatus.EVALUATING else TaskKind.TRAIN
         closed = notice.round < state.round or (
@@ -353,13 +382,18 @@ class Coordinator:
         notices = sorted((UpdateSubmitted.model_validate_json(v) for v in raw.values()),
                          key=lambda n: n.agent_id)
         assert state.current_digest is not None and state.current_version is not None
+        params = dict(state.config.algorithm_params)
+        if state.is_buffered:
+            # Updates that arrived while the previous buffer was aggregated join this flush.
+            params["buffer_size"] = max(state.buffer_size, len(notices))
         job = AggregationJob(
             training_id=state.training_id, round=state.round, attempt=state.attempt,
-            algorithm=state.config.algorithm, algorithm_params=state.config.algorithm_params,
+            algorithm=state.config.algorithm, algorithm_params=params,
             base_version=state.current_version, base_digest=state.current_digest,
             state_digest=state.state_digest,
             updates=[UpdateRef(agent_id=n.agent_id, digest=n.update_digest or "", num_examples=n.num_examples,
-                               metrics=_notice_metrics(n)) for n in notices],
+                               model_version=n.received_model_version, metrics=notice_metrics(n))
+                     for n in notices],
         )
         state.phase = RoundPhase.AGGREGATING
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -464,7 +498,10 @@ class Coordinator:
             state = await self.store.load(training_id)
             if state is None:
                 continue
-            if state.status is TrainingStatus.PAUSED:
+            if state.is_buffered and state.status in (TrainingStatus.RUNNING, TrainingStatus.PAUSED):
+                await self.buffered.tick(state)
+                await self.buffered.flush_if_full(state)
+            elif state.status is TrainingStatus.PAUSED:
                 await self.open_round(state, state.round)
             elif state.phase is RoundPhase.COLLECTING:
                 await self._report_dropouts(state, set(alive))
@@ -482,55 +519,6 @@ class Coordinator:
             await self.ctx.emit("agent_dropped", f"agent stopped heartbeating during round {state.round}",
                                 severity=Severity.WARNING, training_id=state.training_id,
                                 round=state.round, agent_id=agent_id)
-
-
-def check_signature(notice: UpdateSubmitted, public_key: str | None,
-                    required: bool) -> tuple[str, str] | None:
-    """Reason and detail when the notice's signature is missing or wrong, else None."""
-    if public_key is None:
-        return ("unsigned", "agent registered no public key") if required else None
-    if notice.signature is None:
-        return "unsigned", "notice carries no signature"
-    if not verify(bytes.fromhex(public_key), notice.signed_bytes(), bytes.fromhex(notice.signature)):
-        return "bad_signature", "signature does not match the agent's registered key"
-    return None
-
-
-def minimum_updates(algorithm: str, num_malicious: int) -> int:
-    """Fewest updates a round of ``algorithm`` can aggregate (Krum: 2f+3, Bulyan: 4f+3)."""
-    if algorithm in ("krum", "multikrum"):
-        return 2 * num_malicious + 3
-    if algorithm == "bulyan":
-        return 4 * num_malicious + 3
-    return 1
-
-
-def refuse_training(state: TrainingState) -> str | None:
-    """Why a training cannot run as configured, or None."""
-    if state.min_clients > state.clients_per_round:
-        return (f"min_clients ({state.min_clients}) exceeds the clients per round "
-                f"({state.clients_per_round}) allowed by max_clients_per_round")
-    from federated_learning.aggregation import create_strategy
-
-    try:
-        strategy = create_strategy(state.config.algorithm, **state.config.algorithm_params)
-    except ValueError as exc:
-        return f"algorithm '{state.config.algorithm}': {exc}"
-    needed = minimum_updates(state.config.algorithm, int(getattr(strategy, "num_malicious_clients", 0)))
-    if state.min_clients < needed:
-        return (f"algorithm '{state.config.algorithm}' needs at least {needed} updates per round; "
-                f"min_clients is {state.min_clients}")
-    return None
-
-
-def _notice_metrics(notice: UpdateSubmitted) -> dict[str, float]:
-    metrics: dict[str, float] = {}
-    if notice.train_loss is not None:
-        metrics["train_loss"] = notice.train_loss
-    if notice.evaluation is not None:
-        metrics["accuracy"] = notice.evaluation.accuracy
-        metrics["loss"] = notice.evaluation.loss
-    return metrics
 
 
 async def _main(args: argparse.Namespace) -> None:

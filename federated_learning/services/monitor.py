@@ -19,12 +19,22 @@ from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
 from federated_learning.coordination.state import TrainingState
 from federated_learning.monitoring.alerts import (
-    Alert, RoundObservation, reconcile, services_down, stalled_rounds,
+    Alert,
+    RoundObservation,
+    reconcile,
+    services_down,
+    stalled_rounds,
 )
 from federated_learning.monitoring.metrics import metrics_from_round
 from federated_learning.protocol.keys import GROUP_MONITOR
 from federated_learning.protocol.messages import Event, MalformedMessage, decode
-from federated_learning.services.runtime import HEALTH_TTL_S, ServiceContext, open_context, serve, setup_logging
+from federated_learning.services.runtime import (
+    HEALTH_TTL_S,
+    ServiceContext,
+    open_context,
+    serve,
+    setup_logging,
+)
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,20 @@ from federated_learning.config import load_settings
 from federated_learning.privacy.release import ReleaseRefused, plan_release
 from federated_learning.protocol.keys import GROUP_PRIVACY
 from federated_learning.protocol.messages import (
-    AggregateReady, MalformedMessage, ModelReleased, Severity, StopTraining, decode, encode,
+    AggregateReady,
+    MalformedMessage,
+    ModelReleased,
+    Severity,
+    StopTraining,
+    decode,
+    encode,
 )
-from federated_learning.protocol.tensors import InvalidTensor, decode_layers, encode_layers, validate_layers
+from federated_learning.protocol.tensors import (
+    InvalidTensor,
+    decode_layers,
+    encode_layers,
+    validate_layers,
+)
 from federated_learning.records.trainings import TrainingStore
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
 

@@ -22,7 +22,12 @@ from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
 from federated_learning.protocol.keys import GROUP_VERSIONS
 from federated_learning.protocol.messages import (
-    MalformedMessage, ModelReleased, VersionCommitted, VersionRecord, decode, encode,
+    MalformedMessage,
+    ModelReleased,
+    VersionCommitted,
+    VersionRecord,
+    decode,
+    encode,
 )
 from federated_learning.protocol.tensors import InvalidTensor, decode_layers
 from federated_learning.records.checkpoints import CheckpointStore

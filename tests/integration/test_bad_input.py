@@ -12,7 +12,12 @@ from federated_learning.bus.blobs import BlobStore
 from federated_learning.privacy.signing import AgentKeyPair
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import (
-    AgentJoined, Heartbeat, TaskKind, UpdateSubmitted, VersionRecord, encode,
+    AgentJoined,
+    Heartbeat,
+    TaskKind,
+    UpdateSubmitted,
+    VersionRecord,
+    encode,
 )
 from federated_learning.protocol.tensors import encode_layers
 from tests.integration.conftest import digits_config, start_training, wait_for_status

@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from federated_learning.protocol.keys import Keys
-from federated_learning.protocol.messages import RoundMetrics, VersionRecord
+from federated_learning.protocol.messages import AggregationJob, RoundMetrics, VersionRecord
 from tests.integration.conftest import digits_config, start_training, wait_for_status
 
 
@@ -45,3 +45,26 @@ async def test_private_training_releases_noised_versions_and_charges_the_budget(
     assert 0 < records[1].privacy.epsilon_spent < records[2].privacy.epsilon_spent <= 8.0
     assert await redis.exists(keys.privacy_budget("dp"))
     assert state.epsilon_spent == records[2].privacy.epsilon_spent
+
+
+async def test_buffered_asynchronous_training_flushes_full_buffers_with_staleness(
+        redis: aioredis.Redis, system, make_agents) -> None:
+    await system.start()
+    await make_agents(8)
+    await start_training(redis, "async", digits_config(algorithm="fedbuff", rounds=4, clients_per_round=6,
+                                                       algorithm_params={"buffer_size": 4}))
+
+    state = await wait_for_status(redis, "async", {"completed", "failed"})
+
+    assert state.status == "completed", state.reason
+    keys = Keys()
+    records = sorted((VersionRecord.model_validate_json(v) for v in (await redis.hgetall(keys.versions("async"))).values()),
+                     key=lambda r: r.version)
+    assert [r.version for r in records] == [0, 1, 2, 3, 4]
+    assert all(len(r.contributors) >= 4 for r in records[1:])
+    jobs = [AggregationJob.model_validate_json(f[b"m"]) for _id, f in await redis.xrange(keys.job_stream)]
+    assert any(ref.model_version < job.base_version for job in jobs for ref in job.updates), \
+        "agents kept training while buffers were aggregated, so some updates are stale"
+    metrics = [RoundMetrics.model_validate_json(m) for m in await redis.lrange(keys.training_metrics("async"), 0, -1)]
+    assert state.final_evaluation is not None
+    assert state.final_evaluation.accuracy > (metrics[0].eval_accuracy or 0.0)

@@ -11,7 +11,11 @@ from fastapi import APIRouter, Query
 from federated_learning.dashboard.deps import Agents, AppKeys, Redis
 from federated_learning.monitoring.alerts import EXPECTED_SERVICES, Alert
 from federated_learning.protocol.keys import (
-    GROUP_AGGREGATOR, GROUP_COORDINATOR, GROUP_MONITOR, GROUP_PRIVACY, GROUP_VERSIONS,
+    GROUP_AGGREGATOR,
+    GROUP_COORDINATOR,
+    GROUP_MONITOR,
+    GROUP_PRIVACY,
+    GROUP_VERSIONS,
 )
 
 router = APIRouter(prefix="/api", tags=["system"])

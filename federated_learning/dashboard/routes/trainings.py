@@ -12,7 +12,13 @@ from federated_learning.bus.blobs import BlobMissing
 from federated_learning.coordination.state import TrainingState
 from federated_learning.dashboard.deps import Blobs, Context, Trainings, Versions
 from federated_learning.protocol.messages import (
-    Identifier, RoundMetrics, StartTraining, StopTraining, TrainingConfig, VersionRecord, encode,
+    Identifier,
+    RoundMetrics,
+    StartTraining,
+    StopTraining,
+    TrainingConfig,
+    VersionRecord,
+    encode,
 )
 from federated_learning.protocol.tensors import InvalidTensor
 from federated_learning.records.checkpoints import CheckpointStore

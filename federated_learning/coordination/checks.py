@@ -1,0 +1,56 @@
+"""Checks the coordinator applies to trainings and notices (pure; no I/O)."""
+
+from __future__ import annotations
+
+from federated_learning.coordination.state import TrainingState
+from federated_learning.privacy.signing import verify
+from federated_learning.protocol.messages import UpdateSubmitted
+
+
+def check_signature(notice: UpdateSubmitted, public_key: str | None,
+                    required: bool) -> tuple[str, str] | None:
+    """Reason and detail when the notice's signature is missing or wrong, else None."""
+    if public_key is None:
+        return ("unsigned", "agent registered no public key") if required else None
+    if notice.signature is None:
+        return "unsigned", "notice carries no signature"
+    if not verify(bytes.fromhex(public_key), notice.signed_bytes(), bytes.fromhex(notice.signature)):
+        return "bad_signature", "signature does not match the agent's registered key"
+    return None
+
+
+def minimum_updates(algorithm: str, num_malicious: int) -> int:
+    """Fewest updates a round of ``algorithm`` can aggregate (Krum: 2f+3, Bulyan: 4f+3)."""
+    if algorithm in ("krum", "multikrum"):
+        return 2 * num_malicious + 3
+    if algorithm == "bulyan":
+        return 4 * num_malicious + 3
+    return 1
+
+
+def refuse_training(state: TrainingState) -> str | None:
+    """Why a training cannot run as configured, or None."""
+    if state.min_clients > state.clients_per_round:
+        return (f"min_clients ({state.min_clients}) exceeds the clients per round "
+                f"({state.clients_per_round}) allowed by max_clients_per_round")
+    from federated_learning.aggregation import create_strategy
+
+    try:
+        strategy = create_strategy(state.config.algorithm, **state.config.algorithm_params)
+    except ValueError as exc:
+        return f"algorithm '{state.config.algorithm}': {exc}"
+    needed = minimum_updates(state.config.algorithm, int(getattr(strategy, "num_malicious_clients", 0)))
+    if state.min_clients < needed:
+        return (f"algorithm '{state.config.algorithm}' needs at least {needed} updates per round; "
+                f"min_clients is {state.min_clients}")
+    return None
+
+
+def notice_metrics(notice: UpdateSubmitted) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    if notice.train_loss is not None:
+        metrics["train_loss"] = notice.train_loss
+    if notice.evaluation is not None:
+        metrics["accuracy"] = notice.evaluation.accuracy
+        metrics["loss"] = notice.evaluation.loss
+    return metrics
