@@ -23,15 +23,29 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agents.attacks import Attack, poison_update
 from agents.trainers import Trainer, create_trainer
-from federated_learning.privacy.signing import AgentKeyPair
 from federated_learning.bus.blobs import BlobMissing, BlobStore
 from federated_learning.bus.consumer import ensure_group
+from federated_learning.privacy.signing import AgentKeyPair
 from federated_learning.protocol.keys import GROUP_AGENT, Keys
 from federated_learning.protocol.messages import (
-    AgentJoined, AgentLeft, Evaluation, Heartbeat, MalformedMessage, ModelSpec, Task, TaskKind,
-    UpdateSubmitted, decode, encode,
+    AgentJoined,
+    AgentLeft,
+    Evaluation,
+    Heartbeat,
+    MalformedMessage,
+    ModelSpec,
+    Task,
+    TaskKind,
+    UpdateSubmitted,
+    decode,
+    encode,
 )
-from federated_learning.protocol.tensors import InvalidTensor, decode_layers, encode_layers, validate_layers
+from federated_learning.protocol.tensors import (
+    InvalidTensor,
+    decode_layers,
+    encode_layers,
+    validate_layers,
+)
 
 log = logging.getLogger(__name__)
 

@@ -58,6 +58,8 @@ class SimulationOptions:
     malicious_fraction: float = 0.0
     attack: str = "sign_flip"
     heartbeat_interval_s: float = 5.0
+    state_dir: Path | None = None
+    """Where agents keep their keys; reuse it so agents keep their identity across runs."""
     round_deadline_s: float = 60.0
     timeout_s: float = 900.0
 
@@ -115,6 +117,7 @@ async def start_agents(options: SimulationOptions) -> tuple[list[FederatedClient
         bad = data.client_id in malicious
         agent = FederatedClient(f"agent-{data.client_id:03d}", redis=redis, key_prefix=options.key_prefix,
                                 heartbeat_interval_s=options.heartbeat_interval_s, seed=options.seed,
+                                state_dir=options.state_dir,
                                 attack=attack if bad and attack is not Attack.LABEL_FLIP else None)
         y_train = flip_labels(data.train.y, NUM_CLASSES) if bad and attack is Attack.LABEL_FLIP else data.train.y
         agent.add_dataset(DATASET, data.train.x, y_train, x_eval=data.eval.x, y_eval=data.eval.y)

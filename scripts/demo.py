@@ -74,7 +74,7 @@ def main() -> int:
             partition=args.partition, seed=args.seed,
             clients_per_round=DEMO_TRAINING["clients_per_round"], local_epochs=DEMO_TRAINING["local_epochs"],
             batch_size=DEMO_TRAINING["batch_size"], learning_rate=DEMO_TRAINING["learning_rate"],
-            privacy_level="none",
+            privacy_level="none", state_dir=DEMO_DATA_DIR / "agent-state",
         )
         report = asyncio.run(run_simulation(options, on_round=print_round))
         if args.report:

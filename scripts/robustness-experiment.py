@@ -42,7 +42,7 @@ def run_one(deployment: LocalDeployment, rule: str, malicious: float, attack: st
         rounds=args.rounds, partition=args.partition, seed=args.seed, clients_per_round=CLIENTS_PER_ROUND,
         min_clients=CLIENTS_PER_ROUND if rule in ("krum", "multikrum", "bulyan") else None,
         algorithm=rule, algorithm_params=RULES[rule], malicious_fraction=malicious, attack=attack,
-        privacy_level="none",
+        privacy_level="none", state_dir=DATA_DIR / "agent-state",
     )
     report = asyncio.run(run_simulation(options))
     if report.status != "completed":

@@ -64,6 +64,7 @@ def options_from(args: argparse.Namespace) -> SimulationOptions:
         batch_size=args.batch_size, learning_rate=args.learning_rate, proximal_mu=args.proximal_mu,
         privacy_level=args.privacy_level, timeout_s=args.timeout,
         malicious_fraction=args.malicious, attack=args.attack,
+        state_dir=settings.data_dir.resolve() / "agent-state",
         heartbeat_interval_s=min(settings.heartbeat_interval_s, 5.0),
         round_deadline_s=settings.round_deadline_s,
     )

@@ -61,6 +61,10 @@ class TrainingState(BaseModel):
     best_accuracy: float | None = None
     final_evaluation: Evaluation | None = None
     epsilon_spent: float = 0.0
+    last_rollback_at_version: int | None = None
+    """Newest version already judged when the last automatic rollback was decided."""
+    pending_rollback: int | None = None
+    """A manual rollback asked while a round was aggregating: applied when it completes."""
 
     @property
     def is_active(self) -> bool:

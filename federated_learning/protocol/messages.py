@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, TypeAlias, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
+from federated_learning.versioning.rollback import RollbackConfig
+
 SCHEMA_VERSION = 1
 PAYLOAD_FIELD = b"m"
 
@@ -104,6 +106,9 @@ class TrainingConfig(BaseModel):
                                description="asynchronous trainings: oldest base version accepted, in versions")
     local: LocalTrainingSettings = Field(default_factory=LocalTrainingSettings)
     privacy_level: PrivacyLevelName | None = None
+    rollback: RollbackConfig | None = Field(
+        default=None, description="automatic rollback policy; None: off (federated evaluations on a "
+                                  "few non-IID agents are noisy, so the operator opts in)")
     target_accuracy: FiniteFloat | None = Field(default=None, gt=0, le=1)
 
     @model_validator(mode="after")
@@ -132,7 +137,17 @@ class StopTraining(Message):
     failed: bool = False
 
 
-ControlCommand: TypeAlias = Annotated[StartTraining | StopTraining, Field(discriminator="type")]
+class RollbackTraining(Message):
+    """Operator's request: continue the training from ``version``."""
+
+    type: Literal["rollback_training"] = "rollback_training"
+    training_id: Identifier
+    version: int = Field(ge=0)
+    reason: str = Field(default="rolled back by operator", max_length=500)
+
+
+ControlCommand: TypeAlias = Annotated[StartTraining | StopTraining | RollbackTraining,
+                                      Field(discriminator="type")]
 
 
 # -- agents -------------------------------------------------------------------
@@ -407,7 +422,7 @@ def decode(model: type[M], fields: dict[bytes, bytes]) -> M:
         raise MalformedMessage(_short(exc)) from exc
 
 
-def decode_control(fields: dict[bytes, bytes]) -> StartTraining | StopTraining:
+def decode_control(fields: dict[bytes, bytes]) -> StartTraining | StopTraining | RollbackTraining:
     try:
         return _control.validate_json(_payload(fields))
     except ValueError as exc:

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 
 from federated_learning.coordination.selection import eligible_agents, round_rng, select_agents
 from federated_learning.coordination.state import RoundPhase, TrainingState
-from federated_learning.protocol.messages import Severity, Task, TaskKind, TrainingStatus, UpdateSubmitted, encode
+from federated_learning.protocol.messages import (
+    Severity,
+    Task,
+    TaskKind,
+    TrainingStatus,
+    UpdateSubmitted,
+    encode,
+)
 
 if TYPE_CHECKING:
     from federated_learning.services.coordinator import Coordinator

@@ -32,6 +32,7 @@ from federated_learning.protocol.messages import (
     MalformedMessage,
     ModelReleased,
     PrivacyReport,
+    RollbackTraining,
     RoundMetrics,
     Severity,
     StartTraining,
@@ -56,6 +57,7 @@ from federated_learning.protocol.tensors import (
 from federated_learning.records.agents import AgentRegistry, entry_time
 from federated_learning.records.trainings import TrainingStore
 from federated_learning.services.buffered import BufferedRounds
+from federated_learning.services.rollbacks import Rollbacks
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class Coordinator:
         self.registry = AgentRegistry(ctx.redis, ctx.keys, ctx.settings.heartbeat_timeout_s)
         self._last_tick = 0.0
         self.buffered = BufferedRounds(self)
+        self.rollbacks = Rollbacks(self)
         self.consumer = StreamConsumer(
             ctx.redis, GROUP_COORDINATOR, f"coordinator-{ctx.instance}",
             {
@@ -110,6 +113,8 @@ class Coordinator:
             return
         if isinstance(command, StartTraining):
             await self.start_training(command)
+        elif isinstance(command, RollbackTraining):
+            await self.rollbacks.on_request(command)
         else:
             await self.stop_training(command)
 
@@ -462,6 +467,11 @@ class Coordinator:
         await self.ctx.emit("round_completed", f"round {state.round} committed as version {committed.version}",
                             training_id=state.training_id, round=state.round,
                             **metrics.model_dump(exclude={"training_id", "round"}))
+        if state.pending_rollback is not None:
+            target_version, state.pending_rollback = state.pending_rollback, None
+            await self.rollbacks.move_to(state, target_version, "rolled back by operator", automatic=False)
+        else:
+            await self.rollbacks.after_round(state)
         target = state.config.target_accuracy
         reached = target is not None and (metrics.eval_accuracy or 0.0) >= target
         if state.round >= state.config.rounds or reached:

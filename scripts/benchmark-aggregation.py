@@ -1,0 +1,396 @@
+"""Benchmark the aggregation kernels against NumPy (and Flower, when installed).
+
+For every rule and problem size it reports our time (median of --repeats after a warm-up
+call), a plain NumPy baseline, Flower's aggregate function when ``flwr`` imports, the
+machine limits measured in the same run (copy bandwidth, float32 GEMM rate), our share
+of the limit, and the extra memory of one aggregation call.
+
+Extra memory is measured, not estimated: each rule runs in its own subprocess, which
+resets the kernel's peak-RSS counter (``/proc/self/clear_refs``, 5) after filling the
+slabs and reads VmHWM after the first full-size call; extra = VmHWM - VmRSS before the
+call (the second full-size call, so that optimiser state allocated once is not counted).
+Workers run with MALLOC_MMAP_THRESHOLD_=65536 so that freed buffers are returned to the
+OS and every call's allocations show up in VmHWM.
+It covers NumPy and Numba (NRT) allocations alike, including the output. The NumPy
+baselines run with one BLAS thread (OpenBLAS's threads stall when another process holds
+a core); the GEMM limit is the better of default and one BLAS thread.
+
+Usage (see docs/performance.md):
+    .venv/bin/python scripts/benchmark-aggregation.py --d 1000000 10000000 --layers 1 \
+        --json reports/aggregation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numba
+import numpy as np
+from numba import njit, prange
+from threadpoolctl import threadpool_limits
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from federated_learning.aggregation import (
+    RULES,
+    allocate_slabs,
+    configure_threads,
+    create_strategy,
+)
+
+logger = logging.getLogger("benchmark-aggregation")
+
+COPY_BYTES = 512 * 2**20
+GEMM_SHAPE = (69, 2_000_000)
+AVERAGING = (
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedsgd",
+    "perffedavg",
+    "fedbuff",
+)
+DISTANCE_RULES = ("krum", "multikrum", "bulyan")
+SELECTION_RULES = ("trimmed_mean", "median")
+SELECTION_TARGET_S = 1.0
+# Every allocation of 64 KiB or more gets its own mmap and is unmapped when freed, so
+# VmHWM sees each call's buffers instead of heap memory kept from the warm-up call.
+WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+@njit(parallel=True, cache=True)
+def parallel_copy(source, target):  # type: ignore[no-untyped-def]
+    """target[:] = source[:] in 64 Ki-element blocks spread over the Numba threads."""
+    n = source.size
+    for b in prange((n + 65535) // 65536):
+        for i in range(b * 65536, min(n, (b + 1) * 65536)):
+            target[i] = source[i]
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of ``repeats`` calls after one warm-up call, in seconds."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def copy_bandwidth(repeats: int) -> dict[str, float]:
+    """STREAM-copy bandwidth in bytes/s: 2 x bytes / time, Numba parallel and np.copyto."""
+    source = np.ones(COPY_BYTES // 4, dtype=np.float32)
+    target = np.zeros_like(source)
+    numba_bw = 2 * COPY_BYTES / best_time(lambda: parallel_copy(source, target), repeats)
+    numpy_bw = 2 * COPY_BYTES / best_time(lambda: np.copyto(target, source), repeats)
+    return {
+        "numba_copy_Bps": numba_bw,
+        "numpy_copy_Bps": numpy_bw,
+        "bandwidth_Bps": max(numba_bw, numpy_bw),
+    }
+
+
+def gemm_rate(repeats: int) -> dict[str, float]:
+    """float32 X @ X.T rate in FLOP/s for X of GEMM_SHAPE, BLAS default threads and 1 thread."""
+    x = np.random.default_rng(0).standard_normal(GEMM_SHAPE, dtype=np.float32)
+    flops = 2.0 * GEMM_SHAPE[0] ** 2 * GEMM_SHAPE[1]
+    default = flops / best_time(lambda: x @ x.T, repeats)
+    with threadpool_limits(limits=1, user_api="blas"):
+        single = flops / best_time(lambda: x @ x.T, repeats)
+    return {
+        "gemm_default_threads_flops": default,
+        "gemm_1_thread_flops": single,
+        "gemm_flops": max(default, single),
+    }
+
+
+def rule_params(rule: str, num_clients: int) -> dict[str, Any]:
+    """Benchmark hyperparameters: f = 25% for Krum, the largest legal f for Bulyan."""
+    params: dict[str, dict[str, Any]] = {
+        "fedprox": {"proximal_mu": 0.01},
+        "fedavgm": {"server_momentum": 0.9},
+        "fedbuff": {"buffer_size": num_clients},
+        "krum": {"num_malicious_clients": num_clients // 4},
+        "multikrum": {"num_malicious_clients": num_clients // 4},
+        "bulyan": {"num_malicious_clients": (num_clients - 3) // 4},
+        "trimmed_mean": {"beta": 0.2},
+    }
+    return params.get(rule, {})
+
+
+def make_round(
+    d: int, num_layers: int, num_clients: int, seed: int = 0
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Global layers and filled float32 slabs: global + 0.1 * N(0, 1) per client, no temporaries."""
+    rng = np.random.default_rng(seed)
+    sizes = [d // num_layers + (1 if i < d % num_layers else 0) for i in range(num_layers)]
+    global_layers = [rng.standard_normal(size, dtype=np.float32) for size in sizes]
+    slabs = allocate_slabs(global_layers, num_clients)
+    for slab, layer in zip(slabs, global_layers, strict=True):
+        for k in range(num_clients):
+            rng.standard_normal(dtype=np.float32, out=slab[k])
+            slab[k] *= np.float32(0.1)
+            slab[k] += layer
+    return global_layers, slabs
+
+
+def numpy_baseline(
+    rule: str, slabs: list[np.ndarray], weights: np.ndarray, params: dict[str, Any]
+) -> Callable[[], object]:
+    """Plain NumPy version of the rule's dominant work."""
+    w32 = weights.astype(np.float32)
+    if rule in AVERAGING:
+        return lambda: [np.tensordot(w32, slab, axes=1) for slab in slabs]
+    if rule in DISTANCE_RULES:
+
+        def gram_distances() -> np.ndarray:
+            gram = sum(slab @ slab.T for slab in slabs)
+            norms = np.diag(gram)
+            return np.asarray(norms[:, None] + norms[None, :] - 2 * gram)
+
+        return gram_distances
+    if rule == "median":
+        return lambda: [np.median(slab, axis=0) for slab in slabs]
+    cut = int(params["beta"] * slabs[0].shape[0])
+    hi = slabs[0].shape[0] - cut
+    return lambda: [
+        np.partition(slab, (cut, hi - 1), axis=0)[cut:hi].mean(axis=0) for slab in slabs
+    ]
+
+
+def flower_call(
+    rule: str, slabs: list[np.ndarray], counts: list[int], params: dict[str, Any]
+) -> Callable[[], object] | None:
+    """Flower's aggregate function for the rule, on per-client views of the slabs."""
+    try:
+        from flwr.server.strategy import aggregate as flwr_aggregate
+    except ImportError:
+        return None
+    results = [([slab[k] for slab in slabs], n) for k, n in enumerate(counts)]
+    f = params.get("num_malicious_clients", 0)
+    if rule in ("fedavg", "fedprox"):
+        return lambda: flwr_aggregate.aggregate(results)
+    if rule == "krum":
+        return lambda: flwr_aggregate.aggregate_krum(results, f, 0)
+    if rule == "multikrum":
+        return lambda: flwr_aggregate.aggregate_krum(results, f, len(counts) - f)
+    if rule == "trimmed_mean":
+        return lambda: flwr_aggregate.aggregate_trimmed_avg(results, params["beta"])
+    if rule == "median":
+        return lambda: flwr_aggregate.aggregate_median(results)
+    return None
+
+
+def read_status_kib(field: str) -> int:
+    """A VmRSS/VmHWM line of /proc/self/status, in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall-clock seconds of ``repeats`` calls."""
+    return median_times(fn, repeats)[0]
+
+
+def median_times(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median wall-clock and median process-CPU seconds (all threads) of ``repeats`` calls.
+
+    CPU time near wall time x threads means the threads had their cores; CPU time near
+    wall time means they waited on one another (another process held a core).
+    """
+    walls, cpus = [], []
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu_start)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One rule at one size, in this (fresh) process: memory first, then timings."""
+    rule, d, num_layers, num_clients = spec["rule"], spec["d"], spec["layers"], spec["clients"]
+    if spec["threads"]:
+        configure_threads(spec["threads"])
+    params = rule_params(rule, num_clients)
+    counts = [100 + k for k in range(num_clients)]
+    kwargs: dict[str, Any] = {
+        "client_metrics": [{"accuracy": 0.5 + 0.005 * k} for k in range(num_clients)]
+    }
+    small_layers, small_slabs = make_round(4096 * num_layers, num_layers, num_clients, seed=1)
+    create_strategy(rule, **params).aggregate_slabs(small_layers, small_slabs, counts, **kwargs)
+    global_layers, slabs = make_round(d, num_layers, num_clients)
+    strategy = create_strategy(rule, **params)
+    start = time.perf_counter()
+    strategy.aggregate_slabs(global_layers, slabs, counts, **kwargs)
+    first_call = time.perf_counter() - start
+    Path("/proc/self/clear_refs").write_text("5")
+    rss_before = read_status_kib("VmRSS")
+    strategy.aggregate_slabs(global_layers, slabs, counts, **kwargs)
+    extra_bytes = (read_status_kib("VmHWM") - rss_before) * 1024
+    ours, ours_cpu = median_times(
+        lambda: strategy.aggregate_slabs(global_layers, slabs, counts, **kwargs), spec["repeats"]
+    )
+    weights = np.asarray(counts, dtype=np.float64) / sum(counts)
+    baseline_fn = numpy_baseline(rule, slabs, weights, params)
+    numpy_s = None
+    if spec["baseline_repeats"]:
+        # One BLAS thread: OpenBLAS's threads stall when another process holds a core.
+        with threadpool_limits(limits=1, user_api="blas"):
+            numpy_s = median_time(baseline_fn, spec["baseline_repeats"])
+    flower_fn = flower_call(rule, slabs, counts, params) if spec["flower"] else None
+    flower_s = median_time(flower_fn, 1) if flower_fn else None
+    return {
+        "rule": rule,
+        "d": d,
+        "layers": num_layers,
+        "clients": num_clients,
+        "params": params,
+        "ours_s": ours,
+        "ours_cpu_s": ours_cpu,
+        "first_call_s": first_call,
+        "numpy_s": numpy_s,
+        "flower_s": flower_s,
+        "extra_bytes": extra_bytes,
+    }
+
+
+def limit_seconds(rule: str, d: int, num_clients: int, limits: dict[str, float]) -> float:
+    """FedAvg limit = K d 4 B / bandwidth; distance rules: max(that, 2 K^2 d / GEMM rate)."""
+    read_once = num_clients * d * 4 / limits["bandwidth_Bps"]
+    if rule in DISTANCE_RULES:
+        return max(read_once, 2.0 * num_clients**2 * d / limits["gemm_flops"])
+    return read_once
+
+
+def verdict(row: dict[str, Any]) -> str:
+    """Against docs' targets: averaging >= 85% of limit, Krum >= 70%, selection <= 1 s."""
+    memory_ok = row["extra_bytes"] <= row["memory_budget_bytes"]
+    if row["rule"] in SELECTION_RULES:
+        time_ok = row["ours_s"] <= SELECTION_TARGET_S * row["d"] / 10_000_000
+    elif row["rule"] in ("krum", "multikrum"):
+        time_ok = row["pct_of_limit"] >= 70.0
+    elif row["rule"] == "bulyan":
+        time_ok = True
+    else:
+        time_ok = row["pct_of_limit"] >= 85.0
+    return ("ok" if time_ok else "slow") + ("" if memory_ok else ", mem")
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the results."""
+    header = (
+        "| d | layers | rule | ours (s) | ours CPU (s) | NumPy (s) | Flower (s) | limit (s) "
+        "| % of limit "
+        "| extra MB | budget MB | target |"
+    )
+    lines = [header, "|" + "---|" * 12]
+    for r in rows:
+        numpy_s = f"{r['numpy_s']:.3f}" if r["numpy_s"] is not None else "-"
+        flower_s = f"{r['flower_s']:.3f}" if r["flower_s"] is not None else "-"
+        lines.append(
+            f"| {r['d']:,} | {r['layers']} | {r['rule']} | {r['ours_s']:.4f} "
+            f"| {r['ours_cpu_s']:.4f} | {numpy_s} | {flower_s} "
+            f"| {r['limit_s']:.4f} | {r['pct_of_limit']:.0f}% | {r['extra_bytes'] / 1e6:.1f} "
+            f"| {r['memory_budget_bytes'] / 1e6:.1f} | {r['verdict']} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--clients", type=int, default=69)
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--baseline-repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="Numba threads; 0 = all")
+    parser.add_argument("--no-flower", action="store_true", help="skip Flower even if installed")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        configure_threads(args.threads)
+    load_before = os.getloadavg()
+    limits = {**copy_bandwidth(args.repeats), **gemm_rate(3)}
+    logger.info("limits: %s", {k: f"{v:.3g}" for k, v in limits.items()})
+    rows = []
+    for d in args.d:
+        for num_layers in args.layers:
+            for rule in args.rules:
+                spec = {
+                    "rule": rule,
+                    "d": d,
+                    "layers": num_layers,
+                    "clients": args.clients,
+                    "repeats": args.repeats,
+                    "baseline_repeats": args.baseline_repeats,
+                    "threads": args.threads,
+                    "flower": not args.no_flower,
+                }
+                done = subprocess.run(
+                    [sys.executable, __file__, "--worker", json.dumps(spec)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    env=WORKER_ENV,
+                )
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                row["limit_s"] = limit_seconds(rule, d, args.clients, limits)
+                row["pct_of_limit"] = 100.0 * row["limit_s"] / row["ours_s"]
+                row["memory_budget_bytes"] = d * 4 + args.clients**2 * 8
+                row["verdict"] = verdict(row)
+                logger.info(
+                    "d=%s layers=%s rule=%s ours=%.4fs numpy=%s extra=%.1fMB",
+                    d,
+                    num_layers,
+                    rule,
+                    row["ours_s"],
+                    row["numpy_s"],
+                    row["extra_bytes"] / 1e6,
+                )
+                rows.append(row)
+    context = {
+        "numba_threads": numba.get_num_threads(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+    }
+    table = format_table(rows)
+    sys.stdout.write(f"limits: {json.dumps(limits)}\ncontext: {json.dumps(context)}\n{table}\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {"limits": limits, "context": context, "argv": sys.argv, "rows": rows}, indent=2
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Automatic rollback end to end: a stretch of poisoned rounds, the policy rolls back, training recovers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import redis.asyncio as aioredis
+
+from agents.attacks import Attack
+from federated_learning.protocol.keys import Keys
+from federated_learning.protocol.messages import RollbackTraining, encode
+from tests.integration.conftest import digits_config, start_training, wait_for_status
+
+KEYS = Keys()
+
+
+async def rollback_events(redis: aioredis.Redis) -> list[dict]:
+    events = [json.loads(f[b"m"]) for _id, f in await redis.xrange(KEYS.event_stream)]
+    return [e for e in events if e["kind"] == "rollback"]
+
+
+async def test_poisoned_rounds_trigger_a_rollback_to_the_best_version(redis: aioredis.Redis, system, make_agents) -> None:
+    await system.start()
+    agents = await make_agents(8)
+    await start_training(redis, "poison", digits_config(
+        rounds=14, clients_per_round=8, min_clients=8,
+        rollback={"performance_threshold": 0.1, "consecutive_degradations": 2}))
+
+    state = await wait_for_status(redis, "poison", {"running"})
+    while state.completed_rounds < 4:
+        state = await wait_for_status(redis, "poison", {"running"})
+    for agent in agents:
+        agent.attack = Attack.SIGN_FLIP
+    for _ in range(600):
+        if await rollback_events(redis):
+            break
+        await asyncio.sleep(0.05)
+    for agent in agents:
+        agent.attack = None
+    state = await wait_for_status(redis, "poison", {"completed", "failed"})
+
+    assert state.status == "completed", state.reason
+    [rollback, *_] = await rollback_events(redis)
+    assert rollback["data"]["automatic"] is True
+    assert rollback["data"]["to_version"] < rollback["data"]["from_version"]
+    assert "below the best" in rollback["data"]["reason"]
+    assert state.final_evaluation is not None and state.final_evaluation.accuracy > 0.8
+
+
+async def test_operator_rollback_continues_from_the_chosen_version(redis: aioredis.Redis, system, make_agents) -> None:
+    await system.start()
+    await make_agents(4)
+    await start_training(redis, "manual", digits_config(rounds=6))
+    state = await wait_for_status(redis, "manual", {"running"})
+    while state.completed_rounds < 3:
+        state = await wait_for_status(redis, "manual", {"running"})
+    await redis.xadd(KEYS.control_stream, encode(RollbackTraining(training_id="manual", version=1)))  # type: ignore[arg-type]
+
+    state = await wait_for_status(redis, "manual", {"completed", "failed"})
+
+    assert state.status == "completed"
+    [rollback] = await rollback_events(redis)
+    assert rollback["data"]["to_version"] == 1 and rollback["data"]["automatic"] is False
+    parents = {json.loads(v)["parent_version"] for v in (await redis.hgetall(KEYS.versions("manual"))).values()}
+    assert 1 in parents
