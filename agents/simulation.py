@@ -39,6 +39,7 @@ POLL_S = 0.5
 class SimulationOptions:
     redis_url: str
     dashboard_url: str
+    api_key: str = ""
     key_prefix: str = "fl"
     clients: int = 69
     rounds: int = 20
@@ -146,7 +147,8 @@ async def run_simulation(options: SimulationOptions,
     started = time.monotonic()
     agents, test = await start_agents(options)
     try:
-        async with httpx.AsyncClient(base_url=options.dashboard_url, timeout=30.0) as http:
+        async with httpx.AsyncClient(base_url=options.dashboard_url, timeout=30.0,
+                                     headers={"X-API-Key": options.api_key}) as http:
             response = await http.post("/api/training/start", json=training_request(options))
             response.raise_for_status()
             training_id = response.json()["training_id"]

@@ -25,6 +25,9 @@ SERVICE_PORT_OFFSETS = {
     "monitor": 5,
 }
 AGGREGATOR_WORKER_PORT_OFFSET = 10
+MIN_API_KEY_LENGTH = 16
+PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "password", "api-key", "apikey",
+                                 "your-api-key", "xxxxxxxxxxxxxxxx", "0000000000000000"})
 
 
 class ConfigError(ValueError):
@@ -65,6 +68,8 @@ class Settings(BaseSettings):
     require_signed_updates: bool = Field(
         default=True, description="refuse update notices without a valid Ed25519 signature")
 
+    api_key: str = Field(default="", description="key for control endpoints; empty: the launcher "
+                                                  "generates one per deployment")
     data_dir: Path = Path("data")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -80,6 +85,10 @@ class Settings(BaseSettings):
                 f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed "
                 f"heartbeat_interval_s ({self.heartbeat_interval_s})"
             )
+        if self.api_key and (len(self.api_key) < MIN_API_KEY_LENGTH
+                             or self.api_key.lower() in PLACEHOLDER_SECRETS):
+            raise ValueError(f"api_key must be a real secret of at least {MIN_API_KEY_LENGTH} characters, "
+                             "not a placeholder (leave it empty to have one generated)")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"redis_url '{self.redis_url}' must start with redis://, rediss:// or unix://")
         return self

@@ -25,7 +25,7 @@ import shutil  # noqa: E402
 
 from agents.simulation import SimulationOptions, run_simulation  # noqa: E402
 from federated_learning.config import ConfigError, load_settings  # noqa: E402
-from federated_learning.deploy.local import DeploymentFailed, LocalDeployment  # noqa: E402
+from federated_learning.deploy.local import DeploymentFailed, LocalDeployment, stop_on_sigterm  # noqa: E402
 
 DEMO_DATA_DIR = ROOT / "data" / "demo"
 # Chosen with scripts/tune-demo.py (in-process FedAvg over the same split); 20 agents per
@@ -61,6 +61,7 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     deployment = LocalDeployment(settings, args.config, DEMO_DATA_DIR)
+    stop_on_sigterm()
     print(f"starting the deployment (logs in {DEMO_DATA_DIR / 'logs'})", flush=True)
     report = None
     try:
@@ -69,7 +70,7 @@ def main() -> int:
         print(f"{args.clients} agents, {args.partition} split, {args.rounds} rounds of FedAvg, "
               f"{DEMO_TRAINING['clients_per_round']} agents per round", flush=True)
         options = SimulationOptions(
-            redis_url=deployment.redis_url, dashboard_url=deployment.dashboard_url,
+            redis_url=deployment.redis_url, dashboard_url=deployment.dashboard_url, api_key=deployment.api_key,
             key_prefix=settings.redis_key_prefix, clients=args.clients, rounds=args.rounds,
             partition=args.partition, seed=args.seed,
             clients_per_round=DEMO_TRAINING["clients_per_round"], local_epochs=DEMO_TRAINING["local_epochs"],

@@ -38,7 +38,8 @@ ATTACKS = ("sign_flip", "gaussian", "label_flip")
 
 def run_one(deployment: LocalDeployment, rule: str, malicious: float, attack: str, args: argparse.Namespace) -> float | None:
     options = SimulationOptions(
-        redis_url=deployment.redis_url, dashboard_url=deployment.dashboard_url, clients=args.clients,
+        redis_url=deployment.redis_url, dashboard_url=deployment.dashboard_url, api_key=deployment.api_key,
+        clients=args.clients,
         rounds=args.rounds, partition=args.partition, seed=args.seed, clients_per_round=CLIENTS_PER_ROUND,
         min_clients=CLIENTS_PER_ROUND if rule in ("krum", "multikrum", "bulyan") else None,
         algorithm=rule, algorithm_params=RULES[rule], malicious_fraction=malicious, attack=attack,

@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, default=None)
     p.add_argument("--redis-url", default=None)
     p.add_argument("--dashboard-url", default=None)
+    p.add_argument("--api-key", default=None, help="default: the deployment's (deployment.json)")
     p.add_argument("--clients", type=int, default=defaults.clients)
     p.add_argument("--rounds", type=int, default=defaults.rounds)
     p.add_argument("--partition", default=defaults.partition, help="iid or dirichlet:ALPHA")
@@ -52,12 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def options_from(args: argparse.Namespace) -> SimulationOptions:
     settings = load_settings(args.config)
     redis_url, dashboard_url = args.redis_url, args.dashboard_url
-    if not (redis_url and dashboard_url):
+    api_key = args.api_key or settings.api_key
+    if not (redis_url and dashboard_url and api_key):
         deployment = read_deployment(settings.data_dir.resolve())
         redis_url = redis_url or deployment["redis_url"]
         dashboard_url = dashboard_url or deployment["dashboard_url"]
+        api_key = api_key or deployment["api_key"]
     return SimulationOptions(
-        redis_url=redis_url, dashboard_url=dashboard_url, key_prefix=settings.redis_key_prefix,
+        redis_url=redis_url, dashboard_url=dashboard_url, api_key=api_key, key_prefix=settings.redis_key_prefix,
         clients=args.clients, rounds=args.rounds, partition=args.partition, seed=args.seed,
         clients_per_round=args.clients_per_round, algorithm=args.algorithm,
         algorithm_params=args.algorithm_params, trainer=args.trainer, local_epochs=args.local_epochs,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -328,6 +329,12 @@ def reference_sample(tracker: Tracker, results: dict[str, list[tuple[bytes, Aggr
     return chosen[:count]
 
 
+def fingerprint(digests: dict[str, str]) -> str:
+    """SHA-256 over sorted ``job key=model digest`` lines: equal across runs with equal seeds."""
+    lines = "\n".join(f"{key}={digest}" for key, digest in sorted(digests.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 def percentiles(latencies_ms: list[int]) -> dict[str, float]:
     if not latencies_ms:
         return {}
@@ -361,6 +368,8 @@ def summarise(args: argparse.Namespace, tracker: Tracker,
         "latency_ms": percentiles(list(latencies.values())),
         "slowest_jobs_ms": dict(sorted(latencies.items(), key=lambda kv: -kv[1])[:3]),
         "workers": workers,
+        "model_digests": {k: results[k][0][1].model_digest for k in answered},
+        "fingerprint": fingerprint({k: results[k][0][1].model_digest for k in answered}),
     }
 
 
@@ -382,7 +391,8 @@ def print_report(args: argparse.Namespace, summary: dict[str, Any]) -> None:
           f"died between writing the result and acking; the privacy manager releases once per "
           f"(training, round) and re-announces the recorded release for a repeat)")
     print(f"determinism: {len(summary['jobs_with_differing_results'])} job key(s) with differing "
-          f"model digests {summary['jobs_with_differing_results'] or ''}")
+          f"model digests {summary['jobs_with_differing_results'] or ''}; fingerprint of all "
+          f"results {summary['fingerprint'][:16]} (equal across runs with the same arguments)")
     kill = summary.get("kill")
     if kill:
         back = "not seen" if kill["restart_s"] is None else f"{kill['restart_s']:.1f}s"

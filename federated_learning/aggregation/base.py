@@ -53,7 +53,7 @@ def slab_dtype(layer: NDArray[np.generic]) -> type[np.floating]:
 def allocate_slabs(global_layers: Sequence[NDArray[np.generic]], num_clients: int) -> list[Slab]:
     """One uninitialised C-contiguous ``(num_clients, layer.size)`` slab per layer."""
     if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)):
-        raise ValueError(f"num_clients must be an int; got {num_clients!r}")
+        raise ValueError(f"num_clients must be an int; got {num_clients!r}")  # noqa: TRY004
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1; got {num_clients}")
     return [np.empty((int(num_clients), layer.size), slab_dtype(layer)) for layer in global_layers]
@@ -74,7 +74,7 @@ def check_global_layers(global_layers: Sequence[NDArray[np.generic]]) -> None:
         raise ValueError("global model has no layers")
     for i, layer in enumerate(global_layers):
         if not isinstance(layer, np.ndarray):
-            raise ValueError(f"global layer {i} is a {type(layer).__name__}, not a numpy array")
+            raise ValueError(f"global layer {i} is a {type(layer).__name__}, not a numpy array")  # noqa: TRY004
         if not (np.issubdtype(layer.dtype, np.number) or layer.dtype == np.bool_):
             raise ValueError(f"global layer {i} has non-numeric dtype {layer.dtype}")
         if not is_all_finite(layer):
@@ -95,7 +95,7 @@ def check_client_layers(
             )
         for i, (layer, reference) in enumerate(zip(layers, global_layers, strict=True)):
             if not isinstance(layer, np.ndarray):
-                raise ValueError(f"client {k} layer {i} is a {type(layer).__name__}, not an array")
+                raise ValueError(f"client {k} layer {i} is a {type(layer).__name__}, not an array")  # noqa: TRY004
             if not (np.issubdtype(layer.dtype, np.number) or layer.dtype == np.bool_):
                 raise ValueError(f"client {k} layer {i} has non-numeric dtype {layer.dtype}")
             if layer.shape != reference.shape:
@@ -136,7 +136,7 @@ def check_num_examples(num_examples: Sequence[int], num_clients: int) -> NDArray
         raise ValueError(f"got {len(num_examples)} example counts for {num_clients} updates")
     for k, n in enumerate(num_examples):
         if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
-            raise ValueError(f"client {k} example count must be an int; got {n!r}")
+            raise ValueError(f"client {k} example count must be an int; got {n!r}")  # noqa: TRY004
         if n <= 0:
             raise ValueError(f"client {k} example count must be > 0; got {n}")
     return np.asarray([int(n) for n in num_examples], dtype=np.int64)
@@ -150,7 +150,7 @@ def check_staleness(staleness: Sequence[int] | None, num_clients: int) -> NDArra
         raise ValueError(f"got {len(staleness)} staleness values for {num_clients} updates")
     for k, s in enumerate(staleness):
         if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)):
-            raise ValueError(f"client {k} staleness must be an int; got {s!r}")
+            raise ValueError(f"client {k} staleness must be an int; got {s!r}")  # noqa: TRY004
         if s < 0:
             raise ValueError(f"client {k} staleness must be >= 0; got {s}")
     return np.asarray([int(s) for s in staleness], dtype=np.int64)
@@ -217,7 +217,7 @@ def check_real(
     right = ")" if high_open else "]"
     interval = f"{left}{low:g}, {high:g}{right}"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
-        raise ValueError(f"{rule} {name} must be a number in {interval}; got {value!r}")
+        raise ValueError(f"{rule} {name} must be a number in {interval}; got {value!r}")  # noqa: TRY004
     number = float(value)
     too_low = number <= low if low_open else number < low
     too_high = number >= high if high_open else number > high
@@ -229,7 +229,7 @@ def check_real(
 def check_int(rule: str, name: str, value: object, low: int) -> int:
     """An int hyperparameter ``>= low``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{rule} {name} must be an int >= {low}; got {value!r}")
+        raise ValueError(f"{rule} {name} must be an int >= {low}; got {value!r}")  # noqa: TRY004
     if value < low:
         raise ValueError(f"{rule} {name} must be >= {low}; got {value}")
     return int(value)

@@ -54,7 +54,7 @@ class PerFedAvg(Strategy):
                 raise ValueError(f"{self.name}: client {k} reported no '{ACCURACY_METRIC}' metric")
             value = metrics[ACCURACY_METRIC]
             if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-                raise ValueError(
+                raise ValueError(  # noqa: TRY004
                     f"{self.name}: client {k} accuracy must be a number; got {value!r}"
                 )
             if not math.isfinite(float(value)) or value < 0:

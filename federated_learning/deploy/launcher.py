@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -41,6 +42,18 @@ def read_deployment(data_dir: Path) -> dict[str, str]:
     return data
 
 
+def deployment_api_key(data_dir: Path) -> str:
+    """The deployment's generated API key: made once, kept (mode 0600) across restarts."""
+    path = data_dir / "secrets" / "api_key"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = secrets.token_urlsafe(24)
+    path.touch(mode=0o600)
+    path.write_text(key)
+    return key
+
+
 def _port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -67,8 +80,9 @@ def check_ports(settings: Settings) -> None:
         raise ConfigError(f"config 'redis_embedded_port' is {settings.redis_embedded_port}: port already in use")
 
 
-def build_children(settings: Settings, config_path: Path | None, redis_url: str, logs: Path) -> list[Child]:
-    env = {**os.environ, "FL_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1",
+def build_children(settings: Settings, config_path: Path | None, redis_url: str, logs: Path,
+                   api_key: str) -> list[Child]:
+    env = {**os.environ, "FL_REDIS_URL": redis_url, "FL_API_KEY": api_key, "PYTHONUNBUFFERED": "1",
            "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR",
                                              str((settings.data_dir / "numba-cache").resolve()))}
     if config_path is not None:
@@ -97,7 +111,8 @@ def run(settings: Settings, config_path: Path | None) -> int:
     else:
         redis_url = settings.redis_url
         log.info("using external Redis at %s", redis_url.split("@")[-1])
-    children = build_children(settings, config_path, redis_url, logs)
+    api_key = settings.api_key or deployment_api_key(data_dir)
+    children = build_children(settings, config_path, redis_url, logs, api_key)
     supervisor = Supervisor(children)
     stop = {"requested": False}
 
@@ -111,10 +126,11 @@ def run(settings: Settings, config_path: Path | None) -> int:
     run_file = deployment_file(data_dir)
     run_file.parent.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps({
-        "redis_url": redis_url, "dashboard_url": dashboard_url, "logs": str(logs),
+        "redis_url": redis_url, "dashboard_url": dashboard_url, "api_key": api_key, "logs": str(logs),
         "key_prefix": settings.redis_key_prefix, "pid": os.getpid(), "started_at": time.time(),
         "metrics_port_base": settings.metrics_port_base,
     }, indent=1))
+    run_file.chmod(0o600)
     try:
         supervisor.start_all()
         log.info("dashboard: %s  (REST /api, WebSocket /ws/{client_id}, metrics %s/metrics)",

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 
 import httpx
 
@@ -19,6 +19,14 @@ from federated_learning.deploy.launcher import deployment_file
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 120.0
 LAUNCHER = Path(__file__).resolve().parents[2] / "scripts" / "deploy-federated-learning.py"
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so ``finally`` blocks stop the child deployment."""
+    def _exit(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
 
 
 class DeploymentFailed(RuntimeError):
@@ -43,6 +51,10 @@ class LocalDeployment:
     @property
     def redis_url(self) -> str:
         return str(json.loads(deployment_file(self.data_dir).read_text())["redis_url"])
+
+    @property
+    def api_key(self) -> str:
+        return str(json.loads(deployment_file(self.data_dir).read_text())["api_key"])
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -75,6 +87,7 @@ class LocalDeployment:
         self.process = None
 
     def __enter__(self) -> LocalDeployment:
+        stop_on_sigterm()
         self.start()
         return self
 

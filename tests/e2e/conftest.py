@@ -66,6 +66,14 @@ class Deployment:
             time.sleep(0.3)
         raise AssertionError(f"deployment not healthy in {START_TIMEOUT_S}s\n{self.log_tail()}")
 
+    @property
+    def api_key(self) -> str:
+        return str(json.loads((self.data_dir / "run" / "deployment.json").read_text())["api_key"])
+
+    def client(self) -> httpx.AsyncClient:
+        """An HTTP client for the dashboard that sends the deployment's API key."""
+        return httpx.AsyncClient(base_url=self.dashboard_url, headers={"X-API-Key": self.api_key})
+
     def health(self) -> dict[str, Any]:
         result: dict[str, Any] = httpx.get(f"{self.dashboard_url}/api/system/health", timeout=5).json()
         return result

@@ -13,7 +13,7 @@ from tests.e2e.conftest import Deployment, training_body, wait_status
 
 async def test_ten_agents_train_three_rounds_through_the_deployed_processes(deployment: Deployment, agents) -> None:
     ws_url = deployment.dashboard_url.replace("http", "ws") + "/ws/e2e-test"
-    async with websockets.connect(ws_url) as socket, httpx.AsyncClient(base_url=deployment.dashboard_url) as http:
+    async with websockets.connect(ws_url) as socket, deployment.client() as http:
         await socket.send(json.dumps({"action": "subscribe", "training_id": "*"}))
         assert json.loads(await socket.recv())["type"] == "subscribed"
         response = await http.post("/api/training/start", json=training_body(3))

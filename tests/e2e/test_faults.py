@@ -50,7 +50,7 @@ async def assert_every_round_committed_once(deployment: Deployment, training_id:
 
 @pytest.mark.parametrize("service", ["coordinator", "aggregator", "versions"])
 async def test_killed_service_is_restarted_and_the_training_completes(deployment: Deployment, agents, service: str) -> None:
-    async with httpx.AsyncClient(base_url=deployment.dashboard_url) as http:
+    async with deployment.client() as http:
         training_id = (await http.post("/api/training/start", json=training_body(ROUNDS))).json()["training_id"]
         await wait_status(http, training_id, {"running"}, min_round=2)
         victim = deployment.pid_of(service)
@@ -70,12 +70,12 @@ async def test_killed_service_is_restarted_and_the_training_completes(deployment
 
 
 async def test_restarted_deployment_resumes_the_training(deployment: Deployment, agents) -> None:
-    async with httpx.AsyncClient(base_url=deployment.dashboard_url) as http:
+    async with deployment.client() as http:
         training_id = (await http.post("/api/training/start", json=training_body(ROUNDS))).json()["training_id"]
         before = await wait_status(http, training_id, {"running"}, min_round=3)
     deployment.stop()
     deployment.start()
-    async with httpx.AsyncClient(base_url=deployment.dashboard_url) as http:
+    async with deployment.client() as http:
         resumed = (await http.get(f"/api/training/{training_id}/status")).json()
         assert resumed["current_version"] >= before["current_version"]
         status = await wait_status(http, training_id, {"completed", "failed"}, timeout_s=180)

@@ -24,6 +24,8 @@ from federated_learning.services.privacy import PrivacyManager
 from federated_learning.services.runtime import ServiceContext
 from federated_learning.services.versions import VersionManager
 
+TEST_API_KEY = "test-key-0123456789abcdef"
+
 SERVICES: dict[str, Any] = {
     "coordinator": Coordinator, "aggregator": Aggregator, "privacy": PrivacyManager,
     "versions": VersionManager, "monitor": Monitor,
@@ -36,7 +38,7 @@ def settings(tmp_path: Path) -> Settings:
         data_dir=tmp_path / "data", metrics_port_base=0, dashboard_port=0, cpu_cores=2,
         heartbeat_interval_s=0.2, heartbeat_timeout_s=1.5, round_deadline_s=10.0,
         min_clients_per_round=2, max_clients_per_round=10, claim_idle_ms=500,
-        default_privacy_level="none", max_blob_bytes=1 << 20,
+        default_privacy_level="none", max_blob_bytes=1 << 20, api_key=TEST_API_KEY,
     )
 
 

@@ -13,7 +13,7 @@ from federated_learning.dashboard.main import create_app
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import Event, StartTraining, decode
 from federated_learning.services.runtime import ServiceContext
-from tests.integration.conftest import digits_config, start_training, wait_for_status
+from tests.integration.conftest import TEST_API_KEY, digits_config, start_training, wait_for_status
 
 KEYS = Keys()
 BODY = {"dataset": "digits", "model": {"trainer": "softmax", "num_features": 64, "num_classes": 10},
@@ -24,7 +24,8 @@ BODY = {"dataset": "digits", "model": {"trainer": "softmax", "num_features": 64,
 async def http(redis: aioredis.Redis, settings) -> AsyncIterator[httpx.AsyncClient]:
     ctx = ServiceContext(redis=redis, settings=settings, service="dashboard", instance="0")
     app = create_app(ctx)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                                 headers={"X-API-Key": TEST_API_KEY}) as client:
         yield client
 
 
@@ -96,3 +97,48 @@ def test_slow_subscriber_drops_instead_of_blocking() -> None:
     for _ in range(subscriber.queue.maxsize + 5):
         subscriber.offer({"type": "x"})
     assert subscriber.dropped == 5
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong-key-0123456789"}, {"Authorization": "Bearer nope"}])
+async def test_control_endpoints_need_the_api_key_and_change_nothing_without_it(
+        http: httpx.AsyncClient, redis: aioredis.Redis, headers: dict[str, str]) -> None:
+    http.headers.pop("X-API-Key")
+    for method, path, body in (("POST", "/api/training/start", BODY), ("POST", "/api/training/t/stop", None),
+                               ("POST", "/api/training/t/rollback", {"version": 0}),
+                               ("POST", "/api/alerts/a/acknowledge", None)):
+        response = await http.request(method, path, json=body, headers=headers)
+        assert response.status_code == 401, path
+    assert await redis.xlen(KEYS.control_stream) == 0
+    assert int(await redis.hget(KEYS.rejections, "rest:unauthorized")) == 4
+
+
+async def test_bearer_token_is_accepted(http: httpx.AsyncClient) -> None:
+    http.headers.pop("X-API-Key")
+    response = await http.post("/api/training/start", json=BODY, headers={"Authorization": f"Bearer {TEST_API_KEY}"})
+    assert response.status_code == 202
+
+
+async def test_compare_and_rollback_of_versions(http: httpx.AsyncClient, redis: aioredis.Redis, system, make_agents) -> None:
+    await system.start()
+    await make_agents(4)
+    await start_training(redis, "cmp", digits_config(rounds=2))
+    await wait_for_status(redis, "cmp", {"completed"})
+
+    same = (await http.get("/api/training/cmp/versions/compare", params={"a": 1, "b": 1})).json()
+    assert same["l2_distance"] == 0.0 and same["cosine_similarity"] == pytest.approx(1.0)
+    diff = (await http.get("/api/training/cmp/versions/compare", params={"a": 0, "b": 2})).json()
+    assert diff["l2_distance"] > 0 and [layer["name"] for layer in diff["layers"]] == ["dense.weight", "dense.bias"]
+    assert "accuracy" in diff["metric_deltas"]
+    assert (await http.get("/api/training/cmp/versions/compare", params={"a": 0, "b": 9})).status_code == 404
+    assert (await http.post("/api/training/cmp/rollback", json={"version": 9})).status_code == 404
+    assert (await http.post("/api/training/cmp/rollback", json={"version": 1})).status_code == 202
+
+
+async def test_acknowledging_an_alert(http: httpx.AsyncClient, redis: aioredis.Redis) -> None:
+    from federated_learning.monitoring.alerts import Alert
+
+    alert = Alert(alert_id="a1", key="k", rule="service_down", severity="critical", message="m", action="x")
+    await redis.hset(KEYS.alerts, "a1", alert.model_dump_json())
+    response = await http.post("/api/alerts/a1/acknowledge")
+    assert response.status_code == 200 and response.json()["acknowledged"] is True
+    assert (await http.post("/api/alerts/zz/acknowledge")).status_code == 404

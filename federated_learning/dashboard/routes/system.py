@@ -6,8 +6,9 @@ import json
 import time
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Query, status
 
+from federated_learning.dashboard.auth import ApiKey
 from federated_learning.dashboard.deps import Agents, AppKeys, Redis
 from federated_learning.monitoring.alerts import EXPECTED_SERVICES, Alert
 from federated_learning.protocol.keys import (
@@ -96,3 +97,14 @@ async def alerts(redis: Redis, keys: AppKeys, training_id: str | None = None,
               and (severity is None or a.severity == severity)
               and (not open_only or a.is_open)]
     return sorted(chosen, key=lambda a: a.created_at, reverse=True)
+
+
+@router.post("/alerts/{alert_id}/acknowledge", response_model=Alert)
+async def acknowledge(alert_id: str, redis: Redis, keys: AppKeys, _auth: ApiKey) -> Alert:
+    """Mark an alert as seen by an operator (it stays open until its condition is gone)."""
+    raw = await redis.hget(keys.alerts, alert_id)
+    if raw is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no alert '{alert_id}'")
+    alert = Alert.model_validate_json(raw).model_copy(update={"acknowledged": True})
+    await redis.hset(keys.alerts, alert_id, alert.model_dump_json())
+    return alert

@@ -10,9 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from federated_learning.bus.blobs import BlobMissing
 from federated_learning.coordination.state import TrainingState
+from federated_learning.dashboard.auth import ApiKey
 from federated_learning.dashboard.deps import Blobs, Context, Trainings, Versions
 from federated_learning.protocol.messages import (
     Identifier,
+    RollbackTraining,
     RoundMetrics,
     StartTraining,
     StopTraining,
@@ -20,8 +22,10 @@ from federated_learning.protocol.messages import (
     VersionRecord,
     encode,
 )
-from federated_learning.protocol.tensors import InvalidTensor
+from federated_learning.protocol.tensors import InvalidTensor, decode_layers
 from federated_learning.records.checkpoints import CheckpointStore
+from federated_learning.types import NamedLayers
+from federated_learning.versioning.compare import compare_versions
 
 router = APIRouter(prefix="/api", tags=["trainings"])
 
@@ -53,7 +57,7 @@ async def _state(trainings: Trainings, training_id: str) -> TrainingState:
 
 
 @router.post("/training/start", status_code=status.HTTP_202_ACCEPTED, response_model=StartResponse)
-async def start_training(body: StartRequest, ctx: Context, trainings: Trainings) -> StartResponse:
+async def start_training(body: StartRequest, ctx: Context, trainings: Trainings, _auth: ApiKey) -> StartResponse:
     training_id = body.training_id or uuid.uuid4().hex[:12]
     if body.training_id and await trainings.load(training_id) is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"training '{training_id}' exists")
@@ -75,7 +79,7 @@ async def training_status(training_id: str, trainings: Trainings) -> dict[str, A
 
 
 @router.post("/training/{training_id}/stop", status_code=status.HTTP_202_ACCEPTED)
-async def stop_training(training_id: str, ctx: Context, trainings: Trainings,
+async def stop_training(training_id: str, ctx: Context, trainings: Trainings, _auth: ApiKey,
                         body: StopRequest | None = None) -> dict[str, str]:
     await _state(trainings, training_id)
     command = StopTraining(training_id=training_id, reason=(body or StopRequest()).reason)
@@ -115,3 +119,49 @@ async def download_model(training_id: str, version: int, ctx: Context, versions:
         "Content-Disposition": f'attachment; filename="{training_id}-v{version}.safetensors"',
         "X-Model-SHA256": record.model_digest,
     })
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=0)
+    reason: str = Field(default="rolled back by operator", max_length=500)
+
+
+@router.post("/training/{training_id}/rollback", status_code=status.HTTP_202_ACCEPTED)
+async def rollback_training(training_id: str, body: RollbackRequest, ctx: Context, trainings: Trainings,
+                            versions: Versions, _auth: ApiKey) -> dict[str, Any]:
+    """Continue the training from an earlier version (takes effect for the next round)."""
+    await _state(trainings, training_id)
+    if await versions.get(training_id, body.version) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no version {body.version} of '{training_id}'")
+    command = RollbackTraining(training_id=training_id, version=body.version, reason=body.reason)
+    await ctx.redis.xadd(ctx.keys.control_stream, encode(command))  # type: ignore[arg-type]
+    return {"training_id": training_id, "rollback_to": body.version, "status": "requested"}
+
+
+async def _layers(versions: Versions, blobs: Blobs, ctx: Context, training_id: str, version: int) -> NamedLayers:
+    record = await versions.get(training_id, version)
+    if record is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no version {version} of '{training_id}'")
+    try:
+        data = await blobs.get(record.model_digest)
+    except (BlobMissing, InvalidTensor):
+        data = CheckpointStore(ctx.settings.data_dir / "checkpoints").read(training_id, version, record.model_digest)
+    return decode_layers(data, max_bytes=ctx.settings.max_blob_bytes)
+
+
+@router.get("/training/{training_id}/versions/compare")
+async def compare(training_id: str, a: int, b: int, ctx: Context, trainings: Trainings,
+                  versions: Versions, blobs: Blobs) -> dict[str, Any]:
+    """Per-layer L2 distance and cosine similarity of two versions, and their metric deltas."""
+    state = await _state(trainings, training_id)
+    metrics = {m.eval_of_version: {"accuracy": m.eval_accuracy, "loss": m.eval_loss}
+               for m in await trainings.metrics(training_id) if m.eval_of_version is not None}
+    if state.final_evaluation is not None and state.current_version is not None:
+        metrics[state.current_version] = {"accuracy": state.final_evaluation.accuracy,
+                                          "loss": state.final_evaluation.loss}
+    clean = {v: {k: x for k, x in row.items() if x is not None} for v, row in metrics.items()}
+    result = compare_versions(await _layers(versions, blobs, ctx, training_id, a),
+                              await _layers(versions, blobs, ctx, training_id, b),
+                              clean.get(a), clean.get(b))
+    return {"training_id": training_id, "a": a, "b": b, **result.to_dict()}

@@ -81,9 +81,9 @@ def test_bulyan_kernel_is_identical_for_one_and_two_threads():
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        mean_closest_to_median(slab, bits, key, rows, first, second, 3, one)
+        mean_closest_to_median(slab, bits, key, rows, first, second, 3, one, 1)
         numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        mean_closest_to_median(slab, bits, key, rows, first, second, 3, two)
+        mean_closest_to_median(slab, bits, key, rows, first, second, 3, two, 2)
     finally:
         numba.set_num_threads(before)
     np.testing.assert_array_equal(one, two)

@@ -1,4 +1,5 @@
 import logging
+import os
 
 import numba
 import pytest
@@ -94,3 +95,7 @@ def test_configure_threads_caps_at_the_pool_size_and_logs(caplog):
         assert f"only {available} available" in caplog.text
     finally:
         numba.set_num_threads(before)
+
+
+def test_importing_the_package_sets_an_openmp_wait_policy():
+    assert "OMP_WAIT_POLICY" in os.environ

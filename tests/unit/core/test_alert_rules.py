@@ -1,5 +1,8 @@
 from federated_learning.monitoring.alerts import (
-    RoundObservation, reconcile, services_down, stalled_rounds,
+    RoundObservation,
+    reconcile,
+    services_down,
+    stalled_rounds,
 )
 
 

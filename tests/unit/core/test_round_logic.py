@@ -1,7 +1,12 @@
 import random
 
 from federated_learning.coordination.rounds import RoundDecision, decide_round, weighted_mean
-from federated_learning.coordination.selection import eligible_agents, round_rng, select_agents, selection_size
+from federated_learning.coordination.selection import (
+    eligible_agents,
+    round_rng,
+    select_agents,
+    selection_size,
+)
 
 
 def decide(**overrides: float) -> RoundDecision:

@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 
 from federated_learning.protocol.tensors import (
-    InvalidTensor, decode_layers, digest_of, encode_layers, spec_of, validate_layers,
+    InvalidTensor,
+    decode_layers,
+    digest_of,
+    encode_layers,
+    spec_of,
+    validate_layers,
 )
 
 MODEL = {"dense.weight": np.ones((3, 2), np.float32), "dense.bias": np.zeros(2, np.float32)}
