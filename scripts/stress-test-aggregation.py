@@ -169,13 +169,17 @@ async def upload(blobs: BlobStore, args: argparse.Namespace) -> Plan:
     return Plan(base_digest=base_digest, client_digests=digests, clients=clients)
 
 
+def training_name(training: int) -> str:
+    return f"stress-{training:03d}"
+
+
 def build_job(args: argparse.Namespace, plan: Plan, training: int, round_number: int,
               base_digest: str, state_digest: str | None) -> AggregationJob:
     counts = example_counts(args.seed, training, round_number, args.clients)
     updates = [UpdateRef(agent_id=f"client-{k:03d}", digest=digest, num_examples=n)
                for k, (digest, n) in enumerate(zip(plan.client_digests, counts, strict=True))]
     return AggregationJob(
-        training_id=f"stress-{training:03d}", round=round_number, attempt=1,
+        training_id=training_name(training), round=round_number, attempt=1,
         algorithm=args.algorithm, base_version=round_number - 1, base_digest=base_digest,
         state_digest=state_digest, updates=updates,
     )
@@ -195,7 +199,7 @@ async def run_training(redis: aioredis.Redis, keys: Keys, tracker: Tracker, plan
         try:
             ready = await asyncio.wait_for(asyncio.shield(waiter), args.job_timeout_s)
         except TimeoutError:
-            log.error("job %s: no result within %.0fs; training %s stops here",
+            log.error("job %s: no result within %gs; training %s stops here",
                       job.job_key, args.job_timeout_s, job.training_id)
             return
         base_digest, state_digest = ready.model_digest, ready.state_digest
@@ -238,13 +242,14 @@ async def pending_by_consumer(redis: aioredis.Redis, keys: Keys) -> dict[str, li
 
 
 async def kill_busy_worker(redis: aioredis.Redis, keys: Keys, http: httpx.AsyncClient,
-                           tracker: Tracker, report: KillReport, after_results: int) -> None:
+                           tracker: Tracker, report: KillReport, after_results: int,
+                           trainings_done: asyncio.Event) -> None:
     """Once ``after_results`` jobs are done, SIGKILL a worker that holds a job; await its restart."""
-    while tracker.results_seen < after_results:
+    while tracker.results_seen < after_results and not trainings_done.is_set():
         await asyncio.sleep(0.01)
     pids = await aggregator_pids(http)
     deadline = time.monotonic() + KILL_FIND_TIMEOUT_S
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not trainings_done.is_set():
         busy = {c: ids for c, ids in (await pending_by_consumer(redis, keys)).items() if c in pids}
         if busy:
             report.consumer = min(busy)
@@ -257,7 +262,7 @@ async def kill_busy_worker(redis: aioredis.Redis, keys: Keys, http: httpx.AsyncC
             await await_restart(http, report, killed_at)
             return
         await asyncio.sleep(0.002)
-    report.error = f"no aggregator worker held a job within {KILL_FIND_TIMEOUT_S:.0f}s"
+    report.error = "no aggregator worker held a job while the trainings ran"
 
 
 async def await_restart(http: httpx.AsyncClient, report: KillReport, killed_at: float) -> None:
@@ -345,7 +350,8 @@ def percentiles(latencies_ms: list[int]) -> dict[str, float]:
 
 def summarise(args: argparse.Namespace, tracker: Tracker,
               results: dict[str, list[tuple[bytes, AggregateReady]]]) -> dict[str, Any]:
-    expected = args.concurrent * args.rounds
+    expected = [f"{training_name(t)}/{r}/1" for t in range(args.concurrent)
+                for r in range(1, args.rounds + 1)]
     published = list(tracker.job_entries)
     answered = [k for k in published if k in results]
     latencies = {k: entry_ms(results[k][0][0]) - entry_ms(tracker.job_entries[k]) for k in answered}
@@ -358,9 +364,9 @@ def summarise(args: argparse.Namespace, tracker: Tracker,
     duplicated = {k: len(results[k]) for k in answered if len(results[k]) > 1}
     differing = sorted(k for k in answered if len({r.model_digest for _e, r in results[k]}) > 1)
     return {
-        "jobs_expected": expected, "jobs_published": len(published), "jobs_with_result": len(answered),
-        "jobs_lost": expected - len(answered),
-        "lost_job_keys": sorted(set(published) - set(answered)),
+        "jobs_expected": len(expected), "jobs_published": len(published),
+        "jobs_with_result": len(answered), "jobs_lost": len(expected) - len(answered),
+        "lost_job_keys": sorted(set(expected) - set(answered)),
         "results_total": sum(len(results[k]) for k in answered),
         "jobs_with_duplicate_results": len(duplicated), "duplicates": duplicated,
         "jobs_with_differing_results": differing,
@@ -380,7 +386,9 @@ def print_report(args: argparse.Namespace, summary: dict[str, Any]) -> None:
           f"{', one killed' if args.kill_worker else ''}")
     print(f"jobs: {summary['jobs_expected']} expected, {summary['jobs_published']} published, "
           f"{summary['jobs_with_result']} with a result, {summary['jobs_lost']} lost")
-    print(f"throughput: {summary['jobs_per_s']:.1f} jobs/s over {summary['span_s']:.2f}s")
+    print(f"throughput: {summary['jobs_per_s']:.1f} jobs/s over {summary['span_s']:.2f}s "
+          f"(first job XADD to last first result); pending in the group at the end: "
+          f"{summary['pending_after_drain']}")
     if lat:
         print(f"latency ms (job XADD -> first AggregateReady, server clock): p50 {lat['p50']:.0f}  "
               f"p90 {lat['p90']:.0f}  p99 {lat['p99']:.0f}  max {lat['max']:.0f}")
@@ -394,7 +402,9 @@ def print_report(args: argparse.Namespace, summary: dict[str, Any]) -> None:
           f"model digests {summary['jobs_with_differing_results'] or ''}; fingerprint of all "
           f"results {summary['fingerprint'][:16]} (equal across runs with the same arguments)")
     kill = summary.get("kill")
-    if kill:
+    if kill and not kill["consumer"]:
+        print(f"kill: {kill['error']}")
+    elif kill:
         back = "not seen" if kill["restart_s"] is None else f"{kill['restart_s']:.1f}s"
         print(f"kill: {kill['consumer']} (pid {kill['pid']}) SIGKILLed holding {kill['held_jobs']}; "
               f"restarted as pid {kill['restarted_pid']} after {back}; results of the held job(s) "
@@ -427,14 +437,18 @@ async def stress(deployment: LocalDeployment, settings: Settings, args: argparse
     redis = await connect(deployment.redis_url, settings, attempts=settings.redis_connect_attempts)
     blobs = BlobStore(redis, keys, max_bytes=settings.max_blob_bytes)
     tracker, stop, kill = Tracker(), asyncio.Event(), KillReport() if args.kill_worker else None
+    trainings_done = asyncio.Event()
     try:
         plan = await upload(blobs, args)
         follower = asyncio.create_task(follow_results(redis, keys, tracker, stop))
         async with httpx.AsyncClient(base_url=deployment.dashboard_url, timeout=10) as http:
-            tasks = [run_training(redis, keys, tracker, plan, args, t) for t in range(args.concurrent)]
-            if kill is not None:
-                tasks.append(kill_busy_worker(redis, keys, http, tracker, kill, args.concurrent))
-            await asyncio.gather(*tasks)
+            killer = None if kill is None else asyncio.create_task(
+                kill_busy_worker(redis, keys, http, tracker, kill, args.concurrent, trainings_done))
+            await asyncio.gather(*(run_training(redis, keys, tracker, plan, args, t)
+                                   for t in range(args.concurrent)))
+            trainings_done.set()
+            if killer is not None:
+                await killer
         left = await wait_drained(redis, keys)
         stop.set()
         await follower

@@ -8,7 +8,10 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field
 
 from federated_learning.protocol.messages import (
-    ASYNC_ALGORITHMS, Evaluation, TrainingConfig, TrainingStatus,
+    ASYNC_ALGORITHMS,
+    Evaluation,
+    TrainingConfig,
+    TrainingStatus,
 )
 
 DEFAULT_BUFFER_SIZE = 10

@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from federated_learning.protocol.messages import Severity
 
 EXPECTED_SERVICES = ("coordinator", "aggregator", "privacy", "versions", "dashboard")
+RECONCILED_RULES = frozenset({"service_down", "stalled_round"})
+"""Rules re-checked continuously (resolved when the condition is gone); other alerts are
+one-off (an anomalous update, a rollback) and resolve when an operator acknowledges them."""
 STALLED_ROUND_FACTOR = 2.0
 """A round is stalled when it has run this many times its deadline."""
 

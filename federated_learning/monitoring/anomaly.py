@@ -259,3 +259,32 @@ def anomaly_conditions(flags: Sequence[UpdateFlag], training_id: str,
         )
         for flag in flags if flag.suspicious
     ]
+
+
+def score_slabs(global_layers: Sequence[NDArray[np.floating]], slabs: Sequence[NDArray[np.floating]],
+                median_layers: Sequence[NDArray[np.floating]], agent_ids: Sequence[AgentId],
+                z_threshold: float = UPDATE_Z_THRESHOLD) -> list[UpdateFlag]:
+    """:func:`score_updates` from the aggregator's (K, d_i) slabs, without stacking deltas.
+
+    ``median_layers`` is the coordinate-wise median model (the median of the deltas is the
+    median of the models minus the global model). Extra memory: O(d_i) float64 per layer.
+    """
+    count = len(agent_ids)
+    squares = np.zeros(count)
+    dots = np.zeros(count)
+    median_square = 0.0
+    for glob, slab, median in zip(global_layers, slabs, median_layers, strict=True):
+        base = np.asarray(glob, dtype=np.float64).reshape(-1)
+        median_delta = np.asarray(median, dtype=np.float64).reshape(-1) - base
+        median_square += float(median_delta @ median_delta)
+        for k in range(count):
+            delta = slab[k].astype(np.float64) - base
+            squares[k] += float(delta @ delta)
+            dots[k] += float(delta @ median_delta)
+    norms = np.sqrt(squares)
+    scale = norms * np.sqrt(median_square)
+    cosines = np.divide(dots, scale, out=np.ones(count), where=scale > 0)
+    norm_z, cosine_z = update_z_scores(norms, cosines)
+    return [UpdateFlag(agent, float(norms[k]), float(norm_z[k]), float(cosines[k]), float(cosine_z[k]),
+                       _reasons(float(norm_z[k]), float(cosine_z[k]), z_threshold))
+            for k, agent in enumerate(agent_ids)]

@@ -165,6 +165,11 @@ class Keys:
         return self._k("monitor", "dropouts")
 
     @property
+    def agent_flags(self) -> str:
+        """Hash agent id -> rounds in which its update was flagged as anomalous."""
+        return self._k("monitor", "flags")
+
+    @property
     def rejections(self) -> str:
         """Hash reason -> count of rejected inputs."""
         return self._k("rejections")

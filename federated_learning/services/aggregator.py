@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,14 @@ from prometheus_client import Counter, Histogram
 from federated_learning.bus.blobs import BlobMissing
 from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
+from federated_learning.monitoring.anomaly import MIN_UPDATES_FOR_SCORES, score_slabs
 from federated_learning.protocol.keys import GROUP_AGGREGATOR
 from federated_learning.protocol.messages import (
     AggregateReady,
     AggregationJob,
     MalformedMessage,
     Severity,
+    UpdateRef,
     decode,
     encode,
 )
@@ -98,6 +101,22 @@ class Aggregator:
             usable.append(k)
         return usable
 
+    async def _score_updates(self, job: AggregationJob, global_layers: list[np.ndarray],
+                             slabs: list[np.ndarray], refs: list[UpdateRef]) -> float:
+        """Robust z-scores of update norms and directions; report suspicious agents. Returns the mean norm."""
+        from federated_learning.aggregation import create_strategy
+
+        if len(refs) < MIN_UPDATES_FOR_SCORES or sum(s.size for s in slabs) > ANOMALY_MAX_VALUES:
+            return 0.0
+        median = create_strategy("median").aggregate_slabs(global_layers, slabs, [r.num_examples for r in refs])
+        flags = score_slabs(global_layers, slabs, median, [r.agent_id for r in refs])
+        suspicious = [asdict(flag) for flag in flags if flag.suspicious]
+        if suspicious:
+            await self.ctx.emit("update_anomaly", f"{len(suspicious)} of {len(flags)} updates look anomalous",
+                                severity=Severity.WARNING, training_id=job.training_id, round=job.round,
+                                flags=suspicious)
+        return float(np.mean([flag.norm for flag in flags]))
+
     async def aggregate(self, job: AggregationJob) -> AggregateReady:
         from federated_learning.aggregation import allocate_slabs, create_strategy
 
@@ -124,6 +143,7 @@ class Aggregator:
         )
         seconds = time.perf_counter() - started
         SECONDS.labels(job.algorithm).observe(seconds)
+        norm_mean = await self._score_updates(job, global_layers, slabs, refs)
         model = dict(zip(names, (np.asarray(layer).reshape(base[name].shape)
                                  for name, layer in zip(names, new_layers, strict=True)), strict=True))
         model_digest = await self.ctx.blobs.put(encode_layers(model))
@@ -136,8 +156,13 @@ class Aggregator:
             contributors=[ref.agent_id for ref in refs],
             num_examples=sum(ref.num_examples for ref in refs),
             max_client_examples=max(ref.num_examples for ref in refs), aggregation_seconds=seconds,
+            update_norm_mean=norm_mean,
             worker=self.consumer.consumer,
         )
+
+
+ANOMALY_MAX_VALUES = 50_000_000
+"""Update anomaly scores are skipped above this many slab values (K x d) to keep rounds fast."""
 
 
 def configure_numba(settings_cores: int, data_dir: Path) -> None:

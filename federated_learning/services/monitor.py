@@ -19,15 +19,18 @@ from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
 from federated_learning.coordination.state import TrainingState
 from federated_learning.monitoring.alerts import (
+    RECONCILED_RULES,
     Alert,
+    Condition,
     RoundObservation,
     reconcile,
     services_down,
     stalled_rounds,
 )
+from federated_learning.monitoring.anomaly import UpdateFlag, anomaly_conditions
 from federated_learning.monitoring.metrics import metrics_from_round
 from federated_learning.protocol.keys import GROUP_MONITOR
-from federated_learning.protocol.messages import Event, MalformedMessage, decode
+from federated_learning.protocol.messages import Event, MalformedMessage, Severity, decode
 from federated_learning.services.runtime import (
     HEALTH_TTL_S,
     ServiceContext,
@@ -39,6 +42,7 @@ from federated_learning.services.runtime import (
 log = logging.getLogger(__name__)
 
 CHECK_EVERY_S = 2.0
+
 STARTUP_GRACE_S = HEALTH_TTL_S + 5
 METRIC_SERIES_MAXLEN = 100_000
 
@@ -79,9 +83,32 @@ class Monitor:
             accuracy = event.data.get("eval_accuracy")
             if isinstance(accuracy, float):
                 ACCURACY.labels(event.training_id).set(accuracy)
+        elif event.kind == "update_anomaly" and event.training_id and event.round is not None:
+            flags = [UpdateFlag(**{**f, "reasons": tuple(f["reasons"])}) for f in event.data.get("flags", [])]
+            for flag in flags:
+                await self.ctx.redis.hincrby(self.ctx.keys.agent_flags, flag.agent_id, 1)
+            await self.raise_once(anomaly_conditions(flags, event.training_id, event.round))
+        elif event.kind == "rollback" and event.training_id:
+            await self.raise_once([Condition(
+                key=f"rollback:{event.training_id}:{event.data.get('to_version')}:{event.at:.0f}",
+                rule="rollback", severity=Severity.WARNING, training_id=event.training_id,
+                message=event.message,
+                action="inspect the versions that degraded (compare them on the dashboard) and the "
+                       "agents flagged in those rounds; consider a robust aggregation rule")])
         elif event.kind == "agent_dropped" and event.agent_id:
             DROPOUTS.inc()
             await self.ctx.redis.hincrby(self.ctx.keys.agent_dropouts, event.agent_id, 1)
+
+    async def raise_once(self, conditions: list[Condition]) -> None:
+        """Open alerts for one-off conditions (they stay open until acknowledged)."""
+        open_alerts = await self._open_alerts()
+        raised, _ = reconcile(open_alerts, conditions, time.time())
+        for alert in raised:
+            if alert.key in open_alerts:
+                continue
+            await self._store(alert, is_open=True)
+            await self.ctx.emit("alert", alert.message, severity=alert.severity,
+                                training_id=alert.training_id, alert=alert.model_dump(mode="json"))
 
     async def check(self) -> None:
         """Apply the alert rules, at most every ``CHECK_EVERY_S``."""
@@ -93,7 +120,7 @@ class Monitor:
         if now - self.started_at >= self.startup_grace_s:
             conditions += services_down(await self._alive_services())
         conditions += stalled_rounds(await self._round_observations(), now)
-        open_alerts = await self._open_alerts()
+        open_alerts = {k: a for k, a in (await self._open_alerts()).items() if a.rule in RECONCILED_RULES}
         raised, resolved = reconcile(open_alerts, conditions, now)
         for alert in raised:
             await self._store(alert, is_open=True)

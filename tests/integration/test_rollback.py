@@ -46,6 +46,9 @@ async def test_poisoned_rounds_trigger_a_rollback_to_the_best_version(redis: aio
     assert rollback["data"]["to_version"] < rollback["data"]["from_version"]
     assert "below the best" in rollback["data"]["reason"]
     assert state.final_evaluation is not None and state.final_evaluation.accuracy > 0.8
+    events = [json.loads(f[b"m"]) for _id, f in await redis.xrange(KEYS.event_stream)]
+    rules = {e["data"]["alert"]["rule"] for e in events if e["kind"] == "alert"}
+    assert "rollback" in rules
 
 
 async def test_operator_rollback_continues_from_the_chosen_version(redis: aioredis.Redis, system, make_agents) -> None:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 
 from federated_learning.dashboard.auth import ApiKey
 from federated_learning.dashboard.deps import Agents, AppKeys, Redis
-from federated_learning.monitoring.alerts import EXPECTED_SERVICES, Alert
+from federated_learning.monitoring.alerts import EXPECTED_SERVICES, RECONCILED_RULES, Alert
 from federated_learning.protocol.keys import (
     GROUP_AGGREGATOR,
     GROUP_COORDINATOR,
@@ -105,6 +105,14 @@ async def acknowledge(alert_id: str, redis: Redis, keys: AppKeys, _auth: ApiKey)
     raw = await redis.hget(keys.alerts, alert_id)
     if raw is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no alert '{alert_id}'")
-    alert = Alert.model_validate_json(raw).model_copy(update={"acknowledged": True})
-    await redis.hset(keys.alerts, alert_id, alert.model_dump_json())
+    alert = Alert.model_validate_json(raw)
+    update: dict[str, object] = {"acknowledged": True}
+    if alert.rule not in RECONCILED_RULES and alert.is_open:
+        update["resolved_at"] = time.time()
+    alert = alert.model_copy(update=update)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.alerts, alert_id, alert.model_dump_json())
+        if alert.resolved_at is not None:
+            pipe.hdel(keys.open_alerts, alert.key)
+        await pipe.execute()
     return alert

@@ -106,3 +106,21 @@ def test_too_few_updates_are_never_flagged_by_statistics() -> None:
     global_layers, updates = honest_round(num_honest=3)
     boosted = [g + 100 * (u - g) for g, u in zip(global_layers, updates[0], strict=True)]
     assert flag_suspicious_updates(global_layers, [*updates, boosted], ["a", "b", "c", "d"]) == []
+
+
+def test_slab_scores_match_the_stacked_scores() -> None:
+    from federated_learning.monitoring.anomaly import score_slabs, score_updates
+
+    rng = np.random.default_rng(3)
+    global_layers = [rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=5).astype(np.float32)]
+    updates = [[g + rng.normal(scale=0.1, size=g.shape).astype(np.float32) for g in global_layers] for _ in range(9)]
+    updates.append([g - 5 * (u - g) for g, u in zip(global_layers, updates[0], strict=True)])
+    ids = [f"a{k}" for k in range(10)]
+    slabs = [np.stack([u[i].reshape(-1) for u in updates]) for i in range(2)]
+    medians = [np.median(slab, axis=0) for slab in slabs]
+    stacked = score_updates(global_layers, updates, ids)
+    streamed = score_slabs(global_layers, slabs, medians, ids)
+    for a, b in zip(stacked, streamed, strict=True):
+        assert a.agent_id == b.agent_id and a.reasons == b.reasons
+        assert a.norm == pytest.approx(b.norm, rel=1e-5) and a.cosine == pytest.approx(b.cosine, abs=1e-5)
+    assert streamed[-1].suspicious
