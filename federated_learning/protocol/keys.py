@@ -165,6 +165,11 @@ class Keys:
         return self._k("monitor", "dropouts")
 
     @property
+    def agent_stats(self) -> str:
+        """Hash '<agent>:<counter>' -> count (asked, completed, late, examples)."""
+        return self._k("agents", "stats")
+
+    @property
     def agent_flags(self) -> str:
         """Hash agent id -> rounds in which its update was flagged as anomalous."""
         return self._k("monitor", "flags")

@@ -78,6 +78,7 @@ class BufferedRounds:
                             deadline_at=deadline)
                 pipe.xadd(self.c.keys.inbox_stream(agent_id), encode(task),  # type: ignore[arg-type]
                           maxlen=INBOX_MAXLEN, approximate=True)
+                pipe.hincrby(self.c.keys.agent_stats, f"{agent_id}:asked", 1)
             self.c.store.stage_save(pipe, state)
             await pipe.execute()
 
@@ -100,6 +101,8 @@ class BufferedRounds:
         async with self.c.redis.pipeline(transaction=True) as pipe:
             if problem is None:
                 pipe.hset(buffer, notice.agent_id, notice.model_dump_json())
+                pipe.hincrby(self.c.keys.agent_stats, f"{notice.agent_id}:completed", 1)
+                pipe.hincrby(self.c.keys.agent_stats, f"{notice.agent_id}:examples", notice.num_examples)
             self.c.store.stage_save(pipe, state)
             await pipe.execute()
         if problem is not None:

@@ -276,6 +276,7 @@ class Coordinator:
                             deadline_at=state.deadline_at)
                 pipe.xadd(self.keys.inbox_stream(agent_id), encode(task),  # type: ignore[arg-type]
                           maxlen=INBOX_MAXLEN, approximate=True)
+                pipe.hincrby(self.keys.agent_stats, f"{agent_id}:asked", 1)
             self.store.stage_save(pipe, state)
             await pipe.execute()
         await self.ctx.emit("round_started" if not retry else "round_retried",
@@ -312,6 +313,8 @@ class Coordinator:
         if closed or notice.round != state.round or notice.kind is not expected_kind:
             # Over-selected agents answering just after their round closed are expected.
             just_late = closed and notice.round >= state.round - 1
+            if just_late and notice.kind is TaskKind.TRAIN:
+                await self.redis.hincrby(self.keys.agent_stats, f"{notice.agent_id}:late", 1)
             await self.ctx.reject("updates", "stale_round",
                                   f"{notice.kind.value} notice for round {notice.round}; training is in "
                                   f"round {state.round} ({state.status.value}/{state.phase.value})",
@@ -333,6 +336,9 @@ class Coordinator:
         else:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(updates_key, notice.agent_id, notice.model_dump_json())
+                if notice.kind is TaskKind.TRAIN:
+                    pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:completed", 1)
+                    pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:examples", notice.num_examples)
                 self.store.stage_save(pipe, state)
                 await pipe.execute()
             UPDATES_ACCEPTED.inc()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, status
@@ -11,6 +12,8 @@ from fastapi import APIRouter, HTTPException, Query, status
 from federated_learning.dashboard.auth import ApiKey
 from federated_learning.dashboard.deps import Agents, AppKeys, Redis
 from federated_learning.monitoring.alerts import EXPECTED_SERVICES, RECONCILED_RULES, Alert
+from federated_learning.monitoring.reliability import AgentStats
+from federated_learning.monitoring.reliability import leaderboard as rank_agents
 from federated_learning.protocol.keys import (
     GROUP_AGGREGATOR,
     GROUP_COORDINATOR,
@@ -116,3 +119,29 @@ async def acknowledge(alert_id: str, redis: Redis, keys: AppKeys, _auth: ApiKey)
             pipe.hdel(keys.open_alerts, alert.key)
         await pipe.execute()
     return alert
+
+
+def _counts(raw: dict[bytes, bytes]) -> dict[str, int]:
+    return {key.decode(): int(value) for key, value in raw.items()}
+
+
+@router.get("/agents/leaderboard")
+async def leaderboard(redis: Redis, keys: AppKeys, agents: Agents,
+                      top: int = Query(default=20, ge=1, le=10_000)) -> list[dict[str, Any]]:
+    """Agents ranked by reliability (completion, lateness, anomaly flags), then contribution."""
+    counters = _counts(await redis.hgetall(keys.agent_stats))
+    dropouts = _counts(await redis.hgetall(keys.agent_dropouts))
+    flags = _counts(await redis.hgetall(keys.agent_flags))
+    stats = {}
+    for record in await agents.all():
+        agent = record.agent_id
+        completed = counters.get(f"{agent}:completed", 0) + counters.get(f"{agent}:late", 0)
+        dropped = dropouts.get(agent, 0)
+        stats[agent] = AgentStats(
+            asked=max(counters.get(f"{agent}:asked", 0), completed + dropped), completed=completed,
+            late=counters.get(f"{agent}:late", 0), dropped=dropped,
+            flagged=min(flags.get(agent, 0), completed), examples=counters.get(f"{agent}:examples", 0),
+            contribution=float(counters.get(f"{agent}:examples", 0)))
+    return [{**asdict(row.stats), "rank": row.rank, "agent_id": row.agent_id,
+             "reliability": round(row.reliability, 4), "contribution": round(row.contribution, 4)}
+            for row in rank_agents(stats, top)]
