@@ -78,7 +78,7 @@ async def test_status_metrics_and_model_of_a_finished_training(
     assert len(agents) == 4 and all(a["alive"] for a in agents)
     board = (await http.get("/api/agents/leaderboard")).json()
     assert [row["rank"] for row in board] == [1, 2, 3, 4]
-    assert sum(row["completed"] for row in board) >= 8 and sum(row["contribution"] for row in board) == pytest.approx(1.0)
+    assert sum(row["completed"] for row in board) >= 8 and sum(row["contribution"] for row in board) == pytest.approx(1.0, abs=1e-3)
     assert (await http.get("/api/health")).json()["status"] == "ok"
 
 
