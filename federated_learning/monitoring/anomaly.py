@@ -45,8 +45,11 @@ MEAN_AD_TO_SIGMA = 1.2533
 UPDATE_Z_THRESHOLD = 3.5
 JUMP_Z_THRESHOLD = 3.0
 JUMP_WINDOW = 5
-COSINE_MIN_SCALE = 0.05
-"""Cosines closer than this to the median carry no signal."""
+COSINE_MIN_SCALE = 0.25
+"""Cosines closer than this to the median carry no signal. Honest agents with label-skewed
+(non-IID) data point well away from the median update (cosines down to about -0.3 were
+seen on the Dirichlet-0.5 demo), so a tighter floor flags them; a sign-flipping attacker
+sits near -1."""
 NORM_MIN_RELATIVE_SCALE = 0.05
 """Norms within this fraction of the median norm carry no signal."""
 MIN_UPDATES_FOR_SCORES = 5

@@ -1,6 +1,24 @@
 "use strict";
 // The dashboard page: polls the REST API, listens on the WebSocket, draws the accuracy chart.
-const state = { selected: null, metrics: {} };
+const state = { selected: null, metrics: {}, compare: [] };
+
+function apiKey() {
+  let key = sessionStorage.getItem("fl-api-key");
+  if (!key) {
+    key = prompt("API key of this deployment (data/run/deployment.json):") || "";
+    sessionStorage.setItem("fl-api-key", key);
+  }
+  return key;
+}
+
+async function postJSON(path, body) {
+  const response = await fetch(path, { method: "POST", headers: { "Content-Type": "application/json", "X-API-Key": apiKey() },
+                                       body: body === undefined ? undefined : JSON.stringify(body) });
+  if (response.status === 401) sessionStorage.removeItem("fl-api-key");
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(data.detail || `${path}: ${response.status}`);
+  return data;
+}
 
 async function getJSON(path) {
   const response = await fetch(path);
@@ -31,9 +49,9 @@ async function refreshTrainings() {
     cell(row, t.current_version ?? "–");
     cell(row, fmt(t.best_accuracy));
     cell(row, fmt(t.epsilon_spent, 2));
-    row.onclick = () => { state.selected = t.training_id; refreshMetrics(); refreshTrainings(); };
+    row.onclick = () => { state.selected = t.training_id; state.compare = []; refreshMetrics(); refreshTrainings(); refreshVersions(); };
   }
-  if (!state.selected && trainings.length) { state.selected = trainings[0].training_id; refreshMetrics(); }
+  if (!state.selected && trainings.length) { state.selected = trainings[0].training_id; refreshMetrics(); refreshVersions(); }
 }
 
 async function refreshMetrics() {
@@ -69,19 +87,64 @@ function drawChart() {
 }
 
 async function refreshAgents() {
-  const agents = await getJSON("/api/agents");
+  const [agents, board] = await Promise.all([getJSON("/api/agents"), getJSON("/api/agents/leaderboard?top=1000")]);
+  const alive = new Map(agents.map(a => [a.agent_id, a.alive]));
   const body = document.querySelector("#agents tbody");
   body.replaceChildren();
-  let alive = 0;
-  for (const a of agents) {
-    alive += a.alive ? 1 : 0;
+  for (const a of board) {
     const row = body.insertRow();
+    cell(row, a.rank);
     cell(row, a.agent_id);
-    cell(row, a.alive ? "yes" : "no", a.alive ? "ok" : "failed");
-    cell(row, Object.values(a.datasets).reduce((s, n) => s + n, 0));
-    cell(row, a.dropouts);
+    cell(row, alive.get(a.agent_id) ? "yes" : "no", alive.get(a.agent_id) ? "ok" : "failed");
+    cell(row, fmt(a.reliability, 2));
+    cell(row, fmt(a.contribution, 3));
+    cell(row, a.dropped);
   }
-  document.getElementById("agent-count").textContent = `${alive} alive of ${agents.length}`;
+  const live = agents.filter(a => a.alive).length;
+  document.getElementById("agent-count").textContent = `${live} alive of ${agents.length}`;
+}
+
+async function refreshVersions() {
+  if (!state.selected) return;
+  const versions = await getJSON(`/api/training/${state.selected}/versions`);
+  const body = document.querySelector("#versions tbody");
+  body.replaceChildren();
+  for (const v of versions.slice().reverse().slice(0, 30)) {
+    const row = body.insertRow();
+    const pick = document.createElement("input");
+    pick.type = "checkbox";
+    pick.checked = state.compare.includes(v.version);
+    pick.onchange = () => toggleCompare(v.version, pick.checked);
+    row.insertCell().appendChild(pick);
+    cell(row, v.version);
+    cell(row, v.round);
+    cell(row, v.parent_version ?? "–");
+    cell(row, v.contributors.length);
+    cell(row, v.privacy.level + (v.privacy.epsilon_spent ? ` ε=${fmt(v.privacy.epsilon_spent, 2)}` : ""));
+    const actions = row.insertCell();
+    const download = document.createElement("a");
+    download.href = `/api/training/${state.selected}/versions/${v.version}/model`;
+    download.textContent = "download";
+    const rollback = document.createElement("button");
+    rollback.textContent = "roll back here";
+    rollback.onclick = async () => {
+      try { await postJSON(`/api/training/${state.selected}/rollback`, { version: v.version }); }
+      catch (e) { alert(e.message); }
+    };
+    actions.append(download, " ", rollback);
+  }
+}
+
+async function toggleCompare(version, on) {
+  state.compare = on ? [...state.compare.filter(v => v !== version), version].slice(-2) : state.compare.filter(v => v !== version);
+  refreshVersions();
+  const out = document.getElementById("comparison");
+  if (state.compare.length !== 2) { out.textContent = ""; return; }
+  const [a, b] = state.compare.slice().sort((x, y) => x - y);
+  const c = await getJSON(`/api/training/${state.selected}/versions/compare?a=${a}&b=${b}`);
+  out.textContent = `v${a} -> v${b}: L2 distance ${fmt(c.l2_distance, 4)}, cosine ${fmt(c.cosine_similarity, 4)}\n` +
+    c.layers.map(l => `  ${l.name}: L2 ${fmt(l.l2_distance, 4)}, cosine ${fmt(l.cosine_similarity, 4)}`).join("\n") +
+    (Object.keys(c.metric_deltas).length ? `\n  metric deltas: ${JSON.stringify(c.metric_deltas)}` : "");
 }
 
 async function refreshAlerts() {
@@ -90,8 +153,17 @@ async function refreshAlerts() {
   list.replaceChildren();
   for (const a of alerts) {
     const li = document.createElement("li");
-    li.textContent = `[${a.severity}] ${a.message} — ${a.action}`;
+    li.textContent = `[${a.severity}] ${a.message} — ${a.action} `;
     li.className = a.severity;
+    if (!a.acknowledged) {
+      const ack = document.createElement("button");
+      ack.textContent = "acknowledge";
+      ack.onclick = async () => {
+        try { await postJSON(`/api/alerts/${a.alert_id}/acknowledge`); refreshAlerts(); }
+        catch (e) { alert(e.message); }
+      };
+      li.appendChild(ack);
+    }
     list.appendChild(li);
   }
   if (!alerts.length) list.textContent = "no open alerts";
@@ -105,6 +177,7 @@ async function refreshHealth() {
 }
 
 function logEvent(message) {
+  if (!message.at) return;
   const list = document.getElementById("events");
   const li = document.createElement("li");
   li.textContent = `${new Date(message.at * 1000).toLocaleTimeString()} ${message.type} ${message.training_id ?? ""} ${message.message ?? ""}`;
@@ -127,14 +200,16 @@ function connect() {
     }
     if (message.type === "agent_update") { refreshAgents(); return; }
     logEvent(message);
-    if (["round_completed", "training_completed", "training_status"].includes(message.type)) refreshTrainings();
+    if (["round_completed", "training_completed", "training_status", "rollback"].includes(message.type)) { refreshTrainings(); refreshVersions(); }
     if (message.type.startsWith("alert")) refreshAlerts();
   };
 }
 
 async function refreshAll() {
-  await Promise.allSettled([refreshTrainings(), refreshAgents(), refreshAlerts(), refreshHealth()]);
+  await Promise.allSettled([refreshTrainings(), refreshAgents(), refreshAlerts(), refreshHealth(), refreshVersions()]);
 }
 refreshAll();
 setInterval(refreshAll, 5000);
 connect();
+
+document.getElementById("set-key").onclick = () => { sessionStorage.removeItem("fl-api-key"); apiKey(); };
