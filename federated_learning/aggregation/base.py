@@ -74,7 +74,8 @@ def check_global_layers(global_layers: Sequence[NDArray[np.generic]]) -> None:
         raise ValueError("global model has no layers")
     for i, layer in enumerate(global_layers):
         if not isinstance(layer, np.ndarray):
-            raise ValueError(f"global layer {i} is a {type(layer).__name__}, not a numpy array")  # noqa: TRY004
+            kind = type(layer).__name__
+            raise ValueError(f"global layer {i} is a {kind}, not a numpy array")  # noqa: TRY004
         if not (np.issubdtype(layer.dtype, np.number) or layer.dtype == np.bool_):
             raise ValueError(f"global layer {i} has non-numeric dtype {layer.dtype}")
         if not is_all_finite(layer):
@@ -95,7 +96,8 @@ def check_client_layers(
             )
         for i, (layer, reference) in enumerate(zip(layers, global_layers, strict=True)):
             if not isinstance(layer, np.ndarray):
-                raise ValueError(f"client {k} layer {i} is a {type(layer).__name__}, not an array")  # noqa: TRY004
+                kind = type(layer).__name__
+                raise ValueError(f"client {k} layer {i} is a {kind}, not an array")  # noqa: TRY004
             if not (np.issubdtype(layer.dtype, np.number) or layer.dtype == np.bool_):
                 raise ValueError(f"client {k} layer {i} has non-numeric dtype {layer.dtype}")
             if layer.shape != reference.shape:
@@ -217,7 +219,8 @@ def check_real(
     right = ")" if high_open else "]"
     interval = f"{left}{low:g}, {high:g}{right}"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
-        raise ValueError(f"{rule} {name} must be a number in {interval}; got {value!r}")  # noqa: TRY004
+        message = f"{rule} {name} must be a number in {interval}; got {value!r}"
+        raise ValueError(message)  # noqa: TRY004
     number = float(value)
     too_low = number <= low if low_open else number < low
     too_high = number >= high if high_open else number > high

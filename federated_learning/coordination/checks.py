@@ -28,6 +28,14 @@ def minimum_updates(algorithm: str, num_malicious: int) -> int:
     return 1
 
 
+def strategy_params(state: TrainingState) -> dict[str, float | int | str]:
+    """The aggregation rule's parameters: the training's, plus FedProx's mu from the local settings."""
+    params = dict(state.config.algorithm_params)
+    if state.config.algorithm == "fedprox":
+        params.setdefault("proximal_mu", state.config.local.proximal_mu)
+    return params
+
+
 def refuse_training(state: TrainingState) -> str | None:
     """Why a training cannot run as configured, or None."""
     if state.min_clients > state.clients_per_round:
@@ -36,7 +44,7 @@ def refuse_training(state: TrainingState) -> str | None:
     from federated_learning.aggregation import create_strategy
 
     try:
-        strategy = create_strategy(state.config.algorithm, **state.config.algorithm_params)
+        strategy = create_strategy(state.config.algorithm, **strategy_params(state))
     except ValueError as exc:
         return f"algorithm '{state.config.algorithm}': {exc}"
     needed = minimum_updates(state.config.algorithm, int(getattr(strategy, "num_malicious_clients", 0)))

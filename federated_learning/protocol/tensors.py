@@ -18,6 +18,8 @@ from safetensors.numpy import save as _st_save
 from federated_learning.types import BlobDigest, NamedLayers
 
 ALLOWED_DTYPES = frozenset({"float32", "float64"})
+"""Dtypes of models and updates. Server-internal blobs (aggregation rule state) may also hold integers."""
+STATE_DTYPES = ALLOWED_DTYPES | {"int64", "int32"}
 _HEADER_LEN_BYTES = 8
 _MAX_HEADER_BYTES = 1 << 20
 
@@ -61,7 +63,7 @@ def _read_header(data: bytes) -> dict[str, object]:
     return header
 
 
-def decode_layers(data: bytes, *, max_bytes: int) -> NamedLayers:
+def decode_layers(data: bytes, *, max_bytes: int, allowed_dtypes: frozenset[str] = ALLOWED_DTYPES) -> NamedLayers:
     """Parse safetensors bytes into named layers, in the order they were saved.
 
     Raises :class:`InvalidTensor` when the blob is too large, malformed, or holds a
@@ -84,7 +86,7 @@ def decode_layers(data: bytes, *, max_bytes: int) -> NamedLayers:
         if isinstance(saved_order, list) and sorted(saved_order) == sorted(arrays):
             order = [str(name) for name in saved_order]
     for name in order:
-        if arrays[name].dtype.name not in ALLOWED_DTYPES:
+        if arrays[name].dtype.name not in allowed_dtypes:
             raise InvalidTensor("bad_dtype", f"layer '{name}' has dtype {arrays[name].dtype.name}")
     return {name: arrays[name] for name in order}
 

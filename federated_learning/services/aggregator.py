@@ -33,6 +33,7 @@ from federated_learning.protocol.messages import (
     encode,
 )
 from federated_learning.protocol.tensors import (
+    STATE_DTYPES,
     InvalidTensor,
     decode_layers,
     encode_layers,
@@ -127,7 +128,8 @@ class Aggregator:
         strategy = create_strategy(job.algorithm, **job.algorithm_params)
         if job.state_digest:
             strategy.load_state_dict(decode_layers(await self.ctx.blobs.get(job.state_digest),
-                                                   max_bytes=self.ctx.settings.max_blob_bytes))
+                                                   max_bytes=self.ctx.settings.max_blob_bytes,
+                                                   allowed_dtypes=STATE_DTYPES))
         slabs = allocate_slabs(global_layers, len(job.updates))
         usable = await self._load_updates(job, spec_of(base), slabs)
         if not usable:

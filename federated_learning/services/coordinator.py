@@ -19,7 +19,12 @@ from prometheus_client import Counter, Gauge, Histogram
 from federated_learning.bus.blobs import BlobMissing
 from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
-from federated_learning.coordination.checks import check_signature, notice_metrics, refuse_training
+from federated_learning.coordination.checks import (
+    check_signature,
+    notice_metrics,
+    refuse_training,
+    strategy_params,
+)
 from federated_learning.coordination.rounds import RoundDecision, decide_round, summarize_notices
 from federated_learning.coordination.selection import eligible_agents, round_rng, select_agents
 from federated_learning.coordination.state import RoundPhase, TrainingState
@@ -393,7 +398,7 @@ class Coordinator:
         notices = sorted((UpdateSubmitted.model_validate_json(v) for v in raw.values()),
                          key=lambda n: n.agent_id)
         assert state.current_digest is not None and state.current_version is not None
-        params = dict(state.config.algorithm_params)
+        params = strategy_params(state)
         if state.is_buffered:
             # Updates that arrived while the previous buffer was aggregated join this flush.
             params["buffer_size"] = max(state.buffer_size, len(notices))
@@ -407,6 +412,7 @@ class Coordinator:
                      for n in notices],
         )
         state.phase = RoundPhase.AGGREGATING
+        state.deadline_at = time.time() + state.round_deadline_s
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.keys.job_stream, encode(job))  # type: ignore[arg-type]
             self.store.stage_save(pipe, state)
@@ -414,6 +420,18 @@ class Coordinator:
         await self.ctx.emit("round_closed", f"round {state.round}: aggregating {len(notices)} updates",
                             training_id=state.training_id, round=state.round, updates=len(notices),
                             attempt=state.attempt)
+
+    async def aggregation_overdue(self, state: TrainingState) -> None:
+        """The pipeline produced no version in time (a failed or lost job): ask again, or give up."""
+        state.retries += 1
+        if state.retries >= state.config.max_round_attempts:
+            await self.finish(state, TrainingStatus.FAILED,
+                              f"round {state.round}: no version after {state.retries} aggregation attempts "
+                              f"of {state.round_deadline_s:.0f}s each (see aggregation_failed events)")
+            return
+        ROUND_RETRIES.inc()
+        state.attempt += 1
+        await self.close_round(state)
 
     async def on_version(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
@@ -522,6 +540,8 @@ class Coordinator:
             elif state.phase is RoundPhase.COLLECTING:
                 await self._report_dropouts(state, set(alive))
                 await self.advance(state)
+            elif state.phase is RoundPhase.AGGREGATING and time.time() > state.deadline_at:
+                await self.aggregation_overdue(state)
         await self.activate_queued()
 
     async def _report_dropouts(self, state: TrainingState, alive: set[str]) -> None:

@@ -68,3 +68,35 @@ async def test_buffered_asynchronous_training_flushes_full_buffers_with_stalenes
     metrics = [RoundMetrics.model_validate_json(m) for m in await redis.lrange(keys.training_metrics("async"), 0, -1)]
     assert state.final_evaluation is not None
     assert state.final_evaluation.accuracy > (metrics[0].eval_accuracy or 0.0)
+
+
+async def test_stateful_server_optimisers_keep_their_state_across_rounds(
+        redis: aioredis.Redis, system, make_agents) -> None:
+    await system.start()
+    await make_agents(4)
+    await start_training(redis, "adam", digits_config(rounds=3, algorithm="fedadam",
+                                                      algorithm_params={"eta": 0.01, "tau": 0.001}))
+    await start_training(redis, "prox", digits_config(rounds=2, algorithm="fedprox",
+                                                      local={"epochs": 1, "proximal_mu": 0.1}))
+
+    adam = await wait_for_status(redis, "adam", {"completed", "failed"})
+    prox = await wait_for_status(redis, "prox", {"completed", "failed"})
+
+    assert adam.status == "completed", adam.reason
+    assert prox.status == "completed", prox.reason
+    states = {VersionRecord.model_validate_json(v).state_digest
+              for v in (await redis.hgetall(Keys().versions("adam"))).values()}
+    assert len(states - {None}) == 3  # a new optimiser state after every round
+
+
+async def test_round_whose_aggregation_never_finishes_fails_after_the_attempts(
+        redis: aioredis.Redis, system, make_agents) -> None:
+    await system.start("coordinator", "privacy", "versions")
+    await make_agents(3)
+    await start_training(redis, "stuck", digits_config(rounds=2, round_deadline_s=0.5, max_round_attempts=2))
+
+    state = await wait_for_status(redis, "stuck", {"failed", "completed"}, timeout_s=30)
+
+    assert state.status == "failed"
+    assert "no version after 2 aggregation attempts" in state.reason
+    assert await redis.xlen(Keys().job_stream) == 2
