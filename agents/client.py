@@ -25,6 +25,14 @@ from agents.attacks import Attack, poison_update
 from agents.trainers import Trainer, create_trainer
 from federated_learning.bus.blobs import BlobMissing, BlobStore
 from federated_learning.bus.consumer import ensure_group
+from federated_learning.privacy.compression import (
+    Compressor,
+    ErrorFeedback,
+    keep_count,
+    quantize,
+    random_k,
+    top_k,
+)
 from federated_learning.privacy.signing import AgentKeyPair
 from federated_learning.protocol.keys import GROUP_AGENT, Keys
 from federated_learning.protocol.messages import (
@@ -46,6 +54,7 @@ from federated_learning.protocol.tensors import (
     encode_layers,
     validate_layers,
 )
+from federated_learning.protocol.updates import encode_compressed
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +67,7 @@ DEFAULT_MAX_BLOB_BYTES = 256 * 1024 * 1024
 class TrainedUpdate:
     blob: bytes
     num_examples: int
+    dense_bytes: int
     loss: float
     accuracy: float
     seconds: float
@@ -81,6 +91,18 @@ def _trainer_for(spec: ModelSpec) -> Trainer:
     params: dict[str, object] = {"hidden": spec.hidden} if spec.trainer == "mlp" else {}
     return create_trainer(spec.trainer, num_features=spec.num_features,
                           num_classes=spec.num_classes, **params)
+
+
+def make_compressor(method: str, fraction: float, rng: np.random.Generator) -> Compressor:
+    """The compressor a task's settings name: top_k/random_k keep ``fraction`` of the coordinates."""
+    if method == "top_k":
+        return lambda layers: top_k(layers, keep_count(sum(int(a.size) for a in layers), fraction))
+    if method == "random_k":
+        return lambda layers: random_k(layers, keep_count(sum(int(a.size) for a in layers), fraction), rng)
+    bits = {"q8": 8, "q4": 4}.get(method)
+    if bits is None:
+        raise ValueError(f"unknown compression '{method}'")
+    return lambda layers: quantize(layers, bits, rng)
 
 
 def clip_update(global_layers: dict[str, NDArray[np.float32]], local: dict[str, NDArray[np.float32]],
@@ -124,6 +146,8 @@ class FederatedClient:
                           else AgentKeyPair.generate())
         """Ed25519 identity: kept in ``state_dir`` across restarts when one is given."""
         self.datasets: dict[str, LocalDataset] = {}
+        self.feedback = ErrorFeedback()
+        """What compression dropped from this agent's updates, added to its next one (per training)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self.completed_tasks = 0
@@ -266,7 +290,8 @@ class FederatedClient:
             notice = UpdateSubmitted(
                 kind=TaskKind.TRAIN, update_digest=digest, num_examples=trained.num_examples,
                 train_loss=trained.loss, train_accuracy=trained.accuracy,
-                train_seconds=trained.seconds, **common)  # type: ignore[arg-type]
+                train_seconds=trained.seconds, upload_bytes=len(trained.blob),
+                dense_bytes=trained.dense_bytes, **common)  # type: ignore[arg-type]
         signature = self.identity.sign(notice.signed_bytes()).hex()
         await self.redis.xadd(self.keys.update_stream,
                               encode(notice.model_copy(update={"signature": signature})))  # type: ignore[arg-type]
@@ -294,7 +319,15 @@ class FederatedClient:
             local = poison_update(self.attack, weights, local, np.random.default_rng(task.round))
         if settings.clip_norm is not None:
             local = clip_update(weights, local, settings.clip_norm)
+        if settings.compression == "none":
+            blob = encode_layers(local)
+        else:
+            delta = [(local[name] - weights[name]).astype(np.float32) for name in local]
+            compressor = make_compressor(settings.compression, settings.compression_fraction,
+                                         np.random.default_rng(zlib.crc32(f"{self.agent_id}/{task.round}".encode())))
+            blob = encode_compressed(self.feedback.compress(task.training_id, delta, compressor))
         return evaluation, TrainedUpdate(
-            blob=encode_layers(local), num_examples=int(result.num_examples),
+            blob=blob, num_examples=int(result.num_examples),
+            dense_bytes=4 * sum(int(a.size) for a in local.values()),
             loss=float(result.loss), accuracy=float(result.accuracy),
             seconds=time.perf_counter() - started)

@@ -55,6 +55,8 @@ class SimulationOptions:
     batch_size: int = 4
     learning_rate: float = 1.0
     proximal_mu: float = 0.0
+    compression: str = "none"
+    compression_fraction: float = 0.1
     privacy_level: str = "none"
     malicious_fraction: float = 0.0
     attack: str = "sign_flip"
@@ -96,7 +98,8 @@ def training_request(options: SimulationOptions) -> dict[str, Any]:
         "min_clients": options.min_clients,
         "round_deadline_s": options.round_deadline_s,
         "local": {"epochs": options.local_epochs, "batch_size": options.batch_size,
-                  "learning_rate": options.learning_rate, "proximal_mu": options.proximal_mu},
+                  "learning_rate": options.learning_rate, "proximal_mu": options.proximal_mu,
+                  "compression": options.compression, "compression_fraction": options.compression_fraction},
         "privacy_level": options.privacy_level,
     }
 

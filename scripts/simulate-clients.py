@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     p.add_argument("--proximal-mu", type=float, default=defaults.proximal_mu)
     p.add_argument("--privacy-level", default=defaults.privacy_level, choices=["none", "low", "medium", "high"])
+    p.add_argument("--compression", default="none", choices=["none", "top_k", "random_k", "q8", "q4"])
+    p.add_argument("--compression-fraction", type=float, default=0.1, help="share kept by top_k/random_k")
     p.add_argument("--malicious", type=float, default=0.0, help="fraction of attacking agents")
     p.add_argument("--attack", default="sign_flip", choices=["sign_flip", "gaussian", "label_flip"])
     p.add_argument("--timeout", type=float, default=defaults.timeout_s)
@@ -67,6 +69,7 @@ def options_from(args: argparse.Namespace) -> SimulationOptions:
         batch_size=args.batch_size, learning_rate=args.learning_rate, proximal_mu=args.proximal_mu,
         privacy_level=args.privacy_level, timeout_s=args.timeout,
         malicious_fraction=args.malicious, attack=args.attack,
+        compression=args.compression, compression_fraction=args.compression_fraction,
         state_dir=settings.data_dir.resolve() / "agent-state",
         heartbeat_interval_s=min(settings.heartbeat_interval_s, 5.0),
         round_deadline_s=settings.round_deadline_s,

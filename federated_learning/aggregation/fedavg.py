@@ -33,32 +33,6 @@ from .base import (
 WEIGHTED_SUM_BLOCK = 4096
 
 
-@njit(cache=True, nogil=True)
-def add_weighted_rows(slab, rows, weights, c0, acc):  # type: ignore[no-untyped-def]
-    """acc[c] += sum_j weights[j] * slab[rows[j], c0 + c] for c < acc.size, j in order.
-
-    Rows go four at a time: four concurrent read streams, and acc is read and written once
-    per four rows instead of once per row.
-    """
-    n = acc.size
-    m = rows.size
-    j = 0
-    while j + 4 <= m:
-        r0, r1, r2, r3 = rows[j], rows[j + 1], rows[j + 2], rows[j + 3]
-        w0, w1, w2, w3 = weights[j], weights[j + 1], weights[j + 2], weights[j + 3]
-        for c in range(n):
-            acc[c] += (w0 * slab[r0, c0 + c] + w1 * slab[r1, c0 + c]) + (
-                w2 * slab[r2, c0 + c] + w3 * slab[r3, c0 + c]
-            )
-        j += 4
-    while j < m:
-        r0 = rows[j]
-        w0 = weights[j]
-        for c in range(n):
-            acc[c] += w0 * slab[r0, c0 + c]
-        j += 1
-
-
 @njit(parallel=True, cache=True, nogil=True)
 def weighted_sum_affine(  # type: ignore[no-untyped-def]
     slab, rows, weights, base, scale, base_coef, out, num_threads
@@ -73,6 +47,7 @@ def weighted_sum_affine(  # type: ignore[no-untyped-def]
     NaN or Inf.
     """
     d = slab.shape[1]
+    m = rows.size
     num_blocks = (d + WEIGHTED_SUM_BLOCK - 1) // WEIGHTED_SUM_BLOCK
     num_tasks = max(1, min(num_blocks, num_threads))
     finite = np.ones(num_tasks, np.bool_)
@@ -82,7 +57,23 @@ def weighted_sum_affine(  # type: ignore[no-untyped-def]
             c0 = b * WEIGHTED_SUM_BLOCK
             n = min(d, c0 + WEIGHTED_SUM_BLOCK) - c0
             acc[:n] = 0.0
-            add_weighted_rows(slab, rows, weights, c0, acc[:n])
+            # Four rows per pass: four concurrent read streams, and acc is loaded and
+            # stored once per four rows instead of once per row.
+            j = 0
+            while j + 4 <= m:
+                r0, r1, r2, r3 = rows[j], rows[j + 1], rows[j + 2], rows[j + 3]
+                w0, w1, w2, w3 = weights[j], weights[j + 1], weights[j + 2], weights[j + 3]
+                for c in range(n):
+                    acc[c] += (w0 * slab[r0, c0 + c] + w1 * slab[r1, c0 + c]) + (
+                        w2 * slab[r2, c0 + c] + w3 * slab[r3, c0 + c]
+                    )
+                j += 4
+            while j < m:
+                r0 = rows[j]
+                w0 = weights[j]
+                for c in range(n):
+                    acc[c] += w0 * slab[r0, c0 + c]
+                j += 1
             if base_coef == 0.0:
                 for c in range(n):
                     out[c0 + c] = scale * acc[c]

@@ -67,4 +67,6 @@ def summarize_notices(
         "eval_loss": weighted_mean([(e.loss, e.num_examples) for e in evaluations]),
         "eval_accuracy": weighted_mean([(e.accuracy, e.num_examples) for e in evaluations]),
         "eval_examples": sum(e.num_examples for e in evaluations),
+        "upload_bytes": sum(n.upload_bytes for n in train),
+        "dense_bytes": sum(n.dense_bytes for n in train),
     }

@@ -75,6 +75,9 @@ class LocalTrainingSettings(BaseModel):
     learning_rate: FiniteFloat = Field(default=0.1, gt=0, le=100)
     proximal_mu: FiniteFloat = Field(default=0.0, ge=0, le=1000)
     clip_norm: FiniteFloat | None = Field(default=None, gt=0, le=1e6)
+    compression: Literal["none", "top_k", "random_k", "q8", "q4"] = "none"
+    compression_fraction: FiniteFloat = Field(default=0.1, gt=0, le=1,
+                                              description="share of coordinates top_k/random_k keep")
 
 
 PrivacyLevelName = Literal["none", "low", "medium", "high"]
@@ -223,6 +226,8 @@ class UpdateSubmitted(Message):
     received_model_version: int = Field(ge=0)
     evaluation: Evaluation | None = None
     train_seconds: FiniteFloat = Field(default=0.0, ge=0)
+    upload_bytes: int = Field(default=0, ge=0, description="size of the uploaded blob")
+    dense_bytes: int = Field(default=0, ge=0, description="size the update would have as dense float32")
     signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$",
                                   description="hex Ed25519 signature of signed_bytes()")
 
@@ -251,6 +256,9 @@ class UpdateRef(BaseModel):
     digest: Digest
     num_examples: int = Field(gt=0)
     model_version: int = Field(default=0, ge=0, description="the version the update was trained from")
+    model_digest: Digest | None = Field(
+        default=None, description="that version's model when it is not the job's base (asynchronous "
+                                  "trainings): the aggregator re-bases the update onto the job's base")
     metrics: dict[str, FiniteFloat] = Field(default_factory=dict)
 
 
@@ -378,6 +386,8 @@ class RoundMetrics(BaseModel):
     eval_loss: float | None
     eval_accuracy: float | None
     eval_of_version: int | None
+    upload_bytes: int = 0
+    dense_bytes: int = 0
     round_seconds: float
     aggregation_seconds: float
     epsilon_spent: float

@@ -38,9 +38,10 @@ from federated_learning.protocol.tensors import (
     decode_layers,
     encode_layers,
     spec_of,
-    validate_layers,
 )
+from federated_learning.protocol.updates import decode_update, is_compressed
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
+from federated_learning.types import NamedLayers
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +84,14 @@ class Aggregator:
         await self.ctx.redis.xadd(self.ctx.keys.aggregate_stream, encode(ready))  # type: ignore[arg-type]
         JOBS.labels(job.algorithm, "ok").inc()
 
-    async def _load_updates(self, job: AggregationJob, spec: dict[str, tuple[tuple[int, ...], str]],
+    async def _load_updates(self, job: AggregationJob, base: NamedLayers,
                             slabs: list[np.ndarray]) -> list[int]:
         """Fill row k of every slab with update k; return the indices of usable updates."""
         usable: list[int] = []
+        own_bases: dict[str, NamedLayers] = {}
         for k, ref in enumerate(job.updates):
             try:
-                layers = decode_layers(await self.ctx.blobs.get(ref.digest),
-                                       max_bytes=self.ctx.settings.max_blob_bytes)
-                validate_layers(layers, spec)
+                layers = await self._update_on_base(ref, base, own_bases)
             except (BlobMissing, InvalidTensor) as exc:
                 await self.ctx.reject("jobs", getattr(exc, "reason", "blob_missing"), str(exc),
                                       training_id=job.training_id, round=job.round,
@@ -118,6 +118,20 @@ class Aggregator:
                                 flags=suspicious)
         return float(np.mean([flag.norm for flag in flags]))
 
+    async def _update_on_base(self, ref: UpdateRef, base: NamedLayers,
+                              own_bases: dict[str, NamedLayers]) -> NamedLayers:
+        """The update as a model on the job's base: ``base + (update - the model it was trained from)``."""
+        max_bytes = self.ctx.settings.max_blob_bytes
+        data = await self.ctx.blobs.get(ref.digest)
+        if ref.model_digest is None or is_compressed(data):
+            return decode_update(data, spec_of(base), max_bytes=max_bytes, base=base)
+        if ref.model_digest not in own_bases:
+            own_bases[ref.model_digest] = decode_layers(await self.ctx.blobs.get(ref.model_digest),
+                                                        max_bytes=max_bytes)
+        own = own_bases[ref.model_digest]
+        model = decode_update(data, spec_of(base), max_bytes=max_bytes)
+        return {name: (base[name] + (model[name] - own[name])).astype(model[name].dtype) for name in model}
+
     async def aggregate(self, job: AggregationJob) -> AggregateReady:
         from federated_learning.aggregation import allocate_slabs, create_strategy
 
@@ -131,7 +145,7 @@ class Aggregator:
                                                    max_bytes=self.ctx.settings.max_blob_bytes,
                                                    allowed_dtypes=STATE_DTYPES))
         slabs = allocate_slabs(global_layers, len(job.updates))
-        usable = await self._load_updates(job, spec_of(base), slabs)
+        usable = await self._load_updates(job, base, slabs)
         if not usable:
             raise AggregationFailed("no usable update")
         if len(usable) < len(job.updates):

@@ -55,10 +55,9 @@ from federated_learning.protocol.messages import (
 )
 from federated_learning.protocol.tensors import (
     InvalidTensor,
-    decode_layers,
     encode_layers,
-    validate_layers,
 )
+from federated_learning.protocol.updates import decode_update
 from federated_learning.records.agents import AgentRegistry, entry_time
 from federated_learning.records.trainings import TrainingStore
 from federated_learning.services.buffered import BufferedRounds
@@ -354,9 +353,8 @@ class Coordinator:
         if notice.kind is TaskKind.EVALUATE or notice.update_digest is None:
             return None
         try:
-            layers = decode_layers(await self.ctx.blobs.get(notice.update_digest),
-                                   max_bytes=self.settings.max_blob_bytes)
-            validate_layers(layers, state.layer_spec)
+            decode_update(await self.ctx.blobs.get(notice.update_digest), state.layer_spec,
+                          max_bytes=self.settings.max_blob_bytes)
         except BlobMissing:
             return "blob_missing", f"no blob {notice.update_digest}"
         except InvalidTensor as exc:
@@ -399,6 +397,11 @@ class Coordinator:
                          key=lambda n: n.agent_id)
         assert state.current_digest is not None and state.current_version is not None
         params = strategy_params(state)
+        bases: dict[int, str] = {}
+        for version in {n.received_model_version for n in notices} - {state.current_version}:
+            record = await self.rollbacks.index.get(state.training_id, version)
+            if record is not None:
+                bases[version] = record.model_digest
         if state.is_buffered:
             # Updates that arrived while the previous buffer was aggregated join this flush.
             params["buffer_size"] = max(state.buffer_size, len(notices))
@@ -408,7 +411,8 @@ class Coordinator:
             base_version=state.current_version, base_digest=state.current_digest,
             state_digest=state.state_digest,
             updates=[UpdateRef(agent_id=n.agent_id, digest=n.update_digest or "", num_examples=n.num_examples,
-                               model_version=n.received_model_version, metrics=notice_metrics(n))
+                               model_version=n.received_model_version,
+                               model_digest=bases.get(n.received_model_version), metrics=notice_metrics(n))
                      for n in notices],
         )
         state.phase = RoundPhase.AGGREGATING
@@ -473,6 +477,7 @@ class Coordinator:
             train_loss=summary["train_loss"], train_accuracy=summary["train_accuracy"],
             eval_loss=summary["eval_loss"], eval_accuracy=summary["eval_accuracy"],
             eval_of_version=state.current_version, round_seconds=now - state.round_started_at,
+            upload_bytes=int(summary["upload_bytes"] or 0), dense_bytes=int(summary["dense_bytes"] or 0),
             aggregation_seconds=0.0, epsilon_spent=state.epsilon_spent, completed_at=now,
         )
         self._adopt(state, committed)

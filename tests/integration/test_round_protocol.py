@@ -100,3 +100,20 @@ async def test_round_whose_aggregation_never_finishes_fails_after_the_attempts(
     assert state.status == "failed"
     assert "no version after 2 aggregation attempts" in state.reason
     assert await redis.xlen(Keys().job_stream) == 2
+
+
+async def test_compressed_updates_train_and_shrink_the_upload(redis: aioredis.Redis, system, make_agents) -> None:
+    await system.start()
+    await make_agents(4)
+    await start_training(redis, "topk", digits_config(rounds=3, local={"compression": "top_k",
+                                                                       "compression_fraction": 0.1}))
+    await start_training(redis, "q8", digits_config(rounds=3, local={"compression": "q8"}))
+
+    # A 650-parameter model: the safetensors header (~400 bytes) is a large part of each upload.
+    for training_id, max_ratio in (("topk", 0.5), ("q8", 0.6)):
+        state = await wait_for_status(redis, training_id, {"completed", "failed"})
+        assert state.status == "completed", state.reason
+        metrics = [RoundMetrics.model_validate_json(m)
+                   for m in await redis.lrange(Keys().training_metrics(training_id), 0, -1)]
+        assert all(0 < m.upload_bytes < max_ratio * m.dense_bytes for m in metrics), training_id
+        assert state.final_evaluation is not None and state.final_evaluation.accuracy > 0.5

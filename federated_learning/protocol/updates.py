@@ -1,0 +1,79 @@
+"""Update blobs as agents upload them: a dense model, or a compressed delta.
+
+A dense blob holds the agent's new model layers (float32/float64). A compressed blob holds
+the tensors of :class:`~federated_learning.privacy.compression.CompressedUpdate` (the delta
+from the model the agent received, sparsified or quantized) and the safetensors metadata
+``{"encoding": "compressed"}``. Both are validated the same way: shapes of the model,
+finite values, within the size limit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import numpy as np
+from safetensors.numpy import save as _st_save
+
+from federated_learning.privacy.compression import CompressedUpdate, decompress
+from federated_learning.protocol.tensors import (
+    InvalidTensor,
+    LayerSpec,
+    decode_layers,
+    validate_layers,
+)
+from federated_learning.types import NamedLayers
+
+COMPRESSED = "compressed"
+COMPRESSED_DTYPES = frozenset({"uint8", "uint32", "int64", "float32"})
+
+
+def encode_compressed(update: CompressedUpdate) -> bytes:
+    """Safetensors bytes of a compressed delta."""
+    tensors = {name: np.ascontiguousarray(array) for name, array in update.to_tensors().items()}
+    return bytes(_st_save(tensors, metadata={"encoding": COMPRESSED, "order": json.dumps(list(tensors))}))
+
+
+def _compressed_delta(data: bytes, spec: LayerSpec, max_bytes: int) -> NamedLayers:
+    tensors = decode_layers(data, max_bytes=max_bytes, allowed_dtypes=COMPRESSED_DTYPES)
+    try:
+        update = CompressedUpdate.from_tensors(tensors)
+        layers = decompress(update)
+    except (KeyError, ValueError, IndexError) as exc:
+        raise InvalidTensor("bad_blob", f"not a valid compressed update: {exc}") from exc
+    shapes = [tuple(shape) for shape, _dtype in spec.values()]
+    if [tuple(a.shape) for a in layers] != shapes:
+        raise InvalidTensor("bad_shape", f"compressed update has shapes {[a.shape for a in layers]}; "
+                                         f"expected {shapes}")
+    return {name: layer.astype(dtype) for (name, (_shape, dtype)), layer in zip(spec.items(), layers, strict=True)}
+
+
+def is_compressed(data: bytes) -> bool:
+    """Whether the blob's safetensors metadata marks a compressed delta (cheap: header only)."""
+    header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    if header_len <= 0 or header_len > len(data) - 8:
+        return False
+    try:
+        header = json.loads(data[8:8 + header_len])
+    except ValueError:
+        return False
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(metadata, dict) and metadata.get("encoding") == COMPRESSED
+
+
+def decode_update(data: bytes, spec: LayerSpec, *, max_bytes: int,
+                  base: Mapping[str, np.ndarray] | None = None) -> NamedLayers:
+    """The update as model layers, validated against ``spec``.
+
+    A compressed delta becomes ``base + delta`` when ``base`` (the model the agent received)
+    is given, else the delta itself (enough to validate it).
+    """
+    if not is_compressed(data):
+        layers = decode_layers(data, max_bytes=max_bytes)
+        validate_layers(layers, spec)
+        return layers
+    delta = _compressed_delta(data, spec, max_bytes)
+    layers = delta if base is None else {name: (base[name] + delta[name]).astype(delta[name].dtype)
+                                         for name in delta}
+    validate_layers(layers, spec)
+    return layers

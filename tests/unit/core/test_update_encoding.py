@@ -1,0 +1,38 @@
+import numpy as np
+import pytest
+
+from federated_learning.privacy.compression import quantize, top_k
+from federated_learning.protocol.tensors import InvalidTensor, encode_layers, spec_of
+from federated_learning.protocol.updates import decode_update, encode_compressed, is_compressed
+
+BASE = {"w": np.ones((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+SPEC = spec_of(BASE)
+
+
+def test_dense_update_decodes_to_itself() -> None:
+    model = {"w": np.full((4, 3), 2, np.float32), "b": np.ones(3, np.float32)}
+    decoded = decode_update(encode_layers(model), SPEC, max_bytes=1 << 20, base=BASE)
+    np.testing.assert_array_equal(decoded["w"], model["w"])
+
+
+def test_compressed_delta_is_added_to_the_base() -> None:
+    delta = [np.zeros((4, 3), np.float32), np.array([0.0, 5.0, 0.0], np.float32)]
+    blob = encode_compressed(top_k(delta, 1))
+    assert is_compressed(blob) and not is_compressed(encode_layers(BASE))
+    decoded = decode_update(blob, SPEC, max_bytes=1 << 20, base=BASE)
+    np.testing.assert_array_equal(decoded["b"], [0.0, 5.0, 0.0])
+    np.testing.assert_array_equal(decoded["w"], BASE["w"])
+
+
+def test_quantized_delta_round_trips_within_one_step() -> None:
+    rng = np.random.default_rng(0)
+    delta = [rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)]
+    decoded = decode_update(encode_compressed(quantize(delta, 8, rng)), SPEC, max_bytes=1 << 20)
+    np.testing.assert_allclose(decoded["w"], delta[0], atol=0.05)
+
+
+def test_compressed_update_of_another_model_is_rejected() -> None:
+    blob = encode_compressed(top_k([np.ones(5, np.float32)], 2))
+    with pytest.raises(InvalidTensor) as info:
+        decode_update(blob, SPEC, max_bytes=1 << 20)
+    assert info.value.reason == "bad_shape"
