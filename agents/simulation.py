@@ -81,7 +81,7 @@ class SimulationReport:
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
+        path.write_text(json.dumps(asdict(self), indent=1, default=str))
 
 
 def training_request(options: SimulationOptions) -> dict[str, Any]:
