@@ -25,6 +25,7 @@ from agents.attacks import Attack, poison_update
 from agents.trainers import Trainer, create_trainer
 from federated_learning.bus.blobs import BlobMissing, BlobStore
 from federated_learning.bus.consumer import ensure_group
+from federated_learning.bus.replies import group_batches
 from federated_learning.privacy.compression import (
     Compressor,
     ErrorFeedback,
@@ -244,7 +245,8 @@ class FederatedClient:
             try:
                 reply = await self.redis.xreadgroup(GROUP_AGENT, self.agent_id, {inbox: start},
                                                     count=8, block=None if start == "0" else 1000)
-                entries = reply[0][1] if reply else []
+                batches = group_batches(reply)
+                entries = batches[0][1] if batches else []
                 if start == "0" and not entries:
                     start = ">"
                 for entry_id, fields in entries:

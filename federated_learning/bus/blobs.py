@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import redis.asyncio as aioredis
 
 from federated_learning.protocol.keys import Keys
@@ -37,7 +39,7 @@ class BlobStore:
             raise BlobMissing(f"no blob {digest}")
         if size > self.max_bytes:
             raise InvalidTensor("too_large", f"blob {digest} of {size} bytes exceeds the limit {self.max_bytes}")
-        data = await self._redis.get(key)
+        data = cast("bytes | None", await self._redis.get(key))
         if data is None:
             raise BlobMissing(f"no blob {digest}")
         if digest_of(data) != digest:

@@ -22,6 +22,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from federated_learning.bus.replies import group_batches, text
+
 log = logging.getLogger(__name__)
 
 Fields = dict[bytes, bytes]
@@ -106,7 +108,8 @@ class StreamConsumer:
             if self._failures[key] >= self.max_deliveries:
                 await self._redis.xadd(
                     self._dead_letter,
-                    {b"stream": stream.encode(), b"id": entry_id, b"group": self.group.encode(), **fields},
+                    {b"stream": stream.encode(), b"id": entry_id, b"group": self.group.encode(),
+                     **fields},  # type: ignore[dict-item]
                     maxlen=10_000,
                     approximate=True,
                 )
@@ -128,8 +131,8 @@ class StreamConsumer:
             block=block_ms,
         )
         seen = 0
-        for stream_name, entries in reply or []:
-            stream = stream_name.decode() if isinstance(stream_name, bytes) else stream_name
+        for stream_name, entries in group_batches(reply):
+            stream = text(stream_name)
             for entry_id, fields in entries:
                 if fields is None:  # deleted while pending
                     await self._redis.xack(stream, self.group, entry_id)

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from federated_learning.bus.replies import read_batches
 from federated_learning.protocol.messages import Event, MalformedMessage, decode
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class EventHub:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tail the event stream (from now on) until ``stop``."""
-        last_id = "$"
+        last_id: bytes | str = "$"
         while not stop.is_set():
             try:
                 reply = await self._redis.xread({self._stream: last_id}, count=500, block=500)
@@ -102,7 +103,7 @@ class EventHub:
                 log.warning("event stream read failed (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
-            for _stream, entries in reply or []:
+            for _stream, entries in read_batches(reply):
                 for entry_id, fields in entries:
                     last_id = entry_id
                     try:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +24,7 @@ STATIC = Path(__file__).parent / "static"
 def _describe(errors: list[dict[str, object]]) -> str:
     parts = []
     for error in errors[:5]:
-        loc = ".".join(str(p) for p in error.get("loc", ()) if p != "body")  # type: ignore[union-attr]
+        loc = ".".join(str(p) for p in cast("Iterable[object]", error.get("loc", ())) if p != "body")
         parts.append(f"{loc or 'body'}: {error.get('msg')}")
     return "; ".join(parts)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from federated_learning.coordination.state import TrainingState
 from federated_learning.privacy.accountant import PrivacyAccountant, compute_noise_multiplier
 from federated_learning.privacy.levels import PrivacyLevel, privacy_targets
 from federated_learning.privacy.mechanisms import add_gaussian_noise, secure_rng
-from federated_learning.protocol.messages import AggregateReady, PrivacyReport
+from federated_learning.protocol.messages import AggregateReady, PrivacyLevelName, PrivacyReport
 from federated_learning.types import NamedLayers
 
 BUDGET_WARNING_FRACTION = 0.8
@@ -77,8 +78,8 @@ def plan_release(state: TrainingState, layers: NamedLayers, ready: AggregateRead
         alerts.append(f"privacy budget {spent / target.epsilon:.0%} spent "
                       f"(epsilon {spent:.3f} of {target.epsilon})")
     return ReleasePlan(
-        report=PrivacyReport(level=level, mechanism="gaussian", noise_std=std, epsilon_spent=spent,
-                             delta=target.delta,
+        report=PrivacyReport(level=cast(PrivacyLevelName, level), mechanism="gaussian", noise_std=std,
+                             epsilon_spent=spent, delta=target.delta,
                              note=f"central gaussian noise std {std:.3g} (z={noise_multiplier:.3f}, "
                                   f"clip {clip}); epsilon {spent:.3f} of {target.epsilon}"),
         noised_layers=dict(zip(layers, (np.asarray(a, dtype=layers[n].dtype)

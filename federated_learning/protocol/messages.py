@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import time
 from enum import StrEnum
-from typing import Annotated, Any, Literal, TypeAlias, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeAlias, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from federated_learning.versioning.rollback import RollbackConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 PAYLOAD_FIELD = b"m"
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import redis.asyncio as aioredis
 
@@ -72,13 +73,15 @@ class AgentRegistry:
         return {record.agent_id: record.datasets for record in await self.all()}
 
     async def last_seen(self) -> dict[str, float]:
-        pairs = await self._redis.zrange(self._keys.agents_last_seen, 0, -1, withscores=True)
+        pairs = cast("list[tuple[bytes, float]]",
+                     await self._redis.zrange(self._keys.agents_last_seen, 0, -1, withscores=True))
         return {member.decode(): float(score) for member, score in pairs}
 
     async def alive(self) -> list[str]:
         """Agents heard from within the heartbeat timeout, sorted."""
         since = time.time() - self.heartbeat_timeout_s
-        members = await self._redis.zrangebyscore(self._keys.agents_last_seen, since, "+inf")
+        members = cast("list[bytes]",
+                       await self._redis.zrangebyscore(self._keys.agents_last_seen, since, "+inf"))
         return sorted(m.decode() for m in members)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
+from federated_learning.bus.replies import text
 from federated_learning.coordination.state import TrainingState
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import RoundMetrics
@@ -42,17 +45,18 @@ class TrainingStore:
             await pipe.execute()
 
     async def active_ids(self) -> list[str]:
-        return sorted(m.decode() for m in await self._redis.smembers(self._keys.active_trainings))
+        return sorted(text(m) for m in await self._redis.smembers(self._keys.active_trainings))
 
     async def active_count(self) -> int:
         return int(await self._redis.scard(self._keys.active_trainings))
 
     async def pop_queued(self) -> str | None:
-        raw = await self._redis.lpop(self._keys.training_queue)
+        raw = cast("bytes | None", await self._redis.lpop(self._keys.training_queue))
         return None if raw is None else raw.decode()
 
     async def list_ids(self, limit: int = 100) -> list[str]:
-        return [m.decode() for m in await self._redis.zrevrange(self._keys.trainings, 0, limit - 1)]
+        members = cast("list[bytes]", await self._redis.zrevrange(self._keys.trainings, 0, limit - 1))
+        return [m.decode() for m in members]
 
     async def metrics(self, training_id: str) -> list[RoundMetrics]:
         raw = await self._redis.lrange(self._keys.training_metrics(training_id), 0, -1)

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 from prometheus_client import Counter, Histogram
 
 from federated_learning.bus.blobs import BlobMissing
@@ -138,7 +139,7 @@ class Aggregator:
         base = decode_layers(await self.ctx.blobs.get(job.base_digest),
                              max_bytes=self.ctx.settings.max_blob_bytes)
         names = list(base)
-        global_layers = list(base.values())
+        global_layers: list[NDArray[np.generic]] = list(base.values())
         strategy = create_strategy(job.algorithm, **job.algorithm_params)
         if job.state_digest:
             strategy.load_state_dict(decode_layers(await self.ctx.blobs.get(job.state_digest),
@@ -194,8 +195,8 @@ def warm_up() -> None:
     from federated_learning.aggregation import create_strategy
 
     started = time.perf_counter()
-    base = [np.zeros(8, np.float32)]
-    updates = [[np.full(8, k, np.float32)] for k in range(7)]
+    base: list[NDArray[np.generic]] = [np.zeros(8, np.float32)]
+    updates: list[list[NDArray[np.generic]]] = [[np.full(8, k, np.float32)] for k in range(7)]
     for name in WARM_UP_RULES:
         create_strategy(name).aggregate(base, updates, [1] * len(updates))
     log.info("aggregation kernels ready in %.2fs", time.perf_counter() - started)

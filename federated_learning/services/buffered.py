@@ -25,7 +25,7 @@ from federated_learning.protocol.messages import (
 )
 
 if TYPE_CHECKING:
-    from federated_learning.services.coordinator import Coordinator
+    from federated_learning.services.coordinator import Coordinator, UpdateContext
 
 INBOX_MAXLEN = 1000
 
@@ -82,7 +82,7 @@ class BufferedRounds:
             self.c.store.stage_save(pipe, state)
             await pipe.execute()
 
-    async def on_update(self, state: TrainingState, notice: UpdateSubmitted, context: dict[str, object]) -> None:
+    async def on_update(self, state: TrainingState, notice: UpdateSubmitted, context: UpdateContext) -> None:
         """Accept a train notice into the open buffer (or reject it), then keep agents busy."""
         if notice.agent_id not in state.in_flight:
             await self.c.ctx.reject("updates", "not_selected", "no task in flight for this agent", **context)

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import time
+from typing import TypedDict
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -77,6 +78,14 @@ ROUND_SECONDS = Histogram("fl_round_seconds", "Seconds from round start to commi
                           buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))
 ACTIVE = Gauge("fl_trainings_active", "Trainings holding a slot")
 ALIVE = Gauge("fl_agents_alive", "Agents with a live heartbeat")
+
+
+class UpdateContext(TypedDict):
+    """The ids a rejected update notice is reported with."""
+
+    training_id: str
+    round: int
+    agent_id: str
 
 
 class Coordinator:
@@ -295,7 +304,8 @@ class Coordinator:
         except MalformedMessage as exc:
             await self.ctx.reject("updates", "malformed", exc.reason)
             return
-        context = {"training_id": notice.training_id, "round": notice.round, "agent_id": notice.agent_id}
+        context: UpdateContext = {"training_id": notice.training_id, "round": notice.round,
+                                  "agent_id": notice.agent_id}
         state = await self.store.load(notice.training_id)
         if state is None:
             await self.ctx.reject("updates", "unknown_training", notice.training_id, **context)

@@ -16,6 +16,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge
 
 from federated_learning.bus.consumer import StreamConsumer
+from federated_learning.bus.replies import text
 from federated_learning.config import load_settings
 from federated_learning.coordination.state import TrainingState
 from federated_learning.monitoring.alerts import (
@@ -145,7 +146,7 @@ class Monitor:
     async def _round_observations(self) -> list[RoundObservation]:
         observations = []
         for member in await self.ctx.redis.smembers(self.ctx.keys.active_trainings):
-            raw = await self.ctx.redis.get(self.ctx.keys.training(member.decode()))
+            raw = await self.ctx.redis.get(self.ctx.keys.training(text(member)))
             if raw is None:
                 continue
             state = TrainingState.model_validate_json(raw)
@@ -160,7 +161,7 @@ class Monitor:
         for key, alert_id in open_ids.items():
             raw = await self.ctx.redis.hget(self.ctx.keys.alerts, alert_id)
             if raw is not None:
-                alerts[key.decode()] = Alert.model_validate_json(raw)
+                alerts[text(key)] = Alert.model_validate_json(raw)
         return alerts
 
     async def _store(self, alert: Alert, *, is_open: bool) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge
 
 from federated_learning.bus.consumer import StreamConsumer
+from federated_learning.bus.replies import text
 from federated_learning.config import load_settings
 from federated_learning.privacy.release import ReleaseRefused, plan_release
 from federated_learning.protocol.keys import GROUP_PRIVACY
@@ -83,7 +84,7 @@ class PrivacyManager:
             return
         budget_raw = await self.ctx.redis.get(keys.privacy_budget(ready.training_id))
         try:
-            plan = plan_release(state, layers, ready, budget_raw.decode() if budget_raw else None)
+            plan = plan_release(state, layers, ready, text(budget_raw) if budget_raw else None)
         except ReleaseRefused as exc:
             await self.refuse(ready, str(exc))
             return

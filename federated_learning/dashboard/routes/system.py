@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, status
 
+from federated_learning.bus.replies import text
 from federated_learning.dashboard.auth import ApiKey
 from federated_learning.dashboard.deps import Agents, AppKeys, Redis
 from federated_learning.monitoring.alerts import EXPECTED_SERVICES, RECONCILED_RULES, Alert
@@ -82,7 +84,7 @@ async def system_health(redis: Redis, keys: AppKeys) -> dict[str, Any]:
 async def list_agents(agents: Agents, redis: Redis, keys: AppKeys) -> list[dict[str, Any]]:
     last_seen = await agents.last_seen()
     alive = set(await agents.alive())
-    dropouts = {k.decode(): int(v) for k, v in (await redis.hgetall(keys.agent_dropouts)).items()}
+    dropouts = {text(k): int(v) for k, v in (await redis.hgetall(keys.agent_dropouts)).items()}
     return [
         {**record.model_dump(mode="json", exclude={"public_key"}), "alive": record.agent_id in alive,
          "last_seen": last_seen.get(record.agent_id), "dropouts": dropouts.get(record.agent_id, 0)}
@@ -121,8 +123,8 @@ async def acknowledge(alert_id: str, redis: Redis, keys: AppKeys, _auth: ApiKey)
     return alert
 
 
-def _counts(raw: dict[bytes, bytes]) -> dict[str, int]:
-    return {key.decode(): int(value) for key, value in raw.items()}
+def _counts(raw: Mapping[bytes | str, bytes | str]) -> dict[str, int]:
+    return {text(key): int(value) for key, value in raw.items()}
 
 
 @router.get("/agents/leaderboard")
