@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agents.attacks import Attack, poison_update
-from agents.trainers import Trainer, create_trainer
+from agents.trainers import Trainer, trainer_for
 from federated_learning.bus.blobs import BlobMissing, BlobStore
 from federated_learning.bus.consumer import ensure_group
 from federated_learning.bus.replies import group_batches
@@ -34,6 +34,7 @@ from federated_learning.privacy.compression import (
     random_k,
     top_k,
 )
+from federated_learning.privacy.mechanisms import clip_l2
 from federated_learning.privacy.signing import AgentKeyPair
 from federated_learning.protocol.keys import GROUP_AGENT, Keys
 from federated_learning.protocol.messages import (
@@ -42,7 +43,6 @@ from federated_learning.protocol.messages import (
     Evaluation,
     Heartbeat,
     MalformedMessage,
-    ModelSpec,
     Task,
     TaskKind,
     UpdateSubmitted,
@@ -88,12 +88,6 @@ class LocalDataset:
         return int(len(self.y_train))
 
 
-def _trainer_for(spec: ModelSpec) -> Trainer:
-    params: dict[str, object] = {"hidden": spec.hidden} if spec.trainer == "mlp" else {}
-    return create_trainer(spec.trainer, num_features=spec.num_features,
-                          num_classes=spec.num_classes, **params)
-
-
 def make_compressor(method: str, fraction: float, rng: np.random.Generator) -> Compressor:
     """The compressor a task's settings name: top_k/random_k keep ``fraction`` of the coordinates."""
     if method == "top_k":
@@ -108,11 +102,11 @@ def make_compressor(method: str, fraction: float, rng: np.random.Generator) -> C
 
 def clip_update(global_layers: dict[str, NDArray[np.float32]], local: dict[str, NDArray[np.float32]],
                 max_norm: float) -> dict[str, NDArray[np.float32]]:
-    """Scale ``local - global`` to L2 norm at most ``max_norm`` (over all layers); return the clipped model."""
-    deltas = {name: local[name].astype(np.float64) - global_layers[name] for name in local}
-    norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in deltas.values())))
-    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
-    return {name: (global_layers[name] + scale * deltas[name]).astype(local[name].dtype) for name in local}
+    """The local model whose update ``local - global`` is clipped to L2 norm ``max_norm``."""
+    deltas = [local[name].astype(np.float64) - global_layers[name] for name in local]
+    clipped, _norm = clip_l2(deltas, max_norm)
+    return {name: (global_layers[name] + delta).astype(local[name].dtype)
+            for name, delta in zip(local, clipped, strict=True)}
 
 
 class FederatedClient:
@@ -273,7 +267,7 @@ class FederatedClient:
             log.info("agent %s: skipping task %s/%d (%s)", self.agent_id, task.training_id, task.round,
                      "no such dataset" if data is None else "deadline passed")
             return
-        trainer = _trainer_for(task.model)
+        trainer = trainer_for(task.model)
         try:
             received = decode_layers(await self._blobs.get(task.model_digest), max_bytes=self.max_blob_bytes)
             validate_layers(received, {s.name: (tuple(s.shape), s.dtype) for s in trainer.layer_specs()})

@@ -11,6 +11,7 @@ from agents.trainers.base import (
     check_weights,
     create_trainer,
     model_layer_specs,
+    trainer_for,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "check_weights",
     "create_trainer",
     "model_layer_specs",
+    "trainer_for",
 ]

@@ -23,6 +23,7 @@ from agents.trainers.common import (
 )
 from agents.trainers.mlp import MLPTrainer
 from agents.trainers.softmax import SoftmaxTrainer
+from federated_learning.protocol.messages import ModelSpec
 
 __all__ = [
     "TRAINER_NAMES",
@@ -35,6 +36,7 @@ __all__ = [
     "check_weights",
     "create_trainer",
     "model_layer_specs",
+    "trainer_for",
 ]
 
 TRAINER_PARAMS: dict[str, frozenset[str]] = {
@@ -134,3 +136,10 @@ def model_layer_specs(
     return create_trainer(
         name, num_features=num_features, num_classes=num_classes, **params
     ).layer_specs()
+
+
+def trainer_for(spec: ModelSpec) -> Trainer:
+    """The trainer of a training's ``ModelSpec`` (the wire form of a built-in model)."""
+    params: dict[str, object] = {"hidden": spec.hidden} if spec.trainer == "mlp" else {}
+    return create_trainer(spec.trainer, num_features=spec.num_features,
+                          num_classes=spec.num_classes, **params)

@@ -17,11 +17,9 @@ from federated_learning.coordination.selection import eligible_agents, round_rng
 from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.protocol.messages import (
     Severity,
-    Task,
     TaskKind,
     TrainingStatus,
     UpdateSubmitted,
-    encode,
 )
 
 if TYPE_CHECKING:
@@ -68,17 +66,9 @@ class BufferedRounds:
                                exclude=state.in_flight)
         assert state.current_digest is not None and state.current_version is not None
         deadline = time.time() + state.round_deadline_s
+        state.in_flight.update(dict.fromkeys(chosen, deadline))
         async with self.c.redis.pipeline(transaction=True) as pipe:
-            for agent_id in chosen:
-                state.in_flight[agent_id] = deadline
-                task = Task(kind=TaskKind.TRAIN, training_id=state.training_id, round=state.round,
-                            attempt=state.attempt, dataset=state.config.dataset, model=state.config.model,
-                            model_digest=state.current_digest, model_version=state.current_version,
-                            settings=state.config.local.model_copy(update={"clip_norm": state.clip_norm}),
-                            deadline_at=deadline)
-                pipe.xadd(self.c.keys.inbox_stream(agent_id), encode(task),  # type: ignore[arg-type]
-                          maxlen=INBOX_MAXLEN, approximate=True)
-                pipe.hincrby(self.c.keys.agent_stats, f"{agent_id}:asked", 1)
+            self.c.stage_tasks(pipe, state, chosen, TaskKind.TRAIN, deadline)
             self.c.store.stage_save(pipe, state)
             await pipe.execute()
 

@@ -16,6 +16,7 @@ import time
 from typing import TypedDict
 
 from prometheus_client import Counter, Gauge, Histogram
+from redis.asyncio.client import Pipeline
 
 from federated_learning.bus.blobs import BlobMissing
 from federated_learning.bus.consumer import StreamConsumer
@@ -277,19 +278,9 @@ class Coordinator:
         state.deadline_at = now + state.round_deadline_s
         if not retry:
             state.round_started_at = now
-        assert state.current_digest is not None and state.current_version is not None
         task_kind = TaskKind.EVALUATE if evaluating else TaskKind.TRAIN
         async with self.redis.pipeline(transaction=True) as pipe:
-            for agent_id in chosen:
-                task = Task(kind=task_kind, training_id=state.training_id, round=round_number,
-                            attempt=state.attempt, dataset=state.config.dataset,
-                            model=state.config.model, model_digest=state.current_digest,
-                            model_version=state.current_version,
-                            settings=state.config.local.model_copy(update={"clip_norm": state.clip_norm}),
-                            deadline_at=state.deadline_at)
-                pipe.xadd(self.keys.inbox_stream(agent_id), encode(task),  # type: ignore[arg-type]
-                          maxlen=INBOX_MAXLEN, approximate=True)
-                pipe.hincrby(self.keys.agent_stats, f"{agent_id}:asked", 1)
+            self.stage_tasks(pipe, state, chosen, task_kind, state.deadline_at)
             self.store.stage_save(pipe, state)
             await pipe.execute()
         await self.ctx.emit("round_started" if not retry else "round_retried",
@@ -297,6 +288,20 @@ class Coordinator:
                             f"asked {len(chosen)} of {len(candidates)} eligible agents",
                             training_id=state.training_id, round=round_number,
                             attempt=state.attempt, selected=len(chosen), eligible=len(candidates))
+
+    def stage_tasks(self, pipe: Pipeline, state: TrainingState, agents: list[str], kind: TaskKind,
+                    deadline_at: float) -> None:
+        """Add a task on the current version to each agent's inbox (and count it) to ``pipe``."""
+        assert state.current_digest is not None and state.current_version is not None
+        settings = state.config.local.model_copy(update={"clip_norm": state.clip_norm})
+        for agent_id in agents:
+            task = Task(kind=kind, training_id=state.training_id, round=state.round, attempt=state.attempt,
+                        dataset=state.config.dataset, model=state.config.model,
+                        model_digest=state.current_digest, model_version=state.current_version,
+                        settings=settings, deadline_at=deadline_at)
+            pipe.xadd(self.keys.inbox_stream(agent_id), encode(task),  # type: ignore[arg-type]
+                      maxlen=INBOX_MAXLEN, approximate=True)
+            pipe.hincrby(self.keys.agent_stats, f"{agent_id}:asked", 1)
 
     async def on_update(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
