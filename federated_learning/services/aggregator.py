@@ -25,6 +25,7 @@ from federated_learning.config import load_settings
 from federated_learning.monitoring.anomaly import MIN_UPDATES_FOR_SCORES, score_slabs
 from federated_learning.protocol.keys import GROUP_AGGREGATOR
 from federated_learning.protocol.messages import (
+    ASYNC_ALGORITHMS,
     AggregateReady,
     AggregationJob,
     MalformedMessage,
@@ -86,8 +87,9 @@ class Aggregator:
         JOBS.labels(job.algorithm, "ok").inc()
 
     async def _load_updates(self, job: AggregationJob, base: NamedLayers,
-                            slabs: list[np.ndarray]) -> list[int]:
-        """Fill row k of every slab with update k; return the indices of usable updates."""
+                            slabs: list[np.ndarray], *, as_deltas: bool) -> list[int]:
+        """Fill row k of every slab with update k (its delta from the base when ``as_deltas``);
+        return the indices of usable updates."""
         usable: list[int] = []
         own_bases: dict[str, NamedLayers] = {}
         for k, ref in enumerate(job.updates):
@@ -98,8 +100,8 @@ class Aggregator:
                                       training_id=job.training_id, round=job.round,
                                       agent_id=ref.agent_id)
                 continue
-            for slab, layer in zip(slabs, layers.values(), strict=True):
-                slab[len(usable)] = layer.reshape(-1)
+            for slab, (name, layer) in zip(slabs, layers.items(), strict=True):
+                slab[len(usable)] = (layer - base[name] if as_deltas else layer).reshape(-1)
             usable.append(k)
         return usable
 
@@ -146,7 +148,9 @@ class Aggregator:
                                                    max_bytes=self.ctx.settings.max_blob_bytes,
                                                    allowed_dtypes=STATE_DTYPES))
         slabs = allocate_slabs(global_layers, len(job.updates))
-        usable = await self._load_updates(job, base, slabs)
+        # FedBuff folds deltas (each from the version its agent started from), not models.
+        as_deltas = job.algorithm in ASYNC_ALGORITHMS
+        usable = await self._load_updates(job, base, slabs, as_deltas=as_deltas)
         if not usable:
             raise AggregationFailed("no usable update")
         if len(usable) < len(job.updates):
@@ -160,7 +164,8 @@ class Aggregator:
         )
         seconds = time.perf_counter() - started
         SECONDS.labels(job.algorithm).observe(seconds)
-        norm_mean = await self._score_updates(job, global_layers, slabs, refs)
+        reference = [np.zeros_like(layer) for layer in global_layers] if as_deltas else global_layers
+        norm_mean = await self._score_updates(job, reference, slabs, refs)
         model = dict(zip(names, (np.asarray(layer).reshape(base[name].shape)
                                  for name, layer in zip(names, new_layers, strict=True)), strict=True))
         model_digest = await self.ctx.blobs.put(encode_layers(model))
