@@ -30,6 +30,8 @@ from federated_learning.monitoring.alerts import (
 )
 from federated_learning.monitoring.anomaly import UpdateFlag, anomaly_conditions
 from federated_learning.monitoring.metrics import metrics_from_round
+from federated_learning.monitoring.rules import privacy_budget
+from federated_learning.privacy.levels import PrivacyLevel, privacy_targets
 from federated_learning.protocol.keys import GROUP_MONITOR
 from federated_learning.protocol.messages import Event, MalformedMessage, Severity, decode
 from federated_learning.services.runtime import (
@@ -96,6 +98,10 @@ class Monitor:
                 message=event.message,
                 action="inspect the versions that degraded (compare them on the dashboard) and the "
                        "agents flagged in those rounds; consider a robust aggregation rule")])
+        elif event.kind == "model_released" and event.training_id and event.data.get("level", "none") != "none":
+            target = privacy_targets(PrivacyLevel(str(event.data["level"]))).epsilon
+            await self.raise_once(privacy_budget(event.training_id, float(event.data.get("epsilon_spent", 0.0)),
+                                                 target))
         elif event.kind == "agent_dropped" and event.agent_id:
             DROPOUTS.inc()
             await self.ctx.redis.hincrby(self.ctx.keys.agent_dropouts, event.agent_id, 1)

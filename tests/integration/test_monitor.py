@@ -51,3 +51,15 @@ async def test_round_metrics_and_dropouts_are_recorded(redis: aioredis.Redis, se
     assert {m["metric_type"]: m["value"] for m in series} == {
         "accuracy": 0.5, "loss": 1.0, "round_time": 0.2, "participation": 4.0, "epsilon_spent": 0.0}
     assert await redis.hget(KEYS.agent_dropouts, "a1") == b"1"
+
+
+async def test_privacy_budget_alerts_at_80_and_100_percent(redis: aioredis.Redis, settings) -> None:
+    ctx = ServiceContext(redis=redis, settings=settings, service="monitor", instance="0")
+    for spent in (1.0, 6.5, 8.0):  # level "low" targets epsilon 8
+        event = Event(kind="model_released", source="privacy", training_id="t", round=1,
+                      data={"level": "low", "epsilon_spent": spent})
+        await redis.xadd(KEYS.event_stream, encode(event))  # type: ignore[arg-type]
+    await Monitor(ctx).consumer.run(asyncio.Event(), burst=True)
+    alerts = await open_alerts(redis)
+    assert sorted((a.rule, a.severity.value) for a in alerts) == [("privacy_budget", "warning"),
+                                                                   ("privacy_budget_exhausted", "critical")]
