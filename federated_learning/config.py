@@ -71,6 +71,8 @@ class Settings(BaseSettings):
 
     api_key: str = Field(default="", description="key for control endpoints; empty: the launcher "
                                                   "generates one per deployment")
+    checkpoint_keep_last: int = Field(default=0, ge=0, description="0: keep every checkpoint")
+    checkpoint_keep_best: int = Field(default=3, ge=0)
     data_dir: Path = Path("data")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -334,6 +334,8 @@ class VersionRecord(BaseModel):
     num_examples: int
     privacy: PrivacyReport
     created_at: float
+    pruned_at: float | None = None
+    """When the retention policy deleted the checkpoint (the record and lineage stay)."""
 
 
 class VersionCommitted(Message):

@@ -46,6 +46,10 @@ class CheckpointStore:
         atomic_write(self.metadata_path(training_id, version), metadata_json.encode())
         return path
 
+    def delete(self, training_id: str, version: int) -> None:
+        """Remove the checkpoint's model file (its metadata JSON stays for the lineage)."""
+        self.model_path(training_id, version).unlink(missing_ok=True)
+
     def read(self, training_id: str, version: int, expected_digest: str) -> bytes:
         """The checkpoint's bytes; ``InvalidTensor('hash_mismatch')`` if they are not what was committed."""
         data = self.model_path(training_id, version).read_bytes()

@@ -31,8 +31,10 @@ from federated_learning.protocol.messages import (
 )
 from federated_learning.protocol.tensors import InvalidTensor, decode_layers
 from federated_learning.records.checkpoints import CheckpointStore
+from federated_learning.records.trainings import TrainingStore
 from federated_learning.records.versions import VersionIndex
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
+from federated_learning.versioning.retention import versions_to_delete
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class VersionManager:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.index = VersionIndex(ctx.redis, ctx.keys)
+        self.trainings = TrainingStore(ctx.redis, ctx.keys)
         self.checkpoints = CheckpointStore(ctx.settings.data_dir / "checkpoints")
         self.consumer = StreamConsumer(
             ctx.redis, GROUP_VERSIONS, f"versions-{ctx.instance}",
@@ -90,9 +93,39 @@ class VersionManager:
             await pipe.execute()
         COMMITS.inc()
         LATEST.labels(release.training_id).set(version)
+        await self.prune(release.training_id, protected={version})
         await self.ctx.emit("version_committed", f"version {version} from round {release.round}",
                             training_id=release.training_id, round=release.round, version=version,
                             parent_version=release.parent_version, digest=release.model_digest)
+
+
+    async def prune(self, training_id: str, protected: set[int]) -> None:
+        """Apply the retention policy: keep the best and the last N checkpoints, the current one,
+        version 0 and pending rollback targets; delete the other checkpoint files."""
+        keep_last = self.ctx.settings.checkpoint_keep_last
+        if keep_last == 0:
+            return
+        state = await self.trainings.load(training_id)
+        if state is not None:
+            protected |= {v for v in (state.current_version, state.pending_rollback) if v is not None}
+        scores = {m.eval_of_version: m.eval_accuracy for m in await self.trainings.metrics(training_id)
+                  if m.eval_of_version is not None and m.eval_accuracy is not None}
+        history = [r for r in await self.index.history(training_id) if r.pruned_at is None]
+        doomed = versions_to_delete([r.version for r in history], scores, keep_last,
+                                    self.ctx.settings.checkpoint_keep_best, protected)
+        for record in history:
+            if record.version not in doomed:
+                continue
+            await asyncio.to_thread(self.checkpoints.delete, training_id, record.version)
+            pruned = record.model_copy(update={"pruned_at": time.time()})
+            async with self.ctx.redis.pipeline(transaction=True) as pipe:
+                self.index.stage_commit(pipe, pruned)
+                if record.model_digest != (state.current_digest if state else None):
+                    pipe.delete(self.ctx.keys.blob(record.model_digest))
+                await pipe.execute()
+        if doomed:
+            await self.ctx.emit("checkpoints_pruned", f"deleted checkpoints of versions {doomed}",
+                                training_id=training_id, versions=doomed)
 
 
 def _announcement(record: VersionRecord) -> VersionCommitted:

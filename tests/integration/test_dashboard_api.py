@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from federated_learning.dashboard.live import Subscriber, to_pushes
 from federated_learning.dashboard.main import create_app
 from federated_learning.protocol.keys import Keys
-from federated_learning.protocol.messages import Event, StartTraining, decode
+from federated_learning.protocol.messages import Event, StartTraining, VersionRecord, decode
 from federated_learning.services.runtime import ServiceContext
 from tests.integration.conftest import TEST_API_KEY, digits_config, start_training, wait_for_status
 
@@ -145,3 +145,35 @@ async def test_acknowledging_an_alert(http: httpx.AsyncClient, redis: aioredis.R
     response = await http.post("/api/alerts/a1/acknowledge")
     assert response.status_code == 200 and response.json()["acknowledged"] is True
     assert (await http.post("/api/alerts/zz/acknowledge")).status_code == 404
+
+
+async def test_retention_prunes_old_checkpoints_and_a_corrupt_one_is_never_served(
+        redis: aioredis.Redis, system, make_agents, settings) -> None:
+    system.settings = settings.model_copy(update={"checkpoint_keep_last": 2, "checkpoint_keep_best": 1})
+    await system.start()
+    await make_agents(4)
+    await start_training(redis, "keep", digits_config(rounds=5))
+    await wait_for_status(redis, "keep", {"completed"})
+    app_settings = system.settings
+
+    versions = (await http_get_versions(redis))
+    pruned = [v.version for v in versions if v.pruned_at is not None]
+    kept = [v.version for v in versions if v.pruned_at is None]
+    assert pruned and 0 in kept and 5 in kept and len(kept) <= 1 + 2 + 1
+    checkpoints = app_settings.data_dir / "checkpoints" / "keep"
+    assert all(not (checkpoints / f"v{v:06d}.safetensors").exists() for v in pruned)
+
+    ctx = ServiceContext(redis=redis, settings=app_settings, service="dashboard", instance="0")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(ctx)), base_url="http://t") as http:
+        assert (await http.get(f"/api/training/keep/versions/{pruned[0]}/model")).status_code == 410
+        record = next(v for v in versions if v.version == 0)
+        await redis.delete(KEYS.blob(record.model_digest))
+        (checkpoints / "v000000.safetensors").write_bytes(b"tampered")
+        response = await http.get("/api/training/keep/versions/0/model")
+    assert response.status_code == 410 and "fails its hash" in response.json()["detail"]
+    kinds = [decode(Event, f).kind for _id, f in await redis.xrange(KEYS.event_stream)]
+    assert "checkpoint_corrupt" in kinds and "checkpoints_pruned" in kinds
+
+
+async def http_get_versions(redis: aioredis.Redis) -> list[VersionRecord]:
+    return [VersionRecord.model_validate_json(v) for v in (await redis.hgetall(KEYS.versions("keep"))).values()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -16,6 +17,7 @@ from federated_learning.protocol.messages import (
     Identifier,
     RollbackTraining,
     RoundMetrics,
+    Severity,
     StartTraining,
     StopTraining,
     TrainingConfig,
@@ -104,17 +106,7 @@ async def training_versions(training_id: str, trainings: Trainings, versions: Ve
 async def download_model(training_id: str, version: int, ctx: Context, versions: Versions,
                          blobs: Blobs) -> Response:
     """The version's weights as a safetensors file (from the bus, else from its checkpoint)."""
-    record = await versions.get(training_id, version)
-    if record is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no version {version} of '{training_id}'")
-    try:
-        data = await blobs.get(record.model_digest)
-    except (BlobMissing, InvalidTensor):
-        try:
-            data = CheckpointStore(ctx.settings.data_dir / "checkpoints").read(
-                training_id, version, record.model_digest)
-        except (OSError, InvalidTensor) as exc:
-            raise HTTPException(status.HTTP_410_GONE, detail=f"version {version} unavailable: {exc}") from exc
+    record, data = await _model_bytes(versions, blobs, ctx, training_id, version)
     return Response(content=data, media_type="application/octet-stream", headers={
         "Content-Disposition": f'attachment; filename="{training_id}-v{version}.safetensors"',
         "X-Model-SHA256": record.model_digest,
@@ -139,14 +131,33 @@ async def rollback_training(training_id: str, body: RollbackRequest, ctx: Contex
     return {"training_id": training_id, "rollback_to": body.version, "status": "requested"}
 
 
-async def _layers(versions: Versions, blobs: Blobs, ctx: Context, training_id: str, version: int) -> NamedLayers:
+async def _model_bytes(versions: Versions, blobs: Blobs, ctx: Context, training_id: str,
+                       version: int) -> tuple[VersionRecord, bytes]:
+    """A version's model bytes, checked against its committed hash; a corrupt copy is reported, never served."""
     record = await versions.get(training_id, version)
     if record is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no version {version} of '{training_id}'")
     try:
-        data = await blobs.get(record.model_digest)
+        return record, await blobs.get(record.model_digest)
     except (BlobMissing, InvalidTensor):
-        data = CheckpointStore(ctx.settings.data_dir / "checkpoints").read(training_id, version, record.model_digest)
+        pass
+    if record.pruned_at is not None:
+        raise HTTPException(status.HTTP_410_GONE,
+                            detail=f"version {version}'s checkpoint was deleted by the retention policy")
+    try:
+        data = await asyncio.to_thread(CheckpointStore(ctx.settings.data_dir / "checkpoints").read,
+                                       training_id, version, record.model_digest)
+    except InvalidTensor as exc:
+        await ctx.emit("checkpoint_corrupt", exc.detail, severity=Severity.CRITICAL,
+                       training_id=training_id, version=version)
+        raise HTTPException(status.HTTP_410_GONE, detail=f"version {version} unavailable: {exc.detail}") from exc
+    except OSError as exc:
+        raise HTTPException(status.HTTP_410_GONE, detail=f"version {version} unavailable: {exc}") from exc
+    return record, data
+
+
+async def _layers(versions: Versions, blobs: Blobs, ctx: Context, training_id: str, version: int) -> NamedLayers:
+    _record, data = await _model_bytes(versions, blobs, ctx, training_id, version)
     return decode_layers(data, max_bytes=ctx.settings.max_blob_bytes)
 
 
