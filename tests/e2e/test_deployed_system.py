@@ -46,3 +46,28 @@ async def test_ten_agents_train_three_rounds_through_the_deployed_processes(depl
             port = records[0]["metrics_port"]
             text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
             assert "fl_" in text and "process_cpu_seconds_total" in text, service
+
+
+async def test_two_hundred_live_sockets_all_receive_the_round_events(deployment: Deployment, agents) -> None:
+    ws_url = deployment.dashboard_url.replace("http", "ws") + "/ws/"
+    sockets = [await websockets.connect(f"{ws_url}watcher-{i}") for i in range(200)]
+    try:
+        for socket in sockets:
+            await socket.send(json.dumps({"action": "subscribe", "training_id": "*"}))
+            assert json.loads(await socket.recv())["type"] == "subscribed"
+        async with deployment.client() as http:
+            training_id = (await http.post("/api/training/start", json=training_body(2))).json()["training_id"]
+            await wait_status(http, training_id, {"completed"})
+            health = deployment.health()
+
+        async def rounds_seen(socket: websockets.ClientConnection) -> int:
+            seen = 0
+            while seen < 2:
+                message = json.loads(await asyncio.wait_for(socket.recv(), timeout=20))
+                seen += message["type"] == "round_completed"
+            return seen
+
+        assert await asyncio.gather(*(rounds_seen(s) for s in sockets)) == [2] * 200
+        assert health["services"]["dashboard"][0]["pid"]
+    finally:
+        await asyncio.gather(*(s.close() for s in sockets))
