@@ -124,6 +124,7 @@ class FederatedClient:
         seed: int = 0,
         attack: Attack | None = None,
         state_dir: Path | None = None,
+        join_token: str | None = None,
     ) -> None:
         if redis is None and redis_url is None:
             raise ValueError("FederatedClient needs redis_url or redis")
@@ -135,6 +136,7 @@ class FederatedClient:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.max_blob_bytes = max_blob_bytes
         self.seed = seed
+        self.join_token = join_token
         self.attack = attack
         """Set only in robustness experiments: this agent then uploads poisoned updates."""
         self.identity = (AgentKeyPair.load_or_generate(state_dir / agent_id) if state_dir is not None
@@ -193,6 +195,7 @@ class FederatedClient:
             datasets={name: data.size for name, data in self.datasets.items()},
             device={"platform": platform.platform(), "python": platform.python_version()},
             public_key=self.identity.public_key_bytes.hex(),
+            join_token=self.join_token,
         )
         await self.redis.xadd(self.keys.agent_stream, encode(message))  # type: ignore[arg-type]
 

@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     round_deadline_s: float = Field(default=120.0, gt=0, le=86400)
     claim_idle_ms: int = Field(default=15_000, ge=100)
     max_blob_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    require_join_token: bool = Field(
+        default=False, description="new agents need a join token issued by the operator")
     require_signed_updates: bool = Field(
         default=True, description="refuse update notices without a valid Ed25519 signature")
 

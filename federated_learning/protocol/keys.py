@@ -84,6 +84,11 @@ class Keys:
         return self._k("agents")
 
     @property
+    def join_tokens(self) -> str:
+        """Hash SHA-256 of a join token -> JoinToken JSON."""
+        return self._k("agents", "join_tokens")
+
+    @property
     def agents_last_seen(self) -> str:
         """Sorted set agent id -> last heartbeat (unix seconds)."""
         return self._k("agents", "last_seen")

@@ -163,6 +163,8 @@ class AgentJoined(Message):
     device: dict[str, str] = Field(default_factory=dict)
     public_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
                                    description="hex of the agent's raw Ed25519 public key")
+    join_token: str | None = Field(default=None, max_length=128,
+                                   description="needed for a first join when registration is closed")
 
 
 class Heartbeat(Message):

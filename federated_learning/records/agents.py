@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from federated_learning.coordination.state import AgentRecord
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import AgentJoined, AgentLeft, Heartbeat
+from federated_learning.records.join_tokens import JoinTokens
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,13 @@ class RegistryOutcome:
 
 
 class AgentRegistry:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, heartbeat_timeout_s: float) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, heartbeat_timeout_s: float,
+                 *, require_join_token: bool = False) -> None:
         self._redis = redis
         self._keys = keys
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.require_join_token = require_join_token
+        self.tokens = JoinTokens(redis, keys)
 
     async def apply(self, message: AgentJoined | Heartbeat | AgentLeft, at: float | None = None) -> RegistryOutcome:
         """Apply a join, heartbeat or leave received at ``at`` (unix seconds; default now).
@@ -40,6 +44,10 @@ class AgentRegistry:
             if existing and existing.public_key and message.public_key != existing.public_key:
                 return RegistryOutcome(rejected="key_mismatch",
                                        detail="agent id is bound to another public key")
+            if existing is None and self.require_join_token and not (
+                    message.join_token and await self.tokens.redeem(message.join_token)):
+                return RegistryOutcome(rejected="bad_join_token",
+                                       detail="a first join needs a valid join token from the operator")
             record = AgentRecord(agent_id=message.agent_id, datasets=dict(message.datasets),
                                  device=dict(message.device), public_key=message.public_key,
                                  joined_at=existing.joined_at if existing else now)

@@ -98,7 +98,8 @@ class Coordinator:
         self.redis = ctx.redis
         self.settings = ctx.settings
         self.store = TrainingStore(ctx.redis, ctx.keys)
-        self.registry = AgentRegistry(ctx.redis, ctx.keys, ctx.settings.heartbeat_timeout_s)
+        self.registry = AgentRegistry(ctx.redis, ctx.keys, ctx.settings.heartbeat_timeout_s,
+                                      require_join_token=ctx.settings.require_join_token)
         self._last_tick = 0.0
         self.buffered = BufferedRounds(self)
         self.rollbacks = Rollbacks(self)

@@ -177,3 +177,15 @@ async def test_retention_prunes_old_checkpoints_and_a_corrupt_one_is_never_serve
 
 async def http_get_versions(redis: aioredis.Redis) -> list[VersionRecord]:
     return [VersionRecord.model_validate_json(v) for v in (await redis.hgetall(KEYS.versions("keep"))).values()]
+
+
+async def test_join_tokens_are_created_listed_and_revoked_by_the_operator(http: httpx.AsyncClient) -> None:
+    created = await http.post("/api/join-tokens", json={"label": "lab", "max_uses": 5})
+    assert created.status_code == 201
+    token, token_id = created.json()["token"], created.json()["token_id"]
+    listed = (await http.get("/api/join-tokens")).json()
+    assert [t["token_id"] for t in listed] == [token_id] and token not in str(listed)
+    assert (await http.delete(f"/api/join-tokens/{token_id}")).status_code == 200
+    assert (await http.delete(f"/api/join-tokens/{token_id}")).status_code == 404
+    http.headers.pop("X-API-Key")
+    assert (await http.post("/api/join-tokens", json={})).status_code == 401

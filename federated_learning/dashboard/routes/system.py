@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, status
+from pydantic import BaseModel, ConfigDict, Field
 
 from federated_learning.bus.replies import text
 from federated_learning.dashboard.auth import ApiKey
 from federated_learning.dashboard.deps import Agents, AppKeys, Redis
 from federated_learning.monitoring.alerts import EXPECTED_SERVICES, RECONCILED_RULES, Alert
+from federated_learning.monitoring.alerts import services_down
 from federated_learning.monitoring.reliability import AgentStats
 from federated_learning.monitoring.reliability import leaderboard as rank_agents
-from federated_learning.protocol.keys import (
-    GROUP_AGGREGATOR,
-    GROUP_COORDINATOR,
-    GROUP_MONITOR,
-    GROUP_PRIVACY,
-    GROUP_VERSIONS,
+from federated_learning.monitoring.rules import (
+    health_verdict,
+    pending_backlog,
+    process_resources,
+    process_usages,
+    redis_memory,
 )
+from federated_learning.services.runtime import read_backlogs, read_health_records, read_redis_memory
 
 router = APIRouter(prefix="/api", tags=["system"])
-
-PENDING_DEGRADED = 1_000
 
 
 @router.get("/health")
@@ -36,47 +36,26 @@ async def health(redis: Redis) -> dict[str, Any]:
     return {"status": "ok", "time": time.time()}
 
 
-async def _stream_report(redis: Redis, stream: str, group: str) -> dict[str, Any]:
-    length = int(await redis.xlen(stream))
-    pending = 0
-    try:
-        for info in await redis.xinfo_groups(stream):
-            if info["name"] in (group, group.encode()):
-                pending = int(info["pending"])
-    except Exception:  # the stream may not exist yet
-        pass
-    return {"stream": stream, "group": group, "length": length, "pending": pending}
-
-
 @router.get("/system/health")
 async def system_health(redis: Redis, keys: AppKeys) -> dict[str, Any]:
-    """Each service's instances and their age, Redis memory, stream backlogs, and a verdict."""
+    """Each service's instances with their age, CPU and memory; Redis memory; stream backlogs;
+    and a verdict from the monitor's system rules, with the reasons."""
+    records = await read_health_records(redis, keys)
     services: dict[str, list[dict[str, Any]]] = {}
-    async for key in redis.scan_iter(match=keys.service_health_pattern, count=200):
-        raw = await redis.get(key)
-        if raw:
-            record = json.loads(raw)
-            record["age_s"] = round(time.time() - record["at"], 2)
-            services.setdefault(record["service"], []).append(record)
-    memory = await redis.info("memory")
-    streams = [
-        await _stream_report(redis, keys.control_stream, GROUP_COORDINATOR),
-        await _stream_report(redis, keys.update_stream, GROUP_COORDINATOR),
-        await _stream_report(redis, keys.job_stream, GROUP_AGGREGATOR),
-        await _stream_report(redis, keys.aggregate_stream, GROUP_PRIVACY),
-        await _stream_report(redis, keys.release_stream, GROUP_VERSIONS),
-        await _stream_report(redis, keys.event_stream, GROUP_MONITOR),
-    ]
-    reasons = [f"service '{s}' is down" for s in (*EXPECTED_SERVICES, "monitor") if s not in services]
-    reasons += [f"{s['stream']} has {s['pending']} pending entries" for s in streams
-                if s["pending"] > PENDING_DEGRADED]
-    critical = any(s in ("coordinator", "aggregator", "versions") for s in EXPECTED_SERVICES
-                   if s not in services)
-    verdict: Literal["healthy", "degraded", "critical"] = (
-        "critical" if critical else "degraded" if reasons else "healthy")
+    for record in records:
+        record["age_s"] = round(time.time() - record["at"], 2)
+        services.setdefault(record["service"], []).append(record)
+    used_memory, maxmemory = await read_redis_memory(redis)
+    backlogs = await read_backlogs(redis, keys)
+    verdict, reasons = health_verdict(
+        services_down(services, (*EXPECTED_SERVICES, "monitor"))
+        + process_resources(process_usages(records))
+        + redis_memory(used_memory, maxmemory)
+        + pending_backlog({b.name: b.pending for b in backlogs}))
     return {
-        "health_status": verdict, "reasons": reasons, "services": services, "streams": streams,
-        "redis": {"used_memory": memory.get("used_memory"), "maxmemory": memory.get("maxmemory")},
+        "health_status": verdict, "reasons": reasons, "services": services,
+        "streams": [asdict(b) for b in backlogs],
+        "redis": {"used_memory": used_memory, "maxmemory": maxmemory},
     }
 
 
@@ -147,3 +126,28 @@ async def leaderboard(redis: Redis, keys: AppKeys, agents: Agents,
     return [{**asdict(row.stats), "rank": row.rank, "agent_id": row.agent_id,
              "reliability": round(row.reliability, 4), "contribution": round(row.contribution, 4)}
             for row in rank_agents(stats, top)]
+
+
+class JoinTokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: str = Field(default="", max_length=200)
+    max_uses: int | None = Field(default=None, ge=1, le=1_000_000)
+
+
+@router.post("/join-tokens", status_code=status.HTTP_201_CREATED)
+async def create_join_token(body: JoinTokenRequest, agents: Agents, _auth: ApiKey) -> dict[str, Any]:
+    """A token for new agents (shown once; only its hash is stored)."""
+    token, record = await agents.tokens.create(body.label, body.max_uses)
+    return {"token": token, **record.model_dump()}
+
+
+@router.get("/join-tokens")
+async def list_join_tokens(agents: Agents, _auth: ApiKey) -> list[dict[str, Any]]:
+    return [token.model_dump() for token in await agents.tokens.all()]
+
+
+@router.delete("/join-tokens/{token_id}")
+async def revoke_join_token(token_id: str, agents: Agents, _auth: ApiKey) -> dict[str, str]:
+    if not await agents.tokens.revoke(token_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no join token '{token_id}'")
+    return {"token_id": token_id, "status": "revoked"}

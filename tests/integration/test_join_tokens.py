@@ -1,0 +1,43 @@
+"""Closed registration: first joins need an operator's join token."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from federated_learning.protocol.keys import Keys
+from federated_learning.protocol.messages import AgentJoined, encode
+from federated_learning.records.agents import AgentRegistry
+
+KEYS = Keys()
+
+
+async def join(redis: aioredis.Redis, agent: str, token: str | None) -> None:
+    await redis.xadd(KEYS.agent_stream, encode(AgentJoined(agent_id=agent, datasets={"d": 1}, join_token=token)))  # type: ignore[arg-type]
+
+
+async def registered(redis: aioredis.Redis) -> set[str]:
+    return {k.decode() for k in await redis.hkeys(KEYS.agents)}
+
+
+async def test_first_join_needs_a_valid_token_and_uses_are_counted(redis: aioredis.Redis, system, settings) -> None:
+    system.settings = settings.model_copy(update={"require_join_token": True})
+    await system.start("coordinator")
+    tokens = AgentRegistry(redis, KEYS, 10.0).tokens
+    token, _record = await tokens.create("lab", max_uses=1)
+
+    await join(redis, "no-token", None)
+    await join(redis, "wrong-token", "guess")
+    await join(redis, "first", token)
+    await join(redis, "second", token)
+    await join(redis, "first", None)  # a registered agent re-joins without a token
+    for _ in range(100):
+        if int(await redis.hget(KEYS.rejections, "agents:bad_join_token") or 0) == 3:
+            break
+        await asyncio.sleep(0.05)
+
+    assert await registered(redis) == {"first"}
+    assert int(await redis.hget(KEYS.rejections, "agents:bad_join_token")) == 3
+    [stored] = await tokens.all()
+    assert stored.uses_left == 0 and token not in stored.model_dump_json()
