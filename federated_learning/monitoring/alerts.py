@@ -17,7 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from federated_learning.protocol.messages import Severity
 
 EXPECTED_SERVICES = ("coordinator", "aggregator", "privacy", "versions", "dashboard")
-RECONCILED_RULES = frozenset({"service_down", "stalled_round"})
+RECONCILED_RULES = frozenset({
+    "service_down", "stalled_round", "cpu_exhaustion", "memory_exhaustion", "redis_memory",
+    "pending_backlog", "accuracy_drop",
+})
 """Rules re-checked continuously (resolved when the condition is gone); other alerts are
 one-off (an anomalous update, a rollback) and resolve when an operator acknowledges them."""
 STALLED_ROUND_FACTOR = 2.0

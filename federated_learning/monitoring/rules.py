@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from federated_learning.monitoring.alerts import Condition
-from federated_learning.protocol.messages import Severity
+from federated_learning.protocol.messages import RoundMetrics, Severity
 from federated_learning.types import AgentId, ModelVersion
 
 ACCURACY_DROP_THRESHOLD = 0.05
@@ -54,6 +55,13 @@ def accuracy_drop(training_id: str, accuracies: Mapping[ModelVersion, float],
         action="look at the latest rounds' participants and anomaly flags; the rollback policy "
                "acts after repeated drops, or roll back by hand to a good version",
     )]
+
+
+def version_accuracies(metrics: Iterable[RoundMetrics]) -> dict[ModelVersion, float]:
+    """Federated accuracy per evaluated version (``eval_of_version``); the latest evaluation of
+    a version wins."""
+    return {m.eval_of_version: m.eval_accuracy for m in metrics
+            if m.eval_of_version is not None and m.eval_accuracy is not None}
 
 
 def agent_failure_rate(training_id: str, outcomes: Mapping[AgentId, Sequence[bool]],
@@ -151,6 +159,17 @@ class ProcessUsage:
     memory_percent: float
 
 
+def process_usages(health_records: Iterable[Mapping[str, object]]) -> list[ProcessUsage]:
+    """The usage in each service health record that carries one, named ``<service>/<instance>``."""
+    usages = []
+    for record in health_records:
+        cpu, memory = record.get("cpu_percent"), record.get("memory_percent")
+        if isinstance(cpu, int | float) and isinstance(memory, int | float):
+            usages.append(ProcessUsage(f"{record.get('service')}/{record.get('instance')}",
+                                       float(cpu), float(memory)))
+    return usages
+
+
 def process_resources(usages: Iterable[ProcessUsage], cpu_limit: float = CPU_PERCENT_LIMIT,
                       memory_limit: float = MEMORY_PERCENT_LIMIT) -> list[Condition]:
     """Warn on CPU at or above ``cpu_limit``%; critical on memory at or above ``memory_limit``%."""
@@ -174,3 +193,15 @@ def process_resources(usages: Iterable[ProcessUsage], cpu_limit: float = CPU_PER
                        "(fewer agents per round, smaller models, streaming aggregation)",
             ))
     return found
+
+
+HealthVerdict = Literal["healthy", "degraded", "critical"]
+
+
+def health_verdict(conditions: Iterable[Condition]) -> tuple[HealthVerdict, list[str]]:
+    """``critical`` if any condition is critical, ``degraded`` if there is any other, else
+    ``healthy``; with the conditions' messages as reasons."""
+    found = list(conditions)
+    if any(c.severity == Severity.CRITICAL for c in found):
+        return "critical", [c.message for c in found]
+    return ("degraded" if found else "healthy"), [c.message for c in found]

@@ -1,14 +1,15 @@
 """Monitor: records round metrics and dropouts from the event stream; raises and resolves alerts.
 
-Alerts come from rules in :mod:`federated_learning.monitoring.alerts` applied every
-``CHECK_EVERY_S`` to the services' health keys and the trainings' round state.
+Continuous alerts come from the rules in :mod:`federated_learning.monitoring.alerts` and
+:mod:`federated_learning.monitoring.rules`, applied every ``CHECK_EVERY_S`` to the services'
+health records (liveness, CPU, memory), Redis memory, the service streams' pending counts, and
+the active trainings' round state and per-version accuracies.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,7 +19,6 @@ from prometheus_client import Counter, Gauge
 from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.bus.replies import text
 from federated_learning.config import load_settings
-from federated_learning.coordination.state import TrainingState
 from federated_learning.monitoring.alerts import (
     RECONCILED_RULES,
     Alert,
@@ -30,14 +30,26 @@ from federated_learning.monitoring.alerts import (
 )
 from federated_learning.monitoring.anomaly import UpdateFlag, anomaly_conditions
 from federated_learning.monitoring.metrics import metrics_from_round
-from federated_learning.monitoring.rules import privacy_budget
+from federated_learning.monitoring.rules import (
+    accuracy_drop,
+    pending_backlog,
+    privacy_budget,
+    process_resources,
+    process_usages,
+    redis_memory,
+    version_accuracies,
+)
 from federated_learning.privacy.levels import PrivacyLevel, privacy_targets
 from federated_learning.protocol.keys import GROUP_MONITOR
 from federated_learning.protocol.messages import Event, MalformedMessage, Severity, decode
+from federated_learning.records.trainings import TrainingStore
 from federated_learning.services.runtime import (
     HEALTH_TTL_S,
     ServiceContext,
     open_context,
+    read_backlogs,
+    read_health_records,
+    read_redis_memory,
     serve,
     setup_logging,
 )
@@ -61,6 +73,7 @@ class Monitor:
         self.started_at = time.time()
         self.startup_grace_s = startup_grace_s
         self._last_check = 0.0
+        self.trainings = TrainingStore(ctx.redis, ctx.keys)
         self.consumer = StreamConsumer(
             ctx.redis, GROUP_MONITOR, f"monitor-{ctx.instance}",
             {ctx.keys.event_stream: self.on_event},
@@ -123,10 +136,7 @@ class Monitor:
         if now - self._last_check < CHECK_EVERY_S:
             return
         self._last_check = now
-        conditions = []
-        if now - self.started_at >= self.startup_grace_s:
-            conditions += services_down(await self._alive_services())
-        conditions += stalled_rounds(await self._round_observations(), now)
+        conditions = await self._system_conditions(now) + await self._training_conditions(now)
         open_alerts = {k: a for k, a in (await self._open_alerts()).items() if a.rule in RECONCILED_RULES}
         raised, resolved = reconcile(open_alerts, conditions, now)
         for alert in raised:
@@ -141,25 +151,30 @@ class Monitor:
         for severity in ("info", "warning", "critical"):
             ALERTS_OPEN.labels(severity).set(sum(1 for a in still_open if a.severity == severity))
 
-    async def _alive_services(self) -> set[str]:
-        services = set()
-        async for key in self.ctx.redis.scan_iter(match=self.ctx.keys.service_health_pattern, count=200):
-            raw = await self.ctx.redis.get(key)
-            if raw:
-                services.add(json.loads(raw)["service"])
-        return services
+    async def _system_conditions(self, now: float) -> list[Condition]:
+        """Services down, processes short of CPU or memory, Redis near maxmemory, stream backlogs."""
+        records = await read_health_records(self.ctx.redis, self.ctx.keys)
+        conditions = []
+        if now - self.started_at >= self.startup_grace_s:
+            conditions += services_down(str(r.get("service")) for r in records)
+        conditions += process_resources(process_usages(records))
+        conditions += redis_memory(*await read_redis_memory(self.ctx.redis))
+        backlogs = await read_backlogs(self.ctx.redis, self.ctx.keys)
+        conditions += pending_backlog({b.name: b.pending for b in backlogs})
+        return conditions
 
-    async def _round_observations(self) -> list[RoundObservation]:
-        observations = []
-        for member in await self.ctx.redis.smembers(self.ctx.keys.active_trainings):
-            raw = await self.ctx.redis.get(self.ctx.keys.training(text(member)))
-            if raw is None:
-                continue
-            state = TrainingState.model_validate_json(raw)
-            observations.append(RoundObservation(
-                training_id=state.training_id, round=state.round, phase=state.phase.value,
-                started_at=state.round_started_at, deadline_s=state.round_deadline_s))
-        return observations
+    async def _training_conditions(self, now: float) -> list[Condition]:
+        """Stalled rounds and accuracy drops of the active trainings."""
+        observations, conditions = [], []
+        for training_id in await self.trainings.active_ids():
+            state = await self.trainings.load(training_id)
+            if state is not None:
+                observations.append(RoundObservation(
+                    training_id=state.training_id, round=state.round, phase=state.phase.value,
+                    started_at=state.round_started_at, deadline_s=state.round_deadline_s))
+            accuracies = version_accuracies(await self.trainings.metrics(training_id))
+            conditions += accuracy_drop(training_id, accuracies)
+        return stalled_rounds(observations, now) + conditions
 
     async def _open_alerts(self) -> dict[str, Alert]:
         open_ids = await self.ctx.redis.hgetall(self.ctx.keys.open_alerts)

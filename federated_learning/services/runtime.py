@@ -11,14 +11,24 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import psutil
 import redis.asyncio as aioredis
 from prometheus_client import Counter, start_http_server
+from redis.exceptions import ResponseError
 
 from federated_learning.bus.blobs import BlobStore
 from federated_learning.bus.connection import connect
 from federated_learning.config import Settings
-from federated_learning.protocol.keys import Keys
+from federated_learning.protocol.keys import (
+    GROUP_AGGREGATOR,
+    GROUP_COORDINATOR,
+    GROUP_MONITOR,
+    GROUP_PRIVACY,
+    GROUP_VERSIONS,
+    Keys,
+)
 from federated_learning.protocol.messages import Event, Severity, encode
 
 log = logging.getLogger(__name__)
@@ -26,6 +36,9 @@ log = logging.getLogger(__name__)
 HEALTH_TTL_S = 10
 HEALTH_REFRESH_S = 2.0
 EVENT_STREAM_MAXLEN = 100_000
+
+_CPU_COUNT = psutil.cpu_count() or 1
+"""psutil reports a process's CPU as percent of one core; health records divide by this."""
 
 REJECTED = Counter(
     "fl_rejected_inputs_total", "Inputs rejected by validation", ["service", "source", "reason"]
@@ -57,10 +70,13 @@ class ServiceContext:
     blobs: BlobStore = field(init=False)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     metrics_port: int = 0
+    process: psutil.Process = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.keys = Keys(self.settings.redis_key_prefix)
         self.blobs = BlobStore(self.redis, self.keys, max_bytes=self.settings.max_blob_bytes)
+        self.process = psutil.Process()
+        self.process.cpu_percent(None)  # the first call only starts the measurement
 
     @property
     def dead_letter_stream(self) -> str:
@@ -93,10 +109,19 @@ class ServiceContext:
         record = {
             "service": self.service, "instance": self.instance, "pid": os.getpid(),
             "host": socket.gethostname(), "metrics_port": self.metrics_port, "at": time.time(),
-            **extra,
+            **self.resource_usage(), **extra,
         }
         await self.redis.set(self.keys.service_health(self.service, self.instance),
                              json.dumps(record), ex=HEALTH_TTL_S)
+
+    def resource_usage(self) -> dict[str, float | int]:
+        """This process's CPU since the previous call (percent of the whole machine, 0-100),
+        its resident memory in bytes, and that memory as percent of physical RAM."""
+        with self.process.oneshot():
+            cpu = float(self.process.cpu_percent(None)) / _CPU_COUNT
+            rss = int(self.process.memory_info().rss)
+            memory = float(self.process.memory_percent("rss"))
+        return {"cpu_percent": round(cpu, 1), "rss_bytes": rss, "memory_percent": round(memory, 2)}
 
     async def health_loop(self, extra: Callable[[], dict[str, object]] | None = None) -> None:
         """Refresh the health key until stopped; survive bus outages."""
@@ -109,6 +134,68 @@ class ServiceContext:
                 await asyncio.wait_for(self.stop.wait(), HEALTH_REFRESH_S)
             except TimeoutError:
                 pass
+
+
+async def read_health_records(redis: aioredis.Redis, keys: Keys) -> list[dict[str, Any]]:
+    """The live health records (one per service instance), as the services wrote them."""
+    records = []
+    async for key in redis.scan_iter(match=keys.service_health_pattern, count=200):
+        raw = await redis.get(key)
+        if raw:
+            records.append(json.loads(raw))
+    return records
+
+
+@dataclass(frozen=True)
+class StreamBacklog:
+    """A service stream, the group that consumes it, its length and its pending
+    (delivered, unacknowledged) entry count."""
+
+    stream: str
+    group: str
+    length: int
+    pending: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.stream}/{self.group}"
+
+
+def service_streams(keys: Keys) -> list[tuple[str, str]]:
+    """(stream, group) for every stream a pipeline service consumes."""
+    return [
+        (keys.control_stream, GROUP_COORDINATOR), (keys.agent_stream, GROUP_COORDINATOR),
+        (keys.update_stream, GROUP_COORDINATOR), (keys.version_stream, GROUP_COORDINATOR),
+        (keys.job_stream, GROUP_AGGREGATOR), (keys.aggregate_stream, GROUP_PRIVACY),
+        (keys.release_stream, GROUP_VERSIONS), (keys.event_stream, GROUP_MONITOR),
+    ]
+
+
+async def read_backlogs(redis: aioredis.Redis, keys: Keys) -> list[StreamBacklog]:
+    """Length and pending count of each service stream's group, in one round trip; a stream
+    or group that does not exist yet counts as empty."""
+    pairs = service_streams(keys)
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream, _group in pairs:
+            pipe.xlen(stream)
+            pipe.xinfo_groups(stream)
+        replies = await pipe.execute(raise_on_error=False)
+    backlogs = []
+    for (stream, group), length, groups in zip(pairs, replies[::2], replies[1::2], strict=True):
+        if isinstance(groups, ResponseError) and "no such key" in str(groups).lower():
+            groups = []
+        for reply in (length, groups):
+            if isinstance(reply, Exception):
+                raise reply
+        pending = sum(int(g["pending"]) for g in groups if g["name"] in (group, group.encode()))
+        backlogs.append(StreamBacklog(stream, group, int(length), pending))
+    return backlogs
+
+
+async def read_redis_memory(redis: aioredis.Redis) -> tuple[int, int]:
+    """(used_memory, maxmemory) in bytes from INFO memory; maxmemory 0 means unlimited."""
+    memory = await redis.info("memory")
+    return int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
 
 
 def _str_or_none(value: object) -> str | None:

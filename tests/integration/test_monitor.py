@@ -1,15 +1,18 @@
-"""The monitor against the real server: dead-service alerts raised and resolved, metrics recorded."""
+"""The monitor against the real server: continuous alerts raised and resolved, metrics recorded."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import redis.asyncio as aioredis
 
+from federated_learning.dashboard.routes.system import system_health
 from federated_learning.monitoring.alerts import EXPECTED_SERVICES, Alert
-from federated_learning.protocol.keys import Keys
-from federated_learning.protocol.messages import Event, encode
+from federated_learning.monitoring.rules import PENDING_BACKLOG_LIMIT
+from federated_learning.protocol.keys import GROUP_AGGREGATOR, Keys
+from federated_learning.protocol.messages import Event, RoundMetrics, encode
 from federated_learning.services.monitor import Monitor
 from federated_learning.services.runtime import ServiceContext
 
@@ -63,3 +66,110 @@ async def test_privacy_budget_alerts_at_80_and_100_percent(redis: aioredis.Redis
     alerts = await open_alerts(redis)
     assert sorted(a.severity.value for a in alerts) == ["critical", "warning"]
     assert all(a.rule.startswith("privacy_budget") and a.training_id == "t" for a in alerts)
+
+
+def monitor_for(redis: aioredis.Redis, settings) -> Monitor:
+    return Monitor(ServiceContext(redis=redis, settings=settings, service="monitor", instance="0"),
+                   startup_grace_s=0)
+
+
+async def write_health(redis: aioredis.Redis, cpu: dict[str, float] | None = None,
+                       memory: dict[str, float] | None = None) -> None:
+    """A live health record for every expected service; 10% CPU and memory unless given."""
+    for service in EXPECTED_SERVICES:
+        record = {"service": service, "instance": "0", "at": time.time(),
+                  "cpu_percent": (cpu or {}).get(service, 10.0),
+                  "memory_percent": (memory or {}).get(service, 10.0)}
+        await redis.set(KEYS.service_health(service, "0"), json.dumps(record), ex=10)
+
+
+async def check_again(monitor: Monitor) -> dict[str, Alert]:
+    monitor._last_check = 0.0
+    await monitor.check()
+    return {a.key: a for a in await open_alerts(redis=monitor.ctx.redis)}
+
+
+def round_metrics(version: int, accuracy: float) -> str:
+    return RoundMetrics(
+        training_id="t", round=version + 1, version=version + 1, attempts=1, participants=4,
+        selected=4, num_examples=100, train_loss=None, train_accuracy=None, eval_loss=1.0,
+        eval_accuracy=accuracy, eval_of_version=version, round_seconds=1.0,
+        aggregation_seconds=0.1, epsilon_spent=0.0, completed_at=time.time(),
+    ).model_dump_json()
+
+
+async def test_health_records_carry_process_cpu_and_memory(redis: aioredis.Redis, settings) -> None:
+    ctx = ServiceContext(redis=redis, settings=settings, service="aggregator", instance="0")
+    await ctx.refresh_health()
+    await ctx.refresh_health()
+    record = json.loads(await redis.get(KEYS.service_health("aggregator", "0")))
+    assert 0.0 <= record["cpu_percent"] <= 100.0
+    assert record["rss_bytes"] > 0 and 0.0 < record["memory_percent"] < 100.0
+
+
+async def test_cpu_and_memory_exhaustion_raise_and_resolve(redis: aioredis.Redis, settings) -> None:
+    monitor = monitor_for(redis, settings)
+    await write_health(redis, cpu={"aggregator": 99.0}, memory={"coordinator": 95.0})
+    opened = await check_again(monitor)
+    assert {k: a.severity.value for k, a in opened.items()} == {
+        "cpu_exhaustion:aggregator/0": "warning", "memory_exhaustion:coordinator/0": "critical"}
+    await write_health(redis)
+    assert await check_again(monitor) == {}
+    resolved = [json.loads(f[b"m"])["data"]["alert"]["rule"] for _id, f in await redis.xrange(KEYS.event_stream)
+                if json.loads(f[b"m"])["kind"] == "alert_resolved"]
+    assert sorted(resolved) == ["cpu_exhaustion", "memory_exhaustion"]
+
+
+async def test_redis_near_maxmemory_raises_and_resolves(redis: aioredis.Redis, settings) -> None:
+    monitor = monitor_for(redis, settings)
+    await write_health(redis)
+    used = int((await redis.info("memory"))["used_memory"])
+    try:
+        await redis.config_set("maxmemory", int(used / 0.93))  # 93% used, headroom for the alert
+        assert list(await check_again(monitor)) == ["redis_memory"]
+        await redis.config_set("maxmemory", 0)
+        assert await check_again(monitor) == {}
+    finally:
+        await redis.config_set("maxmemory", 0)
+
+
+async def test_pending_backlog_raises_and_resolves_when_acknowledged(redis: aioredis.Redis, settings) -> None:
+    monitor = monitor_for(redis, settings)
+    await write_health(redis)
+    await redis.xgroup_create(KEYS.job_stream, GROUP_AGGREGATOR, id="0", mkstream=True)
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(PENDING_BACKLOG_LIMIT):
+            pipe.xadd(KEYS.job_stream, {"m": str(i)})
+        await pipe.execute()
+    [(_stream, entries)] = await redis.xreadgroup(GROUP_AGGREGATOR, "aggregator-0", {KEYS.job_stream: ">"},
+                                                  count=PENDING_BACKLOG_LIMIT)
+    assert list(await check_again(monitor)) == [f"pending_backlog:{KEYS.job_stream}/{GROUP_AGGREGATOR}"]
+    await redis.xack(KEYS.job_stream, GROUP_AGGREGATOR, entries[0][0])  # one below the limit
+    assert await check_again(monitor) == {}
+
+
+async def test_accuracy_drop_raises_and_resolves_when_a_version_recovers(redis: aioredis.Redis, settings) -> None:
+    monitor = monitor_for(redis, settings)
+    await write_health(redis)
+    await redis.sadd(KEYS.active_trainings, "t")
+    await redis.rpush(KEYS.training_metrics("t"), round_metrics(0, 0.5), round_metrics(1, 0.8),
+                      round_metrics(2, 0.7))  # 0.7 is more than 5% below 0.8
+    opened = await check_again(monitor)
+    assert list(opened) == ["accuracy_drop:t"] and opened["accuracy_drop:t"].training_id == "t"
+    await redis.rpush(KEYS.training_metrics("t"), round_metrics(3, 0.79))
+    assert await check_again(monitor) == {}
+
+
+async def test_system_health_reports_process_usage_and_judges_with_the_rules(redis: aioredis.Redis) -> None:
+    await write_health(redis, cpu={"aggregator": 99.0})
+    await redis.set(KEYS.service_health("monitor", "0"),
+                    json.dumps({"service": "monitor", "instance": "0", "at": time.time()}), ex=10)
+    report = await system_health(redis, KEYS)
+    assert report["services"]["aggregator"][0]["cpu_percent"] == 99.0
+    assert report["health_status"] == "degraded"
+    assert report["reasons"] == ["process aggregator/0 uses 99% CPU (limit 95%)"]
+    await write_health(redis, memory={"privacy": 95.0})
+    report = await system_health(redis, KEYS)
+    assert report["health_status"] == "critical" and "privacy/0" in report["reasons"][0]
+    await write_health(redis)
+    assert (await system_health(redis, KEYS))["health_status"] == "healthy"

@@ -13,8 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from federated_learning.bus.replies import text
 from federated_learning.dashboard.auth import ApiKey
 from federated_learning.dashboard.deps import Agents, AppKeys, Redis
-from federated_learning.monitoring.alerts import EXPECTED_SERVICES, RECONCILED_RULES, Alert
-from federated_learning.monitoring.alerts import services_down
+from federated_learning.monitoring.alerts import (
+    EXPECTED_SERVICES,
+    RECONCILED_RULES,
+    Alert,
+    services_down,
+)
 from federated_learning.monitoring.reliability import AgentStats
 from federated_learning.monitoring.reliability import leaderboard as rank_agents
 from federated_learning.monitoring.rules import (
@@ -24,7 +28,11 @@ from federated_learning.monitoring.rules import (
     process_usages,
     redis_memory,
 )
-from federated_learning.services.runtime import read_backlogs, read_health_records, read_redis_memory
+from federated_learning.services.runtime import (
+    read_backlogs,
+    read_health_records,
+    read_redis_memory,
+)
 
 router = APIRouter(prefix="/api", tags=["system"])
 

@@ -1,12 +1,17 @@
+from federated_learning.monitoring.alerts import Condition
 from federated_learning.monitoring.rules import (
     ProcessUsage,
     accuracy_drop,
     agent_failure_rate,
+    health_verdict,
     pending_backlog,
     privacy_budget,
     process_resources,
+    process_usages,
     redis_memory,
+    version_accuracies,
 )
+from federated_learning.protocol.messages import RoundMetrics, Severity
 
 MIB = 2**20
 
@@ -68,3 +73,30 @@ def test_process_exhaustion_fires_at_the_limits_and_not_below() -> None:
     assert [(c.key, c.severity) for c in fired] == [
         ("cpu_exhaustion:aggregator", "warning"), ("memory_exhaustion:coordinator", "critical")]
     assert all(c.message and c.action for c in fired)
+
+
+def _evaluation(eval_of_version: int | None, accuracy: float | None) -> RoundMetrics:
+    return RoundMetrics(training_id="t", round=1, version=1, attempts=1, participants=2, selected=2,
+                        num_examples=10, train_loss=None, train_accuracy=None, eval_loss=None,
+                        eval_accuracy=accuracy, eval_of_version=eval_of_version, round_seconds=1.0,
+                        aggregation_seconds=0.1, epsilon_spent=0.0, completed_at=0.0)
+
+
+def test_version_accuracies_keep_the_latest_evaluation_of_each_version() -> None:
+    rows = [_evaluation(0, 0.25), _evaluation(1, 0.5), _evaluation(None, 0.9), _evaluation(2, None),
+            _evaluation(1, 0.75)]
+    assert version_accuracies(rows) == {0: 0.25, 1: 0.75}
+
+
+def test_process_usages_name_instances_and_skip_records_without_usage() -> None:
+    records = [{"service": "aggregator", "instance": "1", "cpu_percent": 12.5, "memory_percent": 3},
+               {"service": "coordinator", "instance": "0"}]
+    assert process_usages(records) == [ProcessUsage("aggregator/1", 12.5, 3.0)]
+
+
+def test_health_verdict_follows_the_worst_severity() -> None:
+    warning = Condition(key="w", rule="r", severity=Severity.WARNING, message="slow", action="")
+    critical = Condition(key="c", rule="r", severity=Severity.CRITICAL, message="down", action="")
+    assert health_verdict([]) == ("healthy", [])
+    assert health_verdict([warning]) == ("degraded", ["slow"])
+    assert health_verdict([warning, critical]) == ("critical", ["slow", "down"])
