@@ -34,7 +34,7 @@ from federated_learning.privacy.compression import (
     random_k,
     top_k,
 )
-from federated_learning.privacy.mechanisms import clip_l2
+from federated_learning.privacy.mechanisms import add_gaussian_noise, clip_l2, secure_rng
 from federated_learning.privacy.signing import AgentKeyPair
 from federated_learning.protocol.keys import GROUP_AGENT, Keys
 from federated_learning.protocol.messages import (
@@ -318,6 +318,11 @@ class FederatedClient:
             local = poison_update(self.attack, weights, local, np.random.default_rng(task.round))
         if settings.clip_norm is not None:
             local = clip_update(weights, local, settings.clip_norm)
+        if settings.local_noise_std is not None:
+            noised = add_gaussian_noise([local[name] - weights[name] for name in local],
+                                        settings.local_noise_std, secure_rng())
+            local = {name: (weights[name] + delta).astype(local[name].dtype)
+                     for name, delta in zip(local, noised, strict=True)}
         if settings.compression == "none":
             blob = encode_layers(local)
         else:

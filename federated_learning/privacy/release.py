@@ -48,6 +48,15 @@ def clip_norm_for(level: str, requested: float | None) -> float | None:
     return requested if requested is not None else targets.clip_norm
 
 
+def local_noise_std(state: TrainingState) -> float | None:
+    """Std of the gaussian noise each agent adds under local DP: z * C, with z calibrated for
+    ``rounds`` participations at the level's target; None for central DP or level none."""
+    target = privacy_targets(PrivacyLevel(state.privacy_level))
+    if state.config.privacy_mode != "local" or not target.enabled or state.clip_norm is None:
+        return None
+    return compute_noise_multiplier(target.epsilon, target.delta, 1.0, state.config.rounds) * state.clip_norm
+
+
 def plan_release(state: TrainingState, layers: NamedLayers, ready: AggregateReady,
                  budget_json: str | None, rng: np.random.Generator | None = None) -> ReleasePlan:
     """Decide the release of ``layers`` (the aggregate of ``ready``) for ``state``'s training."""
@@ -69,14 +78,25 @@ def plan_release(state: TrainingState, layers: NamedLayers, ready: AggregateRead
     spent = accountant.step(noise_multiplier, 1.0)
     clip = state.clip_norm or target.clip_norm
     assert clip is not None
-    # One agent moves the example-weighted mean by at most clip * n_k / sum(n).
-    sensitivity = clip * ready.max_client_examples / max(ready.num_examples, 1)
-    std = noise_multiplier * sensitivity
-    noised = add_gaussian_noise(list(layers.values()), std, rng or secure_rng())
     alerts = []
     if spent >= BUDGET_WARNING_FRACTION * target.epsilon:
         alerts.append(f"privacy budget {spent / target.epsilon:.0%} spent "
                       f"(epsilon {spent:.3f} of {target.epsilon})")
+    if state.config.privacy_mode == "local":
+        # The agents already noised their own updates; each release is one more use of each
+        # participant's mechanism, so charging one step per release bounds every agent's spend.
+        return ReleasePlan(
+            report=PrivacyReport(level=cast(PrivacyLevelName, level), mechanism="gaussian-local",
+                                 noise_std=local_noise_std(state) or 0.0, epsilon_spent=spent,
+                                 delta=target.delta,
+                                 note=f"local DP: each agent added gaussian noise std "
+                                      f"{local_noise_std(state):.3g} (z={noise_multiplier:.3f}, clip {clip}); "
+                                      f"epsilon {spent:.3f} of {target.epsilon} per agent"),
+            budget_json=json.dumps(accountant.to_dict()), alerts=alerts)
+    # One agent moves the example-weighted mean by at most clip * n_k / sum(n).
+    sensitivity = clip * ready.max_client_examples / max(ready.num_examples, 1)
+    std = noise_multiplier * sensitivity
+    noised = add_gaussian_noise(list(layers.values()), std, rng or secure_rng())
     return ReleasePlan(
         report=PrivacyReport(level=cast(PrivacyLevelName, level), mechanism="gaussian", noise_std=std,
                              epsilon_spent=spent, delta=target.delta,

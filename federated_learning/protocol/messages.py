@@ -75,6 +75,8 @@ class LocalTrainingSettings(BaseModel):
     learning_rate: FiniteFloat = Field(default=0.1, gt=0, le=100)
     proximal_mu: FiniteFloat = Field(default=0.0, ge=0, le=1000)
     clip_norm: FiniteFloat | None = Field(default=None, gt=0, le=1e6)
+    local_noise_std: FiniteFloat | None = Field(default=None, gt=0, le=1e6,
+                                                description="local DP: gaussian noise the agent adds to its clipped update")
     compression: Literal["none", "top_k", "random_k", "q8", "q4"] = "none"
     compression_fraction: FiniteFloat = Field(default=0.1, gt=0, le=1,
                                               description="share of coordinates top_k/random_k keep")
@@ -109,6 +111,9 @@ class TrainingConfig(BaseModel):
                                description="asynchronous trainings: oldest base version accepted, in versions")
     local: LocalTrainingSettings = Field(default_factory=LocalTrainingSettings)
     privacy_level: PrivacyLevelName | None = None
+    privacy_mode: Literal["central", "local"] = Field(
+        default="central", description="central: the privacy manager noises the aggregate; local: each "
+                                       "agent noises its own clipped update before upload")
     rollback: RollbackConfig | None = Field(
         default=None, description="automatic rollback policy; None: off (federated evaluations on a "
                                   "few non-IID agents are noisy, so the operator opts in)")
@@ -121,6 +126,9 @@ class TrainingConfig(BaseModel):
                 f"min_clients ({self.min_clients}) must not exceed clients_per_round "
                 f"({self.clients_per_round})"
             )
+        if self.privacy_mode == "local" and self.local.compression != "none":
+            raise ValueError("local DP needs uncompressed updates: the noise is added after clipping, "
+                             "and compressing it away would void the guarantee")
         if self.algorithm == "fedprox" and self.local.proximal_mu == 0.0:
             raise ValueError("algorithm 'fedprox' needs local.proximal_mu > 0")
         return self

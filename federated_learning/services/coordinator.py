@@ -31,7 +31,7 @@ from federated_learning.coordination.rounds import RoundDecision, decide_round, 
 from federated_learning.coordination.selection import eligible_agents, round_rng, select_agents
 from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.models import initial_model
-from federated_learning.privacy.release import clip_norm_for
+from federated_learning.privacy.release import clip_norm_for, local_noise_std
 from federated_learning.protocol.keys import GROUP_COORDINATOR
 from federated_learning.protocol.messages import (
     AggregationJob,
@@ -294,7 +294,8 @@ class Coordinator:
                     deadline_at: float) -> None:
         """Add a task on the current version to each agent's inbox (and count it) to ``pipe``."""
         assert state.current_digest is not None and state.current_version is not None
-        settings = state.config.local.model_copy(update={"clip_norm": state.clip_norm})
+        settings = state.config.local.model_copy(update={"clip_norm": state.clip_norm,
+                                                         "local_noise_std": local_noise_std(state)})
         for agent_id in agents:
             task = Task(kind=kind, training_id=state.training_id, round=state.round, attempt=state.attempt,
                         dataset=state.config.dataset, model=state.config.model,

@@ -6,7 +6,7 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from federated_learning.protocol.keys import Keys
-from federated_learning.protocol.messages import AggregationJob, RoundMetrics, VersionRecord
+from federated_learning.protocol.messages import AggregationJob, RoundMetrics, Task, VersionRecord
 from federated_learning.protocol.tensors import decode_layers
 from tests.integration.conftest import digits_config, start_training, wait_for_status
 
@@ -133,3 +133,17 @@ async def test_compressed_updates_train_and_shrink_the_upload(redis: aioredis.Re
                    for m in await redis.lrange(Keys().training_metrics(training_id), 0, -1)]
         assert all(0 < m.upload_bytes < max_ratio * m.dense_bytes for m in metrics), training_id
         assert state.final_evaluation is not None and state.final_evaluation.accuracy > 0.5
+
+
+async def test_local_dp_training_noises_on_the_agents(redis: aioredis.Redis, system, make_agents) -> None:
+    await system.start()
+    await make_agents(4)
+    await start_training(redis, "ldp", digits_config(rounds=2, privacy_level="low", privacy_mode="local"))
+
+    state = await wait_for_status(redis, "ldp", {"completed", "failed"})
+
+    assert state.status == "completed", state.reason
+    records = [VersionRecord.model_validate_json(v) for v in (await redis.hgetall(Keys().versions("ldp"))).values()]
+    assert {r.privacy.mechanism for r in records if r.version > 0} == {"gaussian-local"}
+    tasks = [Task.model_validate_json(f[b"m"]) for _id, f in await redis.xrange(Keys().inbox_stream("agent-000"))]
+    assert tasks and all(t.settings.local_noise_std and t.settings.clip_norm == 2.0 for t in tasks if t.kind == "train")

@@ -5,7 +5,7 @@ import pytest
 
 from federated_learning.coordination.state import TrainingState
 from federated_learning.privacy import PrivacyAccountant, compute_noise_multiplier
-from federated_learning.privacy.release import ReleaseRefused, clip_norm_for, plan_release
+from federated_learning.privacy.release import ReleaseRefused, clip_norm_for, local_noise_std, plan_release
 from federated_learning.protocol.messages import AggregateReady, TrainingConfig
 
 CONFIG = TrainingConfig.model_validate({
@@ -54,3 +54,24 @@ def test_clip_norm_comes_from_the_level_unless_the_training_sets_one() -> None:
     assert clip_norm_for("none", None) is None
     assert clip_norm_for("medium", None) == 1.0
     assert clip_norm_for("medium", 0.3) == 0.3
+
+
+def local_state(level: str) -> TrainingState:
+    config = CONFIG.model_copy(update={"privacy_mode": "local"})
+    return TrainingState(training_id="t", config=config, min_clients=2, clients_per_round=4, round_deadline_s=10,
+                         privacy_level=level, clip_norm=clip_norm_for(level, None))
+
+
+def test_local_dp_agents_get_calibrated_noise_and_the_release_adds_none() -> None:
+    z = compute_noise_multiplier(3.0, 1e-5, 1.0, CONFIG.rounds)
+    assert local_noise_std(local_state("medium")) == pytest.approx(z * 1.0)
+    assert local_noise_std(state("medium")) is None
+    plan = plan_release(local_state("medium"), LAYERS, ready(), None)
+    assert plan.noised_layers is None and plan.report.mechanism == "gaussian-local"
+    assert 0 < plan.report.epsilon_spent < 3.0 and plan.budget_json is not None
+
+
+def test_local_dp_with_compression_is_refused() -> None:
+    with pytest.raises(ValueError, match="local DP needs uncompressed updates"):
+        TrainingConfig.model_validate({"dataset": "d", "model": {"num_features": 4, "num_classes": 2},
+                                       "privacy_mode": "local", "local": {"compression": "q8"}})
