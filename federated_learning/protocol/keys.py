@@ -174,6 +174,10 @@ class Keys:
         """Hash '<agent>:<counter>' -> count (asked, completed, late, examples)."""
         return self._k("agents", "stats")
 
+    def agent_asked_at(self, agent_id: AgentId) -> str:
+        """Sorted set of task ids -> the time the agent was given them (for the hourly cap)."""
+        return self._k("agents", "asked_at", agent_id)
+
     @property
     def agent_flags(self) -> str:
         """Hash agent id -> rounds in which its update was flagged as anomalous."""

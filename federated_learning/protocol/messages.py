@@ -105,6 +105,8 @@ class TrainingConfig(BaseModel):
     min_clients: int | None = Field(default=None, ge=1)
     clients_per_round: int | None = Field(default=None, ge=1)
     over_selection: FiniteFloat = Field(default=1.2, ge=1.0, le=3.0)
+    selection: Literal["random", "importance", "reliability", "contribution"] = "random"
+    max_tasks_per_agent_per_hour: int | None = Field(default=None, ge=1, le=100_000)
     round_deadline_s: FiniteFloat | None = Field(default=None, gt=0, le=86_400)
     max_round_attempts: int = Field(default=3, ge=1, le=100)
     max_staleness: int = Field(default=10, ge=0, le=10_000,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
 import redis.asyncio as aioredis
 
+from federated_learning.bus.replies import text
 from federated_learning.coordination.state import AgentRecord
+from federated_learning.monitoring.reliability import AgentStats
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import AgentJoined, AgentLeft, Heartbeat
 from federated_learning.records.join_tokens import JoinTokens
@@ -85,12 +88,42 @@ class AgentRegistry:
                      await self._redis.zrange(self._keys.agents_last_seen, 0, -1, withscores=True))
         return {member.decode(): float(score) for member, score in pairs}
 
+    async def statistics(self) -> dict[str, AgentStats]:
+        """Each registered agent's record of work: asked, completed, late, dropped, flagged, examples."""
+        counters = _counts(await self._redis.hgetall(self._keys.agent_stats))
+        dropouts = _counts(await self._redis.hgetall(self._keys.agent_dropouts))
+        flags = _counts(await self._redis.hgetall(self._keys.agent_flags))
+        stats = {}
+        for agent in await self._redis.hkeys(self._keys.agents):
+            name = text(agent)
+            late = counters.get(f"{name}:late", 0)
+            completed = counters.get(f"{name}:completed", 0) + late
+            dropped = dropouts.get(name, 0)
+            examples = counters.get(f"{name}:examples", 0)
+            stats[name] = AgentStats(
+                asked=max(counters.get(f"{name}:asked", 0), completed + dropped), completed=completed,
+                late=late, dropped=dropped, flagged=min(flags.get(name, 0), completed),
+                examples=examples, contribution=float(examples))
+        return stats
+
+    async def asked_within(self, agents: list[str], seconds: float, now: float) -> dict[str, int]:
+        """How many tasks each agent was given in the last ``seconds``."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for agent in agents:
+                pipe.zcount(self._keys.agent_asked_at(agent), now - seconds, "+inf")
+            counts = await pipe.execute()
+        return {agent: int(count) for agent, count in zip(agents, counts, strict=True)}
+
     async def alive(self) -> list[str]:
         """Agents heard from within the heartbeat timeout, sorted."""
         since = time.time() - self.heartbeat_timeout_s
         members = cast("list[bytes]",
                        await self._redis.zrangebyscore(self._keys.agents_last_seen, since, "+inf"))
         return sorted(m.decode() for m in members)
+
+
+def _counts(raw: Mapping[bytes | str, bytes | str]) -> dict[str, int]:
+    return {text(key): int(value) for key, value in raw.items()}
 
 
 def entry_time(entry_id: bytes) -> float:

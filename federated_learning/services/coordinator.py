@@ -28,7 +28,13 @@ from federated_learning.coordination.checks import (
     strategy_params,
 )
 from federated_learning.coordination.rounds import RoundDecision, decide_round, summarize_notices
-from federated_learning.coordination.selection import eligible_agents, round_rng, select_agents
+from federated_learning.coordination.selection import (
+    eligible_agents,
+    policy_weights,
+    round_rng,
+    select_agents,
+    under_hourly_cap,
+)
 from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.models import initial_model
 from federated_learning.privacy.release import clip_norm_for, local_noise_std
@@ -71,6 +77,8 @@ log = logging.getLogger(__name__)
 TICK_S = 0.25
 UPDATE_BLOB_TTL_AFTER_COMMIT_S = 3600
 INBOX_MAXLEN = 1000
+ASKED_AT_HORIZON_S = 3600.0
+"""How long task times are kept per agent (the hourly cap looks back this far)."""
 
 ROUNDS = Counter("fl_rounds_completed_total", "Rounds completed", ["training"])
 ROUND_RETRIES = Counter("fl_round_retries_total", "Rounds retried with a new selection")
@@ -254,11 +262,15 @@ class Coordinator:
             state.attempt = 0
         state.round = round_number
         accepted = await self.redis.hlen(self.keys.round_updates(state.training_id, round_number))
-        if not evaluating and len(candidates) < state.min_clients:
+        available = candidates if evaluating else await self._within_cap(state, candidates)
+        if not evaluating and len(available) < state.min_clients:
             if state.status is not TrainingStatus.PAUSED:
                 state.status = TrainingStatus.PAUSED
-                state.reason = (f"only {len(candidates)} agents alive with dataset "
-                                f"'{state.config.dataset}'; need {state.min_clients}")
+                state.reason = (f"only {len(available)} agents alive with dataset "
+                                f"'{state.config.dataset}'" + (
+                                    f" and under the hourly cap of {state.config.max_tasks_per_agent_per_hour} tasks"
+                                    if len(available) < len(candidates) else "")
+                                + f"; need {state.min_clients}")
                 state.phase = RoundPhase.IDLE
                 await self.store.save(state)
                 await self._emit_status(state, Severity.WARNING)
@@ -271,8 +283,9 @@ class Coordinator:
         if evaluating:
             chosen = [a for a in candidates if a not in state.selected]
         else:
-            chosen = select_agents(candidates, state.clients_per_round - accepted,
-                                   state.config.over_selection, rng, exclude=state.selected)
+            chosen = select_agents(available, state.clients_per_round - accepted,
+                                   state.config.over_selection, rng, exclude=state.selected,
+                                   weights=await self._policy_weights(state, candidates))
         now = time.time()
         state.selected = sorted(set(state.selected) | set(chosen))
         state.phase = RoundPhase.COLLECTING
@@ -290,10 +303,26 @@ class Coordinator:
                             training_id=state.training_id, round=round_number,
                             attempt=state.attempt, selected=len(chosen), eligible=len(candidates))
 
+    async def _within_cap(self, state: TrainingState, candidates: list[str]) -> list[str]:
+        cap = state.config.max_tasks_per_agent_per_hour
+        if cap is None:
+            return candidates
+        return under_hourly_cap(candidates, await self.registry.asked_within(candidates, 3600.0, time.time()), cap)
+
+    async def _policy_weights(self, state: TrainingState, candidates: list[str]) -> dict[str, float] | None:
+        policy = state.config.selection
+        if policy == "random":
+            return None
+        sizes = {agent: records.get(state.config.dataset, 0)
+                 for agent, records in (await self.registry.datasets()).items()}
+        stats = await self.registry.statistics() if policy in ("reliability", "contribution") else {}
+        return policy_weights(policy, candidates, sizes, stats)
+
     def stage_tasks(self, pipe: Pipeline, state: TrainingState, agents: list[str], kind: TaskKind,
                     deadline_at: float) -> None:
         """Add a task on the current version to each agent's inbox (and count it) to ``pipe``."""
         assert state.current_digest is not None and state.current_version is not None
+        now = time.time()
         settings = state.config.local.model_copy(update={"clip_norm": state.clip_norm,
                                                          "local_noise_std": local_noise_std(state)})
         for agent_id in agents:
@@ -304,6 +333,9 @@ class Coordinator:
             pipe.xadd(self.keys.inbox_stream(agent_id), encode(task),  # type: ignore[arg-type]
                       maxlen=INBOX_MAXLEN, approximate=True)
             pipe.hincrby(self.keys.agent_stats, f"{agent_id}:asked", 1)
+            asked_at = self.keys.agent_asked_at(agent_id)
+            pipe.zadd(asked_at, {f"{state.training_id}/{state.round}/{state.attempt}": now})
+            pipe.zremrangebyscore(asked_at, 0, now - ASKED_AT_HORIZON_S)
 
     async def on_update(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
         try:

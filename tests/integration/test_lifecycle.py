@@ -112,3 +112,14 @@ async def test_robust_rule_trains_through_the_pipeline(redis: aioredis.Redis, sy
                                                                      "num_clients_to_keep": 3}))
     state = await wait_for_status(redis, "m", {"completed", "failed"})
     assert state.status == "completed", state.reason
+
+
+async def test_hourly_cap_pauses_a_training_once_every_agent_used_its_tasks(
+        redis: aioredis.Redis, system, make_agents) -> None:
+    await system.start()
+    await make_agents(3)
+    await start_training(redis, "cap", digits_config(rounds=5, clients_per_round=3, min_clients=3,
+                                                     max_tasks_per_agent_per_hour=2, selection="importance"))
+    state = await wait_for_status(redis, "cap", {"paused", "completed"})
+    assert state.status == "paused" and state.completed_rounds == 2
+    assert "hourly cap of 2 tasks" in state.reason

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -19,7 +18,6 @@ from federated_learning.monitoring.alerts import (
     Alert,
     services_down,
 )
-from federated_learning.monitoring.reliability import AgentStats
 from federated_learning.monitoring.reliability import leaderboard as rank_agents
 from federated_learning.monitoring.rules import (
     health_verdict,
@@ -110,27 +108,10 @@ async def acknowledge(alert_id: str, redis: Redis, keys: AppKeys, _auth: ApiKey)
     return alert
 
 
-def _counts(raw: Mapping[bytes | str, bytes | str]) -> dict[str, int]:
-    return {text(key): int(value) for key, value in raw.items()}
-
-
 @router.get("/agents/leaderboard")
-async def leaderboard(redis: Redis, keys: AppKeys, agents: Agents,
-                      top: int = Query(default=20, ge=1, le=10_000)) -> list[dict[str, Any]]:
+async def leaderboard(agents: Agents, top: int = Query(default=20, ge=1, le=10_000)) -> list[dict[str, Any]]:
     """Agents ranked by reliability (completion, lateness, anomaly flags), then contribution."""
-    counters = _counts(await redis.hgetall(keys.agent_stats))
-    dropouts = _counts(await redis.hgetall(keys.agent_dropouts))
-    flags = _counts(await redis.hgetall(keys.agent_flags))
-    stats = {}
-    for record in await agents.all():
-        agent = record.agent_id
-        completed = counters.get(f"{agent}:completed", 0) + counters.get(f"{agent}:late", 0)
-        dropped = dropouts.get(agent, 0)
-        stats[agent] = AgentStats(
-            asked=max(counters.get(f"{agent}:asked", 0), completed + dropped), completed=completed,
-            late=counters.get(f"{agent}:late", 0), dropped=dropped,
-            flagged=min(flags.get(agent, 0), completed), examples=counters.get(f"{agent}:examples", 0),
-            contribution=float(counters.get(f"{agent}:examples", 0)))
+    stats = await agents.statistics()
     return [{**asdict(row.stats), "rank": row.rank, "agent_id": row.agent_id,
              "reliability": round(row.reliability, 4), "contribution": round(row.contribution, 4)}
             for row in rank_agents(stats, top)]
