@@ -118,7 +118,8 @@ class ServiceContext:
         """This process's CPU since the previous call (percent of the whole machine, 0-100),
         its resident memory in bytes, and that memory as percent of physical RAM."""
         with self.process.oneshot():
-            cpu = float(self.process.cpu_percent(None)) / _CPU_COUNT
+            # Over very short intervals the sampled share can overshoot; it is a share of the machine.
+            cpu = min(100.0, float(self.process.cpu_percent(None)) / _CPU_COUNT)
             rss = int(self.process.memory_info().rss)
             memory = float(self.process.memory_percent("rss"))
         return {"cpu_percent": round(cpu, 1), "rss_bytes": rss, "memory_percent": round(memory, 2)}
