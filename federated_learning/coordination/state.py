@@ -99,5 +99,7 @@ class AgentRecord(BaseModel):
     datasets: dict[str, int]
     device: dict[str, str] = Field(default_factory=dict)
     public_key: str | None = None
+    volunteer: bool = False
+    """Sends updates without being asked (plain-HTTP clients through the gateway)."""
     joined_at: float = Field(default_factory=time.time)
     rounds_completed: int = 0

@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from federated_learning.dashboard.live import EventHub
-from federated_learning.dashboard.routes import live, system, trainings
+from federated_learning.dashboard.routes import live, sync, system, trainings
 from federated_learning.services.runtime import ServiceContext
 
 STATIC = Path(__file__).parent / "static"
@@ -55,6 +55,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     app.include_router(system.router)
     app.include_router(trainings.router)
     app.include_router(live.router)
+    app.include_router(sync.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

@@ -173,6 +173,7 @@ class AgentJoined(Message):
     device: dict[str, str] = Field(default_factory=dict)
     public_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
                                    description="hex of the agent's raw Ed25519 public key")
+    volunteer: bool = Field(default=False, description="sends updates unasked (plain-HTTP clients)")
     join_token: str | None = Field(default=None, max_length=128,
                                    description="needed for a first join when registration is closed")
 

@@ -53,6 +53,7 @@ class AgentRegistry:
                                        detail="a first join needs a valid join token from the operator")
             record = AgentRecord(agent_id=message.agent_id, datasets=dict(message.datasets),
                                  device=dict(message.device), public_key=message.public_key,
+                                 volunteer=message.volunteer,
                                  joined_at=existing.joined_at if existing else now)
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self._keys.agents, message.agent_id, record.model_dump_json())

@@ -72,8 +72,11 @@ class BufferedRounds:
             self.c.store.stage_save(pipe, state)
             await pipe.execute()
 
-    async def on_update(self, state: TrainingState, notice: UpdateSubmitted, context: UpdateContext) -> None:
+    async def on_update(self, state: TrainingState, notice: UpdateSubmitted, context: UpdateContext,
+                        *, volunteer: bool = False) -> None:
         """Accept a train notice into the open buffer (or reject it), then keep agents busy."""
+        if volunteer:
+            state.in_flight.setdefault(notice.agent_id, time.time())
         if notice.agent_id not in state.in_flight:
             await self.c.ctx.reject("updates", "not_selected", "no task in flight for this agent", **context)
             return

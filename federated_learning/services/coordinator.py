@@ -358,7 +358,7 @@ class Coordinator:
             await self.ctx.reject("updates", signature_problem[0], signature_problem[1], **context)
             return
         if state.is_buffered and state.status is TrainingStatus.RUNNING and notice.kind is TaskKind.TRAIN:
-            await self.buffered.on_update(state, notice, context)
+            await self.buffered.on_update(state, notice, context, volunteer=agent.volunteer)
             return
         expected_kind = TaskKind.EVALUATE if state.status is TrainingStatus.EVALUATING else TaskKind.TRAIN
         closed = notice.round < state.round or (
@@ -374,9 +374,11 @@ class Coordinator:
                                   severity=Severity.INFO if just_late else Severity.WARNING, **context)
             return
         if notice.agent_id not in state.selected:
-            await self.ctx.reject("updates", "not_selected",
-                                  f"agent was not asked in round {notice.round}", **context)
-            return
+            if not (agent.volunteer and notice.received_model_version == state.current_version):
+                await self.ctx.reject("updates", "not_selected",
+                                      f"agent was not asked in round {notice.round}", **context)
+                return
+            state.selected = sorted({*state.selected, notice.agent_id})
         updates_key = self.keys.round_updates(state.training_id, state.round)
         if await self.redis.hexists(updates_key, notice.agent_id):
             return  # redelivery: (training, round, agent) is accepted once

@@ -1,0 +1,159 @@
+"""A plain-HTTP sync client for simple bots (seed 000's daily sync): ``python -m agents.http_sync``.
+
+Reads its settings from the environment, as the seed names them: ``ENABLE_FED_LEARNING``,
+``FED_SERVER_URL``, ``FED_CLIENT_ID`` (default: host name), ``FED_LOCAL_MODEL_PATH``,
+``FED_MERGED_MODEL_PATH``, ``FED_SYNC_HOUR``, ``FED_SYNC_MINUTE``; plus ``FED_API_KEY`` (the
+deployment's key), ``FED_TRAINING_ID`` and ``FED_NUM_EXAMPLES`` (optional). Once a day at that
+time (or now with ``--once``) it posts the local model (safetensors) to ``/sync_model`` and
+writes the merged model it gets back atomically, in safetensors (never pickle); when the
+server is down it retries with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from federated_learning.protocol.tensors import decode_layers, digest_of
+from federated_learning.records.checkpoints import atomic_write
+
+log = logging.getLogger("agents.http_sync")
+
+MAX_ATTEMPTS = 8
+BACKOFF_START_S = 1.0
+BACKOFF_CAP_S = 300.0
+MAX_MODEL_BYTES = 1 << 30
+
+
+class SyncFailed(RuntimeError):
+    """The server refused the update or stayed unreachable through every retry."""
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    enabled: bool
+    server_url: str
+    client_id: str
+    local_model_path: Path
+    merged_model_path: Path
+    sync_hour: int
+    sync_minute: int
+    api_key: str
+    training_id: str | None
+    num_examples: int
+
+    @classmethod
+    def from_environment(cls, env: dict[str, str] | None = None) -> SyncSettings:
+        env = dict(os.environ if env is None else env)
+
+        def number(name: str, default: int, low: int, high: int) -> int:
+            raw = env.get(name, str(default))
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ValueError(f"{name} is {raw!r}; must be an integer") from None
+            if not low <= value <= high:
+                raise ValueError(f"{name} is {value}; must be in [{low}, {high}]")
+            return value
+
+        return cls(
+            enabled=env.get("ENABLE_FED_LEARNING", "false").lower() in ("1", "true", "yes"),
+            server_url=env.get("FED_SERVER_URL", "http://127.0.0.1:8080").rstrip("/"),
+            client_id=env.get("FED_CLIENT_ID") or socket.gethostname(),
+            local_model_path=Path(env.get("FED_LOCAL_MODEL_PATH", "model.safetensors")),
+            merged_model_path=Path(env.get("FED_MERGED_MODEL_PATH", "merged_model.safetensors")),
+            sync_hour=number("FED_SYNC_HOUR", 3, 0, 23),
+            sync_minute=number("FED_SYNC_MINUTE", 0, 0, 59),
+            api_key=env.get("FED_API_KEY", ""),
+            training_id=env.get("FED_TRAINING_ID") or None,
+            num_examples=number("FED_NUM_EXAMPLES", 1, 1, 1_000_000_000),
+        )
+
+
+def seconds_until(hour: int, minute: int, now: dt.datetime) -> float:
+    """Seconds from ``now`` to the next ``hour:minute`` (today, else tomorrow)."""
+    target = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    if target <= now:
+        target += dt.timedelta(days=1)
+    return (target - now).total_seconds()
+
+
+def sync_once(settings: SyncSettings, client: httpx.Client, *, sleep: object = time.sleep) -> Path:
+    """Post the local model; write the merged model; return its path. Retries with backoff."""
+    body = settings.local_model_path.read_bytes()
+    headers = {"Content-Type": "application/octet-stream", "X-Client-Id": settings.client_id,
+               "X-Num-Examples": str(settings.num_examples), "Authorization": f"Bearer {settings.api_key}"}
+    if settings.training_id:
+        headers["X-Training-Id"] = settings.training_id
+    delay = BACKOFF_START_S
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            response = client.post(f"{settings.server_url}/sync_model", content=body, headers=headers)
+        except httpx.TransportError as exc:
+            log.warning("sync attempt %d/%d: server unreachable (%s); retrying in %.0fs",
+                        attempt, MAX_ATTEMPTS, exc, delay)
+        else:
+            if response.status_code == 200:
+                return _write_merged(settings, response)
+            if response.status_code < 500 and response.status_code != 409:
+                raise SyncFailed(f"server refused the update ({response.status_code}): {response.text[:300]}")
+            log.warning("sync attempt %d/%d: %d %s; retrying in %.0fs", attempt, MAX_ATTEMPTS,
+                        response.status_code, response.text[:200], delay)
+        sleep(delay)  # type: ignore[operator]
+        delay = min(delay * 2, BACKOFF_CAP_S)
+    raise SyncFailed(f"no successful sync after {MAX_ATTEMPTS} attempts")
+
+
+def _write_merged(settings: SyncSettings, response: httpx.Response) -> Path:
+    data = response.content
+    expected = response.headers.get("X-Model-SHA256")
+    if expected and digest_of(data) != expected:
+        raise SyncFailed("the merged model does not match the hash the server announced")
+    decode_layers(data, max_bytes=MAX_MODEL_BYTES)
+    atomic_write(settings.merged_model_path, data)
+    log.info("client %s: merged model version %s of training %s written to %s",
+             settings.client_id, response.headers.get("X-Model-Version"),
+             response.headers.get("X-Training-Id"), settings.merged_model_path)
+    return settings.merged_model_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--once", action="store_true", help="sync now and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s http_sync %(levelname)s %(message)s")
+    try:
+        settings = SyncSettings.from_environment()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not settings.enabled:
+        log.info("ENABLE_FED_LEARNING is not set; nothing to do")
+        return 0
+    with httpx.Client(timeout=60.0) as client:
+        while True:
+            if not args.once:
+                wait = seconds_until(settings.sync_hour, settings.sync_minute, dt.datetime.now())
+                log.info("next sync at %02d:%02d (in %.0fs)", settings.sync_hour, settings.sync_minute, wait)
+                time.sleep(wait)
+            try:
+                sync_once(settings, client)
+            except (SyncFailed, OSError) as exc:
+                log.error("sync failed: %s", exc)
+                if args.once:
+                    return 1
+            if args.once:
+                return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Plain-HTTP model sync for simple clients (seed 000's daily sync): ``POST /sync_model``.
+
+A client that cannot speak Redis posts its local model; the dashboard, acting as a gateway,
+registers it as a volunteer agent ``http-<client_id>``, signs a notice for it with the
+gateway's own Ed25519 key, and feeds the update into the training like any agent's (the
+coordinator accepts a volunteer's update when it was trained from the current version,
+or, for asynchronous trainings, within the staleness limit). The answer is the current
+global model, as JSON or as safetensors.
+
+Two forms: JSON ``{client_id, training_id?, base_version?, weights: {layer: nested lists},
+metrics: {num_examples, accuracy?, loss?}}``, or a safetensors body with the fields as
+``X-Client-Id``, ``X-Training-Id``, ``X-Base-Version`` and ``X-Num-Examples`` headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Header, HTTPException, Request, Response, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from federated_learning.coordination.state import TrainingState
+from federated_learning.dashboard.auth import ApiKey
+from federated_learning.dashboard.deps import Context, Trainings
+from federated_learning.privacy.signing import AgentKeyPair
+from federated_learning.protocol.messages import (
+    AgentJoined,
+    Evaluation,
+    Heartbeat,
+    Identifier,
+    TaskKind,
+    TrainingStatus,
+    UpdateSubmitted,
+    encode,
+)
+from federated_learning.protocol.tensors import (
+    InvalidTensor,
+    decode_layers,
+    encode_layers,
+    validate_layers,
+)
+from federated_learning.types import NamedLayers
+
+router = APIRouter(tags=["sync"])
+
+HTTP_AGENT_PREFIX = "http-"
+SAFETENSORS = "application/octet-stream"
+
+
+class SyncMetrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    num_examples: int = Field(default=1, gt=0, le=1_000_000_000)
+    accuracy: float | None = Field(default=None, ge=0, le=1)
+    loss: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+
+class SyncRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    client_id: Identifier = Field(default_factory=socket.gethostname)
+    training_id: Identifier | None = None
+    base_version: int | None = Field(default=None, ge=0)
+    weights: dict[str, list[Any] | float]
+    metrics: SyncMetrics = Field(default_factory=SyncMetrics)
+
+
+def gateway_identity(ctx: Any) -> AgentKeyPair:
+    """The gateway's signing key, kept in the data folder across restarts."""
+    identity: AgentKeyPair | None = getattr(ctx, "_gateway_identity", None)
+    if identity is None:
+        identity = AgentKeyPair.load_or_generate(ctx.settings.data_dir / "secrets" / "gateway")
+        ctx._gateway_identity = identity
+    return identity
+
+
+async def _training(trainings: Trainings, training_id: str | None) -> TrainingState:
+    ids = [training_id] if training_id else await trainings.list_ids()
+    for candidate in ids:
+        state = await trainings.load(candidate)
+        if state is not None and state.status in (TrainingStatus.RUNNING, TrainingStatus.PAUSED):
+            return state
+    raise HTTPException(status.HTTP_409_CONFLICT,
+                        detail=f"training '{training_id}' is not running" if training_id else "no running training")
+
+
+def _layers_from_json(weights: dict[str, list[Any] | float], state: TrainingState) -> NamedLayers:
+    layers: NamedLayers = {}
+    for name, (_shape, dtype) in state.layer_spec.items():
+        if name not in weights:
+            raise InvalidTensor("bad_layers", f"layer '{name}' is missing")
+        try:
+            layers[name] = np.asarray(weights[name], dtype=dtype)
+        except (TypeError, ValueError) as exc:
+            raise InvalidTensor("bad_shape", f"layer '{name}' is not a numeric array: {exc}") from exc
+    unexpected = sorted(set(weights) - set(state.layer_spec))
+    if unexpected:
+        raise InvalidTensor("bad_layers", f"unexpected layers {unexpected}")
+    return layers
+
+
+async def _submit(ctx: Context, state: TrainingState, client_id: str, layers: NamedLayers,
+                  base_version: int | None, metrics: SyncMetrics) -> str:
+    """Register the client (first time), upload its model and a signed notice; return its agent id."""
+    validate_layers(layers, state.layer_spec)
+    identity = gateway_identity(ctx)
+    agent_id = f"{HTTP_AGENT_PREFIX}{client_id}"[:128]
+    joined = AgentJoined(agent_id=agent_id, datasets={state.config.dataset: metrics.num_examples},
+                         device={"kind": "http-sync"}, public_key=identity.public_key_bytes.hex(), volunteer=True)
+    await ctx.redis.xadd(ctx.keys.agent_stream, encode(joined))  # type: ignore[arg-type]
+    await ctx.redis.xadd(ctx.keys.agent_stream, encode(Heartbeat(agent_id=agent_id)))  # type: ignore[arg-type]
+    digest = await ctx.blobs.put(encode_layers(layers), ttl_s=24 * 3600)
+    evaluation = None
+    if metrics.accuracy is not None and metrics.loss is not None:
+        evaluation = Evaluation(accuracy=metrics.accuracy, loss=metrics.loss, num_examples=metrics.num_examples)
+    notice = UpdateSubmitted(kind=TaskKind.TRAIN, training_id=state.training_id, round=state.round,
+                             attempt=max(state.attempt, 1), agent_id=agent_id, update_digest=digest,
+                             num_examples=metrics.num_examples,
+                             received_model_version=(state.current_version or 0) if base_version is None else base_version,
+                             evaluation=evaluation)
+    notice = notice.model_copy(update={"signature": identity.sign(notice.signed_bytes()).hex()})
+    await ctx.redis.xadd(ctx.keys.update_stream, encode(notice))  # type: ignore[arg-type]
+    return agent_id
+
+
+async def _current_model(ctx: Context, state: TrainingState) -> tuple[bytes, NamedLayers]:
+    assert state.current_digest is not None
+    data = await ctx.blobs.get(state.current_digest)
+    return data, decode_layers(data, max_bytes=ctx.settings.max_blob_bytes)
+
+
+@router.post("/sync_model")
+async def sync_model(request: Request, ctx: Context, trainings: Trainings, _auth: ApiKey,
+                     x_client_id: Annotated[str | None, Header()] = None,
+                     x_training_id: Annotated[str | None, Header()] = None,
+                     x_base_version: Annotated[int | None, Header()] = None,
+                     x_num_examples: Annotated[int | None, Header()] = None) -> Response:
+    """Take a client's local model into the current round; answer with the current global model."""
+    binary = request.headers.get("content-type", "").startswith(SAFETENSORS)
+    body = await request.body()
+    if len(body) > ctx.settings.max_blob_bytes:
+        await ctx.reject("sync", "too_large", f"body of {len(body)} bytes")
+        raise HTTPException(413, detail="body exceeds max_blob_bytes")
+    try:
+        if binary:
+            sync = SyncRequest(client_id=x_client_id or socket.gethostname(), training_id=x_training_id,
+                               base_version=x_base_version, weights={},
+                               metrics=SyncMetrics(num_examples=x_num_examples or 1))
+        else:
+            sync = SyncRequest.model_validate_json(body)
+    except ValueError as exc:
+        await ctx.reject("sync", "invalid_body", str(exc)[:300])
+        raise HTTPException(422, detail=str(exc)[:500]) from exc
+    state = await _training(trainings, sync.training_id)
+    try:
+        layers = (decode_layers(body, max_bytes=ctx.settings.max_blob_bytes) if binary
+                  else await asyncio.to_thread(_layers_from_json, sync.weights, state))
+        agent_id = await _submit(ctx, state, sync.client_id, layers, sync.base_version, sync.metrics)
+    except InvalidTensor as exc:
+        await ctx.reject("sync", exc.reason, exc.detail, training_id=state.training_id)
+        raise HTTPException(422, detail=str(exc)) from exc
+    data, model = await _current_model(ctx, state)
+    headers = {"X-Training-Id": state.training_id, "X-Model-Version": str(state.current_version),
+               "X-Model-SHA256": state.current_digest or "", "X-Agent-Id": agent_id}
+    if binary:
+        return Response(content=data, media_type=SAFETENSORS, headers=headers)
+    return Response(content=_json_model(state, model, agent_id), media_type="application/json", headers=headers)
+
+
+def _json_model(state: TrainingState, model: NamedLayers, agent_id: str) -> str:
+    return json.dumps({"training_id": state.training_id, "version": state.current_version,
+                       "model_sha256": state.current_digest, "agent_id": agent_id, "update": "submitted",
+                       "weights": {name: layer.tolist() for name, layer in model.items()}})

@@ -1,0 +1,97 @@
+"""Plain-HTTP sync: five HTTP clients and five bus agents in one training."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from agents.data import make_client_datasets
+from agents.trainers import create_trainer
+from federated_learning.dashboard.main import create_app
+from federated_learning.protocol.keys import Keys
+from federated_learning.protocol.messages import VersionRecord
+from federated_learning.protocol.tensors import decode_layers, encode_layers
+from federated_learning.services.runtime import ServiceContext
+from tests.integration.conftest import TEST_API_KEY, digits_config, start_training, wait_for_status
+
+KEYS = Keys()
+
+
+@pytest.fixture
+async def http(redis: aioredis.Redis, settings):  # type: ignore[no-untyped-def]
+    ctx = ServiceContext(redis=redis, settings=settings, service="dashboard", instance="0")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(ctx)), base_url="http://gw",
+                                 headers={"Authorization": f"Bearer {TEST_API_KEY}"}) as client:
+        yield client
+
+
+async def http_client_loop(http: httpx.AsyncClient, client_id: str, x: np.ndarray, y: np.ndarray) -> int:
+    """Like a bot: fetch the current model, train locally, post it; once per version."""
+    trainer = create_trainer("softmax", num_features=64, num_classes=10)
+    synced: set[int] = set()
+    while True:
+        status = (await http.get("/api/training/http/status")).json()
+        if status["status"] in ("completed", "failed", "evaluating", "saving"):
+            return len(synced)
+        version = status["current_version"]
+        if status["phase"] == "collecting" and version is not None and version not in synced:
+            model = await http.get(f"/api/training/http/versions/{version}/model")
+            weights = decode_layers(model.content, max_bytes=1 << 20)
+            local, _ = trainer.train(weights, x, y, epochs=5, batch_size=4, learning_rate=1.0, seed=version)
+            response = await http.post("/sync_model", content=encode_layers(dict(local)), headers={
+                "Content-Type": "application/octet-stream", "X-Client-Id": client_id, "X-Training-Id": "http",
+                "X-Base-Version": str(version), "X-Num-Examples": str(len(y))})
+            assert response.status_code == 200, response.text
+            assert decode_layers(response.content, max_bytes=1 << 20).keys() == weights.keys()
+            synced.add(version)
+        await asyncio.sleep(0.05)
+
+
+async def test_http_clients_and_bus_agents_train_together(redis: aioredis.Redis, system, make_agents, http) -> None:
+    await system.start()
+    await make_agents(5)
+    await start_training(redis, "http", digits_config(rounds=3, clients_per_round=10, min_clients=5,
+                                                      over_selection=1.0, round_deadline_s=8.0))
+    await wait_for_status(redis, "http", {"running"})
+    clients, _ = make_client_datasets(10, "iid", 1)
+    loops = [asyncio.create_task(http_client_loop(http, f"bot-{i}", c.train.x, c.train.y))
+             for i, c in enumerate(clients[5:])]
+
+    state = await wait_for_status(redis, "http", {"completed", "failed"}, timeout_s=90)
+    synced = await asyncio.gather(*loops)
+
+    assert state.status == "completed", state.reason
+    assert all(n >= 1 for n in synced)
+    records = [VersionRecord.model_validate_json(v) for v in (await redis.hgetall(KEYS.versions("http"))).values()]
+    contributors = {a for r in records for a in r.contributors}
+    assert {f"http-bot-{i}" for i in range(5)} <= contributors
+    assert any(a.startswith("agent-") for a in contributors)
+
+
+async def test_json_sync_is_validated_against_the_model(redis: aioredis.Redis, system, make_agents, http) -> None:
+    await system.start()
+    await make_agents(3)
+    await start_training(redis, "http", digits_config(rounds=50))
+    await wait_for_status(redis, "http", {"running"})
+    good = {"client_id": "bot", "weights": {"dense.weight": np.zeros((64, 10)).tolist(), "dense.bias": [0.0] * 10},
+            "metrics": {"num_examples": 12, "accuracy": 0.5, "loss": 1.2}}
+    response = await http.post("/sync_model", json=good)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["training_id"] == "http" and len(body["weights"]["dense.bias"]) == 10
+
+    wrong_shape = {**good, "weights": {"dense.weight": [[0.0] * 3], "dense.bias": [0.0] * 10}}
+    assert (await http.post("/sync_model", json=wrong_shape)).status_code == 422
+    not_finite = {**good, "weights": {"dense.weight": np.full((64, 10), np.nan).tolist(), "dense.bias": [0.0] * 10}}
+    overflowing = json.dumps(not_finite).replace("NaN", "1e400")  # parses to inf
+    assert (await http.post("/sync_model", content=overflowing,
+                            headers={"Content-Type": "application/json"})).status_code == 422
+    assert (await http.post("/sync_model", content=b"garbage", headers={"Content-Type": "application/octet-stream"})).status_code == 422
+    assert (await http.post("/sync_model", json={"weights": {}}, headers={"Authorization": "Bearer nope"})).status_code == 401
+    counts = {k.decode(): int(v) for k, v in (await redis.hgetall(KEYS.rejections)).items()}
+    assert counts.get("sync:bad_shape") == 1 and counts.get("sync:not_finite") == 1 and counts.get("sync:bad_blob") == 1
