@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agents.attacks import Attack, poison_update
-from agents.trainers import Trainer, trainer_for
+from agents.trainers import trainer_for
 from federated_learning.bus.blobs import BlobMissing, BlobStore
 from federated_learning.bus.consumer import ensure_group
 from federated_learning.bus.replies import group_batches
@@ -56,12 +56,23 @@ from federated_learning.protocol.tensors import (
     validate_layers,
 )
 from federated_learning.protocol.updates import encode_compressed
+from federated_learning.types import NamedLayers
 
 log = logging.getLogger(__name__)
 
 UPDATE_BLOB_TTL_S = 24 * 3600
 RECONNECT_BACKOFF_CAP_S = 10.0
 DEFAULT_MAX_BLOB_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What local training produced: the new model and its training metrics."""
+
+    layers: dict[str, NDArray[np.floating]]
+    num_examples: int
+    loss: float
+    accuracy: float
 
 
 @dataclass(frozen=True)
@@ -192,7 +203,7 @@ class FederatedClient:
     async def join(self) -> None:
         message = AgentJoined(
             agent_id=self.agent_id,
-            datasets={name: data.size for name, data in self.datasets.items()},
+            datasets=self.dataset_sizes(),
             device={"platform": platform.platform(), "python": platform.python_version()},
             public_key=self.identity.public_key_bytes.hex(),
             join_token=self.join_token,
@@ -265,19 +276,17 @@ class FederatedClient:
         except MalformedMessage as exc:
             log.warning("agent %s: malformed task skipped: %s", self.agent_id, exc.reason)
             return
-        data = self.datasets.get(task.dataset)
-        if data is None or time.time() > task.deadline_at:
+        if task.dataset not in self.dataset_sizes() or time.time() > task.deadline_at:
             log.info("agent %s: skipping task %s/%d (%s)", self.agent_id, task.training_id, task.round,
-                     "no such dataset" if data is None else "deadline passed")
+                     "no such dataset" if task.dataset not in self.dataset_sizes() else "deadline passed")
             return
-        trainer = trainer_for(task.model)
         try:
             received = decode_layers(await self._blobs.get(task.model_digest), max_bytes=self.max_blob_bytes)
-            validate_layers(received, {s.name: (tuple(s.shape), s.dtype) for s in trainer.layer_specs()})
+            self.check_model(task, received)
         except (BlobMissing, InvalidTensor) as exc:
             log.warning("agent %s: model of %s/%d refused: %s", self.agent_id, task.training_id, task.round, exc)
             return
-        evaluation, trained = await asyncio.to_thread(self._work, task, trainer, received, data)
+        evaluation, trained = await asyncio.to_thread(self._work, task, received)
         common = dict(training_id=task.training_id, round=task.round, attempt=task.attempt,
                       agent_id=self.agent_id, received_model_version=task.model_version,
                       evaluation=evaluation)
@@ -296,16 +305,25 @@ class FederatedClient:
                               encode(notice.model_copy(update={"signature": signature})))  # type: ignore[arg-type]
         self.completed_tasks += 1
 
-    def _work(self, task: Task, trainer: Trainer, received: dict[str, NDArray[np.floating]],
-              data: LocalDataset) -> tuple[Evaluation, TrainedUpdate | None]:
-        """Evaluate the received model on held-out data; train on local data for train tasks."""
-        weights = {name: np.asarray(a, dtype=np.float32) for name, a in received.items()}
+    def dataset_sizes(self) -> dict[str, int]:
+        """What this agent announces it holds: dataset name -> training examples."""
+        return {name: data.size for name, data in self.datasets.items()}
+
+    def check_model(self, task: Task, received: NamedLayers) -> None:
+        """Refuse (InvalidTensor) a received model that is not the task's model."""
+        trainer = trainer_for(task.model)
+        validate_layers(received, {s.name: (tuple(s.shape), s.dtype) for s in trainer.layer_specs()})
+
+    def evaluate_and_train(self, task: Task, weights: dict[str, NDArray[np.floating]]
+                           ) -> tuple[Evaluation, LocalResult | None]:
+        """Evaluate the received model on held-out data; for train tasks, train on local data."""
+        trainer = trainer_for(task.model)
+        data = self.datasets[task.dataset]
         evaluated = trainer.evaluate(weights, data.x_eval, data.y_eval)
         evaluation = Evaluation(loss=float(evaluated.loss), accuracy=float(evaluated.accuracy),
                                 num_examples=int(evaluated.num_examples))
         if task.kind is TaskKind.EVALUATE:
             return evaluation, None
-        started = time.perf_counter()
         settings = task.settings
         local, result = trainer.train(
             weights, data.x_train, data.y_train, epochs=settings.epochs,
@@ -313,7 +331,18 @@ class FederatedClient:
             proximal_mu=settings.proximal_mu,
             seed=zlib.crc32(f"{self.seed}/{self.agent_id}/{task.training_id}/{task.round}".encode()),
         )
-        local = dict(local)
+        return evaluation, LocalResult(dict(local), int(result.num_examples), float(result.loss),
+                                       float(result.accuracy))
+
+    def _work(self, task: Task, received: NamedLayers) -> tuple[Evaluation, TrainedUpdate | None]:
+        """Evaluate and train, then attack (experiments only), clip, noise and compress the update."""
+        weights = {name: np.asarray(a) for name, a in received.items()}
+        started = time.perf_counter()
+        evaluation, result = self.evaluate_and_train(task, weights)
+        if result is None:
+            return evaluation, None
+        settings = task.settings
+        local = {name: np.asarray(layer, dtype=weights[name].dtype) for name, layer in result.layers.items()}
         if self.attack is not None:
             local = poison_update(self.attack, weights, local, np.random.default_rng(task.round))
         if settings.clip_norm is not None:
@@ -331,7 +360,6 @@ class FederatedClient:
                                          np.random.default_rng(zlib.crc32(f"{self.agent_id}/{task.round}".encode())))
             blob = encode_compressed(self.feedback.compress(task.training_id, delta, compressor))
         return evaluation, TrainedUpdate(
-            blob=blob, num_examples=int(result.num_examples),
+            blob=blob, num_examples=result.num_examples,
             dense_bytes=4 * sum(int(a.size) for a in local.values()),
-            loss=float(result.loss), accuracy=float(result.accuracy),
-            seconds=time.perf_counter() - started)
+            loss=result.loss, accuracy=result.accuracy, seconds=time.perf_counter() - started)
