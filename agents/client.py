@@ -34,7 +34,7 @@ from federated_learning.privacy.compression import (
     random_k,
     top_k,
 )
-from federated_learning.privacy.mechanisms import add_gaussian_noise, clip_l2, secure_rng
+from federated_learning.privacy.mechanisms import add_gaussian_noise, clip_update, secure_rng
 from federated_learning.privacy.signing import AgentKeyPair
 from federated_learning.protocol.keys import GROUP_AGENT, Keys
 from federated_learning.protocol.messages import (
@@ -109,15 +109,6 @@ def make_compressor(method: str, fraction: float, rng: np.random.Generator) -> C
     if bits is None:
         raise ValueError(f"unknown compression '{method}'")
     return lambda layers: quantize(layers, bits, rng)
-
-
-def clip_update(global_layers: dict[str, NDArray[np.float32]], local: dict[str, NDArray[np.float32]],
-                max_norm: float) -> dict[str, NDArray[np.float32]]:
-    """The local model whose update ``local - global`` is clipped to L2 norm ``max_norm``."""
-    deltas = [local[name].astype(np.float64) - global_layers[name] for name in local]
-    clipped, _norm = clip_l2(deltas, max_norm)
-    return {name: (global_layers[name] + delta).astype(local[name].dtype)
-            for name, delta in zip(local, clipped, strict=True)}
 
 
 class FederatedClient:
@@ -259,7 +250,7 @@ class FederatedClient:
                     start = ">"
                 for entry_id, fields in entries:
                     if fields:
-                        await self.handle_task(fields)
+                        await self._handle_safely(fields)
                     await self.redis.xack(inbox, GROUP_AGENT, entry_id)
                 backoff = 0.5
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -268,6 +259,15 @@ class FederatedClient:
                 backoff = min(backoff * 2, RECONNECT_BACKOFF_CAP_S)
                 await self._rejoin()
                 start = "0"
+
+    async def _handle_safely(self, fields: dict[bytes, bytes]) -> None:
+        """One task's failure (a diverging model, a bug in a trainer) must not stop the agent."""
+        try:
+            await self.handle_task(fields)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            raise
+        except Exception:
+            log.exception("agent %s: task failed; skipped", self.agent_id)
 
     async def handle_task(self, fields: dict[bytes, bytes]) -> None:
         """Evaluate the received model, train if asked, upload; a bad task is logged and skipped."""

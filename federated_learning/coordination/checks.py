@@ -28,6 +28,10 @@ def minimum_updates(algorithm: str, num_malicious: int) -> int:
     return 1
 
 
+CENTRAL_DP_ALGORITHMS = frozenset({"fedavg", "fedprox"})
+"""Rules whose output's sensitivity to one agent the release calibrates (the weighted mean)."""
+
+
 def strategy_params(state: TrainingState) -> dict[str, float | int | str]:
     """The aggregation rule's parameters: the training's, plus FedProx's mu from the local settings."""
     params = dict(state.config.algorithm_params)
@@ -38,6 +42,11 @@ def strategy_params(state: TrainingState) -> dict[str, float | int | str]:
 
 def refuse_training(state: TrainingState) -> str | None:
     """Why a training cannot run as configured, or None."""
+    if state.privacy_level != "none" and state.config.privacy_mode == "central" and \
+            state.config.algorithm not in CENTRAL_DP_ALGORITHMS:
+        return (f"central differential privacy is calibrated for the example-weighted mean; algorithm "
+                f"'{state.config.algorithm}' is refused with privacy level '{state.privacy_level}' "
+                f"(use {' or '.join(sorted(CENTRAL_DP_ALGORITHMS))}, privacy_mode 'local', or level 'none')")
     if state.min_clients > state.clients_per_round:
         return (f"min_clients ({state.min_clients}) exceeds the clients per round "
                 f"({state.clients_per_round}) allowed by max_clients_per_round")

@@ -57,6 +57,9 @@ class TrainingState(BaseModel):
     in_flight: dict[str, float] = Field(default_factory=dict)
     """Asynchronous trainings: agent -> deadline of the task it is working on."""
     retries: int = 0
+    aggregation_attempts: int = 0
+    in_flight_attempt: dict[str, int] = Field(default_factory=dict)
+    """Asynchronous trainings: agent -> attempt number of its task in flight."""
     round_started_at: float = 0.0
     deadline_at: float = 0.0
 

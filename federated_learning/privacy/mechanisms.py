@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -210,3 +210,12 @@ class AdaptiveClipper:
         fraction = noisy_count / num_updates
         self.clip_norm *= math.exp(-self.learning_rate * (fraction - self.target_quantile))
         return self.clip_norm
+
+
+def clip_update(global_layers: Mapping[str, NDArray[np.floating]], local: Mapping[str, NDArray[np.floating]],
+                max_norm: float) -> dict[str, NDArray[np.floating]]:
+    """The local model whose update ``local - global`` is clipped to L2 norm ``max_norm``."""
+    deltas = [local[name].astype(np.float64) - global_layers[name] for name in local]
+    clipped, _norm = clip_l2(deltas, max_norm)
+    return {name: (global_layers[name] + delta).astype(local[name].dtype)
+            for name, delta in zip(local, clipped, strict=True)}

@@ -16,10 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from federated_learning.versioning.rollback import RollbackConfig
 
+MAX_MODEL_PARAMETERS = 50_000_000
 SCHEMA_VERSION: Final = 1
 PAYLOAD_FIELD = b"m"
 
-Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
+Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+"""Ids of trainings, agents, datasets: they name files and keys, so never '.', '..' or a leading dot."""
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -64,6 +66,14 @@ class ModelSpec(BaseModel):
     num_classes: int = Field(ge=2, le=100_000)
     hidden: int = Field(default=64, gt=0, le=65_536)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _bounded_size(self) -> ModelSpec:
+        inner = self.hidden if self.trainer == "mlp" else self.num_classes
+        parameters = self.num_features * inner + (self.hidden * self.num_classes if self.trainer == "mlp" else 0)
+        if parameters > MAX_MODEL_PARAMETERS:
+            raise ValueError(f"model of about {parameters} parameters exceeds {MAX_MODEL_PARAMETERS}")
+        return self
 
 
 class LocalTrainingSettings(BaseModel):
@@ -285,6 +295,8 @@ class AggregationJob(Message):
     base_version: int = Field(ge=0)
     base_digest: Digest
     state_digest: Digest | None = None
+    clip_norm: FiniteFloat | None = Field(default=None, gt=0,
+                                          description="central DP: the aggregator clips every update to it")
     updates: list[UpdateRef] = Field(min_length=1)
 
     @property

@@ -41,7 +41,8 @@ class AgentRegistry:
         Pass the stream entry's server timestamp as ``at``: liveness then does not depend
         on how far behind the reader is, nor on the agent's clock.
         """
-        now = time.time() if at is None else at
+        # A client may XADD with an explicit id far in the future; never believe more than now.
+        now = time.time() if at is None else min(at, time.time())
         if isinstance(message, AgentJoined):
             existing = await self.get(message.agent_id)
             if existing and existing.public_key and message.public_key != existing.public_key:
@@ -82,12 +83,19 @@ class AgentRegistry:
         return [AgentRecord.model_validate_json(v) for v in raw.values()]
 
     async def datasets(self) -> dict[str, dict[str, int]]:
-        return {record.agent_id: record.datasets for record in await self.all()}
+        """Datasets of the agents that can be asked for work (volunteers cannot: they have no inbox)."""
+        return {record.agent_id: record.datasets for record in await self.all() if not record.volunteer}
 
     async def last_seen(self) -> dict[str, float]:
         pairs = cast("list[tuple[bytes, float]]",
                      await self._redis.zrange(self._keys.agents_last_seen, 0, -1, withscores=True))
         return {member.decode(): float(score) for member, score in pairs}
+
+    async def live_volunteers(self, dataset: str) -> list[str]:
+        """Volunteer agents (plain-HTTP clients) holding ``dataset`` that were heard from recently."""
+        alive = set(await self.alive())
+        return sorted(r.agent_id for r in await self.all()
+                      if r.volunteer and r.agent_id in alive and r.datasets.get(dataset, 0) > 0)
 
     async def statistics(self) -> dict[str, AgentStats]:
         """Each registered agent's record of work: asked, completed, late, dropped, flagged, examples."""

@@ -50,9 +50,12 @@ class TrainingStore:
     async def active_count(self) -> int:
         return int(await self._redis.scard(self._keys.active_trainings))
 
-    async def pop_queued(self) -> str | None:
-        raw = cast("bytes | None", await self._redis.lpop(self._keys.training_queue))
-        return None if raw is None else raw.decode()
+    async def first_queued(self) -> str | None:
+        raw = await self._redis.lindex(self._keys.training_queue, 0)
+        return None if raw is None else text(raw)
+
+    async def remove_queued(self, training_id: str) -> None:
+        await self._redis.lrem(self._keys.training_queue, 0, training_id)
 
     async def list_ids(self, limit: int = 100) -> list[str]:
         members = cast("list[bytes]", await self._redis.zrevrange(self._keys.trainings, 0, limit - 1))

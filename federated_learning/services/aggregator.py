@@ -23,6 +23,7 @@ from federated_learning.bus.blobs import BlobMissing
 from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
 from federated_learning.monitoring.anomaly import MIN_UPDATES_FOR_SCORES, score_slabs
+from federated_learning.privacy.mechanisms import clip_update
 from federated_learning.protocol.keys import GROUP_AGGREGATOR
 from federated_learning.protocol.messages import (
     ASYNC_ALGORITHMS,
@@ -100,6 +101,8 @@ class Aggregator:
                                       training_id=job.training_id, round=job.round,
                                       agent_id=ref.agent_id)
                 continue
+            if job.clip_norm is not None:
+                layers = clip_update(base, layers, job.clip_norm)
             for slab, (name, layer) in zip(slabs, layers.items(), strict=True):
                 slab[len(usable)] = (layer - base[name] if as_deltas else layer).reshape(-1)
             usable.append(k)

@@ -60,13 +60,16 @@ class BufferedRounds:
         if state.status is TrainingStatus.PAUSED:
             state.status, state.reason = TrainingStatus.RUNNING, ""
             await self.c._emit_status(state)
-        state.attempt += 1
+            await self.c.store.save(state)
         needed = state.clients_per_round - len(state.in_flight)
-        chosen = select_agents(candidates, needed, 1.0, round_rng(state.training_id, state.round, state.attempt),
+        chosen = select_agents(candidates, needed, 1.0, round_rng(state.training_id, state.round, state.attempt + 1),
                                exclude=state.in_flight)
-        assert state.current_digest is not None and state.current_version is not None
+        if not chosen:
+            return
+        state.attempt += 1
         deadline = time.time() + state.round_deadline_s
         state.in_flight.update(dict.fromkeys(chosen, deadline))
+        state.in_flight_attempt.update(dict.fromkeys(chosen, state.attempt))
         async with self.c.redis.pipeline(transaction=True) as pipe:
             self.c.stage_tasks(pipe, state, chosen, TaskKind.TRAIN, deadline)
             self.c.store.stage_save(pipe, state)
@@ -75,12 +78,16 @@ class BufferedRounds:
     async def on_update(self, state: TrainingState, notice: UpdateSubmitted, context: UpdateContext,
                         *, volunteer: bool = False) -> None:
         """Accept a train notice into the open buffer (or reject it), then keep agents busy."""
-        if volunteer:
-            state.in_flight.setdefault(notice.agent_id, time.time())
-        if notice.agent_id not in state.in_flight:
-            await self.c.ctx.reject("updates", "not_selected", "no task in flight for this agent", **context)
+        if volunteer and notice.agent_id not in state.in_flight:
+            state.in_flight[notice.agent_id] = time.time()
+            state.in_flight_attempt[notice.agent_id] = notice.attempt
+        if state.in_flight_attempt.get(notice.agent_id) != notice.attempt:
+            # Also a redelivered notice of a task already answered: one task, one update.
+            await self.c.ctx.reject("updates", "not_selected", "no task in flight for this agent with attempt "
+                                    f"{notice.attempt}", severity=Severity.INFO, **context)
             return
         del state.in_flight[notice.agent_id]
+        del state.in_flight_attempt[notice.agent_id]
         staleness = (state.current_version or 0) - notice.received_model_version
         buffer = self.buffer_key(state)
         problem: tuple[str, str] | None = None
@@ -94,6 +101,8 @@ class BufferedRounds:
         async with self.c.redis.pipeline(transaction=True) as pipe:
             if problem is None:
                 pipe.hset(buffer, notice.agent_id, notice.model_dump_json())
+                if notice.update_digest:
+                    pipe.persist(self.c.keys.blob(notice.update_digest))
                 pipe.hincrby(self.c.keys.agent_stats, f"{notice.agent_id}:completed", 1)
                 pipe.hincrby(self.c.keys.agent_stats, f"{notice.agent_id}:examples", notice.num_examples)
             self.c.store.stage_save(pipe, state)
@@ -116,5 +125,6 @@ class BufferedRounds:
         expired = [agent for agent, deadline in state.in_flight.items() if deadline <= now]
         for agent in expired:
             del state.in_flight[agent]
+            state.in_flight_attempt.pop(agent, None)
         if expired or state.status is TrainingStatus.PAUSED or len(state.in_flight) < state.clients_per_round:
             await self.refill(state)

@@ -182,24 +182,25 @@ class Coordinator:
     async def activate_queued(self) -> None:
         """Start queued trainings while slots are free."""
         while await self.store.active_count() < self.settings.max_concurrent_trainings:
-            training_id = await self.store.pop_queued()
+            training_id = await self.store.first_queued()
             if training_id is None:
                 return
             state = await self.store.load(training_id)
-            if state is None or state.status is not TrainingStatus.QUEUED:
-                continue
-            await self.initialize(state)
+            if state is not None and state.status is TrainingStatus.QUEUED:
+                await self.initialize(state)
+            # Only now that INITIALIZING (or FAILED) is durable does the training leave the queue.
+            await self.store.remove_queued(training_id)
 
     async def initialize(self, state: TrainingState) -> None:
         """Build the initial model and hand it to the version manager as version 0."""
         state.status = TrainingStatus.INITIALIZING
         try:
             layers = initial_model(state.config.model)
-        except ValueError as exc:
+            digest = await self.ctx.blobs.put(encode_layers(layers))
+        except (ValueError, MemoryError) as exc:  # InvalidTensor (too large) is a ValueError
             await self.finish(state, TrainingStatus.FAILED, f"cannot build the model: {exc}")
             return
         state.layer_spec = {name: (tuple(a.shape), a.dtype.name) for name, a in layers.items()}
-        digest = await self.ctx.blobs.put(encode_layers(layers))
         release = ModelReleased(
             training_id=state.training_id, round=0, model_digest=digest,
             algorithm=state.config.algorithm,
@@ -259,7 +260,7 @@ class Coordinator:
                                      state.config.dataset)
         if round_number != state.round:
             state.selected, state.responded, state.dropped, state.retries = [], [], [], 0
-            state.attempt = 0
+            state.attempt, state.aggregation_attempts = 0, 0
         state.round = round_number
         accepted = await self.redis.hlen(self.keys.round_updates(state.training_id, round_number))
         available = candidates if evaluating else await self._within_cap(state, candidates)
@@ -391,7 +392,8 @@ class Coordinator:
         else:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(updates_key, notice.agent_id, notice.model_dump_json())
-                if notice.kind is TaskKind.TRAIN:
+                if notice.kind is TaskKind.TRAIN and notice.update_digest:
+                    pipe.persist(self.keys.blob(notice.update_digest))  # kept until its round commits
                     pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:completed", 1)
                     pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:examples", notice.num_examples)
                 self.store.stage_save(pipe, state)
@@ -419,8 +421,12 @@ class Coordinator:
         updates_key = self.keys.round_updates(state.training_id, state.round)
         accepted = await self.redis.hlen(updates_key)
         evaluating = state.status is TrainingStatus.EVALUATING
+        # Live volunteers (plain-HTTP clients) may still send an update for this round.
+        expected = set(state.selected)
+        if not evaluating:
+            expected |= set(await self.registry.live_volunteers(state.config.dataset))
         decision = decide_round(
-            accepted=accepted, responded=len(state.responded), selected=len(state.selected),
+            accepted=accepted, responded=len(state.responded), selected=len(expected),
             target=len(state.selected) if evaluating else state.clients_per_round,
             min_clients=0 if evaluating else state.min_clients,
             now=time.time(), deadline_at=state.deadline_at,
@@ -461,6 +467,7 @@ class Coordinator:
             algorithm=state.config.algorithm, algorithm_params=params,
             base_version=state.current_version, base_digest=state.current_digest,
             state_digest=state.state_digest,
+            clip_norm=state.clip_norm if state.privacy_level != "none" and state.config.privacy_mode == "central" else None,
             updates=[UpdateRef(agent_id=n.agent_id, digest=n.update_digest or "", num_examples=n.num_examples,
                                model_version=n.received_model_version,
                                model_digest=bases.get(n.received_model_version), metrics=notice_metrics(n))
@@ -478,10 +485,10 @@ class Coordinator:
 
     async def aggregation_overdue(self, state: TrainingState) -> None:
         """The pipeline produced no version in time (a failed or lost job): ask again, or give up."""
-        state.retries += 1
-        if state.retries >= state.config.max_round_attempts:
+        state.aggregation_attempts += 1
+        if state.aggregation_attempts >= state.config.max_round_attempts:
             await self.finish(state, TrainingStatus.FAILED,
-                              f"round {state.round}: no version after {state.retries} aggregation attempts "
+                              f"round {state.round}: no version after {state.aggregation_attempts} aggregation attempts "
                               f"of {state.round_deadline_s:.0f}s each (see aggregation_failed events)")
             return
         ROUND_RETRIES.inc()
@@ -502,8 +509,8 @@ class Coordinator:
             state.status = TrainingStatus.RUNNING
             await self._emit_status(state)
             await self.open_round(state, 1)
-        elif committed.round == state.round and state.status in (TrainingStatus.RUNNING, TrainingStatus.PAUSED) \
-                and state.current_version != committed.version:
+        elif committed.round == state.round and state.completed_rounds < committed.round \
+                and state.status in (TrainingStatus.RUNNING, TrainingStatus.PAUSED):
             await self.complete_round(state, committed)
 
     @staticmethod
@@ -588,7 +595,12 @@ class Coordinator:
             state = await self.store.load(training_id)
             if state is None:
                 continue
-            if state.is_buffered and state.status in (TrainingStatus.RUNNING, TrainingStatus.PAUSED):
+            if state.phase is RoundPhase.AGGREGATING and time.time() > state.deadline_at:
+                await self.aggregation_overdue(state)
+            elif state.phase is RoundPhase.IDLE and state.status in (
+                    TrainingStatus.RUNNING, TrainingStatus.EVALUATING, TrainingStatus.SAVING):
+                await self.resume_interrupted(state)
+            elif state.is_buffered and state.status in (TrainingStatus.RUNNING, TrainingStatus.PAUSED):
                 await self.buffered.tick(state)
                 await self.buffered.flush_if_full(state)
             elif state.status is TrainingStatus.PAUSED:
@@ -596,9 +608,16 @@ class Coordinator:
             elif state.phase is RoundPhase.COLLECTING:
                 await self._report_dropouts(state, set(alive))
                 await self.advance(state)
-            elif state.phase is RoundPhase.AGGREGATING and time.time() > state.deadline_at:
-                await self.aggregation_overdue(state)
         await self.activate_queued()
+
+    async def resume_interrupted(self, state: TrainingState) -> None:
+        """Finish a step a crash interrupted: a committed round whose next round never opened,
+        a training left in SAVING."""
+        if state.status is TrainingStatus.SAVING:
+            await self.finish(state, TrainingStatus.COMPLETED, "")
+        elif state.status in (TrainingStatus.RUNNING, TrainingStatus.EVALUATING) and \
+                state.phase is RoundPhase.IDLE and state.completed_rounds == state.round:
+            await self.open_round(state, state.round + 1)
 
     async def _report_dropouts(self, state: TrainingState, alive: set[str]) -> None:
         gone = [a for a in state.selected if a not in alive and a not in state.responded

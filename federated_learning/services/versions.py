@@ -108,6 +108,10 @@ class VersionManager:
         state = await self.trainings.load(training_id)
         if state is not None:
             protected |= {v for v in (state.current_version, state.pending_rollback) if v is not None}
+            if state.is_buffered and state.current_version is not None:
+                # Stale asynchronous updates are re-based onto the version they started from.
+                protected |= set(range(max(0, state.current_version - state.config.max_staleness),
+                                       state.current_version + 1))
         scores = {m.eval_of_version: m.eval_accuracy for m in await self.trainings.metrics(training_id)
                   if m.eval_of_version is not None and m.eval_accuracy is not None}
         history = [r for r in await self.index.history(training_id) if r.pruned_at is None]

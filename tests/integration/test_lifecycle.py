@@ -123,3 +123,25 @@ async def test_hourly_cap_pauses_a_training_once_every_agent_used_its_tasks(
     state = await wait_for_status(redis, "cap", {"paused", "completed"})
     assert state.status == "paused" and state.completed_rounds == 2
     assert "hourly cap of 2 tasks" in state.reason
+
+
+async def test_coordinator_resumes_a_round_interrupted_between_commit_and_next_round(
+        redis: aioredis.Redis, system, make_agents) -> None:
+    from federated_learning.coordination.state import RoundPhase, TrainingState
+
+    await system.start()
+    await make_agents(3)
+    await start_training(redis, "resume", digits_config(rounds=4))
+    state = await wait_for_status(redis, "resume", {"running"})
+    while state.completed_rounds < 1:
+        state = await wait_for_status(redis, "resume", {"running"})
+    await system.kill("coordinator")
+    raw = await redis.get(KEYS.training("resume"))
+    crashed = TrainingState.model_validate_json(raw)
+    crashed.round = crashed.completed_rounds  # as if killed after committing, before the next round opened
+    crashed.phase = RoundPhase.IDLE
+    await redis.set(KEYS.training("resume"), crashed.model_dump_json())
+    await system.start("coordinator")
+
+    done = await wait_for_status(redis, "resume", {"completed", "failed"})
+    assert done.status == "completed", done.reason
