@@ -13,7 +13,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from federated_learning.bus.replies import read_batches
 from federated_learning.protocol.messages import Event, MalformedMessage, decode
@@ -99,7 +99,7 @@ class EventHub:
         while not stop.is_set():
             try:
                 reply = await self._redis.xread({self._stream: last_id}, count=500, block=500)
-            except (RedisConnectionError, OSError) as exc:
+            except (RedisError, OSError) as exc:  # live pushes must outlive any bus hiccup
                 log.warning("event stream read failed (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
