@@ -23,7 +23,8 @@ from federated_learning.protocol.messages import (
 )
 
 if TYPE_CHECKING:
-    from federated_learning.services.coordinator import Coordinator, UpdateContext
+    from federated_learning.services.coordinator import Coordinator
+    from federated_learning.services.rounds import UpdateContext
 
 INBOX_MAXLEN = 1000
 

@@ -1,0 +1,460 @@
+"""The synchronous round protocol of the coordinator: select, collect, aggregate, commit.
+
+A mixin of :class:`~federated_learning.services.coordinator.Coordinator` (it shares the
+coordinator's connections and stores): opening a round with over-selection, accepting or
+rejecting update notices, deciding when to aggregate, retry or give up, writing the
+aggregation job, completing a round when its version is committed, and the final
+evaluation round. Every state change is written with its side effects in one MULTI/EXEC.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypedDict
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Histogram
+from redis.asyncio.client import Pipeline
+
+from federated_learning.bus.blobs import BlobMissing
+from federated_learning.config import Settings
+from federated_learning.coordination.checks import check_signature, notice_metrics, strategy_params
+from federated_learning.coordination.rounds import RoundDecision, decide_round, summarize_notices
+from federated_learning.coordination.selection import (
+    eligible_agents,
+    policy_weights,
+    round_rng,
+    select_agents,
+    under_hourly_cap,
+)
+from federated_learning.coordination.state import RoundPhase, TrainingState
+from federated_learning.privacy.release import local_noise_std
+from federated_learning.protocol.keys import Keys
+from federated_learning.protocol.messages import (
+    AggregationJob,
+    Evaluation,
+    MalformedMessage,
+    ModelReleased,
+    RoundMetrics,
+    Severity,
+    Task,
+    TaskKind,
+    TrainingStatus,
+    UpdateRef,
+    UpdateSubmitted,
+    VersionCommitted,
+    decode,
+    encode,
+)
+from federated_learning.protocol.tensors import InvalidTensor
+from federated_learning.protocol.updates import decode_update
+from federated_learning.records.agents import AgentRegistry
+from federated_learning.records.trainings import TrainingStore
+from federated_learning.services.runtime import ServiceContext
+
+if TYPE_CHECKING:
+    from federated_learning.services.buffered import BufferedRounds
+    from federated_learning.services.rollbacks import Rollbacks
+
+log = logging.getLogger(__name__)
+
+UPDATE_BLOB_TTL_AFTER_COMMIT_S = 3600
+INBOX_MAXLEN = 1000
+ASKED_AT_HORIZON_S = 3600.0
+"""How long task times are kept per agent (the hourly cap looks back this far)."""
+
+ROUNDS = Counter("fl_rounds_completed_total", "Rounds completed", ["training"])
+ROUND_RETRIES = Counter("fl_round_retries_total", "Rounds retried with a new selection")
+UPDATES_ACCEPTED = Counter("fl_updates_accepted_total", "Updates accepted")
+ROUND_SECONDS = Histogram("fl_round_seconds", "Seconds from round start to committed version",
+                          buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))
+
+
+class UpdateContext(TypedDict):
+    """The ids a rejected update notice is reported with."""
+
+    training_id: str
+    round: int
+    agent_id: str
+
+
+class RoundProtocol:
+    """Round handling; the coordinator provides the attributes declared here."""
+
+    ctx: ServiceContext
+    redis: aioredis.Redis
+    keys: Keys
+    settings: Settings
+    store: TrainingStore
+    registry: AgentRegistry
+    buffered: BufferedRounds
+    rollbacks: Rollbacks
+    activate_queued: Callable[[], Awaitable[None]]
+
+    async def finish(self, state: TrainingState, status: TrainingStatus, reason: str) -> None:
+        state.status = status
+        state.reason = reason
+        state.phase = RoundPhase.IDLE
+        await self.store.save(state, active=False)
+        severity = Severity.INFO if status is TrainingStatus.COMPLETED else Severity.WARNING
+        await self._emit_status(state, severity)
+        if status is TrainingStatus.COMPLETED:
+            await self.ctx.emit(
+                "training_completed", f"training completed after {state.completed_rounds} rounds",
+                training_id=state.training_id, round=state.round,
+                final_version=state.current_version,
+                final_evaluation=state.final_evaluation.model_dump() if state.final_evaluation else None)
+        await self.activate_queued()
+
+    async def _emit_status(self, state: TrainingState, severity: Severity = Severity.INFO) -> None:
+        await self.ctx.emit("training_status", f"training is {state.status.value}"
+                            + (f": {state.reason}" if state.reason else ""),
+                            severity=severity, training_id=state.training_id, round=state.round,
+                            status=state.status.value, reason=state.reason)
+
+    # -- agents ----------------------------------------------------------------
+
+    async def open_round(self, state: TrainingState, round_number: int, *, retry: bool = False) -> None:
+        """Select agents and send them their tasks; pause when too few are alive."""
+        evaluating = state.status is TrainingStatus.EVALUATING
+        if state.is_buffered and not evaluating:
+            await self.buffered.open(state, round_number)
+            return
+        candidates = eligible_agents(await self.registry.datasets(), await self.registry.alive(),
+                                     state.config.dataset)
+        if round_number != state.round:
+            state.selected, state.responded, state.dropped, state.retries = [], [], [], 0
+            state.attempt, state.aggregation_attempts = 0, 0
+        state.round = round_number
+        accepted = await self.redis.hlen(self.keys.round_updates(state.training_id, round_number))
+        available = candidates if evaluating else await self._within_cap(state, candidates)
+        if not evaluating and len(available) < state.min_clients:
+            if state.status is not TrainingStatus.PAUSED:
+                state.status = TrainingStatus.PAUSED
+                state.reason = (f"only {len(available)} agents alive with dataset "
+                                f"'{state.config.dataset}'" + (
+                                    f" and under the hourly cap of {state.config.max_tasks_per_agent_per_hour} tasks"
+                                    if len(available) < len(candidates) else "")
+                                + f"; need {state.min_clients}")
+                state.phase = RoundPhase.IDLE
+                await self.store.save(state)
+                await self._emit_status(state, Severity.WARNING)
+            return
+        if state.status is TrainingStatus.PAUSED:
+            state.status, state.reason = TrainingStatus.RUNNING, ""
+            await self._emit_status(state)
+        state.attempt += 1
+        rng = round_rng(state.training_id, round_number, state.attempt)
+        if evaluating:
+            chosen = [a for a in candidates if a not in state.selected]
+        else:
+            chosen = select_agents(available, state.clients_per_round - accepted,
+                                   state.config.over_selection, rng, exclude=state.selected,
+                                   weights=await self._policy_weights(state, candidates))
+        now = time.time()
+        state.selected = sorted(set(state.selected) | set(chosen))
+        state.phase = RoundPhase.COLLECTING
+        state.deadline_at = now + state.round_deadline_s
+        if not retry:
+            state.round_started_at = now
+        task_kind = TaskKind.EVALUATE if evaluating else TaskKind.TRAIN
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self.stage_tasks(pipe, state, chosen, task_kind, state.deadline_at)
+            self.store.stage_save(pipe, state)
+            await pipe.execute()
+        await self.ctx.emit("round_started" if not retry else "round_retried",
+                            f"{task_kind.value} round {round_number} attempt {state.attempt}: "
+                            f"asked {len(chosen)} of {len(candidates)} eligible agents",
+                            training_id=state.training_id, round=round_number,
+                            attempt=state.attempt, selected=len(chosen), eligible=len(candidates))
+
+    async def _within_cap(self, state: TrainingState, candidates: list[str]) -> list[str]:
+        cap = state.config.max_tasks_per_agent_per_hour
+        if cap is None:
+            return candidates
+        return under_hourly_cap(candidates, await self.registry.asked_within(candidates, 3600.0, time.time()), cap)
+
+    async def _policy_weights(self, state: TrainingState, candidates: list[str]) -> dict[str, float] | None:
+        policy = state.config.selection
+        if policy == "random":
+            return None
+        sizes = {agent: records.get(state.config.dataset, 0)
+                 for agent, records in (await self.registry.datasets()).items()}
+        stats = await self.registry.statistics() if policy in ("reliability", "contribution") else {}
+        return policy_weights(policy, candidates, sizes, stats)
+
+    def stage_tasks(self, pipe: Pipeline, state: TrainingState, agents: list[str], kind: TaskKind,
+                    deadline_at: float) -> None:
+        """Add a task on the current version to each agent's inbox (and count it) to ``pipe``."""
+        assert state.current_digest is not None and state.current_version is not None
+        now = time.time()
+        settings = state.config.local.model_copy(update={"clip_norm": state.clip_norm,
+                                                         "local_noise_std": local_noise_std(state)})
+        for agent_id in agents:
+            task = Task(kind=kind, training_id=state.training_id, round=state.round, attempt=state.attempt,
+                        dataset=state.config.dataset, model=state.config.model,
+                        model_digest=state.current_digest, model_version=state.current_version,
+                        settings=settings, deadline_at=deadline_at)
+            pipe.xadd(self.keys.inbox_stream(agent_id), encode(task),  # type: ignore[arg-type]
+                      maxlen=INBOX_MAXLEN, approximate=True)
+            pipe.hincrby(self.keys.agent_stats, f"{agent_id}:asked", 1)
+            asked_at = self.keys.agent_asked_at(agent_id)
+            pipe.zadd(asked_at, {f"{state.training_id}/{state.round}/{state.attempt}": now})
+            pipe.zremrangebyscore(asked_at, 0, now - ASKED_AT_HORIZON_S)
+
+    async def on_update(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            notice = decode(UpdateSubmitted, fields)
+        except MalformedMessage as exc:
+            await self.ctx.reject("updates", "malformed", exc.reason)
+            return
+        context: UpdateContext = {"training_id": notice.training_id, "round": notice.round,
+                                  "agent_id": notice.agent_id}
+        state = await self.store.load(notice.training_id)
+        if state is None:
+            await self.ctx.reject("updates", "unknown_training", notice.training_id, **context)
+            return
+        agent = await self.registry.get(notice.agent_id)
+        if agent is None:
+            await self.ctx.reject("updates", "unknown_agent", notice.agent_id, **context)
+            return
+        signature_problem = check_signature(notice, agent.public_key, self.settings.require_signed_updates)
+        if signature_problem is not None:
+            await self.ctx.reject("updates", signature_problem[0], signature_problem[1], **context)
+            return
+        if state.is_buffered and state.status is TrainingStatus.RUNNING and notice.kind is TaskKind.TRAIN:
+            await self.buffered.on_update(state, notice, context, volunteer=agent.volunteer)
+            return
+        expected_kind = TaskKind.EVALUATE if state.status is TrainingStatus.EVALUATING else TaskKind.TRAIN
+        closed = notice.round < state.round or (
+            notice.round == state.round and state.phase is not RoundPhase.COLLECTING)
+        if closed or notice.round != state.round or notice.kind is not expected_kind:
+            # Over-selected agents answering just after their round closed are expected.
+            just_late = closed and notice.round >= state.round - 1
+            if just_late and notice.kind is TaskKind.TRAIN:
+                await self.redis.hincrby(self.keys.agent_stats, f"{notice.agent_id}:late", 1)
+            await self.ctx.reject("updates", "stale_round",
+                                  f"{notice.kind.value} notice for round {notice.round}; training is in "
+                                  f"round {state.round} ({state.status.value}/{state.phase.value})",
+                                  severity=Severity.INFO if just_late else Severity.WARNING, **context)
+            return
+        if notice.agent_id not in state.selected:
+            if not (agent.volunteer and notice.received_model_version == state.current_version):
+                await self.ctx.reject("updates", "not_selected",
+                                      f"agent was not asked in round {notice.round}", **context)
+                return
+            state.selected = sorted({*state.selected, notice.agent_id})
+        updates_key = self.keys.round_updates(state.training_id, state.round)
+        if await self.redis.hexists(updates_key, notice.agent_id):
+            return  # redelivery: (training, round, agent) is accepted once
+        problem = await self._check_update_blob(state, notice)
+        if notice.agent_id not in state.responded:
+            state.responded.append(notice.agent_id)
+        if problem is not None:
+            await self.store.save(state)
+            await self.ctx.reject("updates", problem[0], problem[1], **context)
+        else:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(updates_key, notice.agent_id, notice.model_dump_json())
+                if notice.kind is TaskKind.TRAIN and notice.update_digest:
+                    pipe.persist(self.keys.blob(notice.update_digest))  # kept until its round commits
+                    pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:completed", 1)
+                    pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:examples", notice.num_examples)
+                self.store.stage_save(pipe, state)
+                await pipe.execute()
+            UPDATES_ACCEPTED.inc()
+        await self.advance(state)
+
+    async def _check_update_blob(self, state: TrainingState, notice: UpdateSubmitted) -> tuple[str, str] | None:
+        """Reason and detail when the update blob is missing or invalid, else None."""
+        if notice.kind is TaskKind.EVALUATE or notice.update_digest is None:
+            return None
+        try:
+            decode_update(await self.ctx.blobs.get(notice.update_digest), state.layer_spec,
+                          max_bytes=self.settings.max_blob_bytes)
+        except BlobMissing:
+            return "blob_missing", f"no blob {notice.update_digest}"
+        except InvalidTensor as exc:
+            return exc.reason, exc.detail
+        return None
+
+    async def advance(self, state: TrainingState) -> None:
+        """Decide what a collecting round does next, and do it."""
+        if state.phase is not RoundPhase.COLLECTING:
+            return
+        updates_key = self.keys.round_updates(state.training_id, state.round)
+        accepted = await self.redis.hlen(updates_key)
+        evaluating = state.status is TrainingStatus.EVALUATING
+        # Live volunteers (plain-HTTP clients) may still send an update for this round.
+        expected = set(state.selected)
+        if not evaluating:
+            expected |= set(await self.registry.live_volunteers(state.config.dataset))
+        decision = decide_round(
+            accepted=accepted, responded=len(state.responded), selected=len(expected),
+            target=len(state.selected) if evaluating else state.clients_per_round,
+            min_clients=0 if evaluating else state.min_clients,
+            now=time.time(), deadline_at=state.deadline_at,
+            attempt=state.retries + 1, max_attempts=state.config.max_round_attempts,
+        )
+        if decision is RoundDecision.WAIT:
+            return
+        if evaluating:
+            await self.complete_evaluation(state)
+        elif decision is RoundDecision.AGGREGATE:
+            await self.close_round(state)
+        elif decision is RoundDecision.RETRY:
+            state.retries += 1
+            ROUND_RETRIES.inc()
+            await self.open_round(state, state.round, retry=True)
+        else:
+            await self.finish(state, TrainingStatus.FAILED,
+                              f"round {state.round}: only {accepted} updates after "
+                              f"{state.retries + 1} attempts; need {state.min_clients}")
+
+    async def close_round(self, state: TrainingState) -> None:
+        """Write the aggregation job naming exactly the accepted updates, in agent order."""
+        raw = await self.redis.hgetall(self.keys.round_updates(state.training_id, state.round))
+        notices = sorted((UpdateSubmitted.model_validate_json(v) for v in raw.values()),
+                         key=lambda n: n.agent_id)
+        assert state.current_digest is not None and state.current_version is not None
+        params = strategy_params(state)
+        bases: dict[int, str] = {}
+        for version in {n.received_model_version for n in notices} - {state.current_version}:
+            record = await self.rollbacks.index.get(state.training_id, version)
+            if record is not None:
+                bases[version] = record.model_digest
+        if state.is_buffered:
+            # Updates that arrived while the previous buffer was aggregated join this flush.
+            params["buffer_size"] = max(state.buffer_size, len(notices))
+        job = AggregationJob(
+            training_id=state.training_id, round=state.round, attempt=state.attempt,
+            algorithm=state.config.algorithm, algorithm_params=params,
+            base_version=state.current_version, base_digest=state.current_digest,
+            state_digest=state.state_digest,
+            clip_norm=state.clip_norm if state.privacy_level != "none" and state.config.privacy_mode == "central" else None,
+            updates=[UpdateRef(agent_id=n.agent_id, digest=n.update_digest or "", num_examples=n.num_examples,
+                               model_version=n.received_model_version,
+                               model_digest=bases.get(n.received_model_version), metrics=notice_metrics(n))
+                     for n in notices],
+        )
+        state.phase = RoundPhase.AGGREGATING
+        state.deadline_at = time.time() + state.round_deadline_s
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.job_stream, encode(job))  # type: ignore[arg-type]
+            self.store.stage_save(pipe, state)
+            await pipe.execute()
+        await self.ctx.emit("round_closed", f"round {state.round}: aggregating {len(notices)} updates",
+                            training_id=state.training_id, round=state.round, updates=len(notices),
+                            attempt=state.attempt)
+
+    async def aggregation_overdue(self, state: TrainingState) -> None:
+        """The pipeline produced no version in time (a failed or lost job): ask again, or give up."""
+        state.aggregation_attempts += 1
+        if state.aggregation_attempts >= state.config.max_round_attempts:
+            await self.finish(state, TrainingStatus.FAILED,
+                              f"round {state.round}: no version after {state.aggregation_attempts} aggregation attempts "
+                              f"of {state.round_deadline_s:.0f}s each (see aggregation_failed events)")
+            return
+        ROUND_RETRIES.inc()
+        state.attempt += 1
+        await self.close_round(state)
+
+    async def on_version(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            committed = decode(VersionCommitted, fields)
+        except MalformedMessage as exc:
+            await self.ctx.reject("versions", "malformed", exc.reason)
+            return
+        state = await self.store.load(committed.training_id)
+        if state is None or state.status.is_final:
+            return
+        if committed.round == 0 and state.status is TrainingStatus.INITIALIZING:
+            self._adopt(state, committed)
+            state.status = TrainingStatus.RUNNING
+            await self._emit_status(state)
+            await self.open_round(state, 1)
+        elif committed.round == state.round and state.completed_rounds < committed.round \
+                and state.status in (TrainingStatus.RUNNING, TrainingStatus.PAUSED):
+            await self.complete_round(state, committed)
+
+    @staticmethod
+    def _adopt(state: TrainingState, committed: VersionCommitted) -> None:
+        state.current_version = committed.version
+        state.current_digest = committed.model_digest
+        state.state_digest = committed.state_digest
+
+    async def complete_round(self, state: TrainingState, committed: VersionCommitted) -> None:
+        raw = await self.redis.hgetall(self.keys.round_updates(state.training_id, state.round))
+        notices = [UpdateSubmitted.model_validate_json(v) for v in raw.values()]
+        summary = summarize_notices(notices)
+        release_raw = await self.redis.hget(self.keys.release(state.training_id), str(state.round))
+        release = ModelReleased.model_validate_json(release_raw) if release_raw else None
+        if release is not None:
+            state.epsilon_spent = release.privacy.epsilon_spent
+        now = time.time()
+        metrics = RoundMetrics(
+            training_id=state.training_id, round=state.round, version=committed.version,
+            attempts=state.retries + 1, participants=len(notices), selected=len(state.selected),
+            num_examples=int(summary["num_examples"] or 0),
+            train_loss=summary["train_loss"], train_accuracy=summary["train_accuracy"],
+            eval_loss=summary["eval_loss"], eval_accuracy=summary["eval_accuracy"],
+            eval_of_version=state.current_version, round_seconds=now - state.round_started_at,
+            upload_bytes=int(summary["upload_bytes"] or 0), dense_bytes=int(summary["dense_bytes"] or 0),
+            aggregation_seconds=0.0, epsilon_spent=state.epsilon_spent, completed_at=now,
+        )
+        self._adopt(state, committed)
+        state.completed_rounds = state.round
+        state.phase = RoundPhase.IDLE
+        if metrics.eval_accuracy is not None:
+            state.best_accuracy = max(state.best_accuracy or 0.0, metrics.eval_accuracy)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(self.keys.training_metrics(state.training_id), metrics.model_dump_json())
+            self.store.stage_save(pipe, state)
+            await pipe.execute()
+        ROUNDS.labels(state.training_id).inc()
+        ROUND_SECONDS.observe(metrics.round_seconds)
+        await self.ctx.blobs.expire([n.update_digest for n in notices if n.update_digest],
+                                    UPDATE_BLOB_TTL_AFTER_COMMIT_S)
+        await self.ctx.emit("round_completed", f"round {state.round} committed as version {committed.version}",
+                            training_id=state.training_id, round=state.round,
+                            **metrics.model_dump(exclude={"training_id", "round"}))
+        if state.pending_rollback is not None:
+            target_version, state.pending_rollback = state.pending_rollback, None
+            await self.rollbacks.move_to(state, target_version, "rolled back by operator", automatic=False)
+        else:
+            await self.rollbacks.after_round(state)
+        target = state.config.target_accuracy
+        reached = target is not None and (metrics.eval_accuracy or 0.0) >= target
+        if state.round >= state.config.rounds or reached:
+            state.status = TrainingStatus.EVALUATING
+            await self._emit_status(state)
+        await self.open_round(state, state.round + 1)
+
+    async def complete_evaluation(self, state: TrainingState) -> None:
+        raw = await self.redis.hgetall(self.keys.round_updates(state.training_id, state.round))
+        summary = summarize_notices([UpdateSubmitted.model_validate_json(v) for v in raw.values()])
+        if summary["eval_accuracy"] is not None:
+            state.final_evaluation = Evaluation(
+                loss=float(summary["eval_loss"] or 0.0), accuracy=float(summary["eval_accuracy"]),
+                num_examples=int(summary["eval_examples"] or 0))
+        state.status = TrainingStatus.SAVING
+        state.phase = RoundPhase.IDLE
+        await self.store.save(state)
+        await self._emit_status(state)
+        await self.finish(state, TrainingStatus.COMPLETED, "")
+
+    # -- periodic --------------------------------------------------------------
+
+    async def _report_dropouts(self, state: TrainingState, alive: set[str]) -> None:
+        gone = [a for a in state.selected if a not in alive and a not in state.responded
+                and a not in state.dropped]
+        if not gone:
+            return
+        state.dropped.extend(gone)
+        await self.store.save(state)
+        for agent_id in gone:
+            await self.ctx.emit("agent_dropped", f"agent stopped heartbeating during round {state.round}",
+                                severity=Severity.WARNING, training_id=state.training_id,
+                                round=state.round, agent_id=agent_id)
