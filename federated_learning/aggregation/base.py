@@ -284,7 +284,7 @@ class Strategy(ABC):
         self.check_batch(batch)
         return shape_like(self.aggregate_batch(batch), batch.global_layers)
 
-    def check_batch(self, batch: UpdateBatch) -> None:
+    def check_batch(self, batch: UpdateBatch) -> None:  # noqa: B027 - optional hook, default: none
         """Rule-specific preconditions (client counts, metrics); raise ValueError."""
 
     @abstractmethod
