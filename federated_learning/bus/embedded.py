@@ -81,7 +81,12 @@ class EmbeddedValkey:
             "--protected-mode", "yes",
         ]
         if self.password:
-            command += ["--requirepass", self.password]
+            # In a config file (mode 0600), not on the command line where `ps` shows it.
+            secret = self.directory / "auth.conf"
+            secret.touch(mode=0o600)
+            secret.chmod(0o600)
+            secret.write_text(f"requirepass {self.password}\n")
+            command.insert(1, str(secret.resolve()))
         return command
 
     def start(self) -> str:

@@ -42,16 +42,16 @@ def read_deployment(data_dir: Path) -> dict[str, str]:
     return data
 
 
-def deployment_api_key(data_dir: Path) -> str:
-    """The deployment's generated API key: made once, kept (mode 0600) across restarts."""
-    path = data_dir / "secrets" / "api_key"
+def deployment_secret(data_dir: Path, name: str) -> str:
+    """A secret generated for this deployment: made once, kept (mode 0600) across restarts."""
+    path = data_dir / "secrets" / name
     if path.exists():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = secrets.token_urlsafe(24)
+    value = secrets.token_urlsafe(24)
     path.touch(mode=0o600)
-    path.write_text(key)
-    return key
+    path.write_text(value)
+    return value
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -105,13 +105,15 @@ def run(settings: Settings, config_path: Path | None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     server: EmbeddedValkey | None = None
     if settings.uses_embedded_redis:
-        server = EmbeddedValkey(data_dir / "redis", port=settings.redis_embedded_port)
+        server = EmbeddedValkey(data_dir / "redis", port=settings.redis_embedded_port,
+                                password=deployment_secret(data_dir, "redis_password"))
         redis_url = server.start()
-        log.info("embedded valkey-server at %s (append-only file in %s)", redis_url, data_dir / "redis")
+        log.info("embedded valkey-server at %s (password-protected; append-only file in %s)",
+                 redis_url.split("@")[-1], data_dir / "redis")
     else:
         redis_url = settings.redis_url
         log.info("using external Redis at %s", redis_url.split("@")[-1])
-    api_key = settings.api_key or deployment_api_key(data_dir)
+    api_key = settings.api_key or deployment_secret(data_dir, "api_key")
     children = build_children(settings, config_path, redis_url, logs, api_key)
     supervisor = Supervisor(children)
     stop = {"requested": False}

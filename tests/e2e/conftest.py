@@ -48,7 +48,8 @@ class Deployment:
 
     @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+        """With the password the launcher generated (the deployment file is mode 0600)."""
+        return str(json.loads((self.data_dir / "run" / "deployment.json").read_text())["redis_url"])
 
     def start(self) -> None:
         with open(self.data_dir.parent / "deploy.log", "ab") as log:
