@@ -203,3 +203,31 @@ class StreamConsumer:
                 continue
             if burst and handled == 0:
                 return
+
+
+def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
+    millis, _, seq = text(entry_id).partition("-")
+    return int(millis), int(seq or 0)
+
+
+async def trim_consumed(redis: aioredis.Redis, stream: str, group: str) -> bool:
+    """Drop entries every consumer of ``group`` has handled and acknowledged (XTRIM MINID, approximate).
+
+    The trim point is the older of the group's last-delivered id and its oldest pending
+    entry, so nothing unread or unacknowledged goes. Returns False when the stream or group
+    does not exist yet.
+    """
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:
+        return False
+    info = next((g for g in groups if text(g["name"]) == group), None)
+    if info is None:
+        return False
+    safe = _id_tuple(info["last-delivered-id"])
+    if int(info["pending"]) > 0:
+        oldest = (await redis.xpending(stream, group))["min"]
+        if oldest is not None:
+            safe = min(safe, _id_tuple(oldest))
+    await redis.xtrim(stream, minid=f"{safe[0]}-{safe[1]}", approximate=True)
+    return True

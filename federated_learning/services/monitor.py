@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 
-from federated_learning.bus.consumer import StreamConsumer
+from federated_learning.bus.consumer import StreamConsumer, trim_consumed
 from federated_learning.bus.replies import text
 from federated_learning.config import load_settings
 from federated_learning.monitoring.alerts import (
@@ -51,12 +51,15 @@ from federated_learning.services.runtime import (
     read_health_records,
     read_redis_memory,
     serve,
+    service_streams,
     setup_logging,
 )
 
 log = logging.getLogger(__name__)
 
 CHECK_EVERY_S = 2.0
+TRIM_EVERY_S = 60.0
+"""How often the service streams are trimmed of what their consumers have handled."""
 
 STARTUP_GRACE_S = HEALTH_TTL_S + 5
 METRIC_SERIES_MAXLEN = 100_000
@@ -72,6 +75,7 @@ class Monitor:
         self.ctx = ctx
         self.started_at = time.time()
         self.startup_grace_s = startup_grace_s
+        self._last_trim = time.time()
         self._last_check = 0.0
         self.trainings = TrainingStore(ctx.redis, ctx.keys)
         self.consumer = StreamConsumer(
@@ -136,6 +140,11 @@ class Monitor:
         if now - self._last_check < CHECK_EVERY_S:
             return
         self._last_check = now
+        if now - self._last_trim >= TRIM_EVERY_S:
+            self._last_trim = now
+            for stream, group in service_streams(self.ctx.keys):
+                if stream != self.ctx.keys.event_stream:  # capped by length; the dashboard tails it
+                    await trim_consumed(self.ctx.redis, stream, group)
         conditions = await self._system_conditions(now) + await self._training_conditions(now)
         open_alerts = {k: a for k, a in (await self._open_alerts()).items() if a.rule in RECONCILED_RULES}
         raised, resolved = reconcile(open_alerts, conditions, now)

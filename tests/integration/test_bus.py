@@ -113,3 +113,20 @@ async def test_tampered_blob_fails_its_hash(redis: aioredis.Redis) -> None:
     with pytest.raises(InvalidTensor) as info:
         await store.get(digest)
     assert info.value.reason == "hash_mismatch"
+
+
+async def test_trimming_keeps_unread_and_unacknowledged_entries(redis: aioredis.Redis) -> None:
+    from federated_learning.bus.consumer import trim_consumed
+
+    await ensure_group(redis, STREAM, "g")
+    ids = [await redis.xadd(STREAM, {"n": str(n)}) for n in range(300)]
+    read = await redis.xreadgroup("g", "c", {STREAM: ">"}, count=200)
+    handled = [entry_id for entry_id, _ in read[0][1]]
+    await redis.xack(STREAM, "g", *handled[:150])  # 150..199 stay pending, 200..299 unread
+
+    assert await trim_consumed(redis, STREAM, "g")
+
+    remaining = [entry_id for entry_id, _ in await redis.xrange(STREAM)]
+    assert set(ids[150:]) <= set(remaining)
+    assert ids[0] not in remaining  # approximate trimming drops whole nodes (100 entries by default)
+    assert not await trim_consumed(redis, "no:such:stream", "g")
