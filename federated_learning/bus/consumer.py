@@ -32,6 +32,8 @@ Handler = Callable[[bytes, Fields], Awaitable[None]]
 MAX_DELIVERIES = 5
 CLAIM_EVERY_S = 2.0
 RECONNECT_BACKOFF_CAP_S = 5.0
+RETRY_DELAY_S = 0.5
+"""A failed entry is retried after this many seconds times its failure count."""
 
 
 async def ensure_group(redis: aioredis.Redis, stream: str, group: str, *, start_id: str = "0") -> None:
@@ -86,36 +88,52 @@ class StreamConsumer:
         self.max_deliveries = max_deliveries
         self._failures: dict[tuple[str, bytes], int] = {}
         self._last_claim = 0.0
+        self._retry_at = 0.0
         self.stats = ConsumerStats()
 
     async def setup(self) -> None:
         for stream in self._handlers:
             await ensure_group(self._redis, stream, self.group)
 
-    async def _handle(self, stream: str, entry_id: bytes, fields: Fields) -> None:
+    async def _deliveries(self, stream: str, entry_id: bytes) -> int:
+        """How often the server has delivered this entry to the group (survives restarts)."""
+        pending = await self._redis.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1)
+        return int(pending[0]["times_delivered"]) if pending else 0
+
+    async def _dead_letter_entry(self, stream: str, entry_id: bytes, fields: Fields) -> None:
+        await self._redis.xadd(
+            self._dead_letter,
+            {b"stream": stream.encode(), b"id": entry_id, b"group": self.group.encode(),
+             **fields},  # type: ignore[dict-item]
+            maxlen=10_000,
+            approximate=True,
+        )
+        await self._redis.xack(stream, self.group, entry_id)
+        self._failures.pop((stream, entry_id), None)
+        self.stats.dead_lettered += 1
+
+    async def _handle(self, stream: str, entry_id: bytes, fields: Fields, *, redelivered: bool = False) -> None:
+        key = (stream, entry_id)
+        if redelivered and await self._deliveries(stream, entry_id) > self.max_deliveries:
+            # Delivered again and again without an ack, e.g. it kills the process that handles it.
+            log.error("%s entry %s delivered more than %d times; dead-lettered unhandled",
+                      stream, entry_id.decode(), self.max_deliveries)
+            await self._dead_letter_entry(stream, entry_id, fields)
+            return
         try:
             await self._handlers[stream](entry_id, fields)
         except (RedisConnectionError, RedisTimeoutError):
             raise
         except Exception:
-            key = (stream, entry_id)
             self._failures[key] = self._failures.get(key, 0) + 1
             self.stats.failed += 1
+            self._retry_at = time.monotonic() + RETRY_DELAY_S * self._failures[key]
             log.exception(
                 "handler for %s entry %s failed (%d/%d)",
                 stream, entry_id.decode(), self._failures[key], self.max_deliveries,
             )
             if self._failures[key] >= self.max_deliveries:
-                await self._redis.xadd(
-                    self._dead_letter,
-                    {b"stream": stream.encode(), b"id": entry_id, b"group": self.group.encode(),
-                     **fields},  # type: ignore[dict-item]
-                    maxlen=10_000,
-                    approximate=True,
-                )
-                await self._redis.xack(stream, self.group, entry_id)
-                self._failures.pop(key, None)
-                self.stats.dead_lettered += 1
+                await self._dead_letter_entry(stream, entry_id, fields)
             return
         await self._redis.xack(stream, self.group, entry_id)
         self._failures.pop((stream, entry_id), None)
@@ -137,7 +155,7 @@ class StreamConsumer:
                 if fields is None:  # deleted while pending
                     await self._redis.xack(stream, self.group, entry_id)
                     continue
-                await self._handle(stream, entry_id, fields)
+                await self._handle(stream, entry_id, fields, redelivered=start_id != ">")
                 seen += 1
         return seen
 
@@ -156,7 +174,7 @@ class StreamConsumer:
                     if fields is None:
                         continue
                     self.stats.claimed += 1
-                    await self._handle(stream, entry_id, fields)
+                    await self._handle(stream, entry_id, fields, redelivered=True)
                     seen += 1
                 if cursor in (b"0-0", "0-0"):
                     break
@@ -179,7 +197,7 @@ class StreamConsumer:
         if time.monotonic() - self._last_claim >= CLAIM_EVERY_S:
             handled += await self._claim_idle()
         handled += await self._read(">", self.block_ms)
-        if self._failures:
+        if self._failures and time.monotonic() >= self._retry_at:
             handled += await self._read("0", None)
         return handled
 
@@ -202,7 +220,9 @@ class StreamConsumer:
                 backoff = min(backoff * 2, RECONNECT_BACKOFF_CAP_S)
                 continue
             if burst and handled == 0:
-                return
+                if not self._failures:
+                    return
+                await asyncio.sleep(max(0.0, self._retry_at - time.monotonic()))
 
 
 def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:

@@ -130,3 +130,23 @@ async def test_trimming_keeps_unread_and_unacknowledged_entries(redis: aioredis.
     assert set(ids[150:]) <= set(remaining)
     assert ids[0] not in remaining  # approximate trimming drops whole nodes (100 entries by default)
     assert not await trim_consumed(redis, "no:such:stream", "g")
+
+
+async def test_entry_that_keeps_killing_its_consumer_is_dead_lettered_unhandled(redis: aioredis.Redis) -> None:
+    await ensure_group(redis, STREAM, "g")
+    await redis.xadd(STREAM, {"n": "poison"})
+    await redis.xreadgroup("g", "worker-0", {STREAM: ">"})
+    for _ in range(5):  # five restarts, each dying while handling its pending entry
+        await redis.xreadgroup("g", "worker-0", {STREAM: "0"})
+    calls = 0
+
+    async def handle(_id: bytes, _fields: dict[bytes, bytes]) -> None:
+        nonlocal calls
+        calls += 1
+
+    restarted = consumer(redis, "worker-0", handle)
+    await restarted.setup()
+    await restarted.drain_own_pending()
+    assert calls == 0
+    assert (await redis.xpending(STREAM, "g"))["pending"] == 0
+    assert (await redis.xrange("test:dead"))[0][1][b"n"] == b"poison"
