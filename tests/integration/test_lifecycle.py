@@ -131,10 +131,10 @@ async def test_coordinator_resumes_a_round_interrupted_between_commit_and_next_r
 
     await system.start()
     await make_agents(3)
-    await start_training(redis, "resume", digits_config(rounds=4))
+    await start_training(redis, "resume", digits_config(rounds=30))
     state = await wait_for_status(redis, "resume", {"running"})
     while state.completed_rounds < 1:
-        state = await wait_for_status(redis, "resume", {"running"})
+        state = await wait_for_status(redis, "resume", {"running"}, timeout_s=20)
     await system.kill("coordinator")
     raw = await redis.get(KEYS.training("resume"))
     crashed = TrainingState.model_validate_json(raw)
