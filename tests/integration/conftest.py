@@ -69,9 +69,14 @@ class System:
     async def kill(self, name: str) -> None:
         """Cancel a service mid-flight (no clean shutdown), as a crash would."""
         task = self.tasks.pop(name)
+        ctx = self.contexts.pop(name)
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await self.contexts.pop(name).redis.aclose()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        if not done:  # the cancellation landed inside a client retry: make the loop end anyway
+            ctx.stop.set()
+            task.cancel()
+            await asyncio.wait({task}, timeout=10)
+        await ctx.redis.aclose()
 
 
 @pytest.fixture
