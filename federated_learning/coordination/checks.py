@@ -47,6 +47,17 @@ def refuse_training(state: TrainingState) -> str | None:
         return (f"central differential privacy is calibrated for the example-weighted mean; algorithm "
                 f"'{state.config.algorithm}' is refused with privacy level '{state.privacy_level}' "
                 f"(use {' or '.join(sorted(CENTRAL_DP_ALGORITHMS))}, privacy_mode 'local', or level 'none')")
+    if state.config.validation_data is not None:
+        from federated_learning.records.validation_sets import (
+            InvalidValidationSet,
+            load_validation_set,
+        )
+
+        try:
+            load_validation_set(state.config.validation_data, state.config.model.num_features,
+                                state.config.model.num_classes)
+        except InvalidValidationSet as exc:
+            return str(exc)
     if state.min_clients > state.clients_per_round:
         return (f"min_clients ({state.min_clients}) exceeds the clients per round "
                 f"({state.clients_per_round}) allowed by max_clients_per_round")

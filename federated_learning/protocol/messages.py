@@ -126,6 +126,10 @@ class TrainingConfig(BaseModel):
     privacy_mode: Literal["central", "local"] = Field(
         default="central", description="central: the privacy manager noises the aggregate; local: each "
                                        "agent noises its own clipped update before upload")
+    validation_data: str | None = Field(
+        default=None, max_length=1000,
+        description="server-side .npz (x, y) that scores every committed version; the rollback policy "
+                    "then judges on it")
     rollback: RollbackConfig | None = Field(
         default=None, description="automatic rollback policy; None: off (federated evaluations on a "
                                   "few non-IID agents are noisy, so the operator opts in)")
@@ -415,6 +419,9 @@ class RoundMetrics(BaseModel):
     eval_of_version: int | None
     upload_bytes: int = 0
     dense_bytes: int = 0
+    server_accuracy: float | None = None
+    """Accuracy of ``version`` on the server-side validation set, when the training has one."""
+    server_loss: float | None = None
     round_seconds: float
     aggregation_seconds: float
     epsilon_spent: float

@@ -26,7 +26,16 @@ if TYPE_CHECKING:
 
 
 def version_scores(metrics: list[RoundMetrics]) -> list[VersionScore]:
-    """One score per evaluated version (its first evaluation), in version order."""
+    """One score per evaluated version, in version order.
+
+    With a server-side validation set every version is scored on it as soon as it is
+    committed (one fixed data set); otherwise by the agents' evaluation of it, which
+    arrives with the next round (its first one counts).
+    """
+    server = {row.version: row for row in metrics if row.server_accuracy is not None}
+    if server:
+        return [VersionScore(v, row.server_accuracy or 0.0, row.server_loss,
+                             server_accuracy=row.server_accuracy) for v, row in sorted(server.items())]
     scores: dict[int, VersionScore] = {}
     for row in metrics:
         if row.eval_of_version is not None and row.eval_accuracy is not None:

@@ -9,6 +9,7 @@ evaluation round. Every state change is written with its side effects in one MUL
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Histogram
 from redis.asyncio.client import Pipeline
 
+from agents.trainers import trainer_for
 from federated_learning.bus.blobs import BlobMissing
 from federated_learning.config import Settings
 from federated_learning.coordination.checks import check_signature, notice_metrics, strategy_params
@@ -48,10 +50,11 @@ from federated_learning.protocol.messages import (
     decode,
     encode,
 )
-from federated_learning.protocol.tensors import InvalidTensor
+from federated_learning.protocol.tensors import InvalidTensor, decode_layers
 from federated_learning.protocol.updates import decode_update
 from federated_learning.records.agents import AgentRegistry
 from federated_learning.records.trainings import TrainingStore
+from federated_learning.records.validation_sets import load_validation_set
 from federated_learning.services.runtime import ServiceContext
 
 if TYPE_CHECKING:
@@ -394,6 +397,7 @@ class RoundProtocol:
         if release is not None:
             state.epsilon_spent = release.privacy.epsilon_spent
         now = time.time()
+        server = await self._server_validation(state, committed)
         metrics = RoundMetrics(
             training_id=state.training_id, round=state.round, version=committed.version,
             attempts=state.retries + 1, participants=len(notices), selected=len(state.selected),
@@ -403,6 +407,7 @@ class RoundProtocol:
             eval_of_version=state.current_version, round_seconds=now - state.round_started_at,
             upload_bytes=int(summary["upload_bytes"] or 0), dense_bytes=int(summary["dense_bytes"] or 0),
             aggregation_seconds=0.0, epsilon_spent=state.epsilon_spent, completed_at=now,
+            server_accuracy=server[0] if server else None, server_loss=server[1] if server else None,
         )
         self._adopt(state, committed)
         state.completed_rounds = state.round
@@ -431,6 +436,19 @@ class RoundProtocol:
             state.status = TrainingStatus.EVALUATING
             await self._emit_status(state)
         await self.open_round(state, state.round + 1)
+
+    async def _server_validation(self, state: TrainingState, committed: VersionCommitted
+                                 ) -> tuple[float, float] | None:
+        """(accuracy, loss) of the committed version on the training's server-side validation set."""
+        path = state.config.validation_data
+        if path is None:
+            return None
+        spec = state.config.model
+        x, y = load_validation_set(path, spec.num_features, spec.num_classes)
+        layers = decode_layers(await self.ctx.blobs.get(committed.model_digest),
+                               max_bytes=self.settings.max_blob_bytes)
+        result = await asyncio.to_thread(trainer_for(spec).evaluate, layers, x, y)
+        return float(result.accuracy), float(result.loss)
 
     async def complete_evaluation(self, state: TrainingState) -> None:
         raw = await self.redis.hgetall(self.keys.round_updates(state.training_id, state.round))

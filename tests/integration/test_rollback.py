@@ -67,3 +67,43 @@ async def test_operator_rollback_continues_from_the_chosen_version(redis: aiored
     assert rollback["data"]["to_version"] == 1 and rollback["data"]["automatic"] is False
     parents = {json.loads(v)["parent_version"] for v in (await redis.hgetall(KEYS.versions("manual"))).values()}
     assert 1 in parents
+
+
+async def test_server_validation_scores_every_version_and_drives_the_rollback(
+        redis: aioredis.Redis, system, make_agents, tmp_path) -> None:
+    import numpy as np
+
+    from agents.data import make_client_datasets
+    from federated_learning.protocol.messages import RoundMetrics
+
+    _clients, test = make_client_datasets(8, "iid", 0)
+    validation = tmp_path / "validation.npz"
+    np.savez(validation, x=test.x, y=test.y)
+    await system.start()
+    agents = await make_agents(8)
+    await start_training(redis, "srv", digits_config(
+        rounds=14, clients_per_round=8, min_clients=8, validation_data=str(validation),
+        rollback={"performance_threshold": 0.1, "consecutive_degradations": 2}))
+    await start_training(redis, "bad-validation", digits_config(validation_data=str(tmp_path / "missing.npz")))
+
+    state = await wait_for_status(redis, "srv", {"running"})
+    while state.completed_rounds < 4:
+        state = await wait_for_status(redis, "srv", {"running"})
+    for agent in agents:
+        agent.attack = Attack.SIGN_FLIP
+    for _ in range(600):
+        if await rollback_events(redis):
+            break
+        await asyncio.sleep(0.05)
+    for agent in agents:
+        agent.attack = None
+    state = await wait_for_status(redis, "srv", {"completed", "failed"})
+
+    assert state.status == "completed", state.reason
+    metrics = [RoundMetrics.model_validate_json(m) for m in await redis.lrange(KEYS.training_metrics("srv"), 0, -1)]
+    assert all(m.server_accuracy is not None for m in metrics)
+    assert max(m.server_accuracy or 0 for m in metrics) > 0.85
+    [rollback, *_] = await rollback_events(redis)
+    assert "server" in rollback["data"]["reason"]
+    failed = await wait_for_status(redis, "bad-validation", {"failed"})
+    assert "missing.npz" in failed.reason
