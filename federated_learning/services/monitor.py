@@ -67,6 +67,7 @@ METRIC_SERIES_MAXLEN = 100_000
 EVENTS = Counter("fl_monitor_events_total", "Events seen", ["kind"])
 DROPOUTS = Counter("fl_agent_dropouts_total", "Agents that dropped out of a round")
 ALERTS_OPEN = Gauge("fl_alerts_open", "Open alerts", ["severity"])
+PENDING = Gauge("fl_bus_pending_messages", "Delivered but unacknowledged entries", ["stream", "group"])
 ACCURACY = Gauge("fl_training_accuracy", "Latest federated evaluation accuracy", ["training"])
 
 
@@ -169,6 +170,8 @@ class Monitor:
         conditions += process_resources(process_usages(records))
         conditions += redis_memory(*await read_redis_memory(self.ctx.redis))
         backlogs = await read_backlogs(self.ctx.redis, self.ctx.keys)
+        for backlog in backlogs:
+            PENDING.labels(backlog.stream, backlog.group).set(backlog.pending)
         conditions += pending_backlog({b.name: b.pending for b in backlogs})
         return conditions
 

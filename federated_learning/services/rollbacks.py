@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from prometheus_client import Counter
+
 from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.protocol.messages import (
     RollbackTraining,
@@ -23,6 +25,9 @@ from federated_learning.versioning.rollback import VersionScore, judge
 
 if TYPE_CHECKING:
     from federated_learning.services.coordinator import Coordinator
+
+
+ROLLBACKS = Counter("fl_rollbacks_total", "Rollbacks to an earlier version", ["trigger"])
 
 
 def version_scores(metrics: list[RoundMetrics]) -> list[VersionScore]:
@@ -67,6 +72,7 @@ class Rollbacks:
         if record is None:
             return False
         previous = state.current_version
+        ROLLBACKS.labels("automatic" if automatic else "operator").inc()
         state.current_version = record.version
         state.current_digest = record.model_digest
         state.state_digest = record.state_digest

@@ -71,6 +71,7 @@ ASKED_AT_HORIZON_S = 3600.0
 ROUNDS = Counter("fl_rounds_completed_total", "Rounds completed", ["training"])
 ROUND_RETRIES = Counter("fl_round_retries_total", "Rounds retried with a new selection")
 UPDATES_ACCEPTED = Counter("fl_updates_accepted_total", "Updates accepted")
+BYTES_RECEIVED = Counter("fl_update_bytes_received_total", "Bytes of accepted update blobs")
 ROUND_SECONDS = Histogram("fl_round_seconds", "Seconds from round start to committed version",
                           buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))
 
@@ -268,6 +269,7 @@ class RoundProtocol:
                 self.store.stage_save(pipe, state)
                 await pipe.execute()
             UPDATES_ACCEPTED.inc()
+            BYTES_RECEIVED.inc(notice.upload_bytes)
         await self.advance(state)
 
     async def _check_update_blob(self, state: TrainingState, notice: UpdateSubmitted) -> tuple[str, str] | None:

@@ -42,10 +42,21 @@ async def test_ten_agents_train_three_rounds_through_the_deployed_processes(depl
         assert types.count("round_completed") == 3
         assert "metric_update" in types and "training_completed" in types
 
+        scraped = {}
         for service, records in deployment.health()["services"].items():
             port = records[0]["metrics_port"]
-            text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
-            assert "fl_" in text and "process_cpu_seconds_total" in text, service
+            scraped[service] = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+            assert "fl_" in scraped[service] and "process_cpu_seconds_total" in scraped[service], service
+
+        def sample(service: str, name: str) -> float:
+            return sum(float(line.rsplit(" ", 1)[1]) for line in scraped[service].splitlines()
+                       if line.startswith(name) and not line.startswith("#"))
+
+        assert sample("coordinator", "fl_rounds_completed_total") == 3
+        assert sample("coordinator", "fl_round_seconds_count") == 3
+        assert sample("coordinator", "fl_update_bytes_received_total") > 0
+        assert sample("aggregator", "fl_aggregation_seconds_count") >= 3
+        assert sample("versions", "fl_versions_committed_total") == 4
 
 
 async def test_two_hundred_live_sockets_all_receive_the_round_events(deployment: Deployment, agents) -> None:

@@ -189,3 +189,20 @@ async def test_join_tokens_are_created_listed_and_revoked_by_the_operator(http: 
     assert (await http.delete(f"/api/join-tokens/{token_id}")).status_code == 404
     http.headers.pop("X-API-Key")
     assert (await http.post("/api/join-tokens", json={})).status_code == 401
+
+
+async def test_privacy_budget_per_round(http: httpx.AsyncClient, redis: aioredis.Redis, system, make_agents) -> None:
+    await system.start()
+    await make_agents(4)
+    await start_training(redis, "budget", digits_config(rounds=2, privacy_level="low"))
+    await start_training(redis, "open", digits_config(rounds=1, privacy_level="none"))
+    await wait_for_status(redis, "budget", {"completed"})
+    await wait_for_status(redis, "open", {"completed"})
+
+    budget = (await http.get("/api/training/budget/privacy")).json()
+    assert budget["level"] == "low" and budget["epsilon_target"] == 8.0
+    assert 0 < budget["epsilon_spent"] <= 8.0
+    assert budget["remaining"] == pytest.approx(8.0 - budget["epsilon_spent"])
+    assert [r["round"] for r in budget["per_round"]] == [1, 2]
+    assert budget["per_round"][0]["epsilon_spent"] < budget["per_round"][1]["epsilon_spent"]
+    assert (await http.get("/api/training/open/privacy")).json()["epsilon_target"] is None

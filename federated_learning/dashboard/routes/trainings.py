@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -13,6 +14,8 @@ from federated_learning.bus.blobs import BlobMissing
 from federated_learning.coordination.state import TrainingState
 from federated_learning.dashboard.auth import ApiKey
 from federated_learning.dashboard.deps import Blobs, Context, Trainings, Versions
+from federated_learning.privacy.accountant import PrivacyAccountant
+from federated_learning.privacy.levels import PrivacyLevel, privacy_targets
 from federated_learning.protocol.messages import (
     Identifier,
     RollbackTraining,
@@ -176,3 +179,21 @@ async def compare(training_id: str, a: int, b: int, ctx: Context, trainings: Tra
                               await _layers(versions, blobs, ctx, training_id, b),
                               clean.get(a), clean.get(b))
     return {"training_id": training_id, "a": a, "b": b, **result.to_dict()}
+
+
+@router.get("/training/{training_id}/privacy")
+async def privacy_budget(training_id: str, ctx: Context, trainings: Trainings) -> dict[str, Any]:
+    """The training's privacy level, its (epsilon, delta) target, epsilon spent per round and what is left."""
+    state = await _state(trainings, training_id)
+    targets = privacy_targets(PrivacyLevel(state.privacy_level))
+    per_round = [{"round": m.round, "version": m.version, "epsilon_spent": m.epsilon_spent}
+                 for m in await trainings.metrics(training_id)]
+    if not targets.enabled:
+        return {"training_id": training_id, "level": "none", "mode": state.config.privacy_mode,
+                "epsilon_target": None, "delta": None, "epsilon_spent": 0.0, "remaining": None,
+                "per_round": per_round}
+    raw = await ctx.redis.get(ctx.keys.privacy_budget(training_id))
+    spent = PrivacyAccountant.from_dict(json.loads(raw)).get_epsilon() if raw else 0.0
+    return {"training_id": training_id, "level": state.privacy_level, "mode": state.config.privacy_mode,
+            "epsilon_target": targets.epsilon, "delta": targets.delta, "epsilon_spent": spent,
+            "remaining": max(0.0, targets.epsilon - spent), "per_round": per_round}
