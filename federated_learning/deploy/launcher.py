@@ -64,6 +64,30 @@ def _port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def scrape_targets(settings: Settings) -> dict[str, list[str]]:
+    """Prometheus targets of this deployment by service (empty when metrics ports are random)."""
+    if not settings.metrics_port_base:
+        return {}
+    host = "127.0.0.1"
+    targets = {service: [f"{host}:{settings.metrics_port(service)}"]
+               for service in ("coordinator", "privacy", "versions", "monitor")}
+    targets["aggregator"] = [f"{host}:{settings.metrics_port('aggregator', i)}"
+                             for i in range(settings.aggregator_workers)]
+    targets["dashboard"] = [f"{settings.dashboard_host}:{settings.dashboard_port}"]
+    return targets
+
+
+def prometheus_config(settings: Settings) -> str:
+    """A Prometheus scrape configuration for this deployment's ports."""
+    lines = ["global:", "  scrape_interval: 15s", "scrape_configs:", "  - job_name: federated-learning",
+             "    static_configs:"]
+    for service, targets in scrape_targets(settings).items():
+        quoted = ", ".join(f'"{target}"' for target in targets)
+        lines.append(f"      - targets: [{quoted}]")
+        lines.append(f"        labels: {{service: {service}}}")
+    return "\n".join(lines) + "\n"
+
+
 def check_ports(settings: Settings) -> None:
     """Refuse to start when a configured port is taken; name the key."""
     if settings.dashboard_port and _port_in_use(settings.dashboard_host, settings.dashboard_port):
@@ -133,6 +157,8 @@ def run(settings: Settings, config_path: Path | None) -> int:
         "metrics_port_base": settings.metrics_port_base,
     }, indent=1))
     run_file.chmod(0o600)
+    if settings.metrics_port_base:
+        (run_file.parent / "prometheus.yml").write_text(prometheus_config(settings))
     try:
         supervisor.start_all()
         log.info("dashboard: %s  (REST /api, WebSocket /ws/{client_id}, metrics %s/metrics)",
