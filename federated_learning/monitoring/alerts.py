@@ -19,7 +19,7 @@ from federated_learning.protocol.messages import Severity
 EXPECTED_SERVICES = ("coordinator", "aggregator", "privacy", "versions", "dashboard")
 RECONCILED_RULES = frozenset({
     "service_down", "stalled_round", "cpu_exhaustion", "memory_exhaustion", "redis_memory",
-    "pending_backlog", "accuracy_drop",
+    "pending_backlog", "accuracy_drop", "agent_failure_rate",
 })
 """Rules re-checked continuously (resolved when the condition is gone); other alerts are
 one-off (an anomalous update, a rollback) and resolve when an operator acknowledges them."""

@@ -117,6 +117,10 @@ class Keys:
         """Hash agent id -> accepted UpdateSubmitted JSON for one round."""
         return self._k("updates", f"{{t:{training_id}}}", str(round_number))
 
+    def agent_outcomes(self, training_id: TrainingId) -> str:
+        """Hash agent id -> its recent task outcomes in the training, oldest first ("1" done, "0" dropped)."""
+        return self._k("outcomes", f"{{t:{training_id}}}")
+
     def training_metrics(self, training_id: TrainingId) -> str:
         """List of RoundMetrics JSON, one per completed round."""
         return self._k("metrics", f"{{t:{training_id}}}")

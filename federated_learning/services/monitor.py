@@ -32,6 +32,7 @@ from federated_learning.monitoring.anomaly import UpdateFlag, anomaly_conditions
 from federated_learning.monitoring.metrics import metrics_from_round
 from federated_learning.monitoring.rules import (
     accuracy_drop,
+    agent_failure_rate,
     pending_backlog,
     privacy_budget,
     process_resources,
@@ -186,6 +187,9 @@ class Monitor:
                     started_at=state.round_started_at, deadline_s=state.round_deadline_s))
             accuracies = version_accuracies(await self.trainings.metrics(training_id))
             conditions += accuracy_drop(training_id, accuracies)
+            outcomes = await self.ctx.redis.hgetall(self.ctx.keys.agent_outcomes(training_id))
+            conditions += agent_failure_rate(
+                training_id, {text(agent): [c == "1" for c in text(history)] for agent, history in outcomes.items()})
         return stalled_rounds(observations, now) + conditions
 
     async def _open_alerts(self) -> dict[str, Alert]:

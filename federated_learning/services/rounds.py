@@ -21,6 +21,7 @@ from redis.asyncio.client import Pipeline
 
 from agents.trainers import trainer_for
 from federated_learning.bus.blobs import BlobMissing
+from federated_learning.bus.replies import text
 from federated_learning.config import Settings
 from federated_learning.coordination.checks import check_signature, notice_metrics, strategy_params
 from federated_learning.coordination.rounds import RoundDecision, decide_round, summarize_notices
@@ -65,6 +66,8 @@ log = logging.getLogger(__name__)
 
 UPDATE_BLOB_TTL_AFTER_COMMIT_S = 3600
 INBOX_MAXLEN = 1000
+OUTCOME_HISTORY = 50
+"""Task outcomes kept per agent and training."""
 ASKED_AT_HORIZON_S = 3600.0
 """How long task times are kept per agent (the hourly cap looks back this far)."""
 
@@ -268,6 +271,8 @@ class RoundProtocol:
                     pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:examples", notice.num_examples)
                 self.store.stage_save(pipe, state)
                 await pipe.execute()
+            if notice.kind is TaskKind.TRAIN:
+                await self.record_outcome(state.training_id, notice.agent_id, completed=True)
             UPDATES_ACCEPTED.inc()
             BYTES_RECEIVED.inc(notice.upload_bytes)
         await self.advance(state)
@@ -467,6 +472,13 @@ class RoundProtocol:
 
     # -- periodic --------------------------------------------------------------
 
+    async def record_outcome(self, training_id: str, agent_id: str, *, completed: bool) -> None:
+        """Append to the agent's recent outcomes in the training (the monitor's failure-rate rule)."""
+        key = self.keys.agent_outcomes(training_id)
+        previous = await self.redis.hget(key, agent_id)
+        history = (text(previous) if previous else "") + ("1" if completed else "0")
+        await self.redis.hset(key, agent_id, history[-OUTCOME_HISTORY:])
+
     async def _report_dropouts(self, state: TrainingState, alive: set[str]) -> None:
         gone = [a for a in state.selected if a not in alive and a not in state.responded
                 and a not in state.dropped]
@@ -475,6 +487,7 @@ class RoundProtocol:
         state.dropped.extend(gone)
         await self.store.save(state)
         for agent_id in gone:
+            await self.record_outcome(state.training_id, agent_id, completed=False)
             await self.ctx.emit("agent_dropped", f"agent stopped heartbeating during round {state.round}",
                                 severity=Severity.WARNING, training_id=state.training_id,
                                 round=state.round, agent_id=agent_id)

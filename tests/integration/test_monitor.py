@@ -173,3 +173,25 @@ async def test_system_health_reports_process_usage_and_judges_with_the_rules(red
     assert report["health_status"] == "critical" and "privacy/0" in report["reasons"][0]
     await write_health(redis)
     assert (await system_health(redis, KEYS))["health_status"] == "healthy"
+
+
+async def test_agent_failure_rate_raises_and_resolves(redis: aioredis.Redis, settings) -> None:
+    monitor = monitor_for(redis, settings)
+    await write_health(redis)
+    await redis.sadd(KEYS.active_trainings, "t")
+    await redis.hset(KEYS.agent_outcomes("t"), mapping={"flaky": "1000100", "steady": "1111111"})
+    opened = await check_again(monitor)
+    assert list(opened) == ["agent_failure_rate:t:flaky"]
+    await redis.hset(KEYS.agent_outcomes("t"), "flaky", "1000100" + "1" * 10)
+    assert await check_again(monitor) == {}
+
+
+async def test_coordinator_records_completions_and_dropouts(redis: aioredis.Redis, system, make_agents) -> None:
+    from tests.integration.conftest import digits_config, start_training, wait_for_status
+
+    await system.start()
+    await make_agents(3)
+    await start_training(redis, "o", digits_config(rounds=2, clients_per_round=3))
+    await wait_for_status(redis, "o", {"completed"})
+    outcomes = {k.decode(): v.decode() for k, v in (await redis.hgetall(KEYS.agent_outcomes("o"))).items()}
+    assert sorted(outcomes) == ["agent-000", "agent-001", "agent-002"] and set("".join(outcomes.values())) == {"1"}
