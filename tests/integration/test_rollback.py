@@ -8,6 +8,7 @@ import json
 import redis.asyncio as aioredis
 
 from agents.attacks import Attack
+from federated_learning.coordination.state import TrainingState
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import RollbackTraining, encode
 from tests.integration.conftest import digits_config, start_training, wait_for_status
@@ -20,16 +21,11 @@ async def rollback_events(redis: aioredis.Redis) -> list[dict]:
     return [e for e in events if e["kind"] == "rollback"]
 
 
-async def test_poisoned_rounds_trigger_a_rollback_to_the_best_version(redis: aioredis.Redis, system, make_agents) -> None:
-    await system.start()
-    agents = await make_agents(8)
-    await start_training(redis, "poison", digits_config(
-        rounds=14, clients_per_round=8, min_clients=8,
-        rollback={"performance_threshold": 0.1, "consecutive_degradations": 2}))
-
-    state = await wait_for_status(redis, "poison", {"running"})
+async def poison_until_rollback(redis: aioredis.Redis, training_id: str, agents: list) -> TrainingState:  # type: ignore[type-arg]
+    """After four good rounds, every agent sign-flips until a rollback happens; then train to the end."""
+    state = await wait_for_status(redis, training_id, {"running"})
     while state.completed_rounds < 4:
-        state = await wait_for_status(redis, "poison", {"running"})
+        state = await wait_for_status(redis, training_id, {"running"})
     for agent in agents:
         agent.attack = Attack.SIGN_FLIP
     for _ in range(600):
@@ -38,7 +34,17 @@ async def test_poisoned_rounds_trigger_a_rollback_to_the_best_version(redis: aio
         await asyncio.sleep(0.05)
     for agent in agents:
         agent.attack = None
-    state = await wait_for_status(redis, "poison", {"completed", "failed"})
+    return await wait_for_status(redis, training_id, {"completed", "failed"})
+
+
+async def test_poisoned_rounds_trigger_a_rollback_to_the_best_version(redis: aioredis.Redis, system, make_agents) -> None:
+    await system.start()
+    agents = await make_agents(8)
+    await start_training(redis, "poison", digits_config(
+        rounds=14, clients_per_round=8, min_clients=8,
+        rollback={"performance_threshold": 0.1, "consecutive_degradations": 2}))
+
+    state = await poison_until_rollback(redis, "poison", agents)
 
     assert state.status == "completed", state.reason
     [rollback, *_] = await rollback_events(redis)
@@ -86,18 +92,7 @@ async def test_server_validation_scores_every_version_and_drives_the_rollback(
         rollback={"performance_threshold": 0.1, "consecutive_degradations": 2}))
     await start_training(redis, "bad-validation", digits_config(validation_data=str(tmp_path / "missing.npz")))
 
-    state = await wait_for_status(redis, "srv", {"running"})
-    while state.completed_rounds < 4:
-        state = await wait_for_status(redis, "srv", {"running"})
-    for agent in agents:
-        agent.attack = Attack.SIGN_FLIP
-    for _ in range(600):
-        if await rollback_events(redis):
-            break
-        await asyncio.sleep(0.05)
-    for agent in agents:
-        agent.attack = None
-    state = await wait_for_status(redis, "srv", {"completed", "failed"})
+    state = await poison_until_rollback(redis, "srv", agents)
 
     assert state.status == "completed", state.reason
     metrics = [RoundMetrics.model_validate_json(m) for m in await redis.lrange(KEYS.training_metrics("srv"), 0, -1)]
