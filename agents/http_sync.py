@@ -3,7 +3,8 @@
 Reads its settings from the environment, as the seed names them: ``ENABLE_FED_LEARNING``,
 ``FED_SERVER_URL``, ``FED_CLIENT_ID`` (default: host name), ``FED_LOCAL_MODEL_PATH``,
 ``FED_MERGED_MODEL_PATH``, ``FED_SYNC_HOUR``, ``FED_SYNC_MINUTE``; plus ``FED_API_KEY`` (the
-deployment's key), ``FED_TRAINING_ID`` and ``FED_NUM_EXAMPLES`` (optional). Once a day at that
+deployment's key), ``FED_TRAINING_ID``, ``FED_NUM_EXAMPLES`` and ``FED_CA_BUNDLE`` (the CA file
+that signed an ``https://`` server's certificate; default: the system's CAs) (optional). Once a day at that
 time (or now with ``--once``) it posts the local model (safetensors) to ``/sync_model`` and
 writes the merged model it gets back atomically, in safetensors (never pickle); when the
 server is down it retries with exponential backoff.
@@ -16,6 +17,7 @@ import datetime as dt
 import logging
 import os
 import socket
+import ssl
 import sys
 import time
 from dataclasses import dataclass
@@ -50,6 +52,15 @@ class SyncSettings:
     api_key: str
     training_id: str | None
     num_examples: int
+    ca_bundle: Path | None = None
+
+    def verify(self) -> ssl.SSLContext | bool:
+        """How httpx verifies an https server: against ``ca_bundle``, else the system's CAs."""
+        if self.ca_bundle is None:
+            return True
+        if not self.ca_bundle.is_file():
+            raise ValueError(f"FED_CA_BUNDLE is {str(self.ca_bundle)!r}; no such file")
+        return ssl.create_default_context(cafile=str(self.ca_bundle))
 
     @classmethod
     def from_environment(cls, env: dict[str, str] | None = None) -> SyncSettings:
@@ -76,6 +87,7 @@ class SyncSettings:
             api_key=env.get("FED_API_KEY", ""),
             training_id=env.get("FED_TRAINING_ID") or None,
             num_examples=number("FED_NUM_EXAMPLES", 1, 1, 1_000_000_000),
+            ca_bundle=Path(env["FED_CA_BUNDLE"]) if env.get("FED_CA_BUNDLE") else None,
         )
 
 
@@ -133,13 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s http_sync %(levelname)s %(message)s")
     try:
         settings = SyncSettings.from_environment()
+        verify = settings.verify()
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not settings.enabled:
         log.info("ENABLE_FED_LEARNING is not set; nothing to do")
         return 0
-    with httpx.Client(timeout=60.0) as client:
+    with httpx.Client(timeout=60.0, verify=verify) as client:
         while True:
             if not args.once:
                 wait = seconds_until(settings.sync_hour, settings.sync_minute, dt.datetime.now())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,9 @@ from agents.attacks import Attack, flip_labels
 from agents.client import FederatedClient
 from agents.data import Dataset, make_client_datasets
 from agents.trainers import create_trainer
-from federated_learning.bus.connection import connect
+from federated_learning.bus.connection import RedisTls, connect, with_credentials
+from federated_learning.deploy.acl import agent_user_name, stored_password
+from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.tensors import decode_layers
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,12 @@ class SimulationOptions:
     heartbeat_interval_s: float = 5.0
     state_dir: Path | None = None
     """Where agents keep their keys; reuse it so agents keep their identity across runs."""
+    credentials_dir: Path | None = None
+    """Redis ACL mode: the deployment's ``secrets/redis-acl``; each agent then logs in as its
+    own ACL user (and has its own connection) instead of sharing ``redis_url``'s."""
+    redis_tls: RedisTls | None = None
+    dashboard_ca_file: Path | None = None
+    """The CA that signed an https dashboard's certificate (default: the system's CAs)."""
     round_deadline_s: float = 60.0
     timeout_s: float = 900.0
 
@@ -111,15 +120,43 @@ def test_accuracy(model_bytes: bytes, options: SimulationOptions, test: Dataset)
                                   test.x, test.y).accuracy)
 
 
+def agent_id(client_id: int) -> str:
+    """The id of simulated agent ``client_id``."""
+    return f"agent-{client_id:03d}"
+
+
+def simulated_agent_ids(clients: int) -> list[str]:
+    """The ids a simulation of ``clients`` agents uses (to provision their ACL users)."""
+    return [agent_id(client_id) for client_id in range(clients)]
+
+
+def agent_redis_url(options: SimulationOptions, agent: str) -> str:
+    """``redis_url`` logged in as the agent's own ACL user (its password from the secrets)."""
+    assert options.credentials_dir is not None
+    user = agent_user_name(Keys(options.key_prefix), agent)
+    password = stored_password(options.credentials_dir, user)
+    return with_credentials(options.redis_url, user, password)
+
+
+def dashboard_verify(options: SimulationOptions) -> ssl.SSLContext | bool:
+    if options.dashboard_ca_file is None:
+        return True
+    return ssl.create_default_context(cafile=str(options.dashboard_ca_file))
+
+
 async def start_agents(options: SimulationOptions) -> tuple[list[FederatedClient], Dataset]:
     clients_data, test = make_client_datasets(options.clients, options.partition, options.seed)
-    redis = await connect(options.redis_url)
+    shared = (None if options.credentials_dir is not None
+              else await connect(options.redis_url, tls=options.redis_tls))
     malicious = malicious_ids(options.clients, options.malicious_fraction, options.seed)
     attack = Attack(options.attack)
     agents = []
     for data in clients_data:
         bad = data.client_id in malicious
-        agent = FederatedClient(f"agent-{data.client_id:03d}", redis=redis, key_prefix=options.key_prefix,
+        name = agent_id(data.client_id)
+        own_url = agent_redis_url(options, name) if shared is None else None
+        agent = FederatedClient(name, redis=shared, redis_url=own_url, redis_tls=options.redis_tls,
+                                key_prefix=options.key_prefix,
                                 heartbeat_interval_s=options.heartbeat_interval_s, seed=options.seed,
                                 state_dir=options.state_dir,
                                 attack=attack if bad and attack is not Attack.LABEL_FLIP else None)
@@ -134,13 +171,14 @@ def malicious_ids(num_clients: int, fraction: float, seed: int) -> set[int]:
     """Which simulated agents attack: ``round(fraction * num_clients)`` of them, fixed by ``seed``."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"malicious fraction must be in [0, 1); got {fraction}")
-    count = int(round(fraction * num_clients))
+    count = round(fraction * num_clients)
     return set(np.random.default_rng(seed + 7919).choice(num_clients, size=count, replace=False).tolist())
 
 
 async def stop_agents(agents: list[FederatedClient]) -> None:
+    """Close the agents; then the connection they share, when they share one."""
     await asyncio.gather(*(agent.close() for agent in agents))
-    if agents:
+    if agents and not agents[0].owns_connection:
         await agents[0].redis.aclose()
 
 
@@ -151,7 +189,8 @@ async def run_simulation(options: SimulationOptions,
     agents, test = await start_agents(options)
     try:
         async with httpx.AsyncClient(base_url=options.dashboard_url, timeout=30.0,
-                                     headers={"X-API-Key": options.api_key}) as http:
+                                     headers={"X-API-Key": options.api_key},
+                                     verify=dashboard_verify(options)) as http:
             response = await http.post("/api/training/start", json=training_request(options))
             response.raise_for_status()
             training_id = response.json()["training_id"]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -31,6 +31,11 @@ PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "password", 
                                  "your-api-key", "xxxxxxxxxxxxxxxx", "0000000000000000"})
 
 
+TLS_FILE_KEYS = ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file",
+                 "dashboard_tls_cert_file", "dashboard_tls_key_file", "dashboard_tls_ca_file")
+AGENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+
+
 class ConfigError(ValueError):
     """A configuration problem, phrased as one line that names the key."""
 
@@ -47,6 +52,12 @@ class Settings(BaseSettings):
     redis_tls_cert_file: Path | None = None
     redis_tls_key_file: Path | None = None
     redis_connect_attempts: int = Field(default=20, ge=1, le=1000)
+    redis_acl: bool = Field(
+        default=False, description="each role connects as its own ACL user (services, dashboard, "
+                                   "agent-<id>); the embedded server starts with these users")
+    redis_acl_agents: list[Annotated[str, Field(pattern=AGENT_ID_PATTERN)]] = Field(
+        default_factory=list, description="agent ids whose ACL users the launcher provisions "
+                                          "at start (e.g. the demo's simulated agents)")
 
     cpu_cores: int = Field(default=12, ge=1, le=1024)
     aggregator_workers: int = Field(default=1, ge=1, le=64)
@@ -55,6 +66,12 @@ class Settings(BaseSettings):
 
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(default=8080, ge=0, le=65535)
+    dashboard_tls_cert_file: Path | None = Field(default=None, description="serve HTTPS with this "
+                                                 "certificate (PEM, chain included)")
+    dashboard_tls_key_file: Path | None = None
+    dashboard_tls_ca_file: Path | None = Field(
+        default=None, description="CA bundle local clients (launcher health check, simulated "
+                                  "agents) verify the dashboard with; empty: the system store")
     metrics_port_base: int = Field(
         default=9100, ge=0, le=65000, description="service i exports on base+offset; 0: any free port"
     )
@@ -77,6 +94,31 @@ class Settings(BaseSettings):
     checkpoint_keep_best: int = Field(default=3, ge=0)
     data_dir: Path = Path("data")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator(*TLS_FILE_KEYS)
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError("no such file")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_consistent(self) -> Settings:
+        for cert, key in (("redis_tls_cert_file", "redis_tls_key_file"),
+                          ("dashboard_tls_cert_file", "dashboard_tls_key_file")):
+            if (getattr(self, cert) is None) != (getattr(self, key) is None):
+                given, missing = (cert, key) if getattr(self, cert) is not None else (key, cert)
+                raise ValueError(f"'{given}' is set but '{missing}' is not; "
+                                 "a certificate and its key go together")
+        redis_tls = [key for key in TLS_FILE_KEYS[:3] if getattr(self, key) is not None]
+        if redis_tls and not self.redis_url.startswith("rediss://"):
+            scheme = self.redis_url.split("://")[0] + "://" if self.redis_url else ""
+            raise ValueError(f"'{redis_tls[0]}' is set but redis_url is not rediss:// "
+                             f"({scheme or 'empty: the embedded server, which has no TLS'})")
+        if self.dashboard_tls_ca_file is not None and self.dashboard_tls_cert_file is None:
+            raise ValueError("'dashboard_tls_ca_file' is set but the dashboard serves plain HTTP "
+                             "(no 'dashboard_tls_cert_file')")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -113,6 +155,10 @@ class Settings(BaseSettings):
     @property
     def uses_embedded_redis(self) -> bool:
         return not self.redis_url
+
+    @property
+    def dashboard_scheme(self) -> str:
+        return "https" if self.dashboard_tls_cert_file is not None else "http"
 
     def metrics_port(self, service: str, worker: int = 0) -> int:
         """Port on which ``service`` exports Prometheus metrics (0: pick a free one)."""

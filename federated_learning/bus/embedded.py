@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import redis
 
@@ -136,7 +137,7 @@ class EmbeddedValkey:
         if process.stderr:
             process.stderr.close()
 
-    def __enter__(self) -> EmbeddedValkey:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

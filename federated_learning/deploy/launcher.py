@@ -18,8 +18,19 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from redis.exceptions import RedisError
+
 from federated_learning.bus.embedded import EmbeddedServerError, EmbeddedValkey
 from federated_learning.config import ConfigError, Settings, load_settings
+from federated_learning.deploy.access import (
+    ADMIN_URL_ENV,
+    RoleUrls,
+    admin_url_for,
+    provision_at_start,
+    provision_command,
+    role_urls,
+)
+from federated_learning.deploy.acl import AclError, secrets_dir
 from federated_learning.deploy.supervisor import Child, Supervisor
 
 log = logging.getLogger("deploy")
@@ -77,14 +88,32 @@ def scrape_targets(settings: Settings) -> dict[str, list[str]]:
     return targets
 
 
+def _tls_scrape_lines(settings: Settings) -> list[str]:
+    """Scrape the dashboard's /metrics over HTTPS when it serves HTTPS."""
+    if settings.dashboard_tls_cert_file is None:
+        return []
+    lines = ["    scheme: https"]
+    if settings.dashboard_tls_ca_file is not None:
+        lines += ["    tls_config:", f"      ca_file: {settings.dashboard_tls_ca_file.resolve()}"]
+    return lines
+
+
 def prometheus_config(settings: Settings) -> str:
     """A Prometheus scrape configuration for this deployment's ports."""
-    lines = ["global:", "  scrape_interval: 15s", "scrape_configs:", "  - job_name: federated-learning",
-             "    static_configs:"]
-    for service, targets in scrape_targets(settings).items():
-        quoted = ", ".join(f'"{target}"' for target in targets)
-        lines.append(f"      - targets: [{quoted}]")
-        lines.append(f"        labels: {{service: {service}}}")
+    lines = ["global:", "  scrape_interval: 15s", "scrape_configs:"]
+    targets = scrape_targets(settings)
+    dashboard = {"dashboard": targets.pop("dashboard")} if targets else {}
+    jobs: list[tuple[str, dict[str, list[str]], list[str]]] = [("federated-learning", targets, [])]
+    if _tls_scrape_lines(settings):
+        jobs.append(("federated-learning-dashboard", dashboard, _tls_scrape_lines(settings)))
+    else:
+        targets.update(dashboard)
+    for job, job_targets, extra in jobs:
+        lines += [f"  - job_name: {job}", *extra, "    static_configs:"]
+        for service, addresses in job_targets.items():
+            quoted = ", ".join(f'"{address}"' for address in addresses)
+            lines.append(f"      - targets: [{quoted}]")
+            lines.append(f"        labels: {{service: {service}}}")
     return "\n".join(lines) + "\n"
 
 
@@ -104,9 +133,10 @@ def check_ports(settings: Settings) -> None:
         raise ConfigError(f"config 'redis_embedded_port' is {settings.redis_embedded_port}: port already in use")
 
 
-def build_children(settings: Settings, config_path: Path | None, redis_url: str, logs: Path,
+def build_children(settings: Settings, config_path: Path | None, urls: RoleUrls, logs: Path,
                    api_key: str) -> list[Child]:
-    env = {**os.environ, "FL_REDIS_URL": redis_url, "FL_API_KEY": api_key, "PYTHONUNBUFFERED": "1",
+    """One child per service instance; each connects with its role's Redis URL."""
+    env = {**os.environ, "FL_API_KEY": api_key, "PYTHONUNBUFFERED": "1",
            "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR",
                                              str((settings.data_dir / "numba-cache").resolve()))}
     if config_path is not None:
@@ -118,8 +148,20 @@ def build_children(settings: Settings, config_path: Path | None, redis_url: str,
             name = f"{service}-{instance}" if instances > 1 else service
             command = [sys.executable, "-m", f"federated_learning.services.{service}",
                        "--instance", str(instance)]
-            children.append(Child(name=name, command=command, log_path=logs / f"{name}.log", env=env))
+            children.append(Child(name=name, command=command, log_path=logs / f"{name}.log",
+                                  env={**env, "FL_REDIS_URL": urls.for_service(service)}))
     return children
+
+
+def _role_urls(settings: Settings, redis_url: str, data_dir: Path, *, embedded: bool) -> RoleUrls:
+    """In ACL mode, first create the users: always on the embedded server (its default user
+    is the administrator), on an external one when ``$FL_REDIS_ADMIN_URL`` is set."""
+    if settings.redis_acl:
+        admin_url = redis_url if embedded else os.environ.get(ADMIN_URL_ENV, "")
+        if admin_url:
+            provision_at_start(settings, admin_url, data_dir, save=not embedded)
+        log.info("Redis ACL mode: services and dashboard log in as their own users")
+    return role_urls(settings, redis_url, data_dir)
 
 
 def run(settings: Settings, config_path: Path | None) -> int:
@@ -137,8 +179,14 @@ def run(settings: Settings, config_path: Path | None) -> int:
     else:
         redis_url = settings.redis_url
         log.info("using external Redis at %s", redis_url.split("@")[-1])
+    try:
+        urls = _role_urls(settings, redis_url, data_dir, embedded=server is not None)
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
     api_key = settings.api_key or deployment_secret(data_dir, "api_key")
-    children = build_children(settings, config_path, redis_url, logs, api_key)
+    children = build_children(settings, config_path, urls, logs, api_key)
     supervisor = Supervisor(children)
     stop = {"requested": False}
 
@@ -148,13 +196,15 @@ def run(settings: Settings, config_path: Path | None) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    dashboard_url = f"http://{settings.dashboard_host}:{settings.dashboard_port}"
+    dashboard_url = f"{settings.dashboard_scheme}://{settings.dashboard_host}:{settings.dashboard_port}"
     run_file = deployment_file(data_dir)
     run_file.parent.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps({
-        "redis_url": redis_url, "dashboard_url": dashboard_url, "api_key": api_key, "logs": str(logs),
-        "key_prefix": settings.redis_key_prefix, "pid": os.getpid(), "started_at": time.time(),
-        "metrics_port_base": settings.metrics_port_base,
+        "redis_url": urls.services, "dashboard_url": dashboard_url, "api_key": api_key,
+        "logs": str(logs), "key_prefix": settings.redis_key_prefix, "pid": os.getpid(),
+        "started_at": time.time(), "metrics_port_base": settings.metrics_port_base,
+        "redis_acl": settings.redis_acl, "redis_acl_secrets": str(secrets_dir(data_dir)),
+        "dashboard_ca_file": str(settings.dashboard_tls_ca_file or ""),
     }, indent=1))
     run_file.chmod(0o600)
     if settings.metrics_port_base:
@@ -185,18 +235,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None, help="config file (default ./config.json)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="aggregator worker processes; overrides config 'aggregator_workers'")
+    parser.add_argument("--provision-acl", action="store_true",
+                        help="create or update the Redis ACL users (services, dashboard, --agents) "
+                             "and exit; passwords go to <data_dir>/secrets/redis-acl")
+    parser.add_argument("--admin-url", default=None,
+                        help=f"Redis URL of an administrator for --provision-acl (default "
+                             f"${ADMIN_URL_ENV}, else the running embedded server)")
+    parser.add_argument("--agents", default="", metavar="ID,ID",
+                        help="agent ids that get their own ACL user (with --provision-acl)")
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers is {args.workers}; must be >= 1")
+    if (args.agents or args.admin_url) and not args.provision_acl:
+        parser.error("--agents and --admin-url go with --provision-acl")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s deploy %(levelname)s %(message)s")
     try:
         settings = load_settings(args.config)
         if args.workers is not None:
             settings = settings.model_copy(update={"aggregator_workers": args.workers})
+        if args.provision_acl:
+            return _provision(settings, args.admin_url, args.agents)
         return run(settings, args.config)
-    except (ConfigError, EmbeddedServerError) as exc:
+    except (ConfigError, EmbeddedServerError, AclError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _provision(settings: Settings, admin_url: str | None, agents: str) -> int:
+    data_dir = settings.data_dir.resolve()
+    running = read_deployment(data_dir).get("redis_url") if deployment_file(data_dir).exists() else None
+    url = admin_url_for(settings, data_dir, admin_url, running)
+    agent_ids = [agent.strip() for agent in agents.split(",") if agent.strip()]
+    try:
+        return provision_command(settings, data_dir, url, agent_ids)
+    except RedisError as exc:
+        print(f"error: provisioning the ACL users failed: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

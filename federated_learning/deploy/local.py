@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Self
 
 import httpx
 
 from federated_learning.config import Settings
+from federated_learning.deploy.acl import secrets_dir
 from federated_learning.deploy.launcher import deployment_file
 
 START_TIMEOUT_S = 120.0
@@ -37,16 +40,33 @@ class LocalDeployment:
     """``scripts/deploy-federated-learning.py`` as a child, with its data in ``data_dir``."""
 
     def __init__(self, settings: Settings, config: Path | None, data_dir: Path,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, *, acl_agents: list[str] | None = None) -> None:
+        """``acl_agents``: in ACL mode, the agent ids whose users the launcher creates at start
+        (e.g. the simulated agents of a demo), added to the configured ``redis_acl_agents``."""
         self.settings = settings
         self.config = config
         self.data_dir = data_dir
         self.env = {**os.environ, "FL_DATA_DIR": str(data_dir), **(extra_env or {})}
+        if acl_agents:
+            self.env["FL_REDIS_ACL_AGENTS"] = json.dumps(sorted({*settings.redis_acl_agents,
+                                                                 *acl_agents}))
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def dashboard_url(self) -> str:
-        return f"http://{self.settings.dashboard_host}:{self.settings.dashboard_port}"
+        return (f"{self.settings.dashboard_scheme}://{self.settings.dashboard_host}:"
+                f"{self.settings.dashboard_port}")
+
+    @property
+    def dashboard_verify(self) -> ssl.SSLContext | bool:
+        """How clients on this machine verify the dashboard: its configured CA, else the system."""
+        ca_file = self.settings.dashboard_tls_ca_file
+        return ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else True
+
+    @property
+    def agent_credentials_dir(self) -> Path | None:
+        """Where the agents' ACL passwords are, in ACL mode (None otherwise)."""
+        return secrets_dir(self.data_dir) if self.settings.redis_acl else None
 
     @property
     def redis_url(self) -> str:
@@ -67,10 +87,12 @@ class LocalDeployment:
                 tail = (self.data_dir / "deploy.log").read_text()[-2000:]
                 raise DeploymentFailed(f"the deployment exited with {self.process.returncode}:\n{tail}")
             try:
-                health = httpx.get(f"{self.dashboard_url}/api/system/health", timeout=2).json()
+                health = httpx.get(f"{self.dashboard_url}/api/system/health", timeout=2,
+                                   headers={"X-API-Key": self.api_key},
+                                   verify=self.dashboard_verify).json()
                 if health["health_status"] == "healthy":
                     return
-            except (httpx.HTTPError, ValueError, KeyError):
+            except (httpx.HTTPError, ValueError, KeyError, OSError):  # OSError: no deployment.json yet
                 pass
             time.sleep(0.5)
         self.stop()
@@ -86,7 +108,7 @@ class LocalDeployment:
             self.process.wait(STOP_TIMEOUT_S)
         self.process = None
 
-    def __enter__(self) -> LocalDeployment:
+    def __enter__(self) -> Self:
         stop_on_sigterm()
         self.start()
         return self

@@ -117,6 +117,12 @@ class Keys:
         """Hash agent id -> accepted UpdateSubmitted JSON for one round."""
         return self._k("updates", f"{{t:{training_id}}}", str(round_number))
 
+    def secure_exchange(self, training_id: TrainingId, round_number: RoundNumber, attempt: int,
+                        part: str) -> str:
+        """Hash agent id -> message JSON of one secure-aggregation phase ("keys", "shares",
+        "unmask") of one round attempt."""
+        return self._k("secure", f"{{t:{training_id}}}", str(round_number), str(attempt), part)
+
     def agent_outcomes(self, training_id: TrainingId) -> str:
         """Hash agent id -> its recent task outcomes in the training, oldest first ("1" done, "0" dropped)."""
         return self._k("outcomes", f"{{t:{training_id}}}")
@@ -191,3 +197,55 @@ class Keys:
     def rejections(self) -> str:
         """Hash reason -> count of rejected inputs."""
         return self._k("rejections")
+
+    # -- organisations ----------------------------------------------------------
+    @property
+    def organisations(self) -> str:
+        """Hash organisation id -> Organisation JSON."""
+        return self._k("orgs")
+
+    @property
+    def organisation_pattern(self) -> str:
+        """Every project hash and the API-key hash (written by the dashboard)."""
+        return self._k("orgs", "*")
+
+    def projects(self, org_id: str) -> str:
+        """Hash project id -> Project JSON of one organisation."""
+        return self._k("orgs", org_id, "projects")
+
+    @property
+    def api_keys(self) -> str:
+        """Hash key id -> ApiKeyRecord JSON (the SHA-256 of the key, never the key)."""
+        return self._k("orgs", "api_keys")
+
+    def org_trainings(self, org_id: str) -> str:
+        """Sorted set of one organisation's training ids by creation time."""
+        return self._k("trainings", "org", org_id)
+
+    # -- access-control patterns (Redis ACL key globs) -------------------------
+    @property
+    def all_keys_pattern(self) -> str:
+        """Every key of this deployment (the services' ACL user)."""
+        return self._k("*")
+
+    @property
+    def blob_pattern(self) -> str:
+        """Every blob: content-addressed, so any reader verifies what it gets."""
+        return self._k("blob", "*")
+
+    def service_health_keys(self, service: str) -> str:
+        """The health keys of every instance of ``service``."""
+        return self._k("health", service, "*")
+
+    def agent_write_keys(self) -> tuple[str, ...]:
+        """Streams an agent appends to (joins, heartbeats, leaves; update notices)."""
+        return self.agent_stream, self.update_stream
+
+    def dashboard_write_keys(self) -> tuple[str, ...]:
+        """Keys (and globs) the dashboard writes: commands, events, rejections, alert
+        acknowledgements, join tokens, its health key, the HTTP sync gateway's agent
+        messages and blobs, and organisations, projects and API keys. Everything else it
+        only reads."""
+        return (self.control_stream, self.event_stream, self.rejections, self.alerts,
+                self.open_alerts, self.join_tokens, self.service_health_keys("dashboard"),
+                *self.agent_write_keys(), self.blob_pattern, self.organisations, self.organisation_pattern)

@@ -9,13 +9,23 @@ import os
 from pathlib import Path
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from federated_learning.bus.connection import connect
-from federated_learning.config import load_settings
+from federated_learning.config import Settings, load_settings
 from federated_learning.dashboard.main import create_app
 from federated_learning.services.runtime import ServiceContext, setup_logging
 
 log = logging.getLogger(__name__)
+
+
+def server_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
+    """Uvicorn's settings: the configured address, HTTPS when a certificate is configured."""
+    cert, key = settings.dashboard_tls_cert_file, settings.dashboard_tls_key_file
+    return uvicorn.Config(app, host=settings.dashboard_host, port=settings.dashboard_port,
+                          log_level="warning", ws="websockets-sansio", lifespan="on",
+                          ssl_certfile=str(cert) if cert else None,
+                          ssl_keyfile=str(key) if key else None)
 
 
 async def _main(args: argparse.Namespace) -> None:
@@ -25,10 +35,9 @@ async def _main(args: argparse.Namespace) -> None:
     redis = await connect(url, settings, attempts=settings.redis_connect_attempts)
     ctx = ServiceContext(redis=redis, settings=settings, service="dashboard", instance=args.instance,
                          metrics_port=settings.dashboard_port)
-    config = uvicorn.Config(create_app(ctx), host=settings.dashboard_host, port=settings.dashboard_port,
-                            log_level="warning", ws="websockets-sansio", lifespan="on")
-    server = uvicorn.Server(config)
-    log.info("dashboard on http://%s:%d", settings.dashboard_host, settings.dashboard_port)
+    server = uvicorn.Server(server_config(create_app(ctx), settings))
+    log.info("dashboard on %s://%s:%d", settings.dashboard_scheme, settings.dashboard_host,
+             settings.dashboard_port)
     try:
         await server.serve()
     finally:
