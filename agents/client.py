@@ -22,8 +22,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agents.attacks import Attack, poison_update
+from agents.secure import SecureParticipation
 from agents.trainers import trainer_for
 from federated_learning.bus.blobs import BlobMissing, BlobStore
+from federated_learning.bus.connection import RedisTls
 from federated_learning.bus.consumer import ensure_group
 from federated_learning.bus.replies import group_batches
 from federated_learning.privacy.compression import (
@@ -49,6 +51,7 @@ from federated_learning.protocol.messages import (
     decode,
     encode,
 )
+from federated_learning.protocol.secure_messages import SECURE_INBOX_TYPES, message_type
 from federated_learning.protocol.tensors import (
     InvalidTensor,
     decode_layers,
@@ -83,6 +86,8 @@ class TrainedUpdate:
     loss: float
     accuracy: float
     seconds: float
+    delta: NDArray[np.floating] | None = None
+    """Secure rounds: the flattened delta, held until it is masked (``blob`` is then empty)."""
 
 
 @dataclass
@@ -96,7 +101,7 @@ class LocalDataset:
 
     @property
     def size(self) -> int:
-        return int(len(self.y_train))
+        return len(self.y_train)
 
 
 def make_compressor(method: str, fraction: float, rng: np.random.Generator) -> Compressor:
@@ -127,11 +132,14 @@ class FederatedClient:
         attack: Attack | None = None,
         state_dir: Path | None = None,
         join_token: str | None = None,
+        redis_tls: RedisTls | None = None,
     ) -> None:
         if redis is None and redis_url is None:
             raise ValueError("FederatedClient needs redis_url or redis")
         self.agent_id = agent_id
         self._redis_url = redis_url
+        self._redis_tls = redis_tls
+        """CA and client certificate for a ``rediss://`` URL; the URL's user and password log in."""
         self._redis = redis
         self._owns_redis = redis is None
         self.keys = Keys(key_prefix)
@@ -150,11 +158,21 @@ class FederatedClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self.completed_tasks = 0
+        self.secure = SecureParticipation(self)
+
+    @property
+    def owns_connection(self) -> bool:
+        """Whether the agent opened (and closes) its connection itself."""
+        return self._owns_redis
 
     @property
     def redis(self) -> aioredis.Redis:
         assert self._redis is not None, "initialize() first"
         return self._redis
+
+    @property
+    def blobs(self) -> BlobStore:
+        return self._blobs
 
     def add_dataset(self, name: str, x: NDArray[np.floating], y: NDArray[np.integer], *,
                     eval_fraction: float = 0.2, x_eval: NDArray[np.floating] | None = None,
@@ -184,7 +202,7 @@ class FederatedClient:
             from federated_learning.bus.connection import connect
 
             assert self._redis_url is not None
-            self._redis = await connect(self._redis_url)
+            self._redis = await connect(self._redis_url, tls=self._redis_tls)
         self._blobs = BlobStore(self.redis, self.keys, max_bytes=self.max_blob_bytes)
         await ensure_group(self.redis, self.keys.inbox_stream(self.agent_id), GROUP_AGENT)
         await self.join()
@@ -270,7 +288,13 @@ class FederatedClient:
             log.exception("agent %s: task failed; skipped", self.agent_id)
 
     async def handle_task(self, fields: dict[bytes, bytes]) -> None:
-        """Evaluate the received model, train if asked, upload; a bad task is logged and skipped."""
+        """Evaluate the received model, train if asked, upload; a bad task is logged and skipped.
+
+        Secure rounds: the update is held and keys advertised; the inbox's secure messages
+        carry the exchange on."""
+        if message_type(fields) in SECURE_INBOX_TYPES:
+            await self.secure.handle(fields)
+            return
         try:
             task = decode(Task, fields)
         except MalformedMessage as exc:
@@ -290,6 +314,9 @@ class FederatedClient:
         common = dict(training_id=task.training_id, round=task.round, attempt=task.attempt,
                       agent_id=self.agent_id, received_model_version=task.model_version,
                       evaluation=evaluation)
+        if trained is not None and trained.delta is not None:
+            await self.secure.hold(task, evaluation, trained, trained.delta)
+            return
         if trained is None:
             notice = UpdateSubmitted(kind=TaskKind.EVALUATE, num_examples=evaluation.num_examples,
                                      **common)  # type: ignore[arg-type]
@@ -352,7 +379,11 @@ class FederatedClient:
                                         settings.local_noise_std, secure_rng())
             local = {name: (weights[name] + delta).astype(local[name].dtype)
                      for name, delta in zip(local, noised, strict=True)}
-        if settings.compression == "none":
+        secure_delta: NDArray[np.floating] | None = None
+        if task.secure:
+            blob = b""
+            secure_delta = np.concatenate([(local[name] - weights[name]).astype(np.float64).ravel() for name in local])
+        elif settings.compression == "none":
             blob = encode_layers(local)
         else:
             delta = [(local[name] - weights[name]).astype(np.float32) for name in local]
@@ -362,4 +393,4 @@ class FederatedClient:
         return evaluation, TrainedUpdate(
             blob=blob, num_examples=result.num_examples,
             dense_bytes=4 * sum(int(a.size) for a in local.values()),
-            loss=result.loss, accuracy=result.accuracy, seconds=time.perf_counter() - started)
+            loss=result.loss, accuracy=result.accuracy, seconds=time.perf_counter() - started, delta=secure_delta)

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from federated_learning.coordination.state import TrainingState
 from federated_learning.privacy.signing import verify
 from federated_learning.protocol.messages import UpdateSubmitted
 
 
-def check_signature(notice: UpdateSubmitted, public_key: str | None,
+class SignedMessage(Protocol):
+    """A message an agent signs: an update notice, or a secure-aggregation message."""
+
+    @property
+    def signature(self) -> str | None: ...
+
+    def signed_bytes(self) -> bytes: ...
+
+
+def check_signature(notice: SignedMessage, public_key: str | None,
                     required: bool) -> tuple[str, str] | None:
     """Reason and detail when the notice's signature is missing or wrong, else None."""
     if public_key is None:
@@ -17,6 +28,15 @@ def check_signature(notice: UpdateSubmitted, public_key: str | None,
     if not verify(bytes.fromhex(public_key), notice.signed_bytes(), bytes.fromhex(notice.signature)):
         return "bad_signature", "signature does not match the agent's registered key"
     return None
+
+
+def project_mismatch(agent_project: tuple[str, str], training_project: tuple[str, str]) -> str | None:
+    """Why an agent of ``agent_project`` may not send updates into a training of
+    ``training_project`` (both (organisation, project)); None when they are the same project."""
+    if agent_project == training_project:
+        return None
+    return (f"agent belongs to project '{agent_project[1]}' of organisation '{agent_project[0]}'; the training "
+            f"to project '{training_project[1]}' of organisation '{training_project[0]}'")
 
 
 def minimum_updates(algorithm: str, num_malicious: int) -> int:

@@ -7,6 +7,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from federated_learning.access import DEFAULT_ORG, DEFAULT_PROJECT
+from federated_learning.coordination.secure import SecureRoundState
 from federated_learning.protocol.messages import (
     ASYNC_ALGORITHMS,
     Evaluation,
@@ -31,6 +33,8 @@ class TrainingState(BaseModel):
 
     training_id: str
     config: TrainingConfig
+    org_id: str = DEFAULT_ORG
+    project_id: str = DEFAULT_PROJECT
     status: TrainingStatus = TrainingStatus.CREATED
     reason: str = ""
     created_at: float = Field(default_factory=time.time)
@@ -71,6 +75,8 @@ class TrainingState(BaseModel):
     """Newest version already judged when the last automatic rollback was decided."""
     pending_rollback: int | None = None
     """A manual rollback asked while a round was aggregating: applied when it completes."""
+    secure: SecureRoundState | None = None
+    """Secure trainings: the current round's masking exchange."""
 
     @property
     def is_active(self) -> bool:
@@ -89,6 +95,11 @@ class TrainingState(BaseModel):
     def buffer_size(self) -> int:
         return int(self.config.algorithm_params.get("buffer_size", DEFAULT_BUFFER_SIZE))
 
+    @property
+    def project(self) -> tuple[str, str]:
+        """(organisation, project) that owns the training; only agents of that project take part."""
+        return self.org_id, self.project_id
+
     def touch(self) -> None:
         self.updated_at = time.time()
 
@@ -106,3 +117,10 @@ class AgentRecord(BaseModel):
     """Sends updates without being asked (plain-HTTP clients through the gateway)."""
     joined_at: float = Field(default_factory=time.time)
     rounds_completed: int = 0
+    org_id: str = DEFAULT_ORG
+    project_id: str = DEFAULT_PROJECT
+    """The project of the join token the agent joined with (the default project without one)."""
+
+    @property
+    def project(self) -> tuple[str, str]:
+        return self.org_id, self.project_id

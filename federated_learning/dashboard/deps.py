@@ -11,6 +11,7 @@ from federated_learning.bus.blobs import BlobStore
 from federated_learning.config import Settings
 from federated_learning.protocol.keys import Keys
 from federated_learning.records.agents import AgentRegistry
+from federated_learning.records.organisations import Organisations
 from federated_learning.records.trainings import TrainingStore
 from federated_learning.records.versions import VersionIndex
 from federated_learning.services.runtime import ServiceContext
@@ -45,6 +46,10 @@ def _versions(ctx: Annotated[ServiceContext, Depends(_ctx)]) -> VersionIndex:
     return VersionIndex(ctx.redis, ctx.keys)
 
 
+def _organisations(ctx: Annotated[ServiceContext, Depends(_ctx)]) -> Organisations:
+    return Organisations(ctx.redis, ctx.keys)
+
+
 def _blobs(ctx: Annotated[ServiceContext, Depends(_ctx)]) -> BlobStore:
     return ctx.blobs
 
@@ -57,3 +62,4 @@ Trainings = Annotated[TrainingStore, Depends(_trainings)]
 Agents = Annotated[AgentRegistry, Depends(_agents)]
 Versions = Annotated[VersionIndex, Depends(_versions)]
 Blobs = Annotated[BlobStore, Depends(_blobs)]
+Orgs = Annotated[Organisations, Depends(_organisations)]

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
+from federated_learning.access import org_of_training
 from federated_learning.bus.replies import read_batches
 from federated_learning.protocol.messages import Event, MalformedMessage, decode
 
@@ -57,12 +58,24 @@ def to_pushes(event: Event) -> list[dict[str, Any]]:
 
 @dataclass
 class Subscriber:
+    """One WebSocket client: its topics (training ids or ``*``) within its organisation
+    (``org_id`` None: every organisation, the bootstrap key)."""
+
     client_id: str
     queue: asyncio.Queue[dict[str, Any]] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
     topics: set[str] = field(default_factory=set)
     dropped: int = 0
+    org_id: str | None = None
+
+    def may_follow(self, topic: str) -> bool:
+        """``*`` (all it may see) or a training of its organisation, told by the id's ``<org>.`` prefix."""
+        return topic == ALL or self.org_id is None or org_of_training(topic) == self.org_id
 
     def wants(self, training_id: str | None) -> bool:
+        """Whether an event about ``training_id`` goes to this client; an organisation's client gets
+        only events about its trainings (none of the system-wide ones)."""
+        if self.org_id is not None and (training_id is None or org_of_training(training_id) != self.org_id):
+            return False
         return ALL in self.topics or (training_id is not None and training_id in self.topics)
 
     def offer(self, message: dict[str, Any]) -> None:

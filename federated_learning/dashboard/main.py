@@ -15,7 +15,14 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from federated_learning.dashboard.live import EventHub
-from federated_learning.dashboard.routes import live, sync, system, trainings
+from federated_learning.dashboard.routes import (
+    join_tokens,
+    live,
+    organisations,
+    sync,
+    system,
+    trainings,
+)
 from federated_learning.services.runtime import ServiceContext
 
 STATIC = Path(__file__).parent / "static"
@@ -56,6 +63,8 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     app.include_router(trainings.router)
     app.include_router(live.router)
     app.include_router(sync.router)
+    app.include_router(join_tokens.router)
+    app.include_router(organisations.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

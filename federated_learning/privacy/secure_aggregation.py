@@ -452,6 +452,21 @@ class SecAggServer:
         self._total = np.zeros(config.vector_length, dtype=np.uint32)
         self._uploaded: set[str] = set()
 
+    @classmethod
+    def resume(cls, roster: Roster, share_senders: Iterable[str]) -> SecAggServer:
+        """A server past round 1, rebuilt from the published roster and who sent shares (the
+        shares themselves went to the agents and are not needed to unmask)."""
+        server = cls(roster.config)
+        for keys in roster.keys:
+            server.register(keys)
+        server.roster()
+        senders = set(share_senders)
+        unknown = senders - set(roster.agent_ids)
+        if unknown:
+            raise ProtocolViolation(f"share senders {sorted(unknown)} are not in the roster")
+        server._share_senders = senders
+        return server
+
     def register(self, keys: AdvertiseKeys) -> None:
         """Round 0: accept an agent's public keys (before the roster is published)."""
         if self._roster is not None:

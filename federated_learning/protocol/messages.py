@@ -24,6 +24,11 @@ Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za
 """Ids of trainings, agents, datasets: they name files and keys, so never '.', '..' or a leading dot."""
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+PublicKeyHex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+"""A raw 32-byte X25519 public key, hex."""
+SessionIdHex = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+MAX_MEMBERS = 10_000
+"""Most agents in one secure-aggregation session."""
 
 
 def canonical_json(fields: dict[str, Any]) -> bytes:
@@ -100,6 +105,12 @@ AlgorithmName = Literal[
 """Aggregation rules a training can name; their parameters follow Flower's. ``fedbuff``
 trains buffered-asynchronously (no rounds for agents to wait on)."""
 ASYNC_ALGORITHMS = frozenset({"fedbuff"})
+SECURE_ALGORITHMS = frozenset({"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"})
+"""Rules that need only the example-weighted mean of the updates, which secure aggregation
+reveals; the others need each update (distances, order statistics, per-agent accuracies) or
+no rounds at all (fedbuff), and are refused for secure trainings."""
+MIN_SECURE_CLIENTS = 3
+"""Fewest agents a secure round may aggregate: with two, each learns the other's update."""
 
 
 class TrainingConfig(BaseModel):
@@ -134,6 +145,12 @@ class TrainingConfig(BaseModel):
         default=None, description="automatic rollback policy; None: off (federated evaluations on a "
                                   "few non-IID agents are noisy, so the operator opts in)")
     target_accuracy: FiniteFloat | None = Field(default=None, gt=0, le=1)
+    secure_aggregation: bool = Field(
+        default=False, description="pairwise-masked secure aggregation: the server learns only the "
+                                   "weighted mean of each round's updates")
+    secure_threshold: FiniteFloat = Field(
+        default=2 / 3, gt=0.5, lt=1.0,
+        description="secure aggregation: fraction of the round's members whose shares rebuild a secret")
 
     @model_validator(mode="after")
     def _clients_consistent(self) -> TrainingConfig:
@@ -147,13 +164,28 @@ class TrainingConfig(BaseModel):
                              "and compressing it away would void the guarantee")
         if self.algorithm == "fedprox" and self.local.proximal_mu == 0.0:
             raise ValueError("algorithm 'fedprox' needs local.proximal_mu > 0")
+        if self.secure_aggregation:
+            self._check_secure()
         return self
+
+    def _check_secure(self) -> None:
+        if self.algorithm not in SECURE_ALGORITHMS:
+            raise ValueError(
+                f"secure aggregation reveals only the weighted mean of the updates; algorithm "
+                f"'{self.algorithm}' needs more and is refused (use one of {', '.join(sorted(SECURE_ALGORITHMS))})")
+        if self.local.compression != "none":
+            raise ValueError("secure aggregation masks dense updates; compression is refused with it")
+        if self.min_clients is not None and self.min_clients < MIN_SECURE_CLIENTS:
+            raise ValueError(f"secure aggregation needs min_clients >= {MIN_SECURE_CLIENTS}; "
+                             f"got {self.min_clients}")
 
 
 class StartTraining(Message):
     type: Literal["start_training"] = "start_training"
     training_id: Identifier
     config: TrainingConfig
+    org_id: Identifier = "default"
+    project_id: Identifier = "default"
     requested_at: float = Field(default_factory=time.time)
 
 
@@ -228,6 +260,7 @@ class Task(Message):
     model_version: int = Field(ge=0)
     settings: LocalTrainingSettings
     deadline_at: float
+    secure: bool = Field(default=False, description="hold the update for the secure-aggregation exchange")
 
 
 class Evaluation(BaseModel):
@@ -289,6 +322,37 @@ class UpdateRef(BaseModel):
     metrics: dict[str, FiniteFloat] = Field(default_factory=dict)
 
 
+class RosterMember(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    agent_id: Identifier
+    cipher_public_key: PublicKeyHex
+    mask_public_key: PublicKeyHex
+    num_examples: int = Field(gt=0)
+
+
+class SecureSession(BaseModel):
+    """What every member and the aggregator must agree on for one session."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    session_id: SessionIdHex
+    threshold: int = Field(ge=2)
+    vector_length: int = Field(ge=1)
+    scale: FiniteFloat = Field(gt=0)
+    clip_range: FiniteFloat = Field(gt=0)
+    weight_normaliser: int = Field(gt=0, description="each agent masks (num_examples / this) * delta")
+    members: list[RosterMember] = Field(min_length=2, max_length=MAX_MEMBERS)
+
+
+class SecureAggregationSpec(BaseModel):
+    """In an aggregation job: how the aggregator removes the masks of a secure round."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    session: SecureSession
+    attempt: int = Field(ge=1, description="the round attempt whose exchange holds the unmask shares")
+    share_senders: list[Identifier] = Field(min_length=2)
+    responders: list[Identifier] = Field(min_length=2, description="whose unmask shares to use")
+
+
 class AggregationJob(Message):
     type: Literal["aggregation_job"] = "aggregation_job"
     training_id: Identifier
@@ -302,6 +366,8 @@ class AggregationJob(Message):
     clip_norm: FiniteFloat | None = Field(default=None, gt=0,
                                           description="central DP: the aggregator clips every update to it")
     updates: list[UpdateRef] = Field(min_length=1)
+    secure: SecureAggregationSpec | None = Field(
+        default=None, description="the updates are masked: remove the masks, then aggregate their mean")
 
     @property
     def job_key(self) -> str:

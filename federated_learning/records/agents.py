@@ -9,6 +9,7 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
+from federated_learning.access import DEFAULT_ORG, DEFAULT_PROJECT
 from federated_learning.bus.replies import text
 from federated_learning.coordination.state import AgentRecord
 from federated_learning.monitoring.reliability import AgentStats
@@ -48,14 +49,16 @@ class AgentRegistry:
             if existing and existing.public_key and message.public_key != existing.public_key:
                 return RegistryOutcome(rejected="key_mismatch",
                                        detail="agent id is bound to another public key")
-            if existing is None and self.require_join_token and not (
-                    message.join_token and await self.tokens.redeem(message.join_token)):
+            project = existing.project if existing else await self._first_join_project(message)
+            if project is None:
                 return RegistryOutcome(rejected="bad_join_token",
-                                       detail="a first join needs a valid join token from the operator")
+                                       detail="a first join needs a valid join token from the operator"
+                                       if message.join_token is None else "unknown, used up or expired join token")
             record = AgentRecord(agent_id=message.agent_id, datasets=dict(message.datasets),
                                  device=dict(message.device), public_key=message.public_key,
                                  volunteer=message.volunteer,
-                                 joined_at=existing.joined_at if existing else now)
+                                 joined_at=existing.joined_at if existing else now,
+                                 org_id=project[0], project_id=project[1])
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self._keys.agents, message.agent_id, record.model_dump_json())
                 pipe.zadd(self._keys.agents_last_seen, {message.agent_id: now}, gt=True)
@@ -71,6 +74,14 @@ class AgentRegistry:
         await self._redis.zrem(self._keys.agents_last_seen, message.agent_id)
         return RegistryOutcome(event="agent_left", detail=message.reason or "left")
 
+    async def _first_join_project(self, message: AgentJoined) -> tuple[str, str] | None:
+        """The (organisation, project) a new agent joins: its token's; the default project when
+        it brings none and registration is open; None when its token is bad or one is required."""
+        if message.join_token is None:
+            return None if self.require_join_token else (DEFAULT_ORG, DEFAULT_PROJECT)
+        token = await self.tokens.redeem(message.join_token)
+        return None if token is None else (token.org_id, token.project_id)
+
     async def get(self, agent_id: str) -> AgentRecord | None:
         raw = await self._redis.hget(self._keys.agents, agent_id)
         return None if raw is None else AgentRecord.model_validate_json(raw)
@@ -82,20 +93,24 @@ class AgentRegistry:
         raw = await self._redis.hgetall(self._keys.agents)
         return [AgentRecord.model_validate_json(v) for v in raw.values()]
 
-    async def datasets(self) -> dict[str, dict[str, int]]:
-        """Datasets of the agents that can be asked for work (volunteers cannot: they have no inbox)."""
-        return {record.agent_id: record.datasets for record in await self.all() if not record.volunteer}
+    async def datasets(self, project: tuple[str, str] | None = None) -> dict[str, dict[str, int]]:
+        """Datasets of the agents that can be asked for work (volunteers cannot: they have no inbox),
+        only those of ``project`` (organisation, project) when one is given."""
+        return {record.agent_id: record.datasets for record in await self.all()
+                if not record.volunteer and (project is None or record.project == project)}
 
     async def last_seen(self) -> dict[str, float]:
         pairs = cast("list[tuple[bytes, float]]",
                      await self._redis.zrange(self._keys.agents_last_seen, 0, -1, withscores=True))
         return {member.decode(): float(score) for member, score in pairs}
 
-    async def live_volunteers(self, dataset: str) -> list[str]:
-        """Volunteer agents (plain-HTTP clients) holding ``dataset`` that were heard from recently."""
+    async def live_volunteers(self, dataset: str, project: tuple[str, str] | None = None) -> list[str]:
+        """Volunteer agents (plain-HTTP clients) holding ``dataset`` that were heard from recently
+        (only those of ``project`` when one is given)."""
         alive = set(await self.alive())
         return sorted(r.agent_id for r in await self.all()
-                      if r.volunteer and r.agent_id in alive and r.datasets.get(dataset, 0) > 0)
+                      if r.volunteer and r.agent_id in alive and r.datasets.get(dataset, 0) > 0
+                      and (project is None or r.project == project))
 
     async def statistics(self) -> dict[str, AgentStats]:
         """Each registered agent's record of work: asked, completed, late, dropped, flagged, examples."""

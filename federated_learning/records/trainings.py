@@ -1,4 +1,5 @@
-"""Training states in Redis: one JSON per training, an index, an active set and a queue."""
+"""Training states in Redis: one JSON per training, an index (and one per organisation), an active set
+and a queue."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class TrainingStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._keys.training(state.training_id), state.model_dump_json())
             pipe.zadd(self._keys.trainings, {state.training_id: state.created_at})
+            pipe.zadd(self._keys.org_trainings(state.org_id), {state.training_id: state.created_at})
             if queued:
                 pipe.rpush(self._keys.training_queue, state.training_id)
             await pipe.execute()
@@ -57,8 +59,10 @@ class TrainingStore:
     async def remove_queued(self, training_id: str) -> None:
         await self._redis.lrem(self._keys.training_queue, 0, training_id)
 
-    async def list_ids(self, limit: int = 100) -> list[str]:
-        members = cast("list[bytes]", await self._redis.zrevrange(self._keys.trainings, 0, limit - 1))
+    async def list_ids(self, limit: int = 100, org_id: str | None = None) -> list[str]:
+        """The newest trainings' ids, newest first: every organisation's, or only ``org_id``'s."""
+        index = self._keys.trainings if org_id is None else self._keys.org_trainings(org_id)
+        members = cast("list[bytes]", await self._redis.zrevrange(index, 0, limit - 1))
         return [m.decode() for m in members]
 
     async def metrics(self, training_id: str) -> list[RoundMetrics]:

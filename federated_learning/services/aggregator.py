@@ -23,17 +23,25 @@ from federated_learning.bus.blobs import BlobMissing
 from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
 from federated_learning.monitoring.anomaly import MIN_UPDATES_FOR_SCORES, score_slabs
+from federated_learning.privacy.errors import PrivacyError
 from federated_learning.privacy.mechanisms import clip_update
+from federated_learning.privacy.secure_session import unmask_weighted_mean
 from federated_learning.protocol.keys import GROUP_AGGREGATOR
 from federated_learning.protocol.messages import (
     ASYNC_ALGORITHMS,
     AggregateReady,
     AggregationJob,
     MalformedMessage,
+    SecureAggregationSpec,
     Severity,
     UpdateRef,
     decode,
     encode,
+)
+from federated_learning.protocol.secure_messages import (
+    MASKED_DTYPES,
+    MASKED_LAYER,
+    SecureUnmaskShares,
 )
 from federated_learning.protocol.tensors import (
     STATE_DTYPES,
@@ -124,6 +132,27 @@ class Aggregator:
                                 flags=suspicious)
         return float(np.mean([flag.norm for flag in flags]))
 
+    async def _load_secure_mean(self, job: AggregationJob, spec: SecureAggregationSpec, base: NamedLayers,
+                                slabs: list[np.ndarray]) -> None:
+        """Remove the masks of a secure round; row 0 of ``slabs`` becomes base + the mean delta."""
+        max_bytes = self.ctx.settings.max_blob_bytes
+        masked = {}
+        for ref in job.updates:
+            layers = decode_layers(await self.ctx.blobs.get(ref.digest), max_bytes=max_bytes,
+                                   allowed_dtypes=MASKED_DTYPES)
+            masked[ref.agent_id] = np.asarray(layers[MASKED_LAYER], dtype=np.uint32)
+        raw = await self.ctx.redis.hmget(
+            self.ctx.keys.secure_exchange(job.training_id, job.round, spec.attempt, "unmask"), spec.responders)
+        responses = [SecureUnmaskShares.model_validate_json(v) for v in raw if v is not None]
+        try:
+            mean = await asyncio.to_thread(unmask_weighted_mean, spec, masked, responses)
+        except PrivacyError as exc:
+            raise AggregationFailed(f"secure aggregation: {exc}") from exc
+        offset = 0
+        for slab, layer in zip(slabs, base.values(), strict=True):
+            slab[0] = layer.reshape(-1) + mean[offset: offset + layer.size]
+            offset += layer.size
+
     async def _update_on_base(self, ref: UpdateRef, base: NamedLayers,
                               own_bases: dict[str, NamedLayers]) -> NamedLayers:
         """The update as a model on the job's base: ``base + (update - the model it was trained from)``."""
@@ -150,25 +179,34 @@ class Aggregator:
             strategy.load_state_dict(decode_layers(await self.ctx.blobs.get(job.state_digest),
                                                    max_bytes=self.ctx.settings.max_blob_bytes,
                                                    allowed_dtypes=STATE_DTYPES))
-        slabs = allocate_slabs(global_layers, len(job.updates))
         # FedBuff folds deltas (each from the version its agent started from), not models.
         as_deltas = job.algorithm in ASYNC_ALGORITHMS
-        usable = await self._load_updates(job, base, slabs, as_deltas=as_deltas)
-        if not usable:
-            raise AggregationFailed("no usable update")
-        if len(usable) < len(job.updates):
-            slabs = [slab[: len(usable)] for slab in slabs]
-        refs = [job.updates[k] for k in usable]
+        if job.secure is not None:
+            # One row: the survivors' unmasked weighted mean, weighted by all their examples.
+            slabs = allocate_slabs(global_layers, 1)
+            await self._load_secure_mean(job, job.secure, base, slabs)
+            refs = job.updates
+            weights = [sum(ref.num_examples for ref in refs)]
+        else:
+            slabs = allocate_slabs(global_layers, len(job.updates))
+            usable = await self._load_updates(job, base, slabs, as_deltas=as_deltas)
+            if not usable:
+                raise AggregationFailed("no usable update")
+            if len(usable) < len(job.updates):
+                slabs = [slab[: len(usable)] for slab in slabs]
+            refs = [job.updates[k] for k in usable]
+            weights = [ref.num_examples for ref in refs]
         started = time.perf_counter()
         new_layers = strategy.aggregate_slabs(
-            global_layers, slabs, [ref.num_examples for ref in refs],
-            client_metrics=[dict(ref.metrics) for ref in refs],
-            staleness=[max(0, job.base_version - ref.model_version) for ref in refs],
+            global_layers, slabs, weights,
+            client_metrics=[dict(ref.metrics) for ref in refs][: len(weights)],
+            staleness=[max(0, job.base_version - ref.model_version) for ref in refs][: len(weights)],
         )
         seconds = time.perf_counter() - started
         SECONDS.labels(job.algorithm).observe(seconds)
         reference = [np.zeros_like(layer) for layer in global_layers] if as_deltas else global_layers
-        norm_mean = await self._score_updates(job, reference, slabs, refs)
+        # A secure round has no individual updates to score: that is what it hides.
+        norm_mean = 0.0 if job.secure is not None else await self._score_updates(job, reference, slabs, refs)
         model = dict(zip(names, (np.asarray(layer).reshape(base[name].shape)
                                  for name, layer in zip(names, new_layers, strict=True)), strict=True))
         model_digest = await self.ctx.blobs.put(encode_layers(model))

@@ -50,7 +50,7 @@ class BufferedRounds:
 
     async def refill(self, state: TrainingState) -> None:
         """Give tasks to idle eligible agents until ``clients_per_round`` are training."""
-        candidates = eligible_agents(await self.c.registry.datasets(), await self.c.registry.alive(),
+        candidates = eligible_agents(await self.c.registry.datasets(state.project), await self.c.registry.alive(),
                                      state.config.dataset)
         if not candidates and not state.in_flight:
             if state.status is not TrainingStatus.PAUSED:

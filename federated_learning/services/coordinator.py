@@ -21,6 +21,7 @@ from federated_learning.config import load_settings
 from federated_learning.coordination.checks import (
     refuse_training,
 )
+from federated_learning.coordination.secure import DEFAULT_SECURE_CLIP_NORM
 from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.models import initial_model
 from federated_learning.privacy.release import clip_norm_for
@@ -38,6 +39,7 @@ from federated_learning.protocol.messages import (
     decode_control,
     encode,
 )
+from federated_learning.protocol.secure_messages import SECURE_AGENT_TYPES, message_type
 from federated_learning.protocol.tensors import (
     encode_layers,
 )
@@ -47,6 +49,7 @@ from federated_learning.services.buffered import BufferedRounds
 from federated_learning.services.rollbacks import Rollbacks
 from federated_learning.services.rounds import RoundProtocol
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
+from federated_learning.services.secure_rounds import SecureRounds
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +73,13 @@ class Coordinator(RoundProtocol):
         self._last_tick = 0.0
         self.buffered = BufferedRounds(self)
         self.rollbacks = Rollbacks(self)
+        self.secure = SecureRounds(self)
         self.consumer = StreamConsumer(
             ctx.redis, GROUP_COORDINATOR, f"coordinator-{ctx.instance}",
             {
                 self.keys.control_stream: self.on_control,
                 self.keys.agent_stream: self.on_agent_message,
-                self.keys.update_stream: self.on_update,
+                self.keys.update_stream: self.on_upload,
                 self.keys.version_stream: self.on_version,
             },
             dead_letter_stream=ctx.dead_letter_stream, block_ms=int(TICK_S * 1000),
@@ -106,6 +110,7 @@ class Coordinator(RoundProtocol):
         config = command.config
         state = TrainingState(
             training_id=command.training_id, config=config,
+            org_id=command.org_id, project_id=command.project_id,
             min_clients=config.min_clients or self.settings.min_clients_per_round,
             clients_per_round=min(config.clients_per_round or self.settings.max_clients_per_round,
                                   self.settings.max_clients_per_round),
@@ -114,6 +119,8 @@ class Coordinator(RoundProtocol):
             created_at=command.requested_at,
         )
         state.clip_norm = clip_norm_for(state.privacy_level, config.local.clip_norm)
+        if config.secure_aggregation and state.clip_norm is None:
+            state.clip_norm = DEFAULT_SECURE_CLIP_NORM
         refusal = refuse_training(state)
         if refusal is not None:
             state.status = TrainingStatus.FAILED
@@ -170,6 +177,13 @@ class Coordinator(RoundProtocol):
             pipe.xadd(self.keys.release_stream, encode(release))  # type: ignore[arg-type]
             await pipe.execute()
         await self._emit_status(state)
+
+    async def on_upload(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        """The update stream carries update notices and the secure-aggregation exchange."""
+        if message_type(fields) in SECURE_AGENT_TYPES:
+            await self.secure.on_message(fields)
+        else:
+            await self.on_update(entry_id, fields)
 
     async def on_agent_message(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:

@@ -23,8 +23,14 @@ from agents.trainers import trainer_for
 from federated_learning.bus.blobs import BlobMissing
 from federated_learning.bus.replies import text
 from federated_learning.config import Settings
-from federated_learning.coordination.checks import check_signature, notice_metrics, strategy_params
+from federated_learning.coordination.checks import (
+    check_signature,
+    notice_metrics,
+    project_mismatch,
+    strategy_params,
+)
 from federated_learning.coordination.rounds import RoundDecision, decide_round, summarize_notices
+from federated_learning.coordination.secure import SecureRoundState
 from federated_learning.coordination.selection import (
     eligible_agents,
     policy_weights,
@@ -61,6 +67,7 @@ from federated_learning.services.runtime import ServiceContext
 if TYPE_CHECKING:
     from federated_learning.services.buffered import BufferedRounds
     from federated_learning.services.rollbacks import Rollbacks
+    from federated_learning.services.secure_rounds import SecureRounds
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +105,7 @@ class RoundProtocol:
     registry: AgentRegistry
     buffered: BufferedRounds
     rollbacks: Rollbacks
+    secure: SecureRounds
     activate_queued: Callable[[], Awaitable[None]]
 
     async def finish(self, state: TrainingState, status: TrainingStatus, reason: str) -> None:
@@ -129,7 +137,7 @@ class RoundProtocol:
         if state.is_buffered and not evaluating:
             await self.buffered.open(state, round_number)
             return
-        candidates = eligible_agents(await self.registry.datasets(), await self.registry.alive(),
+        candidates = eligible_agents(await self.registry.datasets(state.project), await self.registry.alive(),
                                      state.config.dataset)
         if round_number != state.round:
             state.selected, state.responded, state.dropped, state.retries = [], [], [], 0
@@ -153,6 +161,7 @@ class RoundProtocol:
             state.status, state.reason = TrainingStatus.RUNNING, ""
             await self._emit_status(state)
         state.attempt += 1
+        state.secure = SecureRoundState(attempt=state.attempt) if state.config.secure_aggregation and not evaluating else None
         rng = round_rng(state.training_id, round_number, state.attempt)
         if evaluating:
             chosen = [a for a in candidates if a not in state.selected]
@@ -188,7 +197,7 @@ class RoundProtocol:
         if policy == "random":
             return None
         sizes = {agent: records.get(state.config.dataset, 0)
-                 for agent, records in (await self.registry.datasets()).items()}
+                 for agent, records in (await self.registry.datasets(state.project)).items()}
         stats = await self.registry.statistics() if policy in ("reliability", "contribution") else {}
         return policy_weights(policy, candidates, sizes, stats)
 
@@ -203,7 +212,8 @@ class RoundProtocol:
             task = Task(kind=kind, training_id=state.training_id, round=state.round, attempt=state.attempt,
                         dataset=state.config.dataset, model=state.config.model,
                         model_digest=state.current_digest, model_version=state.current_version,
-                        settings=settings, deadline_at=deadline_at)
+                        settings=settings, deadline_at=deadline_at,
+                        secure=state.secure is not None and kind is TaskKind.TRAIN)
             pipe.xadd(self.keys.inbox_stream(agent_id), encode(task),  # type: ignore[arg-type]
                       maxlen=INBOX_MAXLEN, approximate=True)
             pipe.hincrby(self.keys.agent_stats, f"{agent_id}:asked", 1)
@@ -226,6 +236,10 @@ class RoundProtocol:
         agent = await self.registry.get(notice.agent_id)
         if agent is None:
             await self.ctx.reject("updates", "unknown_agent", notice.agent_id, **context)
+            return
+        mismatch = project_mismatch(agent.project, state.project)
+        if mismatch is not None:
+            await self.ctx.reject("updates", "wrong_project", mismatch, **context)
             return
         signature_problem = check_signature(notice, agent.public_key, self.settings.require_signed_updates)
         if signature_problem is not None:
@@ -281,6 +295,8 @@ class RoundProtocol:
         """Reason and detail when the update blob is missing or invalid, else None."""
         if notice.kind is TaskKind.EVALUATE or notice.update_digest is None:
             return None
+        if state.config.secure_aggregation and not state.is_buffered:
+            return await self.secure.check_upload(state, notice)
         try:
             decode_update(await self.ctx.blobs.get(notice.update_digest), state.layer_spec,
                           max_bytes=self.settings.max_blob_bytes)
@@ -294,13 +310,16 @@ class RoundProtocol:
         """Decide what a collecting round does next, and do it."""
         if state.phase is not RoundPhase.COLLECTING:
             return
+        if state.secure is not None and state.status is not TrainingStatus.EVALUATING:
+            await self.secure.advance(state)
+            return
         updates_key = self.keys.round_updates(state.training_id, state.round)
         accepted = await self.redis.hlen(updates_key)
         evaluating = state.status is TrainingStatus.EVALUATING
         # Live volunteers (plain-HTTP clients) may still send an update for this round.
         expected = set(state.selected)
         if not evaluating:
-            expected |= set(await self.registry.live_volunteers(state.config.dataset))
+            expected |= set(await self.registry.live_volunteers(state.config.dataset, state.project))
         decision = decide_round(
             accepted=accepted, responded=len(state.responded), selected=len(expected),
             target=len(state.selected) if evaluating else state.clients_per_round,
@@ -335,6 +354,8 @@ class RoundProtocol:
             record = await self.rollbacks.index.get(state.training_id, version)
             if record is not None:
                 bases[version] = record.model_digest
+        # Masked updates cannot be clipped here: the agents clipped them before masking.
+        secure = await self.secure.job_spec(state) if state.secure is not None else None
         if state.is_buffered:
             # Updates that arrived while the previous buffer was aggregated join this flush.
             params["buffer_size"] = max(state.buffer_size, len(notices))
@@ -343,7 +364,9 @@ class RoundProtocol:
             algorithm=state.config.algorithm, algorithm_params=params,
             base_version=state.current_version, base_digest=state.current_digest,
             state_digest=state.state_digest,
-            clip_norm=state.clip_norm if state.privacy_level != "none" and state.config.privacy_mode == "central" else None,
+            clip_norm=state.clip_norm if state.privacy_level != "none" and state.config.privacy_mode == "central"
+            and secure is None else None,
+            secure=secure,
             updates=[UpdateRef(agent_id=n.agent_id, digest=n.update_digest or "", num_examples=n.num_examples,
                                model_version=n.received_model_version,
                                model_digest=bases.get(n.received_model_version), metrics=notice_metrics(n))

@@ -2,7 +2,9 @@
 
 Idempotent per (training, round): the version number of a round is recorded in the
 same transaction that records the version and announces it; a redelivered release
-re-announces the recorded version. Numbers are assigned as one more than the last
+re-announces the recorded version. The commit itself is
+:meth:`federated_learning.model_versions.ModelVersionManager.commit`, the path the
+Python API's ``create_model_version`` takes too. Numbers are assigned as one more than the last
 committed version, so a crash between the disk write and the record rewrites the
 same file under the same number: no gaps, no duplicates.
 """
@@ -20,17 +22,10 @@ from prometheus_client import Counter, Gauge
 from federated_learning.bus.blobs import BlobMissing
 from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
+from federated_learning.model_versions import ModelVersionManager
 from federated_learning.protocol.keys import GROUP_VERSIONS
-from federated_learning.protocol.messages import (
-    MalformedMessage,
-    ModelReleased,
-    VersionCommitted,
-    VersionRecord,
-    decode,
-    encode,
-)
-from federated_learning.protocol.tensors import InvalidTensor, decode_layers
-from federated_learning.records.checkpoints import CheckpointStore
+from federated_learning.protocol.messages import MalformedMessage, ModelReleased, decode
+from federated_learning.protocol.tensors import InvalidTensor
 from federated_learning.records.trainings import TrainingStore
 from federated_learning.records.versions import VersionIndex
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
@@ -47,7 +42,8 @@ class VersionManager:
         self.ctx = ctx
         self.index = VersionIndex(ctx.redis, ctx.keys)
         self.trainings = TrainingStore(ctx.redis, ctx.keys)
-        self.checkpoints = CheckpointStore(ctx.settings.data_dir / "checkpoints")
+        self.api = ModelVersionManager(ctx)
+        self.checkpoints = self.api.checkpoints
         self.consumer = StreamConsumer(
             ctx.redis, GROUP_VERSIONS, f"versions-{ctx.instance}",
             {ctx.keys.release_stream: self.on_release},
@@ -63,41 +59,17 @@ class VersionManager:
         except MalformedMessage as exc:
             await self.ctx.reject("releases", "malformed", exc.reason)
             return
-        existing = await self.index.version_of_round(release.training_id, release.round)
-        if existing is not None:
-            record = await self.index.get(release.training_id, existing)
-            if record is not None:
-                await self.ctx.redis.xadd(self.ctx.keys.version_stream, encode(_announcement(record)))  # type: ignore[arg-type]
-            return
         try:
-            data = await self.ctx.blobs.get(release.model_digest)
-            decode_layers(data, max_bytes=self.ctx.settings.max_blob_bytes)
+            commit = await self.api.commit(release)
         except (BlobMissing, InvalidTensor) as exc:
             await self.ctx.reject("releases", getattr(exc, "reason", "blob_missing"), str(exc),
                                   training_id=release.training_id, round=release.round)
             return
-        version = await self.index.next_version(release.training_id)
-        record = VersionRecord(
-            training_id=release.training_id, version=version, round=release.round,
-            parent_version=release.parent_version, model_digest=release.model_digest,
-            state_digest=release.state_digest,
-            checkpoint=str(self.checkpoints.model_path(release.training_id, version)),
-            algorithm=release.algorithm, contributors=release.contributors,
-            num_examples=release.num_examples, privacy=release.privacy, created_at=time.time(),
-        )
-        await asyncio.to_thread(self.checkpoints.write, release.training_id, version, data,
-                                record.model_dump_json(indent=1))
-        async with self.ctx.redis.pipeline(transaction=True) as pipe:
-            self.index.stage_commit(pipe, record)
-            pipe.xadd(self.ctx.keys.version_stream, encode(_announcement(record)))  # type: ignore[arg-type]
-            await pipe.execute()
+        if not commit.created:
+            return
         COMMITS.inc()
-        LATEST.labels(release.training_id).set(version)
-        await self.prune(release.training_id, protected={version})
-        await self.ctx.emit("version_committed", f"version {version} from round {release.round}",
-                            training_id=release.training_id, round=release.round, version=version,
-                            parent_version=release.parent_version, digest=release.model_digest)
-
+        LATEST.labels(release.training_id).set(commit.record.version)
+        await self.prune(release.training_id, protected={commit.record.version})
 
     async def prune(self, training_id: str, protected: set[int]) -> None:
         """Apply the retention policy: keep the best and the last N checkpoints, the current one,
@@ -130,12 +102,6 @@ class VersionManager:
         if doomed:
             await self.ctx.emit("checkpoints_pruned", f"deleted checkpoints of versions {doomed}",
                                 training_id=training_id, versions=doomed)
-
-
-def _announcement(record: VersionRecord) -> VersionCommitted:
-    return VersionCommitted(training_id=record.training_id, version=record.version, round=record.round,
-                            parent_version=record.parent_version, model_digest=record.model_digest,
-                            state_digest=record.state_digest)
 
 
 async def _main(args: argparse.Namespace) -> None:

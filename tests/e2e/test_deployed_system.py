@@ -12,7 +12,7 @@ from tests.e2e.conftest import Deployment, training_body, wait_status
 
 
 async def test_ten_agents_train_three_rounds_through_the_deployed_processes(deployment: Deployment, agents) -> None:
-    ws_url = deployment.dashboard_url.replace("http", "ws") + "/ws/e2e-test"
+    ws_url = deployment.dashboard_url.replace("http", "ws") + f"/ws/e2e-test?api_key={deployment.api_key}"
     async with websockets.connect(ws_url) as socket, deployment.client() as http:
         await socket.send(json.dumps({"action": "subscribe", "training_id": "*"}))
         assert json.loads(await socket.recv())["type"] == "subscribed"
@@ -61,7 +61,7 @@ async def test_ten_agents_train_three_rounds_through_the_deployed_processes(depl
 
 async def test_two_hundred_live_sockets_all_receive_the_round_events(deployment: Deployment, agents) -> None:
     ws_url = deployment.dashboard_url.replace("http", "ws") + "/ws/"
-    sockets = [await websockets.connect(f"{ws_url}watcher-{i}") for i in range(200)]
+    sockets = [await websockets.connect(f"{ws_url}watcher-{i}?api_key={deployment.api_key}") for i in range(200)]
     try:
         for socket in sockets:
             await socket.send(json.dumps({"action": "subscribe", "training_id": "*"}))

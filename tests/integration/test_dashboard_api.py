@@ -164,7 +164,8 @@ async def test_retention_prunes_old_checkpoints_and_a_corrupt_one_is_never_serve
     assert all(not (checkpoints / f"v{v:06d}.safetensors").exists() for v in pruned)
 
     ctx = ServiceContext(redis=redis, settings=app_settings, service="dashboard", instance="0")
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(ctx)), base_url="http://t") as http:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(ctx)), base_url="http://t",
+                                 headers={"X-API-Key": TEST_API_KEY}) as http:
         assert (await http.get(f"/api/training/keep/versions/{pruned[0]}/model")).status_code == 410
         record = next(v for v in versions if v.version == 0)
         await redis.delete(KEYS.blob(record.model_digest))

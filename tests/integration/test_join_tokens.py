@@ -41,3 +41,24 @@ async def test_first_join_needs_a_valid_token_and_uses_are_counted(redis: aiored
     assert int(await redis.hget(KEYS.rejections, "agents:bad_join_token")) == 3
     [stored] = await tokens.all()
     assert stored.uses_left == 0 and token not in stored.model_dump_json()
+
+
+async def test_a_project_token_binds_the_agent_and_an_expired_one_is_refused(redis: aioredis.Redis) -> None:
+    registry = AgentRegistry(redis, KEYS, 10.0)
+    token, _record = await registry.tokens.create("vision", org_id="acme", project_id="vision")
+    expired, _record = await registry.tokens.create("old", org_id="acme", project_id="vision", ttl_s=-1.0)
+
+    joined = await registry.apply(AgentJoined(agent_id="bound", datasets={"d": 1}, join_token=token))
+    refused = await registry.apply(AgentJoined(agent_id="late", datasets={"d": 1}, join_token=expired))
+    plain = await registry.apply(AgentJoined(agent_id="plain", datasets={"d": 1}))
+    rejoined = await registry.apply(AgentJoined(agent_id="bound", datasets={"d": 2}))
+
+    assert joined.event == "agent_joined" and rejoined.event == "agent_rejoined" and plain.event == "agent_joined"
+    assert refused.rejected == "bad_join_token"
+    bound, default = await registry.get("bound"), await registry.get("plain")
+    assert bound is not None and bound.project == ("acme", "vision") and bound.datasets == {"d": 2}
+    assert default is not None and default.project == ("default", "default")
+    assert set(await registry.datasets(("acme", "vision"))) == {"bound"}
+    assert set(await registry.datasets(("default", "default"))) == {"plain"}
+    assert [t.label for t in await registry.tokens.all("acme")] == ["vision", "old"]
+    assert await registry.tokens.all("globex") == []

@@ -1,11 +1,12 @@
 """Plain-HTTP model sync for simple clients (seed 000's daily sync): ``POST /sync_model``.
 
 A client that cannot speak Redis posts its local model; the dashboard, acting as a gateway,
-registers it as a volunteer agent ``http-<client_id>``, signs a notice for it with the
-gateway's own Ed25519 key, and feeds the update into the training like any agent's (the
-coordinator accepts a volunteer's update when it was trained from the current version,
-or, for asynchronous trainings, within the staleness limit). The answer is the current
-global model, as JSON or as safetensors.
+registers it as a volunteer agent ``http-<client_id>`` (``http-<org>.<project>.<client_id>``
+outside the default project; its first join carries a one-off join token of the training's
+project), signs a notice for it with the gateway's own Ed25519 key, and feeds the update into
+the training like any agent's (the coordinator accepts a volunteer's update when it was
+trained from the current version, or, for asynchronous trainings, within the staleness limit). The answer is the current
+global model, as JSON or as safetensors. A key feeds only its organisation's trainings.
 
 Two forms: JSON ``{client_id, training_id?, base_version?, weights: {layer: nested lists},
 metrics: {num_examples, accuracy?, loss?}}``, or a safetensors body with the fields as
@@ -23,8 +24,9 @@ import numpy as np
 from fastapi import APIRouter, Header, HTTPException, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
+from federated_learning.access import DEFAULT_ORG, DEFAULT_PROJECT, Principal
 from federated_learning.coordination.state import TrainingState
-from federated_learning.dashboard.auth import ApiKey
+from federated_learning.dashboard.auth import ApiKey, forbid
 from federated_learning.dashboard.deps import Context, Trainings
 from federated_learning.privacy.signing import AgentKeyPair
 from federated_learning.protocol.messages import (
@@ -43,12 +45,14 @@ from federated_learning.protocol.tensors import (
     encode_layers,
     validate_layers,
 )
+from federated_learning.records.join_tokens import JoinTokens
 from federated_learning.types import NamedLayers
 
 router = APIRouter(tags=["sync"])
 
 HTTP_AGENT_PREFIX = "http-"
 SAFETENSORS = "application/octet-stream"
+GATEWAY_TOKEN_TTL_S = 600.0
 
 
 class SyncMetrics(BaseModel):
@@ -76,10 +80,14 @@ def gateway_identity(ctx: Any) -> AgentKeyPair:
     return identity
 
 
-async def _training(trainings: Trainings, training_id: str | None) -> TrainingState:
-    ids = [training_id] if training_id else await trainings.list_ids()
+async def _training(ctx: Context, trainings: Trainings, principal: Principal, training_id: str | None) -> TrainingState:
+    """The named training (403 when it is another organisation's), or the key's organisation's newest
+    running one; 409 when it is not running."""
+    ids = [training_id] if training_id else await trainings.list_ids(org_id=principal.org_id)
     for candidate in ids:
         state = await trainings.load(candidate)
+        if state is not None and not principal.may_access(state.org_id):
+            await forbid(ctx, principal, f"training '{candidate}' belongs to another organisation")
         if state is not None and state.status in (TrainingStatus.RUNNING, TrainingStatus.PAUSED):
             return state
     raise HTTPException(status.HTTP_409_CONFLICT,
@@ -106,9 +114,10 @@ async def _submit(ctx: Context, state: TrainingState, client_id: str, layers: Na
     """Register the client (first time), upload its model and a signed notice; return its agent id."""
     validate_layers(layers, state.layer_spec)
     identity = gateway_identity(ctx)
-    agent_id = f"{HTTP_AGENT_PREFIX}{client_id}"[:128]
+    agent_id = volunteer_id(state, client_id)
     joined = AgentJoined(agent_id=agent_id, datasets={state.config.dataset: metrics.num_examples},
-                         device={"kind": "http-sync"}, public_key=identity.public_key_bytes.hex(), volunteer=True)
+                         device={"kind": "http-sync"}, public_key=identity.public_key_bytes.hex(), volunteer=True,
+                         join_token=await _project_token(ctx, state, agent_id))
     await ctx.redis.xadd(ctx.keys.agent_stream, encode(joined))  # type: ignore[arg-type]
     await ctx.redis.xadd(ctx.keys.agent_stream, encode(Heartbeat(agent_id=agent_id)))  # type: ignore[arg-type]
     digest = await ctx.blobs.put(encode_layers(layers), ttl_s=24 * 3600)
@@ -125,6 +134,23 @@ async def _submit(ctx: Context, state: TrainingState, client_id: str, layers: Na
     return agent_id
 
 
+def volunteer_id(state: TrainingState, client_id: str) -> str:
+    """``http-<client>`` in the default project, ``http-<org>.<project>.<client>`` in others, so
+    one client id in two projects is two agents, each bound to its project."""
+    scope = "" if state.project == (DEFAULT_ORG, DEFAULT_PROJECT) else f"{state.org_id}.{state.project_id}."
+    return f"{HTTP_AGENT_PREFIX}{scope}{client_id}"[:128]
+
+
+async def _project_token(ctx: Context, state: TrainingState, agent_id: str) -> str | None:
+    """A one-off join token of the training's project for a volunteer's first join (None once it is registered)."""
+    if await ctx.redis.hexists(ctx.keys.agents, agent_id):
+        return None
+    token, _record = await JoinTokens(ctx.redis, ctx.keys).create(
+        f"http-sync gateway: {agent_id}", max_uses=1, org_id=state.org_id, project_id=state.project_id,
+        ttl_s=GATEWAY_TOKEN_TTL_S)
+    return token
+
+
 async def _current_model(ctx: Context, state: TrainingState) -> tuple[bytes, NamedLayers]:
     assert state.current_digest is not None
     data = await ctx.blobs.get(state.current_digest)
@@ -132,7 +158,7 @@ async def _current_model(ctx: Context, state: TrainingState) -> tuple[bytes, Nam
 
 
 @router.post("/sync_model")
-async def sync_model(request: Request, ctx: Context, trainings: Trainings, _auth: ApiKey,
+async def sync_model(request: Request, ctx: Context, trainings: Trainings, principal: ApiKey,
                      x_client_id: Annotated[str | None, Header()] = None,
                      x_training_id: Annotated[str | None, Header()] = None,
                      x_base_version: Annotated[int | None, Header()] = None,
@@ -153,7 +179,7 @@ async def sync_model(request: Request, ctx: Context, trainings: Trainings, _auth
     except ValueError as exc:
         await ctx.reject("sync", "invalid_body", str(exc)[:300])
         raise HTTPException(422, detail=str(exc)[:500]) from exc
-    state = await _training(trainings, sync.training_id)
+    state = await _training(ctx, trainings, principal, sync.training_id)
     try:
         layers = (decode_layers(body, max_bytes=ctx.settings.max_blob_bytes) if binary
                   else await asyncio.to_thread(_layers_from_json, sync.weights, state))

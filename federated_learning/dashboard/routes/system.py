@@ -7,11 +7,11 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, status
-from pydantic import BaseModel, ConfigDict, Field
 
+from federated_learning.access import Principal, org_of_training
 from federated_learning.bus.replies import text
-from federated_learning.dashboard.auth import ApiKey
-from federated_learning.dashboard.deps import Agents, AppKeys, Redis
+from federated_learning.dashboard.auth import ApiKey, Viewer, forbid
+from federated_learning.dashboard.deps import Agents, AppKeys, Context, Redis
 from federated_learning.monitoring.alerts import (
     EXPECTED_SERVICES,
     RECONCILED_RULES,
@@ -45,7 +45,10 @@ async def health(redis: Redis) -> dict[str, Any]:
 @router.get("/system/health")
 async def system_health(redis: Redis, keys: AppKeys) -> dict[str, Any]:
     """Each service's instances with their age, CPU and memory; Redis memory; stream backlogs;
-    and a verdict from the monitor's system rules, with the reasons."""
+    and a verdict from the monitor's system rules, with the reasons.
+
+    Open without a key, like ``/metrics``: it is the deployment's health (what the launcher and
+    probes poll), holding no organisation's data."""
     records = await read_health_records(redis, keys)
     services: dict[str, list[dict[str, Any]]] = {}
     for record in records:
@@ -66,7 +69,8 @@ async def system_health(redis: Redis, keys: AppKeys) -> dict[str, Any]:
 
 
 @router.get("/agents")
-async def list_agents(agents: Agents, redis: Redis, keys: AppKeys) -> list[dict[str, Any]]:
+async def list_agents(agents: Agents, redis: Redis, keys: AppKeys, principal: Viewer) -> list[dict[str, Any]]:
+    """The agents of the key's organisation (every agent for the bootstrap key)."""
     last_seen = await agents.last_seen()
     alive = set(await agents.alive())
     dropouts = {text(k): int(v) for k, v in (await redis.hgetall(keys.agent_dropouts)).items()}
@@ -74,28 +78,32 @@ async def list_agents(agents: Agents, redis: Redis, keys: AppKeys) -> list[dict[
         {**record.model_dump(mode="json", exclude={"public_key"}), "alive": record.agent_id in alive,
          "last_seen": last_seen.get(record.agent_id), "dropouts": dropouts.get(record.agent_id, 0)}
         for record in sorted(await agents.all(), key=lambda r: r.agent_id)
+        if principal.may_access(record.org_id)
     ]
 
 
 @router.get("/alerts", response_model=list[Alert])
-async def alerts(redis: Redis, keys: AppKeys, training_id: str | None = None,
+async def alerts(redis: Redis, keys: AppKeys, principal: Viewer, training_id: str | None = None,
                  severity: Literal["info", "warning", "critical"] | None = None,
                  open_only: bool = Query(default=False)) -> list[Alert]:
     records = [Alert.model_validate_json(v) for v in (await redis.hgetall(keys.alerts)).values()]
     chosen = [a for a in records
-              if (training_id is None or a.training_id == training_id)
+              if _visible(principal, a)
+              and (training_id is None or a.training_id == training_id)
               and (severity is None or a.severity == severity)
               and (not open_only or a.is_open)]
     return sorted(chosen, key=lambda a: a.created_at, reverse=True)
 
 
 @router.post("/alerts/{alert_id}/acknowledge", response_model=Alert)
-async def acknowledge(alert_id: str, redis: Redis, keys: AppKeys, _auth: ApiKey) -> Alert:
+async def acknowledge(alert_id: str, ctx: Context, redis: Redis, keys: AppKeys, principal: ApiKey) -> Alert:
     """Mark an alert as seen by an operator (it stays open until its condition is gone)."""
     raw = await redis.hget(keys.alerts, alert_id)
     if raw is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no alert '{alert_id}'")
     alert = Alert.model_validate_json(raw)
+    if not _visible(principal, alert):
+        await forbid(ctx, principal, f"alert '{alert_id}' is not about a training of this key's organisation")
     update: dict[str, object] = {"acknowledged": True}
     if alert.rule not in RECONCILED_RULES and alert.is_open:
         update["resolved_at"] = time.time()
@@ -109,34 +117,19 @@ async def acknowledge(alert_id: str, redis: Redis, keys: AppKeys, _auth: ApiKey)
 
 
 @router.get("/agents/leaderboard")
-async def leaderboard(agents: Agents, top: int = Query(default=20, ge=1, le=10_000)) -> list[dict[str, Any]]:
-    """Agents ranked by reliability (completion, lateness, anomaly flags), then contribution."""
-    stats = await agents.statistics()
+async def leaderboard(agents: Agents, principal: Viewer,
+                      top: int = Query(default=20, ge=1, le=10_000)) -> list[dict[str, Any]]:
+    """Agents (of the key's organisation) ranked by reliability (completion, lateness, anomaly
+    flags), then contribution."""
+    own = {r.agent_id for r in await agents.all() if principal.may_access(r.org_id)}
+    stats = {agent: row for agent, row in (await agents.statistics()).items() if agent in own}
     return [{**asdict(row.stats), "rank": row.rank, "agent_id": row.agent_id,
              "reliability": round(row.reliability, 4), "contribution": round(row.contribution, 4)}
             for row in rank_agents(stats, top)]
 
 
-class JoinTokenRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    label: str = Field(default="", max_length=200)
-    max_uses: int | None = Field(default=None, ge=1, le=1_000_000)
-
-
-@router.post("/join-tokens", status_code=status.HTTP_201_CREATED)
-async def create_join_token(body: JoinTokenRequest, agents: Agents, _auth: ApiKey) -> dict[str, Any]:
-    """A token for new agents (shown once; only its hash is stored)."""
-    token, record = await agents.tokens.create(body.label, body.max_uses)
-    return {"token": token, **record.model_dump()}
-
-
-@router.get("/join-tokens")
-async def list_join_tokens(agents: Agents, _auth: ApiKey) -> list[dict[str, Any]]:
-    return [token.model_dump() for token in await agents.tokens.all()]
-
-
-@router.delete("/join-tokens/{token_id}")
-async def revoke_join_token(token_id: str, agents: Agents, _auth: ApiKey) -> dict[str, str]:
-    if not await agents.tokens.revoke(token_id):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no join token '{token_id}'")
-    return {"token_id": token_id, "status": "revoked"}
+def _visible(principal: Principal, alert: Alert) -> bool:
+    """An organisation's key sees the alerts about its trainings; system alerts only the bootstrap key."""
+    if principal.is_super:
+        return True
+    return alert.training_id is not None and principal.may_access(org_of_training(alert.training_id))

@@ -2,42 +2,47 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from federated_learning.bus.blobs import BlobMissing
+from federated_learning.access import DEFAULT_ORG, DEFAULT_PROJECT, Principal, training_id_for
 from federated_learning.coordination.state import TrainingState
-from federated_learning.dashboard.auth import ApiKey
-from federated_learning.dashboard.deps import Blobs, Context, Trainings, Versions
+from federated_learning.dashboard.auth import ApiKey, Viewer, confine_to_training_org, ensure_org
+from federated_learning.dashboard.deps import Context, Orgs, Trainings, Versions
+from federated_learning.model_versions import (
+    ModelVersionManager,
+    UnknownTraining,
+    UnknownVersion,
+    VersionUnavailable,
+)
 from federated_learning.privacy.accountant import PrivacyAccountant
 from federated_learning.privacy.levels import PrivacyLevel, privacy_targets
 from federated_learning.protocol.messages import (
     Identifier,
-    RollbackTraining,
     RoundMetrics,
-    Severity,
     StartTraining,
     StopTraining,
     TrainingConfig,
     VersionRecord,
     encode,
 )
-from federated_learning.protocol.tensors import InvalidTensor, decode_layers
-from federated_learning.records.checkpoints import CheckpointStore
-from federated_learning.types import NamedLayers
-from federated_learning.versioning.compare import compare_versions
 
-router = APIRouter(prefix="/api", tags=["trainings"])
+router = APIRouter(prefix="/api", tags=["trainings"], dependencies=[Depends(confine_to_training_org)])
+"""Every route needs a key that may read; a ``{training_id}`` must be of the key's organisation."""
 
 
 class StartRequest(TrainingConfig):
     model_config = ConfigDict(extra="forbid", frozen=True)
     training_id: Identifier | None = None
+    project_id: Identifier | None = Field(default=None, description="a project of the key's organisation; "
+                                                                      "default: the 'default' project")
+    org_id: Identifier | None = Field(default=None, description="the bootstrap key only: the organisation")
 
 
 class StartResponse(BaseModel):
@@ -61,20 +66,44 @@ async def _state(trainings: Trainings, training_id: str) -> TrainingState:
     return state
 
 
+async def _owner(ctx: Context, orgs: Orgs, principal: Principal, body: StartRequest) -> tuple[str, str]:
+    """The (organisation, project) a new training belongs to: the key's organisation, the named project."""
+    org_id = body.org_id or principal.org_id or DEFAULT_ORG
+    await ensure_org(ctx, principal, org_id)
+    project_id = body.project_id or DEFAULT_PROJECT
+    if await orgs.get_project(org_id, project_id) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND,
+                            detail=f"no project '{project_id}' in organisation '{org_id}'")
+    return org_id, project_id
+
+
+async def _new_training_id(ctx: Context, org_id: str, requested: str | None) -> str:
+    try:
+        return training_id_for(org_id, requested, uuid.uuid4().hex[:12])
+    except ValueError as exc:
+        await ctx.reject("rest", "invalid_body", str(exc))
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+
+
 @router.post("/training/start", status_code=status.HTTP_202_ACCEPTED, response_model=StartResponse)
-async def start_training(body: StartRequest, ctx: Context, trainings: Trainings, _auth: ApiKey) -> StartResponse:
-    training_id = body.training_id or uuid.uuid4().hex[:12]
+async def start_training(body: StartRequest, ctx: Context, trainings: Trainings, orgs: Orgs,
+                         principal: ApiKey) -> StartResponse:
+    """Queue a training in a project of the key's organisation; its id is ``<org>.<name>``
+    (a bare name in the default organisation)."""
+    org_id, project_id = await _owner(ctx, orgs, principal, body)
+    training_id = await _new_training_id(ctx, org_id, body.training_id)
     if body.training_id and await trainings.load(training_id) is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"training '{training_id}' exists")
-    config = TrainingConfig.model_validate(body.model_dump(exclude={"training_id"}))
-    command = StartTraining(training_id=training_id, config=config)
+    config = TrainingConfig.model_validate(body.model_dump(exclude={"training_id", "project_id", "org_id"}))
+    command = StartTraining(training_id=training_id, config=config, org_id=org_id, project_id=project_id)
     await ctx.redis.xadd(ctx.keys.control_stream, encode(command))  # type: ignore[arg-type]
     return StartResponse(training_id=training_id)
 
 
 @router.get("/trainings")
-async def list_trainings(trainings: Trainings) -> list[dict[str, Any]]:
-    states = [await trainings.load(tid) for tid in await trainings.list_ids()]
+async def list_trainings(trainings: Trainings, principal: Viewer) -> list[dict[str, Any]]:
+    """The newest trainings the key may see (its organisation's; every one for the bootstrap key)."""
+    states = [await trainings.load(tid) for tid in await trainings.list_ids(org_id=principal.org_id)]
     return [_public(s) for s in states if s is not None]
 
 
@@ -104,16 +133,41 @@ async def training_versions(training_id: str, trainings: Trainings, versions: Ve
     return await versions.history(training_id)
 
 
+def _version_api(ctx: Context) -> ModelVersionManager:
+    return ModelVersionManager(ctx)
+
+
+VersionApi = Annotated[ModelVersionManager, Depends(_version_api)]
+
+
+@contextmanager
+def _version_errors() -> Iterator[None]:
+    """The version API's errors as HTTP answers: unknown training or version 404, unservable model 410."""
+    try:
+        yield
+    except (UnknownTraining, UnknownVersion) as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from exc
+    except VersionUnavailable as exc:
+        raise HTTPException(status.HTTP_410_GONE, detail=exc.detail) from exc
+
+
 @router.get("/training/{training_id}/versions/{version}/model",
             response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}})
-async def download_model(training_id: str, version: int, ctx: Context, versions: Versions,
-                         blobs: Blobs) -> Response:
+async def download_model(training_id: str, version: int, api: VersionApi) -> Response:
     """The version's weights as a safetensors file (from the bus, else from its checkpoint)."""
-    record, data = await _model_bytes(versions, blobs, ctx, training_id, version)
-    return Response(content=data, media_type="application/octet-stream", headers={
+    with _version_errors():
+        model = await api.get_model_version(version, training_id)
+    return Response(content=model.data, media_type="application/octet-stream", headers={
         "Content-Disposition": f'attachment; filename="{training_id}-v{version}.safetensors"',
-        "X-Model-SHA256": record.model_digest,
+        "X-Model-SHA256": model.record.model_digest,
     })
+
+
+@router.get("/training/{training_id}/versions/{version}/lineage", response_model=list[VersionRecord])
+async def version_lineage(training_id: str, version: int, api: VersionApi) -> list[VersionRecord]:
+    """The version and its ancestors by parent link, newest first."""
+    with _version_errors():
+        return await api.lineage(training_id, version)
 
 
 class RollbackRequest(BaseModel):
@@ -123,61 +177,19 @@ class RollbackRequest(BaseModel):
 
 
 @router.post("/training/{training_id}/rollback", status_code=status.HTTP_202_ACCEPTED)
-async def rollback_training(training_id: str, body: RollbackRequest, ctx: Context, trainings: Trainings,
-                            versions: Versions, _auth: ApiKey) -> dict[str, Any]:
+async def rollback_training(training_id: str, body: RollbackRequest, api: VersionApi,
+                            _auth: ApiKey) -> dict[str, Any]:
     """Continue the training from an earlier version (takes effect for the next round)."""
-    await _state(trainings, training_id)
-    if await versions.get(training_id, body.version) is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no version {body.version} of '{training_id}'")
-    command = RollbackTraining(training_id=training_id, version=body.version, reason=body.reason)
-    await ctx.redis.xadd(ctx.keys.control_stream, encode(command))  # type: ignore[arg-type]
+    with _version_errors():
+        await api.rollback_to_version(training_id, body.version, body.reason)
     return {"training_id": training_id, "rollback_to": body.version, "status": "requested"}
 
 
-async def _model_bytes(versions: Versions, blobs: Blobs, ctx: Context, training_id: str,
-                       version: int) -> tuple[VersionRecord, bytes]:
-    """A version's model bytes, checked against its committed hash; a corrupt copy is reported, never served."""
-    record = await versions.get(training_id, version)
-    if record is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no version {version} of '{training_id}'")
-    try:
-        return record, await blobs.get(record.model_digest)
-    except (BlobMissing, InvalidTensor):
-        pass
-    if record.pruned_at is not None:
-        raise HTTPException(status.HTTP_410_GONE,
-                            detail=f"version {version}'s checkpoint was deleted by the retention policy")
-    try:
-        data = await asyncio.to_thread(CheckpointStore(ctx.settings.data_dir / "checkpoints").read,
-                                       training_id, version, record.model_digest)
-    except InvalidTensor as exc:
-        await ctx.emit("checkpoint_corrupt", exc.detail, severity=Severity.CRITICAL,
-                       training_id=training_id, version=version)
-        raise HTTPException(status.HTTP_410_GONE, detail=f"version {version} unavailable: {exc.detail}") from exc
-    except OSError as exc:
-        raise HTTPException(status.HTTP_410_GONE, detail=f"version {version} unavailable: {exc}") from exc
-    return record, data
-
-
-async def _layers(versions: Versions, blobs: Blobs, ctx: Context, training_id: str, version: int) -> NamedLayers:
-    _record, data = await _model_bytes(versions, blobs, ctx, training_id, version)
-    return decode_layers(data, max_bytes=ctx.settings.max_blob_bytes)
-
-
 @router.get("/training/{training_id}/versions/compare")
-async def compare(training_id: str, a: int, b: int, ctx: Context, trainings: Trainings,
-                  versions: Versions, blobs: Blobs) -> dict[str, Any]:
+async def compare(training_id: str, a: int, b: int, api: VersionApi) -> dict[str, Any]:
     """Per-layer L2 distance and cosine similarity of two versions, and their metric deltas."""
-    state = await _state(trainings, training_id)
-    metrics = {m.eval_of_version: {"accuracy": m.eval_accuracy, "loss": m.eval_loss}
-               for m in await trainings.metrics(training_id) if m.eval_of_version is not None}
-    if state.final_evaluation is not None and state.current_version is not None:
-        metrics[state.current_version] = {"accuracy": state.final_evaluation.accuracy,
-                                          "loss": state.final_evaluation.loss}
-    clean = {v: {k: x for k, x in row.items() if x is not None} for v, row in metrics.items()}
-    result = compare_versions(await _layers(versions, blobs, ctx, training_id, a),
-                              await _layers(versions, blobs, ctx, training_id, b),
-                              clean.get(a), clean.get(b))
+    with _version_errors():
+        result = await api.compare_versions(training_id, a, b)
     return {"training_id": training_id, "a": a, "b": b, **result.to_dict()}
 
 

@@ -21,9 +21,22 @@ async function postJSON(path, body) {
 }
 
 async function getJSON(path) {
-  const response = await fetch(path);
+  const response = await fetch(path, { headers: { "X-API-Key": apiKey() } });
+  if (response.status === 401) sessionStorage.removeItem("fl-api-key");
   if (!response.ok) throw new Error(`${path}: ${response.status}`);
   return response.json();
+}
+
+// A plain link cannot send the API key header: fetch the model and save it from memory.
+async function downloadModel(trainingId, version) {
+  const response = await fetch(`/api/training/${trainingId}/versions/${version}/model`,
+                               { headers: { "X-API-Key": apiKey() } });
+  if (!response.ok) throw new Error(`download: ${response.status}`);
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await response.blob());
+  link.download = `${trainingId}-v${version}.safetensors`;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
 }
 
 function cell(row, text, cls) {
@@ -60,6 +73,35 @@ async function refreshMetrics() {
   drawChart();
 }
 
+const SERIES = [
+  { key: "eval_accuracy", label: "accuracy", color: "#1a73e8" },
+  { key: "eval_loss", label: "loss", color: "#d93025" },
+];
+
+function chartSeries(rows) {
+  // Accuracy is on [0, 1]; loss is scaled by its largest value so both share the axis.
+  return SERIES.map(s => {
+    const points = rows.filter(r => r[s.key] !== null && r[s.key] !== undefined).map(r => [r.round, r[s.key]]);
+    const scale = s.key === "eval_loss" ? Math.max(...points.map(p => p[1]), 1e-9) : 1;
+    return { ...s, points, scale };
+  });
+}
+
+function drawAxes(ctx, pad, w, h) {
+  ctx.strokeStyle = "#999"; ctx.fillStyle = "#444"; ctx.font = "11px sans-serif"; ctx.lineWidth = 1;
+  ctx.strokeRect(pad, pad, w, h);
+  for (let i = 0; i <= 4; i++) ctx.fillText((i / 4).toFixed(2), 4, pad + h - (i / 4) * h + 4);
+}
+
+function drawLine(ctx, series, maxRound, pad, w, h) {
+  ctx.strokeStyle = series.color; ctx.lineWidth = 2; ctx.beginPath();
+  series.points.forEach(([r, v], i) => {
+    const x = pad + (r / maxRound) * w, y = pad + h - (v / series.scale) * h;
+    i ? ctx.lineTo(x, y) : ctx.moveTo(x, y);
+  });
+  ctx.stroke();
+}
+
 function drawChart() {
   const canvas = document.getElementById("chart");
   const ctx = canvas.getContext("2d");
@@ -67,23 +109,24 @@ function drawChart() {
   document.getElementById("chart-title").textContent = state.selected ? `training ${state.selected}` : "";
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   const pad = 36, w = canvas.width - 2 * pad, h = canvas.height - 2 * pad;
-  ctx.strokeStyle = "#999"; ctx.fillStyle = "#444"; ctx.font = "11px sans-serif";
-  ctx.strokeRect(pad, pad, w, h);
-  for (let i = 0; i <= 4; i++) {
-    const y = pad + h - (i / 4) * h;
-    ctx.fillText((i / 4).toFixed(2), 4, y + 4);
-  }
-  const points = rows.filter(r => r.eval_accuracy !== null).map(r => [r.round, r.eval_accuracy]);
-  if (!points.length) { ctx.fillText("no rounds yet", pad + 10, pad + 20); return; }
-  const maxRound = Math.max(...points.map(p => p[0]), 1);
-  ctx.strokeStyle = "#1a73e8"; ctx.lineWidth = 2; ctx.beginPath();
-  points.forEach(([r, a], i) => {
-    const x = pad + (r / maxRound) * w, y = pad + h - a * h;
-    i ? ctx.lineTo(x, y) : ctx.moveTo(x, y);
-  });
-  ctx.stroke();
+  drawAxes(ctx, pad, w, h);
+  const series = chartSeries(rows);
+  const [accuracy, loss] = series;
+  // What is drawn, for tests and tools: points per series and the newest round.
+  canvas.dataset.trainingId = state.selected || "";
+  canvas.dataset.points = String(accuracy.points.length);
+  canvas.dataset.lossPoints = String(loss.points.length);
+  canvas.dataset.lastRound = String(rows.length ? Math.max(...rows.map(r => r.round)) : 0);
+  if (!accuracy.points.length && !loss.points.length) { ctx.fillText("no rounds yet", pad + 10, pad + 20); return; }
+  const maxRound = Math.max(...series.flatMap(s => s.points.map(p => p[0])), 1);
+  series.forEach(s => drawLine(ctx, s, maxRound, pad, w, h));
+  ctx.fillStyle = "#444";
   ctx.fillText(`round ${maxRound}`, pad + w - 50, pad + h + 16);
-  ctx.fillText(`last ${points[points.length - 1][1].toFixed(3)}`, pad + 6, pad + 14);
+  series.forEach((s, i) => {
+    const last = s.points.length ? s.points[s.points.length - 1][1].toFixed(3) : "–";
+    ctx.fillStyle = s.color;
+    ctx.fillText(`${s.label} ${last}${s.scale !== 1 ? ` (÷${s.scale.toFixed(2)})` : ""}`, pad + 6 + i * 150, pad + 14);
+  });
 }
 
 async function refreshAgents() {
@@ -106,11 +149,17 @@ async function refreshAgents() {
 
 async function refreshVersions() {
   if (!state.selected) return;
-  const versions = await getJSON(`/api/training/${state.selected}/versions`);
+  const [versions, status] = await Promise.all([getJSON(`/api/training/${state.selected}/versions`),
+                                                getJSON(`/api/training/${state.selected}/status`)]);
+  const current = status.current_version;
+  document.getElementById("versions").dataset.currentVersion = current ?? "";
   const body = document.querySelector("#versions tbody");
   body.replaceChildren();
   for (const v of versions.slice().reverse().slice(0, 30)) {
     const row = body.insertRow();
+    row.dataset.version = v.version;
+    row.dataset.parent = v.parent_version ?? "";
+    if (v.version === current) row.className = "current";
     const pick = document.createElement("input");
     pick.type = "checkbox";
     pick.checked = state.compare.includes(v.version);
@@ -123,16 +172,29 @@ async function refreshVersions() {
     cell(row, v.privacy.level + (v.privacy.epsilon_spent ? ` ε=${fmt(v.privacy.epsilon_spent, 2)}` : ""));
     const actions = row.insertCell();
     const download = document.createElement("a");
-    download.href = `/api/training/${state.selected}/versions/${v.version}/model`;
+    download.href = "#";
+    const trainingId = state.selected;
+    download.onclick = (event) => { event.preventDefault(); downloadModel(trainingId, v.version).catch((e) => alert(e.message)); };
     download.textContent = "download";
     const rollback = document.createElement("button");
     rollback.textContent = "roll back here";
-    rollback.onclick = async () => {
-      try { await postJSON(`/api/training/${state.selected}/rollback`, { version: v.version }); }
-      catch (e) { alert(e.message); }
-    };
+    rollback.className = "rollback";
+    rollback.onclick = () => requestRollback(v.version);
     actions.append(download, " ", rollback);
   }
+}
+
+async function requestRollback(version) {
+  const out = document.getElementById("version-status");
+  try {
+    await postJSON(`/api/training/${state.selected}/rollback`, { version });
+    out.textContent = `rollback of ${state.selected} to version ${version} requested`;
+    out.className = "ok";
+  } catch (e) {
+    out.textContent = `rollback to version ${version} refused: ${e.message}`;
+    out.className = "failed";
+  }
+  refreshTrainings(); refreshVersions();
 }
 
 async function toggleCompare(version, on) {
@@ -187,7 +249,7 @@ function logEvent(message) {
 
 function connect() {
   const id = Math.random().toString(36).slice(2);
-  const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws/${id}`);
+  const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws/${id}?api_key=${encodeURIComponent(apiKey())}`);
   const badge = document.getElementById("live");
   socket.onopen = () => { badge.textContent = "live"; badge.className = "badge ok";
     socket.send(JSON.stringify({ action: "subscribe", training_id: "*" })); };

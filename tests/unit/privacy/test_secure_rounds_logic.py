@@ -1,0 +1,171 @@
+"""The secure round's pure parts: phase decisions, roster building, message checks, and a
+whole session run through the wire messages (agents' and aggregator's sides)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from federated_learning.coordination.rounds import RoundDecision
+from federated_learning.coordination.secure import (
+    build_session,
+    check_keys,
+    check_shares,
+    check_unmask,
+    decide_phase,
+    deliveries,
+)
+from federated_learning.privacy.errors import InsufficientSurvivors
+from federated_learning.privacy.secure_aggregation import FixedPointCodec
+from federated_learning.privacy.secure_session import (
+    AgentSecureSession,
+    fixed_point_scale,
+    session_threshold,
+    unmask_weighted_mean,
+)
+from federated_learning.protocol.messages import SecureAggregationSpec, TrainingConfig
+from federated_learning.protocol.secure_messages import (
+    SecureRoster,
+    SecureSharesDelivered,
+    SecureUnmaskRequested,
+)
+
+D = 257
+
+
+def sessions(count: int, seed: int = 0) -> list[AgentSecureSession]:
+    rng = np.random.default_rng(seed)
+    return [AgentSecureSession(f"a{i}", "t", 1, 1, rng.uniform(-0.5, 0.5, D), int(rng.integers(5, 50)))
+            for i in range(count)]
+
+
+def run(agents: list[AgentSecureSession], *, drop_after_shares: set[str] = frozenset(),
+        fraction: float = 2 / 3) -> tuple[np.ndarray, np.ndarray, SecureAggregationSpec]:
+    """All four phases through the messages; returns (unmasked mean, plain weighted mean, spec)."""
+    session = build_session([a.advertisement() for a in agents], threshold_fraction=fraction,
+                            vector_length=D, clip_range=1.0)
+    roster = SecureRoster(training_id="t", round=1, attempt=1, session=session)
+    submissions = [a.on_roster(roster) for a in agents]
+    assert all(check_shares(s, session) is None for s in submissions)
+    inbox = deliveries(submissions)
+    survivors = [a for a in agents if a.agent_id not in drop_after_shares]
+    masked = {a.agent_id: a.on_delivery(SecureSharesDelivered(training_id="t", round=1, attempt=1,
+                                                              shares=inbox[a.agent_id]))
+              for a in survivors}
+    request = SecureUnmaskRequested(training_id="t", round=1, attempt=1, survivors=sorted(masked),
+                                    dropped=sorted(drop_after_shares))
+    responses = [a.on_unmask(request) for a in survivors]
+    senders = [s.agent_id for s in submissions]
+    assert all(check_unmask(r, session, senders, sorted(masked)) is None for r in responses)
+    spec = SecureAggregationSpec(session=session, attempt=1, share_senders=senders,
+                                 responders=[r.agent_id for r in responses])
+    mean = unmask_weighted_mean(spec, masked, responses[: session.threshold])
+    weights = np.array([a.num_examples for a in survivors], dtype=np.float64)
+    plain = sum(w * a.delta for w, a in zip(weights, survivors, strict=True)) / weights.sum()
+    return mean, plain, spec
+
+
+def test_unmasked_mean_equals_the_weighted_mean_within_rounding() -> None:
+    mean, plain, spec = run(sessions(6))
+    assert np.max(np.abs(mean - plain)) <= 6 / spec.session.scale
+    assert spec.session.threshold == 5
+
+
+def test_agents_that_drop_after_sharing_are_unmasked_from_the_survivors() -> None:
+    agents = sessions(7, seed=1)
+    mean, plain, spec = run(agents, drop_after_shares={"a2", "a5"})
+    assert np.max(np.abs(mean - plain)) <= 7 / spec.session.scale
+
+
+def test_fewer_survivors_than_the_threshold_cannot_unmask() -> None:
+    with pytest.raises(InsufficientSurvivors):
+        run(sessions(6), drop_after_shares={"a0", "a1", "a2"})
+
+
+def test_a_masked_upload_looks_uniform() -> None:
+    agents = sessions(4)
+    session = build_session([a.advertisement() for a in agents], threshold_fraction=2 / 3,
+                            vector_length=D, clip_range=1.0)
+    roster = SecureRoster(training_id="t", round=1, attempt=1, session=session)
+    inbox = deliveries([a.on_roster(roster) for a in agents])
+    masked = agents[0].on_delivery(SecureSharesDelivered(training_id="t", round=1, attempt=1, shares=inbox["a0"]))
+    encoded = FixedPointCodec(session.scale, 1.0).encode(agents[0].delta * agents[0].num_examples
+                                                         / session.weight_normaliser)
+    assert not np.array_equal(masked, encoded)
+    # top bits of uint32 words: uniform in {0..15}; the encoded update alone would pile up at 0 and 15
+    counts = np.bincount(masked >> 28, minlength=16)
+    assert counts.min() > 0 and counts.max() < 3 * D / 16
+
+
+def test_fixed_point_scale_never_lets_the_sum_wrap() -> None:
+    for members, clip in [(3, 10.0), (69, 1.0), (10_000, 0.5), (24, 123.4)]:
+        scale = fixed_point_scale(members, clip)
+        assert members * round(clip * scale) <= 2**31 - 1
+        assert members * round(clip * scale * 2) > 2**31 - 1  # and it is the finest such power of two
+
+
+def test_threshold_is_a_majority_and_at_least_two() -> None:
+    assert session_threshold(3, 2 / 3) == 3
+    assert session_threshold(24, 2 / 3) == 17
+    assert session_threshold(2, 0.51) == 2
+
+
+def test_phase_goes_on_when_everyone_answered_or_at_the_deadline_with_enough() -> None:
+    common = {"attempt": 1, "max_attempts": 3, "deadline_at": 100.0}
+    assert decide_phase(arrived=5, expected=5, needed=4, now=0.0, **common) is RoundDecision.AGGREGATE
+    assert decide_phase(arrived=4, expected=5, needed=4, now=0.0, **common) is RoundDecision.WAIT
+    assert decide_phase(arrived=4, expected=5, needed=4, now=0.0, early_at_needed=True,
+                        **common) is RoundDecision.AGGREGATE
+    assert decide_phase(arrived=4, expected=5, needed=4, now=100.0, **common) is RoundDecision.AGGREGATE
+    assert decide_phase(arrived=3, expected=5, needed=4, now=100.0, **common) is RoundDecision.RETRY
+    assert decide_phase(arrived=3, expected=5, needed=4, now=100.0, attempt=3, max_attempts=3,
+                        deadline_at=100.0) is RoundDecision.FAIL
+
+
+def test_checks_refuse_messages_that_do_not_fit_the_session() -> None:
+    agents = sessions(4)
+    adverts = [a.advertisement() for a in agents]
+    assert check_keys(adverts[0], ["a1", "a2"], adverts) == "agent was not asked in this round"
+    copied = adverts[1].model_copy(update={"agent_id": "a0"})
+    assert "repeat" in (check_keys(copied, ["a0", "a1"], adverts[1:]) or "")
+    session = build_session(adverts, threshold_fraction=2 / 3, vector_length=D, clip_range=1.0)
+    shares = agents[0].on_roster(SecureRoster(training_id="t", round=1, attempt=1, session=session))
+    short = shares.model_copy(update={"shares": shares.shares[:-1]})
+    assert "one share" in (check_shares(short, session) or "")
+    outsider = shares.model_copy(update={"agent_id": "zz"})
+    assert check_shares(outsider, session) == "agent is not in the round's roster"
+
+
+def test_a_roster_with_other_keys_for_the_agent_is_refused() -> None:
+    from federated_learning.privacy.errors import ProtocolViolation
+
+    agents = sessions(3)
+    adverts = [a.advertisement() for a in agents]
+    session = build_session(adverts, threshold_fraction=2 / 3, vector_length=D, clip_range=1.0)
+    swapped = session.model_copy(update={"members": [
+        session.members[0].model_copy(update={"mask_public_key": session.members[1].mask_public_key}),
+        *session.members[1:]]})
+    with pytest.raises(ProtocolViolation):
+        agents[0].on_roster(SecureRoster(training_id="t", round=1, attempt=1, session=swapped))
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    ({"algorithm": "krum"}, "secure aggregation reveals only the weighted mean"),
+    ({"algorithm": "fedbuff"}, "secure aggregation reveals only the weighted mean"),
+    ({"local": {"compression": "top_k"}}, "compression is refused"),
+    ({"min_clients": 2}, "min_clients >= 3"),
+])
+def test_training_configs_that_secure_aggregation_cannot_serve_are_refused(overrides: dict[str, object],
+                                                                           needle: str) -> None:
+    body = {"dataset": "d", "model": {"num_features": 4, "num_classes": 2}, "secure_aggregation": True,
+            **overrides}
+    with pytest.raises(ValidationError, match=needle):
+        TrainingConfig.model_validate(body)
+
+
+def test_secure_training_with_central_dp_is_accepted() -> None:
+    config = TrainingConfig.model_validate({"dataset": "d", "model": {"num_features": 4, "num_classes": 2},
+                                            "secure_aggregation": True, "algorithm": "fedavg",
+                                            "privacy_level": "low"})
+    assert config.secure_aggregation
