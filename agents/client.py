@@ -36,7 +36,7 @@ from federated_learning.privacy.compression import (
     random_k,
     top_k,
 )
-from federated_learning.privacy.mechanisms import add_gaussian_noise, clip_update, secure_rng
+from federated_learning.privacy.mechanisms import add_gaussian_noise, clip_update_with_norm, secure_rng
 from federated_learning.privacy.signing import AgentKeyPair
 from federated_learning.protocol.keys import GROUP_AGENT, Keys
 from federated_learning.protocol.messages import (
@@ -88,6 +88,8 @@ class TrainedUpdate:
     seconds: float
     delta: NDArray[np.floating] | None = None
     """Secure rounds: the flattened delta, held until it is masked (``blob`` is then empty)."""
+    unclipped: bool | None = None
+    """Whether the update was within the clip norm before clipping (None: no clip norm)."""
 
 
 @dataclass
@@ -326,7 +328,7 @@ class FederatedClient:
                 kind=TaskKind.TRAIN, update_digest=digest, num_examples=trained.num_examples,
                 train_loss=trained.loss, train_accuracy=trained.accuracy,
                 train_seconds=trained.seconds, upload_bytes=len(trained.blob),
-                dense_bytes=trained.dense_bytes, **common)  # type: ignore[arg-type]
+                dense_bytes=trained.dense_bytes, unclipped=trained.unclipped, **common)  # type: ignore[arg-type]
         signature = self.identity.sign(notice.signed_bytes()).hex()
         await self.redis.xadd(self.keys.update_stream,
                               encode(notice.model_copy(update={"signature": signature})))  # type: ignore[arg-type]
@@ -372,8 +374,10 @@ class FederatedClient:
         local = {name: np.asarray(layer, dtype=weights[name].dtype) for name, layer in result.layers.items()}
         if self.attack is not None:
             local = poison_update(self.attack, weights, local, np.random.default_rng(task.round))
+        unclipped: bool | None = None
         if settings.clip_norm is not None:
-            local = clip_update(weights, local, settings.clip_norm)
+            local, norm = clip_update_with_norm(weights, local, settings.clip_norm)
+            unclipped = norm <= settings.clip_norm
         if settings.local_noise_std is not None:
             noised = add_gaussian_noise([local[name] - weights[name] for name in local],
                                         settings.local_noise_std, secure_rng())
@@ -393,4 +397,5 @@ class FederatedClient:
         return evaluation, TrainedUpdate(
             blob=blob, num_examples=result.num_examples,
             dense_bytes=4 * sum(int(a.size) for a in local.values()),
-            loss=result.loss, accuracy=result.accuracy, seconds=time.perf_counter() - started, delta=secure_delta)
+            loss=result.loss, accuracy=result.accuracy, seconds=time.perf_counter() - started, delta=secure_delta,
+            unclipped=unclipped)

@@ -109,5 +109,5 @@ class SecureParticipation:
             agent_id=self.client.agent_id, received_model_version=held.received_model_version,
             evaluation=held.evaluation, update_digest=digest, num_examples=trained.num_examples,
             train_loss=trained.loss, train_accuracy=trained.accuracy, train_seconds=trained.seconds,
-            upload_bytes=len(blob), dense_bytes=trained.dense_bytes))
+            upload_bytes=len(blob), dense_bytes=trained.dense_bytes, unclipped=trained.unclipped))
         self.client.completed_tasks += 1

@@ -61,6 +61,10 @@ class SimulationOptions:
     compression: str = "none"
     compression_fraction: float = 0.1
     privacy_level: str = "none"
+    secure_aggregation: bool = False
+    clip_norm: float | None = None
+    adaptive_clip_quantile: float | None = None
+    """Adaptive clipping towards this quantile of the update norms; None: a fixed clip norm."""
     malicious_fraction: float = 0.0
     attack: str = "sign_flip"
     heartbeat_interval_s: float = 5.0
@@ -108,8 +112,12 @@ def training_request(options: SimulationOptions) -> dict[str, Any]:
         "round_deadline_s": options.round_deadline_s,
         "local": {"epochs": options.local_epochs, "batch_size": options.batch_size,
                   "learning_rate": options.learning_rate, "proximal_mu": options.proximal_mu,
-                  "compression": options.compression, "compression_fraction": options.compression_fraction},
+                  "compression": options.compression, "compression_fraction": options.compression_fraction,
+                  "clip_norm": options.clip_norm},
         "privacy_level": options.privacy_level,
+        "secure_aggregation": options.secure_aggregation,
+        "adaptive_clipping": None if options.adaptive_clip_quantile is None
+        else {"target_quantile": options.adaptive_clip_quantile},
     }
 
 

@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     p.add_argument("--proximal-mu", type=float, default=defaults.proximal_mu)
     p.add_argument("--privacy-level", default=defaults.privacy_level, choices=["none", "low", "medium", "high"])
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="pairwise-masked secure aggregation: the server sees only each round's mean")
+    p.add_argument("--clip-norm", type=float, default=None, help="L2 bound of each update (agents clip)")
+    p.add_argument("--adaptive-clip-quantile", type=float, default=None,
+                   help="adaptive clipping towards this quantile of the update norms")
     p.add_argument("--compression", default="none", choices=["none", "top_k", "random_k", "q8", "q4"])
     p.add_argument("--compression-fraction", type=float, default=0.1, help="share kept by top_k/random_k")
     p.add_argument("--malicious", type=float, default=0.0, help="fraction of attacking agents")
@@ -70,6 +75,8 @@ def options_from(args: argparse.Namespace) -> SimulationOptions:
         privacy_level=args.privacy_level, timeout_s=args.timeout,
         malicious_fraction=args.malicious, attack=args.attack,
         compression=args.compression, compression_fraction=args.compression_fraction,
+        secure_aggregation=args.secure_aggregation, clip_norm=args.clip_norm,
+        adaptive_clip_quantile=args.adaptive_clip_quantile,
         state_dir=settings.data_dir.resolve() / "agent-state",
         heartbeat_interval_s=min(settings.heartbeat_interval_s, 5.0),
         round_deadline_s=settings.round_deadline_s,

@@ -67,6 +67,9 @@ def refuse_training(state: TrainingState) -> str | None:
         return (f"central differential privacy is calibrated for the example-weighted mean; algorithm "
                 f"'{state.config.algorithm}' is refused with privacy level '{state.privacy_level}' "
                 f"(use {' or '.join(sorted(CENTRAL_DP_ALGORITHMS))}, privacy_mode 'local', or level 'none')")
+    refusal = _refuse_adaptive_clipping(state)
+    if refusal is not None:
+        return refusal
     if state.config.validation_data is not None:
         from federated_learning.records.validation_sets import (
             InvalidValidationSet,
@@ -91,6 +94,24 @@ def refuse_training(state: TrainingState) -> str | None:
     if state.min_clients < needed:
         return (f"algorithm '{state.config.algorithm}' needs at least {needed} updates per round; "
                 f"min_clients is {state.min_clients}")
+    return None
+
+
+def _refuse_adaptive_clipping(state: TrainingState) -> str | None:
+    from federated_learning.privacy.release import (
+        adaptive_count_noise_std,
+        central_noise_multiplier,
+        update_noise_multiplier,
+    )
+
+    count_noise_std = adaptive_count_noise_std(state)
+    z = central_noise_multiplier(state)
+    if count_noise_std is None or z is None:
+        return None
+    try:
+        update_noise_multiplier(z, count_noise_std)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 

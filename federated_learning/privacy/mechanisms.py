@@ -215,7 +215,14 @@ class AdaptiveClipper:
 def clip_update(global_layers: Mapping[str, NDArray[np.floating]], local: Mapping[str, NDArray[np.floating]],
                 max_norm: float) -> dict[str, NDArray[np.floating]]:
     """The local model whose update ``local - global`` is clipped to L2 norm ``max_norm``."""
+    return clip_update_with_norm(global_layers, local, max_norm)[0]
+
+
+def clip_update_with_norm(global_layers: Mapping[str, NDArray[np.floating]],
+                          local: Mapping[str, NDArray[np.floating]],
+                          max_norm: float) -> tuple[dict[str, NDArray[np.floating]], float]:
+    """`clip_update`, and the update's L2 norm before clipping."""
     deltas = [local[name].astype(np.float64) - global_layers[name] for name in local]
-    clipped, _norm = clip_l2(deltas, max_norm)
+    clipped, norm = clip_l2(deltas, max_norm)
     return {name: (global_layers[name] + delta).astype(local[name].dtype)
-            for name, delta in zip(local, clipped, strict=True)}
+            for name, delta in zip(local, clipped, strict=True)}, float(norm)

@@ -57,6 +57,44 @@ def local_noise_std(state: TrainingState) -> float | None:
     return compute_noise_multiplier(target.epsilon, target.delta, 1.0, state.config.rounds) * state.clip_norm
 
 
+DEFAULT_ADAPTIVE_INITIAL_CLIP_NORM = 1.0
+"""Starting clip norm of adaptive clipping when neither the training nor its level names one."""
+
+
+def central_noise_multiplier(state: TrainingState) -> float | None:
+    """The noise multiplier z central DP calibrates for the training; None without central DP."""
+    target = privacy_targets(PrivacyLevel(state.privacy_level))
+    if not target.enabled or state.config.privacy_mode != "central":
+        return None
+    return compute_noise_multiplier(target.epsilon, target.delta, 1.0, state.config.rounds)
+
+
+def adaptive_count_noise_std(state: TrainingState) -> float | None:
+    """Std of the noise on adaptive clipping's count of unclipped updates; None when the clip is fixed.
+
+    The training's value, else clients_per_round / 20 (Andrew et al.'s choice), raised to the
+    noise multiplier z under central DP so that the update noise stays within 16% of z's.
+    """
+    adaptive = state.config.adaptive_clipping
+    if adaptive is None:
+        return None
+    if adaptive.count_noise_std is not None:
+        return adaptive.count_noise_std
+    default = state.clients_per_round / 20
+    z = central_noise_multiplier(state)
+    return default if z is None else max(default, z)
+
+
+def update_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> float:
+    """The update's noise multiplier z_u when a count with noise std sigma_b is released too, such
+    that both together are as private as one Gaussian release with ``noise_multiplier`` z:
+    z_u = (z**-2 - (2 sigma_b)**-2) ** -1/2 (Andrew et al. 2021, Theorem 1)."""
+    if not 2 * count_noise_std > noise_multiplier:
+        raise ValueError(f"adaptive clipping's count noise std {count_noise_std:g} must exceed half the noise "
+                         f"multiplier ({noise_multiplier / 2:g}) for the count to fit in the privacy budget")
+    return float((noise_multiplier**-2 - (2 * count_noise_std) ** -2) ** -0.5)
+
+
 def plan_release(state: TrainingState, layers: NamedLayers, ready: AggregateReady,
                  budget_json: str | None, rng: np.random.Generator | None = None) -> ReleasePlan:
     """Decide the release of ``layers`` (the aggregate of ``ready``) for ``state``'s training."""
@@ -95,13 +133,18 @@ def plan_release(state: TrainingState, layers: NamedLayers, ready: AggregateRead
             budget_json=json.dumps(accountant.to_dict()), alerts=alerts)
     # One agent moves the example-weighted mean by at most clip * n_k / sum(n).
     sensitivity = clip * ready.max_client_examples / max(ready.num_examples, 1)
-    std = noise_multiplier * sensitivity
+    count_noise_std = adaptive_count_noise_std(state)
+    update_z = noise_multiplier if count_noise_std is None else update_noise_multiplier(noise_multiplier,
+                                                                                        count_noise_std)
+    std = update_z * sensitivity
     noised = add_gaussian_noise(list(layers.values()), std, rng or secure_rng())
     return ReleasePlan(
         report=PrivacyReport(level=cast(PrivacyLevelName, level), mechanism="gaussian", noise_std=std,
                              epsilon_spent=spent, delta=target.delta,
-                             note=f"central gaussian noise std {std:.3g} (z={noise_multiplier:.3f}, "
-                                  f"clip {clip}); epsilon {spent:.3f} of {target.epsilon}"),
+                             note=f"central gaussian noise std {std:.3g} (z={noise_multiplier:.3f}"
+                                  + (f", z_update={update_z:.3f} beside the adaptive clip count"
+                                     if count_noise_std is not None else "")
+                                  + f", clip {clip:.4g}); epsilon {spent:.3f} of {target.epsilon}"),
         noised_layers=dict(zip(layers, (np.asarray(a, dtype=layers[n].dtype)
                                         for n, a in zip(layers, noised, strict=True)), strict=True)),
         budget_json=json.dumps(accountant.to_dict()),

@@ -113,6 +113,19 @@ MIN_SECURE_CLIENTS = 3
 """Fewest agents a secure round may aggregate: with two, each learns the other's update."""
 
 
+class AdaptiveClippingConfig(BaseModel):
+    """Adaptive quantile clipping (Andrew et al. 2021): the clip norm follows a quantile of the
+    agents' update norms, learnt from one bit per agent and round (was my update within C?)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    target_quantile: FiniteFloat = Field(default=0.5, gt=0, lt=1)
+    learning_rate: FiniteFloat = Field(default=0.2, gt=0, le=10)
+    count_noise_std: FiniteFloat | None = Field(
+        default=None, ge=0, le=1e6,
+        description="std of the gaussian noise on the count of unclipped updates; None: "
+                    "clients_per_round / 20, and with central DP at least the noise multiplier")
+
+
 class TrainingConfig(BaseModel):
     """A training as a user asks for it (REST body of ``POST /api/training/start``)."""
 
@@ -145,6 +158,8 @@ class TrainingConfig(BaseModel):
         default=None, description="automatic rollback policy; None: off (federated evaluations on a "
                                   "few non-IID agents are noisy, so the operator opts in)")
     target_accuracy: FiniteFloat | None = Field(default=None, gt=0, le=1)
+    adaptive_clipping: AdaptiveClippingConfig | None = Field(
+        default=None, description="let the clip norm track a quantile of the update norms; None: fixed")
     secure_aggregation: bool = Field(
         default=False, description="pairwise-masked secure aggregation: the server learns only the "
                                    "weighted mean of each round's updates")
@@ -166,6 +181,9 @@ class TrainingConfig(BaseModel):
             raise ValueError("algorithm 'fedprox' needs local.proximal_mu > 0")
         if self.secure_aggregation:
             self._check_secure()
+        if self.adaptive_clipping is not None and self.privacy_mode == "local":
+            raise ValueError("adaptive clipping noises the count of unclipped updates centrally; with local "
+                             "DP each agent's bit would be released without noise (use privacy_mode 'central')")
         return self
 
     def _check_secure(self) -> None:
@@ -288,6 +306,9 @@ class UpdateSubmitted(Message):
     train_seconds: FiniteFloat = Field(default=0.0, ge=0)
     upload_bytes: int = Field(default=0, ge=0, description="size of the uploaded blob")
     dense_bytes: int = Field(default=0, ge=0, description="size the update would have as dense float32")
+    unclipped: bool | None = Field(
+        default=None, description="whether the update's norm was within the task's clip norm before "
+                                  "clipping (the bit adaptive clipping learns from); None: no clip norm")
     signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$",
                                   description="hex Ed25519 signature of signed_bytes()")
 
@@ -488,6 +509,8 @@ class RoundMetrics(BaseModel):
     server_accuracy: float | None = None
     """Accuracy of ``version`` on the server-side validation set, when the training has one."""
     server_loss: float | None = None
+    clip_norm: float | None = None
+    """The clip norm agents applied in this round (it moves under adaptive clipping)."""
     round_seconds: float
     aggregation_seconds: float
     epsilon_spent: float

@@ -24,7 +24,7 @@ from federated_learning.coordination.checks import (
 from federated_learning.coordination.secure import DEFAULT_SECURE_CLIP_NORM
 from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.models import initial_model
-from federated_learning.privacy.release import clip_norm_for
+from federated_learning.privacy.release import DEFAULT_ADAPTIVE_INITIAL_CLIP_NORM, clip_norm_for
 from federated_learning.protocol.keys import GROUP_COORDINATOR
 from federated_learning.protocol.messages import (
     MalformedMessage,
@@ -121,6 +121,8 @@ class Coordinator(RoundProtocol):
         state.clip_norm = clip_norm_for(state.privacy_level, config.local.clip_norm)
         if config.secure_aggregation and state.clip_norm is None:
             state.clip_norm = DEFAULT_SECURE_CLIP_NORM
+        if config.adaptive_clipping is not None and state.clip_norm is None:
+            state.clip_norm = DEFAULT_ADAPTIVE_INITIAL_CLIP_NORM
         refusal = refuse_training(state)
         if refusal is not None:
             state.status = TrainingStatus.FAILED

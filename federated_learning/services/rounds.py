@@ -39,7 +39,8 @@ from federated_learning.coordination.selection import (
     under_hourly_cap,
 )
 from federated_learning.coordination.state import RoundPhase, TrainingState
-from federated_learning.privacy.release import local_noise_std
+from federated_learning.privacy.mechanisms import AdaptiveClipper
+from federated_learning.privacy.release import adaptive_count_noise_std, local_noise_std
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import (
     AggregationJob,
@@ -438,7 +439,9 @@ class RoundProtocol:
             upload_bytes=int(summary["upload_bytes"] or 0), dense_bytes=int(summary["dense_bytes"] or 0),
             aggregation_seconds=0.0, epsilon_spent=state.epsilon_spent, completed_at=now,
             server_accuracy=server[0] if server else None, server_loss=server[1] if server else None,
+            clip_norm=state.clip_norm,
         )
+        self._adapt_clip_norm(state, notices)
         self._adopt(state, committed)
         state.completed_rounds = state.round
         state.phase = RoundPhase.IDLE
@@ -466,6 +469,17 @@ class RoundProtocol:
             state.status = TrainingStatus.EVALUATING
             await self._emit_status(state)
         await self.open_round(state, state.round + 1)
+
+    @staticmethod
+    def _adapt_clip_norm(state: TrainingState, notices: list[UpdateSubmitted]) -> None:
+        """Adaptive clipping: move the clip norm by this round's noised count of unclipped updates."""
+        adaptive = state.config.adaptive_clipping
+        bits = [n.unclipped for n in notices if n.kind is TaskKind.TRAIN and n.unclipped is not None]
+        if adaptive is None or state.clip_norm is None or not bits:
+            return
+        clipper = AdaptiveClipper(state.clip_norm, adaptive.target_quantile, adaptive.learning_rate,
+                                  adaptive_count_noise_std(state) or 0.0)
+        state.clip_norm = clipper.update_from_count(sum(bits), len(bits))
 
     async def _server_validation(self, state: TrainingState, committed: VersionCommitted
                                  ) -> tuple[float, float] | None:

@@ -5,8 +5,15 @@ import pytest
 
 from federated_learning.coordination.state import TrainingState
 from federated_learning.privacy import PrivacyAccountant, compute_noise_multiplier
-from federated_learning.privacy.release import ReleaseRefused, clip_norm_for, local_noise_std, plan_release
-from federated_learning.protocol.messages import AggregateReady, TrainingConfig
+from federated_learning.privacy.release import (
+    ReleaseRefused,
+    adaptive_count_noise_std,
+    clip_norm_for,
+    local_noise_std,
+    plan_release,
+    update_noise_multiplier,
+)
+from federated_learning.protocol.messages import AdaptiveClippingConfig, AggregateReady, TrainingConfig
 
 CONFIG = TrainingConfig.model_validate({
     "dataset": "d", "model": {"num_features": 4, "num_classes": 2}, "rounds": 10})
@@ -75,3 +82,54 @@ def test_local_dp_with_compression_is_refused() -> None:
     with pytest.raises(ValueError, match="local DP needs uncompressed updates"):
         TrainingConfig.model_validate({"dataset": "d", "model": {"num_features": 4, "num_classes": 2},
                                        "privacy_mode": "local", "local": {"compression": "q8"}})
+
+
+def adaptive_state(level: str, **adaptive: float) -> TrainingState:
+    config = CONFIG.model_copy(update={"adaptive_clipping": AdaptiveClippingConfig(**adaptive)})
+    return TrainingState(training_id="t", config=config, min_clients=2, clients_per_round=40,
+                         round_deadline_s=10, privacy_level=level, clip_norm=1.0)
+
+
+def test_adaptive_count_noise_defaults_to_a_twentieth_of_the_cohort_or_z_under_central_dp() -> None:
+    assert adaptive_count_noise_std(state("medium")) is None
+    assert adaptive_count_noise_std(adaptive_state("none")) == pytest.approx(2.0)
+    z = compute_noise_multiplier(3.0, 1e-5, 1.0, CONFIG.rounds)
+    assert adaptive_count_noise_std(adaptive_state("medium")) == pytest.approx(max(2.0, z))
+    assert adaptive_count_noise_std(adaptive_state("medium", count_noise_std=7.5)) == 7.5
+
+
+def test_update_noise_multiplier_keeps_the_combined_release_at_z() -> None:
+    z, sigma_b = 1.3, 2.0
+    z_update = update_noise_multiplier(z, sigma_b)
+    # Andrew et al.: releasing the update with z_update and the count with sigma_b (sensitivity 1/2
+    # per agent) is one Gaussian mechanism with z**-2 = z_update**-2 + (2 sigma_b)**-2.
+    assert z_update**-2 + (2 * sigma_b) ** -2 == pytest.approx(z**-2)
+    assert z_update > z
+    with pytest.raises(ValueError, match="must exceed half the noise multiplier"):
+        update_noise_multiplier(4.0, 1.5)
+
+
+def test_central_release_with_adaptive_clipping_uses_the_update_noise_multiplier() -> None:
+    training = adaptive_state("medium")
+    plan = plan_release(training, LAYERS, ready(), None, rng=np.random.default_rng(0))
+    z = compute_noise_multiplier(3.0, 1e-5, 1.0, CONFIG.rounds)
+    z_update = update_noise_multiplier(z, adaptive_count_noise_std(training) or 0.0)
+    assert plan.report.noise_std == pytest.approx(z_update * 1.0 * 40 / 100)
+    assert "z_update" in plan.report.note
+    # the budget is charged with z: the count and the update together cost one release
+    plain = plan_release(state("medium"), LAYERS, ready(), None, rng=np.random.default_rng(0))
+    assert plan.report.epsilon_spent == pytest.approx(plain.report.epsilon_spent)
+
+
+def test_adaptive_clipping_with_too_little_count_noise_is_refused_at_start() -> None:
+    from federated_learning.coordination.checks import refuse_training
+
+    refusal = refuse_training(adaptive_state("high", count_noise_std=0.1))
+    assert refusal is not None and "count noise std 0.1 must exceed half the noise multiplier" in refusal
+    assert refuse_training(adaptive_state("high")) is None
+
+
+def test_adaptive_clipping_with_local_dp_is_refused() -> None:
+    with pytest.raises(ValueError, match="adaptive clipping noises the count"):
+        TrainingConfig.model_validate({"dataset": "d", "model": {"num_features": 4, "num_classes": 2},
+                                       "privacy_mode": "local", "adaptive_clipping": {}})
