@@ -6,6 +6,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
+import httpx
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
@@ -13,6 +14,7 @@ import redis.asyncio as aioredis
 from agents.client import FederatedClient
 from federated_learning.config import Settings
 from federated_learning.coordination.state import TrainingState
+from federated_learning.dashboard.main import create_app
 from federated_learning.model_versions import (
     ModelVersionManager,
     UnknownTraining,
@@ -30,7 +32,14 @@ from federated_learning.protocol.messages import (
 )
 from federated_learning.protocol.tensors import digest_of, encode_layers
 from federated_learning.records.trainings import TrainingStore
-from tests.integration.conftest import System, digits_config, start_training, wait_for_status
+from federated_learning.services.runtime import ServiceContext
+from tests.integration.conftest import (
+    TEST_API_KEY,
+    System,
+    digits_config,
+    start_training,
+    wait_for_status,
+)
 
 MakeAgents = Callable[..., Awaitable[list[FederatedClient]]]
 
@@ -192,3 +201,26 @@ async def test_rollback_to_version_takes_the_operator_path_and_the_training_cont
     [rollback] = await events(redis, "rollback")
     assert rollback["data"]["to_version"] == 1 and rollback["data"]["automatic"] is False
     assert [r.version for r in await api.lineage("manual", final.current_version or 0)][-2:] == [1, 0]
+
+
+async def test_rest_lineage_and_version_errors_come_from_the_api(
+        api: ModelVersionManager, redis: aioredis.Redis, settings: Settings) -> None:
+    await add_training(redis)
+    for number, parent in enumerate([None, 0, 1, 1]):
+        data = model_bytes(float(number), 1.0)
+        await api.create_model_version("t1", release(number, data, parent), data)
+    await redis.delete(KEYS.blob(digest_of(model_bytes(2.0, 1.0))))
+    (settings.data_dir / "checkpoints" / "t1" / "v000002.safetensors").unlink()
+    app = create_app(ServiceContext(redis=redis, settings=settings, service="dashboard", instance="0"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                                 headers={"X-API-Key": TEST_API_KEY}) as http:
+        lineage = await http.get("/api/training/t1/versions/3/lineage")
+        unknown = await http.get("/api/training/t1/versions/9/lineage")
+        gone = await http.get("/api/training/t1/versions/2/model")
+        served = await http.get("/api/training/t1/versions/3/model")
+
+    assert lineage.status_code == 200 and [r["version"] for r in lineage.json()] == [3, 1, 0]
+    assert unknown.status_code == 404 and unknown.json()["detail"] == "no version 9 of 't1'"
+    assert gone.status_code == 410 and "unavailable" in gone.json()["detail"]
+    assert served.content == model_bytes(3.0, 1.0)
+    assert served.headers["X-Model-SHA256"] == digest_of(model_bytes(3.0, 1.0))
