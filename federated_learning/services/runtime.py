@@ -129,7 +129,7 @@ class ServiceContext:
         while not self.stop.is_set():
             try:
                 await self.refresh_health(**(extra() if extra else {}))
-            except Exception as exc:  # a lost bus must not kill the process
+            except Exception as exc:  # noqa: BLE001 - a lost bus must not kill the process
                 log.warning("health refresh failed: %s", exc)
             try:
                 await asyncio.wait_for(self.stop.wait(), HEALTH_REFRESH_S)
@@ -228,19 +228,42 @@ async def open_context(settings: Settings, service: str, instance: str, *,
     return ctx
 
 
+SHUTDOWN_GRACE_S = 5.0
+"""How long a stopping service lets its current work finish before cancelling it."""
+
+
+async def _finish_within(task: asyncio.Future[None], seconds: float) -> None:
+    """Wait up to ``seconds`` for ``task``, then cancel it and wait for the cancellation."""
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def serve(ctx: ServiceContext, body: Callable[[], Awaitable[None]],
                 health_extra: Callable[[], dict[str, object]] | None = None) -> None:
-    """Run ``body`` and the health loop until SIGTERM; then close the connection."""
+    """Run ``body`` and the health loop until SIGTERM; then close the connection.
+
+    After SIGTERM the body gets ``SHUTDOWN_GRACE_S`` to finish the entry it is handling and is
+    then cancelled: with the bus gone its calls could retry far longer than the supervisor
+    waits, and a cancelled handler is safe (its entry stays pending and is handled again).
+    """
     install_stop_handlers(ctx.stop)
     health = asyncio.create_task(ctx.health_loop(health_extra))
+    work = asyncio.ensure_future(body())
+    stopped = asyncio.create_task(ctx.stop.wait())
     try:
-        await body()
+        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        await _finish_within(work, SHUTDOWN_GRACE_S)
+        if not work.cancelled():
+            work.result()
     finally:
         ctx.stop.set()
-        await health
-        try:
-            await ctx.redis.delete(ctx.keys.service_health(ctx.service, ctx.instance))
-        except Exception:  # best effort on the way out
+        stopped.cancel()
+        await _finish_within(health, SHUTDOWN_GRACE_S)
+        try:  # best effort on the way out
+            await asyncio.wait_for(ctx.redis.delete(ctx.keys.service_health(ctx.service, ctx.instance)), 1.0)
+        except Exception:  # noqa: BLE001, S110 - the bus may be gone; the key expires anyway
             pass
         await ctx.redis.aclose()
         log.info("%s/%s stopped", ctx.service, ctx.instance)
