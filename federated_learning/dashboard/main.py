@@ -23,7 +23,7 @@ from federated_learning.dashboard.routes import (
     system,
     trainings,
 )
-from federated_learning.services.runtime import ServiceContext
+from federated_learning.services.runtime import SHUTDOWN_GRACE_S, ServiceContext, finish_within
 
 STATIC = Path(__file__).parent / "static"
 
@@ -47,7 +47,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
             yield
         finally:
             ctx.stop.set()
-            await asyncio.gather(hub_task, health_task, return_exceptions=True)
+            await asyncio.gather(finish_within(hub_task, SHUTDOWN_GRACE_S), finish_within(health_task, 1.0))
 
     app = FastAPI(title="Federated learning dashboard", version="1", lifespan=lifespan)
     app.state.ctx = ctx

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp
 from federated_learning.bus.connection import connect
 from federated_learning.config import Settings, load_settings
 from federated_learning.dashboard.main import create_app
-from federated_learning.services.runtime import ServiceContext, setup_logging
+from federated_learning.services.runtime import SHUTDOWN_GRACE_S, ServiceContext, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,7 @@ def server_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
     cert, key = settings.dashboard_tls_cert_file, settings.dashboard_tls_key_file
     return uvicorn.Config(app, host=settings.dashboard_host, port=settings.dashboard_port,
                           log_level="warning", ws="websockets-sansio", lifespan="on",
+                          timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
                           ssl_certfile=str(cert) if cert else None,
                           ssl_keyfile=str(key) if key else None)
 

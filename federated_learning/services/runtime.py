@@ -232,7 +232,7 @@ SHUTDOWN_GRACE_S = 5.0
 """How long a stopping service lets its current work finish before cancelling it."""
 
 
-async def _finish_within(task: asyncio.Future[None], seconds: float) -> None:
+async def finish_within(task: asyncio.Future[None], seconds: float) -> None:
     """Wait up to ``seconds`` for ``task``, then cancel it and wait for the cancellation."""
     done, _ = await asyncio.wait({task}, timeout=seconds)
     if not done:
@@ -254,13 +254,13 @@ async def serve(ctx: ServiceContext, body: Callable[[], Awaitable[None]],
     stopped = asyncio.create_task(ctx.stop.wait())
     try:
         await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        await _finish_within(work, SHUTDOWN_GRACE_S)
+        await finish_within(work, SHUTDOWN_GRACE_S)
         if not work.cancelled():
             work.result()
     finally:
         ctx.stop.set()
         stopped.cancel()
-        await _finish_within(health, SHUTDOWN_GRACE_S)
+        await finish_within(health, 1.0)
         try:  # best effort on the way out
             await asyncio.wait_for(ctx.redis.delete(ctx.keys.service_health(ctx.service, ctx.instance)), 1.0)
         except Exception:  # noqa: BLE001, S110 - the bus may be gone; the key expires anyway
