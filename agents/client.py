@@ -13,6 +13,7 @@ import platform
 import time
 import zlib
 from dataclasses import dataclass
+from typing import TypeVar
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ from federated_learning.protocol.messages import (
     Evaluation,
     Heartbeat,
     MalformedMessage,
+    SignedByAgent,
     Task,
     TaskKind,
     UpdateSubmitted,
@@ -62,6 +64,7 @@ from federated_learning.protocol.updates import encode_compressed
 from federated_learning.types import NamedLayers
 
 log = logging.getLogger(__name__)
+SignedMessage = TypeVar("SignedMessage", bound=SignedByAgent)
 
 UPDATE_BLOB_TTL_S = 24 * 3600
 RECONNECT_BACKOFF_CAP_S = 10.0
@@ -219,7 +222,11 @@ class FederatedClient:
             public_key=self.identity.public_key_bytes.hex(),
             join_token=self.join_token,
         )
-        await self.redis.xadd(self.keys.agent_stream, encode(message))  # type: ignore[arg-type]
+        await self.redis.xadd(self.keys.agent_stream, encode(self.signed(message)))  # type: ignore[arg-type]
+
+    def signed(self, message: SignedMessage) -> SignedMessage:
+        """``message`` with this agent's Ed25519 signature."""
+        return message.model_copy(update={"signature": self.identity.sign(message.signed_bytes()).hex()})
 
     async def close(self, reason: str = "shutting down") -> None:
         """Leave cleanly: tell the coordinator, stop the loops, close the connection."""
@@ -229,7 +236,7 @@ class FederatedClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             await self.redis.xadd(self.keys.agent_stream,
-                                  encode(AgentLeft(agent_id=self.agent_id, reason=reason)))  # type: ignore[arg-type]
+                                  encode(self.signed(AgentLeft(agent_id=self.agent_id, reason=reason))))  # type: ignore[arg-type]
         except (RedisConnectionError, RedisTimeoutError, OSError):
             log.warning("agent %s could not announce leaving", self.agent_id)
         if self._owns_redis:
@@ -240,7 +247,7 @@ class FederatedClient:
         while not self._stop.is_set():
             try:
                 await self.redis.xadd(self.keys.agent_stream,
-                                      encode(Heartbeat(agent_id=self.agent_id)))  # type: ignore[arg-type]
+                                      encode(self.signed(Heartbeat(agent_id=self.agent_id))))  # type: ignore[arg-type]
                 backoff = 0.5
                 await asyncio.sleep(self.heartbeat_interval_s)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -329,9 +336,7 @@ class FederatedClient:
                 train_loss=trained.loss, train_accuracy=trained.accuracy,
                 train_seconds=trained.seconds, upload_bytes=len(trained.blob),
                 dense_bytes=trained.dense_bytes, unclipped=trained.unclipped, **common)  # type: ignore[arg-type]
-        signature = self.identity.sign(notice.signed_bytes()).hex()
-        await self.redis.xadd(self.keys.update_stream,
-                              encode(notice.model_copy(update={"signature": signature})))  # type: ignore[arg-type]
+        await self.redis.xadd(self.keys.update_stream, encode(self.signed(notice)))  # type: ignore[arg-type]
         self.completed_tasks += 1
 
     def dataset_sizes(self) -> dict[str, int]:

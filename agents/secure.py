@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel
 
 from federated_learning.privacy.errors import PrivacyError
 from federated_learning.privacy.secure_session import AgentSecureSession
 from federated_learning.protocol.messages import (
     Evaluation,
     MalformedMessage,
+    SignedByAgent,
     TaskKind,
     UpdateSubmitted,
     encode,
@@ -60,11 +60,9 @@ class SecureParticipation:
         self.client = client
         self.held: dict[str, HeldUpdate] = {}
 
-    async def _send(self, message: BaseModel) -> None:
-        signed_bytes = message.signed_bytes()  # type: ignore[attr-defined]
-        signature = self.client.identity.sign(signed_bytes).hex()
-        signed = message.model_copy(update={"signature": signature})
-        await self.client.redis.xadd(self.client.keys.update_stream, encode(signed))  # type: ignore[arg-type]
+    async def _send(self, message: SignedByAgent) -> None:
+        fields = encode(self.client.signed(message))
+        await self.client.redis.xadd(self.client.keys.update_stream, fields)  # type: ignore[arg-type]
 
     async def hold(self, task: Task, evaluation: Evaluation, trained: TrainedUpdate,
                    delta: NDArray[np.floating]) -> None:

@@ -6,7 +6,7 @@ from typing import Protocol
 
 from federated_learning.coordination.state import TrainingState
 from federated_learning.privacy.signing import verify
-from federated_learning.protocol.messages import UpdateSubmitted
+from federated_learning.protocol.messages import AgentJoined, AgentLeft, Heartbeat, UpdateSubmitted
 
 
 class SignedMessage(Protocol):
@@ -24,9 +24,36 @@ def check_signature(notice: SignedMessage, public_key: str | None,
     if public_key is None:
         return ("unsigned", "agent registered no public key") if required else None
     if notice.signature is None:
-        return "unsigned", "notice carries no signature"
+        return "unsigned", "message carries no signature"
     if not verify(bytes.fromhex(public_key), notice.signed_bytes(), bytes.fromhex(notice.signature)):
         return "bad_signature", "signature does not match the agent's registered key"
+    return None
+
+
+MAX_AGENT_MESSAGE_AGE_S = 120.0
+"""Joins, heartbeats and leaves sent longer ago than this (by the agent's clock, against the
+bus server's) are refused: a replayed heartbeat cannot keep a gone agent alive for long, and
+an agent whose clock is off by more than this is told so."""
+
+
+def check_agent_message(message: AgentJoined | Heartbeat | AgentLeft, registered_key: str | None,
+                        received_at: float, max_age_s: float = MAX_AGENT_MESSAGE_AGE_S) -> tuple[str, str] | None:
+    """Reason and detail when a join, heartbeat or leave must be refused, else None.
+
+    A join is verified against the key it binds, heartbeats and leaves against the agent's
+    registered key; an agent that registered no key has nothing to verify (and cannot send
+    updates while signed updates are required).
+    """
+    key = message.public_key if isinstance(message, AgentJoined) else registered_key
+    if key is None:
+        return None
+    problem = check_signature(message, key, True)
+    if problem is not None:
+        return problem
+    age = received_at - message.sent_at
+    if abs(age) > max_age_s:
+        return ("stale_message", f"{message.type} sent {age:+.0f}s from when the bus received it (more than "
+                                 f"{max_age_s:.0f}s): a replay, or the agent's clock is off")
     return None
 
 

@@ -42,6 +42,17 @@ class Message(BaseModel):
     schema_version: Literal[1] = SCHEMA_VERSION
 
 
+class SignedByAgent(BaseModel):
+    """A message its agent signs with its Ed25519 identity (mixin; the signature is last)."""
+
+    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$",
+                                  description="hex Ed25519 signature of signed_bytes()")
+
+    def signed_bytes(self) -> bytes:
+        """What the agent signs: the canonical JSON of every field but the signature."""
+        return canonical_json(self.model_dump(mode="json", exclude={"signature"}))
+
+
 # -- trainings ------------------------------------------------------------------
 
 
@@ -230,7 +241,9 @@ ControlCommand: TypeAlias = Annotated[StartTraining | StopTraining | RollbackTra
 # -- agents -------------------------------------------------------------------
 
 
-class AgentJoined(Message):
+class AgentJoined(Message, SignedByAgent):
+    """Signed with the key it binds (proof of possession)."""
+
     type: Literal["join"] = "join"
     agent_id: Identifier
     datasets: dict[Identifier, Annotated[int, Field(ge=0)]]
@@ -240,18 +253,20 @@ class AgentJoined(Message):
     volunteer: bool = Field(default=False, description="sends updates unasked (plain-HTTP clients)")
     join_token: str | None = Field(default=None, max_length=128,
                                    description="needed for a first join when registration is closed")
+    sent_at: float = Field(default_factory=time.time)
 
 
-class Heartbeat(Message):
+class Heartbeat(Message, SignedByAgent):
     type: Literal["heartbeat"] = "heartbeat"
     agent_id: Identifier
     sent_at: float = Field(default_factory=time.time)
 
 
-class AgentLeft(Message):
+class AgentLeft(Message, SignedByAgent):
     type: Literal["leave"] = "leave"
     agent_id: Identifier
     reason: str = Field(default="", max_length=500)
+    sent_at: float = Field(default_factory=time.time)
 
 
 AgentMessage: TypeAlias = Annotated[
@@ -288,8 +303,10 @@ class Evaluation(BaseModel):
     num_examples: int = Field(ge=0)
 
 
-class UpdateSubmitted(Message):
-    """An agent's notice that its update blob is uploaded (or, for evaluate tasks, its report)."""
+class UpdateSubmitted(Message, SignedByAgent):
+    """An agent's notice that its update blob is uploaded (or, for evaluate tasks, its report).
+
+    Its signature covers the update blob too: the notice names the blob's SHA-256."""
 
     type: Literal["update"] = "update"
     kind: TaskKind = TaskKind.TRAIN
@@ -309,16 +326,6 @@ class UpdateSubmitted(Message):
     unclipped: bool | None = Field(
         default=None, description="whether the update's norm was within the task's clip norm before "
                                   "clipping (the bit adaptive clipping learns from); None: no clip norm")
-    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$",
-                                  description="hex Ed25519 signature of signed_bytes()")
-
-    def signed_bytes(self) -> bytes:
-        """What the agent signs: the canonical JSON of every field but the signature.
-
-        It names the update blob's SHA-256, so the signature covers the update too.
-        """
-        return canonical_json(self.model_dump(mode="json", exclude={"signature"}))
-
     @model_validator(mode="after")
     def _train_has_blob(self) -> UpdateSubmitted:
         if self.kind is TaskKind.TRAIN and (self.update_digest is None or self.num_examples <= 0):

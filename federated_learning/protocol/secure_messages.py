@@ -28,7 +28,7 @@ from federated_learning.protocol.messages import (
     Message,
     PublicKeyHex,
     SecureSession,
-    canonical_json,
+    SignedByAgent,
 )
 
 MAX_SEALED_SHARE_HEX = 1024
@@ -43,14 +43,8 @@ class _Round(Message):
     attempt: int = Field(ge=1)
 
 
-class _SignedByAgent(_Round):
+class _SignedByAgent(_Round, SignedByAgent):
     agent_id: Identifier
-    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$",
-                                  description="hex Ed25519 signature of signed_bytes()")
-
-    def signed_bytes(self) -> bytes:
-        """The canonical JSON of every field but the signature."""
-        return canonical_json(self.model_dump(mode="json", exclude={"signature"}))
 
 
 class SecureKeysAdvertised(_SignedByAgent):

@@ -18,15 +18,14 @@ from prometheus_client import Gauge
 
 from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
-from federated_learning.coordination.checks import (
-    refuse_training,
-)
+from federated_learning.coordination.checks import check_agent_message, refuse_training
 from federated_learning.coordination.secure import DEFAULT_SECURE_CLIP_NORM
 from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.models import initial_model
 from federated_learning.privacy.release import DEFAULT_ADAPTIVE_INITIAL_CLIP_NORM, clip_norm_for
 from federated_learning.protocol.keys import GROUP_COORDINATOR
 from federated_learning.protocol.messages import (
+    AgentJoined,
     MalformedMessage,
     ModelReleased,
     PrivacyReport,
@@ -193,7 +192,13 @@ class Coordinator(RoundProtocol):
         except MalformedMessage as exc:
             await self.ctx.reject("agents", "malformed", exc.reason)
             return
-        outcome = await self.registry.apply(message, at=entry_time(entry_id))
+        received_at = entry_time(entry_id)
+        registered = None if isinstance(message, AgentJoined) else await self.registry.get(message.agent_id)
+        problem = check_agent_message(message, registered.public_key if registered else None, received_at)
+        if problem is not None:
+            await self.ctx.reject("agents", problem[0], problem[1], agent_id=message.agent_id)
+            return
+        outcome = await self.registry.apply(message, at=received_at)
         if outcome.rejected:
             await self.ctx.reject("agents", outcome.rejected, outcome.detail,
                                   agent_id=message.agent_id)

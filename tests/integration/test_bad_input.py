@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from typing import TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -13,7 +15,9 @@ from federated_learning.privacy.signing import AgentKeyPair
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import (
     AgentJoined,
+    AgentLeft,
     Heartbeat,
+    SignedByAgent,
     TaskKind,
     UpdateSubmitted,
     VersionRecord,
@@ -28,7 +32,8 @@ KEYS = Keys()
 async def keep_alive(redis: aioredis.Redis, agents: list[str]) -> None:
     while True:
         for agent in agents:
-            await redis.xadd(KEYS.agent_stream, encode(Heartbeat(agent_id=agent)))  # type: ignore[arg-type]
+            beat = signed_by(Heartbeat(agent_id=agent), IDENTITIES[agent])
+            await redis.xadd(KEYS.agent_stream, encode(beat))  # type: ignore[arg-type]
         await asyncio.sleep(0.2)
 
 
@@ -38,6 +43,11 @@ def model(weight: np.ndarray | None = None, bias: np.ndarray | None = None) -> d
 
 
 IDENTITIES = {f"fake-{i}": AgentKeyPair.generate() for i in range(12)}
+Signed = TypeVar("Signed", bound=SignedByAgent)
+
+
+def signed_by(message: Signed, key: AgentKeyPair) -> Signed:
+    return message.model_copy(update={"signature": key.sign(message.signed_bytes()).hex()})
 
 
 async def submit(redis: aioredis.Redis, agent: str, digest: str, round_number: int = 1, *,
@@ -58,8 +68,8 @@ async def rejection_counts(redis: aioredis.Redis) -> dict[str, int]:
 async def test_every_bad_update_is_rejected_and_the_round_completes(redis: aioredis.Redis, system, settings) -> None:
     agents = [f"fake-{i}" for i in range(11)]
     for agent in agents:
-        joined = AgentJoined(agent_id=agent, datasets={"digits": 10},
-                             public_key=IDENTITIES[agent].public_key_bytes.hex())
+        joined = signed_by(AgentJoined(agent_id=agent, datasets={"digits": 10},
+                                       public_key=IDENTITIES[agent].public_key_bytes.hex()), IDENTITIES[agent])
         await redis.xadd(KEYS.agent_stream, encode(joined))  # type: ignore[arg-type]
     beats = asyncio.create_task(keep_alive(redis, agents))
     await system.start()
@@ -123,3 +133,37 @@ async def test_malformed_entries_on_every_service_stream_are_rejected(redis: aio
     assert all(counts.get(f"{source}:malformed") == 1 for source in streams.values()), counts
     for stream, group in ((KEYS.job_stream, "aggregator"), (KEYS.release_stream, "versions")):
         assert (await redis.xpending(stream, group))["pending"] == 0
+
+
+async def test_forged_replayed_or_unsigned_agent_messages_are_rejected(redis: aioredis.Redis, system) -> None:
+    victim, other = AgentKeyPair.generate(), AgentKeyPair.generate()
+    key = victim.public_key_bytes.hex()
+    await system.start("coordinator")
+    joined = AgentJoined(agent_id="victim", datasets={"digits": 10}, public_key=key)
+    await redis.xadd(KEYS.agent_stream, encode(signed_by(joined, victim)))  # type: ignore[arg-type]
+    forged_join = AgentJoined(agent_id="victim", datasets={"digits": 99999}, public_key=key)
+    messages = [
+        signed_by(forged_join, other),                                       # someone else's key
+        forged_join,                                                         # unsigned, with the victim's key
+        signed_by(Heartbeat(agent_id="victim"), other),                      # forged heartbeat
+        Heartbeat(agent_id="victim"),                                        # unsigned heartbeat
+        signed_by(Heartbeat(agent_id="victim", sent_at=time.time() - 3600), victim),  # replayed heartbeat
+        signed_by(AgentLeft(agent_id="victim", reason="forged"), other),     # forged leave
+    ]
+    for message in messages:
+        await redis.xadd(KEYS.agent_stream, encode(message))  # type: ignore[arg-type]
+    await redis.xadd(KEYS.agent_stream, encode(signed_by(Heartbeat(agent_id="victim"), victim)))  # type: ignore[arg-type]
+
+    deadline = time.monotonic() + 10
+    counts: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        counts = await rejection_counts(redis)
+        if sum(v for k, v in counts.items() if k.startswith("agents:")) >= len(messages):
+            break
+        await asyncio.sleep(0.05)
+    assert counts.get("agents:bad_signature") == 3
+    assert counts.get("agents:unsigned") == 2
+    assert counts.get("agents:stale_message") == 1
+    record = json.loads(await redis.hget(KEYS.agents, "victim"))
+    assert record["datasets"] == {"digits": 10}
+    assert await redis.zscore(KEYS.agents_last_seen, "victim") is not None  # the forged leave did nothing

@@ -118,8 +118,9 @@ async def _submit(ctx: Context, state: TrainingState, client_id: str, layers: Na
     joined = AgentJoined(agent_id=agent_id, datasets={state.config.dataset: metrics.num_examples},
                          device={"kind": "http-sync"}, public_key=identity.public_key_bytes.hex(), volunteer=True,
                          join_token=await _project_token(ctx, state, agent_id))
-    await ctx.redis.xadd(ctx.keys.agent_stream, encode(joined))  # type: ignore[arg-type]
-    await ctx.redis.xadd(ctx.keys.agent_stream, encode(Heartbeat(agent_id=agent_id)))  # type: ignore[arg-type]
+    for message in (joined, Heartbeat(agent_id=agent_id)):  # signed with the gateway's key, as the notice
+        signed = message.model_copy(update={"signature": identity.sign(message.signed_bytes()).hex()})
+        await ctx.redis.xadd(ctx.keys.agent_stream, encode(signed))  # type: ignore[arg-type]
     digest = await ctx.blobs.put(encode_layers(layers), ttl_s=24 * 3600)
     evaluation = None
     if metrics.accuracy is not None and metrics.loss is not None:
