@@ -117,6 +117,10 @@ class Keys:
         """Hash agent id -> accepted UpdateSubmitted JSON for one round."""
         return self._k("updates", f"{{t:{training_id}}}", str(round_number))
 
+    def applied(self, service: str, entry_id: str) -> str:
+        """Marker that ``service`` applied the effects of a stream entry (redelivery skips them)."""
+        return self._k("applied", service, entry_id)
+
     def secure_exchange(self, training_id: TrainingId, round_number: RoundNumber, attempt: int,
                         part: str) -> str:
         """Hash agent id -> message JSON of one secure-aggregation phase ("keys", "shares",

@@ -12,9 +12,11 @@ import argparse
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge
+from redis.asyncio.client import Pipeline
 
 from federated_learning.bus.consumer import StreamConsumer, trim_consumed
 from federated_learning.bus.replies import text
@@ -64,6 +66,8 @@ TRIM_EVERY_S = 60.0
 
 STARTUP_GRACE_S = HEALTH_TTL_S + 5
 METRIC_SERIES_MAXLEN = 100_000
+APPLIED_MARKER_TTL_S = 7 * 24 * 3600
+"""How long a handled event's marker is kept (redeliveries come within minutes)."""
 
 EVENTS = Counter("fl_monitor_events_total", "Events seen", ["kind"])
 DROPOUTS = Counter("fl_agent_dropouts_total", "Agents that dropped out of a round")
@@ -89,7 +93,18 @@ class Monitor:
     async def run(self, *, burst: bool = False) -> None:
         await self.consumer.run(self.ctx.stop, burst=burst, on_idle=self.check)
 
-    async def on_event(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
+    async def _apply_once(self, entry_id: bytes, stage: Callable[[Pipeline], None]) -> None:
+        """Apply counter and series updates of one event exactly once: they go in one
+        transaction with a marker, and a redelivered event whose marker exists is skipped."""
+        marker = self.ctx.keys.applied("monitor", entry_id.decode())
+        if await self.ctx.redis.exists(marker):
+            return
+        async with self.ctx.redis.pipeline(transaction=True) as pipe:
+            stage(pipe)
+            pipe.set(marker, 1, ex=APPLIED_MARKER_TTL_S)
+            await pipe.execute()
+
+    async def on_event(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
             event = decode(Event, fields)
         except MalformedMessage as exc:
@@ -100,15 +115,23 @@ class Monitor:
             metrics = metrics_from_round(event.data, event.training_id, event.round)
             if metrics:
                 key = self.ctx.keys.metric_series(event.training_id)
-                await self.ctx.redis.rpush(key, *(m.model_dump_json() for m in metrics))
-                await self.ctx.redis.ltrim(key, -METRIC_SERIES_MAXLEN, -1)
+
+                def add_series(pipe: Pipeline) -> None:
+                    pipe.rpush(key, *(m.model_dump_json() for m in metrics))
+                    pipe.ltrim(key, -METRIC_SERIES_MAXLEN, -1)
+
+                await self._apply_once(entry_id, add_series)
             accuracy = event.data.get("eval_accuracy")
             if isinstance(accuracy, float):
                 ACCURACY.labels(event.training_id).set(accuracy)
         elif event.kind == "update_anomaly" and event.training_id and event.round is not None:
             flags = [UpdateFlag(**{**f, "reasons": tuple(f["reasons"])}) for f in event.data.get("flags", [])]
-            for flag in flags:
-                await self.ctx.redis.hincrby(self.ctx.keys.agent_flags, flag.agent_id, 1)
+
+            def count_flags(pipe: Pipeline) -> None:
+                for flag in flags:
+                    pipe.hincrby(self.ctx.keys.agent_flags, flag.agent_id, 1)
+
+            await self._apply_once(entry_id, count_flags)
             await self.raise_once(anomaly_conditions(flags, event.training_id, event.round))
         elif event.kind == "rollback" and event.training_id:
             await self.raise_once([Condition(
@@ -123,7 +146,12 @@ class Monitor:
                                                  target))
         elif event.kind == "agent_dropped" and event.agent_id:
             DROPOUTS.inc()
-            await self.ctx.redis.hincrby(self.ctx.keys.agent_dropouts, event.agent_id, 1)
+            agent_id = event.agent_id
+
+            def count_dropout(pipe: Pipeline) -> None:
+                pipe.hincrby(self.ctx.keys.agent_dropouts, agent_id, 1)
+
+            await self._apply_once(entry_id, count_dropout)
 
     async def raise_once(self, conditions: list[Condition]) -> None:
         """Open alerts for one-off conditions (they stay open until acknowledged)."""

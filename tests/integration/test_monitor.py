@@ -56,6 +56,24 @@ async def test_round_metrics_and_dropouts_are_recorded(redis: aioredis.Redis, se
     assert await redis.hget(KEYS.agent_dropouts, "a1") == b"1"
 
 
+async def test_a_redelivered_event_is_counted_once(redis: aioredis.Redis, settings) -> None:
+    """A crash after the effects and before the ack redelivers the event: nothing doubles."""
+    monitor = Monitor(ServiceContext(redis=redis, settings=settings, service="monitor", instance="0"))
+    completed = Event(kind="round_completed", source="coordinator", training_id="t", round=1,
+                      data={"eval_accuracy": 0.5, "participants": 4})
+    dropped = Event(kind="agent_dropped", source="coordinator", training_id="t", round=1, agent_id="a1")
+    flagged = Event(kind="update_anomaly", source="aggregator", training_id="t", round=1, data={"flags": [
+        {"agent_id": "a2", "norm": 9.0, "norm_z": 6.0, "cosine": -0.9, "cosine_z": -6.0,
+         "reasons": ["norm"]}]})
+    for event in (completed, dropped, flagged):
+        entry_id = await redis.xadd(KEYS.event_stream, encode(event))  # type: ignore[arg-type]
+        for _delivery in range(3):
+            await monitor.on_event(entry_id, encode(event))
+    assert len(await redis.lrange(KEYS.metric_series("t"), 0, -1)) == 2
+    assert await redis.hget(KEYS.agent_dropouts, "a1") == b"1"
+    assert await redis.hget(KEYS.agent_flags, "a2") == b"1"
+
+
 async def test_privacy_budget_alerts_at_80_and_100_percent(redis: aioredis.Redis, settings) -> None:
     ctx = ServiceContext(redis=redis, settings=settings, service="monitor", instance="0")
     for spent in (1.0, 6.5, 8.0):  # level "low" targets epsilon 8
