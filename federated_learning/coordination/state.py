@@ -75,6 +75,8 @@ class TrainingState(BaseModel):
     """Newest version already judged when the last automatic rollback was decided."""
     pending_rollback: int | None = None
     """A manual rollback asked while a round was aggregating: applied when it completes."""
+    handled_requests: list[str] = Field(default_factory=list)
+    """Control entries (operator rollbacks) already applied, newest last: redeliveries skip them."""
     secure: SecureRoundState | None = None
     """Secure trainings: the current round's masking exchange."""
 

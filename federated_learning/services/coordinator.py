@@ -90,7 +90,7 @@ class Coordinator(RoundProtocol):
 
     # -- control ---------------------------------------------------------------
 
-    async def on_control(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
+    async def on_control(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
             command = decode_control(fields)
         except MalformedMessage as exc:
@@ -99,7 +99,7 @@ class Coordinator(RoundProtocol):
         if isinstance(command, StartTraining):
             await self.start_training(command)
         elif isinstance(command, RollbackTraining):
-            await self.rollbacks.on_request(command)
+            await self.rollbacks.on_request(command, entry_id.decode())
         else:
             await self.stop_training(command)
 

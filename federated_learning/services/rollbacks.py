@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 
 ROLLBACKS = Counter("fl_rollbacks_total", "Rollbacks to an earlier version", ["trigger"])
+HANDLED_REQUESTS_KEPT = 50
+"""Operator requests remembered per training (redeliveries come soon after a crash)."""
 
 
 def version_scores(metrics: list[RoundMetrics]) -> list[VersionScore]:
@@ -83,9 +85,14 @@ class Rollbacks:
             from_version=previous, to_version=version, automatic=automatic, reason=reason, at=time.time())
         return True
 
-    async def on_request(self, command: RollbackTraining) -> None:
-        """An operator's rollback: restart a collecting round from the target, or defer it."""
+    async def on_request(self, command: RollbackTraining, request_id: str) -> None:
+        """An operator's rollback: restart a collecting round from the target, or defer it.
+
+        ``request_id`` (the control entry's id) is saved with the first state change, so a
+        redelivered request is not applied twice (it would skip a round number)."""
         state = await self.c.store.load(command.training_id)
+        if state is not None and request_id in state.handled_requests:
+            return
         if state is None or state.status.is_final:
             await self.c.ctx.reject("control", "unknown_training", f"no running training '{command.training_id}'",
                                     training_id=command.training_id)
@@ -94,6 +101,7 @@ class Rollbacks:
             await self.c.ctx.reject("control", "unknown_version",
                                     f"training has no version {command.version}", training_id=state.training_id)
             return
+        state.handled_requests = [*state.handled_requests, request_id][-HANDLED_REQUESTS_KEPT:]
         if state.phase is RoundPhase.AGGREGATING:
             state.pending_rollback = command.version
             await self.c.store.save(state)

@@ -102,3 +102,31 @@ async def test_server_validation_scores_every_version_and_drives_the_rollback(
     assert "server" in rollback["data"]["reason"]
     failed = await wait_for_status(redis, "bad-validation", {"failed"})
     assert "missing.npz" in failed.reason
+
+
+async def test_a_redelivered_operator_rollback_is_applied_once(redis: aioredis.Redis, settings) -> None:
+    from federated_learning.coordination.state import RoundPhase, TrainingState
+    from federated_learning.protocol.messages import PrivacyReport, TrainingStatus, VersionRecord
+    from federated_learning.services.coordinator import Coordinator
+    from federated_learning.services.runtime import ServiceContext
+
+    coordinator = Coordinator(ServiceContext(redis=redis, settings=settings, service="coordinator", instance="0"))
+    for version in (0, 1):
+        record = VersionRecord(training_id="again", version=version, round=version, parent_version=None,
+                               model_digest=f"{version}" * 64, state_digest=None, checkpoint="", algorithm="fedavg",
+                               contributors=[], num_examples=0, privacy=PrivacyReport(level="none", mechanism="none"),
+                               created_at=0.0)
+        await redis.hset(KEYS.versions("again"), str(version), record.model_dump_json())
+    state = TrainingState(training_id="again", config=digits_config(rounds=9), status=TrainingStatus.RUNNING,
+                          phase=RoundPhase.COLLECTING, round=3, completed_rounds=2, current_version=1,
+                          current_digest="1" * 64, min_clients=2, clients_per_round=4, round_deadline_s=10,
+                          privacy_level="none")
+    await coordinator.store.save(state)
+    command = RollbackTraining(training_id="again", version=0)
+
+    for _delivery in range(2):
+        await coordinator.rollbacks.on_request(command, "1700000000000-0")
+
+    after = await coordinator.store.load("again")
+    assert after is not None and after.round == 4 and after.current_version == 0
+    assert len(await rollback_events(redis)) == 1
