@@ -13,8 +13,8 @@ import platform
 import time
 import zlib
 from dataclasses import dataclass
-from typing import TypeVar
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -37,7 +37,11 @@ from federated_learning.privacy.compression import (
     random_k,
     top_k,
 )
-from federated_learning.privacy.mechanisms import add_gaussian_noise, clip_update_with_norm, secure_rng
+from federated_learning.privacy.mechanisms import (
+    add_gaussian_noise,
+    clip_update_with_norm,
+    secure_rng,
+)
 from federated_learning.privacy.signing import AgentKeyPair
 from federated_learning.protocol.keys import GROUP_AGENT, Keys
 from federated_learning.protocol.messages import (
@@ -197,7 +201,7 @@ class FederatedClient:
         if not 0 < eval_fraction < 1 or len(y) < 2:
             raise ValueError(f"dataset '{name}': eval_fraction must be in (0, 1) and x hold >= 2 examples")
         order = np.random.default_rng(self.seed).permutation(len(y))
-        n_eval = max(1, int(round(len(y) * eval_fraction)))
+        n_eval = max(1, round(len(y) * eval_fraction))
         held, train = order[:n_eval], order[n_eval:]
         self.datasets[name] = LocalDataset(x[train], y[train], x[held], y[held])
 
@@ -320,9 +324,9 @@ class FederatedClient:
             log.warning("agent %s: model of %s/%d refused: %s", self.agent_id, task.training_id, task.round, exc)
             return
         evaluation, trained = await asyncio.to_thread(self._work, task, received)
-        common = dict(training_id=task.training_id, round=task.round, attempt=task.attempt,
-                      agent_id=self.agent_id, received_model_version=task.model_version,
-                      evaluation=evaluation)
+        common = {"training_id": task.training_id, "round": task.round, "attempt": task.attempt,
+                      "agent_id": self.agent_id, "received_model_version": task.model_version,
+                      "evaluation": evaluation}
         if trained is not None and trained.delta is not None:
             await self.secure.hold(task, evaluation, trained, trained.delta)
             return

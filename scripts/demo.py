@@ -14,23 +14,23 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bootstrap import ROOT, reexec_in_venv  # noqa: E402
+from bootstrap import ROOT, reexec_in_venv
 
 reexec_in_venv()
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
+import argparse
+import asyncio
+import os
+import shutil
 
-from agents.simulation import SimulationOptions, run_simulation  # noqa: E402
-from federated_learning.config import ConfigError, load_settings  # noqa: E402
-from federated_learning.deploy.local import DeploymentFailed, LocalDeployment, stop_on_sigterm  # noqa: E402
+from agents.simulation import SimulationOptions, run_simulation
+from federated_learning.config import ConfigError, load_settings
+from federated_learning.deploy.local import DeploymentFailed, LocalDeployment, stop_on_sigterm
 
 DEMO_DATA_DIR = ROOT / "data" / "demo"
 # Chosen with scripts/tune-demo.py (in-process FedAvg over the same split); 20 agents per
 # round is config.json's max_clients_per_round.
-DEMO_TRAINING = dict(rounds=30, clients_per_round=20, local_epochs=10, batch_size=4, learning_rate=1.0)
+DEMO_TRAINING = {"rounds": 30, "clients_per_round": 20, "local_epochs": 10, "batch_size": 4, "learning_rate": 1.0}
 
 
 def parse_args() -> argparse.Namespace:

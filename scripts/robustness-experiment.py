@@ -55,10 +55,10 @@ def markdown(results: dict[str, dict[str, float | None]], args: argparse.Namespa
     columns = ["clean", *ATTACKS]
     lines = [
         "# Robustness to malicious agents (measured in the deployed system)", "",
-        f"{args.clients} agents, {args.partition} split, {args.rounds} rounds, {CLIENTS_PER_ROUND} agents per "
+        (f"{args.clients} agents, {args.partition} split, {args.rounds} rounds, {CLIENTS_PER_ROUND} agents per "
         f"round, 25% of agents malicious in the attack columns; final test accuracy of the last "
         f"global model on the held-out test set. Reproduce: `.venv/bin/python "
-        f"scripts/robustness-experiment.py --rounds {args.rounds} --seed {args.seed}`.", "",
+        f"scripts/robustness-experiment.py --rounds {args.rounds} --seed {args.seed}`."), "",
         "| rule (parameters) | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
     ]

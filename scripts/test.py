@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bootstrap import ROOT, reexec_in_venv  # noqa: E402
+from bootstrap import ROOT, reexec_in_venv
 
 PYTEST_NO_TESTS_COLLECTED = 5
 
@@ -21,7 +21,7 @@ PYTEST_NO_TESTS_COLLECTED = 5
 def main() -> int:
     reexec_in_venv("test")
     env = {**os.environ, "NUMBA_CACHE_DIR": str(ROOT / "data" / "numba-cache")}
-    code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *sys.argv[1:]],
+    code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *sys.argv[1:]], check=False,
                           cwd=ROOT, env=env).returncode
     if code == PYTEST_NO_TESTS_COLLECTED:
         print("error: pytest collected no tests", file=sys.stderr)

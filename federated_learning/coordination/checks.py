@@ -52,8 +52,8 @@ def check_agent_message(message: AgentJoined | Heartbeat | AgentLeft, registered
         return problem
     age = received_at - message.sent_at
     if abs(age) > max_age_s:
-        return ("stale_message", f"{message.type} sent {age:+.0f}s from when the bus received it (more than "
-                                 f"{max_age_s:.0f}s): a replay, or the agent's clock is off")
+        return ("stale_message", (f"{message.type} sent {age:+.0f}s from when the bus received it (more than "
+                                 f"{max_age_s:.0f}s): a replay, or the agent's clock is off"))
     return None
 
 

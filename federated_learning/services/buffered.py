@@ -93,8 +93,8 @@ class BufferedRounds:
         buffer = self.buffer_key(state)
         problem: tuple[str, str] | None = None
         if not 0 <= staleness <= state.config.max_staleness:
-            problem = ("stale_round", f"trained on version {notice.received_model_version}; staleness "
-                                      f"{staleness} exceeds max_staleness {state.config.max_staleness}")
+            problem = ("stale_round", (f"trained on version {notice.received_model_version}; staleness "
+                                      f"{staleness} exceeds max_staleness {state.config.max_staleness}"))
         elif await self.c.redis.hexists(buffer, notice.agent_id):
             problem = ("duplicate", "agent already has an update in this buffer")
         else:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 import websockets
 
 from tests.e2e.conftest import Deployment, training_body, wait_status

@@ -7,8 +7,6 @@ fixed-point rounding, also when an agent drops out after sending its shares.
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import redis.asyncio as aioredis
 

@@ -13,7 +13,11 @@ from federated_learning.privacy.release import (
     plan_release,
     update_noise_multiplier,
 )
-from federated_learning.protocol.messages import AdaptiveClippingConfig, AggregateReady, TrainingConfig
+from federated_learning.protocol.messages import (
+    AdaptiveClippingConfig,
+    AggregateReady,
+    TrainingConfig,
+)
 
 CONFIG = TrainingConfig.model_validate({
     "dataset": "d", "model": {"num_features": 4, "num_classes": 2}, "rounds": 10})

@@ -10,8 +10,8 @@ from federated_learning.coordination.selection import (
 
 
 def decide(**overrides: float) -> RoundDecision:
-    args = dict(accepted=0, responded=0, selected=6, target=5, min_clients=3, now=0.0,
-                deadline_at=10.0, attempt=1, max_attempts=3)
+    args = {"accepted": 0, "responded": 0, "selected": 6, "target": 5, "min_clients": 3, "now": 0.0,
+                "deadline_at": 10.0, "attempt": 1, "max_attempts": 3}
     args.update(overrides)
     return decide_round(**args)  # type: ignore[arg-type]
 

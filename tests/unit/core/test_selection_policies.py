@@ -4,7 +4,10 @@ from collections import Counter
 import pytest
 
 from federated_learning.coordination.selection import (
-    policy_weights, select_agents, under_hourly_cap, weighted_sample,
+    policy_weights,
+    select_agents,
+    under_hourly_cap,
+    weighted_sample,
 )
 from federated_learning.monitoring.reliability import AgentStats
 
