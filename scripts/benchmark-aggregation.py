@@ -1,7 +1,9 @@
 """Benchmark the aggregation kernels against NumPy (and Flower, when installed).
 
 For every rule and problem size it reports our time (median of --repeats after a warm-up
-call), a plain NumPy baseline, Flower's aggregate function when ``flwr`` imports, the
+call), a plain NumPy baseline, Flower's aggregate function when ``flwr`` imports (one
+call, skipped when a 1% probe extrapolates past --skip-flower-above seconds; with the
+largest relative difference between its result and ours), the
 machine limits measured in the same run (copy bandwidth, float32 GEMM rate), our share
 of the limit, and the extra memory of one aggregation call.
 
@@ -30,8 +32,10 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numba
@@ -66,6 +70,23 @@ AVERAGING = (
 DISTANCE_RULES = ("krum", "multikrum", "bulyan")
 SELECTION_RULES = ("trimmed_mean", "median")
 SELECTION_TARGET_S = 1.0
+# Flower 1.42's function timed for each rule. FedAvgM and the FedOpt family are timed on
+# Flower's averaging step only (their Strategy classes also need serialised FitRes inputs,
+# a K x d copy, and add an O(d) optimiser step); FedSGD, PerFedAvg and FedBuff have no
+# Flower counterpart here.
+FLOWER_FUNCTIONS = {
+    "fedavg": "aggregate",
+    "fedprox": "aggregate",
+    "fedavgm": "aggregate",
+    "fedadam": "aggregate",
+    "fedyogi": "aggregate",
+    "fedadagrad": "aggregate",
+    "krum": "aggregate_krum",
+    "multikrum": "aggregate_krum",
+    "trimmed_mean": "aggregate_trimmed_avg",
+    "median": "aggregate_median",
+    "bulyan": "aggregate_bulyan",
+}
 # Every allocation of 64 KiB or more gets its own mmap and is unmapped when freed, so
 # VmHWM sees each call's buffers instead of heap memory kept from the warm-up call.
 WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -172,27 +193,101 @@ def numpy_baseline(
     ]
 
 
+def import_flower_aggregate() -> ModuleType | None:
+    """``flwr.server.strategy.aggregate``, or None without flwr (its imports warn; ignored)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            from flwr.server.strategy import aggregate as flwr_aggregate
+        except ImportError:
+            return None
+    return flwr_aggregate
+
+
 def flower_call(
-    rule: str, slabs: list[np.ndarray], counts: list[int], params: dict[str, Any]
-) -> Callable[[], object] | None:
-    """Flower's aggregate function for the rule, on per-client views of the slabs."""
-    try:
-        from flwr.server.strategy import aggregate as flwr_aggregate
-    except ImportError:
+    rule: str,
+    slabs: list[np.ndarray],
+    counts: list[int],
+    params: dict[str, Any],
+    columns: list[int] | None = None,
+) -> Callable[[], list[np.ndarray]] | None:
+    """Flower's function for the rule (FLOWER_FUNCTIONS) on per-client views of the slabs.
+
+    columns: how many leading coordinates of each layer to pass (all when None); used to
+    time a small probe before deciding whether the full call fits --skip-flower-above.
+    """
+    module = import_flower_aggregate()
+    if module is None or rule not in FLOWER_FUNCTIONS:
         return None
-    results = [([slab[k] for slab in slabs], n) for k, n in enumerate(counts)]
+    widths = columns or [slab.shape[1] for slab in slabs]
+
+    def results() -> list[tuple[list[np.ndarray], int]]:
+        return [
+            ([slab[k, :width] for slab, width in zip(slabs, widths, strict=True)], n)
+            for k, n in enumerate(counts)
+        ]
+
     f = params.get("num_malicious_clients", 0)
-    if rule in ("fedavg", "fedprox"):
-        return lambda: flwr_aggregate.aggregate(results)
+    calls: dict[str, Callable[[], list[np.ndarray]]] = {
+        "aggregate": lambda: module.aggregate(results()),
+        "aggregate_median": lambda: module.aggregate_median(results()),
+        "aggregate_trimmed_avg": lambda: module.aggregate_trimmed_avg(
+            results(), params.get("beta", 0.0)
+        ),
+        "aggregate_bulyan": lambda: module.aggregate_bulyan(
+            results(), f, module.aggregate_krum, to_keep=0
+        ),
+    }
     if rule == "krum":
-        return lambda: flwr_aggregate.aggregate_krum(results, f, 0)
+        return lambda: module.aggregate_krum(results(), f, 0)
     if rule == "multikrum":
-        return lambda: flwr_aggregate.aggregate_krum(results, f, len(counts) - f)
-    if rule == "trimmed_mean":
-        return lambda: flwr_aggregate.aggregate_trimmed_avg(results, params["beta"])
-    if rule == "median":
-        return lambda: flwr_aggregate.aggregate_median(results)
-    return None
+        return lambda: module.aggregate_krum(results(), f, len(counts) - f)
+    return calls[FLOWER_FUNCTIONS[rule]]
+
+
+def normwise_difference(ours: list[np.ndarray], theirs: list[np.ndarray]) -> float:
+    """max |ours - theirs| / max |theirs| over all coordinates (float32 rounding: ~1e-7)."""
+    gap, scale = 0.0, 0.0
+    for a, b in zip(ours, theirs, strict=True):
+        reference = np.asarray(b, dtype=np.float64).reshape(-1)
+        gap = max(gap, float(np.max(np.abs(np.asarray(a, np.float64).reshape(-1) - reference))))
+        scale = max(scale, float(np.max(np.abs(reference))))
+    return gap / scale if scale > 0.0 else gap
+
+
+def time_flower(
+    rule: str,
+    slabs: list[np.ndarray],
+    counts: list[int],
+    params: dict[str, Any],
+    skip_above_s: float,
+    ours: list[np.ndarray],
+) -> dict[str, Any]:
+    """Flower's time for the rule, or why not: probe 1% of the coordinates, extrapolate
+    linearly (every Flower function here is linear in d), run the full call only when the
+    estimate is at most ``skip_above_s``. Also how far our result is from Flower's."""
+    none: dict[str, Any] = {"flower_s": None, "flower_estimate_s": None, "flower_vs_ours": None}
+    probe_columns = [min(slab.shape[1], max(4096, slab.shape[1] // 100)) for slab in slabs]
+    probe = flower_call(rule, slabs, counts, params, probe_columns)
+    if probe is None:
+        return none
+    start = time.perf_counter()
+    probe()
+    scale = sum(slab.shape[1] for slab in slabs) / sum(probe_columns)
+    estimate = (time.perf_counter() - start) * scale
+    if estimate > skip_above_s:
+        return {**none, "flower_estimate_s": estimate}
+    full = flower_call(rule, slabs, counts, params)
+    assert full is not None
+    start = time.perf_counter()
+    theirs = full()
+    elapsed = time.perf_counter() - start
+    same_rule = FLOWER_FUNCTIONS[rule] != "aggregate" or rule in ("fedavg", "fedprox")
+    return {
+        "flower_s": elapsed,
+        "flower_estimate_s": estimate,
+        "flower_vs_ours": normwise_difference(ours, theirs) if same_rule else None,
+    }
 
 
 def read_status_kib(field: str) -> int:
@@ -242,7 +337,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     first_call = time.perf_counter() - start
     Path("/proc/self/clear_refs").write_text("5")
     rss_before = read_status_kib("VmRSS")
-    strategy.aggregate_slabs(global_layers, slabs, counts, **kwargs)
+    result = strategy.aggregate_slabs(global_layers, slabs, counts, **kwargs)
     extra_bytes = (read_status_kib("VmHWM") - rss_before) * 1024
     ours, ours_cpu = median_times(
         lambda: strategy.aggregate_slabs(global_layers, slabs, counts, **kwargs), spec["repeats"]
@@ -254,8 +349,9 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         # One BLAS thread: OpenBLAS's threads stall when another process holds a core.
         with threadpool_limits(limits=1, user_api="blas"):
             numpy_s = median_time(baseline_fn, spec["baseline_repeats"])
-    flower_fn = flower_call(rule, slabs, counts, params) if spec["flower"] else None
-    flower_s = median_time(flower_fn, 1) if flower_fn else None
+    flower = {"flower_s": None, "flower_estimate_s": None, "flower_vs_ours": None}
+    if spec["flower"]:
+        flower = time_flower(rule, slabs, counts, params, spec["skip_flower_above"], result)
     return {
         "rule": rule,
         "d": d,
@@ -266,7 +362,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "ours_cpu_s": ours_cpu,
         "first_call_s": first_call,
         "numpy_s": numpy_s,
-        "flower_s": flower_s,
+        **flower,
+        "flower_function": FLOWER_FUNCTIONS.get(rule),
         "extra_bytes": extra_bytes,
     }
 
@@ -293,22 +390,41 @@ def verdict(row: dict[str, Any]) -> str:
     return ("ok" if time_ok else "slow") + ("" if memory_ok else ", mem")
 
 
+def flower_cell(row: dict[str, Any]) -> str:
+    """Flower's seconds, 'skipped (est. N s)' when over --skip-flower-above, or '-'."""
+    if row["flower_s"] is not None:
+        return f"{row['flower_s']:.3f}"
+    if row["flower_estimate_s"] is not None:
+        return f"skipped (est. {row['flower_estimate_s']:.0f} s)"
+    return "-"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of the results."""
+    """Markdown table of the results, then which Flower function each rule was timed on."""
     header = (
-        "| d | layers | rule | ours (s) | ours CPU (s) | NumPy (s) | Flower (s) | limit (s) "
-        "| % of limit "
-        "| extra MB | budget MB | target |"
+        "| d | layers | rule | ours (s) | ours CPU (s) | NumPy (s) | Flower (s) | Flower/ours "
+        "| diff vs Flower | limit (s) | % of limit | extra MB | budget MB | target |"
     )
-    lines = [header, "|" + "---|" * 12]
+    lines = [header, "|" + "---|" * 14]
     for r in rows:
         numpy_s = f"{r['numpy_s']:.3f}" if r["numpy_s"] is not None else "-"
-        flower_s = f"{r['flower_s']:.3f}" if r["flower_s"] is not None else "-"
+        ratio = f"{r['flower_s'] / r['ours_s']:.0f}x" if r["flower_s"] is not None else "-"
+        diff = f"{r['flower_vs_ours']:.1e}" if r["flower_vs_ours"] is not None else "-"
         lines.append(
             f"| {r['d']:,} | {r['layers']} | {r['rule']} | {r['ours_s']:.4f} "
-            f"| {r['ours_cpu_s']:.4f} | {numpy_s} | {flower_s} "
-            f"| {r['limit_s']:.4f} | {r['pct_of_limit']:.0f}% | {r['extra_bytes'] / 1e6:.1f} "
-            f"| {r['memory_budget_bytes'] / 1e6:.1f} | {r['verdict']} |"
+            f"| {r['ours_cpu_s']:.4f} | {numpy_s} | {flower_cell(r)} | {ratio} | {diff} "
+            f"| {r['limit_s']:.4f} | {r['pct_of_limit']:.0f}% | {r['extra_bytes'] / 1e6:.2f} "
+            f"| {r['memory_budget_bytes'] / 1e6:.2f} | {r['verdict']} |"
+        )
+    timed = sorted({f"{r['rule']}: {r['flower_function']}" for r in rows if r["flower_function"]})
+    if timed:
+        lines.append("")
+        lines.append("Flower functions timed (flwr.server.strategy.aggregate): " + ", ".join(timed))
+        lines.append("diff vs Flower: max |ours - Flower| / max |Flower| over the model.")
+        lines.append(
+            "FedAvgM/FedAdam/FedYogi/FedAdagrad: Flower's averaging step only. "
+            "Skipped: Flower's time estimated from 1% of the coordinates exceeded "
+            "--skip-flower-above."
         )
     return "\n".join(lines)
 
@@ -323,6 +439,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--baseline-repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="Numba threads; 0 = all")
     parser.add_argument("--no-flower", action="store_true", help="skip Flower even if installed")
+    parser.add_argument(
+        "--skip-flower-above",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="skip a Flower call whose time, extrapolated from 1%% of the coordinates, "
+        "exceeds this (default 30)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -352,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
                     "baseline_repeats": args.baseline_repeats,
                     "threads": args.threads,
                     "flower": not args.no_flower,
+                    "skip_flower_above": args.skip_flower_above,
                 }
                 done = subprocess.run(
                     [sys.executable, __file__, "--worker", json.dumps(spec)],
@@ -366,12 +491,13 @@ def main(argv: list[str] | None = None) -> int:
                 row["memory_budget_bytes"] = d * 4 + args.clients**2 * 8
                 row["verdict"] = verdict(row)
                 logger.info(
-                    "d=%s layers=%s rule=%s ours=%.4fs numpy=%s extra=%.1fMB",
+                    "d=%s layers=%s rule=%s ours=%.4fs numpy=%s flower=%s extra=%.1fMB",
                     d,
                     num_layers,
                     rule,
                     row["ours_s"],
                     row["numpy_s"],
+                    flower_cell(row),
                     row["extra_bytes"] / 1e6,
                 )
                 rows.append(row)

@@ -68,8 +68,10 @@ def fill_slabs(
             np.copyto(slab[k], np.reshape(layer, -1), casting="same_kind")
 
 
-def check_global_layers(global_layers: Sequence[NDArray[np.generic]]) -> None:
-    """Reject an empty model, non-array layers and non-finite weights."""
+def check_global_layers(
+    global_layers: Sequence[NDArray[np.generic]], *, finite: bool = True
+) -> None:
+    """Reject an empty model, non-array layers and (when ``finite``) non-finite weights."""
     if len(global_layers) == 0:
         raise ValueError("global model has no layers")
     for i, layer in enumerate(global_layers):
@@ -78,7 +80,7 @@ def check_global_layers(global_layers: Sequence[NDArray[np.generic]]) -> None:
             raise ValueError(f"global layer {i} is a {kind}, not a numpy array")  # noqa: TRY004
         if not (np.issubdtype(layer.dtype, np.number) or layer.dtype == np.bool_):
             raise ValueError(f"global layer {i} has non-numeric dtype {layer.dtype}")
-        if not is_all_finite(layer):
+        if finite and not is_all_finite(layer):
             raise ValueError(f"global layer {i} contains NaN or Inf")
 
 
@@ -243,6 +245,10 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     requires_individual_updates: ClassVar[bool] = False
+    # True for rules whose kernels reject a non-finite global layer themselves (every
+    # layer goes through ``weighted_combination`` before any state changes), which
+    # saves a serial pass over the model per call.
+    checks_global_in_kernel: ClassVar[bool] = False
 
     def aggregate(
         self,
@@ -254,7 +260,7 @@ class Strategy(ABC):
         staleness: list[int] | None = None,
     ) -> Layers:
         """Aggregate per-client layer lists; copies them into slabs once."""
-        check_global_layers(global_layers)
+        check_global_layers(global_layers, finite=not self.checks_global_in_kernel)
         check_client_layers(global_layers, client_layers)
         slabs = allocate_slabs(global_layers, len(client_layers))
         fill_slabs(slabs, client_layers)
@@ -272,7 +278,7 @@ class Strategy(ABC):
         staleness: list[int] | None = None,
     ) -> Layers:
         """Aggregate updates already laid out as ``(K, d_i)`` slabs (see ``allocate_slabs``)."""
-        check_global_layers(global_layers)
+        check_global_layers(global_layers, finite=not self.checks_global_in_kernel)
         num_clients = check_slabs(global_layers, slabs)
         batch = UpdateBatch(
             global_layers=list(global_layers),
@@ -284,7 +290,7 @@ class Strategy(ABC):
         self.check_batch(batch)
         return shape_like(self.aggregate_batch(batch), batch.global_layers)
 
-    def check_batch(self, batch: UpdateBatch) -> None:  # noqa: B027 - optional hook, default: none
+    def check_batch(self, batch: UpdateBatch) -> None:
         """Rule-specific preconditions (client counts, metrics); raise ValueError."""
 
     @abstractmethod

@@ -15,7 +15,6 @@ from typing import ClassVar
 
 import numba
 import numpy as np
-from numba import njit, prange
 from numpy.typing import NDArray
 
 from .base import (
@@ -25,105 +24,26 @@ from .base import (
     output_like,
     raise_non_finite_input,
 )
-from .krum import checked_distances, krum_scores
-from .order_statistics import (
-    BUFFER_STRIDE,
-    LANES,
-    ORDER_CHUNK,
-    apply_network,
-    as_bits,
-    keys_to_bits,
-    load_keys,
-    order_key_constants,
-    sorting_network,
-)
+from .krum import checked_distances, krum_scores, largest
+from .order_statistics import NEAR_MEDIAN, coordinate_reduce, sorting_network
 
 
-@njit(cache=True, nogil=True)
-def window_means(  # type: ignore[no-untyped-def]
-    floats,
-    offset,
-    theta,
-    half,
-    beta,
-    prefix,
-    middle,
-    best,
-    best_sum,
-):
-    """best_sum[l] = sum of the beta sorted values nearest the median, column offset + l.
-
-    floats: (theta, >= offset + LANES) sorted column-wise; prefix: (theta + 1, LANES)
-    float64 scratch; middle, best, best_sum: (LANES,) float64.
-    """
-    for lane in range(LANES):
-        if theta % 2 == 1:
-            middle[lane] = floats[half, offset + lane]
-        else:
-            low = np.float64(floats[half - 1, offset + lane])
-            middle[lane] = 0.5 * (low + floats[half, offset + lane])
-        best[lane] = np.inf
-    for j in range(theta):
-        for lane in range(LANES):
-            prefix[j + 1, lane] = prefix[j, lane] + floats[j, offset + lane]
-    for s in range(theta - beta + 1):
-        for lane in range(LANES):
-            low_gap = middle[lane] - floats[s, offset + lane]
-            high_gap = floats[s + beta - 1, offset + lane] - middle[lane]
-            cost = max(low_gap, high_gap)
-            if cost < best[lane]:
-                best[lane] = cost
-                best_sum[lane] = prefix[s + beta, lane] - prefix[s, lane]
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def mean_closest_to_median(  # type: ignore[no-untyped-def]
-    slab,
-    bits,
-    key,
-    rows,
-    first,
-    second,
-    beta,
-    out,
-    num_threads,
-):
+def mean_closest_to_median(
+    slab: NDArray[np.floating],
+    rows: NDArray[np.int64],
+    beta: int,
+    out: NDArray[np.floating],
+    num_threads: int,
+) -> bool:
     """out[c] = mean of the beta values of slab[rows, c] closest to their median.
 
-    slab: (K, d) float32/float64 and ``bits``, its memory as int32/int64; key:
-    ``order_key_constants(slab.dtype)``; rows: (theta,) int64; first/second: a full
-    sorting network for theta inputs; out: (d,); num_threads: how many per-thread
-    buffers (tasks) to use, as in ``mean_of_ranks``. In sorted order the beta nearest values
-    form a window; the window whose farther end is nearest the median wins (the lower one
-    on ties), and its sum comes from float64 prefix sums. Returns False on NaN/Inf input.
+    slab: (K, d) float32/float64, C-contiguous; rows: (theta,) int64; out: (d,) of slab's
+    dtype; num_threads: how many workspaces (tasks) to use. In sorted order the beta
+    nearest values form a window; the window whose farther end is nearest the median wins
+    (the lower one on ties). Returns False on NaN/Inf input.
     """
-    d = slab.shape[1]
-    theta = rows.size
-    half = theta // 2
-    num_chunks = (d + ORDER_CHUNK - 1) // ORDER_CHUNK
-    num_tasks = max(1, min(num_chunks, num_threads))
-    finite = np.ones(num_tasks, np.bool_)
-    for task in prange(num_tasks):
-        buffer = np.empty((theta, BUFFER_STRIDE), bits.dtype)
-        floats = buffer.view(slab.dtype)
-        prefix = np.zeros((theta + 1, LANES), np.float64)
-        middle = np.empty(LANES, np.float64)
-        best = np.empty(LANES, np.float64)
-        best_sum = np.empty(LANES, np.float64)
-        for ch in range(task * num_chunks // num_tasks, (task + 1) * num_chunks // num_tasks):
-            start = ch * ORDER_CHUNK
-            count = min(d, start + ORDER_CHUNK) - start
-            if load_keys(bits, rows, start, count, buffer, key):
-                finite[task] = False
-            for offset in range(0, count, LANES):
-                apply_network(buffer, offset, first, second)
-            for j in range(theta):
-                keys_to_bits(buffer, j, count, key)
-            for offset in range(0, count, LANES):
-                window_means(floats, offset, theta, half, beta, prefix, middle, best, best_sum)
-                for lane in range(min(LANES, count - offset)):
-                    out[start + offset + lane] = best_sum[lane] / beta
-    return finite.all()
+    network = sorting_network(int(rows.size))
+    return coordinate_reduce(slab, rows, network, NEAR_MEDIAN, beta, beta, out, num_threads)
 
 
 def bulyan_selection(distances: NDArray[np.float64], num_malicious: int) -> NDArray[np.int64]:
@@ -160,18 +80,11 @@ class Bulyan(Strategy):
 
     def aggregate_batch(self, batch: UpdateBatch) -> list[NDArray[np.floating]]:
         f = self.num_malicious_clients
-        picked = bulyan_selection(checked_distances(batch, self.name), f)
+        outputs = [output_like(layer) for layer in batch.global_layers]
+        picked = bulyan_selection(checked_distances(batch, self.name, largest(outputs)), f)
         beta = picked.size - 2 * f
-        first, second = sorting_network(int(picked.size))
-        outputs = []
-        for slab, layer in zip(batch.slabs, batch.global_layers, strict=True):
-            out = output_like(layer)
-            key = order_key_constants(slab.dtype)
-            bits = as_bits(slab)
-            threads = numba.get_num_threads()
-            if not mean_closest_to_median(
-                slab, bits, key, picked, first, second, beta, out, threads
-            ):
+        threads = numba.get_num_threads()
+        for slab, out in zip(batch.slabs, outputs, strict=True):
+            if not mean_closest_to_median(slab, picked, beta, out, threads):
                 raise_non_finite_input(batch, self.name)
-            outputs.append(out)
         return outputs

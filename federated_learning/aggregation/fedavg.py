@@ -33,6 +33,10 @@ from .base import (
 WEIGHTED_SUM_BLOCK = 4096
 
 
+OUTPUT_NOT_FINITE = 1
+BASE_NOT_FINITE = 2
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def weighted_sum_affine(  # type: ignore[no-untyped-def]
     slab, rows, weights, base, scale, base_coef, out, num_threads
@@ -40,17 +44,18 @@ def weighted_sum_affine(  # type: ignore[no-untyped-def]
     """out[c] = scale * sum_j weights[j] * slab[rows[j], c] + base_coef * base[c].
 
     slab: (K, d) float32/float64, C-contiguous; rows: (m,) int64 row indices; weights:
-    (m,) float64; base, out: (d,); base is not read when base_coef == 0; num_threads:
-    how many tasks (one float64 accumulator block each, allocated once) to split the
-    blocks among. Each coordinate is summed over j in order, in float64, by one thread,
-    so the result does not depend on the thread count. Returns False when an output is
-    NaN or Inf.
+    (m,) float64; base, out: (d,); num_threads: how many tasks (one float64 accumulator
+    block each, allocated once) to split the blocks among. Each coordinate is summed over
+    j in order, in float64, by one thread, so the result does not depend on the thread
+    count. Returns a bit set: OUTPUT_NOT_FINITE when an output is NaN or Inf,
+    BASE_NOT_FINITE when an entry of base is. Checking base here, block by block while
+    it is in cache and on every thread, replaces a serial pass over the global model.
     """
     d = slab.shape[1]
     m = rows.size
     num_blocks = (d + WEIGHTED_SUM_BLOCK - 1) // WEIGHTED_SUM_BLOCK
     num_tasks = max(1, min(num_blocks, num_threads))
-    finite = np.ones(num_tasks, np.bool_)
+    status = np.zeros(num_tasks, np.int64)
     for task in prange(num_tasks):
         acc = np.empty(WEIGHTED_SUM_BLOCK, np.float64)
         for b in range(task * num_blocks // num_tasks, (task + 1) * num_blocks // num_tasks):
@@ -81,8 +86,13 @@ def weighted_sum_affine(  # type: ignore[no-untyped-def]
                 for c in range(n):
                     out[c0 + c] = scale * acc[c] + base_coef * base[c0 + c]
             if not all_finite(out[c0 : c0 + n]):
-                finite[task] = False
-    return finite.all()
+                status[task] |= OUTPUT_NOT_FINITE
+            if not all_finite(base[c0 : c0 + n]):
+                status[task] |= BASE_NOT_FINITE
+    flags = 0
+    for task in range(num_tasks):
+        flags |= status[task]
+    return flags
 
 
 def flat_base(layer: NDArray[np.generic]) -> NDArray[np.floating]:
@@ -98,25 +108,32 @@ def weighted_combination(
     base_coef: float = 0.0,
     rows: NDArray[np.int64] | None = None,
     rule: str = "fedavg",
+    outputs: list[NDArray[np.floating]] | None = None,
 ) -> list[NDArray[np.floating]]:
     """Per layer: ``scale * sum_j weights[j] * update[rows[j]] + base_coef * global``.
 
-    Raises ValueError when an update holds NaN/Inf: with weights > 0 (or any weight, as
-    0 * NaN is NaN) a non-finite input always reaches the output, so checking the O(d)
-    output is equivalent to checking the O(K d) inputs.
+    outputs: flat per-layer arrays to write into (``output_like``); fresh ones when None.
+
+    Raises ValueError when a global layer holds NaN/Inf (checked inside the kernel, so
+    rules that call this for every layer set ``Strategy.checks_global_in_kernel``) or an
+    update does: with weights > 0 (or any weight, as 0 * NaN is NaN) a non-finite input
+    always reaches the output, so checking the O(d) output is equivalent to checking
+    the O(K d) inputs.
     """
     chosen = np.arange(batch.num_clients, dtype=np.int64) if rows is None else rows
     threads = numba.get_num_threads()
-    outputs = []
-    for slab, layer in zip(batch.slabs, batch.global_layers, strict=True):
-        out = output_like(layer)
-        finite = weighted_sum_affine(
+    targets = outputs or [output_like(layer) for layer in batch.global_layers]
+    for i, (slab, layer, out) in enumerate(
+        zip(batch.slabs, batch.global_layers, targets, strict=True)
+    ):
+        flags = weighted_sum_affine(
             slab, chosen, weights, flat_base(layer), float(scale), float(base_coef), out, threads
         )
-        if not finite:
+        if flags & BASE_NOT_FINITE:
+            raise ValueError(f"global layer {i} contains NaN or Inf")
+        if flags & OUTPUT_NOT_FINITE:
             raise_non_finite_input(batch, rule)
-        outputs.append(out)
-    return outputs
+    return targets
 
 
 def fedavg(slabs: list[Slab], weights: NDArray[np.float64]) -> list[NDArray[np.floating]]:
@@ -134,6 +151,7 @@ class FedAvg(Strategy):
     """Example-weighted mean of the clients' models (Flower's FedAvg)."""
 
     name: ClassVar[str] = "fedavg"
+    checks_global_in_kernel: ClassVar[bool] = True
 
     def aggregate_batch(self, batch: UpdateBatch) -> list[NDArray[np.floating]]:
         return weighted_combination(batch, example_weights(batch.num_examples), rule=self.name)
@@ -157,6 +175,7 @@ class FedSGD(Strategy):
     """Clients send gradients; the server takes one SGD step on their weighted mean."""
 
     name: ClassVar[str] = "fedsgd"
+    checks_global_in_kernel: ClassVar[bool] = True
 
     def __init__(self, *, server_learning_rate: float = 1.0) -> None:
         self.server_learning_rate = check_real(

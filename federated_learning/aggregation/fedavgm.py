@@ -45,6 +45,7 @@ class FedAvgM(Strategy):
     """FedAvg followed by an SGD-with-momentum server step (Flower's FedAvgM)."""
 
     name: ClassVar[str] = "fedavgm"
+    checks_global_in_kernel: ClassVar[bool] = True
 
     def __init__(self, *, server_learning_rate: float = 1.0, server_momentum: float = 0.0) -> None:
         self.server_learning_rate = check_real(

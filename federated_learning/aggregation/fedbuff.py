@@ -31,6 +31,7 @@ class FedBuff(Strategy):
     """Fold a buffer of up to ``buffer_size`` staleness-discounted deltas into the model."""
 
     name: ClassVar[str] = "fedbuff"
+    checks_global_in_kernel: ClassVar[bool] = True
 
     def __init__(self, *, buffer_size: int = 10, server_learning_rate: float = 1.0) -> None:
         self.buffer_size = check_int(self.name, "buffer_size", buffer_size, 1)

@@ -70,6 +70,7 @@ class FedOpt(Strategy):
     """Shared machinery of the adaptive server optimisers; not registered itself."""
 
     rule: ClassVar[int]
+    checks_global_in_kernel: ClassVar[bool] = True
 
     def __init__(
         self, *, eta: float, eta_l: float, beta_1: float, beta_2: float, tau: float

@@ -100,21 +100,50 @@ def add_block_distances(slab, start, stop, partial):  # type: ignore[no-untyped-
 def add_pairwise_sq_distances(slab, partials):  # type: ignore[no-untyped-def]
     """partials[ch, i, j] += squared distance of rows i < j over coordinate chunk ch.
 
-    slab: (K, d) float32/float64; partials: (DISTANCE_CHUNKS, K, K) float64. The chunk
-    layout depends on d only; each chunk is one thread's, so sums are thread-count free.
+    slab: (K, d) float32/float64; partials: (C, K, K) float64, C <= DISTANCE_CHUNKS. The
+    chunk layout depends on d and C only; each chunk is one thread's, so sums are
+    thread-count free.
     """
     d = slab.shape[1]
-    chunk = (d + DISTANCE_CHUNKS - 1) // DISTANCE_CHUNKS
-    for ch in prange(DISTANCE_CHUNKS):
+    num_chunks = partials.shape[0]
+    chunk = (d + num_chunks - 1) // num_chunks
+    for ch in prange(num_chunks):
         stop = min(d, (ch + 1) * chunk)
         for start in range(ch * chunk, stop, DISTANCE_BLOCK):
             add_block_distances(slab, start, min(stop, start + DISTANCE_BLOCK), partials[ch])
 
 
-def pairwise_sq_distances(slabs: list[Slab]) -> NDArray[np.float64]:
-    """Symmetric (K, K) float64 matrix of squared Euclidean distances over all layers."""
+def partial_sums_buffer(
+    num_clients: int, scratch: NDArray[np.floating] | None
+) -> NDArray[np.float64]:
+    """Zeroed (C, K, K) float64 per-chunk sums, in ``scratch``'s memory when it holds them.
+
+    C = DISTANCE_CHUNKS, or as many K x K blocks as scratch holds (at least one), so the
+    sums need no memory beyond the caller's output and one K x K block. C depends on the
+    scratch size only, never on the thread count.
+    """
+    block = num_clients * num_clients
+    if scratch is None:
+        return np.zeros((DISTANCE_CHUNKS, num_clients, num_clients), dtype=np.float64)
+    flat = scratch.reshape(-1)
+    num_chunks = min(DISTANCE_CHUNKS, flat.nbytes // (8 * block))
+    if num_chunks == 0 or flat.ctypes.data % 8 or not flat.flags.c_contiguous:
+        return np.zeros((1, num_clients, num_clients), dtype=np.float64)
+    words = flat[: num_chunks * block * 8 // flat.itemsize].view(np.float64)
+    words[:] = 0.0
+    return words.reshape(num_chunks, num_clients, num_clients)
+
+
+def pairwise_sq_distances(
+    slabs: list[Slab], scratch: NDArray[np.floating] | None = None
+) -> NDArray[np.float64]:
+    """Symmetric (K, K) float64 matrix of squared Euclidean distances over all layers.
+
+    scratch: optional memory (e.g. the output the caller fills next) for the per-chunk
+    partial sums; its contents are overwritten.
+    """
     num_clients = slabs[0].shape[0]
-    partials = np.zeros((DISTANCE_CHUNKS, num_clients, num_clients), dtype=np.float64)
+    partials = partial_sums_buffer(num_clients, scratch)
     for slab in slabs:
         add_pairwise_sq_distances(slab, partials)
     upper = partials.sum(axis=0)
@@ -133,9 +162,16 @@ def krum_scores(
     return np.asarray(nearest.sum(axis=1), dtype=np.float64)
 
 
-def checked_distances(batch: UpdateBatch, rule: str) -> NDArray[np.float64]:
+def largest(outputs: list[NDArray[np.floating]]) -> NDArray[np.floating]:
+    """The output layer with the most bytes (scratch for the distance sums)."""
+    return max(outputs, key=lambda out: out.nbytes)
+
+
+def checked_distances(
+    batch: UpdateBatch, rule: str, scratch: NDArray[np.floating] | None = None
+) -> NDArray[np.float64]:
     """Pairwise distances; any NaN/Inf update makes some distance non-finite."""
-    distances = pairwise_sq_distances(batch.slabs)
+    distances = pairwise_sq_distances(batch.slabs, scratch)
     if not np.all(np.isfinite(distances)):
         raise_non_finite_input(batch, rule)
     return distances
@@ -182,26 +218,27 @@ class Krum(Strategy):
                 f"({batch.num_clients}); got {keep}"
             )
 
-    def select(self, batch: UpdateBatch) -> NDArray[np.int64]:
+    def select(
+        self, batch: UpdateBatch, scratch: NDArray[np.floating] | None = None
+    ) -> NDArray[np.int64]:
         """Indices of the chosen updates, best score first (ties: lower index first)."""
-        distances = checked_distances(batch, self.name)
+        distances = checked_distances(batch, self.name, scratch)
         everyone = np.arange(batch.num_clients, dtype=np.int64)
         scores = krum_scores(distances, everyone, self.num_malicious_clients)
         keep = max(1, self.to_keep(batch.num_clients))
         return np.argsort(scores, kind="stable")[:keep].astype(np.int64)
 
     def aggregate_batch(self, batch: UpdateBatch) -> list[NDArray[np.floating]]:
-        chosen = self.select(batch)
+        outputs = [output_like(layer) for layer in batch.global_layers]
+        chosen = self.select(batch, largest(outputs))
         if self.to_keep(batch.num_clients) == 0:
             best = int(chosen[0])
-            outputs = []
-            for slab, layer in zip(batch.slabs, batch.global_layers, strict=True):
-                out = output_like(layer)
+            for slab, out in zip(batch.slabs, outputs, strict=True):
                 np.copyto(out, slab[best], casting="same_kind")
-                outputs.append(out)
             return outputs
         counts = batch.num_examples[chosen].astype(np.float64)
-        return weighted_combination(batch, counts / counts.sum(), rows=chosen, rule=self.name)
+        weights = counts / counts.sum()
+        return weighted_combination(batch, weights, rows=chosen, rule=self.name, outputs=outputs)
 
 
 class MultiKrum(Krum):

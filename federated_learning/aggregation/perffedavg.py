@@ -35,6 +35,7 @@ class PerFedAvg(Strategy):
     """Weighted mean whose weights blend example counts and reported accuracies."""
 
     name: ClassVar[str] = "perffedavg"
+    checks_global_in_kernel: ClassVar[bool] = True
 
     def __init__(self, *, alpha: float = 0.5) -> None:
         self.alpha = check_real(

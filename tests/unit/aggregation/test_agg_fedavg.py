@@ -181,3 +181,12 @@ def test_fedsgd_rejects_non_positive_learning_rate():
         ValueError, match=r"fedsgd server_learning_rate must be in \(0, inf\); got 0"
     ):
         create_strategy("fedsgd", server_learning_rate=0)
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "fedadam", "fedavgm", "multikrum"])
+def test_non_finite_global_layer_is_rejected_by_the_fused_check(rule):
+    global_layers = [np.zeros(3, np.float32), np.array([0.0, np.nan], np.float32)]
+    clients = [[np.ones(3, np.float32), np.ones(2, np.float32)] for _ in range(5)]
+
+    with pytest.raises(ValueError, match="global layer 1 contains NaN or Inf"):
+        create_strategy(rule).aggregate(global_layers, clients, [1] * 5)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from federated_learning.aggregation import create_strategy, pairwise_sq_distances
+from federated_learning.aggregation.krum import DISTANCE_CHUNKS, partial_sums_buffer
 
 
 def flower_krum(updates, counts, num_malicious, to_keep):
@@ -151,3 +152,16 @@ def test_float64_krum_returns_the_chosen_update_exactly():
 
     assert result[0].dtype == np.float64
     np.testing.assert_array_equal(result[0], flower_krum(updates, [1] * 12, 3, 0))
+
+
+@pytest.mark.parametrize("scratch_size", [10, 69 * 69 * 2, 69 * 69 * 2 * 7 + 5, 10_000_000])
+def test_distance_sums_fit_in_the_callers_scratch(scratch_size):
+    slab = np.random.default_rng(5).standard_normal((69, 30_001)).astype(np.float32)
+    scratch = np.empty(scratch_size, np.float32)
+
+    partials = partial_sums_buffer(69, scratch)
+    with_scratch = pairwise_sq_distances([slab], scratch)
+
+    assert 1 <= partials.shape[0] <= DISTANCE_CHUNKS
+    assert np.shares_memory(partials, scratch) == (scratch.nbytes >= 69 * 69 * 8)
+    np.testing.assert_allclose(with_scratch, pairwise_sq_distances([slab]), rtol=1e-6)

@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 
 from federated_learning.aggregation.order_statistics import (
+    MEAN_OF_RANKS,
+    NEAR_MEDIAN,
     batcher_network,
     coordinate_mean_of_ranks,
+    coordinate_reduce,
     range_network,
     sorting_network,
 )
@@ -49,3 +52,41 @@ def test_kernel_reads_only_the_requested_rows():
 
     assert finite
     np.testing.assert_array_equal(out, np.median(slab[rows], axis=0))
+
+
+# Sizes around the boundaries of the in-place phases for K = 69 and 1-3 workspaces:
+# none, only the serial tile, the narrow phase, and the wide phase.
+@pytest.mark.parametrize("d", [1, 65, 4_500, 13_000, 300_000, 1_200_001])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_reduction_uses_out_as_scratch_and_ignores_the_task_count(d, dtype):
+    slab = np.random.default_rng(d).standard_normal((69, d)).astype(dtype)
+    rows = np.arange(69, dtype=np.int64)
+    outputs = []
+
+    for tasks in (1, 2, 3):
+        out = np.full(d, np.nan, dtype)
+        network = range_network(69, 34, 35)
+        assert coordinate_reduce(slab, rows, network, MEAN_OF_RANKS, 34, 35, out, tasks)
+        outputs.append(out)
+
+    np.testing.assert_array_equal(outputs[0], np.median(slab, axis=0))
+    for other in outputs[1:]:
+        np.testing.assert_array_equal(other, outputs[0])
+
+
+@pytest.mark.parametrize("d", [70, 13_000, 300_000])
+def test_near_median_mode_matches_a_sorted_reference(d):
+    slab = np.random.default_rng(d).standard_normal((11, d))
+    rows = np.arange(11, dtype=np.int64)
+    out = np.empty(d)
+    ordered = np.sort(slab, axis=0)
+    # Window s holds ranks s..s+6; its cost is how far its farther end is from the median.
+    gaps = np.maximum(ordered[5] - ordered[:5], ordered[6:] - ordered[5])
+    starts = np.argmin(gaps, axis=0)
+    expected = np.array(
+        [ordered[s : s + 7, c].mean() for c, s in enumerate(starts)], dtype=np.float64
+    )
+
+    assert coordinate_reduce(slab, rows, sorting_network(11), NEAR_MEDIAN, 7, 7, out, 2)
+
+    np.testing.assert_allclose(out, expected, rtol=1e-12)
