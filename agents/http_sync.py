@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import logging
 import os
 import socket
@@ -99,6 +100,20 @@ def seconds_until(hour: int, minute: int, now: dt.datetime) -> float:
     return (target - now).total_seconds()
 
 
+def version_file(merged_model_path: Path) -> Path:
+    """Beside the merged model: which training and version it is."""
+    return merged_model_path.with_name(merged_model_path.name + ".version.json")
+
+
+def read_merged_version(merged_model_path: Path) -> tuple[str, int] | None:
+    """(training id, version) of the merged model written last; None when unknown or unreadable."""
+    try:
+        record = json.loads(version_file(merged_model_path).read_text())
+        return str(record["training_id"]), int(record["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def sync_once(settings: SyncSettings, client: httpx.Client, *, sleep: object = time.sleep) -> Path:
     """Post the local model; write the merged model; return its path. Retries with backoff."""
     body = settings.local_model_path.read_bytes()
@@ -106,6 +121,11 @@ def sync_once(settings: SyncSettings, client: httpx.Client, *, sleep: object = t
                "X-Num-Examples": str(settings.num_examples), "Authorization": f"Bearer {settings.api_key}"}
     if settings.training_id:
         headers["X-Training-Id"] = settings.training_id
+    base = read_merged_version(settings.merged_model_path)
+    if base is not None and (not settings.training_id or base[0] == settings.training_id):
+        # The local model was trained from the merged model we wrote last: say which version,
+        # so the server re-bases a late update instead of taking it as trained on the newest.
+        headers["X-Base-Version"] = str(base[1])
     delay = BACKOFF_START_S
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
@@ -132,6 +152,10 @@ def _write_merged(settings: SyncSettings, response: httpx.Response) -> Path:
         raise SyncFailed("the merged model does not match the hash the server announced")
     decode_layers(data, max_bytes=MAX_MODEL_BYTES)
     atomic_write(settings.merged_model_path, data)
+    training_id, version = response.headers.get("X-Training-Id"), response.headers.get("X-Model-Version")
+    if training_id and version and version.isdigit():
+        atomic_write(version_file(settings.merged_model_path),
+                     json.dumps({"training_id": training_id, "version": int(version)}).encode())
     log.info("client %s: merged model version %s of training %s written to %s",
              settings.client_id, response.headers.get("X-Model-Version"),
              response.headers.get("X-Training-Id"), settings.merged_model_path)

@@ -61,3 +61,20 @@ def test_refused_update_and_wrong_hash_fail_without_writing(tmp_path: Path) -> N
                 pytest.raises(SyncFailed, match=message):
             sync_once(settings(tmp_path), client, sleep=lambda _s: None)
     assert not (tmp_path / "merged.safetensors").exists()
+
+
+def test_the_next_sync_names_the_version_the_local_model_was_trained_from(tmp_path: Path) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=MERGED, headers={
+            "X-Model-SHA256": digest_of(MERGED), "X-Training-Id": "t1", "X-Model-Version": str(len(seen) + 6)})
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        sync_once(settings(tmp_path), client)
+        sync_once(settings(tmp_path), client)
+        sync_once(settings(tmp_path, FED_TRAINING_ID="other"), client)
+    assert "X-Base-Version" not in seen[0].headers  # nothing merged yet
+    assert seen[1].headers["X-Base-Version"] == "7"
+    assert "X-Base-Version" not in seen[2].headers  # the merged model is another training's
