@@ -263,7 +263,11 @@ class RoundProtocol:
                                   severity=Severity.INFO if just_late else Severity.WARNING, **context)
             return
         if notice.agent_id not in state.selected:
-            if not (agent.volunteer and notice.received_model_version == state.current_version):
+            # Volunteers (plain-HTTP clients) send unasked; an update trained on a recent
+            # version is re-based onto the current one by the aggregator (close_round names its base).
+            current = state.current_version or 0
+            recent = current - state.config.max_staleness <= notice.received_model_version <= current
+            if not (agent.volunteer and recent):
                 await self.ctx.reject("updates", "not_selected",
                                       f"agent was not asked in round {notice.round}", **context)
                 return

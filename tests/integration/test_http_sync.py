@@ -95,3 +95,32 @@ async def test_json_sync_is_validated_against_the_model(redis: aioredis.Redis, s
     assert (await http.post("/sync_model", json={"weights": {}}, headers={"Authorization": "Bearer nope"})).status_code == 401
     counts = {k.decode(): int(v) for k, v in (await redis.hgetall(KEYS.rejections)).items()}
     assert counts.get("sync:bad_shape") == 1 and counts.get("sync:not_finite") == 1 and counts.get("sync:bad_blob") == 1
+
+
+async def test_a_late_http_update_is_rebased_onto_the_current_version(redis: aioredis.Redis, system, make_agents,
+                                                                      http) -> None:
+    from federated_learning.protocol.messages import AggregationJob
+
+    await system.start()
+    await make_agents(3)
+    await start_training(redis, "late", digits_config(rounds=3, clients_per_round=4, min_clients=3,
+                                                      round_deadline_s=8.0, max_staleness=1))
+    state = await wait_for_status(redis, "late", {"running"})
+    while not (state.current_version == 1 and state.phase == "collecting"):
+        state = await wait_for_status(redis, "late", {"running"})
+    v0 = await http.get("/api/training/late/versions/0/model")
+    model = decode_layers(v0.content, max_bytes=1 << 20)
+    stale = {name: layer + 0.01 for name, layer in model.items()}  # "trained" from version 0
+    headers = {"Content-Type": "application/octet-stream", "X-Client-Id": "slow-bot", "X-Training-Id": "late",
+               "X-Num-Examples": "20"}
+    response = await http.post("/sync_model", content=encode_layers(stale), headers={**headers, "X-Base-Version": "0"})
+    assert response.status_code == 200, response.text
+
+    state = await wait_for_status(redis, "late", {"completed", "failed"}, timeout_s=90)
+
+    assert state.status == "completed", state.reason
+    jobs = [AggregationJob.model_validate_json(f[b"m"]) for _id, f in await redis.xrange(KEYS.job_stream)]
+    refs = [ref for job in jobs if job.training_id == "late" for ref in job.updates if ref.agent_id == "http-slow-bot"]
+    assert len(refs) == 1 and refs[0].model_version == 0
+    record = VersionRecord.model_validate_json(await redis.hget(KEYS.versions("late"), "0"))
+    assert refs[0].model_digest == record.model_digest  # the aggregator re-bases it from version 0

@@ -4,9 +4,9 @@ A client that cannot speak Redis posts its local model; the dashboard, acting as
 registers it as a volunteer agent ``http-<client_id>`` (``http-<org>.<project>.<client_id>``
 outside the default project; its first join carries a one-off join token of the training's
 project), signs a notice for it with the gateway's own Ed25519 key, and feeds the update into
-the training like any agent's (the coordinator accepts a volunteer's update when it was
-trained from the current version, or, for asynchronous trainings, within the staleness limit). The answer is the current
-global model, as JSON or as safetensors. A key feeds only its organisation's trainings.
+the training like any agent's (the coordinator accepts a volunteer's update trained from a
+version within the training's ``max_staleness`` of the current one, and the aggregator re-bases
+it onto the current model). The answer is the current global model, as JSON or as safetensors. A key feeds only its organisation's trainings.
 
 Two forms: JSON ``{client_id, training_id?, base_version?, weights: {layer: nested lists},
 metrics: {num_examples, accuracy?, loss?}}``, or a safetensors body with the fields as
