@@ -213,6 +213,11 @@ def raise_non_finite_input(batch: UpdateBatch, rule: str) -> None:
     raise ValueError(f"{rule} result is not finite (float overflow); updates are too large")
 
 
+def check_learning_rate(rule: str, value: float) -> float:
+    """A server learning rate: finite and > 0 (the name Flower gives it)."""
+    return check_real(rule, "server_learning_rate", value, 0.0, float("inf"), low_open=True, high_open=True)
+
+
 def check_real(
     rule: str, name: str, value: object, low: float, high: float, *, low_open: bool, high_open: bool
 ) -> float:

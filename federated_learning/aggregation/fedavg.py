@@ -23,6 +23,7 @@ from .base import (
     Strategy,
     UpdateBatch,
     all_finite,
+    check_learning_rate,
     check_real,
     example_weights,
     output_like,
@@ -178,15 +179,7 @@ class FedSGD(Strategy):
     checks_global_in_kernel: ClassVar[bool] = True
 
     def __init__(self, *, server_learning_rate: float = 1.0) -> None:
-        self.server_learning_rate = check_real(
-            self.name,
-            "server_learning_rate",
-            server_learning_rate,
-            0.0,
-            float("inf"),
-            low_open=True,
-            high_open=True,
-        )
+        self.server_learning_rate = check_learning_rate(self.name, server_learning_rate)
 
     def params(self) -> dict[str, object]:
         return {"server_learning_rate": self.server_learning_rate}

@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit, prange
 from numpy.typing import NDArray
 
-from .base import Strategy, UpdateBatch, check_real, example_weights
+from .base import Strategy, UpdateBatch, check_learning_rate, check_real, example_weights
 from .fedavg import flat_base, weighted_combination
 from .state import check_state_shapes, pack_state, unpack_state
 
@@ -48,15 +48,7 @@ class FedAvgM(Strategy):
     checks_global_in_kernel: ClassVar[bool] = True
 
     def __init__(self, *, server_learning_rate: float = 1.0, server_momentum: float = 0.0) -> None:
-        self.server_learning_rate = check_real(
-            self.name,
-            "server_learning_rate",
-            server_learning_rate,
-            0.0,
-            float("inf"),
-            low_open=True,
-            high_open=True,
-        )
+        self.server_learning_rate = check_learning_rate(self.name, server_learning_rate)
         self.server_momentum = check_real(
             self.name, "server_momentum", server_momentum, 0.0, 1.0, low_open=False, high_open=True
         )

@@ -18,7 +18,7 @@ from typing import ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from .base import Strategy, UpdateBatch, check_int, check_real, example_weights
+from .base import Strategy, UpdateBatch, check_int, check_learning_rate, example_weights
 from .fedavg import weighted_combination
 
 
@@ -35,15 +35,7 @@ class FedBuff(Strategy):
 
     def __init__(self, *, buffer_size: int = 10, server_learning_rate: float = 1.0) -> None:
         self.buffer_size = check_int(self.name, "buffer_size", buffer_size, 1)
-        self.server_learning_rate = check_real(
-            self.name,
-            "server_learning_rate",
-            server_learning_rate,
-            0.0,
-            float("inf"),
-            low_open=True,
-            high_open=True,
-        )
+        self.server_learning_rate = check_learning_rate(self.name, server_learning_rate)
 
     def params(self) -> dict[str, object]:
         return {"buffer_size": self.buffer_size, "server_learning_rate": self.server_learning_rate}
