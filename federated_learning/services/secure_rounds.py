@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from federated_learning.bus.blobs import BlobMissing
-from federated_learning.coordination.checks import check_signature
+from federated_learning.coordination.checks import check_signature, project_mismatch
 from federated_learning.coordination.rounds import RoundDecision, decide_round
 from federated_learning.coordination.secure import (
     SECURE_PHASE_TIMEOUT_S,
@@ -100,7 +100,9 @@ class SecureRounds:
         if agent is None:
             await self.c.ctx.reject("updates", "unknown_agent", message.agent_id, **context)
             return
-        problem = check_signature(message, agent.public_key, self.c.settings.require_signed_updates)
+        mismatch = project_mismatch(agent.project, state.project)
+        problem = ("wrong_project", mismatch) if mismatch is not None else \
+            check_signature(message, agent.public_key, self.c.settings.require_signed_updates)
         if problem is None and self._late_unmask(state, message):
             return  # the round went on with the threshold of shares; later ones are not needed
         if problem is None:

@@ -2,12 +2,17 @@
 // The dashboard page: polls the REST API, listens on the WebSocket, draws the accuracy chart.
 const state = { selected: null, metrics: {}, compare: [] };
 
+// Asked once per page load: a cancelled prompt (or a refused key) does not come back on every
+// poll; the "API key" button asks again.
+let askedForKey = false;
+
 function apiKey() {
-  let key = sessionStorage.getItem("fl-api-key");
-  if (!key) {
-    key = prompt("API key of this deployment (data/run/deployment.json):") || "";
-    sessionStorage.setItem("fl-api-key", key);
-  }
+  const stored = sessionStorage.getItem("fl-api-key");
+  if (stored) return stored;
+  if (askedForKey) return "";
+  askedForKey = true;
+  const key = prompt("API key (the deployment's, from data/run/deployment.json, or your organisation's):") || "";
+  if (key) sessionStorage.setItem("fl-api-key", key);
   return key;
 }
 
@@ -274,4 +279,8 @@ refreshAll();
 setInterval(refreshAll, 5000);
 connect();
 
-document.getElementById("set-key").onclick = () => { sessionStorage.removeItem("fl-api-key"); apiKey(); };
+document.getElementById("set-key").onclick = () => {
+  sessionStorage.removeItem("fl-api-key");
+  askedForKey = false;
+  if (apiKey()) refreshAll();
+};
