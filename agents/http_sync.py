@@ -80,7 +80,7 @@ class SyncSettings:
         return cls(
             enabled=env.get("ENABLE_FED_LEARNING", "false").lower() in ("1", "true", "yes"),
             server_url=env.get("FED_SERVER_URL", "http://127.0.0.1:8080").rstrip("/"),
-            client_id=env.get("FED_CLIENT_ID") or socket.gethostname(),
+            client_id=env.get("FED_CLIENT_ID") or socket.gethostname().replace(".", "-")[:48],
             local_model_path=Path(env.get("FED_LOCAL_MODEL_PATH", "model.safetensors")),
             merged_model_path=Path(env.get("FED_MERGED_MODEL_PATH", "merged_model.safetensors")),
             sync_hour=number("FED_SYNC_HOUR", 3, 0, 23),

@@ -192,7 +192,9 @@ class Coordinator(RoundProtocol):
         except MalformedMessage as exc:
             await self.ctx.reject("agents", "malformed", exc.reason)
             return
-        received_at = entry_time(entry_id)
+        # A client may XADD with an explicit id far in the future (and every later id follows
+        # it): never take the bus's time as later than now.
+        received_at = min(entry_time(entry_id), time.time())
         registered = None if isinstance(message, AgentJoined) else await self.registry.get(message.agent_id)
         problem = check_agent_message(message, registered.public_key if registered else None, received_at)
         if problem is not None:

@@ -167,3 +167,21 @@ async def test_forged_replayed_or_unsigned_agent_messages_are_rejected(redis: ai
     record = json.loads(await redis.hget(KEYS.agents, "victim"))
     assert record["datasets"] == {"digits": 10}
     assert await redis.zscore(KEYS.agents_last_seen, "victim") is not None  # the forged leave did nothing
+
+
+async def test_an_entry_id_from_the_future_does_not_make_honest_heartbeats_stale(redis: aioredis.Redis,
+                                                                               system) -> None:
+    honest = AgentKeyPair.generate()
+    await system.start("coordinator")
+    joined = AgentJoined(agent_id="honest", datasets={"digits": 10}, public_key=honest.public_key_bytes.hex())
+    await redis.xadd(KEYS.agent_stream, encode(signed_by(joined, honest)))  # type: ignore[arg-type]
+    future_ms = int((time.time() + 86_400) * 1000)
+    await redis.xadd(KEYS.agent_stream, {b"m": b"{}"}, id=f"{future_ms}-0")  # every later id is in the future
+    await redis.xadd(KEYS.agent_stream, encode(signed_by(Heartbeat(agent_id="honest"), honest)))  # type: ignore[arg-type]
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (await rejection_counts(redis)).get("agents:malformed", 0) < 1:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    assert "agents:stale_message" not in await rejection_counts(redis)
+    assert (await redis.zscore(KEYS.agents_last_seen, "honest") or 0) <= time.time()

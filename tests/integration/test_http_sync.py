@@ -124,3 +124,16 @@ async def test_a_late_http_update_is_rebased_onto_the_current_version(redis: aio
     assert len(refs) == 1 and refs[0].model_version == 0
     record = VersionRecord.model_validate_json(await redis.hget(KEYS.versions("late"), "0"))
     assert refs[0].model_digest == record.model_digest  # the aggregator re-bases it from version 0
+
+
+async def test_a_client_id_cannot_name_another_projects_volunteer(redis: aioredis.Redis, system, http) -> None:
+    await system.start("coordinator")
+    await start_training(redis, "dots", digits_config(rounds=1))
+    await wait_for_status(redis, "dots", {"running", "paused"})
+    body = {"client_id": "acme.vision.cam1", "training_id": "dots", "weights": {}, "metrics": {"num_examples": 1}}
+
+    response = await http.post("/sync_model", json=body)
+
+    assert response.status_code == 422
+    assert "client_id" in response.text
+    assert not await redis.hexists(KEYS.agents, "http-acme.vision.cam1")

@@ -55,6 +55,15 @@ SAFETENSORS = "application/octet-stream"
 GATEWAY_TOKEN_TTL_S = 600.0
 
 
+def host_client_id() -> str:
+    """This host's name as a client id (dots, as in a fully qualified name, become dashes)."""
+    return socket.gethostname().replace(".", "-")[:48] or "client"
+
+
+ClientId = Annotated[str, Field(min_length=1, max_length=48, pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]*$",
+                                description="letters, digits, '_' and '-' (no dot: dots separate the "
+                                            "organisation and project in volunteer ids)")]
+
 class SyncMetrics(BaseModel):
     model_config = ConfigDict(extra="allow")
     num_examples: int = Field(default=1, gt=0, le=1_000_000_000)
@@ -64,7 +73,7 @@ class SyncMetrics(BaseModel):
 
 class SyncRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    client_id: Identifier = Field(default_factory=socket.gethostname)
+    client_id: ClientId = Field(default_factory=host_client_id)
     training_id: Identifier | None = None
     base_version: int | None = Field(default=None, ge=0)
     weights: dict[str, list[Any] | float]
@@ -137,9 +146,11 @@ async def _submit(ctx: Context, state: TrainingState, client_id: str, layers: Na
 
 def volunteer_id(state: TrainingState, client_id: str) -> str:
     """``http-<client>`` in the default project, ``http-<org>.<project>.<client>`` in others, so
-    one client id in two projects is two agents, each bound to its project."""
+    one client id in two projects is two agents, each bound to its project. Client ids hold no
+    dot and organisation and project ids none either, so no client id of one project can name
+    another project's volunteer."""
     scope = "" if state.project == (DEFAULT_ORG, DEFAULT_PROJECT) else f"{state.org_id}.{state.project_id}."
-    return f"{HTTP_AGENT_PREFIX}{scope}{client_id}"[:128]
+    return f"{HTTP_AGENT_PREFIX}{scope}{client_id}"
 
 
 async def _project_token(ctx: Context, state: TrainingState, agent_id: str) -> str | None:
@@ -172,7 +183,7 @@ async def sync_model(request: Request, ctx: Context, trainings: Trainings, princ
         raise HTTPException(413, detail="body exceeds max_blob_bytes")
     try:
         if binary:
-            sync = SyncRequest(client_id=x_client_id or socket.gethostname(), training_id=x_training_id,
+            sync = SyncRequest(client_id=x_client_id or host_client_id(), training_id=x_training_id,
                                base_version=x_base_version, weights={},
                                metrics=SyncMetrics(num_examples=x_num_examples or 1))
         else:
