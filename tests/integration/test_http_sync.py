@@ -127,7 +127,7 @@ async def test_a_late_http_update_is_rebased_onto_the_current_version(redis: aio
 
 
 async def test_a_client_id_cannot_name_another_projects_volunteer(redis: aioredis.Redis, system, http) -> None:
-    await system.start("coordinator")
+    await system.start()
     await start_training(redis, "dots", digits_config(rounds=1))
     await wait_for_status(redis, "dots", {"running", "paused"})
     body = {"client_id": "acme.vision.cam1", "training_id": "dots", "weights": {}, "metrics": {"num_examples": 1}}
