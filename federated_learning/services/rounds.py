@@ -267,7 +267,7 @@ class RoundProtocol:
             # version is re-based onto the current one by the aggregator (close_round names its base).
             current = state.current_version or 0
             recent = current - state.config.max_staleness <= notice.received_model_version <= current
-            if not (agent.volunteer and recent):
+            if not (agent.volunteer and recent and state.secure is None):
                 await self.ctx.reject("updates", "not_selected",
                                       f"agent was not asked in round {notice.round}", **context)
                 return

@@ -294,7 +294,12 @@ class SecureRounds:
         state.retries += 1
         state.secure = None
         state.selected, state.responded = [], []
-        await self.c.redis.delete(self.c.keys.round_updates(state.training_id, state.round))
+        # One transaction: a crash after it leaves a round without a session, which the
+        # tick retries; never a session whose uploads are gone.
+        async with self.c.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.c.keys.round_updates(state.training_id, state.round))
+            self.c.store.stage_save(pipe, state)
+            await pipe.execute()
         await self.c.ctx.emit("secure_round_restarted", f"round {state.round}: {why}; new session",
                               severity=Severity.WARNING, training_id=state.training_id, round=state.round)
         await self.c.open_round(state, state.round, retry=True)

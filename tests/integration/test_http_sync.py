@@ -137,3 +137,16 @@ async def test_a_client_id_cannot_name_another_projects_volunteer(redis: aioredi
     assert response.status_code == 422
     assert "client_id" in response.text
     assert not await redis.hexists(KEYS.agents, "http-acme.vision.cam1")
+
+
+async def test_http_sync_into_a_secure_training_is_refused(redis: aioredis.Redis, system, make_agents, http) -> None:
+    await system.start()
+    await start_training(redis, "masked", digits_config(rounds=1, min_clients=3, secure_aggregation=True))
+    await wait_for_status(redis, "masked", {"running", "paused"})
+    body = {"client_id": "bot-1", "training_id": "masked", "weights": {}, "metrics": {"num_examples": 1}}
+
+    response = await http.post("/sync_model", json=body)
+
+    assert response.status_code == 409
+    assert "secure aggregation" in response.json()["detail"]
+    assert not await redis.hexists(KEYS.agents, "http-bot-1")

@@ -163,3 +163,33 @@ async def test_a_plain_update_in_a_secure_round_is_refused_and_the_round_goes_on
     assert rejections.get("updates:bad_dtype", 0) == 1
     job = (await jobs_of(redis, "plain"))[0]
     assert cheater.agent_id not in [ref.agent_id for ref in job.updates]
+
+
+async def test_a_phase_short_of_answers_restarts_the_round_with_a_new_session(
+        redis: aioredis.Redis, system, make_agents) -> None:
+    import json
+
+    from federated_learning.protocol.secure_messages import decode_secure_inbox_message
+
+    await system.start()
+    agents = await make_agents(4)
+    for agent in agents[:2]:  # these two ignore the first session's roster: 2 share senders < threshold 3
+        original = agent.secure.handle
+
+        async def handle(fields, *, _original=original) -> None:  # type: ignore[no-untyped-def]
+            message = decode_secure_inbox_message(fields)
+            if message.type == "secure_roster" and message.attempt == 1:
+                return
+            await _original(fields)
+
+        agent.secure.handle = handle  # type: ignore[method-assign]
+    await start_training(redis, "again", digits_config(rounds=1, clients_per_round=4, min_clients=3,
+                                                       secure_aggregation=True, round_deadline_s=3))
+
+    state = await wait_for_status(redis, "again", {"completed", "failed"}, timeout_s=90)
+
+    assert state.status == "completed", state.reason
+    kinds = [json.loads(f[b"m"])["kind"] for _id, f in await redis.xrange(Keys().event_stream)]
+    assert kinds.count("secure_round_restarted") == 1
+    job = (await jobs_of(redis, "again"))[0]
+    assert job.secure is not None and job.secure.attempt == 2 and len(job.updates) >= 3

@@ -98,6 +98,10 @@ async def _training(ctx: Context, trainings: Trainings, principal: Principal, tr
         if state is not None and not principal.may_access(state.org_id):
             await forbid(ctx, principal, f"training '{candidate}' belongs to another organisation")
         if state is not None and state.status in (TrainingStatus.RUNNING, TrainingStatus.PAUSED):
+            if state.config.secure_aggregation:
+                raise HTTPException(status.HTTP_409_CONFLICT, detail=(
+                    f"training '{state.training_id}' uses secure aggregation: only bus agents, which take "
+                    "part in the masking exchange, can contribute"))
             return state
     raise HTTPException(status.HTTP_409_CONFLICT,
                         detail=f"training '{training_id}' is not running" if training_id else "no running training")
