@@ -163,4 +163,19 @@ def unmask_weighted_mean(spec: SecureAggregationSpec, masked: Mapping[str, MaskV
     examples = {m.agent_id: m.num_examples for m in session.members}
     survivors_examples = sum(examples[agent_id] for agent_id in masked)
     mean: NDArray[np.float64] = total * (session.weight_normaliser / survivors_examples)
+    _check_mean_norm(mean, session, len(masked), survivors_examples)
     return mean
+
+
+def _check_mean_norm(mean: NDArray[np.float64], session: SecureSession, survivors: int,
+                     survivors_examples: int) -> None:
+    """A weighted mean of deltas clipped to C has norm <= C, plus the fixed-point rounding; a
+    wrong share (nothing commits to the self-mask seeds) leaves a mask in and breaks this by
+    orders of magnitude. Raises ProtocolViolation so the round is redone, not released. (An
+    agent that skips clipping trips it too: either way a member broke the protocol.)"""
+    rounding = survivors / (2 * session.scale) * session.weight_normaliser / survivors_examples
+    bound = session.clip_range * (1 + 1e-6) + math.sqrt(mean.size) * rounding
+    norm = float(np.linalg.norm(mean))
+    if not norm <= bound:
+        raise ProtocolViolation(f"unmasked mean has L2 norm {norm:.4g} > {bound:.4g}, the most clipped "
+                                "updates allow: a member sent wrong unmask shares (or an update it did not clip)")

@@ -204,6 +204,9 @@ class TrainingConfig(BaseModel):
                 f"'{self.algorithm}' needs more and is refused (use one of {', '.join(sorted(SECURE_ALGORITHMS))})")
         if self.local.compression != "none":
             raise ValueError("secure aggregation masks dense updates; compression is refused with it")
+        if self.privacy_mode == "local":
+            raise ValueError("secure aggregation encodes updates clipped to the clip norm; local DP noise "
+                             "would overflow that range (use privacy_mode 'central' with secure aggregation)")
         if self.min_clients is not None and self.min_clients < MIN_SECURE_CLIENTS:
             raise ValueError(f"secure aggregation needs min_clients >= {MIN_SECURE_CLIENTS}; "
                              f"got {self.min_clients}")

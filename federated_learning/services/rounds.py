@@ -388,7 +388,18 @@ class RoundProtocol:
                             attempt=state.attempt)
 
     async def aggregation_overdue(self, state: TrainingState) -> None:
-        """The pipeline produced no version in time (a failed or lost job): ask again, or give up."""
+        """The pipeline produced no version in time (a failed or lost job): ask again, or give up.
+
+        A secure round starts a new session instead: the usual cause is shares that do not
+        remove the masks, and the same job would fail the same way."""
+        if state.secure is not None:
+            if state.retries + 1 >= state.config.max_round_attempts:
+                await self.finish(state, TrainingStatus.FAILED,
+                                  f"round {state.round}: no version from {state.retries + 1} secure sessions "
+                                  f"(see aggregation_failed events)")
+            else:
+                await self.secure.restart(state, "no version from the aggregation (see aggregation_failed events)")
+            return
         state.aggregation_attempts += 1
         if state.aggregation_attempts >= state.config.max_round_attempts:
             await self.finish(state, TrainingStatus.FAILED,

@@ -196,7 +196,7 @@ class SecureRounds:
         if decision is RoundDecision.WAIT:
             return
         if decision is RoundDecision.RETRY:
-            await self._restart(state, f"secure phase {secure.phase.value}: {arrived} answers by the deadline")
+            await self.restart(state, f"secure phase {secure.phase.value}: {arrived} answers by the deadline")
         elif decision is RoundDecision.FAIL:
             await self.c.finish(state, TrainingStatus.FAILED,
                                 f"round {state.round}: secure phase {secure.phase.value} had {arrived} "
@@ -289,7 +289,7 @@ class SecureRounds:
                                      share_senders=secure.share_senders,
                                      responders=[r.agent_id for r in responses])
 
-    async def _restart(self, state: TrainingState, why: str) -> None:
+    async def restart(self, state: TrainingState, why: str) -> None:
         """Abandon the session: masked uploads of a failed session are useless. Select anew."""
         state.retries += 1
         state.secure = None

@@ -34,9 +34,14 @@ from federated_learning.protocol.secure_messages import (
 D = 257
 
 
+def clipped(delta: np.ndarray, norm: float = 1.0) -> np.ndarray:
+    return delta * min(1.0, norm / float(np.linalg.norm(delta)))
+
+
 def sessions(count: int, seed: int = 0) -> list[AgentSecureSession]:
+    """Agents holding deltas clipped to L2 norm 1 (the session's clip range), as agents clip them."""
     rng = np.random.default_rng(seed)
-    return [AgentSecureSession(f"a{i}", "t", 1, 1, rng.uniform(-0.5, 0.5, D), int(rng.integers(5, 50)))
+    return [AgentSecureSession(f"a{i}", "t", 1, 1, clipped(rng.uniform(-0.5, 0.5, D)), int(rng.integers(5, 50)))
             for i in range(count)]
 
 
@@ -155,6 +160,7 @@ def test_a_roster_with_other_keys_for_the_agent_is_refused() -> None:
     ({"algorithm": "fedbuff"}, "secure aggregation reveals only the weighted mean"),
     ({"local": {"compression": "top_k"}}, "compression is refused"),
     ({"min_clients": 2}, "min_clients >= 3"),
+    ({"privacy_mode": "local", "privacy_level": "low"}, "local DP noise would overflow"),
 ])
 def test_training_configs_that_secure_aggregation_cannot_serve_are_refused(overrides: dict[str, object],
                                                                            needle: str) -> None:
@@ -169,3 +175,28 @@ def test_secure_training_with_central_dp_is_accepted() -> None:
                                             "secure_aggregation": True, "algorithm": "fedavg",
                                             "privacy_level": "low"})
     assert config.secure_aggregation
+
+
+def test_a_wrong_self_seed_share_is_caught_instead_of_released() -> None:
+    from federated_learning.privacy.errors import ProtocolViolation
+    from federated_learning.protocol.secure_messages import ShareValue
+
+    agents = sessions(5, seed=3)
+    session = build_session([a.advertisement() for a in agents], threshold_fraction=2 / 3,
+                            vector_length=D, clip_range=1.0)
+    roster = SecureRoster(training_id="t", round=1, attempt=1, session=session)
+    submissions = [a.on_roster(roster) for a in agents]
+    inbox = deliveries(submissions)
+    masked = {a.agent_id: a.on_delivery(SecureSharesDelivered(training_id="t", round=1, attempt=1,
+                                                              shares=inbox[a.agent_id])) for a in agents}
+    request = SecureUnmaskRequested(training_id="t", round=1, attempt=1, survivors=sorted(masked), dropped=[])
+    responses = [a.on_unmask(request) for a in agents]
+    liar = responses[0]
+    forged = dict(liar.self_seed_shares)
+    forged["a3"] = ShareValue(x=forged["a3"].x, y=format(int(forged["a3"].y, 16) ^ 1, "x"))
+    responses[0] = liar.model_copy(update={"self_seed_shares": forged})
+    spec = SecureAggregationSpec(session=session, attempt=1, share_senders=[s.agent_id for s in submissions],
+                                 responders=[r.agent_id for r in responses])
+
+    with pytest.raises(ProtocolViolation, match="wrong unmask shares"):
+        unmask_weighted_mean(spec, masked, responses[: session.threshold])
