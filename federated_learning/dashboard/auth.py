@@ -17,7 +17,7 @@ from fastapi import Depends, Header, HTTPException, Request, status
 
 from federated_learning.access import SUPER_ADMIN, Permission, Principal, org_of_training
 from federated_learning.dashboard.deps import Context, Trainings
-from federated_learning.records.organisations import Organisations
+from federated_learning.records.organisations import Organisations, UnknownOrganisation
 from federated_learning.services.runtime import ServiceContext
 
 
@@ -65,6 +65,14 @@ async def ensure_org(ctx: ServiceContext, principal: Principal, org_id: str) -> 
     """403 unless the key may act on organisation ``org_id``."""
     if not principal.may_access(org_id):
         await forbid(ctx, principal, f"organisation '{org_id}' is not this key's organisation")
+
+
+async def existing_project(orgs: Organisations, org_id: str, project_id: str) -> None:
+    """404 unless the organisation has the project."""
+    try:
+        await orgs.require_project(org_id, project_id)
+    except UnknownOrganisation as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from exc
 
 
 def require(permission: Permission) -> Callable[[ServiceContext, Principal], Awaitable[Principal]]:

@@ -36,8 +36,12 @@ class AgentRegistry:
         self.require_join_token = require_join_token
         self.tokens = JoinTokens(redis, keys)
 
-    async def apply(self, message: AgentJoined | Heartbeat | AgentLeft, at: float | None = None) -> RegistryOutcome:
+    async def apply(self, message: AgentJoined | Heartbeat | AgentLeft, at: float | None = None, *,
+                    registered: bool | None = None) -> RegistryOutcome:
         """Apply a join, heartbeat or leave received at ``at`` (unix seconds; default now).
+
+        ``registered``: whether the agent is known, when the caller has already looked (saves a
+        round trip per heartbeat); None: look it up.
 
         Pass the stream entry's server timestamp as ``at``: liveness then does not depend
         on how far behind the reader is, nor on the agent's clock.
@@ -66,7 +70,7 @@ class AgentRegistry:
             sizes = ", ".join(f"{k}={v}" for k, v in message.datasets.items())
             return RegistryOutcome(event="agent_joined" if existing is None else "agent_rejoined",
                                    detail=f"datasets {sizes}")
-        if not await self.is_registered(message.agent_id):
+        if not (registered if registered is not None else await self.is_registered(message.agent_id)):
             return RegistryOutcome(rejected="unknown_agent", detail=f"{message.type} before join")
         if isinstance(message, Heartbeat):
             await self._redis.zadd(self._keys.agents_last_seen, {message.agent_id: now}, gt=True)

@@ -200,7 +200,8 @@ class Coordinator(RoundProtocol):
         if problem is not None:
             await self.ctx.reject("agents", problem[0], problem[1], agent_id=message.agent_id)
             return
-        outcome = await self.registry.apply(message, at=received_at)
+        outcome = await self.registry.apply(message, at=received_at,
+                                            registered=None if isinstance(message, AgentJoined) else registered is not None)
         if outcome.rejected:
             await self.ctx.reject("agents", outcome.rejected, outcome.detail,
                                   agent_id=message.agent_id)

@@ -66,8 +66,8 @@ TRIM_EVERY_S = 60.0
 
 STARTUP_GRACE_S = HEALTH_TTL_S + 5
 METRIC_SERIES_MAXLEN = 100_000
-APPLIED_MARKER_TTL_S = 7 * 24 * 3600
-"""How long a handled event's marker is kept (redeliveries come within minutes)."""
+APPLIED_MARKER_TTL_S = 24 * 3600
+"""How long a handled event's marker is kept (redeliveries come within minutes of a crash)."""
 
 EVENTS = Counter("fl_monitor_events_total", "Events seen", ["kind"])
 DROPOUTS = Counter("fl_agent_dropouts_total", "Agents that dropped out of a round")

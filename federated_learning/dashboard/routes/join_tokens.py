@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from federated_learning.access import DEFAULT_ORG, DEFAULT_PROJECT
-from federated_learning.dashboard.auth import ApiKey, ensure_org
+from federated_learning.dashboard.auth import ApiKey, ensure_org, existing_project
 from federated_learning.dashboard.deps import Agents, Context, Orgs
 from federated_learning.protocol.messages import Identifier
 
@@ -30,9 +30,7 @@ async def create_join_token(body: JoinTokenRequest, ctx: Context, agents: Agents
     """A token for new agents of one project (shown once; only its hash is stored)."""
     org_id = body.org_id or principal.org_id or DEFAULT_ORG
     await ensure_org(ctx, principal, org_id)
-    if await orgs.get_project(org_id, body.project_id) is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND,
-                            detail=f"no project '{body.project_id}' in organisation '{org_id}'")
+    await existing_project(orgs, org_id, body.project_id)
     token, record = await agents.tokens.create(body.label, body.max_uses, org_id=org_id,
                                                project_id=body.project_id, ttl_s=body.expires_in_s)
     return {"token": token, **record.model_dump()}

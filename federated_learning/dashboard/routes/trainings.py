@@ -13,7 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from federated_learning.access import DEFAULT_ORG, DEFAULT_PROJECT, Principal, training_id_for
 from federated_learning.coordination.state import TrainingState
-from federated_learning.dashboard.auth import ApiKey, Viewer, confine_to_training_org, ensure_org
+from federated_learning.dashboard.auth import (
+    ApiKey,
+    Viewer,
+    confine_to_training_org,
+    ensure_org,
+    existing_project,
+)
 from federated_learning.dashboard.deps import Context, Orgs, Trainings, Versions
 from federated_learning.model_versions import (
     ModelVersionManager,
@@ -71,9 +77,7 @@ async def _owner(ctx: Context, orgs: Orgs, principal: Principal, body: StartRequ
     org_id = body.org_id or principal.org_id or DEFAULT_ORG
     await ensure_org(ctx, principal, org_id)
     project_id = body.project_id or DEFAULT_PROJECT
-    if await orgs.get_project(org_id, project_id) is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND,
-                            detail=f"no project '{project_id}' in organisation '{org_id}'")
+    await existing_project(orgs, org_id, project_id)
     return org_id, project_id
 
 
