@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import secrets
 import time
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
@@ -54,8 +55,15 @@ class JoinTokens:
         token = secrets.token_urlsafe(TOKEN_BYTES)
         record = JoinToken(token_id=token_id(token), label=label, uses_left=max_uses, org_id=org_id,
                            project_id=project_id, expires_at=None if ttl_s is None else time.time() + ttl_s)
+        await self.forget(lambda t: is_expired(t.expires_at))
         await self._redis.hset(self._keys.join_tokens, record.token_id, record.model_dump_json())
         return token, record
+
+    async def forget(self, which: Callable[[JoinToken], bool]) -> int:
+        """Delete the tokens ``which`` selects (expired ones, a deleted project's); returns how many."""
+        raw = await self._redis.hgetall(self._keys.join_tokens)
+        doomed = [field for field, value in raw.items() if which(JoinToken.model_validate_json(value))]
+        return int(await self._redis.hdel(self._keys.join_tokens, *doomed)) if doomed else 0
 
     async def redeem(self, token: str) -> JoinToken | None:
         """Use the token once; its record (naming the project) or None when it is unknown,
@@ -98,7 +106,8 @@ class JoinTokens:
         return bool(await self._redis.hdel(self._keys.join_tokens, token_id_))
 
     async def all(self, org_id: str | None = None) -> list[JoinToken]:
-        """Tokens of one organisation (all when ``org_id`` is None), oldest first."""
+        """Tokens of one organisation (all when ``org_id`` is None), oldest first; expired ones are deleted."""
+        await self.forget(lambda t: is_expired(t.expires_at))
         raw = await self._redis.hgetall(self._keys.join_tokens)
         records = (JoinToken.model_validate_json(v) for v in raw.values())
         return sorted((t for t in records if org_id is None or t.org_id == org_id), key=lambda t: t.created_at)

@@ -26,6 +26,7 @@ from federated_learning.access import (
     new_api_key,
 )
 from federated_learning.protocol.keys import Keys
+from federated_learning.records.join_tokens import JoinTokens
 
 
 class Organisation(BaseModel):
@@ -141,8 +142,13 @@ class Organisations:
         return [_default_project(org_id), *stored]
 
     async def delete_project(self, org_id: str, project_id: str) -> bool:
-        """Forget a project (its trainings keep their project id; new ones cannot use it)."""
-        return bool(await self._redis.hdel(self._keys.projects(org_id), project_id))
+        """Forget a project and its join tokens (its trainings keep their project id; new trainings
+        and new agents cannot use it)."""
+        deleted = bool(await self._redis.hdel(self._keys.projects(org_id), project_id))
+        if deleted:
+            await JoinTokens(self._redis, self._keys).forget(
+                lambda t: (t.org_id, t.project_id) == (org_id, project_id))
+        return deleted
 
     # -- API keys ---------------------------------------------------------------
 

@@ -60,5 +60,24 @@ async def test_a_project_token_binds_the_agent_and_an_expired_one_is_refused(red
     assert default is not None and default.project == ("default", "default")
     assert set(await registry.datasets(("acme", "vision"))) == {"bound"}
     assert set(await registry.datasets(("default", "default"))) == {"plain"}
-    assert [t.label for t in await registry.tokens.all("acme")] == ["vision", "old"]
+    assert [t.label for t in await registry.tokens.all("acme")] == ["vision"]  # the expired one is deleted
     assert await registry.tokens.all("globex") == []
+
+
+async def test_expired_tokens_and_a_deleted_projects_tokens_are_forgotten(redis: aioredis.Redis) -> None:
+    from federated_learning.records.join_tokens import JoinTokens
+    from federated_learning.records.organisations import Organisations
+
+    orgs = Organisations(redis, KEYS)
+    await orgs.create_org("acme")
+    await orgs.create_project("acme", "vision")
+    tokens = JoinTokens(redis, KEYS)
+    expired, _ = await tokens.create("old", org_id="acme", project_id="vision", ttl_s=-1)
+    vision, _ = await tokens.create("cams", org_id="acme", project_id="vision")
+    kept, _ = await tokens.create("default")
+
+    assert await tokens.redeem(expired) is None
+    assert {t.label for t in await tokens.all()} == {"cams", "default"}  # the expired one is gone
+    assert await orgs.delete_project("acme", "vision")
+    assert await tokens.redeem(vision) is None  # a deleted project's agents cannot join any more
+    assert await tokens.redeem(kept) is not None
