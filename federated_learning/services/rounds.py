@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Protocol, TypedDict
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Histogram
@@ -24,6 +24,7 @@ from federated_learning.bus.blobs import BlobMissing
 from federated_learning.bus.replies import text
 from federated_learning.config import Settings
 from federated_learning.coordination.checks import (
+    SignedMessage,
     check_signature,
     notice_metrics,
     project_mismatch,
@@ -38,7 +39,7 @@ from federated_learning.coordination.selection import (
     select_agents,
     under_hourly_cap,
 )
-from federated_learning.coordination.state import RoundPhase, TrainingState
+from federated_learning.coordination.state import AgentRecord, RoundPhase, TrainingState
 from federated_learning.privacy.mechanisms import AdaptiveClipper
 from federated_learning.privacy.release import adaptive_count_noise_std, local_noise_std
 from federated_learning.protocol.keys import Keys
@@ -93,6 +94,16 @@ class UpdateContext(TypedDict):
     training_id: str
     round: int
     agent_id: str
+
+
+class AgentMessageOnStream(SignedMessage, Protocol):
+    """What the update stream carries: signed messages of one agent about one training."""
+
+    @property
+    def training_id(self) -> str: ...
+
+    @property
+    def agent_id(self) -> str: ...
 
 
 class RoundProtocol:
@@ -230,22 +241,10 @@ class RoundProtocol:
             return
         context: UpdateContext = {"training_id": notice.training_id, "round": notice.round,
                                   "agent_id": notice.agent_id}
-        state = await self.store.load(notice.training_id)
-        if state is None:
-            await self.ctx.reject("updates", "unknown_training", notice.training_id, **context)
+        sender = await self.check_sender(notice, context)
+        if sender is None:
             return
-        agent = await self.registry.get(notice.agent_id)
-        if agent is None:
-            await self.ctx.reject("updates", "unknown_agent", notice.agent_id, **context)
-            return
-        mismatch = project_mismatch(agent.project, state.project)
-        if mismatch is not None:
-            await self.ctx.reject("updates", "wrong_project", mismatch, **context)
-            return
-        signature_problem = check_signature(notice, agent.public_key, self.settings.require_signed_updates)
-        if signature_problem is not None:
-            await self.ctx.reject("updates", signature_problem[0], signature_problem[1], **context)
-            return
+        state, agent = sender
         if state.is_buffered and state.status is TrainingStatus.RUNNING and notice.kind is TaskKind.TRAIN:
             await self.buffered.on_update(state, notice, context, volunteer=agent.volunteer)
             return
@@ -295,6 +294,26 @@ class RoundProtocol:
             UPDATES_ACCEPTED.inc()
             BYTES_RECEIVED.inc(notice.upload_bytes)
         await self.advance(state)
+
+    async def check_sender(self, message: AgentMessageOnStream, context: UpdateContext
+                           ) -> tuple[TrainingState, AgentRecord] | None:
+        """The training and the agent of a message on the update stream, or None after rejecting
+        it: unknown training or agent, an agent of another project, or a bad signature."""
+        state = await self.store.load(message.training_id)
+        if state is None:
+            await self.ctx.reject("updates", "unknown_training", message.training_id, **context)
+            return None
+        agent = await self.registry.get(message.agent_id)
+        if agent is None:
+            await self.ctx.reject("updates", "unknown_agent", message.agent_id, **context)
+            return None
+        mismatch = project_mismatch(agent.project, state.project)
+        problem = ("wrong_project", mismatch) if mismatch is not None else \
+            check_signature(message, agent.public_key, self.settings.require_signed_updates)
+        if problem is not None:
+            await self.ctx.reject("updates", problem[0], problem[1], **context)
+            return None
+        return state, agent
 
     async def _check_update_blob(self, state: TrainingState, notice: UpdateSubmitted) -> tuple[str, str] | None:
         """Reason and detail when the update blob is missing or invalid, else None."""

@@ -17,7 +17,6 @@ import numpy as np
 from pydantic import BaseModel
 
 from federated_learning.bus.blobs import BlobMissing
-from federated_learning.coordination.checks import check_signature, project_mismatch
 from federated_learning.coordination.rounds import RoundDecision, decide_round
 from federated_learning.coordination.secure import (
     SECURE_PHASE_TIMEOUT_S,
@@ -92,21 +91,13 @@ class SecureRounds:
             return
         context: UpdateContext = {"training_id": message.training_id, "round": message.round,
                                   "agent_id": message.agent_id}
-        state = await self.c.store.load(message.training_id)
-        if state is None:
-            await self.c.ctx.reject("updates", "unknown_training", message.training_id, **context)
+        sender = await self.c.check_sender(message, context)
+        if sender is None:
             return
-        agent = await self.c.registry.get(message.agent_id)
-        if agent is None:
-            await self.c.ctx.reject("updates", "unknown_agent", message.agent_id, **context)
-            return
-        mismatch = project_mismatch(agent.project, state.project)
-        problem = ("wrong_project", mismatch) if mismatch is not None else \
-            check_signature(message, agent.public_key, self.c.settings.require_signed_updates)
-        if problem is None and self._late_unmask(state, message):
+        state, _agent = sender
+        if self._late_unmask(state, message):
             return  # the round went on with the threshold of shares; later ones are not needed
-        if problem is None:
-            problem = self._stale(state, message)
+        problem = self._stale(state, message)
         if problem is None:
             problem = await self._check(state, message)
         if problem is not None:
