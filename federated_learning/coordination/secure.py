@@ -84,13 +84,13 @@ def build_session(advertised: list[SecureKeysAdvertised], *, threshold_fraction:
 
 
 def check_keys(message: SecureKeysAdvertised, selected: list[str],
-               advertised: list[SecureKeysAdvertised]) -> str | None:
-    """Why an advertisement is refused, or None."""
+               owners: dict[str, str | None]) -> str | None:
+    """Why an advertisement is refused, or None. ``owners``: each of its two public keys -> the
+    agent that advertised it earlier in the session (None: nobody)."""
     if message.agent_id not in selected:
         return "agent was not asked in this round"
-    keys = {message.cipher_public_key, message.mask_public_key}
-    if len(keys) < 2 or any(keys & {a.cipher_public_key, a.mask_public_key} for a in advertised
-                            if a.agent_id != message.agent_id):
+    if message.cipher_public_key == message.mask_public_key or any(
+            owner not in (None, message.agent_id) for owner in owners.values()):
         return "public keys repeat (its own or another agent's)"
     return None
 

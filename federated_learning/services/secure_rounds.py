@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from federated_learning.bus.blobs import BlobMissing
+from federated_learning.bus.replies import text
 from federated_learning.coordination.rounds import RoundDecision, decide_round
 from federated_learning.coordination.secure import (
     SECURE_PHASE_TIMEOUT_S,
@@ -77,6 +78,12 @@ class SecureRounds:
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
 
+    def _key_owners(self, state: TrainingState) -> str:
+        """Hash public key -> the agent that advertised it in this session (repeats are refused
+        in O(1), not by reading every advertisement)."""
+        assert state.secure is not None
+        return self.c.keys.secure_exchange(state.training_id, state.round, state.secure.attempt, "key_owners")
+
     def _part(self, state: TrainingState, phase: SecurePhase) -> str:
         assert state.secure is not None
         return self.c.keys.secure_exchange(state.training_id, state.round, state.secure.attempt, _PART_OF[phase])
@@ -108,6 +115,11 @@ class SecureRounds:
         async with self.c.redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(part, message.agent_id, message.model_dump_json())  # redelivery counts once
             pipe.expire(part, EXCHANGE_TTL_S)
+            if isinstance(message, SecureKeysAdvertised):
+                owners = self._key_owners(state)
+                pipe.hsetnx(owners, message.cipher_public_key, message.agent_id)
+                pipe.hsetnx(owners, message.mask_public_key, message.agent_id)
+                pipe.expire(owners, EXCHANGE_TTL_S)
             await pipe.execute()
         await self.advance(state)
 
@@ -135,8 +147,10 @@ class SecureRounds:
         assert secure is not None
         detail: str | None
         if isinstance(message, SecureKeysAdvertised):
-            detail = check_keys(message, state.selected, await self._stored(state, SecurePhase.KEYS,
-                                                                          SecureKeysAdvertised))
+            keys = [message.cipher_public_key, message.mask_public_key]
+            owners = await self.c.redis.hmget(self._key_owners(state), keys)
+            detail = check_keys(message, state.selected,
+                                {k: None if o is None else text(o) for k, o in zip(keys, owners, strict=True)})
         elif isinstance(message, SecureSharesSubmitted):
             assert secure.session is not None
             detail = check_shares(message, secure.session)
@@ -259,7 +273,7 @@ class SecureRounds:
 
     async def _request_unmasking(self, state: TrainingState, secure: SecureRoundState) -> None:
         uploaded = await self.c.redis.hkeys(self.c.keys.round_updates(state.training_id, state.round))
-        secure.survivors = sorted(u.decode() if isinstance(u, bytes) else u for u in uploaded)
+        secure.survivors = sorted(text(u) for u in uploaded)
         dropped = sorted(set(secure.share_senders) - set(secure.survivors))
         self._next_phase(state, secure, SecurePhase.UNMASK)
         request = SecureUnmaskRequested(training_id=state.training_id, round=state.round, attempt=secure.attempt,

@@ -131,9 +131,14 @@ def test_phase_goes_on_when_everyone_answered_or_at_the_deadline_with_enough() -
 def test_checks_refuse_messages_that_do_not_fit_the_session() -> None:
     agents = sessions(4)
     adverts = [a.advertisement() for a in agents]
-    assert check_keys(adverts[0], ["a1", "a2"], adverts) == "agent was not asked in this round"
-    copied = adverts[1].model_copy(update={"agent_id": "a0"})
-    assert "repeat" in (check_keys(copied, ["a0", "a1"], adverts[1:]) or "")
+    fresh = {adverts[0].cipher_public_key: None, adverts[0].mask_public_key: None}
+    assert check_keys(adverts[0], ["a1", "a2"], fresh) == "agent was not asked in this round"
+    assert check_keys(adverts[0], ["a0"], fresh) is None
+    copied = adverts[1].model_copy(update={"agent_id": "a0"})  # a1's keys, advertised again by a0
+    assert "repeat" in (check_keys(copied, ["a0", "a1"], {adverts[1].cipher_public_key: "a1",
+                                                          adverts[1].mask_public_key: "a1"}) or "")
+    same = adverts[0].model_copy(update={"mask_public_key": adverts[0].cipher_public_key})
+    assert "repeat" in (check_keys(same, ["a0"], {same.cipher_public_key: None}) or "")
     session = build_session(adverts, threshold_fraction=2 / 3, vector_length=D, clip_range=1.0)
     shares = agents[0].on_roster(SecureRoster(training_id="t", round=1, attempt=1, session=session))
     short = shares.model_copy(update={"shares": shares.shares[:-1]})
