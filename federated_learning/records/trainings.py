@@ -23,6 +23,15 @@ class TrainingStore:
         raw = await self._redis.get(self._keys.training(training_id))
         return None if raw is None else TrainingState.model_validate_json(raw)
 
+    async def load_many(self, training_ids: list[str]) -> list[TrainingState]:
+        """The states of the trainings that exist, in one round trip (a pipeline, not MGET: each
+        training's key has its own hash tag, so a Redis Cluster keeps them on different slots)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for training_id in training_ids:
+                pipe.get(self._keys.training(training_id))
+            replies = await pipe.execute()
+        return [TrainingState.model_validate_json(raw) for raw in replies if raw is not None]
+
     async def create(self, state: TrainingState, *, queued: bool) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._keys.training(state.training_id), state.model_dump_json())

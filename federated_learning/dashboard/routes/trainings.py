@@ -107,8 +107,7 @@ async def start_training(body: StartRequest, ctx: Context, trainings: Trainings,
 @router.get("/trainings")
 async def list_trainings(trainings: Trainings, principal: Viewer) -> list[dict[str, Any]]:
     """The newest trainings the key may see (its organisation's; every one for the bootstrap key)."""
-    states = [await trainings.load(tid) for tid in await trainings.list_ids(org_id=principal.org_id)]
-    return [_public(s) for s in states if s is not None]
+    return [_public(s) for s in await trainings.load_many(await trainings.list_ids(org_id=principal.org_id))]
 
 
 @router.get("/training/{training_id}/status")
