@@ -7,6 +7,8 @@ fixed-point rounding, also when an agent drops out after sending its shares.
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import redis.asyncio as aioredis
 
@@ -193,3 +195,38 @@ async def test_a_phase_short_of_answers_restarts_the_round_with_a_new_session(
     assert kinds.count("secure_round_restarted") == 1
     job = (await jobs_of(redis, "again"))[0]
     assert job.secure is not None and job.secure.attempt == 2 and len(job.updates) >= 3
+
+
+async def test_a_coordinator_killed_in_every_secure_phase_resumes_the_exchange(
+        redis: aioredis.Redis, system, make_agents) -> None:
+    """Kill the coordinator as soon as each phase is reached; the restarted one carries the same
+    session on (nothing it stored is lost or counted twice) and the round commits the mean."""
+    from federated_learning.coordination.state import TrainingState
+
+    await system.start()
+    agents = await make_agents(4)
+    recorded = record_deltas(agents)
+    await start_training(redis, "crash", digits_config(rounds=1, clients_per_round=4, min_clients=3,
+                                                       secure_aggregation=True))
+    killed: list[str] = []
+    deadline = asyncio.get_running_loop().time() + 60
+    while asyncio.get_running_loop().time() < deadline:
+        raw = await redis.get(Keys().training("crash"))
+        state = TrainingState.model_validate_json(raw) if raw else None
+        if state is not None and state.status.is_final:
+            break
+        phase = state.secure.phase.value if state is not None and state.secure is not None else None
+        if phase is not None and phase not in killed:
+            killed.append(phase)
+            await system.kill("coordinator")
+            await system.start("coordinator")
+        await asyncio.sleep(0.01)
+
+    state = await wait_for_status(redis, "crash", {"completed", "failed"}, timeout_s=60)
+    assert state.status == "completed", state.reason
+    assert len(killed) >= 2, killed  # at least two phases were interrupted
+    job = (await jobs_of(redis, "crash"))[0]
+    assert job.secure is not None and job.secure.attempt == 1  # the same session went on
+    committed = await model_of(redis, "crash", 1)
+    expected = expected_model(await model_of(redis, "crash", 0), recorded, 1, [r.agent_id for r in job.updates])
+    assert np.max(np.abs(committed - expected)) <= len(job.updates) / job.secure.session.scale + 1e-6
