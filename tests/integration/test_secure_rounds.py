@@ -206,6 +206,14 @@ async def test_a_coordinator_killed_in_every_secure_phase_resumes_the_exchange(
     await system.start()
     agents = await make_agents(4)
     recorded = record_deltas(agents)
+    for agent in agents:  # agents answer each secure message after a pause, so every phase is seen
+        original = agent.secure.handle
+
+        async def slow(fields, *, _original=original) -> None:  # type: ignore[no-untyped-def]
+            await asyncio.sleep(0.5)
+            await _original(fields)
+
+        agent.secure.handle = slow  # type: ignore[method-assign]
     await start_training(redis, "crash", digits_config(rounds=1, clients_per_round=4, min_clients=3,
                                                        secure_aggregation=True))
     killed: list[str] = []
@@ -224,7 +232,7 @@ async def test_a_coordinator_killed_in_every_secure_phase_resumes_the_exchange(
 
     state = await wait_for_status(redis, "crash", {"completed", "failed"}, timeout_s=60)
     assert state.status == "completed", state.reason
-    assert len(killed) >= 2, killed  # at least two phases were interrupted
+    assert len(killed) >= 2, killed  # at least two phases were interrupted (timing decides which)
     job = (await jobs_of(redis, "crash"))[0]
     assert job.secure is not None and job.secure.attempt == 1  # the same session went on
     committed = await model_of(redis, "crash", 1)
