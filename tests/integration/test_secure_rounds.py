@@ -20,7 +20,7 @@ from federated_learning.protocol.messages import (
     UpdateSubmitted,
     VersionRecord,
 )
-from federated_learning.protocol.secure_messages import MASKED_LAYER
+from federated_learning.protocol.secure_messages import MASKED_LAYER, decode_secure_inbox_message
 from federated_learning.protocol.tensors import decode_layers
 from tests.integration.conftest import digits_config, start_training, wait_for_status
 
@@ -171,7 +171,6 @@ async def test_a_phase_short_of_answers_restarts_the_round_with_a_new_session(
         redis: aioredis.Redis, system, make_agents) -> None:
     import json
 
-    from federated_learning.protocol.secure_messages import decode_secure_inbox_message
 
     await system.start()
     agents = await make_agents(4)
@@ -206,14 +205,19 @@ async def test_a_coordinator_killed_in_every_secure_phase_resumes_the_exchange(
     await system.start()
     agents = await make_agents(4)
     recorded = record_deltas(agents)
-    for agent in agents:  # agents answer each secure message after a pause, so every phase is seen
+    # Each secure message an agent gets belongs to one coordinator phase; the agent answers only
+    # after the test has killed and restarted the coordinator in that phase, so every phase is hit.
+    phase_of_message = {"secure_roster": "shares", "secure_delivery": "masked", "secure_unmask": "unmask"}
+    interrupted = {phase: asyncio.Event() for phase in phase_of_message.values()}
+    for agent in agents:
         original = agent.secure.handle
 
-        async def slow(fields, *, _original=original) -> None:  # type: ignore[no-untyped-def]
-            await asyncio.sleep(0.5)
+        async def gated(fields, *, _original=original) -> None:  # type: ignore[no-untyped-def]
+            phase = phase_of_message[decode_secure_inbox_message(fields).type]
+            await asyncio.wait_for(interrupted[phase].wait(), timeout=30)
             await _original(fields)
 
-        agent.secure.handle = slow  # type: ignore[method-assign]
+        agent.secure.handle = gated  # type: ignore[method-assign]
     await start_training(redis, "crash", digits_config(rounds=1, clients_per_round=4, min_clients=3,
                                                        secure_aggregation=True))
     killed: list[str] = []
@@ -228,11 +232,13 @@ async def test_a_coordinator_killed_in_every_secure_phase_resumes_the_exchange(
             killed.append(phase)
             await system.kill("coordinator")
             await system.start("coordinator")
+            if phase in interrupted:
+                interrupted[phase].set()
         await asyncio.sleep(0.01)
 
     state = await wait_for_status(redis, "crash", {"completed", "failed"}, timeout_s=60)
     assert state.status == "completed", state.reason
-    assert len(killed) >= 2, killed  # at least two phases were interrupted (timing decides which)
+    assert {"shares", "masked", "unmask"} <= set(killed), killed
     job = (await jobs_of(redis, "crash"))[0]
     assert job.secure is not None and job.secure.attempt == 1  # the same session went on
     committed = await model_of(redis, "crash", 1)
