@@ -68,7 +68,7 @@ class SecureParticipation:
                    delta: NDArray[np.floating]) -> None:
         """Keep the trained update for the task's session and advertise this session's keys."""
         session = AgentSecureSession(self.client.agent_id, task.training_id, task.round, task.attempt,
-                                     delta, trained.num_examples)
+                                     delta, trained.num_examples, trained.unclipped)
         self.held[task.training_id] = HeldUpdate(session, task.model_version, evaluation, trained)
         await self._send(session.advertisement())
 
@@ -107,5 +107,5 @@ class SecureParticipation:
             agent_id=self.client.agent_id, received_model_version=held.received_model_version,
             evaluation=held.evaluation, update_digest=digest, num_examples=trained.num_examples,
             train_loss=trained.loss, train_accuracy=trained.accuracy, train_seconds=trained.seconds,
-            upload_bytes=len(blob), dense_bytes=trained.dense_bytes, unclipped=trained.unclipped))
+            upload_bytes=len(blob), dense_bytes=trained.dense_bytes))  # the clip bit is in the masked vector
         self.client.completed_tasks += 1

@@ -4,12 +4,16 @@
 until the masks are agreed); `unmask_weighted_mean` is the aggregator's side. What is
 masked is each agent's clipped model delta scaled by ``num_examples / weight_normaliser``,
 so the unmasked sum divided by the survivors' examples is FedAvg's weighted mean delta.
+With adaptive clipping (``SecureSession.counts_unclipped``) each vector ends with one more
+value, ``clip_range`` when the update was within the clip norm before clipping and 0 when
+not, so the aggregator learns how many were, never whose.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
@@ -84,13 +88,16 @@ class AgentSecureSession:
     """One agent's side of one secure round: keys, sealed shares, the masked update, unmasking."""
 
     def __init__(self, agent_id: str, training_id: str, round_number: int, attempt: int,
-                 delta: NDArray[np.floating], num_examples: int) -> None:
+                 delta: NDArray[np.floating], num_examples: int, unclipped: bool | None = None) -> None:
+        """unclipped: whether the update's norm was within the clip norm before clipping; a
+        session that counts unclipped updates needs it."""
         self.agent_id = agent_id
         self.training_id = training_id
         self.round = round_number
         self.attempt = attempt
         self.delta = np.asarray(delta, dtype=np.float64).ravel()
         self.num_examples = num_examples
+        self.unclipped = unclipped
         self._client = SecAggClient.generate(agent_id)
         self._session: SecureSession | None = None
 
@@ -112,9 +119,11 @@ class AgentSecureSession:
         if own is None or (own.cipher_public_key, own.mask_public_key, own.num_examples) != (
                 mine.cipher_public_key, mine.mask_public_key, self.num_examples):
             raise ProtocolViolation(f"roster does not carry agent '{self.agent_id}' as it advertised")
-        if session.vector_length != self.delta.size:
+        if session.vector_length != self.delta.size + session.counts_unclipped:
             raise ProtocolViolation(f"roster expects {session.vector_length} values; the update has "
-                                    f"{self.delta.size}")
+                                    f"{self.delta.size}" + (" plus the clip bit" if session.counts_unclipped else ""))
+        if session.counts_unclipped and self.unclipped is None:
+            raise ProtocolViolation("roster counts unclipped updates but this update was not clipped")
         self._session = session
         sealed = self._client.seal_shares(self._client.share_keys(library_roster(session)))
         return SecureSharesSubmitted(
@@ -129,6 +138,8 @@ class AgentSecureSession:
                   for s in delivery.shares]
         self._client.receive_shares(self._client.open_shares(sealed))
         weighted = self.delta * (self.num_examples / session.weight_normaliser)
+        if session.counts_unclipped:
+            weighted = np.append(weighted, session.clip_range if self.unclipped else 0.0)
         return self._client.mask(weighted).vector
 
     def on_unmask(self, request: SecureUnmaskRequested) -> SecureUnmaskShares:
@@ -144,9 +155,18 @@ class AgentSecureSession:
         return self._session
 
 
+@dataclass(frozen=True)
+class UnmaskedRound:
+    mean: NDArray[np.float64]
+    """The survivors' example-weighted mean delta (the model's values only)."""
+    unclipped_count: int | None
+    """How many survivors' updates were within the clip norm; None unless the session counts them."""
+
+
 def unmask_weighted_mean(spec: SecureAggregationSpec, masked: Mapping[str, MaskVector],
-                         responses: Sequence[SecureUnmaskShares]) -> NDArray[np.float64]:
-    """The survivors' example-weighted mean delta, from their masked uploads and t unmask responses.
+                         responses: Sequence[SecureUnmaskShares]) -> UnmaskedRound:
+    """The survivors' example-weighted mean delta (and count of unclipped updates), from their
+    masked uploads and t unmask responses.
 
     Raises:
         InsufficientSurvivors: fewer than the threshold of responses or uploads.
@@ -160,11 +180,22 @@ def unmask_weighted_mean(spec: SecureAggregationSpec, masked: Mapping[str, MaskV
         UnmaskResponse(r.agent_id, {a: _share(v) for a, v in r.mask_key_shares.items()},
                        {a: _share(v) for a, v in r.self_seed_shares.items()})
         for r in responses])
+    unclipped_count = None
+    if session.counts_unclipped:
+        total, unclipped_count = total[:-1], decode_unclipped_count(float(total[-1]), session, len(masked))
     examples = {m.agent_id: m.num_examples for m in session.members}
     survivors_examples = sum(examples[agent_id] for agent_id in masked)
     mean: NDArray[np.float64] = total * (session.weight_normaliser / survivors_examples)
     _check_mean_norm(mean, session, len(masked), survivors_examples)
-    return mean
+    return UnmaskedRound(mean, unclipped_count)
+
+
+def decode_unclipped_count(decoded_sum: float, session: SecureSession, survivors: int) -> int:
+    """The number of survivors that sent clip_range (not 0) as their last value. A member that
+    sends something else can move the count by at most one, as by lying about its bit, so the
+    count is rounded and kept in [0, survivors] rather than failing the round."""
+    one = round(session.clip_range * session.scale) / session.scale  # what clip_range decodes to
+    return min(max(round(decoded_sum / one), 0), survivors)
 
 
 def _check_mean_norm(mean: NDArray[np.float64], session: SecureSession, survivors: int,

@@ -371,6 +371,10 @@ class SecureSession(BaseModel):
     scale: FiniteFloat = Field(gt=0)
     clip_range: FiniteFloat = Field(gt=0)
     weight_normaliser: int = Field(gt=0, description="each agent masks (num_examples / this) * delta")
+    counts_unclipped: bool = Field(
+        default=False, description="adaptive clipping: each masked vector ends with one more value, "
+                                   "clip_range when the update's norm was within the clip norm, else 0, "
+                                   "so only the count of unclipped updates is ever unmasked")
     members: list[RosterMember] = Field(min_length=2, max_length=MAX_MEMBERS)
 
 
@@ -418,6 +422,9 @@ class AggregateReady(Message):
     max_client_examples: int = Field(default=0, ge=0)
     aggregation_seconds: FiniteFloat = Field(ge=0)
     update_norm_mean: FiniteFloat = Field(default=0.0, ge=0)
+    unclipped_count: int | None = Field(
+        default=None, ge=0, description="secure rounds with adaptive clipping: how many of the "
+                                        "contributors' updates were within the clip norm (unmasked sum)")
     worker: str = ""
 
 
@@ -442,6 +449,7 @@ class ModelReleased(Message):
     num_examples: int = Field(default=0, ge=0)
     algorithm: str = ""
     privacy: PrivacyReport
+    unclipped_count: int | None = Field(default=None, ge=0, description="as in AggregateReady")
 
 
 class VersionRecord(BaseModel):

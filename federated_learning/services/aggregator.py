@@ -133,8 +133,9 @@ class Aggregator:
         return float(np.mean([flag.norm for flag in flags]))
 
     async def _load_secure_mean(self, job: AggregationJob, spec: SecureAggregationSpec, base: NamedLayers,
-                                slabs: list[np.ndarray]) -> None:
-        """Remove the masks of a secure round; row 0 of ``slabs`` becomes base + the mean delta."""
+                                slabs: list[np.ndarray]) -> int | None:
+        """Remove the masks of a secure round; row 0 of ``slabs`` becomes base + the mean delta.
+        Returns how many updates were within the clip norm when the session counts them."""
         max_bytes = self.ctx.settings.max_blob_bytes
         masked = {}
         for ref in job.updates:
@@ -145,13 +146,14 @@ class Aggregator:
             self.ctx.keys.secure_exchange(job.training_id, job.round, spec.attempt, "unmask"), spec.responders)
         responses = [SecureUnmaskShares.model_validate_json(v) for v in raw if v is not None]
         try:
-            mean = await asyncio.to_thread(unmask_weighted_mean, spec, masked, responses)
+            unmasked = await asyncio.to_thread(unmask_weighted_mean, spec, masked, responses)
         except PrivacyError as exc:
             raise AggregationFailed(f"secure aggregation: {exc}") from exc
         offset = 0
         for slab, layer in zip(slabs, base.values(), strict=True):
-            slab[0] = layer.reshape(-1) + mean[offset: offset + layer.size]
+            slab[0] = layer.reshape(-1) + unmasked.mean[offset: offset + layer.size]
             offset += layer.size
+        return unmasked.unclipped_count
 
     async def _update_on_base(self, ref: UpdateRef, base: NamedLayers,
                               own_bases: dict[str, NamedLayers]) -> NamedLayers:
@@ -181,10 +183,11 @@ class Aggregator:
                                                    allowed_dtypes=STATE_DTYPES))
         # FedBuff folds deltas (each from the version its agent started from), not models.
         as_deltas = job.algorithm in ASYNC_ALGORITHMS
+        unclipped_count = None
         if job.secure is not None:
             # One row: the survivors' unmasked weighted mean, weighted by all their examples.
             slabs = allocate_slabs(global_layers, 1)
-            await self._load_secure_mean(job, job.secure, base, slabs)
+            unclipped_count = await self._load_secure_mean(job, job.secure, base, slabs)
             refs = job.updates
             weights = [sum(ref.num_examples for ref in refs)]
         else:
@@ -219,7 +222,7 @@ class Aggregator:
             contributors=[ref.agent_id for ref in refs],
             num_examples=sum(ref.num_examples for ref in refs),
             max_client_examples=max(ref.num_examples for ref in refs), aggregation_seconds=seconds,
-            update_norm_mean=norm_mean,
+            update_norm_mean=norm_mean, unclipped_count=unclipped_count,
             worker=self.consumer.consumer,
         )
 

@@ -475,7 +475,7 @@ class RoundProtocol:
             server_accuracy=server[0] if server else None, server_loss=server[1] if server else None,
             clip_norm=state.clip_norm,
         )
-        self._adapt_clip_norm(state, notices)
+        self._adapt_clip_norm(state, notices, release)
         self._adopt(state, committed)
         state.completed_rounds = state.round
         state.phase = RoundPhase.IDLE
@@ -505,15 +505,25 @@ class RoundProtocol:
         await self.open_round(state, state.round + 1)
 
     @staticmethod
-    def _adapt_clip_norm(state: TrainingState, notices: list[UpdateSubmitted]) -> None:
-        """Adaptive clipping: move the clip norm by this round's noised count of unclipped updates."""
+    def _adapt_clip_norm(state: TrainingState, notices: list[UpdateSubmitted],
+                         release: ModelReleased | None) -> None:
+        """Adaptive clipping: move the clip norm by this round's noised count of unclipped updates
+        (in a secure round the aggregator unmasked the count; nobody saw an agent's bit)."""
         adaptive = state.config.adaptive_clipping
-        bits = [n.unclipped for n in notices if n.kind is TaskKind.TRAIN and n.unclipped is not None]
-        if adaptive is None or state.clip_norm is None or not bits:
+        if adaptive is None or state.clip_norm is None:
             return
+        if state.config.secure_aggregation:
+            if release is None or release.unclipped_count is None or not release.contributors:
+                return
+            unclipped, total = release.unclipped_count, len(release.contributors)
+        else:
+            bits = [n.unclipped for n in notices if n.kind is TaskKind.TRAIN and n.unclipped is not None]
+            if not bits:
+                return
+            unclipped, total = sum(bits), len(bits)
         clipper = AdaptiveClipper(state.clip_norm, adaptive.target_quantile, adaptive.learning_rate,
                                   adaptive_count_noise_std(state) or 0.0)
-        state.clip_norm = clipper.update_from_count(sum(bits), len(bits))
+        state.clip_norm = clipper.update_from_count(unclipped, total)
 
     async def _server_validation(self, state: TrainingState, committed: VersionCommitted
                                  ) -> tuple[float, float] | None:

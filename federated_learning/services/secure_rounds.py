@@ -254,7 +254,8 @@ class SecureRounds:
         advertised = await self._stored(state, SecurePhase.KEYS, SecureKeysAdvertised)
         assert state.clip_norm is not None
         secure.session = build_session(advertised, threshold_fraction=state.config.secure_threshold,
-                                       vector_length=vector_length(state), clip_range=state.clip_norm)
+                                       vector_length=vector_length(state), clip_range=state.clip_norm,
+                                       counts_unclipped=state.config.adaptive_clipping is not None)
         self._next_phase(state, secure, SecurePhase.SHARES)
         roster = SecureRoster(training_id=state.training_id, round=state.round, attempt=secure.attempt,
                               session=secure.session)

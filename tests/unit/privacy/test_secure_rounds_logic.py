@@ -16,10 +16,12 @@ from federated_learning.coordination.secure import (
     decide_phase,
     deliveries,
 )
-from federated_learning.privacy.errors import InsufficientSurvivors
+from federated_learning.privacy.errors import InsufficientSurvivors, ProtocolViolation
 from federated_learning.privacy.secure_aggregation import FixedPointCodec
 from federated_learning.privacy.secure_session import (
     AgentSecureSession,
+    UnmaskedRound,
+    decode_unclipped_count,
     fixed_point_scale,
     session_threshold,
     unmask_weighted_mean,
@@ -46,10 +48,11 @@ def sessions(count: int, seed: int = 0) -> list[AgentSecureSession]:
 
 
 def run(agents: list[AgentSecureSession], *, drop_after_shares: set[str] = frozenset(),
-        fraction: float = 2 / 3) -> tuple[np.ndarray, np.ndarray, SecureAggregationSpec]:
-    """All four phases through the messages; returns (unmasked mean, plain weighted mean, spec)."""
+        fraction: float = 2 / 3, counts_unclipped: bool = False
+        ) -> tuple[UnmaskedRound, np.ndarray, SecureAggregationSpec]:
+    """All four phases through the messages; returns (unmasked round, plain weighted mean, spec)."""
     session = build_session([a.advertisement() for a in agents], threshold_fraction=fraction,
-                            vector_length=D, clip_range=1.0)
+                            vector_length=D, clip_range=1.0, counts_unclipped=counts_unclipped)
     roster = SecureRoster(training_id="t", round=1, attempt=1, session=session)
     submissions = [a.on_roster(roster) for a in agents]
     assert all(check_shares(s, session) is None for s in submissions)
@@ -65,22 +68,53 @@ def run(agents: list[AgentSecureSession], *, drop_after_shares: set[str] = froze
     assert all(check_unmask(r, session, senders, sorted(masked)) is None for r in responses)
     spec = SecureAggregationSpec(session=session, attempt=1, share_senders=senders,
                                  responders=[r.agent_id for r in responses])
-    mean = unmask_weighted_mean(spec, masked, responses[: session.threshold])
+    unmasked = unmask_weighted_mean(spec, masked, responses[: session.threshold])
     weights = np.array([a.num_examples for a in survivors], dtype=np.float64)
     plain = sum(w * a.delta for w, a in zip(weights, survivors, strict=True)) / weights.sum()
-    return mean, plain, spec
+    return unmasked, plain, spec
 
 
 def test_unmasked_mean_equals_the_weighted_mean_within_rounding() -> None:
-    mean, plain, spec = run(sessions(6))
-    assert np.max(np.abs(mean - plain)) <= 6 / spec.session.scale
+    unmasked, plain, spec = run(sessions(6))
+    assert np.max(np.abs(unmasked.mean - plain)) <= 6 / spec.session.scale
     assert spec.session.threshold == 5
+    assert unmasked.unclipped_count is None
 
 
 def test_agents_that_drop_after_sharing_are_unmasked_from_the_survivors() -> None:
     agents = sessions(7, seed=1)
-    mean, plain, spec = run(agents, drop_after_shares={"a2", "a5"})
-    assert np.max(np.abs(mean - plain)) <= 7 / spec.session.scale
+    unmasked, plain, spec = run(agents, drop_after_shares={"a2", "a5"})
+    assert np.max(np.abs(unmasked.mean - plain)) <= 7 / spec.session.scale
+
+
+def test_only_the_count_of_unclipped_updates_is_unmasked() -> None:
+    agents = sessions(7, seed=4)
+    for i, agent in enumerate(agents):
+        agent.unclipped = i % 3 == 0  # a0, a3, a6
+    unmasked, plain, spec = run(agents, drop_after_shares={"a3"}, counts_unclipped=True)
+
+    assert spec.session.vector_length == D + 1
+    assert unmasked.unclipped_count == 2  # a0 and a6 among the survivors
+    assert unmasked.mean.shape == (D,)
+    assert np.max(np.abs(unmasked.mean - plain)) <= 7 / spec.session.scale
+
+
+def test_a_session_that_counts_unclipped_updates_needs_the_bit() -> None:
+    agents = sessions(3, seed=5)
+    session = build_session([a.advertisement() for a in agents], threshold_fraction=2 / 3,
+                            vector_length=D, clip_range=1.0, counts_unclipped=True)
+    with pytest.raises(ProtocolViolation, match="not clipped"):
+        agents[0].on_roster(SecureRoster(training_id="t", round=1, attempt=1, session=session))
+
+
+def test_a_clip_value_other_than_zero_or_the_range_moves_the_count_by_at_most_one() -> None:
+    session = build_session([a.advertisement() for a in sessions(5)], threshold_fraction=2 / 3,
+                            vector_length=D, clip_range=1.5, counts_unclipped=True)
+    one = round(1.5 * session.scale) / session.scale  # what the clip range decodes to
+    assert decode_unclipped_count(3 * one, session, 5) == 3
+    assert decode_unclipped_count(3 * one + 0.6 * 1.5, session, 5) in (3, 4)  # one member sent 0.6 C
+    assert decode_unclipped_count(-1.5, session, 5) == 0
+    assert decode_unclipped_count(9 * one, session, 5) == 5
 
 
 def test_fewer_survivors_than_the_threshold_cannot_unmask() -> None:
@@ -148,7 +182,6 @@ def test_checks_refuse_messages_that_do_not_fit_the_session() -> None:
 
 
 def test_a_roster_with_other_keys_for_the_agent_is_refused() -> None:
-    from federated_learning.privacy.errors import ProtocolViolation
 
     agents = sessions(3)
     adverts = [a.advertisement() for a in agents]
@@ -183,7 +216,6 @@ def test_secure_training_with_central_dp_is_accepted() -> None:
 
 
 def test_a_wrong_self_seed_share_is_caught_instead_of_released() -> None:
-    from federated_learning.privacy.errors import ProtocolViolation
     from federated_learning.protocol.secure_messages import ShareValue
 
     agents = sessions(5, seed=3)
