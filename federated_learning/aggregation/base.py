@@ -192,9 +192,26 @@ class UpdateBatch:
         return int(self.num_examples.size)
 
 
-def output_like(layer: NDArray[np.generic]) -> NDArray[np.floating]:
-    """Uninitialised flat output for a layer: float64 for float64 models, else float32."""
-    return np.empty(layer.size, slab_dtype(layer))
+def outputs_like(layers: Sequence[NDArray[np.generic]]) -> list[NDArray[np.floating]]:
+    """Uninitialised flat outputs for the layers (float64 for float64 layers, else float32): views
+    of one buffer when the layers share that dtype, so the outputs cost their bytes plus at most
+    one partly used page, and rules can use the whole buffer as scratch (``output_buffer``)."""
+    dtypes = {slab_dtype(layer) for layer in layers}
+    if len(dtypes) != 1:
+        return [np.empty(layer.size, slab_dtype(layer)) for layer in layers]
+    buffer = np.empty(sum(layer.size for layer in layers), dtypes.pop())
+    ends = np.cumsum([layer.size for layer in layers])
+    return [buffer[end - layer.size : end] for layer, end in zip(layers, ends, strict=True)]
+
+
+def output_buffer(outputs: Sequence[NDArray[np.floating]]) -> NDArray[np.floating]:
+    """The largest contiguous memory the outputs cover: their one buffer (``outputs_like``), or
+    else the largest output."""
+    shared = outputs[0].base
+    if isinstance(shared, np.ndarray) and shared.ndim == 1 and all(out.base is shared for out in outputs) \
+            and shared.size == sum(out.size for out in outputs):
+        return shared
+    return max(outputs, key=lambda out: out.nbytes)
 
 
 def shape_like(

@@ -21,10 +21,11 @@ from .base import (
     Strategy,
     UpdateBatch,
     check_int,
-    output_like,
+    output_buffer,
+    outputs_like,
     raise_non_finite_input,
 )
-from .krum import checked_distances, krum_scores, largest
+from .krum import checked_distances, krum_scores
 from .order_statistics import NEAR_MEDIAN, coordinate_reduce, sorting_network
 
 
@@ -80,8 +81,8 @@ class Bulyan(Strategy):
 
     def aggregate_batch(self, batch: UpdateBatch) -> list[NDArray[np.floating]]:
         f = self.num_malicious_clients
-        outputs = [output_like(layer) for layer in batch.global_layers]
-        picked = bulyan_selection(checked_distances(batch, self.name, largest(outputs)), f)
+        outputs = outputs_like(batch.global_layers)
+        picked = bulyan_selection(checked_distances(batch, self.name, output_buffer(outputs)), f)
         beta = picked.size - 2 * f
         threads = numba.get_num_threads()
         for slab, out in zip(batch.slabs, outputs, strict=True):

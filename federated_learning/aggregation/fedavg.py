@@ -26,7 +26,7 @@ from .base import (
     check_learning_rate,
     check_real,
     example_weights,
-    output_like,
+    outputs_like,
     raise_non_finite_input,
     slab_dtype,
 )
@@ -113,7 +113,7 @@ def weighted_combination(
 ) -> list[NDArray[np.floating]]:
     """Per layer: ``scale * sum_j weights[j] * update[rows[j]] + base_coef * global``.
 
-    outputs: flat per-layer arrays to write into (``output_like``); fresh ones when None.
+    outputs: flat per-layer arrays to write into (``outputs_like``); fresh ones when None.
 
     Raises ValueError when a global layer holds NaN/Inf (checked inside the kernel, so
     rules that call this for every layer set ``Strategy.checks_global_in_kernel``) or an
@@ -123,7 +123,7 @@ def weighted_combination(
     """
     chosen = np.arange(batch.num_clients, dtype=np.int64) if rows is None else rows
     threads = numba.get_num_threads()
-    targets = outputs or [output_like(layer) for layer in batch.global_layers]
+    targets = outputs or outputs_like(batch.global_layers)
     for i, (slab, layer, out) in enumerate(
         zip(batch.slabs, batch.global_layers, targets, strict=True)
     ):

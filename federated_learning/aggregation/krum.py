@@ -23,7 +23,8 @@ from .base import (
     Strategy,
     UpdateBatch,
     check_int,
-    output_like,
+    output_buffer,
+    outputs_like,
     raise_non_finite_input,
 )
 from .fedavg import weighted_combination
@@ -162,11 +163,6 @@ def krum_scores(
     return np.asarray(nearest.sum(axis=1), dtype=np.float64)
 
 
-def largest(outputs: list[NDArray[np.floating]]) -> NDArray[np.floating]:
-    """The output layer with the most bytes (scratch for the distance sums)."""
-    return max(outputs, key=lambda out: out.nbytes)
-
-
 def checked_distances(
     batch: UpdateBatch, rule: str, scratch: NDArray[np.floating] | None = None
 ) -> NDArray[np.float64]:
@@ -229,8 +225,8 @@ class Krum(Strategy):
         return np.argsort(scores, kind="stable")[:keep].astype(np.int64)
 
     def aggregate_batch(self, batch: UpdateBatch) -> list[NDArray[np.floating]]:
-        outputs = [output_like(layer) for layer in batch.global_layers]
-        chosen = self.select(batch, largest(outputs))
+        outputs = outputs_like(batch.global_layers)
+        chosen = self.select(batch, output_buffer(outputs))
         if self.to_keep(batch.num_clients) == 0:
             best = int(chosen[0])
             for slab, out in zip(batch.slabs, outputs, strict=True):

@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from .base import Slab, Strategy, UpdateBatch, output_like, raise_non_finite_input
+from .base import Slab, Strategy, UpdateBatch, outputs_like, raise_non_finite_input
 from .order_statistics import coordinate_mean_of_ranks
 
 
@@ -41,7 +41,7 @@ class Median(Strategy):
     requires_individual_updates: ClassVar[bool] = True
 
     def aggregate_batch(self, batch: UpdateBatch) -> list[NDArray[np.floating]]:
-        outputs = [output_like(layer) for layer in batch.global_layers]
+        outputs = outputs_like(batch.global_layers)
         if not median(batch.slabs, outputs):
             raise_non_finite_input(batch, self.name)
         return outputs

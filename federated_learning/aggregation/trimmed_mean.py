@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from .base import Slab, Strategy, UpdateBatch, check_real, output_like, raise_non_finite_input
+from .base import Slab, Strategy, UpdateBatch, check_real, outputs_like, raise_non_finite_input
 from .order_statistics import coordinate_mean_of_ranks
 
 
@@ -47,7 +47,7 @@ class TrimmedMean(Strategy):
         return {"beta": self.beta}
 
     def aggregate_batch(self, batch: UpdateBatch) -> list[NDArray[np.floating]]:
-        outputs = [output_like(layer) for layer in batch.global_layers]
+        outputs = outputs_like(batch.global_layers)
         if not trimmed_mean(batch.slabs, self.beta, outputs):
             raise_non_finite_input(batch, self.name)
         return outputs

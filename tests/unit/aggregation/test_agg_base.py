@@ -67,3 +67,27 @@ def test_stateless_rule_has_empty_state_and_refuses_foreign_state():
     assert strategy.state_dict() == {}
     with pytest.raises(ValueError, match="median keeps no state"):
         strategy.load_state_dict({"m.0": np.zeros(3, np.float32)})
+
+
+def test_outputs_of_one_dtype_are_views_of_one_buffer():
+    from federated_learning.aggregation.base import output_buffer, outputs_like
+
+    layers = [np.zeros((2, 3), np.float32), np.zeros(5, np.float16), np.zeros(1, np.float32)]
+    outputs = outputs_like(layers)
+
+    assert [(o.shape, o.dtype) for o in outputs] == [((6,), np.float32), ((5,), np.float32), ((1,), np.float32)]
+    buffer = output_buffer(outputs)
+    assert buffer.size == 12 and all(np.shares_memory(o, buffer) for o in outputs)
+    for value, out in enumerate(outputs):
+        out[:] = value
+    assert buffer.tolist() == [0.0] * 6 + [1.0] * 5 + [2.0]
+
+
+def test_outputs_of_mixed_dtypes_are_separate_and_the_largest_is_the_scratch():
+    from federated_learning.aggregation.base import output_buffer, outputs_like
+
+    outputs = outputs_like(GLOBAL)
+
+    assert [o.dtype for o in outputs] == [np.float32, np.float64]
+    assert not np.shares_memory(outputs[0], outputs[1])
+    assert output_buffer(outputs) is outputs[1]  # 4 float64 (32 bytes) against 6 float32 (24)
