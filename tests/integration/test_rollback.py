@@ -51,6 +51,9 @@ async def test_poisoned_rounds_trigger_a_rollback_to_the_best_version(redis: aio
     assert rollback["data"]["automatic"] is True
     assert rollback["data"]["to_version"] < rollback["data"]["from_version"]
     assert "below the best" in rollback["data"]["reason"]
+    records = [json.loads(v) for v in (await redis.hgetall(KEYS.versions("poison"))).values()]
+    after = min((r for r in records if r["version"] > rollback["data"]["from_version"]), key=lambda r: r["version"])
+    assert after["parent_version"] == rollback["data"]["to_version"]  # training went on from the target
     assert state.final_evaluation is not None and state.final_evaluation.accuracy > 0.8
     events = [json.loads(f[b"m"]) for _id, f in await redis.xrange(KEYS.event_stream)]
     rules = {e["data"]["alert"]["rule"] for e in events if e["kind"] == "alert"}
