@@ -8,6 +8,11 @@ that signed an ``https://`` server's certificate; default: the system's CAs) (op
 time (or now with ``--once``) it posts the local model (safetensors) to ``/sync_model`` and
 writes the merged model it gets back atomically, in safetensors (never pickle); when the
 server is down it retries with exponential backoff.
+
+A bot that evaluates its local model may write ``{"accuracy": ..., "loss": ..., "num_examples": ...}``
+(any of them) to ``<local model>.metrics.json``; each sync sends those as ``X-Accuracy``, ``X-Loss``
+and ``X-Num-Examples`` (which then overrides ``FED_NUM_EXAMPLES``). A value out of range is left out,
+with a warning, rather than getting the whole update refused.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import math
 import os
 import socket
 import ssl
@@ -35,6 +41,7 @@ MAX_ATTEMPTS = 8
 BACKOFF_START_S = 1.0
 BACKOFF_CAP_S = 300.0
 MAX_MODEL_BYTES = 1 << 30
+MAX_NUM_EXAMPLES = 1_000_000_000
 
 
 class SyncFailed(RuntimeError):
@@ -87,7 +94,7 @@ class SyncSettings:
             sync_minute=number("FED_SYNC_MINUTE", 0, 0, 59),
             api_key=env.get("FED_API_KEY", ""),
             training_id=env.get("FED_TRAINING_ID") or None,
-            num_examples=number("FED_NUM_EXAMPLES", 1, 1, 1_000_000_000),
+            num_examples=number("FED_NUM_EXAMPLES", 1, 1, MAX_NUM_EXAMPLES),
             ca_bundle=Path(env["FED_CA_BUNDLE"]) if env.get("FED_CA_BUNDLE") else None,
         )
 
@@ -114,11 +121,51 @@ def read_merged_version(merged_model_path: Path) -> tuple[str, int] | None:
         return None
 
 
+def metrics_file(local_model_path: Path) -> Path:
+    """Beside the local model: the bot's own evaluation of it, sent along with it."""
+    return local_model_path.with_name(local_model_path.name + ".metrics.json")
+
+
+def metric_headers(local_model_path: Path) -> dict[str, str]:
+    """``X-Accuracy``, ``X-Loss`` and ``X-Num-Examples`` from the metrics file, for the values it holds
+    in range (accuracy in [0, 1], loss finite and >= 0, num_examples an integer in [1, 1e9]); a value
+    out of range, or an unreadable file, is left out with a warning."""
+    path = metrics_file(local_model_path)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("metrics file %s is unreadable (%s); syncing without metrics", path, exc)
+        return {}
+    if not isinstance(record, dict):
+        log.warning("metrics file %s holds no JSON object; syncing without metrics", path)
+        return {}
+    headers: dict[str, str] = {}
+    for key, header, high in (("accuracy", "X-Accuracy", 1.0), ("loss", "X-Loss", math.inf)):
+        value = record.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                and 0.0 <= value <= high:
+            headers[header] = repr(float(value))
+        else:
+            log.warning("metrics file %s: %s is %r; not sent", path, key, value)
+    examples = record.get("num_examples")
+    if isinstance(examples, int) and not isinstance(examples, bool) and 1 <= examples <= MAX_NUM_EXAMPLES:
+        headers["X-Num-Examples"] = str(examples)
+    elif examples is not None:
+        log.warning("metrics file %s: num_examples is %r; sending FED_NUM_EXAMPLES", path, examples)
+    return headers
+
+
 def sync_once(settings: SyncSettings, client: httpx.Client, *, sleep: object = time.sleep) -> Path:
-    """Post the local model; write the merged model; return its path. Retries with backoff."""
+    """Post the local model (with the metrics beside it, if any); write the merged model; return its
+    path. Retries with backoff."""
     body = settings.local_model_path.read_bytes()
     headers = {"Content-Type": "application/octet-stream", "X-Client-Id": settings.client_id,
-               "X-Num-Examples": str(settings.num_examples), "Authorization": f"Bearer {settings.api_key}"}
+               "X-Num-Examples": str(settings.num_examples), "Authorization": f"Bearer {settings.api_key}",
+               **metric_headers(settings.local_model_path)}
     if settings.training_id:
         headers["X-Training-Id"] = settings.training_id
     base = read_merged_version(settings.merged_model_path)

@@ -101,6 +101,10 @@ def validate_layers(layers: Mapping[str, np.ndarray], spec: LayerSpec) -> None:
     if list(layers) != list(spec):
         missing = sorted(set(spec) - set(layers))
         extra = sorted(set(layers) - set(spec))
+        if not missing and not extra:
+            raise InvalidTensor(
+                "bad_layers", f"layers are in the order {list(layers)}; the model's order is {list(spec)}"
+            )
         raise InvalidTensor(
             "bad_layers", f"layer names differ from the model: missing {missing}, unexpected {extra}"
         )

@@ -9,13 +9,16 @@ import httpx
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+from safetensors.numpy import save as save_safetensors
 
 from agents.data import make_client_datasets
 from agents.trainers import create_trainer
+from federated_learning.bus.blobs import BlobStore
 from federated_learning.dashboard.main import create_app
 from federated_learning.protocol.keys import Keys
-from federated_learning.protocol.messages import VersionRecord
-from federated_learning.protocol.tensors import decode_layers, encode_layers
+from federated_learning.protocol.messages import UpdateSubmitted, VersionRecord
+from federated_learning.protocol.secure_messages import message_type
+from federated_learning.protocol.tensors import decode_layers, encode_layers, validate_layers
 from federated_learning.services.runtime import ServiceContext
 from tests.integration.conftest import TEST_API_KEY, digits_config, start_training, wait_for_status
 
@@ -101,8 +104,20 @@ async def test_a_late_http_update_is_rebased_onto_the_current_version(redis: aio
                                                                       http) -> None:
     from federated_learning.protocol.messages import AggregationJob
 
+    from federated_learning.protocol.messages import Task, decode
+
     await system.start()
-    await make_agents(3)
+    agents = await make_agents(3)
+    posted = asyncio.Event()  # the bus agents answer round 2 only after the HTTP update is in
+    for agent in agents:
+        original = agent.handle_task
+
+        async def gated(fields, *, _original=original) -> None:  # type: ignore[no-untyped-def]
+            if message_type(fields) == "task" and decode(Task, fields).round >= 2:
+                await asyncio.wait_for(posted.wait(), timeout=30)
+            await _original(fields)
+
+        agent.handle_task = gated  # type: ignore[method-assign]
     await start_training(redis, "late", digits_config(rounds=3, clients_per_round=4, min_clients=3,
                                                       round_deadline_s=8.0, max_staleness=1))
     state = await wait_for_status(redis, "late", {"running"})
@@ -115,6 +130,7 @@ async def test_a_late_http_update_is_rebased_onto_the_current_version(redis: aio
                "X-Num-Examples": "20"}
     response = await http.post("/sync_model", content=encode_layers(stale), headers={**headers, "X-Base-Version": "0"})
     assert response.status_code == 200, response.text
+    posted.set()
 
     state = await wait_for_status(redis, "late", {"completed", "failed"}, timeout_s=90)
 
@@ -150,3 +166,87 @@ async def test_http_sync_into_a_secure_training_is_refused(redis: aioredis.Redis
     assert response.status_code == 409
     assert "secure aggregation" in response.json()["detail"]
     assert not await redis.hexists(KEYS.agents, "http-bot-1")
+
+
+def mlp_config(**overrides: object):  # type: ignore[no-untyped-def]
+    return digits_config(model={"trainer": "mlp", "num_features": 64, "num_classes": 10, "hidden": 8}, **overrides)
+
+
+async def notices(redis: aioredis.Redis) -> list[UpdateSubmitted]:
+    return [UpdateSubmitted.model_validate_json(f[b"m"]) for _id, f in await redis.xrange(KEYS.update_stream)]
+
+
+async def test_a_standard_safetensors_file_in_any_layer_order_is_accepted(redis: aioredis.Redis, system, settings,
+                                                                          http) -> None:
+    await system.start()
+    await start_training(redis, "plain", mlp_config(rounds=50))
+    state = await wait_for_status(redis, "plain", {"running", "paused"})
+    model = decode_layers((await http.get("/api/training/plain/versions/0/model")).content, max_bytes=1 << 20)
+    assert list(model) == ["hidden.weight", "hidden.bias", "output.weight", "output.bias"]
+    body = save_safetensors({name: layer + 0.01 for name, layer in model.items()})  # no "order" metadata
+    assert list(decode_layers(body, max_bytes=1 << 20)) != list(model)
+    headers = {"Content-Type": "application/octet-stream", "X-Client-Id": "plain-bot", "X-Training-Id": "plain"}
+
+    response = await http.post("/sync_model", content=body, headers=headers)
+
+    assert response.status_code == 200, response.text
+    [notice] = await notices(redis)
+    blobs = BlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
+    stored = decode_layers(await blobs.get(notice.update_digest), max_bytes=1 << 20)
+    validate_layers(stored, state.layer_spec)
+    np.testing.assert_array_equal(stored["output.bias"], model["output.bias"] + 0.01)
+    extra = save_safetensors({**model, "zz.extra": np.zeros(3, model["output.bias"].dtype)})
+    refused = await http.post("/sync_model", content=extra, headers=headers)
+    assert refused.status_code == 422 and "unexpected ['zz.extra']" in refused.json()["detail"]
+
+
+async def test_binary_sync_carries_metrics_in_headers(redis: aioredis.Redis, system, http) -> None:
+    await system.start()
+    await start_training(redis, "metrics", digits_config(rounds=50))
+    await wait_for_status(redis, "metrics", {"running", "paused"})
+    model = decode_layers((await http.get("/api/training/metrics/versions/0/model")).content, max_bytes=1 << 20)
+    headers = {"Content-Type": "application/octet-stream", "X-Client-Id": "eval-bot", "X-Training-Id": "metrics"}
+    bad = [("X-Accuracy", "1.5"), ("X-Accuracy", "nan"), ("X-Loss", "-0.1"), ("X-Loss", "inf"),
+           ("X-Loss", "low"), ("X-Num-Examples", "0"), ("X-Num-Examples", "2.5")]
+
+    for header, value in bad:
+        refused = await http.post("/sync_model", content=encode_layers(model), headers={**headers, header: value})
+        assert refused.status_code == 422, (header, value)
+        assert refused.json()["detail"].startswith(f"header {header} is '{value}'")
+    assert await notices(redis) == []
+    response = await http.post("/sync_model", content=encode_layers(model), headers={
+        **headers, "X-Num-Examples": "30", "X-Accuracy": "0.75", "X-Loss": "0.5"})
+
+    assert response.status_code == 200, response.text
+    [notice] = await notices(redis)
+    assert notice.num_examples == 30 and notice.evaluation is not None
+    assert (notice.evaluation.accuracy, notice.evaluation.loss) == (0.75, 0.5)
+    counts = {k.decode(): int(v) for k, v in (await redis.hgetall(KEYS.rejections)).items()}
+    assert counts.get("sync:invalid_header") == len(bad)
+
+
+async def test_an_oversized_body_is_refused_before_it_is_read(redis: aioredis.Redis, system, settings, http) -> None:
+    await system.start()
+    await start_training(redis, "big", digits_config(rounds=50))
+    await wait_for_status(redis, "big", {"running", "paused"})
+    sent: list[int] = []
+
+    async def body(total: int):  # type: ignore[no-untyped-def]
+        chunk = b"\0" * 65536
+        for _ in range(total // len(chunk)):
+            sent.append(len(chunk))
+            yield chunk
+
+    headers = {"Content-Type": "application/octet-stream", "X-Client-Id": "big-bot", "X-Training-Id": "big"}
+    limit = settings.max_blob_bytes
+    declared = await http.post("/sync_model", content=body(8 * limit),
+                               headers={**headers, "Content-Length": str(8 * limit)})
+    assert declared.status_code == 413 and sent == []
+    streamed = await http.post("/sync_model", content=body(8 * limit), headers=headers)  # chunked, no length
+
+    assert streamed.status_code == 413
+    assert limit < sum(sent) <= limit + 65536
+    assert await notices(redis) == []
+    assert not await redis.hexists(KEYS.agents, "http-big-bot")
+    counts = {k.decode(): int(v) for k, v in (await redis.hgetall(KEYS.rejections)).items()}
+    assert counts.get("sync:too_large") == 2

@@ -9,14 +9,18 @@ version within the training's ``max_staleness`` of the current one, and the aggr
 it onto the current model). The answer is the current global model, as JSON or as safetensors. A key feeds only its organisation's trainings.
 
 Two forms: JSON ``{client_id, training_id?, base_version?, weights: {layer: nested lists},
-metrics: {num_examples, accuracy?, loss?}}``, or a safetensors body with the fields as
-``X-Client-Id``, ``X-Training-Id``, ``X-Base-Version`` and ``X-Num-Examples`` headers.
+metrics: {num_examples, accuracy?, loss?}}``, or a safetensors body (any layer order: it is put in
+the model's) with the fields as ``X-Client-Id``, ``X-Training-Id``, ``X-Base-Version``,
+``X-Num-Examples``, ``X-Accuracy`` and ``X-Loss`` headers. A body over ``max_blob_bytes`` is
+refused (413) from its ``Content-Length``, else as soon as that much has arrived: it is never
+held whole.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 from typing import Annotated, Any
 
@@ -41,6 +45,7 @@ from federated_learning.protocol.messages import (
 )
 from federated_learning.protocol.tensors import (
     InvalidTensor,
+    LayerSpec,
     decode_layers,
     encode_layers,
     validate_layers,
@@ -53,6 +58,11 @@ router = APIRouter(tags=["sync"])
 HTTP_AGENT_PREFIX = "http-"
 SAFETENSORS = "application/octet-stream"
 GATEWAY_TOKEN_TTL_S = 600.0
+MAX_NUM_EXAMPLES = 1_000_000_000
+
+
+class InvalidHeader(ValueError):
+    """A binary-form header that is not a number in its range; the message names the header and value."""
 
 
 def host_client_id() -> str:
@@ -66,7 +76,7 @@ ClientId = Annotated[str, Field(min_length=1, max_length=48, pattern=r"^[A-Za-z0
 
 class SyncMetrics(BaseModel):
     model_config = ConfigDict(extra="allow")
-    num_examples: int = Field(default=1, gt=0, le=1_000_000_000)
+    num_examples: int = Field(default=1, gt=0, le=MAX_NUM_EXAMPLES)
     accuracy: float | None = Field(default=None, ge=0, le=1)
     loss: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
@@ -78,6 +88,60 @@ class SyncRequest(BaseModel):
     base_version: int | None = Field(default=None, ge=0)
     weights: dict[str, list[Any] | float]
     metrics: SyncMetrics = Field(default_factory=SyncMetrics)
+
+
+def _header_number(name: str, raw: str | None, low: float, high: float, *, integer: bool = False) -> float | None:
+    """``raw`` as a finite number in [low, high]; None when the header is absent."""
+    if raw is None:
+        return None
+    if integer:
+        rule = f"an integer in [{low:.0f}, {high:.0f}]"
+    else:
+        rule = f"a finite number in [{low:g}, {high:g}]" if math.isfinite(high) else f"a finite number >= {low:g}"
+    try:
+        value = float(int(raw)) if integer else float(raw)
+    except (ValueError, OverflowError):
+        value = math.nan
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidHeader(f"header {name} is {raw[:40]!r}; must be {rule}")
+    return value
+
+
+def metrics_from_headers(num_examples: str | None, accuracy: str | None, loss: str | None) -> SyncMetrics:
+    """The binary form's ``X-Num-Examples``, ``X-Accuracy`` and ``X-Loss``, checked as the JSON form's
+    ``metrics`` are; raises :class:`InvalidHeader` naming the header and its value."""
+    examples = _header_number("X-Num-Examples", num_examples, 1, MAX_NUM_EXAMPLES, integer=True)
+    return SyncMetrics(num_examples=1 if examples is None else int(examples),
+                       accuracy=_header_number("X-Accuracy", accuracy, 0.0, 1.0),
+                       loss=_header_number("X-Loss", loss, 0.0, math.inf))
+
+
+def in_model_order(layers: NamedLayers, spec: LayerSpec) -> NamedLayers:
+    """``layers`` in the order of ``spec`` when they hold exactly its names (a standard safetensors file
+    lists its tensors alphabetically); otherwise unchanged, for :func:`validate_layers` to name the
+    missing and unexpected layers."""
+    if set(layers) != set(spec):
+        return layers
+    return {name: layers[name] for name in spec}
+
+
+async def _read_body(request: Request, ctx: Context) -> bytes:
+    """The request body, refused (413) from its ``Content-Length`` or once more than
+    ``max_blob_bytes`` has arrived, so an oversized body is never held whole."""
+    limit = ctx.settings.max_blob_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        await ctx.reject("sync", "too_large", f"Content-Length {declared} bytes")
+        raise HTTPException(413, detail=f"body of {declared} bytes exceeds max_blob_bytes ({limit})")
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            await ctx.reject("sync", "too_large", f"body over {limit} bytes")
+            raise HTTPException(413, detail=f"body exceeds max_blob_bytes ({limit})")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def gateway_identity(ctx: Any) -> AgentKeyPair:
@@ -178,18 +242,23 @@ async def sync_model(request: Request, ctx: Context, trainings: Trainings, princ
                      x_client_id: Annotated[str | None, Header()] = None,
                      x_training_id: Annotated[str | None, Header()] = None,
                      x_base_version: Annotated[int | None, Header()] = None,
-                     x_num_examples: Annotated[int | None, Header()] = None) -> Response:
+                     x_num_examples: Annotated[str | None, Header()] = None,
+                     x_accuracy: Annotated[str | None, Header()] = None,
+                     x_loss: Annotated[str | None, Header()] = None) -> Response:
     """Take a client's local model into the current round; answer with the current global model."""
     binary = request.headers.get("content-type", "").startswith(SAFETENSORS)
-    body = await request.body()
-    if len(body) > ctx.settings.max_blob_bytes:
-        await ctx.reject("sync", "too_large", f"body of {len(body)} bytes")
-        raise HTTPException(413, detail="body exceeds max_blob_bytes")
+    metrics: SyncMetrics | None = None
+    if binary:
+        try:
+            metrics = metrics_from_headers(x_num_examples, x_accuracy, x_loss)
+        except InvalidHeader as exc:
+            await ctx.reject("sync", "invalid_header", str(exc))
+            raise HTTPException(422, detail=str(exc)) from exc
+    body = await _read_body(request, ctx)
     try:
-        if binary:
+        if metrics is not None:
             sync = SyncRequest(client_id=x_client_id or host_client_id(), training_id=x_training_id,
-                               base_version=x_base_version, weights={},
-                               metrics=SyncMetrics(num_examples=x_num_examples or 1))
+                               base_version=x_base_version, weights={}, metrics=metrics)
         else:
             sync = SyncRequest.model_validate_json(body)
     except ValueError as exc:
@@ -197,8 +266,8 @@ async def sync_model(request: Request, ctx: Context, trainings: Trainings, princ
         raise HTTPException(422, detail=str(exc)[:500]) from exc
     state = await _training(ctx, trainings, principal, sync.training_id)
     try:
-        layers = (decode_layers(body, max_bytes=ctx.settings.max_blob_bytes) if binary
-                  else await asyncio.to_thread(_layers_from_json, sync.weights, state))
+        layers = (in_model_order(decode_layers(body, max_bytes=ctx.settings.max_blob_bytes), state.layer_spec)
+                  if binary else await asyncio.to_thread(_layers_from_json, sync.weights, state))
         agent_id = await _submit(ctx, state, sync.client_id, layers, sync.base_version, sync.metrics)
     except InvalidTensor as exc:
         await ctx.reject("sync", exc.reason, exc.detail, training_id=state.training_id)

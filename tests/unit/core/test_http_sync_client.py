@@ -1,4 +1,5 @@
 import datetime as dt
+import json
 from pathlib import Path
 
 import httpx
@@ -78,3 +79,25 @@ def test_the_next_sync_names_the_version_the_local_model_was_trained_from(tmp_pa
     assert "X-Base-Version" not in seen[0].headers  # nothing merged yet
     assert seen[1].headers["X-Base-Version"] == "7"
     assert "X-Base-Version" not in seen[2].headers  # the merged model is another training's
+
+
+def test_metrics_beside_the_local_model_are_sent_as_headers(tmp_path: Path) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=MERGED, headers={"X-Model-SHA256": digest_of(MERGED)})
+
+    s = settings(tmp_path, FED_NUM_EXAMPLES="5")
+    metrics = tmp_path / "local.safetensors.metrics.json"
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        sync_once(s, client)
+        metrics.write_text(json.dumps({"accuracy": 0.75, "loss": 0.5, "num_examples": 40}))
+        sync_once(s, client)
+        metrics.write_text(json.dumps({"accuracy": 1.5, "loss": float("nan"), "num_examples": 0}))
+        sync_once(s, client)
+    assert "X-Accuracy" not in seen[0].headers and seen[0].headers["X-Num-Examples"] == "5"
+    assert (seen[1].headers["X-Accuracy"], seen[1].headers["X-Loss"], seen[1].headers["X-Num-Examples"]) == \
+        ("0.75", "0.5", "40")
+    assert "X-Accuracy" not in seen[2].headers and "X-Loss" not in seen[2].headers  # out of range: left out
+    assert seen[2].headers["X-Num-Examples"] == "5"
