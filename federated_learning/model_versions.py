@@ -186,7 +186,9 @@ class ModelVersionManager:
     async def lineage(self, training_id: str, version: int) -> list[VersionRecord]:
         """``version`` and its ancestors by parent link, newest first, ending at a version without parent.
 
-        After a rollback the chain skips the versions that were rolled back over.
+        After a rollback the chain skips the versions that were rolled back over. Each record's
+        ``metrics`` holds the version's federated accuracy and loss when it has been evaluated
+        (a version is evaluated by the round after it, or by the final evaluation), else None.
         """
         records = {r.version: r for r in await self.index.history(training_id)}
         if version not in records:
@@ -196,7 +198,11 @@ class ModelVersionManager:
             if parent >= chain[-1].version:  # parents are always older; anything else would loop
                 raise ValueError(f"version lineage of '{training_id}' does not descend at version {parent}")
             chain.append(records[parent])
-        return chain
+        try:
+            metrics = await self._version_metrics(training_id)
+        except UnknownTraining:
+            metrics = {}
+        return [r.model_copy(update={"metrics": metrics.get(r.version) or None}) for r in chain]
 
     async def _committed_round(self, release: ModelReleased) -> VersionRecord | None:
         existing = await self.index.version_of_round(release.training_id, release.round)

@@ -28,13 +28,14 @@ score is 0.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from federated_learning.monitoring.alerts import Condition
+from federated_learning.monitoring.metrics import MetricType, TrainingMetric
 from federated_learning.protocol.messages import Severity
 from federated_learning.types import AgentId, RoundNumber
 from federated_learning.versioning.compare import cosine_from_moments
@@ -45,6 +46,15 @@ MEAN_AD_TO_SIGMA = 1.2533
 UPDATE_Z_THRESHOLD = 3.5
 JUMP_Z_THRESHOLD = 3.0
 JUMP_WINDOW = 5
+JUMP_HISTORY = 30
+"""Most recent rounds of a metric the monitor's trend check looks at."""
+JUMP_MIN_RESIDUALS = 5
+"""Fewer residuals than this (rounds beyond the first window) say nothing about a trend."""
+JUMP_MIN_RELATIVE_SCALE = 0.02
+"""Residuals within this fraction of the series' median magnitude carry no signal: on a plateau
+of equal values the scale is 0 and any wiggle would otherwise be a jump."""
+JUMP_METRICS = (MetricType.ACCURACY, MetricType.LOSS)
+"""The metric types the monitor checks for jumps when a round completes."""
 COSINE_MIN_SCALE = 0.25
 """Cosines closer than this to the median carry no signal. Honest agents with label-skewed
 (non-IID) data point well away from the median update (cosines down to about -0.3 were
@@ -221,22 +231,66 @@ def trend_residuals(series: Sequence[float], window: int) -> NDArray[np.float64]
 
 
 def metric_jumps(series: list[float], window: int = JUMP_WINDOW,
-                 z_threshold: float = JUMP_Z_THRESHOLD) -> list[int]:
+                 z_threshold: float = JUMP_Z_THRESHOLD, min_scale: float = 0.0) -> list[int]:
     """Indices i whose value jumps against its recent trend.
 
     The residual r_i = x_i - median of the ``window`` previous values removes the level and a
-    steady trend; index i is a jump when the robust z-score of r_i among all residuals
-    exceeds ``z_threshold`` in absolute value. The first ``window`` values have no full
-    window and are never reported.
+    steady trend; index i is a jump when the robust z-score of r_i among all residuals, with
+    the residuals' scale at least ``min_scale``, exceeds ``z_threshold`` in absolute value. The
+    first ``window`` values have no full window and are never reported.
     """
     if window < 1:
         raise ValueError(f"window must be >= 1; got {window}")
     if z_threshold <= 0:
         raise ValueError(f"z_threshold must be > 0; got {z_threshold}")
+    if min_scale < 0:
+        raise ValueError(f"min_scale must be >= 0; got {min_scale}")
     if not all(math.isfinite(v) for v in series):
         raise ValueError("metric series must be finite; got NaN or Inf")
-    scores = robust_z_scores(trend_residuals(series, window))
+    scores = robust_z_scores(trend_residuals(series, window), min_scale)
     return [window + int(j) for j in np.flatnonzero(np.abs(scores) > z_threshold)]
+
+
+def metric_jump_conditions(training_id: str, metric: str, points: Iterable[tuple[RoundNumber, float]],
+                           round_number: RoundNumber, window: int = JUMP_WINDOW,
+                           z_threshold: float = JUMP_Z_THRESHOLD) -> list[Condition]:
+    """A ``metric_jump`` warning when ``metric``'s value in ``round_number`` jumps against its trend.
+
+    ``points`` are (round, value) pairs; the latest value of a round wins and the last
+    ``JUMP_HISTORY`` rounds are judged by :func:`metric_jumps`, with a scale floor of
+    ``JUMP_MIN_RELATIVE_SCALE`` times their median magnitude. Nothing is reported with fewer
+    than ``window + JUMP_MIN_RESIDUALS`` rounds, or when ``round_number`` is not among them.
+    The key is per training and metric, so a jump is one alert until acknowledged.
+    """
+    by_round = dict(points)
+    rounds = sorted(by_round)[-JUMP_HISTORY:]
+    if len(rounds) < window + JUMP_MIN_RESIDUALS or round_number not in rounds:
+        return []
+    values = [by_round[r] for r in rounds]
+    floor = JUMP_MIN_RELATIVE_SCALE * float(np.median(np.abs(values)))
+    at = rounds.index(round_number)
+    if at not in metric_jumps(values, window, z_threshold, floor):
+        return []
+    trend = float(np.median(values[at - window:at]))
+    return [Condition(
+        key=f"metric_jump:{training_id}:{metric}", rule="metric_jump", severity=Severity.WARNING,
+        training_id=training_id,
+        message=f"training {training_id}: {metric} {values[at]:.4g} in round {round_number} jumped "
+                f"against its recent trend (median {trend:.4g} over the previous {window} rounds)",
+        action=f"look at round {round_number}'s participants and anomaly flags (one bad update can move "
+               "the model at once); compare the round's version with its parent on the dashboard, "
+               "and roll back if the next rounds do not recover",
+    )]
+
+
+def series_jump_conditions(training_id: str, series: Iterable[TrainingMetric], round_number: RoundNumber,
+                           metrics: Sequence[MetricType] = JUMP_METRICS) -> list[Condition]:
+    """:func:`metric_jump_conditions` for each of ``metrics`` in a training's recorded series."""
+    recorded = list(series)
+    return [condition for metric in metrics
+            for condition in metric_jump_conditions(
+                training_id, metric.value,
+                [(m.round_number, m.value) for m in recorded if m.metric_type is metric], round_number)]
 
 
 def _describe(flag: UpdateFlag, round_number: RoundNumber) -> str:

@@ -470,6 +470,9 @@ class VersionRecord(BaseModel):
     created_at: float
     pruned_at: float | None = None
     """When the retention policy deleted the checkpoint (the record and lineage stay)."""
+    metrics: dict[str, float] | None = None
+    """The version's federated evaluation (``accuracy``, ``loss``), joined from the training's
+    round metrics when the lineage is read; never stored (it is known only a round later)."""
 
 
 class VersionCommitted(Message):

@@ -1,5 +1,9 @@
 """Monitor: records round metrics and dropouts from the event stream; raises and resolves alerts.
 
+One-off alerts come from events: suspicious updates, rollbacks, the privacy budget (a release
+at 80% or 100% of it, or a refused release), and a round whose accuracy or loss jumps against
+the training's recent trend.
+
 Continuous alerts come from the rules in :mod:`federated_learning.monitoring.alerts` and
 :mod:`federated_learning.monitoring.rules`, applied every ``CHECK_EVERY_S`` to the services'
 health records (liveness, CPU, memory), Redis memory, the service streams' pending counts, and
@@ -30,8 +34,13 @@ from federated_learning.monitoring.alerts import (
     services_down,
     stalled_rounds,
 )
-from federated_learning.monitoring.anomaly import UpdateFlag, anomaly_conditions
-from federated_learning.monitoring.metrics import metrics_from_round
+from federated_learning.monitoring.anomaly import (
+    JUMP_HISTORY,
+    UpdateFlag,
+    anomaly_conditions,
+    series_jump_conditions,
+)
+from federated_learning.monitoring.metrics import MetricType, TrainingMetric, metrics_from_round
 from federated_learning.monitoring.rules import (
     accuracy_drop,
     agent_failure_rate,
@@ -40,6 +49,7 @@ from federated_learning.monitoring.rules import (
     process_resources,
     process_usages,
     redis_memory,
+    release_refused,
     version_accuracies,
 )
 from federated_learning.privacy.levels import PrivacyLevel, privacy_targets
@@ -121,6 +131,10 @@ class Monitor:
                     pipe.ltrim(key, -METRIC_SERIES_MAXLEN, -1)
 
                 await self._apply_once(entry_id, add_series)
+                jumps = series_jump_conditions(event.training_id, await self._recent_series(event.training_id),
+                                               event.round)
+                if jumps:
+                    await self.raise_once(jumps)
             accuracy = event.data.get("eval_accuracy")
             if isinstance(accuracy, float):
                 ACCURACY.labels(event.training_id).set(accuracy)
@@ -144,6 +158,8 @@ class Monitor:
             target = privacy_targets(PrivacyLevel(str(event.data["level"]))).epsilon
             await self.raise_once(privacy_budget(event.training_id, float(event.data.get("epsilon_spent", 0.0)),
                                                  target))
+        elif event.kind == "release_refused" and event.training_id:
+            await self.raise_once(release_refused(event.training_id, event.message))
         elif event.kind == "agent_dropped" and event.agent_id:
             DROPOUTS.inc()
             agent_id = event.agent_id
@@ -152,6 +168,12 @@ class Monitor:
                 pipe.hincrby(self.ctx.keys.agent_dropouts, agent_id, 1)
 
             await self._apply_once(entry_id, count_dropout)
+
+    async def _recent_series(self, training_id: str) -> list[TrainingMetric]:
+        """The last ``JUMP_HISTORY`` rounds' worth of the training's recorded metrics, oldest first."""
+        raw = await self.ctx.redis.lrange(self.ctx.keys.metric_series(training_id),
+                                          -JUMP_HISTORY * len(MetricType), -1)
+        return [TrainingMetric.model_validate_json(entry) for entry in raw]
 
     async def raise_once(self, conditions: list[Condition]) -> None:
         """Open alerts for one-off conditions (they stay open until acknowledged)."""

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,8 +38,9 @@ HEALTH_TTL_S = 10
 HEALTH_REFRESH_S = 2.0
 EVENT_STREAM_MAXLEN = 100_000
 
-_CPU_COUNT = psutil.cpu_count() or 1
-"""psutil reports a process's CPU as percent of one core; health records divide by this."""
+CPU_WINDOW_S = 30.0
+"""Health records report a process's CPU averaged over this many seconds, so a brief burst
+(one large message) does not read as a process stuck at full load."""
 
 REJECTED = Counter(
     "fl_rejected_inputs_total", "Inputs rejected by validation", ["service", "source", "reason"]
@@ -59,6 +61,30 @@ def start_metrics_server(port: int) -> int:
 
 
 @dataclass
+class CpuWindow:
+    """A process's CPU use over the last ``window_s`` seconds, in percent of one core.
+
+    Fed (wall seconds, CPU seconds) samples, e.g. ``time.monotonic()`` and user + system time:
+    100 * (cpu_now - cpu_then) / (now - then), where ``then`` is the newest sample at least
+    ``window_s`` old (the oldest kept while there is none). Above 100 when the process keeps
+    several cores busy; a single-threaded process saturates at 100.
+    """
+
+    window_s: float = CPU_WINDOW_S
+    samples: deque[tuple[float, float]] = field(default_factory=deque)
+
+    def add(self, at_s: float, cpu_s: float) -> float:
+        """Record a sample; return the percent of one core since the window's start (0.0 at first)."""
+        self.samples.append((at_s, cpu_s))
+        while len(self.samples) > 2 and at_s - self.samples[1][0] >= self.window_s:
+            self.samples.popleft()
+        start_s, start_cpu_s = self.samples[0]
+        if at_s <= start_s:
+            return 0.0
+        return max(0.0, 100.0 * (cpu_s - start_cpu_s) / (at_s - start_s))
+
+
+@dataclass
 class ServiceContext:
     """The connections and names a service is built from."""
 
@@ -71,12 +97,13 @@ class ServiceContext:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     metrics_port: int = 0
     process: psutil.Process = field(init=False, repr=False)
+    cpu_window: CpuWindow = field(default_factory=CpuWindow, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.keys = Keys(self.settings.redis_key_prefix)
         self.blobs = BlobStore(self.redis, self.keys, max_bytes=self.settings.max_blob_bytes)
         self.process = psutil.Process()
-        self.process.cpu_percent(None)  # the first call only starts the measurement
+        self.cpu_window.add(time.monotonic(), self._cpu_seconds())
 
     @property
     def dead_letter_stream(self) -> str:
@@ -114,12 +141,15 @@ class ServiceContext:
         await self.redis.set(self.keys.service_health(self.service, self.instance),
                              json.dumps(record), ex=HEALTH_TTL_S)
 
+    def _cpu_seconds(self) -> float:
+        times = self.process.cpu_times()
+        return float(times.user + times.system)
+
     def resource_usage(self) -> dict[str, float | int]:
-        """This process's CPU since the previous call (percent of the whole machine, 0-100),
-        its resident memory in bytes, and that memory as percent of physical RAM."""
+        """This process's CPU in percent of one core over the last ``CPU_WINDOW_S`` (see
+        :class:`CpuWindow`), its resident memory in bytes, and that memory as percent of RAM."""
         with self.process.oneshot():
-            # Over very short intervals the sampled share can overshoot; it is a share of the machine.
-            cpu = min(100.0, float(self.process.cpu_percent(None)) / _CPU_COUNT)
+            cpu = self.cpu_window.add(time.monotonic(), self._cpu_seconds())
             rss = int(self.process.memory_info().rss)
             memory = float(self.process.memory_percent("rss"))
         return {"cpu_percent": round(cpu, 1), "rss_bytes": rss, "memory_percent": round(memory, 2)}

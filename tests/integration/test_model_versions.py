@@ -177,6 +177,26 @@ async def test_lineage_follows_parents_past_a_rollback(api: ModelVersionManager)
         await api.lineage("t1", 4)
 
 
+async def test_lineage_carries_each_evaluated_versions_accuracy_and_loss(
+        api: ModelVersionManager, redis: aioredis.Redis, settings: Settings) -> None:
+    await add_training(redis)
+    for number, parent in enumerate([None, 0, 1]):
+        data = model_bytes(float(number), 0.0)
+        await api.create_model_version("t1", release(number, data, parent), data)
+    await redis.rpush(KEYS.training_metrics("t1"), metrics_row(1, 1, 0, 0.5, 1.0), metrics_row(2, 2, 1, 0.75, 0.5))
+    app = create_app(ServiceContext(redis=redis, settings=settings, service="dashboard", instance="0"))
+
+    lineage = await api.lineage("t1", 2)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                                 headers={"X-API-Key": TEST_API_KEY}) as http:
+        served = (await http.get("/api/training/t1/versions/2/lineage")).json()
+
+    assert [(r.version, r.metrics) for r in lineage] == [
+        (2, None), (1, {"accuracy": 0.75, "loss": 0.5}), (0, {"accuracy": 0.5, "loss": 1.0})]
+    assert [r["metrics"] for r in served] == [r.metrics for r in lineage]
+    assert all(r.metrics is None for r in await api.history("t1"))
+
+
 async def test_rollback_to_version_takes_the_operator_path_and_the_training_continues_from_it(
         api: ModelVersionManager, redis: aioredis.Redis, system: System, make_agents: MakeAgents) -> None:
     await system.start()

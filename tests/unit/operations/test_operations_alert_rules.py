@@ -9,6 +9,7 @@ from federated_learning.monitoring.rules import (
     process_resources,
     process_usages,
     redis_memory,
+    release_refused,
     version_accuracies,
 )
 from federated_learning.protocol.messages import RoundMetrics, Severity
@@ -53,6 +54,21 @@ def test_privacy_budget_is_critical_at_one_hundred_percent() -> None:
     assert "100%" in critical.message
 
 
+def test_privacy_budget_is_exhausted_within_the_tolerance_of_the_target() -> None:
+    [critical] = privacy_budget("t", 2.99998, 3.0)
+    assert critical.key == "privacy_budget_exhausted:t" and "100%" in critical.message
+    assert privacy_budget("t", 2.997, 3.0)[0].key == "privacy_budget_exhausted:t"
+    assert privacy_budget("t", 2.996, 3.0)[0].key == "privacy_budget_warning:t"
+    assert privacy_budget("t", 2.99998, 3.0, tolerance=0.0)[0].key == "privacy_budget_warning:t"
+
+
+def test_a_refused_release_is_the_exhausted_alert() -> None:
+    [critical] = release_refused("t", "privacy budget exhausted: epsilon spent 2.99998 of 3.0")
+    assert (critical.key, critical.severity) == ("privacy_budget_exhausted:t", "critical")
+    assert "release refused" in critical.message and "2.99998 of 3.0" in critical.message
+    assert critical.action == privacy_budget("t", 3.0, 3.0)[0].action
+
+
 def test_redis_memory_fires_at_the_fraction_and_not_below() -> None:
     assert [c.key for c in redis_memory(90 * MIB, 100 * MIB, fraction=0.9)] == ["redis_memory"]
     assert redis_memory(90 * MIB - 1, 100 * MIB, fraction=0.9) == []
@@ -73,6 +89,14 @@ def test_process_exhaustion_fires_at_the_limits_and_not_below() -> None:
     assert [(c.key, c.severity) for c in fired] == [
         ("cpu_exhaustion:aggregator", "warning"), ("memory_exhaustion:coordinator", "critical")]
     assert all(c.message and c.action for c in fired)
+
+
+def test_cpu_is_judged_per_core_so_one_saturated_core_alerts() -> None:
+    usages = [ProcessUsage("coordinator", 100.0, 1.0), ProcessUsage("aggregator", 400.0, 1.0),
+              ProcessUsage("monitor", 50.0, 1.0)]
+    fired = process_resources(usages)
+    assert [c.key for c in fired] == ["cpu_exhaustion:aggregator", "cpu_exhaustion:coordinator"]
+    assert "coordinator uses 100% of a CPU core (limit 95%)" in fired[1].message
 
 
 def _evaluation(eval_of_version: int | None, accuracy: float | None) -> RoundMetrics:

@@ -9,6 +9,7 @@ from federated_learning.monitoring.anomaly import (
     REASON_NORM,
     anomaly_conditions,
     flag_suspicious_updates,
+    metric_jump_conditions,
     metric_jumps,
     robust_z_scores,
     score_updates,
@@ -91,6 +92,31 @@ def test_metric_jump_against_the_trend_is_detected() -> None:
 def test_steady_trend_has_no_jumps() -> None:
     assert metric_jumps([0.5 + 0.25 * (i % 2) for i in range(12)]) == []
     assert metric_jumps([1.0] * 12) == []
+
+
+def test_scale_floor_keeps_a_wiggle_on_a_plateau_from_being_a_jump() -> None:
+    series = [0.9] * 11 + [0.901]
+    assert metric_jumps(series) == [11]
+    assert metric_jumps(series, min_scale=0.009) == []
+
+
+def test_jump_condition_names_the_metric_round_and_trend() -> None:
+    points = [(r, 0.5 + 0.02 * r) for r in range(1, 13)]
+    points[10] = (11, 0.1)
+
+    [condition] = metric_jump_conditions("t", "accuracy", points, round_number=11)
+
+    assert (condition.key, condition.rule, condition.severity) == ("metric_jump:t:accuracy", "metric_jump", "warning")
+    assert "accuracy 0.1 in round 11" in condition.message and "median 0.66" in condition.message
+    assert "round 11's participants" in condition.action
+    assert metric_jump_conditions("t", "accuracy", points, round_number=12) == []
+
+
+def test_jump_condition_needs_enough_rounds_and_a_smooth_series_has_none() -> None:
+    smooth = [(r, 1.0 - 0.9 * 0.8**r) for r in range(1, 31)]
+    assert all(metric_jump_conditions("t", "loss", smooth[:n], n) == [] for n in range(1, 31))
+    short = [(r, 0.5) for r in range(1, 9)] + [(9, 0.0)]
+    assert metric_jump_conditions("t", "accuracy", short, 9) == []
 
 
 def test_short_series_has_no_jumps() -> None:

@@ -1,0 +1,32 @@
+import pytest
+
+from federated_learning.monitoring.metrics import MetricType, metrics_from_round
+from federated_learning.services.runtime import CpuWindow
+
+
+def test_cpu_is_percent_of_one_core_and_a_busy_single_thread_reads_100() -> None:
+    window = CpuWindow(window_s=10.0)
+    assert window.add(0.0, 0.0) == 0.0
+    assert window.add(2.0, 2.0) == pytest.approx(100.0)
+    assert window.add(4.0, 3.0) == pytest.approx(75.0)
+
+
+def test_several_busy_cores_read_above_100() -> None:
+    window = CpuWindow(window_s=10.0)
+    window.add(0.0, 0.0)
+    assert window.add(2.0, 8.0) == pytest.approx(400.0)
+
+
+def test_cpu_is_averaged_over_the_window_only() -> None:
+    window = CpuWindow(window_s=4.0)
+    for at in range(0, 12, 2):  # busy on one core for 10 s
+        window.add(float(at), float(at))
+    assert window.add(12.0, 10.0) == pytest.approx(50.0)  # idle since 10 s: [8, 12] holds 2 of 4 s
+    assert window.add(14.0, 10.0) == pytest.approx(0.0)
+    assert [at for at, _cpu in window.samples] == [10.0, 12.0, 14.0]
+
+
+def test_round_metrics_record_bytes_received() -> None:
+    metrics = metrics_from_round({"eval_accuracy": 0.5, "upload_bytes": 4096, "update_norm_mean": None}, "t", 3)
+    assert {(m.metric_type, m.value, m.round_number) for m in metrics} == {
+        (MetricType.ACCURACY, 0.5, 3), (MetricType.BYTES_RECEIVED, 4096.0, 3)}
