@@ -18,9 +18,11 @@ float64 for small sigma and large alpha.
 RDP composes additively over steps and events. (epsilon, delta) comes from the improved
 conversion of Balle et al., "Hypothesis Testing Interpretations and Renyi Differential
 Privacy", 2020, arXiv:2004.00010, Prop. 12 (also Canonne, Kamath and Steinke 2020,
-arXiv:2004.00010 / arXiv:2001.05990 Eq. 20):
+arXiv:2001.05990, Eq. 20):
     epsilon = min_alpha  RDP(alpha) + log1p(-1/alpha) - log(delta * alpha) / (alpha - 1),
-the same rule as dp-accounting's `RdpAccountant`.
+the same rule as dp-accounting's `RdpAccountant`. The bound holds at every order alpha > 1
+on its own, so the minimum over any grid is valid; `DEFAULT_ORDERS` is a superset of
+dp-accounting's default grid and can only give a smaller (tighter) epsilon than it.
 
 Laplace releases (pure epsilon-DP each) are accounted two ways and the smaller epsilon
 is reported, both being valid upper bounds: pure composition (epsilons add, on top of the
@@ -191,8 +193,6 @@ def _rdp_sampled_gaussian_cached(
     sample_rate: float, noise_multiplier: float, orders: tuple[float, ...]
 ) -> FloatVector:
     alphas = np.asarray(orders, dtype=np.float64)
-    if sample_rate == 0.0:
-        return np.zeros_like(alphas)
     if noise_multiplier == 0.0:
         return np.full_like(alphas, np.inf)
     if sample_rate == 1.0:
@@ -221,8 +221,10 @@ def _check_orders(orders: Sequence[float]) -> tuple[float, ...]:
 
 
 def _check_sample_rate(sample_rate: float) -> None:
-    if not 0.0 <= sample_rate <= 1.0:
-        raise ValueError(f"sampling rate must be in [0, 1]; got {sample_rate}")
+    # q = 0 would make every release free (RDP 0); no release happens with q = 0, so a 0
+    # here is a caller's error (e.g. a rate rounded down) and must not zero the bill.
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sampling rate must be in (0, 1]; got {sample_rate}")
 
 
 def _check_noise_multiplier(noise_multiplier: float) -> None:
@@ -251,7 +253,7 @@ def rdp_sampled_gaussian(
     """RDP of one step of the Poisson-sampled Gaussian mechanism at each order (MTZ 2019).
 
     Args:
-        sample_rate: probability q in [0, 1] that a record (agent) takes part in the step.
+        sample_rate: probability q in (0, 1] that a record (agent) takes part in the step.
         noise_multiplier: sigma = noise std / L2 sensitivity, >= 0 (0 gives +inf).
         orders: Renyi orders alpha > 1.
 
@@ -588,9 +590,10 @@ def compute_noise_multiplier(
 
     Bisection on sigma (epsilon decreases in sigma): the bracket's upper end always meets
     the target and is returned once the bracket is narrower than
-    NOISE_SEARCH_RELATIVE_TOLERANCE of it. Returns 0.0 for sample_rate 0 (nothing released).
+    NOISE_SEARCH_RELATIVE_TOLERANCE of it.
 
     Raises:
+        ValueError: an argument out of range, e.g. sample_rate outside (0, 1].
         CalibrationFailed: no sigma below 2**MAX_BRACKET_DOUBLINGS meets the target.
     """
     _check_epsilon(target_epsilon, "target epsilon")
@@ -598,8 +601,6 @@ def compute_noise_multiplier(
     _check_sample_rate(sample_rate)
     _check_steps(steps)
     orders = _check_orders(orders)
-    if sample_rate == 0.0:
-        return 0.0
 
     def meets(sigma: float) -> bool:
         return sampled_gaussian_epsilon(sigma, sample_rate, steps, target_delta,

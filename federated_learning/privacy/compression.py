@@ -18,8 +18,10 @@ Order with differential privacy: clip, then compress, then noise.
 3. Noise comes last, on what is released: the server decompresses, re-clips each update
    to C with `clip_l2` (a no-op for top-k of a clipped vector; needed because the residual
    and unbiased quantization can raise the L2 norm above C), sums, and adds the central
-   noise. Under local DP the agent adds its noise to the decompressed vector, so noise
-   is calibrated to C and never itself compressed away.
+   noise. This order applies to central DP only: local DP with compression is refused
+   when the training is started (`TrainingConfig` in protocol/messages.py), because the
+   agent's noise would have to be compressed with its update, and sparsifying or
+   quantizing the noise would void the guarantee it was calibrated for.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from federated_learning.bus.blobs import BlobStore
+from federated_learning.coordination.state import TrainingState
 from federated_learning.privacy.signing import AgentKeyPair
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import (
@@ -51,14 +52,32 @@ def signed_by(message: Signed, key: AgentKeyPair) -> Signed:
 
 
 async def submit(redis: aioredis.Redis, agent: str, digest: str, round_number: int = 1, *,
-                 signer: AgentKeyPair | None = None, signed: bool = True) -> None:
-    notice = UpdateSubmitted(kind=TaskKind.TRAIN, training_id="bad", round=round_number, attempt=1,
+                 signer: AgentKeyPair | None = None, signed: bool = True,
+                 training_id: str = "bad") -> dict[str, str]:
+    """XADD an update notice; returns the entry's fields, so that a test can XADD them again."""
+    notice = UpdateSubmitted(kind=TaskKind.TRAIN, training_id=training_id, round=round_number, attempt=1,
                              agent_id=agent, update_digest=digest, num_examples=10,
                              received_model_version=0)
     if signed:
         key = signer or IDENTITIES.get(agent) or AgentKeyPair.generate()
         notice = notice.model_copy(update={"signature": key.sign(notice.signed_bytes()).hex()})
-    await redis.xadd(KEYS.update_stream, encode(notice))  # type: ignore[arg-type]
+    fields = encode(notice)
+    await redis.xadd(KEYS.update_stream, fields)  # type: ignore[arg-type]
+    return fields
+
+
+async def join_fake_agents(redis: aioredis.Redis, agents: list[str]) -> None:
+    for agent in agents:
+        joined = signed_by(AgentJoined(agent_id=agent, datasets={"digits": 10},
+                                       public_key=IDENTITIES[agent].public_key_bytes.hex()), IDENTITIES[agent])
+        await redis.xadd(KEYS.agent_stream, encode(joined))  # type: ignore[arg-type]
+
+
+async def wait_until_collecting(redis: aioredis.Redis, training_id: str) -> TrainingState:
+    state = await wait_for_status(redis, training_id, {"running"})
+    while state.phase != "collecting":
+        state = await wait_for_status(redis, training_id, {"running"})
+    return state
 
 
 async def rejection_counts(redis: aioredis.Redis) -> dict[str, int]:
@@ -67,18 +86,13 @@ async def rejection_counts(redis: aioredis.Redis) -> dict[str, int]:
 
 async def test_every_bad_update_is_rejected_and_the_round_completes(redis: aioredis.Redis, system, settings) -> None:
     agents = [f"fake-{i}" for i in range(11)]
-    for agent in agents:
-        joined = signed_by(AgentJoined(agent_id=agent, datasets={"digits": 10},
-                                       public_key=IDENTITIES[agent].public_key_bytes.hex()), IDENTITIES[agent])
-        await redis.xadd(KEYS.agent_stream, encode(joined))  # type: ignore[arg-type]
+    await join_fake_agents(redis, agents)
     beats = asyncio.create_task(keep_alive(redis, agents))
     await system.start()
     try:
         await start_training(redis, "bad", digits_config(rounds=1, clients_per_round=11, min_clients=2,
                                                          round_deadline_s=3.0))
-        state = await wait_for_status(redis, "bad", {"running"})
-        while state.phase != "collecting":
-            state = await wait_for_status(redis, "bad", {"running"})
+        state = await wait_until_collecting(redis, "bad")
         assert state.selected == sorted(agents)
         blobs = BlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
         nan = np.zeros((64, 10), np.float32)
@@ -97,7 +111,8 @@ async def test_every_bad_update_is_rejected_and_the_round_completes(redis: aiore
         await redis.xadd(KEYS.update_stream, {"m": "{not json"})
         await submit(redis, "fake-8", await blobs.put(encode_layers(model())), signer=AgentKeyPair.generate())
         await submit(redis, "fake-9", await blobs.put(encode_layers(model())), signed=False)
-        await submit(redis, "fake-6", await blobs.put(encode_layers(model(bias=np.full(10, 2, np.float32)))))
+        good = await submit(redis, "fake-6", await blobs.put(encode_layers(model(bias=np.full(10, 2, np.float32)))))
+        await redis.xadd(KEYS.update_stream, good)  # type: ignore[arg-type]  # the same signed notice replayed
         await submit(redis, "fake-7", await blobs.put(encode_layers(model(bias=np.full(10, 3, np.float32)))))
 
         state = await wait_for_status(redis, "bad", {"completed", "failed"}, timeout_s=30)
@@ -107,13 +122,65 @@ async def test_every_bad_update_is_rejected_and_the_round_completes(redis: aiore
     assert state.status == "completed", "\n".join(f"{e['kind']} {e['message']}" for e in events if e["kind"] != "input_rejected")
     counts = await rejection_counts(redis)
     for reason in ("not_finite", "bad_shape", "bad_dtype", "hash_mismatch", "too_large",
-                   "unknown_agent", "stale_round", "malformed", "bad_signature", "unsigned"):
+                   "unknown_agent", "stale_round", "malformed", "bad_signature", "unsigned", "duplicate"):
         assert counts.get(f"updates:{reason}") == 1, (reason, counts)
     record = VersionRecord.model_validate_json(await redis.hget(KEYS.versions("bad"), "1"))
     assert record.contributors == ["fake-6", "fake-7"]
     events = [json.loads(fields[b"m"]) for _id, fields in await redis.xrange(KEYS.event_stream)]
     reasons = {e["data"].get("reason") for e in events if e["kind"] == "input_rejected"}
-    assert {"not_finite", "bad_shape", "hash_mismatch", "stale_round", "unknown_agent"} <= reasons
+    assert {"not_finite", "bad_shape", "hash_mismatch", "stale_round", "unknown_agent", "duplicate"} <= reasons
+    [duplicate] = [e for e in events if e["kind"] == "input_rejected" and e["data"]["reason"] == "duplicate"]
+    assert (duplicate["agent_id"], duplicate["round"]) == ("fake-6", 1)
+
+
+async def group_caught_up(redis: aioredis.Redis, stream: str, group: str, entry_id: bytes) -> None:
+    """Wait until `group` has delivered up to `entry_id` and acknowledged everything."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        [info] = [g for g in await redis.xinfo_groups(stream) if g["name"] == group.encode()]
+        if info["last-delivered-id"] == entry_id and info["pending"] == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"group {group} did not handle {entry_id!r}")
+
+
+async def test_a_redelivered_notice_is_silent_and_a_replayed_one_is_rejected(
+        redis: aioredis.Redis, system, settings) -> None:
+    agents = ["fake-0", "fake-1", "fake-2"]
+    await join_fake_agents(redis, agents)
+    beats = asyncio.create_task(keep_alive(redis, agents))
+    await system.start()
+    try:
+        await start_training(redis, "replay", digits_config(rounds=1, clients_per_round=3, min_clients=2,
+                                                            round_deadline_s=10.0))
+        await wait_until_collecting(redis, "replay")
+        blobs = BlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
+        first = await submit(redis, "fake-0", await blobs.put(encode_layers(model(bias=np.ones(10, np.float32)))),
+                             training_id="replay")
+        [(entry_id, _fields)] = await redis.xrange(KEYS.update_stream)
+        await group_caught_up(redis, KEYS.update_stream, "coordinator", entry_id)
+        assert await redis.hexists(KEYS.round_updates("replay", 1), "fake-0")
+
+        await redis.xgroup_setid(KEYS.update_stream, "coordinator", "0")  # deliver that entry again
+        await group_caught_up(redis, KEYS.update_stream, "coordinator", entry_id)
+        assert "updates:duplicate" not in await rejection_counts(redis)
+
+        replay_id = await redis.xadd(KEYS.update_stream, first)  # type: ignore[arg-type]
+        await group_caught_up(redis, KEYS.update_stream, "coordinator", replay_id)
+        assert (await rejection_counts(redis)).get("updates:duplicate") == 1
+
+        for agent, bias in (("fake-1", 2.0), ("fake-2", 3.0)):
+            await submit(redis, agent, await blobs.put(encode_layers(model(bias=np.full(10, bias, np.float32)))),
+                         training_id="replay")
+        state = await wait_for_status(redis, "replay", {"completed", "failed"}, timeout_s=30)
+    finally:
+        beats.cancel()
+
+    assert state.status == "completed", state.reason
+    record = VersionRecord.model_validate_json(await redis.hget(KEYS.versions("replay"), "1"))
+    assert record.contributors == agents
+    counts = await rejection_counts(redis)
+    assert {k: v for k, v in counts.items() if k.startswith("updates:")} == {"updates:duplicate": 1}
 
 
 async def test_malformed_entries_on_every_service_stream_are_rejected(redis: aioredis.Redis, system) -> None:
