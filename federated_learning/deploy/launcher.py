@@ -98,9 +98,23 @@ def _tls_scrape_lines(settings: Settings) -> list[str]:
     return lines
 
 
+PROMETHEUS_CONFIG_HEADER = (
+    "# Prometheus scrape configuration written by federated_learning.deploy.launcher.prometheus_config",
+    "# for metrics_port_base {base} and aggregator_workers {workers} (one target per worker).",
+    "# The launcher writes the one for its own settings to <data_dir>/run/prometheus.yml.",
+    "# With metrics_port_base 0 the ports are random: read them from GET /api/system/health",
+    "# (services.*.metrics_port) or use file_sd.",
+)
+
+
 def prometheus_config(settings: Settings) -> str:
-    """A Prometheus scrape configuration for this deployment's ports."""
-    lines = ["global:", "  scrape_interval: 15s", "scrape_configs:"]
+    """A Prometheus scrape configuration for this deployment's ports.
+
+    ``deploy/prometheus.yml`` is this function's output for the shipped ``config.json``.
+    """
+    header = [line.format(base=settings.metrics_port_base, workers=settings.aggregator_workers)
+              for line in PROMETHEUS_CONFIG_HEADER]
+    lines = [*header, "global:", "  scrape_interval: 15s", "scrape_configs:"]
     targets = scrape_targets(settings)
     dashboard = {"dashboard": targets.pop("dashboard")} if targets else {}
     jobs: list[tuple[str, dict[str, list[str]], list[str]]] = [("federated-learning", targets, [])]

@@ -117,10 +117,13 @@ async def test_page_shows_the_training_its_versions_and_agents(
     expect = playwright_api.expect
     watch = PageWatch(deployment.api_key)
     async with deployment.client() as http:
-        training_id = (await http.post("/api/training/start", json=training_body(3))).json()["training_id"]
+        training_id = (await http.post("/api/training/start", json=training_body(3, privacy_level="low"))
+                       ).json()["training_id"]
         await wait_status(http, training_id, {"completed"})
         metrics = (await http.get(f"/api/training/{training_id}/metrics")).json()
+        budget = (await http.get(f"/api/training/{training_id}/privacy")).json()
     evaluated = sum(1 for m in metrics if m["eval_accuracy"] is not None)
+    used = 100 * budget["epsilon_spent"] / budget["epsilon_target"]
 
     async with open_dashboard(deployment, watch) as page:
         await expect(page.locator("#trainings tbody")).to_contain_text(training_id)
@@ -130,7 +133,9 @@ async def test_page_shows_the_training_its_versions_and_agents(
         await expect(page.locator("#health")).to_have_text("healthy")
         await expect(page.locator("#live")).to_have_text("live")
         await expect(page.locator("#chart")).to_have_attribute("data-points", str(evaluated))
-    assert evaluated >= 3
+        await expect(page.locator("#privacy-budget")).to_contain_text(
+            f"ε {budget['epsilon_spent']:.2f} / {budget['epsilon_target']:.2f} spent, {used:.1f}% used")
+    assert evaluated >= 3 and 0 < used <= 100
 
     assert len(watch.prompts) == 1 and "API key" in watch.prompts[0]
     assert watch.errors == [] and watch.alerts == []
@@ -151,6 +156,7 @@ async def test_live_chart_grows_and_a_rollback_clicked_on_the_page_takes_effect(
             assert grown >= first + 2
             assert int(await page.locator("#chart").get_attribute("data-loss-points") or 0) >= first
             await expect(page.locator("#live")).to_have_text("live")
+            await expect(page.locator("#privacy-budget")).to_contain_text("privacy level none: no budget")
             await page.screenshot(path=str(shots / "dashboard-training.png"), full_page=True)
 
             await wait_versions(http, training_id, lambda vs: len(vs) >= ROLLBACK_TARGET + 3)

@@ -105,14 +105,20 @@ def test_slow_subscriber_drops_instead_of_blocking() -> None:
 @pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong-key-0123456789"}, {"Authorization": "Bearer nope"}])
 async def test_control_endpoints_need_the_api_key_and_change_nothing_without_it(
         http: httpx.AsyncClient, redis: aioredis.Redis, headers: dict[str, str]) -> None:
+    from federated_learning.monitoring.alerts import Alert
+
+    alert = Alert(alert_id="a1", key="k", rule="service_down", severity="critical", message="m", action="x")
+    await redis.hset(KEYS.alerts, "a1", alert.model_dump_json())
     http.headers.pop("X-API-Key")
     for method, path, body in (("POST", "/api/training/start", BODY), ("POST", "/api/training/t/stop", None),
                                ("POST", "/api/training/t/rollback", {"version": 0}),
-                               ("POST", "/api/alerts/a/acknowledge", None)):
+                               ("POST", "/api/alerts/a1/acknowledge", None)):
         response = await http.request(method, path, json=body, headers=headers)
         assert response.status_code == 401, path
     assert await redis.xlen(KEYS.control_stream) == 0
     assert int(await redis.hget(KEYS.rejections, "rest:unauthorized")) == 4
+    stored = Alert.model_validate_json(await redis.hget(KEYS.alerts, "a1"))
+    assert stored.is_open and stored.acknowledged is False
 
 
 async def test_bearer_token_is_accepted(http: httpx.AsyncClient) -> None:

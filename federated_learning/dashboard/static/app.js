@@ -67,9 +67,32 @@ async function refreshTrainings() {
     cell(row, t.current_version ?? "–");
     cell(row, fmt(t.best_accuracy));
     cell(row, fmt(t.epsilon_spent, 2));
-    row.onclick = () => { state.selected = t.training_id; state.compare = []; refreshMetrics(); refreshTrainings(); refreshVersions(); };
+    row.onclick = () => { state.selected = t.training_id; state.compare = []; refreshMetrics(); refreshTrainings(); refreshVersions(); refreshPrivacy(); };
   }
-  if (!state.selected && trainings.length) { state.selected = trainings[0].training_id; refreshMetrics(); refreshVersions(); }
+  if (!state.selected && trainings.length) { state.selected = trainings[0].training_id; refreshMetrics(); refreshVersions(); refreshPrivacy(); }
+}
+
+// The privacy budget used by the selected training: epsilon spent of its target, as a percentage.
+function privacyBudgetText(p) {
+  if (p.epsilon_target === null || p.epsilon_target === undefined) return { text: `privacy level ${p.level}: no budget`, used: null };
+  const used = p.epsilon_target > 0 ? (100 * p.epsilon_spent) / p.epsilon_target : 100;
+  return { text: `privacy budget (${p.level}): ε ${fmt(p.epsilon_spent, 2)} / ${fmt(p.epsilon_target, 2)} spent, ` +
+                 `${used.toFixed(1)}% used (δ ${p.delta})`, used };
+}
+
+async function refreshPrivacy() {
+  if (!state.selected) return;
+  const trainingId = state.selected;
+  const budget = await getJSON(`/api/training/${trainingId}/privacy`);
+  if (trainingId !== state.selected) return;
+  const { text, used } = privacyBudgetText(budget);
+  const box = document.getElementById("privacy-budget");
+  box.dataset.level = budget.level;
+  box.dataset.percentUsed = used === null ? "" : used.toFixed(1);
+  document.getElementById("privacy-text").textContent = `training ${trainingId} — ${text}`;
+  const meter = document.getElementById("privacy-meter");
+  meter.hidden = used === null;
+  meter.value = used === null ? 0 : Math.min(used, 100) / 100;
 }
 
 async function refreshMetrics() {
@@ -267,13 +290,14 @@ function connect() {
     }
     if (message.type === "agent_update") { refreshAgents(); return; }
     logEvent(message);
-    if (["round_completed", "training_completed", "training_status", "rollback"].includes(message.type)) { refreshTrainings(); refreshVersions(); }
+    if (["round_completed", "training_completed", "training_status", "rollback"].includes(message.type)) { refreshTrainings(); refreshVersions(); refreshPrivacy(); }
     if (message.type.startsWith("alert")) refreshAlerts();
   };
 }
 
 async function refreshAll() {
-  await Promise.allSettled([refreshTrainings(), refreshAgents(), refreshAlerts(), refreshHealth(), refreshVersions()]);
+  await Promise.allSettled([refreshTrainings(), refreshAgents(), refreshAlerts(), refreshHealth(), refreshVersions(),
+                            refreshPrivacy()]);
 }
 refreshAll();
 setInterval(refreshAll, 5000);

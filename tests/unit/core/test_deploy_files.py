@@ -1,32 +1,82 @@
 import json
+import os
 import re
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
+METRIC_CONSTRUCTOR = re.compile(r'\b(Counter|Gauge|Histogram|Summary)\(\s*"(fl_[a-z_]+)"')
+SERIES_SUFFIXES = {"Counter": ("_total",), "Gauge": ("",), "Histogram": ("_bucket", "_count", "_sum"),
+                   "Summary": ("", "_count", "_sum")}
+REGENERATE = ("regenerate it with: .venv/bin/python -c 'from federated_learning.config import load_settings; "
+              "from federated_learning.deploy.launcher import prometheus_config; "
+              "print(prometheus_config(load_settings()), end=\"\")' > deploy/prometheus.yml")
 
 
-def test_grafana_panels_query_metrics_the_services_export() -> None:
-    dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
-    queried = {name.removesuffix("_bucket") for panel in dashboard["panels"] for target in panel["targets"]
-               for name in re.findall(r"\bfl_[a-z_]+", target["expr"])}
+def exported_series() -> set[str]:
+    """Every series name the services' prometheus_client metrics expose (a Counter's ``_total``,
+    a Histogram's ``_bucket``/``_count``/``_sum``)."""
     source = "\n".join(p.read_text() for p in (ROOT / "federated_learning").rglob("*.py"))
-    exported = {n.removesuffix("_total") for n in re.findall(r'"(fl_[a-z_]+)"', source)}
-    assert queried and {q.removesuffix("_total") for q in queried} <= exported
+    series = set()
+    for kind, name in METRIC_CONSTRUCTOR.findall(source):
+        base = name.removesuffix("_total") if kind == "Counter" else name
+        series |= {base + suffix for suffix in SERIES_SUFFIXES[kind]}
+    return series
 
 
-def test_shipped_prometheus_config_scrapes_the_default_ports() -> None:
+def dashboard_panels() -> list[dict[str, Any]]:
+    panels: list[dict[str, Any]] = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())["panels"]
+    return panels
+
+
+def test_every_grafana_panel_queries_series_the_services_export() -> None:
+    exported = exported_series()
+    for panel in dashboard_panels():
+        queried = {name for target in panel["targets"] for name in re.findall(r"\bfl_[a-z_]+", target["expr"])}
+        assert queried, panel["title"]
+        assert queried <= exported, f"{panel['title']}: {sorted(queried - exported)} not exported"
+
+
+def test_grafana_charts_updates_bytes_rollbacks_and_pending_messages() -> None:
+    exprs = " ".join(target["expr"] for panel in dashboard_panels() for target in panel["targets"])
+    assert "rate(fl_updates_accepted_total[" in exprs
+    assert "rate(fl_update_bytes_received_total[" in exprs
+    assert "increase(fl_rollbacks_total[" in exprs
+    assert "fl_bus_pending_messages" in exprs
+
+
+def test_grafana_panels_do_not_overlap() -> None:
+    cells: dict[tuple[int, int], str] = {}
+    for panel in dashboard_panels():
+        pos = panel["gridPos"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = panel["title"]
+
+
+def test_shipped_prometheus_config_is_the_launchers_output_for_the_shipped_config(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     from federated_learning.config import load_settings
-    from federated_learning.deploy.launcher import scrape_targets
-
-    settings = load_settings(ROOT / "config.json").model_copy(update={"aggregator_workers": 4})
-    shipped = set(re.findall(r'"(127\.0\.0\.1:\d+)"', (ROOT / "deploy" / "prometheus.yml").read_text()))
-    expected = {target for targets in scrape_targets(settings).values() for target in targets}
-    assert expected == shipped
-
-
-def test_launcher_writes_a_config_for_its_own_ports() -> None:
-    from federated_learning.config import Settings
     from federated_learning.deploy.launcher import prometheus_config
 
-    text = prometheus_config(Settings(metrics_port_base=9200, aggregator_workers=2, dashboard_port=8099))
-    assert '"127.0.0.1:9201"' in text and '"127.0.0.1:9210", "127.0.0.1:9211"' in text and ":8099" in text
+    for name in [name for name in os.environ if name.startswith("FL_")]:
+        monkeypatch.delenv(name)
+    settings = load_settings(ROOT / "config.json")
+    shipped = (ROOT / "deploy" / "prometheus.yml").read_text()
+
+    assert shipped == prometheus_config(settings), REGENERATE
+
+
+def test_a_multi_worker_config_scrapes_one_target_per_aggregator_worker() -> None:
+    from federated_learning.config import Settings
+    from federated_learning.deploy.launcher import prometheus_config, scrape_targets
+
+    settings = Settings(metrics_port_base=9200, aggregator_workers=4, dashboard_port=8099)
+    text = prometheus_config(settings)
+
+    assert scrape_targets(settings)["aggregator"] == [f"127.0.0.1:{port}" for port in (9210, 9211, 9212, 9213)]
+    assert '"127.0.0.1:9210", "127.0.0.1:9211", "127.0.0.1:9212", "127.0.0.1:9213"' in text
+    assert '"127.0.0.1:9201"' in text and ":8099" in text
