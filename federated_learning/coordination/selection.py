@@ -94,8 +94,10 @@ def policy_weights(policy: str, candidates: list[str], dataset_sizes: dict[str, 
 
     - ``importance``: proportional to the examples an agent holds of the training's dataset;
     - ``reliability``: the agent's reliability score (completion, lateness, anomaly flags);
-    - ``contribution``: the agent's share of the examples contributed so far (agents that
-      improved the model most often), floored so newcomers still get picked.
+    - ``contribution``: the agent's share of all contributions so far: per committed round,
+      its examples times max(0, cosine of its update to the round's median update), so agents
+      whose updates pulled the model where it went gain and opposing ones gain nothing
+      (``Keys.agent_contributions``); floored so newcomers still get picked.
     """
     if policy == "random":
         return None

@@ -31,8 +31,8 @@ class TrainingMetric(BaseModel):
 def metrics_from_round(data: dict[str, Any], training_id: str, round_number: int) -> list[TrainingMetric]:
     """The TrainingMetrics a ``round_completed`` event carries (its data is a dumped
     :class:`~federated_learning.protocol.messages.RoundMetrics`): bytes received are the
-    round's update uploads. There is no update norm: the aggregator's mean update norm stops
-    at the privacy manager and never reaches the round's record."""
+    round's update uploads; the update norm is the aggregator's mean update norm (absent when
+    the round's updates were not scored, e.g. secure rounds)."""
     pairs = [
         (MetricType.ACCURACY, data.get("eval_accuracy")),
         (MetricType.LOSS, data.get("eval_loss")),
@@ -40,6 +40,7 @@ def metrics_from_round(data: dict[str, Any], training_id: str, round_number: int
         (MetricType.PARTICIPATION, data.get("participants")),
         (MetricType.EPSILON_SPENT, data.get("epsilon_spent")),
         (MetricType.BYTES_RECEIVED, data.get("upload_bytes")),
+        (MetricType.UPDATE_NORM, data.get("update_norm_mean")),
     ]
     return [TrainingMetric(training_id=training_id, round_number=round_number, metric_type=kind,
                            value=float(value))

@@ -198,6 +198,13 @@ class Keys:
         return self._k("monitor", "flags")
 
     @property
+    def agent_contributions(self) -> str:
+        """Hash agent id -> sum over committed rounds of examples x max(0, cosine of its update
+        to the round's median update) (examples alone in rounds whose updates are not scored):
+        how much its updates pulled the model the way it went."""
+        return self._k("agents", "contributions")
+
+    @property
     def rejections(self) -> str:
         """Hash reason -> count of rejected inputs."""
         return self._k("rejections")

@@ -24,6 +24,7 @@ Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za
 """Ids of trainings, agents, datasets: they name files and keys, so never '.', '..' or a leading dot."""
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(allow_inf_nan=False, ge=0)]
 PublicKeyHex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 """A raw 32-byte X25519 public key, hex."""
 SessionIdHex = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
@@ -425,6 +426,10 @@ class AggregateReady(Message):
     unclipped_count: int | None = Field(
         default=None, ge=0, description="secure rounds with adaptive clipping: how many of the "
                                         "contributors' updates were within the clip norm (unmasked sum)")
+    contributions: dict[Identifier, NonNegativeFloat] = Field(
+        default_factory=dict, max_length=MAX_MEMBERS,
+        description="per contributor: examples x max(0, cosine of its update to the median update), "
+                    "or its examples when updates were not scored (secure rounds, too few updates)")
     worker: str = ""
 
 
@@ -450,6 +455,9 @@ class ModelReleased(Message):
     algorithm: str = ""
     privacy: PrivacyReport
     unclipped_count: int | None = Field(default=None, ge=0, description="as in AggregateReady")
+    update_norm_mean: NonNegativeFloat = Field(default=0.0, description="as in AggregateReady")
+    contributions: dict[Identifier, NonNegativeFloat] = Field(
+        default_factory=dict, max_length=MAX_MEMBERS, description="as in AggregateReady")
 
 
 class VersionRecord(BaseModel):
@@ -532,6 +540,8 @@ class RoundMetrics(BaseModel):
     server_loss: float | None = None
     clip_norm: float | None = None
     """The clip norm agents applied in this round (it moves under adaptive clipping)."""
+    update_norm_mean: float | None = None
+    """Mean L2 norm of the round's update deltas (None when they were not scored)."""
     round_seconds: float
     aggregation_seconds: float
     epsilon_spent: float

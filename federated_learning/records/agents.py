@@ -117,10 +117,13 @@ class AgentRegistry:
                       and (project is None or r.project == project))
 
     async def statistics(self) -> dict[str, AgentStats]:
-        """Each registered agent's record of work: asked, completed, late, dropped, flagged, examples."""
+        """Each registered agent's record of work: asked, completed, late, dropped, flagged, examples,
+        and contribution (``Keys.agent_contributions``)."""
         counters = _counts(await self._redis.hgetall(self._keys.agent_stats))
         dropouts = _counts(await self._redis.hgetall(self._keys.agent_dropouts))
         flags = _counts(await self._redis.hgetall(self._keys.agent_flags))
+        contributions = {text(k): float(v) for k, v in
+                         (await self._redis.hgetall(self._keys.agent_contributions)).items()}
         stats = {}
         for agent in await self._redis.hkeys(self._keys.agents):
             name = text(agent)
@@ -131,7 +134,7 @@ class AgentRegistry:
             stats[name] = AgentStats(
                 asked=max(counters.get(f"{name}:asked", 0), completed + dropped), completed=completed,
                 late=late, dropped=dropped, flagged=min(flags.get(name, 0), completed),
-                examples=examples, contribution=float(examples))
+                examples=examples, contribution=contributions.get(name, 0.0))
         return stats
 
     async def asked_within(self, agents: list[str], seconds: float, now: float) -> dict[str, int]:

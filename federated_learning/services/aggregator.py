@@ -117,12 +117,14 @@ class Aggregator:
         return usable
 
     async def _score_updates(self, job: AggregationJob, global_layers: list[np.ndarray],
-                             slabs: list[np.ndarray], refs: list[UpdateRef]) -> float:
-        """Robust z-scores of update norms and directions; report suspicious agents. Returns the mean norm."""
+                             slabs: list[np.ndarray], refs: list[UpdateRef]) -> tuple[float, dict[str, float]]:
+        """Robust z-scores of update norms and directions; report suspicious agents. Returns the
+        mean norm (0.0 when not scored) and each agent's contribution: examples x max(0, cosine
+        to the median update), or its examples when the updates are too few or too large to score."""
         from federated_learning.aggregation import create_strategy
 
         if len(refs) < MIN_UPDATES_FOR_SCORES or sum(s.size for s in slabs) > ANOMALY_MAX_VALUES:
-            return 0.0
+            return 0.0, {ref.agent_id: float(ref.num_examples) for ref in refs}
         median = create_strategy("median").aggregate_slabs(global_layers, slabs, [r.num_examples for r in refs])
         flags = score_slabs(global_layers, slabs, median, [r.agent_id for r in refs])
         suspicious = [asdict(flag) for flag in flags if flag.suspicious]
@@ -130,7 +132,9 @@ class Aggregator:
             await self.ctx.emit("update_anomaly", f"{len(suspicious)} of {len(flags)} updates look anomalous",
                                 severity=Severity.WARNING, training_id=job.training_id, round=job.round,
                                 flags=suspicious)
-        return float(np.mean([flag.norm for flag in flags]))
+        contributions = {ref.agent_id: ref.num_examples * max(0.0, flag.cosine)
+                         for ref, flag in zip(refs, flags, strict=True)}
+        return float(np.mean([flag.norm for flag in flags])), contributions
 
     async def _load_secure_mean(self, job: AggregationJob, spec: SecureAggregationSpec, base: NamedLayers,
                                 slabs: list[np.ndarray]) -> int | None:
@@ -209,7 +213,10 @@ class Aggregator:
         SECONDS.labels(job.algorithm).observe(seconds)
         reference = [np.zeros_like(layer) for layer in global_layers] if as_deltas else global_layers
         # A secure round has no individual updates to score: that is what it hides.
-        norm_mean = 0.0 if job.secure is not None else await self._score_updates(job, reference, slabs, refs)
+        if job.secure is None:
+            norm_mean, contributions = await self._score_updates(job, reference, slabs, refs)
+        else:  # nothing individual to score: each survivor is credited its examples
+            norm_mean, contributions = 0.0, {ref.agent_id: float(ref.num_examples) for ref in refs}
         model = dict(zip(names, (np.asarray(layer).reshape(base[name].shape)
                                  for name, layer in zip(names, new_layers, strict=True)), strict=True))
         model_digest = await self.ctx.blobs.put(encode_layers(model))
@@ -222,7 +229,7 @@ class Aggregator:
             contributors=[ref.agent_id for ref in refs],
             num_examples=sum(ref.num_examples for ref in refs),
             max_client_examples=max(ref.num_examples for ref in refs), aggregation_seconds=seconds,
-            update_norm_mean=norm_mean, unclipped_count=unclipped_count,
+            update_norm_mean=norm_mean, unclipped_count=unclipped_count, contributions=contributions,
             worker=self.consumer.consumer,
         )
 

@@ -95,7 +95,8 @@ class PrivacyManager:
             training_id=ready.training_id, round=ready.round, parent_version=ready.base_version,
             model_digest=digest, state_digest=ready.state_digest, contributors=ready.contributors,
             num_examples=ready.num_examples, algorithm=state.config.algorithm, privacy=plan.report,
-            unclipped_count=ready.unclipped_count,
+            unclipped_count=ready.unclipped_count, update_norm_mean=ready.update_norm_mean,
+            contributions=ready.contributions,
         )
         payload = release.model_dump_json()
         async with self.ctx.redis.pipeline(transaction=True) as pipe:

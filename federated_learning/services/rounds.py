@@ -79,6 +79,11 @@ OUTCOME_HISTORY = 50
 """Task outcomes kept per agent and training."""
 ASKED_AT_HORIZON_S = 3600.0
 """How long task times are kept per agent (the hourly cap looks back this far)."""
+ACCEPTED_NOTICE_MARKERS = "coordinator-updates"
+"""`Keys.applied` namespace of the markers naming the update-stream entry a notice was accepted from."""
+ACCEPTED_NOTICE_MARKER_TTL_S = 7 * 24 * 3600
+"""Lifetime of those markers. A redelivery comes at the latest when the coordinator is back up;
+one arriving after the marker expired is rejected as a duplicate (counted, nothing else changes)."""
 
 ROUNDS = Counter("fl_rounds_completed_total", "Rounds completed", ["training"])
 ROUND_RETRIES = Counter("fl_round_retries_total", "Rounds retried with a new selection")
@@ -233,7 +238,7 @@ class RoundProtocol:
             pipe.zadd(asked_at, {f"{state.training_id}/{state.round}/{state.attempt}": now})
             pipe.zremrangebyscore(asked_at, 0, now - ASKED_AT_HORIZON_S)
 
-    async def on_update(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
+    async def on_update(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
             notice = decode(UpdateSubmitted, fields)
         except MalformedMessage as exc:
@@ -272,8 +277,17 @@ class RoundProtocol:
                 return
             state.selected = sorted({*state.selected, notice.agent_id})
         updates_key = self.keys.round_updates(state.training_id, state.round)
+        marker = self.keys.applied(ACCEPTED_NOTICE_MARKERS, entry_id.decode())
         if await self.redis.hexists(updates_key, notice.agent_id):
-            return  # redelivery: (training, round, agent) is accepted once
+            # (training, round, agent) is accepted once. The entry it was accepted from comes
+            # back only as a redelivery (a crash before the ack): silent. Any other entry is a
+            # replay of the signed notice or a second upload, and is refused.
+            if not await self.redis.exists(marker):
+                await self.ctx.reject("updates", "duplicate",
+                                      f"{notice.kind.value} notice for round {notice.round} already accepted "
+                                      f"from another entry; entry {entry_id.decode()} is a replay or a "
+                                      f"second upload", **context)
+            return
         problem = await self._check_update_blob(state, notice)
         if notice.agent_id not in state.responded:
             state.responded.append(notice.agent_id)
@@ -283,6 +297,8 @@ class RoundProtocol:
         else:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(updates_key, notice.agent_id, notice.model_dump_json())
+                pipe.set(marker, f"{state.training_id}/{state.round}/{notice.agent_id}",
+                         ex=ACCEPTED_NOTICE_MARKER_TTL_S)
                 if notice.kind is TaskKind.TRAIN and notice.update_digest:
                     pipe.persist(self.keys.blob(notice.update_digest))  # kept until its round commits
                     pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:completed", 1)
@@ -474,6 +490,7 @@ class RoundProtocol:
             aggregation_seconds=0.0, epsilon_spent=state.epsilon_spent, completed_at=now,
             server_accuracy=server[0] if server else None, server_loss=server[1] if server else None,
             clip_norm=state.clip_norm,
+            update_norm_mean=release.update_norm_mean if release is not None and release.update_norm_mean > 0 else None,
         )
         self._adapt_clip_norm(state, notices, release)
         self._adopt(state, committed)
@@ -483,6 +500,8 @@ class RoundProtocol:
             state.best_accuracy = max(state.best_accuracy or 0.0, metrics.eval_accuracy)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.rpush(self.keys.training_metrics(state.training_id), metrics.model_dump_json())
+            for agent_id, contribution in (release.contributions if release is not None else {}).items():
+                pipe.hincrbyfloat(self.keys.agent_contributions, agent_id, contribution)
             self.store.stage_save(pipe, state)
             await pipe.execute()
         ROUNDS.labels(state.training_id).inc()

@@ -273,3 +273,27 @@ async def test_coordinator_records_completions_and_dropouts(redis: aioredis.Redi
     await wait_for_status(redis, "o", {"completed"})
     outcomes = {k.decode(): v.decode() for k, v in (await redis.hgetall(KEYS.agent_outcomes("o"))).items()}
     assert sorted(outcomes) == ["agent-000", "agent-001", "agent-002"] and set("".join(outcomes.values())) == {"1"}
+
+
+async def test_an_agent_pulling_against_the_others_earns_no_contribution(redis: aioredis.Redis, system,
+                                                                         make_agents) -> None:
+    """Contribution (the ``contribution`` selection policy and the leaderboard) comes from the
+    aggregator's scores: examples x max(0, cosine to the median update), summed per committed round."""
+    from agents.attacks import Attack
+    from tests.integration.conftest import digits_config, start_training, wait_for_status
+
+    await system.start()
+    agents = await make_agents(6)
+    agents[0].attack = Attack.SIGN_FLIP
+    await start_training(redis, "credit", digits_config(rounds=2, clients_per_round=6, min_clients=6))
+
+    state = await wait_for_status(redis, "credit", {"completed", "failed"})
+
+    assert state.status == "completed", state.reason
+    credit = {k.decode(): float(v) for k, v in (await redis.hgetall(KEYS.agent_contributions)).items()}
+    attacker, honest = agents[0].agent_id, [a.agent_id for a in agents[1:]]
+    assert credit.get(attacker, 0.0) == 0.0
+    assert all(credit[a] > 0 for a in honest), credit
+    assert all(credit[a.agent_id] <= 2 * max(a.dataset_sizes().values()) for a in agents[1:])  # examples x 2 rounds
+    metrics = [RoundMetrics.model_validate_json(m) for m in await redis.lrange(KEYS.training_metrics("credit"), 0, -1)]
+    assert all(m.update_norm_mean is not None and m.update_norm_mean > 0 for m in metrics)
