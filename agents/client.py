@@ -39,6 +39,7 @@ from federated_learning.privacy.compression import (
 )
 from federated_learning.privacy.mechanisms import (
     add_gaussian_noise,
+    add_laplace_noise,
     clip_update_with_norm,
     secure_rng,
 )
@@ -385,11 +386,13 @@ class FederatedClient:
             local = poison_update(self.attack, weights, local, np.random.default_rng(task.round))
         unclipped: bool | None = None
         if settings.clip_norm is not None:
-            local, norm = clip_update_with_norm(weights, local, settings.clip_norm)
+            local, norm = clip_update_with_norm(weights, local, settings.clip_norm, settings.clip_norm_type)
             unclipped = norm <= settings.clip_norm
-        if settings.local_noise_std is not None:
-            noised = add_gaussian_noise([local[name] - weights[name] for name in local],
-                                        settings.local_noise_std, secure_rng())
+        if settings.local_noise_std is not None or settings.local_laplace_scale is not None:
+            deltas = [local[name] - weights[name] for name in local]
+            noised = (add_gaussian_noise(deltas, settings.local_noise_std, secure_rng())
+                      if settings.local_noise_std is not None
+                      else add_laplace_noise(deltas, settings.local_laplace_scale or 0.0, secure_rng()))
             local = {name: (weights[name] + delta).astype(local[name].dtype)
                      for name, delta in zip(local, noised, strict=True)}
         secure_delta: NDArray[np.floating] | None = None

@@ -61,6 +61,8 @@ class SimulationOptions:
     compression: str = "none"
     compression_fraction: float = 0.1
     privacy_level: str = "none"
+    privacy_mode: str = "central"
+    noise_mechanism: str = "gaussian"
     secure_aggregation: bool = False
     clip_norm: float | None = None
     adaptive_clip_quantile: float | None = None
@@ -115,6 +117,8 @@ def training_request(options: SimulationOptions) -> dict[str, Any]:
                   "compression": options.compression, "compression_fraction": options.compression_fraction,
                   "clip_norm": options.clip_norm},
         "privacy_level": options.privacy_level,
+        "privacy_mode": options.privacy_mode,
+        "noise_mechanism": options.noise_mechanism,
         "secure_aggregation": options.secure_aggregation,
         "adaptive_clipping": None if options.adaptive_clip_quantile is None
         else {"target_quantile": options.adaptive_clip_quantile},

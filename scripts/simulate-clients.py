@@ -43,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     p.add_argument("--proximal-mu", type=float, default=defaults.proximal_mu)
     p.add_argument("--privacy-level", default=defaults.privacy_level, choices=["none", "low", "medium", "high"])
+    p.add_argument("--privacy-mode", default=defaults.privacy_mode, choices=["central", "local"],
+                   help="central: the privacy manager noises the aggregate; local: each agent noises its update")
+    p.add_argument("--noise-mechanism", default=defaults.noise_mechanism, choices=["gaussian", "laplace"],
+                   help="gaussian (L2 clipping, RDP-calibrated) or laplace (L1 clipping, epsilon/rounds per release)")
     p.add_argument("--secure-aggregation", action="store_true",
                    help="pairwise-masked secure aggregation: the server sees only each round's mean")
     p.add_argument("--clip-norm", type=float, default=None, help="L2 bound of each update (agents clip)")
@@ -72,7 +76,8 @@ def options_from(args: argparse.Namespace) -> SimulationOptions:
         clients_per_round=args.clients_per_round, algorithm=args.algorithm,
         algorithm_params=args.algorithm_params, trainer=args.trainer, local_epochs=args.local_epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate, proximal_mu=args.proximal_mu,
-        privacy_level=args.privacy_level, timeout_s=args.timeout,
+        privacy_level=args.privacy_level, privacy_mode=args.privacy_mode,
+        noise_mechanism=args.noise_mechanism, timeout_s=args.timeout,
         malicious_fraction=args.malicious, attack=args.attack,
         compression=args.compression, compression_fraction=args.compression_fraction,
         secure_aggregation=args.secure_aggregation, clip_norm=args.clip_norm,

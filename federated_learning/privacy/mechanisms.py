@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -70,6 +71,30 @@ def clip_l2(
     clipped = [np.asarray(layer) * np.asarray(factor, dtype=np.asarray(layer).dtype)
                for layer in update]
     return clipped, norm
+
+
+NormType = Literal["l2", "l1"]
+"""Which norm updates are clipped in: L2 for the Gaussian mechanism, L1 for the Laplace one."""
+
+
+def l1_norm(layers: Layers) -> float:
+    """L1 norm of all layers' coordinates as one vector, accumulated in float64."""
+    return float(sum(np.abs(np.asarray(layer, dtype=np.float64)).sum() for layer in layers))
+
+
+def clip_to_norm(update: Layers, max_norm: float, norm_type: NormType = "l2"
+                 ) -> tuple[list[NDArray[np.floating]], float]:
+    """`clip_l2`, or the same scaling by the global L1 norm (the Laplace mechanism's
+    sensitivity is in L1). Returns (clipped layers, pre-clip norm)."""
+    if norm_type == "l2":
+        return clip_l2(update, max_norm)
+    if not (max_norm > 0.0 and math.isfinite(max_norm)):
+        raise ValueError(f"clip norm must be finite and > 0; got {max_norm}")
+    norm = l1_norm(update)
+    if not math.isfinite(norm):
+        raise ValueError(f"update norm must be finite; got {norm}")
+    factor = min(1.0, max_norm / norm) if norm > 0.0 else 1.0
+    return [np.asarray(layer) * np.asarray(factor, dtype=np.asarray(layer).dtype) for layer in update], norm
 
 
 def _check_std(value: float, name: str) -> None:
@@ -213,16 +238,16 @@ class AdaptiveClipper:
 
 
 def clip_update(global_layers: Mapping[str, NDArray[np.floating]], local: Mapping[str, NDArray[np.floating]],
-                max_norm: float) -> dict[str, NDArray[np.floating]]:
-    """The local model whose update ``local - global`` is clipped to L2 norm ``max_norm``."""
-    return clip_update_with_norm(global_layers, local, max_norm)[0]
+                max_norm: float, norm_type: NormType = "l2") -> dict[str, NDArray[np.floating]]:
+    """The local model whose update ``local - global`` is clipped to ``max_norm`` (L2 or L1)."""
+    return clip_update_with_norm(global_layers, local, max_norm, norm_type)[0]
 
 
 def clip_update_with_norm(global_layers: Mapping[str, NDArray[np.floating]],
                           local: Mapping[str, NDArray[np.floating]],
-                          max_norm: float) -> tuple[dict[str, NDArray[np.floating]], float]:
-    """`clip_update`, and the update's L2 norm before clipping."""
+                          max_norm: float, norm_type: NormType = "l2") -> tuple[dict[str, NDArray[np.floating]], float]:
+    """`clip_update`, and the update's norm before clipping."""
     deltas = [local[name].astype(np.float64) - global_layers[name] for name in local]
-    clipped, norm = clip_l2(deltas, max_norm)
+    clipped, norm = clip_to_norm(deltas, max_norm, norm_type)
     return {name: (global_layers[name] + delta).astype(local[name].dtype)
             for name, delta in zip(local, clipped, strict=True)}, float(norm)

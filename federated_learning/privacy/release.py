@@ -8,11 +8,16 @@ coordinate. The noise multiplier z is calibrated once per training so that ``rou
 releases meet the level's (epsilon, delta) target. We claim no amplification by
 subsampling (sample rate 1): our selection is not Poisson sampling and dropouts
 depend on the agents, so the conservative bound is the honest one.
+
+With ``noise_mechanism: "laplace"`` agents clip in L1 instead, every release is
+(epsilon / rounds)-DP with Laplace noise of scale b = L1 sensitivity / (epsilon / rounds),
+and the accountant composes them (pure epsilon, or its RDP bound when that is smaller).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -21,7 +26,12 @@ import numpy as np
 from federated_learning.coordination.state import TrainingState
 from federated_learning.privacy.accountant import PrivacyAccountant, compute_noise_multiplier
 from federated_learning.privacy.levels import PrivacyLevel, privacy_targets
-from federated_learning.privacy.mechanisms import add_gaussian_noise, secure_rng
+from federated_learning.privacy.mechanisms import (
+    NormType,
+    add_gaussian_noise,
+    add_laplace_noise,
+    secure_rng,
+)
 from federated_learning.protocol.messages import AggregateReady, PrivacyLevelName, PrivacyReport
 from federated_learning.types import NamedLayers
 
@@ -48,13 +58,44 @@ def clip_norm_for(level: str, requested: float | None) -> float | None:
     return requested if requested is not None else targets.clip_norm
 
 
+LAPLACE_EPSILON_MARGIN = 1e-9
+"""Relative margin below epsilon / rounds per Laplace release, so that ``rounds`` releases
+sum to at most the target in floating point."""
+
+
+def clip_norm_type(state: TrainingState) -> NormType:
+    """The norm updates are clipped in: L1 for the Laplace mechanism, L2 otherwise."""
+    return "l1" if state.config.noise_mechanism == "laplace" else "l2"
+
+
+def laplace_release_epsilon(state: TrainingState) -> float:
+    """Epsilon of each Laplace release: the level's epsilon shared by ``rounds`` releases."""
+    target = privacy_targets(PrivacyLevel(state.privacy_level))
+    return target.epsilon / state.config.rounds * (1.0 - LAPLACE_EPSILON_MARGIN)
+
+
+def _local_dp(state: TrainingState) -> bool:
+    target = privacy_targets(PrivacyLevel(state.privacy_level))
+    return state.config.privacy_mode == "local" and target.enabled and state.clip_norm is not None
+
+
 def local_noise_std(state: TrainingState) -> float | None:
     """Std of the gaussian noise each agent adds under local DP: z * C, with z calibrated for
-    ``rounds`` participations at the level's target; None for central DP or level none."""
-    target = privacy_targets(PrivacyLevel(state.privacy_level))
-    if state.config.privacy_mode != "local" or not target.enabled or state.clip_norm is None:
+    ``rounds`` participations at the level's target; None for central DP, level none or Laplace."""
+    if not _local_dp(state) or state.config.noise_mechanism != "gaussian":
         return None
+    assert state.clip_norm is not None
+    target = privacy_targets(PrivacyLevel(state.privacy_level))
     return compute_noise_multiplier(target.epsilon, target.delta, 1.0, state.config.rounds) * state.clip_norm
+
+
+def local_laplace_scale(state: TrainingState) -> float | None:
+    """Scale of the Laplace noise each agent adds under local DP with the Laplace mechanism:
+    C (its L1 sensitivity) / (epsilon / rounds); None otherwise."""
+    if not _local_dp(state) or state.config.noise_mechanism != "laplace":
+        return None
+    assert state.clip_norm is not None
+    return state.clip_norm / laplace_release_epsilon(state)
 
 
 DEFAULT_ADAPTIVE_INITIAL_CLIP_NORM = 1.0
@@ -108,18 +149,26 @@ def plan_release(state: TrainingState, layers: NamedLayers, ready: AggregateRead
         accountant = PrivacyAccountant(target.epsilon, target.delta)
     else:
         accountant = PrivacyAccountant.from_dict(json.loads(budget_json))
-    noise_multiplier = compute_noise_multiplier(target.epsilon, target.delta, 1.0, state.config.rounds)
-    if accountant.would_exceed(noise_multiplier, 1.0):
+    laplace = state.config.noise_mechanism == "laplace"
+    if laplace:
+        release_epsilon = laplace_release_epsilon(state)
+        exceeds = accountant.would_exceed_laplace(release_epsilon)
+    else:
+        noise_multiplier = compute_noise_multiplier(target.epsilon, target.delta, 1.0, state.config.rounds)
+        exceeds = accountant.would_exceed(noise_multiplier, 1.0)
+    if exceeds:
         raise ReleaseRefused(
             f"privacy budget exhausted: epsilon spent {accountant.get_epsilon():.3f} of "
             f"{target.epsilon}; one more release would exceed it")
-    spent = accountant.step(noise_multiplier, 1.0)
+    spent = accountant.step_laplace(release_epsilon) if laplace else accountant.step(noise_multiplier, 1.0)
     clip = state.clip_norm or target.clip_norm
     assert clip is not None
     alerts = []
     if spent >= BUDGET_WARNING_FRACTION * target.epsilon:
         alerts.append(f"privacy budget {spent / target.epsilon:.0%} spent "
                       f"(epsilon {spent:.3f} of {target.epsilon})")
+    if laplace:
+        return _laplace_release(state, layers, ready, accountant, spent, clip, alerts, rng)
     if state.config.privacy_mode == "local":
         # The agents already noised their own updates; each release is one more use of each
         # participant's mechanism, so charging one step per release bounds every agent's spend.
@@ -150,3 +199,35 @@ def plan_release(state: TrainingState, layers: NamedLayers, ready: AggregateRead
         budget_json=json.dumps(accountant.to_dict()),
         alerts=alerts,
     )
+
+
+def _laplace_release(state: TrainingState, layers: NamedLayers, ready: AggregateReady,
+                     accountant: PrivacyAccountant, spent: float, clip: float, alerts: list[str],
+                     rng: np.random.Generator | None) -> ReleasePlan:
+    """The Laplace mechanism's release (already charged): local DP reports the agents' noise;
+    central DP adds Laplace noise of scale L1 sensitivity / release epsilon to the aggregate."""
+    level = cast(PrivacyLevelName, state.privacy_level)
+    target = privacy_targets(PrivacyLevel(state.privacy_level))
+    release_epsilon = laplace_release_epsilon(state)
+    budget_json = json.dumps(accountant.to_dict())
+    if state.config.privacy_mode == "local":
+        scale = local_laplace_scale(state) or 0.0
+        return ReleasePlan(
+            report=PrivacyReport(level=level, mechanism="laplace-local", noise_std=math.sqrt(2) * scale,
+                                 epsilon_spent=spent, delta=target.delta,
+                                 note=f"local DP: each agent added Laplace noise of scale {scale:.3g} "
+                                      f"(epsilon {release_epsilon:.3g} per release, L1 clip {clip}); "
+                                      f"epsilon {spent:.3f} of {target.epsilon} per agent"),
+            budget_json=budget_json, alerts=alerts)
+    # One agent moves the example-weighted mean by at most clip * n_k / sum(n) in L1.
+    sensitivity = clip * ready.max_client_examples / max(ready.num_examples, 1)
+    scale = sensitivity / release_epsilon
+    noised = add_laplace_noise(list(layers.values()), scale, rng or secure_rng())
+    return ReleasePlan(
+        report=PrivacyReport(level=level, mechanism="laplace", noise_std=math.sqrt(2) * scale,
+                             epsilon_spent=spent, delta=target.delta,
+                             note=f"central Laplace noise of scale {scale:.3g} (epsilon {release_epsilon:.3g} "
+                                  f"per release, L1 clip {clip:.4g}); epsilon {spent:.3f} of {target.epsilon}"),
+        noised_layers=dict(zip(layers, (np.asarray(a, dtype=layers[n].dtype)
+                                        for n, a in zip(layers, noised, strict=True)), strict=True)),
+        budget_json=budget_json, alerts=alerts)

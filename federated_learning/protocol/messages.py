@@ -102,8 +102,13 @@ class LocalTrainingSettings(BaseModel):
     learning_rate: FiniteFloat = Field(default=0.1, gt=0, le=100)
     proximal_mu: FiniteFloat = Field(default=0.0, ge=0, le=1000)
     clip_norm: FiniteFloat | None = Field(default=None, gt=0, le=1e6)
+    clip_norm_type: Literal["l2", "l1"] = Field(
+        default="l2", description="the norm clip_norm bounds: l2 (Gaussian mechanism) or l1 (Laplace)")
     local_noise_std: FiniteFloat | None = Field(default=None, gt=0, le=1e6,
                                                 description="local DP: gaussian noise the agent adds to its clipped update")
+    local_laplace_scale: FiniteFloat | None = Field(
+        default=None, gt=0, le=1e6, description="local DP with the Laplace mechanism: scale b of the "
+                                                "Laplace noise the agent adds to its L1-clipped update")
     compression: Literal["none", "top_k", "random_k", "q8", "q4"] = "none"
     compression_fraction: FiniteFloat = Field(default=0.1, gt=0, le=1,
                                               description="share of coordinates top_k/random_k keep")
@@ -162,6 +167,11 @@ class TrainingConfig(BaseModel):
     privacy_mode: Literal["central", "local"] = Field(
         default="central", description="central: the privacy manager noises the aggregate; local: each "
                                        "agent noises its own clipped update before upload")
+    noise_mechanism: Literal["gaussian", "laplace"] = Field(
+        default="gaussian",
+        description="gaussian: updates clipped in L2, noise calibrated with the RDP accountant to the "
+                    "level's (epsilon, delta); laplace: updates clipped in L1, each release epsilon/rounds-DP "
+                    "(pure), composed to the level's epsilon")
     validation_data: str | None = Field(
         default=None, max_length=1000,
         description="server-side .npz (x, y) that scores every committed version; the rollback policy "
@@ -193,6 +203,9 @@ class TrainingConfig(BaseModel):
             raise ValueError("algorithm 'fedprox' needs local.proximal_mu > 0")
         if self.secure_aggregation:
             self._check_secure()
+        if self.adaptive_clipping is not None and self.noise_mechanism == "laplace":
+            raise ValueError("adaptive clipping's privacy (Andrew et al. 2021) is proven for the Gaussian "
+                             "mechanism; with noise_mechanism 'laplace' use a fixed clip norm")
         if self.adaptive_clipping is not None and self.privacy_mode == "local":
             raise ValueError("adaptive clipping noises the count of unclipped updates centrally; with local "
                              "DP each agent's bit would be released without noise (use privacy_mode 'central')")
@@ -401,6 +414,7 @@ class AggregationJob(Message):
     state_digest: Digest | None = None
     clip_norm: FiniteFloat | None = Field(default=None, gt=0,
                                           description="central DP: the aggregator clips every update to it")
+    clip_norm_type: Literal["l2", "l1"] = "l2"
     updates: list[UpdateRef] = Field(min_length=1)
     secure: SecureAggregationSpec | None = Field(
         default=None, description="the updates are masked: remove the masks, then aggregate their mean")

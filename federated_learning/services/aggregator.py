@@ -110,7 +110,7 @@ class Aggregator:
                                       agent_id=ref.agent_id)
                 continue
             if job.clip_norm is not None:
-                layers = clip_update(base, layers, job.clip_norm)
+                layers = clip_update(base, layers, job.clip_norm, job.clip_norm_type)
             for slab, (name, layer) in zip(slabs, layers.items(), strict=True):
                 slab[len(usable)] = (layer - base[name] if as_deltas else layer).reshape(-1)
             usable.append(k)

@@ -41,7 +41,12 @@ from federated_learning.coordination.selection import (
 )
 from federated_learning.coordination.state import AgentRecord, RoundPhase, TrainingState
 from federated_learning.privacy.mechanisms import AdaptiveClipper
-from federated_learning.privacy.release import adaptive_count_noise_std, local_noise_std
+from federated_learning.privacy.release import (
+    adaptive_count_noise_std,
+    clip_norm_type,
+    local_laplace_scale,
+    local_noise_std,
+)
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import (
     AggregationJob,
@@ -223,8 +228,9 @@ class RoundProtocol:
         """Add a task on the current version to each agent's inbox (and count it) to ``pipe``."""
         assert state.current_digest is not None and state.current_version is not None
         now = time.time()
-        settings = state.config.local.model_copy(update={"clip_norm": state.clip_norm,
-                                                         "local_noise_std": local_noise_std(state)})
+        settings = state.config.local.model_copy(update={
+            "clip_norm": state.clip_norm, "clip_norm_type": clip_norm_type(state),
+            "local_noise_std": local_noise_std(state), "local_laplace_scale": local_laplace_scale(state)})
         for agent_id in agents:
             task = Task(kind=kind, training_id=state.training_id, round=state.round, attempt=state.attempt,
                         dataset=state.config.dataset, model=state.config.model,
@@ -406,6 +412,7 @@ class RoundProtocol:
             state_digest=state.state_digest,
             clip_norm=state.clip_norm if state.privacy_level != "none" and state.config.privacy_mode == "central"
             and secure is None else None,
+            clip_norm_type=clip_norm_type(state),
             secure=secure,
             updates=[UpdateRef(agent_id=n.agent_id, digest=n.update_digest or "", num_examples=n.num_examples,
                                model_version=n.received_model_version,

@@ -102,9 +102,7 @@ async def test_json_sync_is_validated_against_the_model(redis: aioredis.Redis, s
 
 async def test_a_late_http_update_is_rebased_onto_the_current_version(redis: aioredis.Redis, system, make_agents,
                                                                       http) -> None:
-    from federated_learning.protocol.messages import AggregationJob
-
-    from federated_learning.protocol.messages import Task, decode
+    from federated_learning.protocol.messages import AggregationJob, Task, decode
 
     await system.start()
     agents = await make_agents(3)

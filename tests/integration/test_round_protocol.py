@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import redis.asyncio as aioredis
 
 from federated_learning.protocol.keys import Keys
@@ -147,3 +148,26 @@ async def test_local_dp_training_noises_on_the_agents(redis: aioredis.Redis, sys
     assert {r.privacy.mechanism for r in records if r.version > 0} == {"gaussian-local"}
     tasks = [Task.model_validate_json(f[b"m"]) for _id, f in await redis.xrange(Keys().inbox_stream("agent-000"))]
     assert tasks and all(t.settings.local_noise_std and t.settings.clip_norm == 2.0 for t in tasks if t.kind == "train")
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+async def test_laplace_training_clips_in_l1_and_composes_to_the_level(
+        redis: aioredis.Redis, system, make_agents, mode: str) -> None:
+    await system.start()
+    await make_agents(4)
+    training_id = f"laplace-{mode}"
+    await start_training(redis, training_id, digits_config(rounds=2, privacy_level="low", privacy_mode=mode,
+                                                           noise_mechanism="laplace"))
+
+    state = await wait_for_status(redis, training_id, {"completed", "failed"})
+
+    assert state.status == "completed", state.reason
+    records = sorted((VersionRecord.model_validate_json(v)
+                      for v in (await redis.hgetall(Keys().versions(training_id))).values()), key=lambda r: r.version)
+    assert [r.privacy.mechanism for r in records[1:]] == ["laplace" if mode == "central" else "laplace-local"] * 2
+    assert records[1].privacy.epsilon_spent == pytest.approx(4.0, rel=1e-6)  # epsilon 8 over 2 releases
+    assert 7.9 < records[2].privacy.epsilon_spent <= 8.0
+    tasks = [Task.model_validate_json(f[b"m"]) for _id, f in await redis.xrange(Keys().inbox_stream("agent-000"))]
+    train = [t for t in tasks if t.kind == "train"]
+    assert train and all(t.settings.clip_norm_type == "l1" and t.settings.local_noise_std is None for t in train)
+    assert all((t.settings.local_laplace_scale is not None) == (mode == "local") for t in train)

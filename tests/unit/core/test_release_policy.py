@@ -137,3 +137,67 @@ def test_adaptive_clipping_with_local_dp_is_refused() -> None:
     with pytest.raises(ValueError, match="adaptive clipping noises the count"):
         TrainingConfig.model_validate({"dataset": "d", "model": {"num_features": 4, "num_classes": 2},
                                        "privacy_mode": "local", "adaptive_clipping": {}})
+
+
+def laplace_state(level: str, mode: str = "central") -> TrainingState:
+    config = CONFIG.model_copy(update={"noise_mechanism": "laplace", "privacy_mode": mode})
+    return TrainingState(training_id="t", config=config, min_clients=2, clients_per_round=4,
+                         round_deadline_s=10, privacy_level=level, clip_norm=clip_norm_for(level, None))
+
+
+def test_laplace_releases_each_spend_epsilon_over_rounds_with_l1_calibrated_noise() -> None:
+    from federated_learning.privacy.release import clip_norm_type, laplace_release_epsilon
+
+    training = laplace_state("medium")
+    plan = plan_release(training, LAYERS, ready(), None, rng=np.random.default_rng(0))
+
+    release_epsilon = 3.0 / CONFIG.rounds
+    assert laplace_release_epsilon(training) == pytest.approx(release_epsilon, rel=1e-8)
+    scale = 1.0 * 40 / 100 / release_epsilon  # L1 sensitivity of the weighted mean / epsilon
+    assert plan.report.mechanism == "laplace" and plan.report.delta == 1e-5  # the accountant's min(pure, RDP)
+    assert plan.report.noise_std == pytest.approx(np.sqrt(2) * scale, rel=1e-8)
+    assert plan.noised_layers is not None
+    noise = plan.noised_layers["w"].astype(np.float64).ravel()
+    assert np.std(noise) == pytest.approx(np.sqrt(2) * scale, rel=0.05)
+    assert np.mean(np.abs(noise)) == pytest.approx(scale, rel=0.05)  # E|Laplace(b)| = b: not Gaussian
+    assert plan.report.epsilon_spent == pytest.approx(release_epsilon, rel=1e-8)
+    assert clip_norm_type(training) == "l1" and clip_norm_type(state("medium")) == "l2"
+
+
+def test_laplace_budget_holds_exactly_rounds_releases() -> None:
+    budget, spent = None, 0.0
+    for _ in range(CONFIG.rounds):
+        plan = plan_release(laplace_state("high"), LAYERS, ready(), budget, rng=np.random.default_rng(0))
+        budget, spent = plan.budget_json, plan.report.epsilon_spent
+    assert 0.99 < spent <= 1.0  # pure composition gives 1.0; the RDP bound at delta 1e-6 is a little tighter
+    with pytest.raises(ReleaseRefused, match="privacy budget exhausted"):
+        plan_release(laplace_state("high"), LAYERS, ready(), budget)
+
+
+def test_local_laplace_agents_add_the_noise_and_the_release_adds_none() -> None:
+    from federated_learning.privacy.release import local_laplace_scale
+
+    training = laplace_state("low", "local")
+    assert local_laplace_scale(training) == pytest.approx(2.0 / (8.0 / CONFIG.rounds), rel=1e-8)
+    assert local_noise_std(training) is None and local_laplace_scale(laplace_state("low")) is None
+    plan = plan_release(training, LAYERS, ready(), None)
+    assert plan.noised_layers is None and plan.report.mechanism == "laplace-local"
+
+
+def test_laplace_with_adaptive_clipping_is_refused() -> None:
+    with pytest.raises(ValueError, match="proven for the Gaussian"):
+        TrainingConfig.model_validate({"dataset": "d", "model": {"num_features": 4, "num_classes": 2},
+                                       "noise_mechanism": "laplace", "adaptive_clipping": {}})
+
+
+def test_l1_clipping_bounds_the_l1_norm_and_keeps_the_direction() -> None:
+    from federated_learning.privacy.mechanisms import clip_to_norm, l1_norm
+
+    update = [np.array([3.0, -4.0], np.float32), np.array([[1.0, 2.0]], np.float64)]
+    clipped, norm = clip_to_norm(update, 5.0, "l1")
+    assert norm == pytest.approx(10.0)
+    assert l1_norm(clipped) == pytest.approx(5.0, rel=1e-6)
+    assert [c.dtype for c in clipped] == [np.float32, np.float64]
+    np.testing.assert_allclose(clipped[0], [1.5, -2.0])
+    untouched, _ = clip_to_norm(update, 20.0, "l1")
+    np.testing.assert_array_equal(untouched[1], update[1])
