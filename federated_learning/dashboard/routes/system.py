@@ -13,24 +13,11 @@ from federated_learning.bus.replies import text
 from federated_learning.dashboard.auth import ApiKey, Viewer, forbid
 from federated_learning.dashboard.deps import Agents, AppKeys, Context, Redis
 from federated_learning.monitoring.alerts import (
-    EXPECTED_SERVICES,
     RECONCILED_RULES,
     Alert,
-    services_down,
 )
 from federated_learning.monitoring.reliability import leaderboard as rank_agents
-from federated_learning.monitoring.rules import (
-    health_verdict,
-    pending_backlog,
-    process_resources,
-    process_usages,
-    redis_memory,
-)
-from federated_learning.services.runtime import (
-    read_backlogs,
-    read_health_records,
-    read_redis_memory,
-)
+from federated_learning.training_monitor import TrainingMonitor
 
 router = APIRouter(prefix="/api", tags=["system"])
 
@@ -49,23 +36,7 @@ async def system_health(redis: Redis, keys: AppKeys) -> dict[str, Any]:
 
     Open without a key, like ``/metrics``: it is the deployment's health (what the launcher and
     probes poll), holding no organisation's data."""
-    records = await read_health_records(redis, keys)
-    services: dict[str, list[dict[str, Any]]] = {}
-    for record in records:
-        record["age_s"] = round(time.time() - record["at"], 2)
-        services.setdefault(record["service"], []).append(record)
-    used_memory, maxmemory = await read_redis_memory(redis)
-    backlogs = await read_backlogs(redis, keys)
-    verdict, reasons = health_verdict(
-        services_down(services, (*EXPECTED_SERVICES, "monitor"))
-        + process_resources(process_usages(records))
-        + redis_memory(used_memory, maxmemory)
-        + pending_backlog({b.name: b.pending for b in backlogs}))
-    return {
-        "health_status": verdict, "reasons": reasons, "services": services,
-        "streams": [asdict(b) for b in backlogs],
-        "redis": {"used_memory": used_memory, "maxmemory": maxmemory},
-    }
+    return await TrainingMonitor(redis, keys).get_system_health()
 
 
 @router.get("/agents")
@@ -86,13 +57,8 @@ async def list_agents(agents: Agents, redis: Redis, keys: AppKeys, principal: Vi
 async def alerts(redis: Redis, keys: AppKeys, principal: Viewer, training_id: str | None = None,
                  severity: Literal["info", "warning", "critical"] | None = None,
                  open_only: bool = Query(default=False)) -> list[Alert]:
-    records = [Alert.model_validate_json(v) for v in (await redis.hgetall(keys.alerts)).values()]
-    chosen = [a for a in records
-              if _visible(principal, a)
-              and (training_id is None or a.training_id == training_id)
-              and (severity is None or a.severity == severity)
-              and (not open_only or a.is_open)]
-    return sorted(chosen, key=lambda a: a.created_at, reverse=True)
+    found = await TrainingMonitor(redis, keys).get_alerts(training_id, severity, open_only=open_only)
+    return [a for a in found if _visible(principal, a)]
 
 
 @router.post("/alerts/{alert_id}/acknowledge", response_model=Alert)
