@@ -335,7 +335,7 @@ class FederatedClient:
             notice = UpdateSubmitted(kind=TaskKind.EVALUATE, num_examples=evaluation.num_examples,
                                      **common)  # type: ignore[arg-type]
         else:
-            digest = await self._blobs.put(trained.blob, ttl_s=UPDATE_BLOB_TTL_S)
+            digest = await self._blobs.put(trained.blob, ttl_s=UPDATE_BLOB_TTL_S, owner=self.agent_id)
             notice = UpdateSubmitted(
                 kind=TaskKind.TRAIN, update_digest=digest, num_examples=trained.num_examples,
                 train_loss=trained.loss, train_accuracy=trained.accuracy,

@@ -100,7 +100,7 @@ class SecureParticipation:
     async def _upload_masked(self, held: HeldUpdate, delivery: SecureSharesDelivered) -> None:
         masked = await asyncio.to_thread(held.session.on_delivery, delivery)
         blob = encode_layers({MASKED_LAYER: masked})
-        digest = await self.client.blobs.put(blob, ttl_s=MASKED_BLOB_TTL_S)
+        digest = await self.client.blobs.put(blob, ttl_s=MASKED_BLOB_TTL_S, owner=self.client.agent_id)
         session, trained = held.session, held.trained
         await self._send(UpdateSubmitted(
             kind=TaskKind.TRAIN, training_id=session.training_id, round=session.round, attempt=session.attempt,

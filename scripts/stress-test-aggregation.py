@@ -165,8 +165,12 @@ async def upload(blobs: BlobStore, args: argparse.Namespace) -> Plan:
     clients = client_updates(args.clients, args.dim, args.seed)
     base = np.random.default_rng((args.seed, 999_983)).standard_normal(args.dim, dtype=np.float32)
     base_digest = await blobs.put(encode_layers({LAYER: base}))
-    digests = [await blobs.put(encode_layers({LAYER: row})) for row in clients]
+    digests = [await blobs.put(encode_layers({LAYER: row}), owner=client_id(k)) for k, row in enumerate(clients)]
     return Plan(base_digest=base_digest, client_digests=digests, clients=clients)
+
+
+def client_id(k: int) -> str:
+    return f"client-{k:03d}"
 
 
 def training_name(training: int) -> str:
@@ -176,7 +180,7 @@ def training_name(training: int) -> str:
 def build_job(args: argparse.Namespace, plan: Plan, training: int, round_number: int,
               base_digest: str, state_digest: str | None) -> AggregationJob:
     counts = example_counts(args.seed, training, round_number, args.clients)
-    updates = [UpdateRef(agent_id=f"client-{k:03d}", digest=digest, num_examples=n)
+    updates = [UpdateRef(agent_id=client_id(k), digest=digest, num_examples=n)
                for k, (digest, n) in enumerate(zip(plan.client_digests, counts, strict=True))]
     return AggregationJob(
         training_id=training_name(training), round=round_number, attempt=1,

@@ -16,24 +16,25 @@ class BlobMissing(LookupError):
 
 
 class BlobStore:
-    """Blobs in Redis under ``<prefix>:blob:<sha256>``; written once, verified on read."""
+    """Blobs in Redis under ``<prefix>:blob:<sha256>`` (the services'), or an agent's uploads
+    under ``<prefix>:upload:<agent>:<sha256>`` (``owner``); written once, verified on read."""
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, *, max_bytes: int) -> None:
         self._redis = redis
         self._keys = keys
         self.max_bytes = max_bytes
 
-    async def put(self, data: bytes, *, ttl_s: int | None = None) -> BlobDigest:
-        """Store ``data`` (idempotent) and return its digest."""
+    async def put(self, data: bytes, *, ttl_s: int | None = None, owner: str | None = None) -> BlobDigest:
+        """Store ``data`` (idempotent) and return its digest; ``owner``: the uploading agent."""
         if len(data) > self.max_bytes:
             raise InvalidTensor("too_large", f"blob of {len(data)} bytes exceeds the limit {self.max_bytes}")
         digest = digest_of(data)
-        await self._redis.set(self._keys.blob(digest), data, nx=True, ex=ttl_s)
+        await self._redis.set(self._keys.blob(digest, owner), data, nx=True, ex=ttl_s)
         return digest
 
-    async def get(self, digest: BlobDigest) -> bytes:
+    async def get(self, digest: BlobDigest, *, owner: str | None = None) -> bytes:
         """The blob's bytes; raises :class:`BlobMissing`, or ``InvalidTensor('hash_mismatch')``."""
-        key = self._keys.blob(digest)
+        key = self._keys.blob(digest, owner)
         size = await self._redis.strlen(key)
         if size == 0:
             raise BlobMissing(f"no blob {digest}")
@@ -46,14 +47,14 @@ class BlobStore:
             raise InvalidTensor("hash_mismatch", f"blob stored under {digest} has another hash")
         return bytes(data)
 
-    async def exists(self, digest: BlobDigest) -> bool:
-        return bool(await self._redis.exists(self._keys.blob(digest)))
+    async def exists(self, digest: BlobDigest, *, owner: str | None = None) -> bool:
+        return bool(await self._redis.exists(self._keys.blob(digest, owner)))
 
-    async def expire(self, digests: list[BlobDigest], ttl_s: int) -> None:
-        """Let blobs that are no longer needed go after ``ttl_s`` seconds."""
-        if not digests:
+    async def expire(self, blobs: list[tuple[BlobDigest, str | None]], ttl_s: int) -> None:
+        """Let blobs (digest, owner) that are no longer needed go after ``ttl_s`` seconds."""
+        if not blobs:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
-            for digest in digests:
-                pipe.expire(self._keys.blob(digest), ttl_s)
+            for digest, owner in blobs:
+                pipe.expire(self._keys.blob(digest, owner), ttl_s)
             await pipe.execute()

@@ -39,7 +39,8 @@ DASHBOARD_COMMANDS = ("+@read", "+@write", "+@transaction", "+@connection", "-@a
                       "-@dangerous", "+info")
 AGENT_STREAM_COMMANDS = ("+xadd",)
 AGENT_INBOX_COMMANDS = ("+xgroup|create", "+xreadgroup", "+xack", "+xautoclaim")
-AGENT_BLOB_COMMANDS = ("+get", "+set", "+strlen", "+exists")
+AGENT_BLOB_READ_COMMANDS = ("+get", "+strlen", "+exists")
+AGENT_UPLOAD_COMMANDS = ("+get", "+set", "+strlen", "+exists")
 
 
 class AclError(ValueError):
@@ -94,9 +95,11 @@ def agent_user(keys: Keys, agent_id: str) -> AclUser:
     """Root rules for the streams it appends to, one selector per other kind of key."""
     streams = tuple(f"%W~{key}" for key in keys.agent_write_keys())
     inbox = _selector((f"~{keys.inbox_stream(agent_id)}", *AGENT_INBOX_COMMANDS))
-    blobs = _selector((f"~{keys.blob_pattern}", *AGENT_BLOB_COMMANDS))
+    # Models and optimiser state are read-only to agents; they write only their own uploads.
+    blobs = _selector((f"%R~{keys.blob_pattern}", *AGENT_BLOB_READ_COMMANDS))
+    uploads = _selector((f"~{keys.upload_pattern(agent_id)}", *AGENT_UPLOAD_COMMANDS))
     return AclUser(agent_user_name(keys, agent_id),
-                   ("-@all", *CONNECT_COMMANDS, *AGENT_STREAM_COMMANDS, *streams, inbox, blobs))
+                   ("-@all", *CONNECT_COMMANDS, *AGENT_STREAM_COMMANDS, *streams, inbox, blobs, uploads))
 
 
 def role_users(keys: Keys) -> list[AclUser]:

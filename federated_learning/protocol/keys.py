@@ -74,8 +74,10 @@ class Keys:
         return self._k("inbox", agent_id)
 
     # -- blobs ----------------------------------------------------------------
-    def blob(self, digest: BlobDigest) -> str:
-        return self._k("blob", digest)
+    def blob(self, digest: BlobDigest, owner: str | None = None) -> str:
+        """A blob by its SHA-256: the services' (models, optimiser state) under ``blob:``; an
+        agent's upload under ``upload:<agent>:``, the only blobs its Redis user may write."""
+        return self._k("blob", digest) if owner is None else self._k("upload", owner, digest)
 
     # -- registry -------------------------------------------------------------
     @property
@@ -241,8 +243,12 @@ class Keys:
 
     @property
     def blob_pattern(self) -> str:
-        """Every blob: content-addressed, so any reader verifies what it gets."""
+        """Every services' blob: content-addressed, so any reader verifies what it gets."""
         return self._k("blob", "*")
+
+    def upload_pattern(self, owner: str = "*") -> str:
+        """The uploads of one agent (every agent's with the default)."""
+        return self._k("upload", owner, "*")
 
     def service_health_keys(self, service: str) -> str:
         """The health keys of every instance of ``service``."""
@@ -255,8 +261,8 @@ class Keys:
     def dashboard_write_keys(self) -> tuple[str, ...]:
         """Keys (and globs) the dashboard writes: commands, events, rejections, alert
         acknowledgements, join tokens, its health key, the HTTP sync gateway's agent
-        messages and blobs, and organisations, projects and API keys. Everything else it
+        messages and uploads, and organisations, projects and API keys. Everything else it
         only reads."""
         return (self.control_stream, self.event_stream, self.rejections, self.alerts,
                 self.open_alerts, self.join_tokens, self.service_health_keys("dashboard"),
-                *self.agent_write_keys(), self.blob_pattern, self.organisations, self.organisation_pattern)
+                *self.agent_write_keys(), self.upload_pattern(), self.organisations, self.organisation_pattern)

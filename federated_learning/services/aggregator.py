@@ -143,7 +143,7 @@ class Aggregator:
         max_bytes = self.ctx.settings.max_blob_bytes
         masked = {}
         for ref in job.updates:
-            layers = decode_layers(await self.ctx.blobs.get(ref.digest), max_bytes=max_bytes,
+            layers = decode_layers(await self.ctx.blobs.get(ref.digest, owner=ref.agent_id), max_bytes=max_bytes,
                                    allowed_dtypes=MASKED_DTYPES)
             masked[ref.agent_id] = np.asarray(layers[MASKED_LAYER], dtype=np.uint32)
         raw = await self.ctx.redis.hmget(
@@ -163,7 +163,7 @@ class Aggregator:
                               own_bases: dict[str, NamedLayers]) -> NamedLayers:
         """The update as a model on the job's base: ``base + (update - the model it was trained from)``."""
         max_bytes = self.ctx.settings.max_blob_bytes
-        data = await self.ctx.blobs.get(ref.digest)
+        data = await self.ctx.blobs.get(ref.digest, owner=ref.agent_id)
         if ref.model_digest is None or is_compressed(data):
             return decode_update(data, spec_of(base), max_bytes=max_bytes, base=base)
         if ref.model_digest not in own_bases:

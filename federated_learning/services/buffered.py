@@ -103,7 +103,7 @@ class BufferedRounds:
             if problem is None:
                 pipe.hset(buffer, notice.agent_id, notice.model_dump_json())
                 if notice.update_digest:
-                    pipe.persist(self.c.keys.blob(notice.update_digest))
+                    pipe.persist(self.c.keys.blob(notice.update_digest, notice.agent_id))
                 pipe.hincrby(self.c.keys.agent_stats, f"{notice.agent_id}:completed", 1)
                 pipe.hincrby(self.c.keys.agent_stats, f"{notice.agent_id}:examples", notice.num_examples)
             self.c.store.stage_save(pipe, state)

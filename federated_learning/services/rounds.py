@@ -306,7 +306,7 @@ class RoundProtocol:
                 pipe.set(marker, f"{state.training_id}/{state.round}/{notice.agent_id}",
                          ex=ACCEPTED_NOTICE_MARKER_TTL_S)
                 if notice.kind is TaskKind.TRAIN and notice.update_digest:
-                    pipe.persist(self.keys.blob(notice.update_digest))  # kept until its round commits
+                    pipe.persist(self.keys.blob(notice.update_digest, notice.agent_id))  # kept until its round commits
                     pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:completed", 1)
                     pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:examples", notice.num_examples)
                 self.store.stage_save(pipe, state)
@@ -344,7 +344,7 @@ class RoundProtocol:
         if state.config.secure_aggregation and not state.is_buffered:
             return await self.secure.check_upload(state, notice)
         try:
-            decode_update(await self.ctx.blobs.get(notice.update_digest), state.layer_spec,
+            decode_update(await self.ctx.blobs.get(notice.update_digest, owner=notice.agent_id), state.layer_spec,
                           max_bytes=self.settings.max_blob_bytes)
         except BlobMissing:
             return "blob_missing", f"no blob {notice.update_digest}"
@@ -513,7 +513,7 @@ class RoundProtocol:
             await pipe.execute()
         ROUNDS.labels(state.training_id).inc()
         ROUND_SECONDS.observe(metrics.round_seconds)
-        await self.ctx.blobs.expire([n.update_digest for n in notices if n.update_digest],
+        await self.ctx.blobs.expire([(n.update_digest, n.agent_id) for n in notices if n.update_digest],
                                     UPDATE_BLOB_TTL_AFTER_COMMIT_S)
         await self.ctx.emit("round_completed", f"round {state.round} committed as version {committed.version}",
                             training_id=state.training_id, round=state.round,

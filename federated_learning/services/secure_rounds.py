@@ -178,7 +178,7 @@ class SecureRounds:
                                           f"advertised {member.num_examples}")
         assert notice.update_digest is not None
         try:
-            layers = decode_layers(await self.c.ctx.blobs.get(notice.update_digest),
+            layers = decode_layers(await self.c.ctx.blobs.get(notice.update_digest, owner=notice.agent_id),
                                    max_bytes=self.c.settings.max_blob_bytes, allowed_dtypes=MASKED_DTYPES)
         except BlobMissing:
             return "blob_missing", f"no blob {notice.update_digest}"

@@ -97,23 +97,23 @@ async def test_every_bad_update_is_rejected_and_the_round_completes(redis: aiore
         blobs = BlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
         nan = np.zeros((64, 10), np.float32)
         nan[3, 3] = np.nan
-        await submit(redis, "fake-0", await blobs.put(encode_layers(model(weight=nan))))
-        await submit(redis, "fake-1", await blobs.put(encode_layers(model(weight=np.zeros((10, 64), np.float32)))))
-        await submit(redis, "fake-2", await blobs.put(encode_layers(model(bias=np.zeros(10, np.float64)))))
-        tampered = await blobs.put(encode_layers(model(bias=np.ones(10, np.float32))))
-        await redis.set(KEYS.blob(tampered), encode_layers(model(bias=np.full(10, 9, np.float32))))
+        await submit(redis, "fake-0", await blobs.put(encode_layers(model(weight=nan)), owner="fake-0"))
+        await submit(redis, "fake-1", await blobs.put(encode_layers(model(weight=np.zeros((10, 64), np.float32))), owner="fake-1"))
+        await submit(redis, "fake-2", await blobs.put(encode_layers(model(bias=np.zeros(10, np.float64))), owner="fake-2"))
+        tampered = await blobs.put(encode_layers(model(bias=np.ones(10, np.float32))), owner="fake-3")
+        await redis.set(KEYS.blob(tampered, "fake-3"), encode_layers(model(bias=np.full(10, 9, np.float32))))
         await submit(redis, "fake-3", tampered)
         oversized = "f" * 64
-        await redis.set(KEYS.blob(oversized), b"x" * (settings.max_blob_bytes + 1))
+        await redis.set(KEYS.blob(oversized, "fake-4"), b"x" * (settings.max_blob_bytes + 1))
         await submit(redis, "fake-4", oversized)
-        await submit(redis, "ghost", await blobs.put(encode_layers(model())))
-        await submit(redis, "fake-5", await blobs.put(encode_layers(model())), round_number=7)
+        await submit(redis, "ghost", await blobs.put(encode_layers(model()), owner="ghost"))
+        await submit(redis, "fake-5", await blobs.put(encode_layers(model()), owner="fake-5"), round_number=7)
         await redis.xadd(KEYS.update_stream, {"m": "{not json"})
-        await submit(redis, "fake-8", await blobs.put(encode_layers(model())), signer=AgentKeyPair.generate())
-        await submit(redis, "fake-9", await blobs.put(encode_layers(model())), signed=False)
-        good = await submit(redis, "fake-6", await blobs.put(encode_layers(model(bias=np.full(10, 2, np.float32)))))
+        await submit(redis, "fake-8", await blobs.put(encode_layers(model()), owner="fake-8"), signer=AgentKeyPair.generate())
+        await submit(redis, "fake-9", await blobs.put(encode_layers(model()), owner="fake-9"), signed=False)
+        good = await submit(redis, "fake-6", await blobs.put(encode_layers(model(bias=np.full(10, 2, np.float32))), owner="fake-6"))
         await redis.xadd(KEYS.update_stream, good)  # type: ignore[arg-type]  # the same signed notice replayed
-        await submit(redis, "fake-7", await blobs.put(encode_layers(model(bias=np.full(10, 3, np.float32)))))
+        await submit(redis, "fake-7", await blobs.put(encode_layers(model(bias=np.full(10, 3, np.float32))), owner="fake-7"))
 
         state = await wait_for_status(redis, "bad", {"completed", "failed"}, timeout_s=30)
     finally:
@@ -155,7 +155,7 @@ async def test_a_redelivered_notice_is_silent_and_a_replayed_one_is_rejected(
                                                             round_deadline_s=10.0))
         await wait_until_collecting(redis, "replay")
         blobs = BlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
-        first = await submit(redis, "fake-0", await blobs.put(encode_layers(model(bias=np.ones(10, np.float32)))),
+        first = await submit(redis, "fake-0", await blobs.put(encode_layers(model(bias=np.ones(10, np.float32))), owner="fake-0"),
                              training_id="replay")
         [(entry_id, _fields)] = await redis.xrange(KEYS.update_stream)
         await group_caught_up(redis, KEYS.update_stream, "coordinator", entry_id)
@@ -170,7 +170,7 @@ async def test_a_redelivered_notice_is_silent_and_a_replayed_one_is_rejected(
         assert (await rejection_counts(redis)).get("updates:duplicate") == 1
 
         for agent, bias in (("fake-1", 2.0), ("fake-2", 3.0)):
-            await submit(redis, agent, await blobs.put(encode_layers(model(bias=np.full(10, bias, np.float32)))),
+            await submit(redis, agent, await blobs.put(encode_layers(model(bias=np.full(10, bias, np.float32))), owner=agent),
                          training_id="replay")
         state = await wait_for_status(redis, "replay", {"completed", "failed"}, timeout_s=30)
     finally:

@@ -190,7 +190,7 @@ async def test_a_standard_safetensors_file_in_any_layer_order_is_accepted(redis:
     assert response.status_code == 200, response.text
     [notice] = await notices(redis)
     blobs = BlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
-    stored = decode_layers(await blobs.get(notice.update_digest), max_bytes=1 << 20)
+    stored = decode_layers(await blobs.get(notice.update_digest, owner=notice.agent_id), max_bytes=1 << 20)
     validate_layers(stored, state.layer_spec)
     np.testing.assert_array_equal(stored["output.bias"], model["output.bias"] + 0.01)
     extra = save_safetensors({**model, "zz.extra": np.zeros(3, model["output.bias"].dtype)})

@@ -132,8 +132,8 @@ async def test_agent_joins_uploads_and_reads_its_own_inbox(acl_server: AclServer
     inbox = KEYS.inbox_stream("a1")
     await ensure_group(agent, inbox, GROUP_AGENT)
     await agent.xadd(KEYS.agent_stream, encode(Heartbeat(agent_id="a1")))  # type: ignore[arg-type]
-    digest = await BlobStore(agent, KEYS, max_bytes=1024).put(b"an update", ttl_s=60)
-    assert await BlobStore(services, KEYS, max_bytes=1024).get(digest) == b"an update"
+    digest = await BlobStore(agent, KEYS, max_bytes=1024).put(b"an update", ttl_s=60, owner="a1")
+    assert await BlobStore(services, KEYS, max_bytes=1024).get(digest, owner="a1") == b"an update"
     await agent.xadd(KEYS.update_stream, {"m": digest})
     await services.xadd(inbox, {"m": "a task"})
     [(_stream, [(entry_id, fields)])] = await agent.xreadgroup(GROUP_AGENT, "a1", {inbox: ">"}, count=1)
@@ -144,7 +144,7 @@ async def test_agent_joins_uploads_and_reads_its_own_inbox(acl_server: AclServer
 
 @pytest.mark.parametrize("action", [
     "read_other_inbox", "peek_other_inbox", "write_other_inbox", "write_version", "write_control",
-    "read_training", "read_update_notices", "delete_blob",
+    "read_training", "read_update_notices", "delete_blob", "overwrite_model_blob", "write_other_upload",
 ])
 async def test_agent_credentials_cannot_reach_beyond_its_own_role(
         acl_server: AclServer, login, admin: aioredis.Redis, action: str) -> None:
@@ -159,11 +159,31 @@ async def test_agent_credentials_cannot_reach_beyond_its_own_role(
         "read_training": lambda: agent.get(KEYS.training("t")),
         "read_update_notices": lambda: agent.xrange(KEYS.update_stream),
         "delete_blob": lambda: agent.delete(KEYS.blob("0" * 64)),
+        "overwrite_model_blob": lambda: agent.set(KEYS.blob("0" * 64), b"garbage"),
+        "write_other_upload": lambda: agent.set(KEYS.blob("0" * 64, "a2"), b"forged"),
     }
     with pytest.raises(NoPermissionError):
         await attempts[action]()
     assert await admin.xlen(KEYS.inbox_stream("a2")) == 0
     assert await admin.exists(KEYS.versions("t"), KEYS.control_stream) == 0
+
+
+async def test_agent_reads_models_and_writes_only_its_own_uploads(
+        acl_server: AclServer, login, admin: aioredis.Redis) -> None:
+    from federated_learning.bus.blobs import BlobStore
+
+    model = await BlobStore(admin, KEYS, max_bytes=1 << 20).put(b"model bytes")
+    agent = await login(acl_server.agent("a1"))
+    own = BlobStore(agent, KEYS, max_bytes=1 << 20)
+
+    assert await own.get(model) == b"model bytes"  # the global model is readable
+    upload = await own.put(b"an update", owner="a1")
+    assert await BlobStore(admin, KEYS, max_bytes=1 << 20).get(upload, owner="a1") == b"an update"
+    with pytest.raises(NoPermissionError):
+        await own.put(b"an update", owner="a2")
+    with pytest.raises(NoPermissionError):
+        await agent.set(KEYS.blob(model), b"garbage", xx=True)
+    assert await admin.get(KEYS.blob(model)) == b"model bytes"
 
 
 async def test_a_wrong_password_is_refused_at_once(acl_server: AclServer) -> None:

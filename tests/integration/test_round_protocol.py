@@ -69,8 +69,9 @@ async def test_buffered_asynchronous_training_flushes_full_buffers_with_stalenes
     assert any(ref.model_version < job.base_version for job in jobs for ref in job.updates), \
         "agents kept training while buffers were aggregated, so some updates are stale"
 
-    async def layers(digest: str) -> np.ndarray:
-        return decode_layers(await redis.get(keys.blob(digest)), max_bytes=1 << 20)["dense.weight"].astype(np.float64)
+    async def layers(digest: str, owner: str | None = None) -> np.ndarray:
+        return decode_layers(await redis.get(keys.blob(digest, owner)),
+                             max_bytes=1 << 20)["dense.weight"].astype(np.float64)
 
     stale_job = next(j for j in jobs if any(r.model_version < j.base_version for r in j.updates))
     base = await layers(stale_job.base_digest)
@@ -79,7 +80,7 @@ async def test_buffered_asynchronous_training_flushes_full_buffers_with_stalenes
     for ref in stale_job.updates:
         own_base = base if ref.model_digest is None else await layers(ref.model_digest)
         discount = 1.0 / np.sqrt(1.0 + stale_job.base_version - ref.model_version)
-        expected += ref.num_examples / total * discount * (await layers(ref.digest) - own_base)
+        expected += ref.num_examples / total * discount * (await layers(ref.digest, ref.agent_id) - own_base)
     committed = next(r for r in records if r.round == stale_job.round)
     np.testing.assert_allclose(await layers(committed.model_digest), expected, rtol=1e-4, atol=1e-5)
     metrics = [RoundMetrics.model_validate_json(m) for m in await redis.lrange(keys.training_metrics("async"), 0, -1)]

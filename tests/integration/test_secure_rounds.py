@@ -78,7 +78,7 @@ async def test_secure_rounds_commit_the_weighted_mean_without_plain_updates(
         assert isinstance(job.secure, SecureAggregationSpec)
         assert len(job.secure.responders) >= job.secure.session.threshold
         for ref in job.updates:  # what travelled is masked: one uint32 vector, not the update
-            blob = decode_layers(await redis.get(Keys().blob(ref.digest)), max_bytes=MAX_BLOB,
+            blob = decode_layers(await redis.get(Keys().blob(ref.digest, ref.agent_id)), max_bytes=MAX_BLOB,
                                  allowed_dtypes=frozenset({"uint32"}))
             assert list(blob) == [MASKED_LAYER]
         base = await model_of(redis, "sec", job.base_version)
@@ -149,7 +149,8 @@ async def test_a_plain_update_in_a_secure_round_is_refused_and_the_round_goes_on
     async def upload_plain(held, _delivery) -> None:  # type: ignore[no-untyped-def]
         blob = encode_layers({"masked": held.session.delta.astype(np.float32)})
         notice = UpdateSubmitted(training_id="plain", round=1, attempt=held.session.attempt,
-                                 agent_id=cheater.agent_id, update_digest=await cheater.blobs.put(blob),
+                                 agent_id=cheater.agent_id,
+                                 update_digest=await cheater.blobs.put(blob, owner=cheater.agent_id),
                                  num_examples=held.session.num_examples, received_model_version=0)
         signed = notice.model_copy(update={"signature": cheater.identity.sign(notice.signed_bytes()).hex()})
         await redis.xadd(Keys().update_stream, encode(signed))  # type: ignore[arg-type]

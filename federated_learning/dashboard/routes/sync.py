@@ -198,7 +198,7 @@ async def _submit(ctx: Context, state: TrainingState, client_id: str, layers: Na
     for message in (joined, Heartbeat(agent_id=agent_id)):  # signed with the gateway's key, as the notice
         signed = message.model_copy(update={"signature": identity.sign(message.signed_bytes()).hex()})
         await ctx.redis.xadd(ctx.keys.agent_stream, encode(signed))  # type: ignore[arg-type]
-    digest = await ctx.blobs.put(encode_layers(layers), ttl_s=24 * 3600)
+    digest = await ctx.blobs.put(encode_layers(layers), ttl_s=24 * 3600, owner=agent_id)
     evaluation = None
     if metrics.accuracy is not None and metrics.loss is not None:
         evaluation = Evaluation(accuracy=metrics.accuracy, loss=metrics.loss, num_examples=metrics.num_examples)

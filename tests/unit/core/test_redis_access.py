@@ -16,12 +16,12 @@ from federated_learning.protocol.keys import Keys
 KEYS = Keys("org1")
 
 
-def test_agent_user_may_touch_only_its_own_inbox_the_shared_streams_and_blobs() -> None:
+def test_agent_user_may_touch_only_its_own_inbox_and_uploads_the_shared_streams_and_read_blobs() -> None:
     user = acl.agent_user(KEYS, "bot-7")
     assert user.name == "org1-agent-bot-7"
     patterns = [rule for rule in " ".join(user.rules).replace("(", " ").split() if "~" in rule]
     assert patterns == ["%W~org1:stream:agents", "%W~org1:stream:updates", "~org1:inbox:bot-7",
-                        "~org1:blob:*"]
+                        "%R~org1:blob:*", "~org1:upload:bot-7:*"]
     assert "-@all" in user.rules
 
 
