@@ -62,9 +62,13 @@ def clip_l2(
     Returns:
         (clipped layers, new arrays of the input dtypes and shapes; pre-clip norm).
     """
+    return _scale_to(update, max_norm, l2_norm(update))
+
+
+def _scale_to(update: Layers, max_norm: float, norm: float) -> tuple[list[NDArray[np.floating]], float]:
+    """``update`` scaled by min(1, max_norm / norm), in each layer's dtype; and ``norm``."""
     if not (max_norm > 0.0 and math.isfinite(max_norm)):
         raise ValueError(f"clip norm must be finite and > 0; got {max_norm}")
-    norm = l2_norm(update)
     if not math.isfinite(norm):
         raise ValueError(f"update norm must be finite; got {norm}")
     factor = min(1.0, max_norm / norm) if norm > 0.0 else 1.0
@@ -86,15 +90,7 @@ def clip_to_norm(update: Layers, max_norm: float, norm_type: NormType = "l2"
                  ) -> tuple[list[NDArray[np.floating]], float]:
     """`clip_l2`, or the same scaling by the global L1 norm (the Laplace mechanism's
     sensitivity is in L1). Returns (clipped layers, pre-clip norm)."""
-    if norm_type == "l2":
-        return clip_l2(update, max_norm)
-    if not (max_norm > 0.0 and math.isfinite(max_norm)):
-        raise ValueError(f"clip norm must be finite and > 0; got {max_norm}")
-    norm = l1_norm(update)
-    if not math.isfinite(norm):
-        raise ValueError(f"update norm must be finite; got {norm}")
-    factor = min(1.0, max_norm / norm) if norm > 0.0 else 1.0
-    return [np.asarray(layer) * np.asarray(factor, dtype=np.asarray(layer).dtype) for layer in update], norm
+    return _scale_to(update, max_norm, l2_norm(update) if norm_type == "l2" else l1_norm(update))
 
 
 def _check_std(value: float, name: str) -> None:
