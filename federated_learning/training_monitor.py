@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict
 
 from federated_learning.monitoring.alerts import EXPECTED_SERVICES, Alert, services_down
-from federated_learning.monitoring.metrics import MetricType, TrainingMetric
+from federated_learning.monitoring.metrics import METRIC_SERIES_MAXLEN, MetricType, TrainingMetric
 from federated_learning.monitoring.rules import (
     health_verdict,
     pending_backlog,
@@ -78,7 +78,11 @@ class TrainingMonitor:
 
     async def record_training_metric(self, metric: TrainingMetric) -> None:
         """Append one metric to its training's series (what the monitor does for each round)."""
-        await self.redis.rpush(self.keys.metric_series(metric.training_id), metric.model_dump_json())
+        key = self.keys.metric_series(metric.training_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, metric.model_dump_json())
+            pipe.ltrim(key, -METRIC_SERIES_MAXLEN, -1)
+            await pipe.execute()
 
     async def get_training_metrics(self, training_id: str,
                                    metric_type: MetricType | None = None) -> list[TrainingMetric]:

@@ -8,6 +8,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+METRIC_SERIES_MAXLEN = 100_000
+"""Most metrics kept per training (the oldest go first)."""
+
 
 class MetricType(StrEnum):
     ACCURACY = "accuracy"

@@ -40,7 +40,12 @@ from federated_learning.monitoring.anomaly import (
     anomaly_conditions,
     series_jump_conditions,
 )
-from federated_learning.monitoring.metrics import MetricType, TrainingMetric, metrics_from_round
+from federated_learning.monitoring.metrics import (
+    METRIC_SERIES_MAXLEN,
+    MetricType,
+    TrainingMetric,
+    metrics_from_round,
+)
 from federated_learning.monitoring.rules import (
     accuracy_drop,
     agent_failure_rate,
@@ -75,7 +80,6 @@ TRIM_EVERY_S = 60.0
 """How often the service streams are trimmed of what their consumers have handled."""
 
 STARTUP_GRACE_S = HEALTH_TTL_S + 5
-METRIC_SERIES_MAXLEN = 100_000
 APPLIED_MARKER_TTL_S = 24 * 3600
 """How long a handled event's marker is kept (redeliveries come within minutes of a crash)."""
 

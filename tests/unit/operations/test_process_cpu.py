@@ -30,3 +30,10 @@ def test_round_metrics_record_bytes_received() -> None:
     metrics = metrics_from_round({"eval_accuracy": 0.5, "upload_bytes": 4096, "update_norm_mean": None}, "t", 3)
     assert {(m.metric_type, m.value, m.round_number) for m in metrics} == {
         (MetricType.ACCURACY, 0.5, 3), (MetricType.BYTES_RECEIVED, 4096.0, 3)}
+
+
+def test_a_span_too_short_to_measure_reads_zero() -> None:
+    window = CpuWindow(window_s=30.0)
+    window.add(0.0, 0.0)
+    assert window.add(0.0004, 0.01) == 0.0  # one CPU-time tick right after start is not 2500 %
+    assert window.add(1.0, 0.5) == pytest.approx(50.0)
