@@ -22,7 +22,9 @@ from numpy.typing import NDArray
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from agents.app import FlowerTrainer, Trainer, layout_of
 from agents.attacks import Attack, poison_update
+from agents.local_work import LocalResult, run_trainer, task_config
 from agents.secure import SecureParticipation
 from agents.trainers import trainer_for
 from federated_learning.bus.blobs import BlobMissing, BlobStore
@@ -51,6 +53,8 @@ from federated_learning.protocol.messages import (
     Evaluation,
     Heartbeat,
     MalformedMessage,
+    ModelRefused,
+    PresetModel,
     SignedByAgent,
     Task,
     TaskKind,
@@ -63,6 +67,9 @@ from federated_learning.protocol.tensors import (
     InvalidTensor,
     decode_layers,
     encode_layers,
+    is_float,
+    layout_mismatch,
+    spec_of,
     validate_layers,
 )
 from federated_learning.protocol.updates import encode_compressed
@@ -74,16 +81,6 @@ SignedMessage = TypeVar("SignedMessage", bound=SignedByAgent)
 UPDATE_BLOB_TTL_S = 24 * 3600
 RECONNECT_BACKOFF_CAP_S = 10.0
 DEFAULT_MAX_BLOB_BYTES = 256 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class LocalResult:
-    """What local training produced: the new model and its training metrics."""
-
-    layers: dict[str, NDArray[np.floating]]
-    num_examples: int
-    loss: float
-    accuracy: float
 
 
 @dataclass(frozen=True)
@@ -143,9 +140,18 @@ class FederatedClient:
         state_dir: Path | None = None,
         join_token: str | None = None,
         redis_tls: RedisTls | None = None,
+        trainer: Trainer | None = None,
+        dataset: str | None = None,
+        num_examples: int | None = None,
     ) -> None:
         if redis is None and redis_url is None:
             raise ValueError("FederatedClient needs redis_url or redis")
+        if trainer is not None and (dataset is None or num_examples is None or num_examples <= 0):
+            raise ValueError("an agent with its own trainer needs dataset and num_examples > 0 "
+                             "(what it announces when it joins)")
+        self.trainer = trainer
+        """The user's model (``agents.app.Trainer``); None: the built-in preset the task names."""
+        self._app_dataset = {dataset: int(num_examples)} if trainer is not None and dataset and num_examples else {}
         self.agent_id = agent_id
         self._redis_url = redis_url
         self._redis_tls = redis_tls
@@ -318,11 +324,20 @@ class FederatedClient:
             log.info("agent %s: skipping task %s/%d (%s)", self.agent_id, task.training_id, task.round,
                      "no such dataset" if task.dataset not in self.dataset_sizes() else "deadline passed")
             return
+        if task.kind is TaskKind.PARAMETERS:
+            await self.send_parameters(task)
+            return
+        assert task.model_digest is not None
         try:
             received = decode_layers(await self._blobs.get(task.model_digest), max_bytes=self.max_blob_bytes)
-            self.check_model(task, received)
         except (BlobMissing, InvalidTensor) as exc:
+            log.warning("agent %s: model of %s/%d unreadable: %s", self.agent_id, task.training_id, task.round, exc)
+            return
+        try:
+            self.check_model(task, received)
+        except InvalidTensor as exc:
             log.warning("agent %s: model of %s/%d refused: %s", self.agent_id, task.training_id, task.round, exc)
+            await self.refuse_model(task, exc)
             return
         evaluation, trained = await asyncio.to_thread(self._work, task, received)
         common = {"training_id": task.training_id, "round": task.round, "attempt": task.attempt,
@@ -344,18 +359,58 @@ class FederatedClient:
         await self.redis.xadd(self.keys.update_stream, encode(self.signed(notice)))  # type: ignore[arg-type]
         self.completed_tasks += 1
 
+    async def send_parameters(self, task: Task) -> None:
+        """Answer a parameters task: this agent's initial model becomes the training's version 0
+        (and fixes its layout) when it is the first to answer."""
+        if self.trainer is None:
+            await self.refuse_model(task, InvalidTensor(
+                "no_trainer", "this agent runs the built-in trainers only and holds no model of its own"))
+            return
+        parameters = await asyncio.to_thread(self.trainer.get_parameters, task_config(task))
+        blob = encode_layers({name: np.asarray(layer) for name, layer in parameters.items()})
+        digest = await self._blobs.put(blob, ttl_s=UPDATE_BLOB_TTL_S, owner=self.agent_id)
+        notice = UpdateSubmitted(kind=TaskKind.PARAMETERS, training_id=task.training_id, round=task.round,
+                                 attempt=task.attempt, agent_id=self.agent_id, update_digest=digest,
+                                 num_examples=0, received_model_version=0, upload_bytes=len(blob))
+        await self.redis.xadd(self.keys.update_stream, encode(self.signed(notice)))  # type: ignore[arg-type]
+
+    async def refuse_model(self, task: Task, problem: InvalidTensor) -> None:
+        """Tell the coordinator why this agent cannot train the training's model (the operator sees it)."""
+        refusal = ModelRefused(training_id=task.training_id, round=task.round, attempt=task.attempt,
+                               agent_id=self.agent_id, reason=problem.reason, detail=problem.detail[:1000])
+        await self.redis.xadd(self.keys.update_stream, encode(self.signed(refusal)))  # type: ignore[arg-type]
+
     def dataset_sizes(self) -> dict[str, int]:
         """What this agent announces it holds: dataset name -> training examples."""
-        return {name: data.size for name, data in self.datasets.items()}
+        return {**{name: data.size for name, data in self.datasets.items()}, **self._app_dataset}
+
+    def own_layout(self, task: Task) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The layout of the model this agent trains: its trainer's, or the task's preset's."""
+        if self.trainer is not None:
+            return layout_of(self.trainer.get_parameters(task_config(task)))
+        if not isinstance(task.model, PresetModel):
+            raise InvalidTensor("no_trainer", "this agent runs the built-in trainers only; the training's "
+                                              "model is the user's own (start the agent with its trainer)")
+        return {s.name: (tuple(s.shape), s.dtype) for s in trainer_for(task.model).layer_specs()}
 
     def check_model(self, task: Task, received: NamedLayers) -> None:
-        """Refuse (InvalidTensor) a received model that is not the task's model."""
-        trainer = trainer_for(task.model)
-        validate_layers(received, {s.name: (tuple(s.shape), s.dtype) for s in trainer.layer_specs()})
+        """Refuse (InvalidTensor naming the layer, the training's and this agent's shape and
+        dtype) a received model that is not the model this agent trains."""
+        own = self.own_layout(task)
+        if isinstance(self.trainer, FlowerTrainer):  # Flower's parameters are matched by position
+            own = dict(zip(received, own.values(), strict=False)) if len(own) == len(received) else own
+        problem = layout_mismatch(own, spec_of(received))
+        if problem is not None:
+            raise InvalidTensor(problem.reason, f"this agent's model differs from the training's: {problem.detail} "
+                                                f"(expected: the training's model; received: this agent's)")
+        validate_layers(received, spec_of(received))
 
     def evaluate_and_train(self, task: Task, weights: dict[str, NDArray[np.floating]]
                            ) -> tuple[Evaluation, LocalResult | None]:
         """Evaluate the received model on held-out data; for train tasks, train on local data."""
+        if self.trainer is not None:
+            return run_trainer(self.trainer, task, weights)
+        assert isinstance(task.model, PresetModel)
         trainer = trainer_for(task.model)
         data = self.datasets[task.dataset]
         evaluated = trainer.evaluate(weights, data.x_eval, data.y_eval)
@@ -382,6 +437,10 @@ class FederatedClient:
             return evaluation, None
         settings = task.settings
         local = {name: np.asarray(layer, dtype=weights[name].dtype) for name, layer in result.layers.items()}
+        if settings.clip_norm is not None or task.secure or settings.compression != "none":
+            # Integer layers (counters) are carried only from plain updates: under DP, masking or
+            # compression the update is its float part, and the counters stay the global model's.
+            local = {name: layer if is_float(layer.dtype.name) else weights[name] for name, layer in local.items()}
         if self.attack is not None:
             local = poison_update(self.attack, weights, local, np.random.default_rng(task.round))
         unclipped: bool | None = None
@@ -389,25 +448,28 @@ class FederatedClient:
             local, norm = clip_update_with_norm(weights, local, settings.clip_norm, settings.clip_norm_type)
             unclipped = norm <= settings.clip_norm
         if settings.local_noise_std is not None or settings.local_laplace_scale is not None:
-            deltas = [local[name] - weights[name] for name in local]
+            trained = [name for name in local if is_float(local[name].dtype.name)]
+            deltas = [local[name].astype(np.float64) - weights[name] for name in trained]
             noised = (add_gaussian_noise(deltas, settings.local_noise_std, secure_rng())
                       if settings.local_noise_std is not None
                       else add_laplace_noise(deltas, settings.local_laplace_scale or 0.0, secure_rng()))
-            local = {name: (weights[name] + delta).astype(local[name].dtype)
-                     for name, delta in zip(local, noised, strict=True)}
+            local = {**local, **{name: (weights[name] + delta).astype(local[name].dtype)
+                                 for name, delta in zip(trained, noised, strict=True)}}
         secure_delta: NDArray[np.floating] | None = None
         if task.secure:
             blob = b""
-            secure_delta = np.concatenate([(local[name] - weights[name]).astype(np.float64).ravel() for name in local])
+            secure_delta = np.concatenate([(local[name].astype(np.float64) - weights[name]).ravel()
+                                           for name in local if is_float(local[name].dtype.name)])
         elif settings.compression == "none":
             blob = encode_layers(local)
         else:
-            delta = [(local[name] - weights[name]).astype(np.float32) for name in local]
+            delta = [(local[name].astype(np.float32) - weights[name]).astype(np.float32)
+                     for name in local if is_float(local[name].dtype.name)]
             compressor = make_compressor(settings.compression, settings.compression_fraction,
                                          np.random.default_rng(zlib.crc32(f"{self.agent_id}/{task.round}".encode())))
             blob = encode_compressed(self.feedback.compress(task.training_id, delta, compressor))
         return evaluation, TrainedUpdate(
             blob=blob, num_examples=result.num_examples,
-            dense_bytes=4 * sum(int(a.size) for a in local.values()),
+            dense_bytes=sum(int(a.nbytes) for a in local.values()),
             loss=result.loss, accuracy=result.accuracy, seconds=time.perf_counter() - started, delta=secure_delta,
             unclipped=unclipped)

@@ -1,12 +1,12 @@
-"""The built-in models a training can name (``ModelSpec``), backed by the agents' trainers."""
+"""The built-in preset models a training can name (``PresetModel``), backed by the agents' trainers."""
 
 from __future__ import annotations
 
 from agents.trainers import trainer_for
-from federated_learning.protocol.messages import ModelSpec
+from federated_learning.protocol.messages import PresetModel
 from federated_learning.types import NamedLayers
 
 
-def initial_model(spec: ModelSpec) -> NamedLayers:
+def initial_model(spec: PresetModel) -> NamedLayers:
     """Fresh weights of ``spec``'s model, deterministic in ``spec.seed``."""
     return dict(trainer_for(spec).init_model(spec.seed))

@@ -23,7 +23,7 @@ from agents.trainers.common import (
 )
 from agents.trainers.mlp import MLPTrainer
 from agents.trainers.softmax import SoftmaxTrainer
-from federated_learning.protocol.messages import ModelSpec
+from federated_learning.protocol.messages import PresetModel
 
 __all__ = [
     "TRAINER_NAMES",
@@ -138,8 +138,8 @@ def model_layer_specs(
     ).layer_specs()
 
 
-def trainer_for(spec: ModelSpec) -> Trainer:
-    """The trainer of a training's ``ModelSpec`` (the wire form of a built-in model)."""
+def trainer_for(spec: PresetModel) -> Trainer:
+    """The trainer of a built-in preset model (``PresetModel``)."""
     params: dict[str, object] = {"hidden": spec.hidden} if spec.trainer == "mlp" else {}
     return create_trainer(spec.trainer, num_features=spec.num_features,
                           num_classes=spec.num_classes, **params)

@@ -6,7 +6,13 @@ from typing import Protocol
 
 from federated_learning.coordination.state import TrainingState
 from federated_learning.privacy.signing import verify
-from federated_learning.protocol.messages import AgentJoined, AgentLeft, Heartbeat, UpdateSubmitted
+from federated_learning.protocol.messages import (
+    AgentJoined,
+    AgentLeft,
+    Heartbeat,
+    PresetModel,
+    UpdateSubmitted,
+)
 
 
 class SignedMessage(Protocol):
@@ -97,7 +103,10 @@ def refuse_training(state: TrainingState) -> str | None:
     refusal = _refuse_adaptive_clipping(state)
     if refusal is not None:
         return refusal
-    if state.config.validation_data is not None:
+    if state.config.validation_data is not None and not isinstance(state.config.model, PresetModel):
+        return ("validation_data scores each version with a built-in preset model; the server cannot run "
+                "the training's own model (evaluate it on the agents, or download the versions)")
+    if state.config.validation_data is not None and isinstance(state.config.model, PresetModel):
         from federated_learning.records.validation_sets import (
             InvalidValidationSet,
             load_validation_set,

@@ -29,6 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from federated_learning.privacy.layers import Layers
+from federated_learning.protocol.tensors import is_float
 
 _SEED_BYTES = 32
 
@@ -242,8 +243,12 @@ def clip_update(global_layers: Mapping[str, NDArray[np.floating]], local: Mappin
 def clip_update_with_norm(global_layers: Mapping[str, NDArray[np.floating]],
                           local: Mapping[str, NDArray[np.floating]],
                           max_norm: float, norm_type: NormType = "l2") -> tuple[dict[str, NDArray[np.floating]], float]:
-    """`clip_update`, and the update's norm before clipping."""
-    deltas = [local[name].astype(np.float64) - global_layers[name] for name in local]
+    """`clip_update`, and the update's norm before clipping. Only float layers are an update:
+    integer layers (counters) are returned as they are."""
+    trained = [name for name in local if is_float(local[name].dtype.name)]
+    deltas = [local[name].astype(np.float64) - global_layers[name] for name in trained]
     clipped, norm = clip_to_norm(deltas, max_norm, norm_type)
-    return {name: (global_layers[name] + delta).astype(local[name].dtype)
-            for name, delta in zip(local, clipped, strict=True)}, float(norm)
+    result = dict(local)
+    for name, delta in zip(trained, clipped, strict=True):
+        result[name] = (global_layers[name] + delta).astype(local[name].dtype)
+    return result, float(norm)

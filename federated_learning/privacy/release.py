@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 from federated_learning.coordination.state import TrainingState
 from federated_learning.privacy.accountant import PrivacyAccountant, compute_noise_multiplier
@@ -33,6 +35,7 @@ from federated_learning.privacy.mechanisms import (
     secure_rng,
 )
 from federated_learning.protocol.messages import AggregateReady, PrivacyLevelName, PrivacyReport
+from federated_learning.protocol.tensors import is_float
 from federated_learning.types import NamedLayers
 
 BUDGET_WARNING_FRACTION = 0.8
@@ -186,7 +189,7 @@ def plan_release(state: TrainingState, layers: NamedLayers, ready: AggregateRead
     update_z = noise_multiplier if count_noise_std is None else update_noise_multiplier(noise_multiplier,
                                                                                         count_noise_std)
     std = update_z * sensitivity
-    noised = add_gaussian_noise(list(layers.values()), std, rng or secure_rng())
+    noised_layers = noise_float_layers(layers, lambda floats: add_gaussian_noise(floats, std, rng or secure_rng()))
     return ReleasePlan(
         report=PrivacyReport(level=cast(PrivacyLevelName, level), mechanism="gaussian", noise_std=std,
                              epsilon_spent=spent, delta=target.delta,
@@ -194,8 +197,7 @@ def plan_release(state: TrainingState, layers: NamedLayers, ready: AggregateRead
                                   + (f", z_update={update_z:.3f} beside the adaptive clip count"
                                      if count_noise_std is not None else "")
                                   + f", clip {clip:.4g}); epsilon {spent:.3f} of {target.epsilon}"),
-        noised_layers=dict(zip(layers, (np.asarray(a, dtype=layers[n].dtype)
-                                        for n, a in zip(layers, noised, strict=True)), strict=True)),
+        noised_layers=noised_layers,
         budget_json=json.dumps(accountant.to_dict()),
         alerts=alerts,
     )
@@ -222,12 +224,21 @@ def _laplace_release(state: TrainingState, layers: NamedLayers, ready: Aggregate
     # One agent moves the example-weighted mean by at most clip * n_k / sum(n) in L1.
     sensitivity = clip * ready.max_client_examples / max(ready.num_examples, 1)
     scale = sensitivity / release_epsilon
-    noised = add_laplace_noise(list(layers.values()), scale, rng or secure_rng())
+    noised_layers = noise_float_layers(layers, lambda floats: add_laplace_noise(floats, scale, rng or secure_rng()))
     return ReleasePlan(
         report=PrivacyReport(level=level, mechanism="laplace", noise_std=math.sqrt(2) * scale,
                              epsilon_spent=spent, delta=target.delta,
                              note=f"central Laplace noise of scale {scale:.3g} (epsilon {release_epsilon:.3g} "
                                   f"per release, L1 clip {clip:.4g}); epsilon {spent:.3f} of {target.epsilon}"),
-        noised_layers=dict(zip(layers, (np.asarray(a, dtype=layers[n].dtype)
-                                        for n, a in zip(layers, noised, strict=True)), strict=True)),
+        noised_layers=noised_layers,
         budget_json=budget_json, alerts=alerts)
+
+
+def noise_float_layers(layers: NamedLayers,
+                       add_noise: Callable[[list[NDArray[np.floating]]], list[NDArray[np.floating]]]) -> NamedLayers:
+    """``layers`` with noise added to the float layers (each kept in its dtype); integer layers,
+    which the aggregate carries from the global model under DP, pass unchanged."""
+    trained = [name for name, layer in layers.items() if is_float(layer.dtype.name)]
+    noised = dict(zip(trained, add_noise([layers[name] for name in trained]), strict=True))
+    return {name: np.asarray(noised[name]).astype(layer.dtype, copy=False) if name in noised else layer
+            for name, layer in layers.items()}

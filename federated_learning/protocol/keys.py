@@ -157,6 +157,31 @@ class Keys:
         """JSON of the training's privacy accountant."""
         return self._k("privacy", f"{{t:{training_id}}}")
 
+    def model_refusals(self, training_id: TrainingId) -> str:
+        """Hash agent id -> ModelRefusal JSON: agents (and HTTP clients) whose model is not the
+        training's, with the reason (shown in the training's status)."""
+        return self._k("refusals", f"{{t:{training_id}}}")
+
+    @property
+    def model_refusals_pattern(self) -> str:
+        return self._k("refusals", "*")
+
+    # -- user models -----------------------------------------------------------
+    def models(self, org_id: str) -> str:
+        """Hash model id -> ModelRecord JSON: the models an organisation uploaded."""
+        return self._k("models", org_id)
+
+    @property
+    def models_pattern(self) -> str:
+        return self._k("models", "*")
+
+    @staticmethod
+    def model_owner(org_id: str) -> str:
+        """The blob owner of an organisation's uploaded models: they live beside the agents'
+        uploads (``upload:models.<org>:<sha256>``), which the dashboard may write, and the
+        coordinator copies one into the services' blobs when a training starts from it."""
+        return f"models.{org_id}"
+
     # -- monitoring -----------------------------------------------------------
     def service_health(self, service: str, instance: str) -> str:
         """Key with a TTL that a live service instance refreshes."""
@@ -261,8 +286,10 @@ class Keys:
     def dashboard_write_keys(self) -> tuple[str, ...]:
         """Keys (and globs) the dashboard writes: commands, events, rejections, alert
         acknowledgements, join tokens, its health key, the HTTP sync gateway's agent
-        messages and uploads, and organisations, projects and API keys. Everything else it
+        messages and uploads, organisations, projects and API keys, uploaded models and the
+        HTTP clients' model refusals. Everything else it
         only reads."""
         return (self.control_stream, self.event_stream, self.rejections, self.alerts,
                 self.open_alerts, self.join_tokens, self.service_health_keys("dashboard"),
-                *self.agent_write_keys(), self.upload_pattern(), self.organisations, self.organisation_pattern)
+                *self.agent_write_keys(), self.upload_pattern(), self.organisations, self.organisation_pattern,
+                self.models_pattern, self.model_refusals_pattern)

@@ -12,7 +12,7 @@ import time
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal, TypeAlias, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, model_validator
 
 from federated_learning.versioning.rollback import RollbackConfig
 
@@ -74,8 +74,9 @@ class TrainingStatus(StrEnum):
         return self in (TrainingStatus.COMPLETED, TrainingStatus.FAILED, TrainingStatus.STOPPED)
 
 
-class ModelSpec(BaseModel):
-    """Which built-in model the agents train, and its initialisation seed."""
+class PresetModel(BaseModel):
+    """A built-in model (softmax regression or a small MLP) that the agents' built-in trainers
+    build, initialise from ``seed`` and train."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     trainer: Literal["softmax", "mlp"] = "softmax"
@@ -85,12 +86,48 @@ class ModelSpec(BaseModel):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _bounded_size(self) -> ModelSpec:
+    def _bounded_size(self) -> PresetModel:
         inner = self.hidden if self.trainer == "mlp" else self.num_classes
         parameters = self.num_features * inner + (self.hidden * self.num_classes if self.trainer == "mlp" else 0)
         if parameters > MAX_MODEL_PARAMETERS:
             raise ValueError(f"model of about {parameters} parameters exceeds {MAX_MODEL_PARAMETERS}")
         return self
+
+
+class UploadedModel(BaseModel):
+    """The user's own model, uploaded with ``POST /api/models``: its first version is that file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_id: Identifier
+    digest: Digest | None = Field(
+        default=None, description="SHA-256 of the uploaded safetensors file; filled in when the training "
+                                  "starts (REST and the Python client resolve model_id to it)")
+
+
+class FirstAgentModel(BaseModel):
+    """The user's own model as the first agent holds it (Flower's behaviour when a server has no
+    initial parameters): one agent's ``get_parameters`` is version 0 and fixes the layout."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    from_first_agent: Literal[True] = True
+
+
+def _model_kind(value: object) -> str:
+    keys = set(value) if isinstance(value, dict) else set(vars(value)) if hasattr(value, "__dict__") else set()
+    if "model_id" in keys:
+        return "uploaded"
+    if "from_first_agent" in keys:
+        return "first_agent"
+    return "preset"
+
+
+ModelSpec: TypeAlias = Annotated[
+    Annotated[PresetModel, Tag("preset")] | Annotated[UploadedModel, Tag("uploaded")]
+    | Annotated[FirstAgentModel, Tag("first_agent")],
+    Discriminator(_model_kind),
+]
+"""Which model a training trains: ``{"trainer": "softmax", "num_features": ..., "num_classes": ...}``
+(a built-in preset), ``{"model_id": ...}`` (an uploaded model) or ``{"from_first_agent": true}``."""
 
 
 class LocalTrainingSettings(BaseModel):
@@ -116,13 +153,13 @@ class LocalTrainingSettings(BaseModel):
 
 PrivacyLevelName = Literal["none", "low", "medium", "high"]
 AlgorithmName = Literal[
-    "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "perffedavg",
+    "fedavg", "fedsgd", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "perffedavg",
     "krum", "multikrum", "trimmed_mean", "median", "bulyan", "fedbuff",
 ]
 """Aggregation rules a training can name; their parameters follow Flower's. ``fedbuff``
 trains buffered-asynchronously (no rounds for agents to wait on)."""
 ASYNC_ALGORITHMS = frozenset({"fedbuff"})
-SECURE_ALGORITHMS = frozenset({"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"})
+SECURE_ALGORITHMS = frozenset({"fedavg", "fedsgd", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"})
 """Rules that need only the example-weighted mean of the updates, which secure aggregation
 reveals; the others need each update (distances, order statistics, per-agent accuracies) or
 no rounds at all (fedbuff), and are refused for secure trainings."""
@@ -294,6 +331,8 @@ AgentMessage: TypeAlias = Annotated[
 class TaskKind(StrEnum):
     TRAIN = "train"
     EVALUATE = "evaluate"
+    PARAMETERS = "parameters"
+    """Send your model's initial parameters (a training whose model is ``from_first_agent``)."""
 
 
 class Task(Message):
@@ -306,11 +345,17 @@ class Task(Message):
     attempt: int = Field(ge=1)
     dataset: Identifier
     model: ModelSpec
-    model_digest: Digest
+    model_digest: Digest | None = Field(default=None, description="the global model; None in a parameters task")
     model_version: int = Field(ge=0)
     settings: LocalTrainingSettings
     deadline_at: float
     secure: bool = Field(default=False, description="hold the update for the secure-aggregation exchange")
+
+    @model_validator(mode="after")
+    def _model_named(self) -> Task:
+        if (self.model_digest is None) != (self.kind is TaskKind.PARAMETERS):
+            raise ValueError("a parameters task names no model; train and evaluate tasks name one")
+        return self
 
 
 class Evaluation(BaseModel):
@@ -347,9 +392,24 @@ class UpdateSubmitted(Message, SignedByAgent):
     def _train_has_blob(self) -> UpdateSubmitted:
         if self.kind is TaskKind.TRAIN and (self.update_digest is None or self.num_examples <= 0):
             raise ValueError("a train notice needs update_digest and num_examples > 0")
+        if self.kind is TaskKind.PARAMETERS and self.update_digest is None:
+            raise ValueError("a parameters notice needs update_digest (the agent's initial model)")
         if self.kind is TaskKind.EVALUATE and self.evaluation is None:
             raise ValueError("an evaluate notice needs evaluation")
         return self
+
+
+class ModelRefused(Message, SignedByAgent):
+    """An agent's word that the training's model is not the model it trains (another layout):
+    the coordinator shows the reason in the training's status and raises an alert."""
+
+    type: Literal["model_refused"] = "model_refused"
+    training_id: Identifier
+    round: int = Field(ge=0)
+    attempt: int = Field(ge=1)
+    agent_id: Identifier
+    reason: str = Field(max_length=64, pattern=r"^[a-z_]+$")
+    detail: str = Field(max_length=1000)
 
 
 # -- pipeline -------------------------------------------------------------------

@@ -10,16 +10,30 @@ import hashlib
 import json
 import struct
 from collections.abc import Mapping
+from typing import Any
 
+import ml_dtypes
 import numpy as np
-from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 from federated_learning.types import BlobDigest, NamedLayers
 
-ALLOWED_DTYPES = frozenset({"float32", "float64"})
-"""Dtypes of models and updates. Server-internal blobs (aggregation rule state) may also hold integers."""
-STATE_DTYPES = ALLOWED_DTYPES | {"int64", "int32"}
+FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+"""Layers of these dtypes are trained: aggregated by the training's rule, clipped, noised, masked."""
+INTEGER_DTYPES = frozenset({"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"})
+"""Layers of these dtypes (counters such as BatchNorm's ``num_batches_tracked``) are carried, not
+averaged: see :func:`federated_learning.protocol.layouts.carry_integer_layers`."""
+ALLOWED_DTYPES = FLOAT_DTYPES | INTEGER_DTYPES
+"""Dtypes of models and updates."""
+STATE_DTYPES = ALLOWED_DTYPES
+"""Server-internal blobs (aggregation rule state)."""
+_SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {
+    "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16), "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64), "I8": np.dtype(np.int8), "I16": np.dtype(np.int16),
+    "I32": np.dtype(np.int32), "I64": np.dtype(np.int64), "U8": np.dtype(np.uint8),
+    "U16": np.dtype(np.uint16), "U32": np.dtype(np.uint32), "U64": np.dtype(np.uint64),
+    "BOOL": np.dtype(np.bool_),
+}
 _HEADER_LEN_BYTES = 8
 _MAX_HEADER_BYTES = 1 << 20
 
@@ -44,7 +58,8 @@ def digest_of(data: bytes) -> BlobDigest:
 
 def encode_layers(layers: Mapping[str, np.ndarray]) -> bytes:
     """Serialise named layers to safetensors bytes (layer order kept in the metadata)."""
-    arrays = {name: np.ascontiguousarray(value) for name, value in layers.items()}
+    # np.ascontiguousarray would make a 0-d layer (a counter) 1-d.
+    arrays = {name: np.array(value, order="C", copy=None) for name, value in layers.items()}
     return bytes(_st_save(arrays, metadata={"order": json.dumps(list(arrays))}))
 
 
@@ -63,19 +78,62 @@ def _read_header(data: bytes) -> dict[str, object]:
     return header
 
 
+def _arrays(data: bytes, header: dict[str, object]) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors blob, as read-only views of ``data``.
+
+    Read here rather than by ``safetensors.numpy.load``, which has no bfloat16; the checks are the
+    format's: known dtypes, offsets that tile the data section exactly, sizes that match shapes."""
+    start = _HEADER_LEN_BYTES + int.from_bytes(data[:_HEADER_LEN_BYTES], "little")
+    body = memoryview(data)[start:]
+    entries: list[tuple[int, int, str, np.dtype[Any], tuple[int, ...]]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise InvalidTensor("bad_blob", f"tensor '{name}' has no description")
+        dtype = _SAFETENSORS_DTYPES.get(str(info.get("dtype")))
+        if dtype is None:
+            raise InvalidTensor("bad_dtype", f"layer '{name}' has dtype {info.get('dtype')!r}; "
+                                             f"allowed: {sorted(_SAFETENSORS_DTYPES)}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                for n in shape)):
+            raise InvalidTensor("bad_blob", f"tensor '{name}' has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)):
+            raise InvalidTensor("bad_blob", f"tensor '{name}' has invalid data offsets {offsets!r}")
+        count = 1
+        for n in shape:
+            count *= n
+        if offsets[1] - offsets[0] != count * dtype.itemsize:
+            raise InvalidTensor("bad_blob", f"tensor '{name}' holds {offsets[1] - offsets[0]} bytes; its shape "
+                                            f"{tuple(shape)} of {dtype.name} needs {count * dtype.itemsize}")
+        entries.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
+    entries.sort(key=lambda entry: entry[0])
+    position = 0
+    arrays: dict[str, np.ndarray] = {}
+    for begin, end, name, dtype, shape in entries:
+        if begin != position:
+            raise InvalidTensor("bad_blob", f"tensor '{name}' starts at byte {begin}; expected {position}")
+        arrays[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
+        position = end
+    if position != len(body):
+        raise InvalidTensor("bad_blob", f"the data section holds {len(body)} bytes; the tensors cover {position}")
+    return arrays
+
+
 def decode_layers(data: bytes, *, max_bytes: int, allowed_dtypes: frozenset[str] = ALLOWED_DTYPES) -> NamedLayers:
     """Parse safetensors bytes into named layers, in the order they were saved.
 
-    Raises :class:`InvalidTensor` when the blob is too large, malformed, or holds a
-    dtype other than float32/float64.
+    The order is the metadata's ``order`` entry when it names exactly the blob's tensors, else
+    the order of the tensors' data in the blob (deterministic for the same bytes). Raises
+    :class:`InvalidTensor` when the blob is too large, malformed, or holds a dtype outside
+    ``allowed_dtypes``.
     """
     if len(data) > max_bytes:
         raise InvalidTensor("too_large", f"blob of {len(data)} bytes exceeds the limit {max_bytes}")
     header = _read_header(data)
-    try:
-        arrays = _st_load(data)
-    except Exception as exc:  # safetensors raises its own SafetensorError
-        raise InvalidTensor("bad_blob", f"not a safetensors blob: {exc}") from exc
+    arrays = _arrays(data, header)
     metadata = header.get("__metadata__")
     order: list[str] = list(arrays)
     if isinstance(metadata, dict) and isinstance(metadata.get("order"), str):
@@ -83,7 +141,8 @@ def decode_layers(data: bytes, *, max_bytes: int, allowed_dtypes: frozenset[str]
             saved_order = json.loads(metadata["order"])
         except ValueError:
             saved_order = None
-        if isinstance(saved_order, list) and sorted(saved_order) == sorted(arrays):
+        if isinstance(saved_order, list) and sorted(map(str, saved_order)) == sorted(arrays) \
+                and len(saved_order) == len(arrays):
             order = [str(name) for name in saved_order]
     for name in order:
         if arrays[name].dtype.name not in allowed_dtypes:
@@ -96,27 +155,43 @@ def spec_of(layers: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...]
     return {name: (tuple(int(n) for n in a.shape), a.dtype.name) for name, a in layers.items()}
 
 
-def validate_layers(layers: Mapping[str, np.ndarray], spec: LayerSpec) -> None:
-    """Check names, shapes, dtypes and finiteness against ``spec``; raise :class:`InvalidTensor`."""
-    if list(layers) != list(spec):
-        missing = sorted(set(spec) - set(layers))
-        extra = sorted(set(layers) - set(spec))
+def describe(shape: tuple[int, ...], dtype: str) -> str:
+    """``(10, 64) float32``: how layer layouts are quoted in every refusal."""
+    return f"{tuple(shape)} {dtype}"
+
+
+def is_float(dtype: str) -> bool:
+    """Whether a layer of this dtype is trained (float16, bfloat16, float32, float64)."""
+    return dtype in FLOAT_DTYPES
+
+
+def layout_mismatch(received: LayerSpec, expected: LayerSpec) -> InvalidTensor | None:
+    """The first difference between two layouts (names, order, shapes, dtypes), as the refusal
+    that names the layer and both its expected and received shape and dtype; None when equal."""
+    if list(received) != list(expected):
+        missing = [name for name in expected if name not in received]
+        extra = [name for name in received if name not in expected]
         if not missing and not extra:
-            raise InvalidTensor(
-                "bad_layers", f"layers are in the order {list(layers)}; the model's order is {list(spec)}"
-            )
-        raise InvalidTensor(
-            "bad_layers", f"layer names differ from the model: missing {missing}, unexpected {extra}"
-        )
-    for name, (shape, dtype) in spec.items():
-        array = layers[name]
-        if tuple(array.shape) != tuple(shape):
-            raise InvalidTensor(
-                "bad_shape", f"layer '{name}' has shape {tuple(array.shape)}; expected {tuple(shape)}"
-            )
-        if array.dtype.name != dtype:
-            raise InvalidTensor(
-                "bad_dtype", f"layer '{name}' has dtype {array.dtype.name}; expected {dtype}"
-            )
-        if not np.isfinite(array).all():
+            return InvalidTensor(
+                "bad_layers", f"layers are in the order {list(received)}; the model's order is {list(expected)}")
+        first = missing[0] if missing else extra[0]
+        side = (f"layer '{first}' (expected {describe(*expected[first])}) is missing" if missing
+                else f"layer '{first}' (received {describe(*received[first])}) is not in the model")
+        return InvalidTensor("bad_layers", f"{side}; missing {missing[:10]}, unexpected {extra[:10]}")
+    for name, (shape, dtype) in expected.items():
+        got_shape, got_dtype = received[name]
+        if tuple(got_shape) != tuple(shape) or got_dtype != dtype:
+            reason = "bad_shape" if tuple(got_shape) != tuple(shape) else "bad_dtype"
+            return InvalidTensor(reason, f"layer '{name}': expected {describe(shape, dtype)}, "
+                                         f"received {describe(tuple(got_shape), got_dtype)}")
+    return None
+
+
+def validate_layers(layers: Mapping[str, np.ndarray], spec: LayerSpec) -> None:
+    """Check names, order, shapes, dtypes and finiteness against ``spec``; raise :class:`InvalidTensor`."""
+    problem = layout_mismatch(spec_of(layers), spec)
+    if problem is not None:
+        raise problem
+    for name, (_shape, dtype) in spec.items():
+        if is_float(dtype) and not np.isfinite(layers[name]).all():
             raise InvalidTensor("not_finite", f"layer '{name}' contains NaN or Inf")

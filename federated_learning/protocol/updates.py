@@ -20,6 +20,7 @@ from federated_learning.protocol.tensors import (
     InvalidTensor,
     LayerSpec,
     decode_layers,
+    is_float,
     validate_layers,
 )
 from federated_learning.types import NamedLayers
@@ -35,6 +36,7 @@ def encode_compressed(update: CompressedUpdate) -> bytes:
 
 
 def _compressed_delta(data: bytes, spec: LayerSpec, max_bytes: int) -> NamedLayers:
+    """The float32 delta of a compressed blob, one array per layer of ``spec``."""
     tensors = decode_layers(data, max_bytes=max_bytes, allowed_dtypes=COMPRESSED_DTYPES)
     try:
         update = CompressedUpdate.from_tensors(tensors)
@@ -45,7 +47,12 @@ def _compressed_delta(data: bytes, spec: LayerSpec, max_bytes: int) -> NamedLaye
     if [tuple(a.shape) for a in layers] != shapes:
         raise InvalidTensor("bad_shape", f"compressed update has shapes {[a.shape for a in layers]}; "
                                          f"expected {shapes}")
-    return {name: layer.astype(dtype) for (name, (_shape, dtype)), layer in zip(spec.items(), layers, strict=True)}
+    return {name: np.asarray(layer, dtype=np.float32) for name, layer in zip(spec, layers, strict=True)}
+
+
+def trained_spec(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The float layers of a layout: what a compressed delta holds (integer layers are carried)."""
+    return {name: (tuple(shape), dtype) for name, (shape, dtype) in spec.items() if is_float(dtype)}
 
 
 def is_compressed(data: bytes) -> bool:
@@ -65,15 +72,20 @@ def decode_update(data: bytes, spec: LayerSpec, *, max_bytes: int,
                   base: Mapping[str, np.ndarray] | None = None) -> NamedLayers:
     """The update as model layers, validated against ``spec``.
 
-    A compressed delta becomes ``base + delta`` when ``base`` (the model the agent received)
-    is given, else the delta itself (enough to validate it).
+    A compressed delta covers the float layers only. It becomes ``base + delta`` (integer layers
+    as in ``base``) when ``base`` (the model the agent received) is given, else the float32 delta
+    itself (enough to validate it).
     """
     if not is_compressed(data):
         layers = decode_layers(data, max_bytes=max_bytes)
         validate_layers(layers, spec)
         return layers
-    delta = _compressed_delta(data, spec, max_bytes)
-    layers = delta if base is None else {name: (base[name] + delta[name]).astype(delta[name].dtype)
-                                         for name in delta}
+    floats = trained_spec(spec)
+    delta = _compressed_delta(data, floats, max_bytes)
+    if base is None:
+        validate_layers(delta, {name: (shape, "float32") for name, (shape, _dtype) in floats.items()})
+        return delta
+    layers = {name: (base[name].astype(np.float64) + delta[name]).astype(dtype) if name in delta
+              else base[name] for name, (_shape, dtype) in spec.items()}
     validate_layers(layers, spec)
     return layers

@@ -13,12 +13,20 @@ import logging
 import os
 import time
 from dataclasses import asdict
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 from prometheus_client import Counter, Histogram
 
+from federated_learning.aggregation.layouts import (
+    carried_maximum,
+    carried_names,
+    for_rules,
+    restore_dtype,
+    trained_names,
+)
 from federated_learning.bus.blobs import BlobMissing
 from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
@@ -48,6 +56,7 @@ from federated_learning.protocol.tensors import (
     InvalidTensor,
     decode_layers,
     encode_layers,
+    is_float,
     spec_of,
 )
 from federated_learning.protocol.updates import decode_update, is_compressed
@@ -95,10 +104,11 @@ class Aggregator:
         await self.ctx.redis.xadd(self.ctx.keys.aggregate_stream, encode(ready))  # type: ignore[arg-type]
         JOBS.labels(job.algorithm, "ok").inc()
 
-    async def _load_updates(self, job: AggregationJob, base: NamedLayers,
-                            slabs: list[np.ndarray], *, as_deltas: bool) -> list[int]:
-        """Fill row k of every slab with update k (its delta from the base when ``as_deltas``);
-        return the indices of usable updates."""
+    async def _load_updates(self, job: AggregationJob, base: NamedLayers, trained: list[str],
+                            slabs: list[np.ndarray], carried: dict[str, list[np.ndarray]],
+                            *, rows: Rows) -> list[int]:
+        """Fill row k of every slab with update k's trained layer (as ``rows`` says) and collect its integer layers in ``carried``; return the indices of
+        usable updates."""
         usable: list[int] = []
         own_bases: dict[str, NamedLayers] = {}
         for k, ref in enumerate(job.updates):
@@ -111,8 +121,18 @@ class Aggregator:
                 continue
             if job.clip_norm is not None:
                 layers = clip_update(base, layers, job.clip_norm, job.clip_norm_type)
-            for slab, (name, layer) in zip(slabs, layers.items(), strict=True):
-                slab[len(usable)] = (layer - base[name] if as_deltas else layer).reshape(-1)
+            row = len(usable)
+            for slab, name in zip(slabs, trained, strict=True):
+                if rows is Rows.DELTAS:
+                    np.subtract(layers[name].reshape(-1), base[name].reshape(-1), out=slab[row],
+                                dtype=slab.dtype)
+                elif rows is Rows.GRADIENTS:
+                    np.subtract(base[name].reshape(-1), layers[name].reshape(-1), out=slab[row],
+                                dtype=slab.dtype)
+                else:
+                    slab[row] = layers[name].reshape(-1)
+            for name, values in carried.items():
+                values.append(layers[name])
             usable.append(k)
         return usable
 
@@ -137,8 +157,9 @@ class Aggregator:
         return float(np.mean([flag.norm for flag in flags])), contributions
 
     async def _load_secure_mean(self, job: AggregationJob, spec: SecureAggregationSpec, base: NamedLayers,
-                                slabs: list[np.ndarray]) -> int | None:
-        """Remove the masks of a secure round; row 0 of ``slabs`` becomes base + the mean delta.
+                                slabs: list[np.ndarray], *, gradients: bool) -> int | None:
+        """Remove the masks of a secure round; row 0 of ``slabs`` becomes base + the mean delta
+        (minus the mean delta, FedSGD's gradient, when ``gradients``).
         Returns how many updates were within the clip norm when the session counts them."""
         max_bytes = self.ctx.settings.max_blob_bytes
         masked = {}
@@ -154,8 +175,9 @@ class Aggregator:
         except PrivacyError as exc:
             raise AggregationFailed(f"secure aggregation: {exc}") from exc
         offset = 0
-        for slab, layer in zip(slabs, base.values(), strict=True):
-            slab[0] = layer.reshape(-1) + unmasked.mean[offset: offset + layer.size]
+        for slab, name in zip(slabs, trained_names(base), strict=True):
+            layer, mean_delta = base[name], unmasked.mean[offset: offset + base[name].size]
+            slab[0] = -mean_delta if gradients else layer.reshape(-1) + mean_delta
             offset += layer.size
         return unmasked.unclipped_count
 
@@ -171,32 +193,38 @@ class Aggregator:
                                                         max_bytes=max_bytes)
         own = own_bases[ref.model_digest]
         model = decode_update(data, spec_of(base), max_bytes=max_bytes)
-        return {name: (base[name] + (model[name] - own[name])).astype(model[name].dtype) for name in model}
+        return {name: (base[name] + (model[name].astype(np.float64) - own[name])).astype(model[name].dtype)
+                if is_float(model[name].dtype.name) else model[name] for name in model}
 
     async def aggregate(self, job: AggregationJob) -> AggregateReady:
         from federated_learning.aggregation import allocate_slabs, create_strategy
 
         base = decode_layers(await self.ctx.blobs.get(job.base_digest),
                              max_bytes=self.ctx.settings.max_blob_bytes)
-        names = list(base)
-        global_layers: list[NDArray[np.generic]] = list(base.values())
+        trained = trained_names(base)
+        if not trained:
+            raise AggregationFailed("the model has no float layer to aggregate")
+        global_layers: list[NDArray[np.generic]] = [for_rules(base[name]) for name in trained]
         strategy = create_strategy(job.algorithm, **job.algorithm_params)
         if job.state_digest:
             strategy.load_state_dict(decode_layers(await self.ctx.blobs.get(job.state_digest),
                                                    max_bytes=self.ctx.settings.max_blob_bytes,
                                                    allowed_dtypes=STATE_DTYPES))
-        # FedBuff folds deltas (each from the version its agent started from), not models.
-        as_deltas = job.algorithm in ASYNC_ALGORITHMS
+        rows = rows_for(job.algorithm)
         unclipped_count = None
+        # Integer layers follow the updates only where the updates are seen whole and unclipped.
+        carried: dict[str, list[np.ndarray]] = {name: [] for name in carried_names(base)
+                                                 if job.secure is None and job.clip_norm is None}
         if job.secure is not None:
             # One row: the survivors' unmasked weighted mean, weighted by all their examples.
             slabs = allocate_slabs(global_layers, 1)
-            unclipped_count = await self._load_secure_mean(job, job.secure, base, slabs)
+            unclipped_count = await self._load_secure_mean(job, job.secure, base, slabs,
+                                                             gradients=rows is Rows.GRADIENTS)
             refs = job.updates
             weights = [sum(ref.num_examples for ref in refs)]
         else:
             slabs = allocate_slabs(global_layers, len(job.updates))
-            usable = await self._load_updates(job, base, slabs, as_deltas=as_deltas)
+            usable = await self._load_updates(job, base, trained, slabs, carried, rows=rows)
             if not usable:
                 raise AggregationFailed("no usable update")
             if len(usable) < len(job.updates):
@@ -211,14 +239,15 @@ class Aggregator:
         )
         seconds = time.perf_counter() - started
         SECONDS.labels(job.algorithm).observe(seconds)
-        reference = [np.zeros_like(layer) for layer in global_layers] if as_deltas else global_layers
+        reference = global_layers if rows is Rows.MODELS else [np.zeros_like(layer) for layer in global_layers]
         # A secure round has no individual updates to score: that is what it hides.
         if job.secure is None:
             norm_mean, contributions = await self._score_updates(job, reference, slabs, refs)
         else:  # nothing individual to score: each survivor is credited its examples
             norm_mean, contributions = 0.0, {ref.agent_id: float(ref.num_examples) for ref in refs}
-        model = dict(zip(names, (np.asarray(layer).reshape(base[name].shape)
-                                 for name, layer in zip(names, new_layers, strict=True)), strict=True))
+        aggregated = dict(zip(trained, new_layers, strict=True))
+        model = {name: restore_dtype(aggregated[name], layer) if name in aggregated
+                 else carried_maximum(carried.get(name, []), layer) for name, layer in base.items()}
         model_digest = await self.ctx.blobs.put(encode_layers(model))
         state = strategy.state_dict()
         state_digest = await self.ctx.blobs.put(encode_layers(state)) if state else None
@@ -232,6 +261,24 @@ class Aggregator:
             update_norm_mean=norm_mean, unclipped_count=unclipped_count, contributions=contributions,
             worker=self.consumer.consumer,
         )
+
+
+class Rows(Enum):
+    """What a slab row holds for a rule: the agent's model, its delta from the base, or FedSGD's
+    gradient (base - model: the agent took one local step, which the server takes again at its
+    own learning rate)."""
+
+    MODELS = "models"
+    DELTAS = "deltas"
+    GRADIENTS = "gradients"
+
+
+def rows_for(algorithm: str) -> Rows:
+    """FedBuff folds deltas (each from the version its agent started from); FedSGD steps along
+    gradients; every other rule combines models."""
+    if algorithm in ASYNC_ALGORITHMS:
+        return Rows.DELTAS
+    return Rows.GRADIENTS if algorithm == "fedsgd" else Rows.MODELS
 
 
 ANOMALY_MAX_VALUES = 50_000_000

@@ -21,14 +21,11 @@ from federated_learning.config import load_settings
 from federated_learning.coordination.checks import check_agent_message, refuse_training
 from federated_learning.coordination.secure import DEFAULT_SECURE_CLIP_NORM
 from federated_learning.coordination.state import RoundPhase, TrainingState
-from federated_learning.models import initial_model
 from federated_learning.privacy.release import DEFAULT_ADAPTIVE_INITIAL_CLIP_NORM, clip_norm_for
 from federated_learning.protocol.keys import GROUP_COORDINATOR
 from federated_learning.protocol.messages import (
     AgentJoined,
     MalformedMessage,
-    ModelReleased,
-    PrivacyReport,
     RollbackTraining,
     Severity,
     StartTraining,
@@ -36,15 +33,12 @@ from federated_learning.protocol.messages import (
     TrainingStatus,
     decode_agent_message,
     decode_control,
-    encode,
 )
 from federated_learning.protocol.secure_messages import SECURE_AGENT_TYPES, message_type
-from federated_learning.protocol.tensors import (
-    encode_layers,
-)
 from federated_learning.records.agents import AgentRegistry, entry_time
 from federated_learning.records.trainings import TrainingStore
 from federated_learning.services.buffered import BufferedRounds
+from federated_learning.services.initial_models import InitialModels
 from federated_learning.services.rollbacks import Rollbacks
 from federated_learning.services.rounds import RoundProtocol
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
@@ -73,6 +67,7 @@ class Coordinator(RoundProtocol):
         self.buffered = BufferedRounds(self)
         self.rollbacks = Rollbacks(self)
         self.secure = SecureRounds(self)
+        self.initial = InitialModels(self)
         self.consumer = StreamConsumer(
             ctx.redis, GROUP_COORDINATOR, f"coordinator-{ctx.instance}",
             {
@@ -159,30 +154,29 @@ class Coordinator(RoundProtocol):
             await self.store.remove_queued(training_id)
 
     async def initialize(self, state: TrainingState) -> None:
-        """Build the initial model and hand it to the version manager as version 0."""
+        """Build the initial model and hand it to the version manager as version 0 (a training
+        whose model comes from its first agent waits for one; ``tick`` asks)."""
         state.status = TrainingStatus.INITIALIZING
+        if self.initial.waits_for_agent(state):
+            await self.store.save(state, active=True)
+            await self._emit_status(state)
+            await self.initial.ask_next_agent(state)
+            return
         try:
-            layers = initial_model(state.config.model)
-            digest = await self.ctx.blobs.put(encode_layers(layers))
-        except (ValueError, MemoryError) as exc:  # InvalidTensor (too large) is a ValueError
+            data = await self.initial.model_bytes(state)
+            await self.initial.publish(state, data)
+        except (ValueError, MemoryError) as exc:  # InvalidTensor (too large, bad layers) is a ValueError
             await self.finish(state, TrainingStatus.FAILED, f"cannot build the model: {exc}")
             return
-        state.layer_spec = {name: (tuple(a.shape), a.dtype.name) for name, a in layers.items()}
-        release = ModelReleased(
-            training_id=state.training_id, round=0, model_digest=digest,
-            algorithm=state.config.algorithm,
-            privacy=PrivacyReport(level="none", mechanism="none", note="initial model"),
-        )
-        async with self.redis.pipeline(transaction=True) as pipe:
-            self.store.stage_save(pipe, state, active=True)
-            pipe.xadd(self.keys.release_stream, encode(release))  # type: ignore[arg-type]
-            await pipe.execute()
         await self._emit_status(state)
 
     async def on_upload(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         """The update stream carries update notices and the secure-aggregation exchange."""
-        if message_type(fields) in SECURE_AGENT_TYPES:
+        kind = message_type(fields)
+        if kind in SECURE_AGENT_TYPES:
             await self.secure.on_message(fields)
+        elif kind == "model_refused":
+            await self.initial.on_refused(fields)
         else:
             await self.on_update(entry_id, fields)
 
@@ -224,7 +218,9 @@ class Coordinator(RoundProtocol):
             state = await self.store.load(training_id)
             if state is None:
                 continue
-            if state.phase is RoundPhase.AGGREGATING and time.time() > state.deadline_at:
+            if state.status is TrainingStatus.INITIALIZING and self.initial.waits_for_agent(state):
+                await self.initial.ask_next_agent(state)
+            elif state.phase is RoundPhase.AGGREGATING and time.time() > state.deadline_at:
                 await self.aggregation_overdue(state)
             elif state.phase is RoundPhase.IDLE and state.status in (
                     TrainingStatus.RUNNING, TrainingStatus.EVALUATING, TrainingStatus.SAVING):

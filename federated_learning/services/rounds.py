@@ -53,6 +53,7 @@ from federated_learning.protocol.messages import (
     Evaluation,
     MalformedMessage,
     ModelReleased,
+    PresetModel,
     RoundMetrics,
     Severity,
     Task,
@@ -73,6 +74,7 @@ from federated_learning.services.runtime import ServiceContext
 
 if TYPE_CHECKING:
     from federated_learning.services.buffered import BufferedRounds
+    from federated_learning.services.initial_models import InitialModels
     from federated_learning.services.rollbacks import Rollbacks
     from federated_learning.services.secure_rounds import SecureRounds
 
@@ -128,6 +130,7 @@ class RoundProtocol:
     buffered: BufferedRounds
     rollbacks: Rollbacks
     secure: SecureRounds
+    initial: InitialModels
     activate_queued: Callable[[], Awaitable[None]]
 
     async def finish(self, state: TrainingState, status: TrainingStatus, reason: str) -> None:
@@ -256,6 +259,9 @@ class RoundProtocol:
         if sender is None:
             return
         state, agent = sender
+        if notice.kind is TaskKind.PARAMETERS:
+            await self.initial.on_parameters(state, notice)
+            return
         if state.is_buffered and state.status is TrainingStatus.RUNNING and notice.kind is TaskKind.TRAIN:
             await self.buffered.on_update(state, notice, context, volunteer=agent.volunteer)
             return
@@ -558,6 +564,8 @@ class RoundProtocol:
         if path is None:
             return None
         spec = state.config.model
+        if not isinstance(spec, PresetModel):
+            return None  # refused at start: the server cannot run the user's model
         x, y = load_validation_set(path, spec.num_features, spec.num_classes)
         layers = decode_layers(await self.ctx.blobs.get(committed.model_digest),
                                max_bytes=self.settings.max_blob_bytes)

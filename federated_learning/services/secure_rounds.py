@@ -52,7 +52,7 @@ from federated_learning.protocol.secure_messages import (
     SecureUnmaskShares,
     decode_secure_agent_message,
 )
-from federated_learning.protocol.tensors import InvalidTensor, decode_layers
+from federated_learning.protocol.tensors import InvalidTensor, decode_layers, is_float
 
 if TYPE_CHECKING:
     from federated_learning.services.coordinator import Coordinator
@@ -69,7 +69,9 @@ _PART_OF = {SecurePhase.KEYS: "keys", SecurePhase.SHARES: "shares", SecurePhase.
 
 
 def vector_length(state: TrainingState) -> int:
-    return sum(int(np.prod(shape)) for shape, _dtype in state.layer_spec.values())
+    """Values in a masked update: the float layers' (integer layers are not masked; they keep
+    the global model's values in secure trainings)."""
+    return sum(int(np.prod(shape)) for shape, dtype in state.layer_spec.values() if is_float(dtype))
 
 
 class SecureRounds:

@@ -1,3 +1,6 @@
+import json
+
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -35,10 +38,62 @@ def test_garbage_is_not_a_blob() -> None:
     assert info.value.reason == "bad_blob"
 
 
-def test_integer_dtype_is_rejected() -> None:
+def test_every_model_dtype_round_trips_bit_for_bit() -> None:
+    layers = {
+        "half": np.array([1.5, -2.25, 65504.0], np.float16),
+        "brain": np.array([1.0, -3.0078125, 1e30], ml_dtypes.bfloat16),
+        "single": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "double": np.array([np.pi], np.float64),
+        "counter": np.array(7, np.int64),
+        "mask": np.array([True, False]),
+    }
+    decoded = decode_layers(encode_layers(layers), max_bytes=1 << 20)
+    assert list(decoded) == list(layers)
+    for name, layer in layers.items():
+        assert decoded[name].dtype == layer.dtype and decoded[name].shape == layer.shape
+        assert decoded[name].tobytes() == layer.tobytes()
+
+
+def test_a_dtype_outside_the_allowed_set_is_rejected() -> None:
     with pytest.raises(InvalidTensor) as info:
-        decode_layers(encode_layers({"w": np.ones(3, np.int32)}), max_bytes=1 << 20)
+        decode_layers(encode_layers({"w": np.ones(3, np.int32)}), max_bytes=1 << 20,
+                      allowed_dtypes=frozenset({"float32"}))
     assert info.value.reason == "bad_dtype"
+
+
+def _blob(header: dict[str, object], body: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + body
+
+
+@pytest.mark.parametrize("header", [
+    {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},    # size does not match the shape
+    {"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},    # a gap before the tensor
+    {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},    # bytes after the last tensor
+    {"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}},    # unknown dtype
+    {"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}},   # negative dimension
+])
+def test_malformed_tensor_descriptions_are_rejected(header: dict[str, object]) -> None:
+    with pytest.raises(InvalidTensor):
+        decode_layers(_blob(header, bytes(8)), max_bytes=1 << 20)
+
+
+def test_without_an_order_entry_layers_come_in_data_order() -> None:
+    header = {"b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+              "a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}
+    for _ in range(5):
+        assert list(decode_layers(_blob(header, bytes(8)), max_bytes=1 << 20)) == ["b", "a"]
+
+
+def test_a_layout_mismatch_names_the_layer_and_both_layouts() -> None:
+    with pytest.raises(InvalidTensor) as info:
+        validate_layers({"dense.weight": np.ones((2, 3), np.float32), "dense.bias": np.zeros(2, np.float32)},
+                        spec_of(MODEL))
+    assert str(info.value) == "bad_shape: layer 'dense.weight': expected (3, 2) float32, received (2, 3) float32"
+
+
+def test_integer_layers_are_not_checked_for_finiteness() -> None:
+    validate_layers({"n": np.array(3, np.int64)}, {"n": ((), "int64")})
 
 
 @pytest.mark.parametrize(("layers", "reason"), [
