@@ -18,6 +18,7 @@ from federated_learning.dashboard.live import EventHub
 from federated_learning.dashboard.routes import (
     join_tokens,
     live,
+    models,
     organisations,
     sync,
     system,
@@ -63,6 +64,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     app.include_router(trainings.router)
     app.include_router(live.router)
     app.include_router(sync.router)
+    app.include_router(models.router)
     app.include_router(join_tokens.router)
     app.include_router(organisations.router)
 

@@ -36,6 +36,7 @@ from federated_learning.privacy.signing import AgentKeyPair
 from federated_learning.protocol.messages import (
     AgentJoined,
     Evaluation,
+    FirstAgentModel,
     Heartbeat,
     Identifier,
     TaskKind,
@@ -51,6 +52,8 @@ from federated_learning.protocol.tensors import (
     validate_layers,
 )
 from federated_learning.records.join_tokens import JoinTokens
+from federated_learning.records.model_refusals import ModelRefusal, ModelRefusals
+from federated_learning.records.models import check_user_model
 from federated_learning.types import NamedLayers
 
 router = APIRouter(tags=["sync"])
@@ -125,20 +128,20 @@ def in_model_order(layers: NamedLayers, spec: LayerSpec) -> NamedLayers:
     return {name: layers[name] for name in spec}
 
 
-async def _read_body(request: Request, ctx: Context) -> bytes:
+async def read_limited_body(request: Request, ctx: Context, source: str = "sync") -> bytes:
     """The request body, refused (413) from its ``Content-Length`` or once more than
     ``max_blob_bytes`` has arrived, so an oversized body is never held whole."""
     limit = ctx.settings.max_blob_bytes
     declared = request.headers.get("content-length", "")
     if declared.isascii() and declared.isdigit() and int(declared) > limit:
-        await ctx.reject("sync", "too_large", f"Content-Length {declared} bytes")
+        await ctx.reject(source, "too_large", f"Content-Length {declared} bytes")
         raise HTTPException(413, detail=f"body of {declared} bytes exceeds max_blob_bytes ({limit})")
     chunks: list[bytes] = []
     received = 0
     async for chunk in request.stream():
         received += len(chunk)
         if received > limit:
-            await ctx.reject("sync", "too_large", f"body over {limit} bytes")
+            await ctx.reject(source, "too_large", f"body over {limit} bytes")
             raise HTTPException(413, detail=f"body exceeds max_blob_bytes ({limit})")
         chunks.append(chunk)
     return b"".join(chunks)
@@ -161,7 +164,10 @@ async def _training(ctx: Context, trainings: Trainings, principal: Principal, tr
         state = await trainings.load(candidate)
         if state is not None and not principal.may_access(state.org_id):
             await forbid(ctx, principal, f"training '{candidate}' belongs to another organisation")
-        if state is not None and state.status in (TrainingStatus.RUNNING, TrainingStatus.PAUSED):
+        awaits_first_model = state is not None and state.status is TrainingStatus.INITIALIZING \
+            and isinstance(state.config.model, FirstAgentModel) and not state.layer_spec
+        if state is not None and (state.status in (TrainingStatus.RUNNING, TrainingStatus.PAUSED)
+                                  or awaits_first_model):
             if state.config.secure_aggregation:
                 raise HTTPException(status.HTTP_409_CONFLICT, detail=(
                     f"training '{state.training_id}' uses secure aggregation: only bus agents, which take "
@@ -172,6 +178,11 @@ async def _training(ctx: Context, trainings: Trainings, principal: Principal, tr
 
 
 def _layers_from_json(weights: dict[str, list[Any] | float], state: TrainingState) -> NamedLayers:
+    if not state.layer_spec:  # the first model of a from_first_agent training: float32 layers
+        try:
+            return {name: np.asarray(value, dtype=np.float32) for name, value in weights.items()}
+        except (TypeError, ValueError) as exc:
+            raise InvalidTensor("bad_shape", f"weights are not numeric arrays: {exc}") from exc
     layers: NamedLayers = {}
     for name, (_shape, dtype) in state.layer_spec.items():
         if name not in weights:
@@ -188,8 +199,13 @@ def _layers_from_json(weights: dict[str, list[Any] | float], state: TrainingStat
 
 async def _submit(ctx: Context, state: TrainingState, client_id: str, layers: NamedLayers,
                   base_version: int | None, metrics: SyncMetrics) -> str:
-    """Register the client (first time), upload its model and a signed notice; return its agent id."""
-    validate_layers(layers, state.layer_spec)
+    """Register the client (first time), upload its model and a signed notice; return its agent id.
+    In a training still waiting for its first model, the notice offers the client's model as version 0."""
+    first = not state.layer_spec
+    if first:
+        check_user_model(encode_layers(layers), max_bytes=ctx.settings.max_blob_bytes)
+    else:
+        validate_layers(layers, state.layer_spec)
     identity = gateway_identity(ctx)
     agent_id = volunteer_id(state, client_id)
     joined = AgentJoined(agent_id=agent_id, datasets={state.config.dataset: metrics.num_examples},
@@ -202,9 +218,9 @@ async def _submit(ctx: Context, state: TrainingState, client_id: str, layers: Na
     evaluation = None
     if metrics.accuracy is not None and metrics.loss is not None:
         evaluation = Evaluation(accuracy=metrics.accuracy, loss=metrics.loss, num_examples=metrics.num_examples)
-    notice = UpdateSubmitted(kind=TaskKind.TRAIN, training_id=state.training_id, round=state.round,
-                             attempt=max(state.attempt, 1), agent_id=agent_id, update_digest=digest,
-                             num_examples=metrics.num_examples,
+    notice = UpdateSubmitted(kind=TaskKind.PARAMETERS if first else TaskKind.TRAIN, training_id=state.training_id,
+                             round=state.round, attempt=max(state.attempt, 1), agent_id=agent_id,
+                             update_digest=digest, num_examples=metrics.num_examples,
                              received_model_version=(state.current_version or 0) if base_version is None else base_version,
                              evaluation=evaluation)
     notice = notice.model_copy(update={"signature": identity.sign(notice.signed_bytes()).hex()})
@@ -254,7 +270,7 @@ async def sync_model(request: Request, ctx: Context, trainings: Trainings, princ
         except InvalidHeader as exc:
             await ctx.reject("sync", "invalid_header", str(exc))
             raise HTTPException(422, detail=str(exc)) from exc
-    body = await _read_body(request, ctx)
+    body = await read_limited_body(request, ctx)
     try:
         if metrics is not None:
             sync = SyncRequest(client_id=x_client_id or host_client_id(), training_id=x_training_id,
@@ -271,7 +287,16 @@ async def sync_model(request: Request, ctx: Context, trainings: Trainings, princ
         agent_id = await _submit(ctx, state, sync.client_id, layers, sync.base_version, sync.metrics)
     except InvalidTensor as exc:
         await ctx.reject("sync", exc.reason, exc.detail, training_id=state.training_id)
-        raise HTTPException(422, detail=str(exc)) from exc
+        if state.layer_spec:
+            await ModelRefusals(ctx.redis, ctx.keys).add(state.training_id, ModelRefusal(
+                agent_id=volunteer_id(state, sync.client_id), reason=exc.reason, source="sync",
+                detail=f"the model synced by HTTP client '{sync.client_id}' is not the training's: {exc.detail}"))
+        raise HTTPException(422, detail=f"your model is not the training's model: {exc}") from exc
+    if not state.layer_spec:
+        return Response(status_code=status.HTTP_202_ACCEPTED, media_type="application/json", content=json.dumps({
+            "training_id": state.training_id, "agent_id": agent_id, "update": "initial_model",
+            "detail": "the training had no model yet: yours is offered as its version 0 (the first model "
+                      "fixes the layout); sync again for the global model"}))
     data, model = await _current_model(ctx, state)
     headers = {"X-Training-Id": state.training_id, "X-Model-Version": str(state.current_version),
                "X-Model-SHA256": state.current_digest or "", "X-Agent-Id": agent_id}

@@ -21,6 +21,7 @@ from federated_learning.dashboard.auth import (
     existing_project,
 )
 from federated_learning.dashboard.deps import Context, Orgs, Trainings, Versions
+from federated_learning.dashboard.routes.models import model_record
 from federated_learning.model_versions import (
     ModelVersionManager,
     UnknownTraining,
@@ -35,9 +36,11 @@ from federated_learning.protocol.messages import (
     StartTraining,
     StopTraining,
     TrainingConfig,
+    UploadedModel,
     VersionRecord,
     encode,
 )
+from federated_learning.records.model_refusals import ModelRefusals
 
 router = APIRouter(prefix="/api", tags=["trainings"], dependencies=[Depends(confine_to_training_org)])
 """Every route needs a key that may read; a ``{training_id}`` must be of the key's organisation."""
@@ -63,6 +66,11 @@ class StopRequest(BaseModel):
 
 def _public(state: TrainingState) -> dict[str, Any]:
     return state.model_dump(mode="json", exclude={"layer_spec"})
+
+
+def _layout(state: TrainingState) -> list[dict[str, Any]]:
+    """The training's model layout, once fixed: [{name, shape, dtype}]."""
+    return [{"name": name, "shape": list(shape), "dtype": dtype} for name, (shape, dtype) in state.layer_spec.items()]
 
 
 async def _state(trainings: Trainings, training_id: str) -> TrainingState:
@@ -99,6 +107,12 @@ async def start_training(body: StartRequest, ctx: Context, trainings: Trainings,
     if body.training_id and await trainings.load(training_id) is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"training '{training_id}' exists")
     config = TrainingConfig.model_validate(body.model_dump(exclude={"training_id", "project_id", "org_id"}))
+    if isinstance(config.model, UploadedModel):
+        record = await model_record(ctx, principal, config.model.model_id, org_id)
+        if config.model.digest not in (None, record.digest):
+            raise HTTPException(status.HTTP_409_CONFLICT, detail=(
+                f"model '{record.model_id}' has digest {record.digest}; the request names {config.model.digest}"))
+        config = config.model_copy(update={"model": UploadedModel(model_id=record.model_id, digest=record.digest)})
     command = StartTraining(training_id=training_id, config=config, org_id=org_id, project_id=project_id)
     await ctx.redis.xadd(ctx.keys.control_stream, encode(command))  # type: ignore[arg-type]
     return StartResponse(training_id=training_id)
@@ -111,8 +125,13 @@ async def list_trainings(trainings: Trainings, principal: Viewer) -> list[dict[s
 
 
 @router.get("/training/{training_id}/status")
-async def training_status(training_id: str, trainings: Trainings) -> dict[str, Any]:
-    return _public(await _state(trainings, training_id))
+async def training_status(training_id: str, trainings: Trainings, ctx: Context) -> dict[str, Any]:
+    """The training's state, its model's layout (``layers``, once fixed) and the agents whose model is
+    not the training's (``model_refusals``: agent, reason, the layer and both layouts)."""
+    state = await _state(trainings, training_id)
+    refusals = await ModelRefusals(ctx.redis, ctx.keys).list(training_id)
+    return {**_public(state), "layers": _layout(state),
+            "model_refusals": [refusal.model_dump(mode="json") for refusal in refusals]}
 
 
 @router.post("/training/{training_id}/stop", status_code=status.HTTP_202_ACCEPTED)
