@@ -22,27 +22,39 @@ def venv_python() -> Path:
     return VENV / "bin" / "python"
 
 
-def _stamp(extras: str) -> str:
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
-    return digest[:16]
+def _project_hash() -> str:
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+
+
+def _installed(stamp_file: Path) -> set[str] | None:
+    """The extras installed for the current pyproject.toml (None: not installed, or it changed)."""
+    if not stamp_file.exists():
+        return None
+    project, _, extras = stamp_file.read_text().partition(" ")
+    return set(filter(None, extras.split(","))) if project == _project_hash() else None
 
 
 def ensure_venv(extras: str = "") -> Path:
-    """Create the venv if missing and (re)install the project when pyproject.toml changed."""
+    """Create the venv if missing and install the project with ``extras`` (comma-separated) when
+    pyproject.toml changed or an extra is missing. Extras installed before are kept, so the demo,
+    the examples and the tests share one setup instead of reinstalling in turn."""
     if sys.version_info < MIN_PYTHON:
         sys.exit(f"python {'.'.join(map(str, MIN_PYTHON))} or newer is needed; this is {sys.version.split()[0]}")
     if not venv_python().exists():
         print(f"creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     stamp_file = VENV / ".installed"
-    wanted = _stamp(extras)
-    if not stamp_file.exists() or stamp_file.read_text() != wanted:
-        target = f".[{extras}]" if extras else "."
-        print(f"installing the project into {VENV} (pip install -e '{target}')", flush=True)
+    installed = _installed(stamp_file)
+    wanted = set(filter(None, extras.split(",")))
+    if installed is None or not wanted <= installed:
+        keep = wanted | (installed or set())
+        target = f".[{','.join(sorted(keep))}]" if keep else "."
+        print(f"installing the project into {VENV} (pip install -e '{target}'); this takes a minute "
+              "or two the first time", flush=True)
         pip = [str(venv_python()), "-m", "pip", "--disable-pip-version-check", "-q"]
         subprocess.run([*pip, "install", "-U", "pip"], check=True, cwd=ROOT)
         subprocess.run([*pip, "install", "-e", target], check=True, cwd=ROOT)
-        stamp_file.write_text(wanted)
+        stamp_file.write_text(f"{_project_hash()} {','.join(sorted(keep))}")
     return venv_python()
 
 

@@ -19,7 +19,7 @@ PYTEST_NO_TESTS_COLLECTED = 5
 
 
 def main() -> int:
-    reexec_in_venv("test")
+    reexec_in_venv("test,torch")
     env = {**os.environ, "NUMBA_CACHE_DIR": str(ROOT / "data" / "numba-cache")}
     code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *sys.argv[1:]], check=False,
                           cwd=ROOT, env=env).returncode

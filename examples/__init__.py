@@ -1,0 +1,1 @@
+"""Example user code that the agent runtime drives."""

@@ -1,0 +1,1 @@
+"""A Flower NumPyClient around scikit-learn's LogisticRegression on the digits."""
