@@ -80,6 +80,8 @@ class FlowerTrainer:
 
     def __init__(self, client: NumPyClientLike) -> None:
         self.client = client
+        self.num_examples: int | None = getattr(client, "num_examples", None)
+        """What the agent announces when it joins, when the client says (Flower's clients often do)."""
 
     def get_parameters(self, config: Config) -> Parameters:
         arrays = [np.asarray(p) for p in self.client.get_parameters(config)]

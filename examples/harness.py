@@ -23,7 +23,7 @@ from federated_learning.deploy.local import LocalDeployment, stop_on_sigterm
 from federated_learning.rest_client import RestClient
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "data" / "examples"
+DATA = Path(os.environ.get("FL_EXAMPLES_DATA_DIR", ROOT / "data" / "examples"))
 
 
 @contextmanager
@@ -71,6 +71,7 @@ def follow(api: RestClient, training_id: str, *, timeout_s: float = 600.0,
            on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Print one line per round until the training ends; its final status."""
     seen = 0
+    said = ""
     deadline = time.monotonic() + timeout_s
     while True:
         status = api.status(training_id)
@@ -81,8 +82,9 @@ def follow(api: RestClient, training_id: str, *, timeout_s: float = 600.0,
             seen = len(rounds)
             if status["status"] in ("completed", "failed", "stopped"):
                 return status
-            if status["status"] == "initializing" and status.get("reason"):
-                print(f"  {status['reason']}", flush=True)
+            if status.get("reason") and status["reason"] != said and status["status"] != "failed":
+                said = status["reason"]
+                print(f"  {status['status']}: {said}", flush=True)
         if time.monotonic() > deadline:
             raise TimeoutError(f"training {training_id} did not end within {timeout_s:.0f}s")
         time.sleep(1.0)

@@ -26,12 +26,12 @@ def _project_hash() -> str:
     return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
 
 
-def _installed(stamp_file: Path) -> set[str] | None:
-    """The extras installed for the current pyproject.toml (None: not installed, or it changed)."""
+def _installed(stamp_file: Path) -> tuple[bool, set[str]]:
+    """Whether the install is of the current pyproject.toml, and the extras it had."""
     if not stamp_file.exists():
-        return None
+        return False, set()
     project, _, extras = stamp_file.read_text().partition(" ")
-    return set(filter(None, extras.split(","))) if project == _project_hash() else None
+    return project == _project_hash(), set(filter(None, extras.split(",")))
 
 
 def ensure_venv(extras: str = "") -> Path:
@@ -44,10 +44,10 @@ def ensure_venv(extras: str = "") -> Path:
         print(f"creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     stamp_file = VENV / ".installed"
-    installed = _installed(stamp_file)
+    current, installed = _installed(stamp_file)
     wanted = set(filter(None, extras.split(",")))
-    if installed is None or not wanted <= installed:
-        keep = wanted | (installed or set())
+    if not current or not wanted <= installed:
+        keep = wanted | installed
         target = f".[{','.join(sorted(keep))}]" if keep else "."
         print(f"installing the project into {VENV} (pip install -e '{target}'); this takes a minute "
               "or two the first time", flush=True)

@@ -27,7 +27,7 @@ from agents.simulation import SimulationOptions, run_simulation
 from federated_learning.config import ConfigError, load_settings
 from federated_learning.deploy.local import DeploymentFailed, LocalDeployment, stop_on_sigterm
 
-DEMO_DATA_DIR = ROOT / "data" / "demo"
+DEMO_DATA_DIR = Path(os.environ.get("FL_DEMO_DATA_DIR", ROOT / "data" / "demo"))
 # Chosen with scripts/tune-demo.py (in-process FedAvg over the same split); 20 agents per
 # round is config.json's max_clients_per_round.
 DEMO_TRAINING = {"rounds": 30, "clients_per_round": 20, "local_epochs": 10, "batch_size": 4, "learning_rate": 1.0}

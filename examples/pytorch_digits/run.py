@@ -19,11 +19,11 @@ from bootstrap import ROOT, reexec_in_venv
 reexec_in_venv("torch")
 sys.path.insert(0, str(ROOT))
 
-import argparse  # noqa: E402
-import os  # noqa: E402
+import argparse
+import os
 
-from examples.harness import agents, deployed, follow  # noqa: E402
-from examples.pytorch_digits import app  # noqa: E402
+from examples.harness import agents, deployed, follow
+from examples.pytorch_digits import app
 
 TARGET_ACCURACY = 0.90
 

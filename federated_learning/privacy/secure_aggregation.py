@@ -331,9 +331,10 @@ class SecAggClient:
         config, n = roster.config, len(roster.keys)
         mask_shares = shamir_split(
             int.from_bytes(self._mask_key.private_bytes_raw(), "big"), n, config.threshold)
+        no_shares: list[Share | None] = [None] * n
         self_shares: Sequence[Share | None] = (
             shamir_split(int.from_bytes(self._self_seed, "big"), n, config.threshold)
-            if config.self_mask else [None] * n
+            if config.self_mask else no_shares
         )
         bundles = [ShareBundle(self.agent_id, keys.agent_id, mask_shares[k], self_shares[k])
                    for k, keys in enumerate(roster.keys)]

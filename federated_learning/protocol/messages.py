@@ -624,8 +624,8 @@ class RoundMetrics(BaseModel):
 
 M = TypeVar("M", bound=BaseModel)
 
-_control = TypeAdapter(ControlCommand)
-_agent = TypeAdapter(AgentMessage)
+_control: TypeAdapter[ControlCommand] = TypeAdapter(ControlCommand)
+_agent: TypeAdapter[AgentMessage] = TypeAdapter(AgentMessage)
 
 
 class MalformedMessage(ValueError):

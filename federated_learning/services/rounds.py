@@ -170,10 +170,13 @@ class RoundProtocol:
         state.round = round_number
         accepted = await self.redis.hlen(self.keys.round_updates(state.training_id, round_number))
         available = candidates if evaluating else await self._within_cap(state, candidates)
-        if not evaluating and len(available) < state.min_clients:
+        # Live volunteers (plain-HTTP clients) are never asked, but they count: a round of bots alone runs.
+        volunteers = [] if evaluating or state.config.secure_aggregation else \
+            await self.registry.live_volunteers(state.config.dataset, state.project)
+        if not evaluating and len(available) + len(volunteers) < state.min_clients:
             if state.status is not TrainingStatus.PAUSED:
                 state.status = TrainingStatus.PAUSED
-                state.reason = (f"only {len(available)} agents alive with dataset "
+                state.reason = (f"only {len(available) + len(volunteers)} agents alive with dataset "
                                 f"'{state.config.dataset}'" + (
                                     f" and under the hourly cap of {state.config.max_tasks_per_agent_per_hour} tasks"
                                     if len(available) < len(candidates) else "")

@@ -129,7 +129,7 @@ async def test_an_uploaded_mixed_dtype_model_is_trained_end_to_end(
                                 {"name": "steps", "shape": [], "dtype": "int64"}]
     assert record["parameters"] == 64 * 10 + 10 + 1
     assert (await http.get(f"/api/models/{record['model_id']}")).json()["digest"] == record["digest"]
-    agents, test = await user_agents(3)
+    _agents, test = await user_agents(3)
     started = await http.post("/api/training/start", json={
         **training_body({"model_id": record["model_id"]}), "training_id": "uploaded"})
     assert started.status_code == 202, started.text

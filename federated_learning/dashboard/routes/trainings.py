@@ -6,8 +6,9 @@ import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,7 +21,7 @@ from federated_learning.dashboard.auth import (
     ensure_org,
     existing_project,
 )
-from federated_learning.dashboard.deps import Context, Orgs, Trainings, Versions
+from federated_learning.dashboard.deps import AppSettings, Context, Orgs, Trainings, Versions
 from federated_learning.dashboard.routes.models import model_record
 from federated_learning.model_versions import (
     ModelVersionManager,
@@ -40,6 +41,7 @@ from federated_learning.protocol.messages import (
     VersionRecord,
     encode,
 )
+from federated_learning.protocol.tensors import decode_layers, is_float
 from federated_learning.records.model_refusals import ModelRefusals
 
 router = APIRouter(prefix="/api", tags=["trainings"], dependencies=[Depends(confine_to_training_org)])
@@ -175,10 +177,19 @@ def _version_errors() -> Iterator[None]:
 
 @router.get("/training/{training_id}/versions/{version}/model",
             response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}})
-async def download_model(training_id: str, version: int, api: VersionApi) -> Response:
-    """The version's weights as a safetensors file (from the bus, else from its checkpoint)."""
+async def download_model(training_id: str, version: int, api: VersionApi, settings: AppSettings,
+                         format: Literal["safetensors", "json"] = "safetensors") -> Response:
+    """The version's weights as a safetensors file (from the bus, else from its checkpoint), or with
+    ``?format=json`` as ``{"version", "weights": {layer: nested lists}}`` for clients without safetensors."""
     with _version_errors():
         model = await api.get_model_version(version, training_id)
+    if format == "json":
+        layers = decode_layers(model.data, max_bytes=settings.max_blob_bytes)
+        return Response(media_type="application/json", headers={"X-Model-SHA256": model.record.model_digest},
+                        content=json.dumps({"training_id": training_id, "version": version,
+                                            "weights": {name: np.asarray(layer, dtype=np.float64 if is_float(
+                                                layer.dtype.name) else layer.dtype).tolist()
+                                                        for name, layer in layers.items()}}))
     return Response(content=model.data, media_type="application/octet-stream", headers={
         "Content-Disposition": f'attachment; filename="{training_id}-v{version}.safetensors"',
         "X-Model-SHA256": model.record.model_digest,

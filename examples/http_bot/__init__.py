@@ -1,0 +1,1 @@
+"""A plain-HTTP bot with its own model layout (see README.md)."""
