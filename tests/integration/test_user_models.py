@@ -204,3 +204,34 @@ async def test_half_precision_layers_are_aggregated_within_their_precision(
         eps = float(np.finfo(dtype).eps)
         assert np.all(np.abs(got - exact) <= 2 * eps * np.maximum(np.abs(exact), 1e-3)), name
     assert accuracy_on(test.x, test.y, model) >= 0.8
+
+
+async def test_an_http_bot_s_first_sync_fixes_the_layout_and_another_layout_is_refused_over_rest(
+        system: System, http: httpx.AsyncClient, redis: aioredis.Redis) -> None:
+    await system.start("coordinator", "versions")
+    await http.post("/api/training/start", json={**training_body({"from_first_agent": True}), "training_id": "bots"})
+    await wait_for_status(redis, "bots", {"initializing"})
+    weights = {"dense": np.zeros((4, 3)).tolist(), "bias": [0.0, 0.0, 0.0]}
+    first = await http.post("/sync_model", json={"client_id": "bot-1", "training_id": "bots", "weights": weights,
+                                                 "metrics": {"num_examples": 20}})
+    assert first.status_code == 202 and first.json()["update"] == "initial_model"
+    state = await wait_for_status(redis, "bots", {"running", "paused"})
+    assert state.layer_spec == {"dense": ((4, 3), "float32"), "bias": ((3,), "float32")}
+    odd = await http.post("/sync_model", json={"client_id": "bot-2", "training_id": "bots",
+                                               "weights": {"dense": np.zeros((4, 2)).tolist(), "bias": [0.0, 0.0]},
+                                               "metrics": {"num_examples": 20}})
+    assert odd.status_code == 422
+    assert "layer 'dense'" in odd.json()["detail"] and "(4, 3)" in odd.json()["detail"]
+    status = (await http.get("/api/training/bots/status")).json()
+    [refusal] = status["model_refusals"]
+    assert refusal["agent_id"] == "http-bot-2" and refusal["source"] == "sync"
+    assert "layer 'dense': expected (4, 3) float32, received (4, 2) float32" in refusal["detail"]
+
+
+async def test_server_side_validation_is_refused_at_start_for_a_user_model(
+        system: System, http: httpx.AsyncClient, redis: aioredis.Redis) -> None:
+    await system.start("coordinator")
+    await http.post("/api/training/start", json={
+        **training_body({"from_first_agent": True}, validation_data="validation.npz"), "training_id": "noval"})
+    state = await wait_for_status(redis, "noval", {"failed"})
+    assert "cannot run the training's own model" in state.reason
