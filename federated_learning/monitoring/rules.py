@@ -132,6 +132,16 @@ def privacy_budget(training_id: str, epsilon_spent: float, epsilon_target: float
     return []
 
 
+def model_refused(training_id: str, agent_id: str, detail: str) -> list[Condition]:
+    """Warning, once per (training, agent): the agent's model is not the training's (another layout,
+    or parameters that cannot be a model), so it does not take part."""
+    return [Condition(
+        key=f"model_refused:{training_id}:{agent_id}", rule="model_refused", severity=Severity.WARNING,
+        training_id=training_id, message=f"agent {agent_id} cannot take part: {detail}",
+        action="give the agent the training's model (the training's status lists its layers), or start "
+               "another training for the agent's model")]
+
+
 def release_refused(training_id: str, reason: str) -> list[Condition]:
     """Critical: the privacy manager refused a release. It refuses only when one more release
     would exceed the budget (``ReleaseRefused``), so a refusal means the budget is spent; the

@@ -49,6 +49,7 @@ from federated_learning.monitoring.metrics import (
 from federated_learning.monitoring.rules import (
     accuracy_drop,
     agent_failure_rate,
+    model_refused,
     pending_backlog,
     privacy_budget,
     process_resources,
@@ -162,6 +163,8 @@ class Monitor:
             target = privacy_targets(PrivacyLevel(str(event.data["level"]))).epsilon
             await self.raise_once(privacy_budget(event.training_id, float(event.data.get("epsilon_spent", 0.0)),
                                                  target))
+        elif event.kind == "model_refused" and event.training_id and event.agent_id:
+            await self.raise_once(model_refused(event.training_id, event.agent_id, event.message))
         elif event.kind == "release_refused" and event.training_id:
             await self.raise_once(release_refused(event.training_id, event.message))
         elif event.kind == "agent_dropped" and event.agent_id:

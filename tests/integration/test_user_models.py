@@ -105,6 +105,16 @@ async def user_agents(redis_url: str, settings: Any) -> AsyncIterator[Any]:
     await asyncio.gather(*(agent.close() for agent in started), return_exceptions=True)
 
 
+async def wait_for_alert(http: httpx.AsyncClient, rule: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    """The open alerts of ``rule``, once the monitor has raised one."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        alerts = [a for a in (await http.get("/api/alerts")).json() if a["rule"] == rule]
+        if alerts or asyncio.get_running_loop().time() > deadline:
+            return alerts
+        await asyncio.sleep(0.05)
+
+
 def training_body(model: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     return {"dataset": "digits", "model": model, "rounds": 3, "clients_per_round": 3, "min_clients": 3,
             "local": {"epochs": 5, "batch_size": 8, "learning_rate": 0.1}, "privacy_level": "none",
@@ -177,6 +187,8 @@ async def test_the_first_agent_fixes_the_layout_and_another_layout_is_refused_wi
     assert "layer 'dense.weight': expected (64, 10) float32, received (32, 10) float32" in refusal["detail"]
     events = [json.loads(fields[b"m"]) for _id, fields in await redis.xrange(KEYS.event_stream)]
     assert any(e["kind"] == "model_refused" and e["agent_id"] == "user-003" for e in events)
+    alerts = await wait_for_alert(http, "model_refused")
+    assert "agent user-003 cannot take part" in alerts[0]["message"] and alerts[0]["training_id"] == "first"
 
 
 async def test_half_precision_layers_are_aggregated_within_their_precision(

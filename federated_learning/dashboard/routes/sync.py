@@ -39,6 +39,7 @@ from federated_learning.protocol.messages import (
     FirstAgentModel,
     Heartbeat,
     Identifier,
+    Severity,
     TaskKind,
     TrainingStatus,
     UpdateSubmitted,
@@ -288,9 +289,12 @@ async def sync_model(request: Request, ctx: Context, trainings: Trainings, princ
     except InvalidTensor as exc:
         await ctx.reject("sync", exc.reason, exc.detail, training_id=state.training_id)
         if state.layer_spec:
-            await ModelRefusals(ctx.redis, ctx.keys).add(state.training_id, ModelRefusal(
+            refusal = ModelRefusal(
                 agent_id=volunteer_id(state, sync.client_id), reason=exc.reason, source="sync",
-                detail=f"the model synced by HTTP client '{sync.client_id}' is not the training's: {exc.detail}"))
+                detail=f"the model synced by HTTP client '{sync.client_id}' is not the training's: {exc.detail}")
+            await ModelRefusals(ctx.redis, ctx.keys).add(state.training_id, refusal)
+            await ctx.emit("model_refused", refusal.detail, severity=Severity.WARNING,
+                           training_id=state.training_id, agent_id=refusal.agent_id, reason=exc.reason)
         raise HTTPException(422, detail=f"your model is not the training's model: {exc}") from exc
     if not state.layer_spec:
         return Response(status_code=status.HTTP_202_ACCEPTED, media_type="application/json", content=json.dumps({
