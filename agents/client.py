@@ -399,6 +399,8 @@ class FederatedClient:
         own = self.own_layout(task)
         if isinstance(self.trainer, FlowerTrainer):  # Flower's parameters are matched by position
             own = dict(zip(received, own.values(), strict=False)) if len(own) == len(received) else own
+        elif set(own) == set(received):  # named layers are matched by name, in any order
+            own = {name: own[name] for name in received}
         problem = layout_mismatch(own, spec_of(received))
         if problem is not None:
             raise InvalidTensor(problem.reason, f"this agent's model differs from the training's: {problem.detail} "

@@ -62,6 +62,8 @@ def run_trainer(trainer: Trainer, task: Task, weights: Parameters) -> tuple[Eval
         return evaluation, None
     new, trained, fit_metrics = trainer.fit(weights, dict(config))
     layers = {name: np.asarray(layer) for name, layer in new.items()}
+    if set(layers) == set(weights):  # the trainer's own order: back to the training's
+        layers = {name: layers[name] for name in weights}
     problem = layout_mismatch(layout_of(layers), layout_of(weights))
     if problem is not None:
         raise InvalidTensor(problem.reason, f"the trainer's fit returned another layout: {problem.detail}")

@@ -1,0 +1,57 @@
+"""The user's path through a deployed system, with the commands a user types: the model file is
+uploaded and trained with ``python -m federated_learning.rest_client start --initial-model``, and
+the agents run the user's code with ``python -m agents run --app``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from federated_learning.protocol.tensors import decode_layers
+from tests.e2e.conftest import ROOT, Deployment
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.timeout(240)
+def test_a_model_file_trains_with_the_cli_and_agents_run_by_the_runner(deployment: Deployment, tmp_path: Path) -> None:
+    model_file = tmp_path / "model.safetensors"
+    save_file({"dense.weight": np.zeros((64, 10), np.float32), "dense.bias": np.zeros(10, np.float64),
+               "steps": np.array(0, np.int64)}, str(model_file))
+    body = tmp_path / "training.json"
+    body.write_text(json.dumps({"clients_per_round": 3, "min_clients": 3, "privacy_level": "none",
+                                "local": {"epochs": 5}}))
+    agents = subprocess.Popen(
+        [sys.executable, "-m", "agents", "run", "--app", "tests.e2e.user_app:make", "--agent-id", "cli",
+         "--agents", "3", "--redis-url", deployment.redis_url, "--dataset", "digits", "--heartbeat-s", "0.5"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        started = subprocess.run(
+            [sys.executable, "-m", "federated_learning.rest_client", "--url", deployment.dashboard_url,
+             "--api-key", deployment.api_key, "start", "--initial-model", str(model_file), "--config", str(body),
+             "--dataset", "digits", "--rounds", "2", "--wait"],
+            cwd=ROOT, capture_output=True, text=True, timeout=200, check=False)
+    finally:
+        agents.terminate()
+        agent_log = agents.communicate(timeout=30)[0].decode()
+    assert started.returncode == 0, started.stderr + agent_log[-3000:] + deployment.log_tail()
+    training_id, _, final_json = started.stdout.partition("\n")
+    final = json.loads(final_json)
+    assert final["status"] == "completed", (final["reason"], final["model_refusals"])
+    # A file saved by safetensors.numpy lists its tensors in its own order; names match the agents'.
+    assert sorted(final["layers"], key=lambda layer: layer["name"]) == [
+        {"name": "dense.bias", "shape": [10], "dtype": "float64"},
+        {"name": "dense.weight", "shape": [64, 10], "dtype": "float32"},
+        {"name": "steps", "shape": [], "dtype": "int64"}]
+    model = httpx.get(f"{deployment.dashboard_url}/api/training/{training_id}/versions/"
+                      f"{final['current_version']}/model", headers={"X-API-Key": deployment.api_key}).content
+    layers = decode_layers(model, max_bytes=1 << 24)
+    assert int(layers["steps"]) == 10  # two rounds of five local steps, carried as the maximum
+    assert "3 agent(s) joined" in agent_log
