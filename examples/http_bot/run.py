@@ -20,14 +20,14 @@ from bootstrap import ROOT, reexec_in_venv
 reexec_in_venv()
 sys.path.insert(0, str(ROOT))
 
-import argparse  # noqa: E402
-import threading  # noqa: E402
+import argparse
+import threading
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from agents.data import make_client_datasets  # noqa: E402
-from examples.harness import deployed, follow  # noqa: E402
-from examples.http_bot.bot import Bot  # noqa: E402
+from agents.data import make_client_datasets
+from examples.harness import deployed, follow
+from examples.http_bot.bot import Bot
 
 TARGET_ACCURACY = 0.90
 

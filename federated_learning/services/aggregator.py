@@ -193,8 +193,7 @@ class Aggregator:
                                                         max_bytes=max_bytes)
         own = own_bases[ref.model_digest]
         model = decode_update(data, spec_of(base), max_bytes=max_bytes)
-        return {name: (base[name] + (model[name].astype(np.float64) - own[name])).astype(model[name].dtype)
-                if is_float(model[name].dtype.name) else model[name] for name in model}
+        return {name: rebased(base[name], model[name], own[name]) for name in model}
 
     async def aggregate(self, job: AggregationJob) -> AggregateReady:
         from federated_learning.aggregation import allocate_slabs, create_strategy
@@ -261,6 +260,15 @@ class Aggregator:
             update_norm_mean=norm_mean, unclipped_count=unclipped_count, contributions=contributions,
             worker=self.consumer.consumer,
         )
+
+
+def rebased(base: np.ndarray, model: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """A layer trained from ``own`` moved onto ``base``: base + (model - own). Counters too, so a
+    stale update's step count adds to the current one (a bool layer is taken as it is)."""
+    if model.dtype == np.bool_:
+        return model
+    moved = base + (model.astype(np.float64) - own) if is_float(model.dtype.name) else base + (model - own)
+    return np.asarray(moved).astype(model.dtype)
 
 
 class Rows(Enum):

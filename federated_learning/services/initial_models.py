@@ -148,6 +148,11 @@ class InitialModels:
             return
         state, _agent = sender
         await self.record_refusal(state, refused.agent_id, refused.reason, refused.detail, source="agent")
+        if self.waits_for_agent(state) and state.phase is RoundPhase.COLLECTING \
+                and refused.attempt == state.attempt and refused.agent_id in state.selected:
+            state.phase = RoundPhase.IDLE  # the asked agent has no model to give: ask the next one now
+            await self.ask_next_agent(state)
+            return
         if refused.round == state.round and refused.agent_id in state.selected \
                 and refused.agent_id not in state.responded and not self.waits_for_agent(state):
             state.responded.append(refused.agent_id)
