@@ -21,6 +21,7 @@ from federated_learning.config import load_settings
 from federated_learning.deploy.launcher import deployment_file
 from federated_learning.deploy.local import LocalDeployment, stop_on_sigterm
 from federated_learning.rest_client import RestClient
+from federated_learning.types import NamedLayers
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("FL_EXAMPLES_DATA_DIR", ROOT / "data" / "examples"))
@@ -95,3 +96,22 @@ def print_round(row: dict[str, Any]) -> None:
     shown = "-" if accuracy is None else f"{accuracy:.3f}"
     print(f"round {row['round']:>2}: agents' accuracy of the model sent out {shown}, "
           f"{row['participants']} agents, {row['round_seconds']:.2f}s", flush=True)
+
+
+def final_model(api: RestClient, training_id: str, status: dict[str, Any], *,
+                who_fixed_the_layout: str = "") -> NamedLayers | None:
+    """The training's last version (None, after saying why, when it did not complete); prints the
+    layout when ``who_fixed_the_layout`` names the first agent or bot."""
+    if status["status"] != "completed":
+        print(f"training {status['status']}: {status.get('reason')}", flush=True)
+        return None
+    if who_fixed_the_layout:
+        print(f"layout fixed by {who_fixed_the_layout}: " + ", ".join(
+            f"{layer['name']} {tuple(layer['shape'])} {layer['dtype']}" for layer in status["layers"]), flush=True)
+    return api.download_model(training_id, status["current_version"])
+
+
+def report_accuracy(accuracy: float, target: float) -> int:
+    """The example's last line, and its exit code: 0 when the stated accuracy is reached."""
+    print(f"test accuracy: {accuracy:.3f}", flush=True)
+    return 0 if accuracy >= target else 1

@@ -26,7 +26,7 @@ import threading
 import numpy as np
 
 from agents.data import make_client_datasets
-from examples.harness import deployed, follow
+from examples.harness import deployed, final_model, follow, report_accuracy
 from examples.http_bot.bot import Bot
 
 TARGET_ACCURACY = 0.90
@@ -53,16 +53,12 @@ def main() -> int:
             status = follow(api, training_id)
         finally:
             stop.set()
-        if status["status"] != "completed":
-            print(f"training {status['status']}: {status.get('reason')}", flush=True)
-            return 1
-        print("layout fixed by the first bot: " + ", ".join(
-            f"{layer['name']} {tuple(layer['shape'])} {layer['dtype']}" for layer in status["layers"]), flush=True)
-        final = api.download_model(training_id, status["current_version"])
+        final = final_model(api, training_id, status, who_fixed_the_layout="the first bot")
+    if final is None:
+        return 1
     logits = test.x.astype(np.float64) @ final["dense"].astype(np.float64) + final["bias"]
     accuracy = float((logits.argmax(axis=1) == test.y).mean())
-    print(f"test accuracy: {accuracy:.3f}", flush=True)
-    return 0 if accuracy >= TARGET_ACCURACY else 1
+    return report_accuracy(accuracy, TARGET_ACCURACY)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 import argparse
 import os
 
-from examples.harness import agents, deployed, follow
+from examples.harness import agents, deployed, final_model, follow, report_accuracy
 from examples.pytorch_digits import app
 
 TARGET_ACCURACY = 0.90
@@ -48,13 +48,8 @@ def main() -> int:
                           "learning_rate": app.LEARNING_RATE},
                 "privacy_level": "none"}, model_id=model["model_id"])
             status = follow(api, training_id)
-        if status["status"] != "completed":
-            print(f"training {status['status']}: {status.get('reason')}", flush=True)
-            return 1
-        final = api.download_model(training_id, status["current_version"])
-    accuracy = app.test_accuracy(final)
-    print(f"test accuracy: {accuracy:.3f}", flush=True)
-    return 0 if accuracy >= TARGET_ACCURACY else 1
+        final = final_model(api, training_id, status)
+    return 1 if final is None else report_accuracy(app.test_accuracy(final), TARGET_ACCURACY)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import argparse
 import os
 
-from examples.harness import agents, deployed, follow
+from examples.harness import agents, deployed, final_model, follow, report_accuracy
 from examples.sklearn_flower import app
 
 ROUNDS = 10
@@ -45,15 +45,8 @@ def main() -> int:
         with agents(deployment, "examples.sklearn_flower.app:make_client", "sklearn", args.agents,
                     dataset="digits"):
             status = follow(api, training_id)
-        if status["status"] != "completed":
-            print(f"training {status['status']}: {status.get('reason')}", flush=True)
-            return 1
-        print("layout fixed by the first agent: " + ", ".join(
-            f"{layer['name']} {tuple(layer['shape'])} {layer['dtype']}" for layer in status["layers"]), flush=True)
-        final = api.download_model(training_id, status["current_version"])
-    accuracy = app.test_accuracy(final)
-    print(f"test accuracy: {accuracy:.3f}", flush=True)
-    return 0 if accuracy >= TARGET_ACCURACY else 1
+        final = final_model(api, training_id, status, who_fixed_the_layout="the first agent")
+    return 1 if final is None else report_accuracy(app.test_accuracy(final), TARGET_ACCURACY)
 
 
 if __name__ == "__main__":
