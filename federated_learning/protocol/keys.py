@@ -178,9 +178,10 @@ class Keys:
     @staticmethod
     def model_owner(org_id: str) -> str:
         """The blob owner of an organisation's uploaded models: they live beside the agents'
-        uploads (``upload:models.<org>:<sha256>``), which the dashboard may write, and the
-        coordinator copies one into the services' blobs when a training starts from it."""
-        return f"models.{org_id}"
+        uploads (``upload:_models.<org>:<sha256>``), which the dashboard may write, and the
+        coordinator copies one into the services' blobs when a training starts from it. No agent
+        id can start with '_', so no agent (nor its ACL user) owns this namespace."""
+        return f"_models.{org_id}"
 
     # -- monitoring -----------------------------------------------------------
     def service_health(self, service: str, instance: str) -> str:

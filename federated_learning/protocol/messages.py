@@ -475,6 +475,9 @@ class AggregationJob(Message):
     clip_norm: FiniteFloat | None = Field(default=None, gt=0,
                                           description="central DP: the aggregator clips every update to it")
     clip_norm_type: Literal["l2", "l1"] = "l2"
+    carry_integers: bool = Field(
+        default=True, description="integer layers take the maximum of the updates; False where updates are "
+                                  "clipped, masked or compressed (the agents reset them; the global values stay)")
     updates: list[UpdateRef] = Field(min_length=1)
     secure: SecureAggregationSpec | None = Field(
         default=None, description="the updates are masked: remove the masks, then aggregate their mean")

@@ -36,6 +36,8 @@ _SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {
 }
 _HEADER_LEN_BYTES = 8
 _MAX_HEADER_BYTES = 1 << 20
+_MAX_DIMENSIONS = 32
+"""NumPy's limit is 64; no model layer needs more than a few."""
 
 
 class InvalidTensor(ValueError):
@@ -71,7 +73,7 @@ def _read_header(data: bytes) -> dict[str, object]:
         raise InvalidTensor("bad_blob", f"safetensors header length {header_len} is invalid")
     try:
         header = json.loads(data[_HEADER_LEN_BYTES : _HEADER_LEN_BYTES + header_len])
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: a deeply nested header
         raise InvalidTensor("bad_blob", f"safetensors header is not JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise InvalidTensor("bad_blob", "safetensors header is not an object")
@@ -96,12 +98,13 @@ def _arrays(data: bytes, header: dict[str, object]) -> dict[str, np.ndarray]:
             raise InvalidTensor("bad_dtype", f"layer '{name}' has dtype {info.get('dtype')!r}; "
                                              f"allowed: {sorted(_SAFETENSORS_DTYPES)}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                                                for n in shape)):
-            raise InvalidTensor("bad_blob", f"tensor '{name}' has an invalid shape {shape!r}")
+        if not (isinstance(shape, list) and len(shape) <= _MAX_DIMENSIONS
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            raise InvalidTensor("bad_blob", f"tensor '{name}' has an invalid shape {str(shape)[:100]}")
         if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)):
-            raise InvalidTensor("bad_blob", f"tensor '{name}' has invalid data offsets {offsets!r}")
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise InvalidTensor("bad_blob", f"tensor '{name}' has invalid data offsets {str(offsets)[:100]}")
         count = 1
         for n in shape:
             count *= n
@@ -109,13 +112,18 @@ def _arrays(data: bytes, header: dict[str, object]) -> dict[str, np.ndarray]:
             raise InvalidTensor("bad_blob", f"tensor '{name}' holds {offsets[1] - offsets[0]} bytes; its shape "
                                             f"{tuple(shape)} of {dtype.name} needs {count * dtype.itemsize}")
         entries.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
-    entries.sort(key=lambda entry: entry[0])
+    entries.sort(key=lambda entry: (entry[0], entry[1], entry[2]))
+    if entries and entries[-1][1] > len(body):
+        raise InvalidTensor("bad_blob", f"the tensors need {entries[-1][1]} bytes of data; the blob holds {len(body)}")
     position = 0
     arrays: dict[str, np.ndarray] = {}
     for begin, end, name, dtype, shape in entries:
         if begin != position:
             raise InvalidTensor("bad_blob", f"tensor '{name}' starts at byte {begin}; expected {position}")
-        arrays[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
+        try:
+            arrays[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
+        except ValueError as exc:
+            raise InvalidTensor("bad_blob", f"tensor '{name}' cannot be read: {exc}") from exc
         position = end
     if position != len(body):
         raise InvalidTensor("bad_blob", f"the data section holds {len(body)} bytes; the tensors cover {position}")

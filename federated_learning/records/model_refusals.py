@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from federated_learning.protocol.keys import Keys
 
 MAX_REFUSALS_SHOWN = 100
+MAX_REFUSALS_KEPT = 1000
+"""Agents whose refusal a training keeps: the rest are counted as rejected inputs only."""
 
 
 class ModelRefusal(BaseModel):
@@ -32,10 +34,15 @@ class ModelRefusals:
         self._redis = redis
         self._keys = keys
 
-    async def add(self, training_id: str, refusal: ModelRefusal) -> None:
-        """Keep the newest refusal per agent."""
-        await self._redis.hset(self._keys.model_refusals(training_id), refusal.agent_id,
-                               refusal.model_dump_json())
+    async def add(self, training_id: str, refusal: ModelRefusal) -> bool:
+        """Keep the newest refusal per agent, for at most ``MAX_REFUSALS_KEPT`` agents; True when it
+        is news (a first refusal of this agent, or another reason) and should be reported."""
+        key = self._keys.model_refusals(training_id)
+        raw = await self._redis.hget(key, refusal.agent_id)
+        if raw is None and await self._redis.hlen(key) >= MAX_REFUSALS_KEPT:
+            return False
+        await self._redis.hset(key, refusal.agent_id, refusal.model_dump_json())
+        return raw is None or ModelRefusal.model_validate_json(raw).reason != refusal.reason
 
     async def list(self, training_id: str) -> list[ModelRefusal]:
         """The newest refusals first, at most ``MAX_REFUSALS_SHOWN``."""

@@ -63,8 +63,8 @@ def check_user_model(data: bytes, *, max_bytes: int) -> NamedLayers:
     if not layers:
         raise InvalidTensor("bad_layers", "the file holds no tensor")
     validate_layers(layers, spec_of(layers))
-    if not any(is_float(layer.dtype.name) for layer in layers.values()):
-        raise InvalidTensor("bad_layers", "the model has no float layer to train (only integer layers)")
+    if not any(is_float(layer.dtype.name) and layer.size > 0 for layer in layers.values()):
+        raise InvalidTensor("bad_layers", "the model has no float values to train (only integer or empty layers)")
     return layers
 
 

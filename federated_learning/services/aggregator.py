@@ -212,8 +212,9 @@ class Aggregator:
         rows = rows_for(job.algorithm)
         unclipped_count = None
         # Integer layers follow the updates only where the updates are seen whole and unclipped.
-        carried: dict[str, list[np.ndarray]] = {name: [] for name in carried_names(base)
-                                                 if job.secure is None and job.clip_norm is None}
+        carried: dict[str, list[np.ndarray]] = {
+            name: [] for name in carried_names(base)
+            if job.carry_integers and job.secure is None and job.clip_norm is None}
         if job.secure is not None:
             # One row: the survivors' unmasked weighted mean, weighted by all their examples.
             slabs = allocate_slabs(global_layers, 1)
@@ -247,6 +248,10 @@ class Aggregator:
         aggregated = dict(zip(trained, new_layers, strict=True))
         model = {name: restore_dtype(aggregated[name], layer) if name in aggregated
                  else carried_maximum(carried.get(name, []), layer) for name, layer in base.items()}
+        for name in trained:  # a float16 layer can overflow when rounded back (max 65504)
+            if not np.isfinite(model[name]).all():
+                raise AggregationFailed(f"layer '{name}' does not fit {model[name].dtype.name}: "
+                                        "the aggregate holds values out of its range")
         model_digest = await self.ctx.blobs.put(encode_layers(model))
         state = strategy.state_dict()
         state_digest = await self.ctx.blobs.put(encode_layers(state)) if state else None

@@ -112,10 +112,15 @@ class InitialModels:
         await self.c.ctx.emit("parameters_requested", state.reason, training_id=state.training_id,
                               round=0, agent_id=agent)
 
-    async def on_parameters(self, state: TrainingState, notice: UpdateSubmitted) -> None:
-        """A first agent's parameters: version 0 when the training still waits for them."""
+    async def on_parameters(self, state: TrainingState, notice: UpdateSubmitted, *, volunteer: bool) -> None:
+        """A first agent's parameters: version 0 when the training still waits for them. Bus agents
+        answer when asked; HTTP clients (volunteers) offer their model with their first sync."""
         if not self.waits_for_agent(state) or state.status is not TrainingStatus.INITIALIZING:
             return  # another agent's parameters came first: nothing to do
+        if not volunteer and notice.agent_id not in state.selected:
+            await self.c.ctx.reject("updates", "not_selected", "parameters from an agent that was not asked",
+                                    training_id=state.training_id, round=0, agent_id=notice.agent_id)
+            return
         assert notice.update_digest is not None
         try:
             data = await self.c.ctx.blobs.get(notice.update_digest, owner=notice.agent_id)
@@ -125,8 +130,7 @@ class InitialModels:
             await self.record_refusal(state, notice.agent_id, reason,
                                       f"the parameters of agent {notice.agent_id} cannot be a model: {detail}",
                                       source="coordinator")
-            state.phase = RoundPhase.IDLE  # ask the next agent
-            await self.c.store.save(state)
+            await self.asked_agent_failed(state, notice.agent_id, notice.attempt)
             return
         state.reason = ""
         await self.publish(state, data)
@@ -147,24 +151,44 @@ class InitialModels:
         if sender is None:
             return
         state, _agent = sender
-        await self.record_refusal(state, refused.agent_id, refused.reason, refused.detail, source="agent")
-        if self.waits_for_agent(state) and state.phase is RoundPhase.COLLECTING \
-                and refused.attempt == state.attempt and refused.agent_id in state.selected:
-            state.phase = RoundPhase.IDLE  # the asked agent has no model to give: ask the next one now
-            await self.ask_next_agent(state)
+        if state.status.is_final:
             return
-        if refused.round == state.round and refused.agent_id in state.selected \
-                and refused.agent_id not in state.responded and not self.waits_for_agent(state):
+        await self.record_refusal(state, refused.agent_id, refused.reason, refused.detail, source="agent")
+        if self.waits_for_agent(state):
+            await self.asked_agent_failed(state, refused.agent_id, refused.attempt)
+        elif state.is_buffered and refused.agent_id in state.in_flight:
+            # Its slot goes to another agent at the next refill, not at the task's deadline.
+            state.in_flight.pop(refused.agent_id, None)
+            state.in_flight_attempt.pop(refused.agent_id, None)
+            await self.c.store.save(state)
+        elif refused.round == state.round and refused.agent_id in state.selected \
+                and refused.agent_id not in state.responded:
             state.responded.append(refused.agent_id)
             await self.c.store.save(state)
             await self.c.advance(state)
 
+    async def asked_agent_failed(self, state: TrainingState, agent_id: str, attempt: int) -> None:
+        """The agent asked for parameters has none to give (or gave unusable ones): ask another one
+        now if some live agent has not been asked yet; otherwise the round deadline paces the
+        next try, so agents that all refuse are not asked in a tight loop."""
+        if state.phase is not RoundPhase.COLLECTING or attempt != state.attempt or agent_id not in state.selected:
+            return
+        registry = self.c.registry
+        candidates = eligible_agents(await registry.datasets(state.project), await registry.alive(),
+                                     state.config.dataset)
+        if any(agent not in state.selected for agent in candidates):
+            state.phase = RoundPhase.IDLE
+            await self.ask_next_agent(state)
+
     async def record_refusal(self, state: TrainingState, agent_id: str, reason: str, detail: str, *,
                              source: str) -> None:
-        await self.refusals.add(state.training_id, ModelRefusal(agent_id=agent_id, reason=reason,
-                                                                detail=detail, source=source))
-        await self.c.ctx.emit("model_refused", detail, severity=Severity.WARNING, training_id=state.training_id,
-                              round=state.round, agent_id=agent_id, reason=reason)
+        """Keep the refusal and report it once per (agent, reason): an agent asked every round
+        does not raise an event every round."""
+        if await self.refusals.add(state.training_id, ModelRefusal(agent_id=agent_id, reason=reason,
+                                                                   detail=detail, source=source)):
+            await self.c.ctx.emit("model_refused", detail, severity=Severity.WARNING,
+                                  training_id=state.training_id, round=state.round, agent_id=agent_id,
+                                  reason=reason)
 
 
 AWAITING_AGENTS = "waiting for a live agent to give its parameters (the first agent's model fixes the layout)"

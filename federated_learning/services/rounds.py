@@ -263,14 +263,17 @@ class RoundProtocol:
             return
         state, agent = sender
         if notice.kind is TaskKind.PARAMETERS:
-            await self.initial.on_parameters(state, notice)
+            await self.initial.on_parameters(state, notice, volunteer=agent.volunteer)
             return
         if state.is_buffered and state.status is TrainingStatus.RUNNING and notice.kind is TaskKind.TRAIN:
             await self.buffered.on_update(state, notice, context, volunteer=agent.volunteer)
             return
         expected_kind = TaskKind.EVALUATE if state.status is TrainingStatus.EVALUATING else TaskKind.TRAIN
+        # A volunteer that syncs while the training waits for agents (PAUSED) has sent an update of
+        # the round that opens next: it is kept for that round, not refused as late.
+        waiting_round = agent.volunteer and state.status is TrainingStatus.PAUSED and state.secure is None
         closed = notice.round < state.round or (
-            notice.round == state.round and state.phase is not RoundPhase.COLLECTING)
+            notice.round == state.round and state.phase is not RoundPhase.COLLECTING and not waiting_round)
         if closed or notice.round != state.round or notice.kind is not expected_kind:
             # Over-selected agents answering just after their round closed are expected.
             just_late = closed and notice.round >= state.round - 1
@@ -423,6 +426,7 @@ class RoundProtocol:
             and secure is None else None,
             clip_norm_type=clip_norm_type(state),
             secure=secure,
+            carry_integers=state.clip_norm is None and state.secure is None and state.config.local.compression == "none",
             updates=[UpdateRef(agent_id=n.agent_id, digest=n.update_digest or "", num_examples=n.num_examples,
                                model_version=n.received_model_version,
                                model_digest=bases.get(n.received_model_version), metrics=notice_metrics(n))

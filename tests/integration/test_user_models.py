@@ -247,3 +247,33 @@ async def test_server_side_validation_is_refused_at_start_for_a_user_model(
         **training_body({"from_first_agent": True}, validation_data="validation.npz"), "training_id": "noval"})
     state = await wait_for_status(redis, "noval", {"failed"})
     assert "cannot run the training's own model" in state.reason
+
+
+async def test_agents_without_a_model_of_their_own_are_asked_once_each_not_in_a_loop(
+        system: System, http: httpx.AsyncClient, redis: aioredis.Redis, make_agents: Any) -> None:
+    await system.start("coordinator", "versions")
+    await make_agents(2)  # built-in agents: they hold the dataset but no model of their own
+    await http.post("/api/training/start", json={**training_body({"from_first_agent": True}, round_deadline_s=600),
+                                                 "training_id": "nomodel"})
+    refusals: list[dict[str, Any]] = []
+    deadline = asyncio.get_running_loop().time() + 30
+    while len(refusals) < 2 and asyncio.get_running_loop().time() < deadline:
+        refusals = (await http.get("/api/training/nomodel/status")).json()["model_refusals"]
+        await asyncio.sleep(0.05)
+    assert {r["reason"] for r in refusals} == {"no_trainer"} and len(refusals) == 2
+    # Both were asked once; the next try waits for the round deadline (600 s here).
+    await system.stop("coordinator")
+    events = [json.loads(fields[b"m"]) for _id, fields in await redis.xrange(KEYS.event_stream)]
+    asked = [e for e in events if e["kind"] == "parameters_requested"]
+    assert len(asked) == 2 and {e["agent_id"] for e in asked} == {"agent-000", "agent-001"}
+    status = (await http.get("/api/training/nomodel/status")).json()
+    assert status["status"] == "initializing" and status["attempt"] == 2
+
+
+async def test_a_model_without_float_values_is_not_a_model(http: httpx.AsyncClient) -> None:
+    empty = encode_layers({"w": np.zeros(0, np.float32), "n": np.array(3, np.int64)})
+    response = await http.post("/api/models", content=empty, headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == 422 and "no float values" in response.json()["detail"]
+    truncated = encode_layers({"w": np.ones(16, np.float32)})[:-8]
+    response = await http.post("/api/models", content=truncated, headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == 422 and "bad_blob" in response.json()["detail"]

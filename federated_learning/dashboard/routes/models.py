@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 
 from federated_learning.access import DEFAULT_ORG, Principal
+from federated_learning.bus.blobs import BlobMissing
 from federated_learning.dashboard.auth import ApiKey, Viewer, ensure_org
 from federated_learning.dashboard.deps import Context
 from federated_learning.dashboard.routes.sync import SAFETENSORS, read_limited_body
@@ -75,6 +76,9 @@ async def get_model(model_id: str, ctx: Context, principal: Viewer,
 async def download_model(model_id: str, ctx: Context, principal: Viewer,
                          org_id: Annotated[str | None, Query(max_length=128)] = None) -> Response:
     record = await model_record(ctx, principal, model_id, org_id)
-    data = await store_of(ctx).data(record.org_id, record.digest)
+    try:
+        data = await store_of(ctx).data(record.org_id, record.digest)
+    except BlobMissing as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"the file of model '{model_id}' is gone") from exc
     return Response(content=data, media_type=SAFETENSORS,
                     headers={"Content-Disposition": f'attachment; filename="{model_id}.safetensors"'})

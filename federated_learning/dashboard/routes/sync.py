@@ -121,9 +121,9 @@ def metrics_from_headers(num_examples: str | None, accuracy: str | None, loss: s
 
 
 def in_model_order(layers: NamedLayers, spec: LayerSpec) -> NamedLayers:
-    """``layers`` in the order of ``spec`` when they hold exactly its names (a standard safetensors file
-    lists its tensors alphabetically); otherwise unchanged, for :func:`validate_layers` to name the
-    missing and unexpected layers."""
+    """``layers`` in the order of ``spec`` when they hold exactly its names (a standard safetensors
+    file lists its tensors in its own order: by dtype size, then name); otherwise unchanged, for
+    :func:`validate_layers` to name the missing and unexpected layers."""
     if set(layers) != set(spec):
         return layers
     return {name: layers[name] for name in spec}
@@ -182,7 +182,7 @@ def _layers_from_json(weights: dict[str, list[Any] | float], state: TrainingStat
     if not state.layer_spec:  # the first model of a from_first_agent training: float32 layers
         try:
             return {name: np.asarray(value, dtype=np.float32) for name, value in weights.items()}
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidTensor("bad_shape", f"weights are not numeric arrays: {exc}") from exc
     layers: NamedLayers = {}
     for name, (_shape, dtype) in state.layer_spec.items():
@@ -190,8 +190,8 @@ def _layers_from_json(weights: dict[str, list[Any] | float], state: TrainingStat
             raise InvalidTensor("bad_layers", f"layer '{name}' is missing")
         try:
             layers[name] = np.asarray(weights[name], dtype=dtype)
-        except (TypeError, ValueError) as exc:
-            raise InvalidTensor("bad_shape", f"layer '{name}' is not a numeric array: {exc}") from exc
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidTensor("bad_shape", f"layer '{name}' is not a numeric array of {dtype}: {exc}") from exc
     unexpected = sorted(set(weights) - set(state.layer_spec))
     if unexpected:
         raise InvalidTensor("bad_layers", f"unexpected layers {unexpected}")
@@ -292,9 +292,9 @@ async def sync_model(request: Request, ctx: Context, trainings: Trainings, princ
             refusal = ModelRefusal(
                 agent_id=volunteer_id(state, sync.client_id), reason=exc.reason, source="sync",
                 detail=f"the model synced by HTTP client '{sync.client_id}' is not the training's: {exc.detail}")
-            await ModelRefusals(ctx.redis, ctx.keys).add(state.training_id, refusal)
-            await ctx.emit("model_refused", refusal.detail, severity=Severity.WARNING,
-                           training_id=state.training_id, agent_id=refusal.agent_id, reason=exc.reason)
+            if await ModelRefusals(ctx.redis, ctx.keys).add(state.training_id, refusal):
+                await ctx.emit("model_refused", refusal.detail, severity=Severity.WARNING,
+                               training_id=state.training_id, agent_id=refusal.agent_id, reason=exc.reason)
         raise HTTPException(422, detail=f"your model is not the training's model: {exc}") from exc
     if not state.layer_spec:
         return Response(status_code=status.HTTP_202_ACCEPTED, media_type="application/json", content=json.dumps({

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Iterator
@@ -184,16 +185,28 @@ async def download_model(training_id: str, version: int, api: VersionApi, settin
     with _version_errors():
         model = await api.get_model_version(version, training_id)
     if format == "json":
-        layers = decode_layers(model.data, max_bytes=settings.max_blob_bytes)
+        if len(model.data) > MAX_JSON_MODEL_BYTES:
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=(
+                f"a model of {len(model.data)} bytes is served as safetensors only (JSON up to "
+                f"{MAX_JSON_MODEL_BYTES} bytes)"))
+        content = await asyncio.to_thread(_model_json, training_id, version, model.data, settings.max_blob_bytes)
         return Response(media_type="application/json", headers={"X-Model-SHA256": model.record.model_digest},
-                        content=json.dumps({"training_id": training_id, "version": version,
-                                            "weights": {name: np.asarray(layer, dtype=np.float64 if is_float(
-                                                layer.dtype.name) else layer.dtype).tolist()
-                                                        for name, layer in layers.items()}}))
+                        content=content)
     return Response(content=model.data, media_type="application/octet-stream", headers={
         "Content-Disposition": f'attachment; filename="{training_id}-v{version}.safetensors"',
         "X-Model-SHA256": model.record.model_digest,
     })
+
+
+MAX_JSON_MODEL_BYTES = 16 * 1024 * 1024
+"""Largest model served as JSON: nested lists cost ~10x the bytes in Python objects."""
+
+
+def _model_json(training_id: str, version: int, data: bytes, max_bytes: int) -> str:
+    layers = decode_layers(data, max_bytes=max_bytes)
+    return json.dumps({"training_id": training_id, "version": version, "weights": {
+        name: np.asarray(layer, dtype=np.float64 if is_float(layer.dtype.name) else layer.dtype).tolist()
+        for name, layer in layers.items()}})
 
 
 @router.get("/training/{training_id}/versions/{version}/lineage", response_model=list[VersionRecord])

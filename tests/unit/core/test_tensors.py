@@ -106,3 +106,31 @@ def test_layers_that_do_not_fit_the_model_are_rejected(layers: dict[str, np.ndar
     with pytest.raises(InvalidTensor) as info:
         validate_layers(layers, spec_of(MODEL))
     assert info.value.reason == reason
+
+
+@pytest.mark.parametrize("header", [
+    {"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}},         # past the end of the blob
+    {"w": {"dtype": "F32", "shape": [1] * 40, "data_offsets": [0, 4]}},        # too many dimensions
+    {"w": {"dtype": "F32", "shape": [0, 2 ** 62, 2 ** 62], "data_offsets": [0, 0]},
+     "v": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},             # an impossible empty shape
+    {"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}},             # offsets backwards
+])
+def test_hostile_headers_are_refused_as_bad_blobs(header: dict[str, object]) -> None:
+    with pytest.raises(InvalidTensor) as info:
+        decode_layers(_blob(header, bytes(8)), max_bytes=1 << 20)
+    assert info.value.reason == "bad_blob"
+
+
+def test_a_deeply_nested_header_is_a_bad_blob() -> None:
+    nested = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(InvalidTensor):
+        decode_layers(len(nested).to_bytes(8, "little") + nested, max_bytes=1 << 21)
+
+
+def test_empty_tensors_are_read_whatever_the_header_order() -> None:
+    a = {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+    b = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+    z = {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]}
+    first = decode_layers(_blob({"a": a, "b": b, "z": z}, bytes(4)), max_bytes=1 << 20)
+    second = decode_layers(_blob({"z": z, "b": b, "a": a}, bytes(4)), max_bytes=1 << 20)
+    assert list(first) == list(second) == ["a", "b", "z"]
