@@ -334,12 +334,13 @@ class FederatedClient:
             log.warning("agent %s: model of %s/%d unreadable: %s", self.agent_id, task.training_id, task.round, exc)
             return
         try:
-            self.check_model(task, received)
-        except InvalidTensor as exc:
+            # The user's get_parameters may take a while (a large state_dict): off the event loop.
+            await asyncio.to_thread(self.check_model, task, received)
+            evaluation, trained = await asyncio.to_thread(self._work, task, received)
+        except InvalidTensor as exc:  # not the training's model, or the trainer's fit changed its layout
             log.warning("agent %s: model of %s/%d refused: %s", self.agent_id, task.training_id, task.round, exc)
             await self.refuse_model(task, exc)
             return
-        evaluation, trained = await asyncio.to_thread(self._work, task, received)
         common = {"training_id": task.training_id, "round": task.round, "attempt": task.attempt,
                       "agent_id": self.agent_id, "received_model_version": task.model_version,
                       "evaluation": evaluation}
