@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default=deployment.get("dashboard_url", "http://127.0.0.1:8080"),
                    help="dashboard URL (default: data/run/deployment.json's)")
     p.add_argument("--api-key", default=os.environ.get("FL_API_KEY", deployment.get("api_key", "")),
-                   help="API key (default: $FL_API_KEY, else the deployment file's)")
+                   help="API key (default: $FL_API_KEY, else the deployment file's); write --api-key=KEY "
+                        "when the key starts with '-'")
     sub = p.add_subparsers(dest="command", required=True)
     upload = sub.add_parser("upload-model", help="upload a safetensors model; prints its record")
     upload.add_argument("file", type=Path)

@@ -38,7 +38,7 @@ def test_a_model_file_trains_with_the_cli_and_agents_run_by_the_runner(deploymen
     try:
         started = subprocess.run(
             [sys.executable, "-m", "federated_learning.rest_client", "--url", deployment.dashboard_url,
-             "--api-key", deployment.api_key, "start", "--initial-model", str(model_file), "--config", str(body),
+             f"--api-key={deployment.api_key}", "start", "--initial-model", str(model_file), "--config", str(body),
              "--dataset", "digits", "--rounds", "2", "--wait"],
             cwd=ROOT, capture_output=True, text=True, timeout=200, check=False)
     finally:
@@ -87,7 +87,7 @@ def test_the_first_agent_s_half_precision_model_trains_and_another_layout_is_ref
         deployment: Deployment) -> None:
     started = subprocess.run(
         [sys.executable, "-m", "federated_learning.rest_client", "--url", deployment.dashboard_url,
-         "--api-key", deployment.api_key, "start", "--from-first-agent", "--dataset", "digits", "--rounds", "1000",
+         f"--api-key={deployment.api_key}", "start", "--from-first-agent", "--dataset", "digits", "--rounds", "1000",
          "--training-id", "half"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert started.returncode == 0, started.stderr
