@@ -12,7 +12,18 @@ import time
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal, TypeAlias, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    Tag,
+    TypeAdapter,
+    model_validator,
+)
 
 from federated_learning.versioning.rollback import RollbackConfig
 
@@ -24,6 +35,8 @@ Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za
 """Ids of trainings, agents, datasets: they name files and keys, so never '.', '..' or a leading dot."""
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+StrictFiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+"""A finite float that is not a bool in disguise."""
 NonNegativeFloat = Annotated[float, Field(allow_inf_nan=False, ge=0)]
 PublicKeyHex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 """A raw 32-byte X25519 public key, hex."""
@@ -188,7 +201,8 @@ class TrainingConfig(BaseModel):
     dataset: Identifier
     model: ModelSpec
     algorithm: AlgorithmName = "fedavg"
-    algorithm_params: dict[str, float | int | str] = Field(default_factory=dict)
+    algorithm_params: dict[str, StrictInt | StrictFiniteFloat | StrictStr] = Field(
+        default_factory=dict, description="the rule's parameters by Flower's names: finite numbers or names")
     rounds: int = Field(default=10, ge=1, le=100_000)
     min_clients: int | None = Field(default=None, ge=1)
     clients_per_round: int | None = Field(default=None, ge=1)
@@ -468,7 +482,8 @@ class AggregationJob(Message):
     round: int = Field(ge=1)
     attempt: int = Field(ge=1)
     algorithm: str
-    algorithm_params: dict[str, float | int | str] = Field(default_factory=dict)
+    algorithm_params: dict[str, StrictInt | StrictFiniteFloat | StrictStr] = Field(
+        default_factory=dict, description="the rule's parameters by Flower's names: finite numbers or names")
     base_version: int = Field(ge=0)
     base_digest: Digest
     state_digest: Digest | None = None

@@ -147,7 +147,7 @@ def decode_layers(data: bytes, *, max_bytes: int, allowed_dtypes: frozenset[str]
     if isinstance(metadata, dict) and isinstance(metadata.get("order"), str):
         try:
             saved_order = json.loads(metadata["order"])
-        except ValueError:
+        except (ValueError, RecursionError):
             saved_order = None
         if isinstance(saved_order, list) and sorted(map(str, saved_order)) == sorted(arrays) \
                 and len(saved_order) == len(arrays):

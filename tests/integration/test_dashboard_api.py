@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import httpx
@@ -44,10 +45,15 @@ async def test_start_puts_a_validated_command_on_the_control_stream(http: httpx.
     {**BODY, "min_clients": 9, "clients_per_round": 3},
     {**BODY, "surprise": 1},
     {"dataset": "digits"},
+    {**BODY, "algorithm_params": {"eta": True}},
+    {**BODY, "algorithm_params": {"eta": float("nan")}},
+    {**BODY, "algorithm_params": {"eta": float("inf")}},
 ])
 async def test_invalid_start_body_is_rejected_counted_and_changes_nothing(
         http: httpx.AsyncClient, redis: aioredis.Redis, body: dict) -> None:
-    response = await http.post("/api/training/start", json=body)
+    # json.dumps writes NaN and Infinity as a lax client would; httpx's json= would refuse them.
+    response = await http.post("/api/training/start", content=json.dumps(body),
+                               headers={"Content-Type": "application/json"})
     assert response.status_code == 422
     assert response.json()["detail"]
     assert await redis.xlen(KEYS.control_stream) == 0
