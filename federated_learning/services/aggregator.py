@@ -107,8 +107,8 @@ class Aggregator:
     async def _load_updates(self, job: AggregationJob, base: NamedLayers, trained: list[str],
                             slabs: list[np.ndarray], carried: dict[str, list[np.ndarray]],
                             *, rows: Rows) -> list[int]:
-        """Fill row k of every slab with update k's trained layer (as ``rows`` says) and collect its integer layers in ``carried``; return the indices of
-        usable updates."""
+        """Fill row k of every slab with update k's trained layer (as ``rows`` says) and collect its
+        integer layers in ``carried``; return the indices of usable updates."""
         usable: list[int] = []
         own_bases: dict[str, NamedLayers] = {}
         for k, ref in enumerate(job.updates):

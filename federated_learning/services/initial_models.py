@@ -2,8 +2,9 @@
 
 A preset is built from its seed; an uploaded model is copied from the organisation's model store;
 a ``from_first_agent`` training waits in INITIALIZING and asks one live agent at a time for its
-``get_parameters`` (a parameters task, re-asked elsewhere after the round deadline) until one
-answers with a usable model, which fixes the layout. Agents that later find the training's
+``get_parameters`` (a parameters task; the next agent is asked at once when the asked one has no
+model and another was not asked yet, else after the round deadline) until one answers with a
+usable model, which fixes the layout; an HTTP client's first sync offers its model the same way. Agents that later find the training's
 model is not theirs say so (``ModelRefused``): the refusal is kept for the training's status,
 reported as a ``model_refused`` event (an alert), and the agent counts as having answered.
 """
@@ -36,6 +37,7 @@ from federated_learning.protocol.messages import (
 from federated_learning.protocol.tensors import InvalidTensor, encode_layers, spec_of
 from federated_learning.records.model_refusals import ModelRefusal, ModelRefusals
 from federated_learning.records.models import check_user_model
+from federated_learning.types import NamedLayers
 
 if TYPE_CHECKING:
     from federated_learning.services.coordinator import Coordinator
@@ -63,12 +65,12 @@ class InitialModels:
             data = await self.c.ctx.blobs.get(spec.digest, owner=Keys.model_owner(state.org_id))
         except BlobMissing as exc:
             raise ValueError(f"model '{spec.model_id}' is not stored for organisation '{state.org_id}'") from exc
-        check_user_model(data, max_bytes=self.c.settings.max_blob_bytes)
         return data
 
-    async def publish(self, state: TrainingState, data: bytes) -> None:
-        """Make ``data`` version 0: store it, fix the layout, hand it to the version manager."""
-        layers = check_user_model(data, max_bytes=self.c.settings.max_blob_bytes)
+    async def publish(self, state: TrainingState, data: bytes, layers: NamedLayers | None = None) -> None:
+        """Make ``data`` version 0: store it, fix the layout, hand it to the version manager.
+        ``layers``: ``data`` already checked; else it is checked here (InvalidTensor)."""
+        layers = layers if layers is not None else check_user_model(data, max_bytes=self.c.settings.max_blob_bytes)
         digest = await self.c.ctx.blobs.put(data)
         state.layer_spec = dict(spec_of(layers))
         state.phase, state.selected, state.deadline_at = RoundPhase.IDLE, [], 0.0
@@ -124,7 +126,7 @@ class InitialModels:
         assert notice.update_digest is not None
         try:
             data = await self.c.ctx.blobs.get(notice.update_digest, owner=notice.agent_id)
-            check_user_model(data, max_bytes=self.c.settings.max_blob_bytes)
+            layers = check_user_model(data, max_bytes=self.c.settings.max_blob_bytes)
         except (BlobMissing, InvalidTensor) as exc:
             reason, detail = (exc.reason, exc.detail) if isinstance(exc, InvalidTensor) else ("blob_missing", str(exc))
             await self.record_refusal(state, notice.agent_id, reason,
@@ -133,7 +135,7 @@ class InitialModels:
             await self.asked_agent_failed(state, notice.agent_id, notice.attempt)
             return
         state.reason = ""
-        await self.publish(state, data)
+        await self.publish(state, data, layers)
         await self.c.ctx.emit("model_layout_fixed", f"agent {notice.agent_id}'s parameters are version 0: "
                               f"{len(state.layer_spec)} layers", training_id=state.training_id, round=0,
                               agent_id=notice.agent_id, layers=len(state.layer_spec))

@@ -203,8 +203,9 @@ async def _submit(ctx: Context, state: TrainingState, client_id: str, layers: Na
     """Register the client (first time), upload its model and a signed notice; return its agent id.
     In a training still waiting for its first model, the notice offers the client's model as version 0."""
     first = not state.layer_spec
+    blob = encode_layers(layers)
     if first:
-        check_user_model(encode_layers(layers), max_bytes=ctx.settings.max_blob_bytes)
+        check_user_model(blob, max_bytes=ctx.settings.max_blob_bytes)
     else:
         validate_layers(layers, state.layer_spec)
     identity = gateway_identity(ctx)
@@ -215,7 +216,7 @@ async def _submit(ctx: Context, state: TrainingState, client_id: str, layers: Na
     for message in (joined, Heartbeat(agent_id=agent_id)):  # signed with the gateway's key, as the notice
         signed = message.model_copy(update={"signature": identity.sign(message.signed_bytes()).hex()})
         await ctx.redis.xadd(ctx.keys.agent_stream, encode(signed))  # type: ignore[arg-type]
-    digest = await ctx.blobs.put(encode_layers(layers), ttl_s=24 * 3600, owner=agent_id)
+    digest = await ctx.blobs.put(blob, ttl_s=24 * 3600, owner=agent_id)
     evaluation = None
     if metrics.accuracy is not None and metrics.loss is not None:
         evaluation = Evaluation(accuracy=metrics.accuracy, loss=metrics.loss, num_examples=metrics.num_examples)
