@@ -13,6 +13,8 @@ Layers may be float16, bfloat16 (``ml_dtypes.bfloat16``), float32 or float64; in
 ``config`` holds ``server_round``, ``local_epochs``, ``batch_size``, ``learning_rate``,
 ``proximal_mu`` and ``training_id``: the training's local settings, to use or ignore.
 
+A memory-bank training asks for features instead of weights: see :class:`MemoryBankTrainer`.
+
 Ready adapters: :mod:`agents.adapters.torch` (an ``nn.Module`` with the user's train and
 evaluate functions), :mod:`agents.adapters.sklearn` (linear models, ``MLPClassifier``), and
 :class:`FlowerTrainer` here (an unchanged Flower ``NumPyClient``).
@@ -50,6 +52,21 @@ class Trainer(Protocol):
     def evaluate(self, parameters: Parameters, config: Config) -> tuple[float, int, Metrics]:
         """Score ``parameters`` on local held-out data: (loss, number of examples, metrics with
         ``accuracy`` in [0, 1] where the model has one)."""
+        ...
+
+
+@runtime_checkable
+class MemoryBankTrainer(Protocol):
+    """An agent of a memory-bank training (federated PatchCore): a frozen feature extractor over
+    the agent's local data. The runtime keeps a greedy k-center coreset of the rows
+    (``local_coreset_fraction`` of them, at most ``max_rows_per_agent``) and uploads only that.
+
+    ``config`` holds ``server_round``, ``training_id``, ``feature_dim``,
+    ``local_coreset_fraction`` and ``max_rows_per_agent``."""
+
+    def extract_features(self, config: Config) -> tuple[NDArray[np.floating[Any]], int]:
+        """Features of this agent's local (normal) data, one row per patch (``rows x feature_dim``,
+        float), and the number of examples (e.g. images) they come from."""
         ...
 
 

@@ -125,8 +125,55 @@ class FirstAgentModel(BaseModel):
     from_first_agent: Literal[True] = True
 
 
+MAX_BANK_FEATURES = 16_384
+MAX_GLOBAL_BANK_ROWS = 1_000_000
+MAX_AGENT_BANK_ROWS = 1_000_000
+
+
+class MemoryBankModel(BaseModel):
+    """A memory bank (federated PatchCore, Roth et al. 2021, arXiv:2106.08265): each agent extracts
+    patch features with a frozen backbone and uploads a local coreset of them (``rows x
+    feature_dim``); the server merges the banks into one global bank of at most
+    ``global_bank_size`` rows, published as a version like any model; anomaly scores are
+    nearest-neighbour distances to it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["memory_bank"]
+    feature_dim: int = Field(ge=1, le=MAX_BANK_FEATURES, description="D: the width of every bank row")
+    global_bank_size: int = Field(default=10_000, ge=1, le=MAX_GLOBAL_BANK_ROWS,
+                                  description="most rows the merged bank keeps")
+    aggregation_strategy: Literal["coreset", "random"] = Field(
+        default="coreset", description="coreset: greedy k-center over the uploaded rows; random: uniform rows")
+    weighted: bool = Field(
+        default=True, description="share the global bank among agents in proportion to their example "
+                                  "counts; False: one pool of rows, whoever uploaded them")
+    local_coreset_fraction: FiniteFloat = Field(
+        default=0.1, gt=0, le=1, description="share of its features an agent keeps (greedy k-center) "
+                                             "before uploading")
+    max_rows_per_agent: int = Field(default=50_000, ge=1, le=MAX_AGENT_BANK_ROWS,
+                                    description="most rows one agent may upload in a round")
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="seeds the coreset's first row and projection")
+
+    @model_validator(mode="after")
+    def _bounded_size(self) -> MemoryBankModel:
+        for name, rows in (("global_bank_size", self.global_bank_size),
+                           ("max_rows_per_agent", self.max_rows_per_agent)):
+            if rows * self.feature_dim > MAX_MODEL_PARAMETERS:
+                raise ValueError(f"{name} x feature_dim = {rows * self.feature_dim} values exceeds "
+                                 f"{MAX_MODEL_PARAMETERS}")
+        return self
+
+
+BANK_LAYER = "bank"
+"""The one tensor of an agent's bank upload and of a memory-bank version: rows x feature_dim."""
+BANK_EXAMPLES_LAYER = "examples"
+"""In a memory-bank version: how many examples (int64 scalar) the bank's rows stand for."""
+
+
 def _model_kind(value: object) -> str:
     keys = set(value) if isinstance(value, dict) else set(vars(value)) if hasattr(value, "__dict__") else set()
+    if "kind" in keys:
+        return "memory_bank"
     if "model_id" in keys:
         return "uploaded"
     if "from_first_agent" in keys:
@@ -136,11 +183,12 @@ def _model_kind(value: object) -> str:
 
 ModelSpec: TypeAlias = Annotated[
     Annotated[PresetModel, Tag("preset")] | Annotated[UploadedModel, Tag("uploaded")]
-    | Annotated[FirstAgentModel, Tag("first_agent")],
+    | Annotated[FirstAgentModel, Tag("first_agent")] | Annotated[MemoryBankModel, Tag("memory_bank")],
     Discriminator(_model_kind),
 ]
 """Which model a training trains: ``{"trainer": "softmax", "num_features": ..., "num_classes": ...}``
-(a built-in preset), ``{"model_id": ...}`` (an uploaded model) or ``{"from_first_agent": true}``."""
+(a built-in preset), ``{"model_id": ...}`` (an uploaded model), ``{"from_first_agent": true}``, or
+``{"kind": "memory_bank", "feature_dim": ...}`` (a memory bank of features, not weights)."""
 
 
 class LocalTrainingSettings(BaseModel):
@@ -167,10 +215,11 @@ class LocalTrainingSettings(BaseModel):
 PrivacyLevelName = Literal["none", "low", "medium", "high"]
 AlgorithmName = Literal[
     "fedavg", "fedsgd", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "perffedavg",
-    "krum", "multikrum", "trimmed_mean", "median", "bulyan", "fedbuff",
+    "krum", "multikrum", "trimmed_mean", "median", "bulyan", "fedbuff", "memory_bank",
 ]
 """Aggregation rules a training can name; their parameters follow Flower's. ``fedbuff``
-trains buffered-asynchronously (no rounds for agents to wait on)."""
+trains buffered-asynchronously (no rounds for agents to wait on); ``memory_bank`` merges feature
+banks (the rule of, and only of, a training whose model is a :class:`MemoryBankModel`)."""
 ASYNC_ALGORITHMS = frozenset({"fedbuff"})
 SECURE_ALGORITHMS = frozenset({"fedavg", "fedsgd", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"})
 """Rules that need only the example-weighted mean of the updates, which secure aggregation
@@ -240,8 +289,26 @@ class TrainingConfig(BaseModel):
         default=2 / 3, gt=0.5, lt=1.0,
         description="secure aggregation: fraction of the round's members whose shares rebuild a secret")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _memory_bank_defaults(cls, data: Any) -> Any:
+        """A memory-bank training's rule is ``memory_bank`` and its privacy level ``none`` unless
+        the request names others (which ``_check_memory_bank`` then refuses with the reason)."""
+        model = data.get("model") if isinstance(data, dict) else None
+        is_bank = isinstance(model, MemoryBankModel) or (isinstance(model, dict) and "kind" in model)
+        if is_bank:
+            data = {"algorithm": "memory_bank", "privacy_level": "none", **data}
+        return data
+
+    @property
+    def kind(self) -> Literal["model", "memory_bank"]:
+        """What the agents train: a model's weights, or a memory bank of features."""
+        return "memory_bank" if isinstance(self.model, MemoryBankModel) else "model"
+
     @model_validator(mode="after")
     def _clients_consistent(self) -> TrainingConfig:
+        if self.kind == "memory_bank" or self.algorithm == "memory_bank":
+            self._check_memory_bank()
         if self.min_clients and self.clients_per_round and self.min_clients > self.clients_per_round:
             raise ValueError(
                 f"min_clients ({self.min_clients}) must not exceed clients_per_round "
@@ -261,6 +328,35 @@ class TrainingConfig(BaseModel):
             raise ValueError("adaptive clipping noises the count of unclipped updates centrally; with local "
                              "DP each agent's bit would be released without noise (use privacy_mode 'central')")
         return self
+
+    def _check_memory_bank(self) -> None:
+        """Banks are rows of features, not weights: what averages, clips or noises weights does
+        not apply to them, and a request that asks for it is refused with the reason."""
+        if self.kind != "memory_bank":
+            raise ValueError("algorithm 'memory_bank' merges feature banks; it needs a model "
+                             '{"kind": "memory_bank", "feature_dim": ...}')
+        refusals = [
+            (self.algorithm != "memory_bank",
+             f"algorithm '{self.algorithm}' weighs model updates; a memory-bank training merges banks "
+             "(algorithm 'memory_bank', the default)"),
+            (bool(self.algorithm_params),
+             "algorithm_params do not apply to memory banks: the bank's settings are in the model"),
+            (self.secure_aggregation,
+             "secure aggregation reveals only a sum of updates; merging banks needs each bank's rows"),
+            (self.privacy_level not in (None, "none") or self.privacy_mode == "local",
+             "differential privacy is calibrated for clipped weight updates, not for bank rows; a "
+             "memory-bank training runs with privacy_level 'none'"),
+            (self.adaptive_clipping is not None or self.local.clip_norm is not None
+             or self.local.local_noise_std is not None or self.local.local_laplace_scale is not None,
+             "clipping and local noise apply to weight updates, not to bank rows"),
+            (self.local.compression != "none", "compression applies to weight updates, not to bank rows"),
+            (self.rollback is not None or self.target_accuracy is not None or self.validation_data is not None,
+             "rollback, target_accuracy and validation_data judge a model's accuracy; a memory bank "
+             "has none (score it with federated_learning.memory_bank)"),
+        ]
+        for refused, reason in refusals:
+            if refused:
+                raise ValueError(f"memory-bank training: {reason}")
 
     def _check_secure(self) -> None:
         if self.algorithm not in SECURE_ALGORITHMS:
