@@ -22,9 +22,9 @@ from numpy.typing import NDArray
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from agents.app import FlowerTrainer, Trainer, layout_of
+from agents.app import FlowerTrainer, MemoryBankTrainer, Trainer, layout_of
 from agents.attacks import Attack, poison_update
-from agents.local_work import LocalResult, run_trainer, task_config
+from agents.local_work import LocalResult, local_bank, run_trainer, task_config
 from agents.secure import SecureParticipation
 from agents.trainers import trainer_for
 from federated_learning.bus.blobs import BlobMissing, BlobStore
@@ -48,11 +48,13 @@ from federated_learning.privacy.mechanisms import (
 from federated_learning.privacy.signing import AgentKeyPair
 from federated_learning.protocol.keys import GROUP_AGENT, Keys
 from federated_learning.protocol.messages import (
+    BANK_LAYER,
     AgentJoined,
     AgentLeft,
     Evaluation,
     Heartbeat,
     MalformedMessage,
+    MemoryBankModel,
     ModelRefused,
     PresetModel,
     SignedByAgent,
@@ -140,7 +142,7 @@ class FederatedClient:
         state_dir: Path | None = None,
         join_token: str | None = None,
         redis_tls: RedisTls | None = None,
-        trainer: Trainer | None = None,
+        trainer: Trainer | MemoryBankTrainer | None = None,
         dataset: str | None = None,
         num_examples: int | None = None,
     ) -> None:
@@ -150,7 +152,8 @@ class FederatedClient:
             raise ValueError("an agent with its own trainer needs dataset and num_examples > 0 "
                              "(what it announces when it joins)")
         self.trainer = trainer
-        """The user's model (``agents.app.Trainer``); None: the built-in preset the task names."""
+        """The user's model (``agents.app.Trainer``) or feature extractor (``MemoryBankTrainer``);
+        None: the built-in preset the task names."""
         self._app_dataset = {dataset: int(num_examples)} if trainer is not None and dataset and num_examples else {}
         self.agent_id = agent_id
         self._redis_url = redis_url
@@ -327,6 +330,9 @@ class FederatedClient:
         if task.kind is TaskKind.PARAMETERS:
             await self.send_parameters(task)
             return
+        if isinstance(task.model, MemoryBankModel):
+            await self.send_bank(task, task.model)
+            return
         assert task.model_digest is not None
         try:
             received = decode_layers(await self._blobs.get(task.model_digest), max_bytes=self.max_blob_bytes)
@@ -360,12 +366,45 @@ class FederatedClient:
         await self.redis.xadd(self.keys.update_stream, encode(self.signed(notice)))  # type: ignore[arg-type]
         self.completed_tasks += 1
 
+    async def send_bank(self, task: Task, spec: MemoryBankModel) -> None:
+        """Answer a memory-bank task: extract this agent's features, keep a local coreset, upload it."""
+        if not isinstance(self.trainer, MemoryBankTrainer):
+            await self.refuse_model(task, InvalidTensor(
+                "not_a_memory_bank", "this agent's app has no extract_features(); a memory-bank training "
+                                     "needs a feature extractor (see agents.app.MemoryBankTrainer)"))
+            return
+        seed = zlib.crc32(f"{self.agent_id}/{task.training_id}/{task.round}".encode())
+        try:
+            bank = await asyncio.to_thread(local_bank, self.trainer, task, spec, seed=seed)
+        except InvalidTensor as exc:
+            log.warning("agent %s: bank of %s/%d refused: %s", self.agent_id, task.training_id, task.round, exc)
+            await self.refuse_model(task, exc)
+            return
+        blob = encode_layers({BANK_LAYER: bank.rows})
+        digest = await self._blobs.put(blob, ttl_s=UPDATE_BLOB_TTL_S, owner=self.agent_id)
+        notice = UpdateSubmitted(
+            kind=TaskKind.TRAIN, training_id=task.training_id, round=task.round, attempt=task.attempt,
+            agent_id=self.agent_id, update_digest=digest, num_examples=bank.num_examples,
+            received_model_version=task.model_version, train_seconds=bank.seconds, upload_bytes=len(blob),
+            dense_bytes=bank.extracted_bytes)
+        await self.redis.xadd(self.keys.update_stream, encode(self.signed(notice)))  # type: ignore[arg-type]
+        self.completed_tasks += 1
+
+    def model_trainer(self) -> Trainer | None:
+        """The user's model trainer; None: the built-in presets. An app that only extracts features
+        (memory banks) trains no model: InvalidTensor, which the agent reports as a refusal."""
+        if self.trainer is None or isinstance(self.trainer, Trainer):
+            return self.trainer
+        raise InvalidTensor("not_a_model", "this agent's app extracts features for memory-bank trainings "
+                                           "(extract_features) and trains no model")
+
     async def send_parameters(self, task: Task) -> None:
         """Answer a parameters task: this agent's initial model becomes the training's version 0
         (and fixes its layout) when it is the first to answer."""
-        if self.trainer is None:
+        if not isinstance(self.trainer, Trainer):
             await self.refuse_model(task, InvalidTensor(
-                "no_trainer", "this agent runs the built-in trainers only and holds no model of its own"))
+                "no_trainer", "this agent holds no model of its own (it runs the built-in trainers, or "
+                              "extracts features for memory banks)"))
             return
         parameters = await asyncio.to_thread(self.trainer.get_parameters, task_config(task))
         blob = encode_layers({name: np.asarray(layer) for name, layer in parameters.items()})
@@ -387,8 +426,9 @@ class FederatedClient:
 
     def own_layout(self, task: Task) -> dict[str, tuple[tuple[int, ...], str]]:
         """The layout of the model this agent trains: its trainer's, or the task's preset's."""
-        if self.trainer is not None:
-            return layout_of(self.trainer.get_parameters(task_config(task)))
+        trainer = self.model_trainer()
+        if trainer is not None:
+            return layout_of(trainer.get_parameters(task_config(task)))
         if not isinstance(task.model, PresetModel):
             raise InvalidTensor("no_trainer", "this agent runs the built-in trainers only; the training's "
                                               "model is the user's own (start the agent with its trainer)")
@@ -411,8 +451,9 @@ class FederatedClient:
     def evaluate_and_train(self, task: Task, weights: dict[str, NDArray[np.floating]]
                            ) -> tuple[Evaluation, LocalResult | None]:
         """Evaluate the received model on held-out data; for train tasks, train on local data."""
-        if self.trainer is not None:
-            return run_trainer(self.trainer, task, weights)
+        own = self.model_trainer()
+        if own is not None:
+            return run_trainer(own, task, weights)
         assert isinstance(task.model, PresetModel)
         trainer = trainer_for(task.model)
         data = self.datasets[task.dataset]

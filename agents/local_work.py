@@ -8,14 +8,15 @@ a negative example count or a NaN loss fails its task with a reason instead of s
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
-from agents.app import Config, Parameters, Scalar, Trainer, layout_of
-from federated_learning.protocol.messages import Evaluation, Task, TaskKind
+from agents.app import Config, MemoryBankTrainer, Parameters, Scalar, Trainer, layout_of
+from federated_learning.protocol.messages import Evaluation, MemoryBankModel, Task, TaskKind
 from federated_learning.protocol.tensors import InvalidTensor, layout_mismatch
 
 
@@ -72,3 +73,45 @@ def run_trainer(trainer: Trainer, task: Task, weights: Parameters) -> tuple[Eval
         raise ValueError("the trainer's fit trained on 0 examples")
     return evaluation, LocalResult(layers, count, _figure(fit_metrics, "loss", float(loss), 0.0, math.inf),
                                    _figure(fit_metrics, "accuracy", 0.0, 0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class LocalBank:
+    """What a memory-bank task produced: the local coreset to upload."""
+
+    rows: NDArray[np.float32]
+    num_examples: int
+    extracted_bytes: int
+    """Size of all the features the trainer extracted, as float32 (what a full upload would cost)."""
+    seconds: float
+
+
+def bank_config(task: Task, spec: MemoryBankModel) -> Config:
+    """The ``config`` a feature extractor gets: the round and the bank's settings."""
+    return {"server_round": task.round, "training_id": task.training_id, "feature_dim": spec.feature_dim,
+            "local_coreset_fraction": spec.local_coreset_fraction, "max_rows_per_agent": spec.max_rows_per_agent}
+
+
+def local_bank(trainer: MemoryBankTrainer, task: Task, spec: MemoryBankModel, *, seed: int) -> LocalBank:
+    """Extract the agent's features and keep a greedy k-center coreset of them (the
+    training's ``local_coreset_fraction``, at most ``max_rows_per_agent`` rows)."""
+    from federated_learning.memory_bank import local_coreset
+
+    started = time.perf_counter()
+    features, examples = trainer.extract_features(bank_config(task, spec))
+    features = np.asarray(features)
+    if features.ndim != 2 or features.shape[1] != spec.feature_dim or features.shape[0] == 0:
+        raise InvalidTensor("bad_shape", f"the trainer's extract_features returned shape {features.shape}; the "
+                                         f"training's banks are rows x {spec.feature_dim} (at least one row)")
+    if not np.issubdtype(features.dtype, np.floating):
+        raise InvalidTensor("bad_dtype", f"the trainer's extract_features returned {features.dtype.name}; "
+                                         "features are floats")
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    if not np.isfinite(features).all():
+        raise InvalidTensor("not_finite", "the trainer's extract_features returned NaN or Inf")
+    count = _count(examples, "extract_features")
+    if count == 0:
+        raise ValueError("the trainer's extract_features came from 0 examples")
+    rows = local_coreset(features, spec.local_coreset_fraction, spec.max_rows_per_agent, seed=seed)
+    return LocalBank(rows=rows, num_examples=count, extracted_bytes=int(features.nbytes),
+                     seconds=time.perf_counter() - started)

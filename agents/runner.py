@@ -2,7 +2,8 @@
 
 The factory is the user's code: called with the agent id (or with nothing, when it takes no
 argument), it returns an ``agents.app.Trainer``, an ``agents.adapters.torch.TorchTrainer`` (an
-``nn.Module`` with the user's train and evaluate functions) or a Flower ``NumPyClient``. The
+``nn.Module`` with the user's train and evaluate functions), a Flower ``NumPyClient``, or, for
+memory-bank trainings, an ``agents.app.MemoryBankTrainer`` (a feature extractor). The
 runner does the rest, as for every agent: join (with a join token where registration is
 closed), heartbeats, signed notices, clipping, noise, compression and secure aggregation as
 each training asks, and a clean leave on SIGTERM or Ctrl-C.
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agents.app import Trainer, as_trainer
+from agents.app import MemoryBankTrainer, Trainer, as_trainer
 from agents.client import FederatedClient
 from federated_learning.bus.connection import with_credentials
 from federated_learning.deploy.acl import agent_user_name, stored_password
@@ -57,11 +58,15 @@ def load_factory(spec: str) -> Callable[..., object]:
     return factory  # type: ignore[no-any-return]
 
 
-def build_trainer(factory: Callable[..., object], agent_id: str) -> Trainer:
-    """Call the factory (with the agent id when it takes an argument) and adapt what it returns."""
+def build_trainer(factory: Callable[..., object], agent_id: str) -> Trainer | MemoryBankTrainer:
+    """Call the factory (with the agent id when it takes an argument) and adapt what it returns: a
+    feature extractor of memory-bank trainings is taken as it is, a model as a Trainer."""
     takes_id = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
                    for p in inspect.signature(factory).parameters.values())
-    return as_trainer(factory(agent_id) if takes_id else factory())
+    app = factory(agent_id) if takes_id else factory()
+    if isinstance(app, MemoryBankTrainer) and not callable(getattr(app, "get_parameters", None)):
+        return app
+    return as_trainer(app)
 
 
 @dataclass(frozen=True)

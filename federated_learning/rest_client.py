@@ -105,6 +105,13 @@ class RestClient:
         return decode_layers(bytes(data), max_bytes=MAX_DOWNLOAD_BYTES)
 
 
+def memory_bank_model(feature_dim: int, **settings: Any) -> dict[str, Any]:
+    """The ``model`` of a memory-bank training's body: ``feature_dim`` and any of
+    ``global_bank_size``, ``aggregation_strategy``, ``weighted``, ``local_coreset_fraction``,
+    ``max_rows_per_agent``, ``seed`` (see docs/memory-banks.md)."""
+    return {"kind": "memory_bank", "feature_dim": feature_dim, **settings}
+
+
 def _deployment() -> dict[str, Any]:
     path = Path(os.environ.get("FL_DEPLOYMENT", "data/run/deployment.json"))
     try:
@@ -131,6 +138,15 @@ def main(argv: list[str] | None = None) -> int:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     start.add_argument("--initial-model", type=Path, default=None, help="a safetensors file: version 0")
     start.add_argument("--from-first-agent", action="store_true", help="the first agent's model is version 0")
+    start.add_argument("--memory-bank-dim", type=int, default=None, metavar="D",
+                       help="a memory-bank training of D-wide feature rows (docs/memory-banks.md)")
+    start.add_argument("--bank-size", type=int, default=10_000, help="memory banks: most rows of the global bank")
+    start.add_argument("--bank-strategy", choices=("coreset", "random"), default="coreset",
+                       help="memory banks: how the global bank's rows are picked")
+    start.add_argument("--unweighted", action="store_true",
+                       help="memory banks: one pool of rows instead of shares by example counts")
+    start.add_argument("--local-coreset-fraction", type=float, default=0.1,
+                       help="memory banks: share of its features each agent keeps before uploading")
     start.add_argument("--config", type=Path, default=None, help="JSON body of the training (see docs)")
     start.add_argument("--dataset", default=None, help="dataset the agents announce")
     start.add_argument("--rounds", type=int, default=None)
@@ -150,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             body: dict[str, Any] = json.loads(args.config.read_text()) if args.config else {}
             body.update({key: value for key, value in (("dataset", args.dataset), ("rounds", args.rounds),
                                                        ("algorithm", args.algorithm)) if value is not None})
+            if args.memory_bank_dim is not None:
+                body["model"] = memory_bank_model(
+                    args.memory_bank_dim, global_bank_size=args.bank_size, aggregation_strategy=args.bank_strategy,
+                    weighted=not args.unweighted, local_coreset_fraction=args.local_coreset_fraction)
             model_id = api.upload_model(args.initial_model)["model_id"] if args.initial_model else None
             training_id = api.start_training(body, model_id=model_id, from_first_agent=args.from_first_agent,
                                              training_id=args.training_id)

@@ -120,6 +120,8 @@ def refuse_training(state: TrainingState) -> str | None:
     if state.min_clients > state.clients_per_round:
         return (f"min_clients ({state.min_clients}) exceeds the clients per round "
                 f"({state.clients_per_round}) allowed by max_clients_per_round")
+    if state.config.kind == "memory_bank":
+        return None  # its settings were checked with the request (MemoryBankModel, TrainingConfig)
     from federated_learning.aggregation import create_strategy
 
     try:

@@ -337,22 +337,22 @@ class TrainingConfig(BaseModel):
                              '{"kind": "memory_bank", "feature_dim": ...}')
         refusals = [
             (self.algorithm != "memory_bank",
-             f"algorithm '{self.algorithm}' weighs model updates; a memory-bank training merges banks "
-             "(algorithm 'memory_bank', the default)"),
+             (f"algorithm '{self.algorithm}' weighs model updates; a memory-bank training merges banks "
+              "(algorithm 'memory_bank', the default)")),
             (bool(self.algorithm_params),
              "algorithm_params do not apply to memory banks: the bank's settings are in the model"),
             (self.secure_aggregation,
              "secure aggregation reveals only a sum of updates; merging banks needs each bank's rows"),
             (self.privacy_level not in (None, "none") or self.privacy_mode == "local",
-             "differential privacy is calibrated for clipped weight updates, not for bank rows; a "
-             "memory-bank training runs with privacy_level 'none'"),
+             ("differential privacy is calibrated for clipped weight updates, not for bank rows; a "
+              "memory-bank training runs with privacy_level 'none'")),
             (self.adaptive_clipping is not None or self.local.clip_norm is not None
              or self.local.local_noise_std is not None or self.local.local_laplace_scale is not None,
              "clipping and local noise apply to weight updates, not to bank rows"),
             (self.local.compression != "none", "compression applies to weight updates, not to bank rows"),
             (self.rollback is not None or self.target_accuracy is not None or self.validation_data is not None,
-             "rollback, target_accuracy and validation_data judge a model's accuracy; a memory bank "
-             "has none (score it with federated_learning.memory_bank)"),
+             ("rollback, target_accuracy and validation_data judge a model's accuracy; a memory bank "
+              "has none (score it with federated_learning.memory_bank)")),
         ]
         for refused, reason in refusals:
             if refused:
@@ -590,6 +590,8 @@ class AggregationJob(Message):
         default=True, description="integer layers take the maximum of the updates; False where updates are "
                                   "clipped, masked or compressed (the agents reset them; the global values stay)")
     updates: list[UpdateRef] = Field(min_length=1)
+    memory_bank: MemoryBankModel | None = Field(
+        default=None, description="a memory-bank training: merge the uploaded banks into the base bank")
     secure: SecureAggregationSpec | None = Field(
         default=None, description="the updates are masked: remove the masks, then aggregate their mean")
 

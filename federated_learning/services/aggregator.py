@@ -34,12 +34,18 @@ from federated_learning.monitoring.anomaly import MIN_UPDATES_FOR_SCORES, score_
 from federated_learning.privacy.errors import PrivacyError
 from federated_learning.privacy.mechanisms import clip_update
 from federated_learning.privacy.secure_session import unmask_weighted_mean
+from federated_learning.protocol.banks import (
+    decode_bank_upload,
+    decode_bank_version,
+    encode_bank_version,
+)
 from federated_learning.protocol.keys import GROUP_AGGREGATOR
 from federated_learning.protocol.messages import (
     ASYNC_ALGORITHMS,
     AggregateReady,
     AggregationJob,
     MalformedMessage,
+    MemoryBankModel,
     SecureAggregationSpec,
     Severity,
     UpdateRef,
@@ -198,6 +204,8 @@ class Aggregator:
     async def aggregate(self, job: AggregationJob) -> AggregateReady:
         from federated_learning.aggregation import allocate_slabs, create_strategy
 
+        if job.memory_bank is not None:
+            return await self.merge_banks(job, job.memory_bank)
         base = decode_layers(await self.ctx.blobs.get(job.base_digest),
                              max_bytes=self.ctx.settings.max_blob_bytes)
         trained = trained_names(base)
@@ -263,6 +271,49 @@ class Aggregator:
             num_examples=sum(ref.num_examples for ref in refs),
             max_client_examples=max(ref.num_examples for ref in refs), aggregation_seconds=seconds,
             update_norm_mean=norm_mean, unclipped_count=unclipped_count, contributions=contributions,
+            worker=self.consumer.consumer,
+        )
+
+
+    async def merge_banks(self, job: AggregationJob, spec: MemoryBankModel) -> AggregateReady:
+        """A memory-bank round: the base bank (weighted by the examples it stands for) and the
+        uploaded banks, merged into at most ``global_bank_size`` rows."""
+        from federated_learning.memory_bank import merge_banks
+
+        max_bytes = self.ctx.settings.max_blob_bytes
+        base, base_examples = decode_bank_version(await self.ctx.blobs.get(job.base_digest), spec,
+                                                  max_bytes=max_bytes)
+        banks: list[NDArray[np.float32]] = [base] if base.shape[0] else []
+        weights = [max(base_examples, 1)] if base.shape[0] else []
+        refs: list[UpdateRef] = []
+        for ref in job.updates:
+            try:
+                banks.append(decode_bank_upload(await self.ctx.blobs.get(ref.digest, owner=ref.agent_id), spec,
+                                                max_bytes=max_bytes))
+            except (BlobMissing, InvalidTensor) as exc:
+                await self.ctx.reject("jobs", getattr(exc, "reason", "blob_missing"), str(exc),
+                                      training_id=job.training_id, round=job.round, agent_id=ref.agent_id)
+                continue
+            weights.append(ref.num_examples)
+            refs.append(ref)
+        if not refs:
+            raise AggregationFailed("no usable bank")
+        started = time.perf_counter()
+        merged = await asyncio.to_thread(
+            merge_banks, banks, weights, spec.global_bank_size, method=spec.aggregation_strategy,
+            weighted=spec.weighted, seed=spec.seed * 1_000_003 + job.round)
+        seconds = time.perf_counter() - started
+        SECONDS.labels(job.algorithm).observe(seconds)
+        examples = base_examples + sum(ref.num_examples for ref in refs)
+        model_digest = await self.ctx.blobs.put(encode_bank_version(merged, examples))
+        log.info("job %s: %d banks (%d rows) merged into %d rows in %.3fs", job.job_key, len(banks),
+                 sum(bank.shape[0] for bank in banks), merged.shape[0], seconds)
+        return AggregateReady(
+            training_id=job.training_id, round=job.round, attempt=job.attempt,
+            base_version=job.base_version, model_digest=model_digest,
+            contributors=[ref.agent_id for ref in refs], num_examples=sum(ref.num_examples for ref in refs),
+            max_client_examples=max(ref.num_examples for ref in refs), aggregation_seconds=seconds,
+            contributions={ref.agent_id: float(ref.num_examples) for ref in refs},
             worker=self.consumer.consumer,
         )
 

@@ -18,10 +18,12 @@ from federated_learning.bus.blobs import BlobMissing
 from federated_learning.coordination.selection import eligible_agents, round_rng
 from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.models import initial_model
+from federated_learning.protocol.banks import empty_bank_version
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import (
     FirstAgentModel,
     MalformedMessage,
+    MemoryBankModel,
     ModelRefused,
     ModelReleased,
     PresetModel,
@@ -34,7 +36,7 @@ from federated_learning.protocol.messages import (
     decode,
     encode,
 )
-from federated_learning.protocol.tensors import InvalidTensor, encode_layers, spec_of
+from federated_learning.protocol.tensors import InvalidTensor, decode_layers, encode_layers, spec_of
 from federated_learning.records.model_refusals import ModelRefusal, ModelRefusals
 from federated_learning.records.models import check_user_model
 from federated_learning.types import NamedLayers
@@ -57,6 +59,8 @@ class InitialModels:
         spec = state.config.model
         if isinstance(spec, PresetModel):
             return encode_layers(initial_model(spec))
+        if isinstance(spec, MemoryBankModel):
+            return empty_bank_version(spec)
         assert not isinstance(spec, FirstAgentModel)
         if spec.digest is None:
             raise ValueError(f"model '{spec.model_id}' names no file (start the training through the REST "
@@ -70,7 +74,11 @@ class InitialModels:
     async def publish(self, state: TrainingState, data: bytes, layers: NamedLayers | None = None) -> None:
         """Make ``data`` version 0: store it, fix the layout, hand it to the version manager.
         ``layers``: ``data`` already checked; else it is checked here (InvalidTensor)."""
-        layers = layers if layers is not None else check_user_model(data, max_bytes=self.c.settings.max_blob_bytes)
+        if layers is None:
+            spec = state.config.model
+            layers = (decode_layers(data, max_bytes=self.c.settings.max_blob_bytes)
+                      if isinstance(spec, MemoryBankModel)  # an empty bank: nothing to train, by design
+                      else check_user_model(data, max_bytes=self.c.settings.max_blob_bytes))
         digest = await self.c.ctx.blobs.put(data)
         state.layer_spec = dict(spec_of(layers))
         state.phase, state.selected, state.deadline_at = RoundPhase.IDLE, [], 0.0

@@ -19,10 +19,12 @@ from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.bus.replies import text
 from federated_learning.config import load_settings
 from federated_learning.privacy.release import ReleaseRefused, plan_release
+from federated_learning.protocol.banks import decode_bank_version
 from federated_learning.protocol.keys import GROUP_PRIVACY
 from federated_learning.protocol.messages import (
     AggregateReady,
     MalformedMessage,
+    MemoryBankModel,
     ModelReleased,
     Severity,
     StopTraining,
@@ -75,9 +77,12 @@ class PrivacyManager:
                                   training_id=ready.training_id, round=ready.round)
             return
         try:
-            layers = decode_layers(await self.ctx.blobs.get(ready.model_digest),
-                                   max_bytes=self.ctx.settings.max_blob_bytes)
-            validate_layers(layers, state.layer_spec)
+            data = await self.ctx.blobs.get(ready.model_digest)
+            layers = decode_layers(data, max_bytes=self.ctx.settings.max_blob_bytes)
+            if isinstance(state.config.model, MemoryBankModel):  # a bank's rows grow up to its size
+                decode_bank_version(data, state.config.model, max_bytes=self.ctx.settings.max_blob_bytes)
+            else:
+                validate_layers(layers, state.layer_spec)
         except InvalidTensor as exc:
             await self.ctx.reject("aggregates", exc.reason, exc.detail,
                                   training_id=ready.training_id, round=ready.round)

@@ -47,11 +47,13 @@ from federated_learning.privacy.release import (
     local_laplace_scale,
     local_noise_std,
 )
+from federated_learning.protocol.banks import decode_bank_upload
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import (
     AggregationJob,
     Evaluation,
     MalformedMessage,
+    MemoryBankModel,
     ModelReleased,
     PresetModel,
     RoundMetrics,
@@ -355,9 +357,13 @@ class RoundProtocol:
             return None
         if state.config.secure_aggregation and not state.is_buffered:
             return await self.secure.check_upload(state, notice)
+        spec = state.config.model
         try:
-            decode_update(await self.ctx.blobs.get(notice.update_digest, owner=notice.agent_id), state.layer_spec,
-                          max_bytes=self.settings.max_blob_bytes)
+            data = await self.ctx.blobs.get(notice.update_digest, owner=notice.agent_id)
+            if isinstance(spec, MemoryBankModel):
+                decode_bank_upload(data, spec, max_bytes=self.settings.max_blob_bytes)
+            else:
+                decode_update(data, state.layer_spec, max_bytes=self.settings.max_blob_bytes)
         except BlobMissing:
             return "blob_missing", f"no blob {notice.update_digest}"
         except InvalidTensor as exc:
@@ -427,6 +433,7 @@ class RoundProtocol:
             clip_norm_type=clip_norm_type(state),
             secure=secure,
             carry_integers=state.clip_norm is None and state.secure is None and state.config.local.compression == "none",
+            memory_bank=state.config.model if isinstance(state.config.model, MemoryBankModel) else None,
             updates=[UpdateRef(agent_id=n.agent_id, digest=n.update_digest or "", num_examples=n.num_examples,
                                model_version=n.received_model_version,
                                model_digest=bases.get(n.received_model_version), metrics=notice_metrics(n))
@@ -539,6 +546,9 @@ class RoundProtocol:
         target = state.config.target_accuracy
         reached = target is not None and (metrics.eval_accuracy or 0.0) >= target
         if state.round >= state.config.rounds or reached:
+            if state.config.kind == "memory_bank":  # a bank has no accuracy for the agents to evaluate
+                await self.complete_evaluation(state)
+                return
             state.status = TrainingStatus.EVALUATING
             await self._emit_status(state)
         await self.open_round(state, state.round + 1)

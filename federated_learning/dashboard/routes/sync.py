@@ -173,6 +173,12 @@ async def _training(ctx: Context, trainings: Trainings, principal: Principal, tr
                 raise HTTPException(status.HTTP_409_CONFLICT, detail=(
                     f"training '{state.training_id}' uses secure aggregation: only bus agents, which take "
                     "part in the masking exchange, can contribute"))
+            if state.config.kind == "memory_bank":
+                if not training_id:
+                    continue  # the newest training that takes models
+                raise HTTPException(status.HTTP_409_CONFLICT, detail=(
+                    f"training '{state.training_id}' merges memory banks: agents upload feature banks with "
+                    "`python -m agents run` (docs/memory-banks.md), not model weights"))
             return state
     raise HTTPException(status.HTTP_409_CONFLICT,
                         detail=f"training '{training_id}' is not running" if training_id else "no running training")
