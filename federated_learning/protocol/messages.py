@@ -41,6 +41,11 @@ NonNegativeFloat = Annotated[float, Field(allow_inf_nan=False, ge=0)]
 PublicKeyHex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 """A raw 32-byte X25519 public key, hex."""
 SessionIdHex = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+MAX_EXAMPLES = 1_000_000_000
+"""Most examples any message may declare; a training bounds what one update weighs far lower
+(``TrainingConfig.max_examples_per_update``)."""
+MAX_DATASETS = 64
+"""Most datasets one agent may announce."""
 MAX_MEMBERS = 10_000
 """Most agents in one secure-aggregation session."""
 
@@ -260,6 +265,10 @@ class TrainingConfig(BaseModel):
     max_tasks_per_agent_per_hour: int | None = Field(default=None, ge=1, le=100_000)
     round_deadline_s: FiniteFloat | None = Field(default=None, gt=0, le=86_400)
     max_round_attempts: int = Field(default=3, ge=1, le=100)
+    max_examples_per_update: int = Field(
+        default=1_000_000, ge=1, le=MAX_EXAMPLES,
+        description="most examples one update may declare (what one agent can weigh in FedAvg-style rules); "
+                    "a notice above it is refused")
     max_staleness: int = Field(default=10, ge=0, le=10_000,
                                description="asynchronous trainings: oldest base version accepted, in versions")
     local: LocalTrainingSettings = Field(default_factory=LocalTrainingSettings)
@@ -410,27 +419,28 @@ class AgentJoined(Message, SignedByAgent):
 
     type: Literal["join"] = "join"
     agent_id: Identifier
-    datasets: dict[Identifier, Annotated[int, Field(ge=0)]]
-    device: dict[str, str] = Field(default_factory=dict)
+    datasets: dict[Identifier, Annotated[int, Field(ge=0, le=MAX_EXAMPLES)]] = Field(max_length=MAX_DATASETS)
+    device: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=dict, max_length=32, description="free-form facts (os, python...): 32 entries at most")
     public_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
                                    description="hex of the agent's raw Ed25519 public key")
     volunteer: bool = Field(default=False, description="sends updates unasked (plain-HTTP clients)")
     join_token: str | None = Field(default=None, max_length=128,
                                    description="needed for a first join when registration is closed")
-    sent_at: float = Field(default_factory=time.time)
+    sent_at: FiniteFloat = Field(default_factory=time.time, ge=0)
 
 
 class Heartbeat(Message, SignedByAgent):
     type: Literal["heartbeat"] = "heartbeat"
     agent_id: Identifier
-    sent_at: float = Field(default_factory=time.time)
+    sent_at: FiniteFloat = Field(default_factory=time.time, ge=0)
 
 
 class AgentLeft(Message, SignedByAgent):
     type: Literal["leave"] = "leave"
     agent_id: Identifier
     reason: str = Field(default="", max_length=500)
-    sent_at: float = Field(default_factory=time.time)
+    sent_at: FiniteFloat = Field(default_factory=time.time, ge=0)
 
 
 AgentMessage: TypeAlias = Annotated[
@@ -472,7 +482,7 @@ class Evaluation(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     loss: FiniteFloat = Field(ge=0)
     accuracy: FiniteFloat = Field(ge=0, le=1)
-    num_examples: int = Field(ge=0)
+    num_examples: int = Field(ge=0, le=MAX_EXAMPLES)
 
 
 class UpdateSubmitted(Message, SignedByAgent):
@@ -487,7 +497,7 @@ class UpdateSubmitted(Message, SignedByAgent):
     attempt: int = Field(ge=1)
     agent_id: Identifier
     update_digest: Digest | None = None
-    num_examples: int = Field(ge=0)
+    num_examples: int = Field(ge=0, le=MAX_EXAMPLES)
     train_loss: FiniteFloat | None = None
     train_accuracy: FiniteFloat | None = Field(default=None, ge=0, le=1)
     received_model_version: int = Field(ge=0)

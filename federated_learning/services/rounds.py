@@ -352,9 +352,14 @@ class RoundProtocol:
         return state, agent
 
     async def _check_update_blob(self, state: TrainingState, notice: UpdateSubmitted) -> tuple[str, str] | None:
-        """Reason and detail when the update blob is missing or invalid, else None."""
+        """Reason and detail when the update declares too many examples or its blob is missing or
+        invalid, else None."""
         if notice.kind is TaskKind.EVALUATE or notice.update_digest is None:
             return None
+        if notice.num_examples > state.config.max_examples_per_update:
+            return ("too_many_examples", (f"the update declares {notice.num_examples} examples; the training "
+                                          f"weighs one update by at most {state.config.max_examples_per_update} "
+                                          "(max_examples_per_update)"))
         if state.config.secure_aggregation and not state.is_buffered:
             return await self.secure.check_upload(state, notice)
         spec = state.config.model

@@ -252,3 +252,58 @@ async def test_an_entry_id_from_the_future_does_not_make_honest_heartbeats_stale
     await asyncio.sleep(0.5)
     assert "agents:stale_message" not in await rejection_counts(redis)
     assert (await redis.zscore(KEYS.agents_last_seen, "honest") or 0) <= time.time()
+
+
+async def test_agent_messages_with_out_of_range_fields_are_malformed_not_handled(redis: aioredis.Redis,
+                                                                                system) -> None:
+    """A NaN send time, oversized device facts, absurd example counts: refused at the boundary with
+    the field named, never raised inside a handler (which would retry and dead-letter them)."""
+    await system.start("coordinator")
+    key = AgentKeyPair.generate()
+    beat = Heartbeat(agent_id="nan").model_dump(mode="json")
+    join = AgentJoined(agent_id="junk", datasets={"digits": 10}, public_key=key.public_key_bytes.hex()
+                       ).model_dump(mode="json")
+    bodies = [
+        {**beat, "sent_at": float("nan")},
+        {**beat, "sent_at": float("inf")},
+        {**join, "device": {f"k{i}": "x" for i in range(33)}},
+        {**join, "device": {"os": "x" * 257}},
+        {**join, "datasets": {"digits": 2**70}},
+        {**join, "datasets": {f"d{i}": 1 for i in range(65)}},
+    ]
+    for body in bodies:
+        await redis.xadd(KEYS.agent_stream, {"m": json.dumps(body, allow_nan=True)})
+    deadline = time.monotonic() + 10
+    counts: dict[str, int] = {}
+    while time.monotonic() < deadline and counts.get("agents:malformed", 0) < len(bodies):
+        counts = await rejection_counts(redis)
+        await asyncio.sleep(0.05)
+    assert counts.get("agents:malformed") == len(bodies), counts
+    assert await redis.hget(KEYS.agents, "junk") is None
+    assert await redis.xlen(f"{KEYS.prefix}:stream:dead:coordinator") == 0
+
+
+async def test_an_update_that_weighs_more_than_the_training_allows_is_refused(redis: aioredis.Redis, system,
+                                                                             settings) -> None:
+    await system.start()
+    agents = [f"fake-{i}" for i in range(3)]
+    await join_fake_agents(redis, agents)
+    beating = asyncio.create_task(keep_alive(redis, agents))
+    try:
+        await start_training(redis, "heavy", digits_config(rounds=1, clients_per_round=3, min_clients=3,
+                                                           max_examples_per_update=1000))
+        await wait_until_collecting(redis, "heavy")
+        blobs = BlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
+        digest = await blobs.put(encode_layers(model()), owner="fake-0")
+        notice = UpdateSubmitted(kind=TaskKind.TRAIN, training_id="heavy", round=1, attempt=1, agent_id="fake-0",
+                                 update_digest=digest, num_examples=10**9, received_model_version=0)
+        await redis.xadd(KEYS.update_stream, encode(signed_by(notice, IDENTITIES["fake-0"])))  # type: ignore[arg-type]
+        deadline = time.monotonic() + 10
+        counts: dict[str, int] = {}
+        while time.monotonic() < deadline and not counts.get("updates:too_many_examples"):
+            counts = await rejection_counts(redis)
+            await asyncio.sleep(0.05)
+        assert counts.get("updates:too_many_examples") == 1, counts
+        assert not await redis.hexists(KEYS.round_updates("heavy", 1), "fake-0")
+    finally:
+        beating.cancel()

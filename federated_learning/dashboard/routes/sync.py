@@ -26,7 +26,8 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Header, HTTPException, Request, Response, status
-from pydantic import BaseModel, ConfigDict, Field
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from federated_learning.access import DEFAULT_ORG, DEFAULT_PROJECT, Principal
 from federated_learning.coordination.state import TrainingState
@@ -79,10 +80,10 @@ ClientId = Annotated[str, Field(min_length=1, max_length=48, pattern=r"^[A-Za-z0
                                             "organisation and project in volunteer ids)")]
 
 class SyncMetrics(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    num_examples: int = Field(default=1, gt=0, le=MAX_NUM_EXAMPLES)
-    accuracy: float | None = Field(default=None, ge=0, le=1)
-    loss: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid")
+    num_examples: StrictInt = Field(default=1, gt=0, le=MAX_NUM_EXAMPLES)
+    accuracy: StrictFloat | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    loss: StrictFloat | None = Field(default=None, ge=0, allow_inf_nan=False)
 
 
 class SyncRequest(BaseModel):
@@ -184,18 +185,32 @@ async def _training(ctx: Context, trainings: Trainings, principal: Principal, tr
                         detail=f"training '{training_id}' is not running" if training_id else "no running training")
 
 
+def _numbers(name: str, value: list[Any] | float) -> NDArray[Any]:
+    """A layer's JSON value as an array of numbers: strings, booleans, nulls and ragged lists are
+    refused, not converted (numpy would read "1.5" and true as numbers)."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidTensor("bad_shape", f"layer '{name}' is not a numeric array: {exc}") from exc
+    if array.dtype.kind not in "iuf":
+        raise InvalidTensor("bad_dtype", f"layer '{name}' holds {array.dtype.name} values (strings, booleans, "
+                                         "nulls or ragged lists); weights are numbers")
+    return array
+
+
 def _layers_from_json(weights: dict[str, list[Any] | float], state: TrainingState) -> NamedLayers:
     if not state.layer_spec:  # the first model of a from_first_agent training: float32 layers
         try:
-            return {name: np.asarray(value, dtype=np.float32) for name, value in weights.items()}
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise InvalidTensor("bad_shape", f"weights are not numeric arrays: {exc}") from exc
+            return {name: _numbers(name, value).astype(np.float32) for name, value in weights.items()}
+        except OverflowError as exc:
+            raise InvalidTensor("bad_shape", f"weights are not float32 numbers: {exc}") from exc
     layers: NamedLayers = {}
     for name, (_shape, dtype) in state.layer_spec.items():
         if name not in weights:
             raise InvalidTensor("bad_layers", f"layer '{name}' is missing")
+        array = _numbers(name, weights[name])
         try:
-            layers[name] = np.asarray(weights[name], dtype=dtype)
+            layers[name] = array.astype(dtype)
         except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidTensor("bad_shape", f"layer '{name}' is not a numeric array of {dtype}: {exc}") from exc
     unexpected = sorted(set(weights) - set(state.layer_spec))
@@ -289,6 +304,10 @@ async def sync_model(request: Request, ctx: Context, trainings: Trainings, princ
         await ctx.reject("sync", "invalid_body", str(exc)[:300])
         raise HTTPException(422, detail=str(exc)[:500]) from exc
     state = await _training(ctx, trainings, principal, sync.training_id)
+    stale = _stale_base(state, sync.base_version)
+    if stale is not None:
+        await ctx.reject("sync", "stale_base", stale, training_id=state.training_id)
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=stale)
     try:
         layers = (in_model_order(decode_layers(body, max_bytes=ctx.settings.max_blob_bytes), state.layer_spec)
                   if binary else await asyncio.to_thread(_layers_from_json, sync.weights, state))
@@ -314,6 +333,19 @@ async def sync_model(request: Request, ctx: Context, trainings: Trainings, princ
     if binary:
         return Response(content=data, media_type=SAFETENSORS, headers=headers)
     return Response(content=_json_model(state, model, agent_id), media_type="application/json", headers=headers)
+
+
+def _stale_base(state: TrainingState, base_version: int | None) -> str | None:
+    """Why the coordinator would drop an update trained from ``base_version``, or None: it takes
+    updates from the current version or, within ``max_staleness``, a recent one."""
+    if base_version is None or state.current_version is None:
+        return None
+    oldest = max(0, state.current_version - state.config.max_staleness)
+    if oldest <= base_version <= state.current_version:
+        return None
+    return (f"base_version {base_version} is not a recent version of training '{state.training_id}': the current "
+            f"version is {state.current_version} and updates from versions {oldest} to {state.current_version} are "
+            "taken; sync without base_version (or with the version you received) to get the current model")
 
 
 def _json_model(state: TrainingState, model: NamedLayers, agent_id: str) -> str:
