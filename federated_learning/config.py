@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     checkpoint_keep_last: int = Field(default=0, ge=0, description="0: keep every checkpoint")
     checkpoint_keep_best: int = Field(default=3, ge=0)
     data_dir: Path = Path("data")
+    validation_data_dir: Path | None = Field(
+        default=None, description="the folder a training's validation_data names a file in; "
+                                  "default <data_dir>/validation")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator(*TLS_FILE_KEYS)
@@ -151,6 +154,10 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The JSON file arrives as init kwargs; the environment overrides it.
         return env_settings, init_settings
+
+    @property
+    def validation_folder(self) -> Path:
+        return self.validation_data_dir or self.data_dir / "validation"
 
     @property
     def uses_embedded_redis(self) -> bool:

@@ -106,17 +106,6 @@ def refuse_training(state: TrainingState) -> str | None:
     if state.config.validation_data is not None and not isinstance(state.config.model, PresetModel):
         return ("validation_data scores each version with a built-in preset model; the server cannot run "
                 "the training's own model (evaluate it on the agents, or download the versions)")
-    if state.config.validation_data is not None and isinstance(state.config.model, PresetModel):
-        from federated_learning.records.validation_sets import (
-            InvalidValidationSet,
-            load_validation_set,
-        )
-
-        try:
-            load_validation_set(state.config.validation_data, state.config.model.num_features,
-                                state.config.model.num_classes)
-        except InvalidValidationSet as exc:
-            return str(exc)
     if state.min_clients > state.clients_per_round:
         return (f"min_clients ({state.min_clients}) exceeds the clients per round "
                 f"({state.clients_per_round}) allowed by max_clients_per_round")

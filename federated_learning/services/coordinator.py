@@ -117,7 +117,7 @@ class Coordinator(RoundProtocol):
             state.clip_norm = DEFAULT_SECURE_CLIP_NORM
         if config.adaptive_clipping is not None and state.clip_norm is None:
             state.clip_norm = DEFAULT_ADAPTIVE_INITIAL_CLIP_NORM
-        refusal = refuse_training(state)
+        refusal = refuse_training(state) or await self.check_validation_data(state)
         if refusal is not None:
             state.status = TrainingStatus.FAILED
             state.reason = refusal

@@ -15,7 +15,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol, TypedDict
 
+import numpy as np
 import redis.asyncio as aioredis
+from numpy.typing import NDArray
 from prometheus_client import Counter, Histogram
 from redis.asyncio.client import Pipeline
 
@@ -71,7 +73,11 @@ from federated_learning.protocol.tensors import InvalidTensor, decode_layers
 from federated_learning.protocol.updates import decode_update
 from federated_learning.records.agents import AgentRegistry
 from federated_learning.records.trainings import TrainingStore
-from federated_learning.records.validation_sets import load_validation_set
+from federated_learning.records.validation_sets import (
+    READ_TIMEOUT_S,
+    InvalidValidationSet,
+    load_validation_set,
+)
 from federated_learning.services.runtime import ServiceContext
 
 if TYPE_CHECKING:
@@ -588,11 +594,31 @@ class RoundProtocol:
         spec = state.config.model
         if not isinstance(spec, PresetModel):
             return None  # refused at start: the server cannot run the user's model
-        x, y = load_validation_set(path, spec.num_features, spec.num_classes)
+        x, y = await self.validation_set(path, spec)
         layers = decode_layers(await self.ctx.blobs.get(committed.model_digest),
                                max_bytes=self.settings.max_blob_bytes)
         result = await asyncio.to_thread(trainer_for(spec).evaluate, layers, x, y)
         return float(result.accuracy), float(result.loss)
+
+    async def validation_set(self, name: str, spec: PresetModel) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        """The training's validation file, read off the event loop and within READ_TIMEOUT_S."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(
+                load_validation_set, self.settings.validation_folder, name, spec.num_features, spec.num_classes),
+                READ_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise InvalidValidationSet(f"validation data {name!r} was not read within {READ_TIMEOUT_S:.0f}s") from exc
+
+    async def check_validation_data(self, state: TrainingState) -> str | None:
+        """Why the training's validation file cannot score its versions, or None."""
+        spec, name = state.config.model, state.config.validation_data
+        if name is None or not isinstance(spec, PresetModel):
+            return None
+        try:
+            await self.validation_set(name, spec)
+        except InvalidValidationSet as exc:
+            return str(exc)
+        return None
 
     async def complete_evaluation(self, state: TrainingState) -> None:
         raw = await self.redis.hgetall(self.keys.round_updates(state.training_id, state.round))

@@ -79,21 +79,21 @@ async def test_operator_rollback_continues_from_the_chosen_version(redis: aiored
 
 
 async def test_server_validation_scores_every_version_and_drives_the_rollback(
-        redis: aioredis.Redis, system, make_agents, tmp_path) -> None:
+        redis: aioredis.Redis, system, make_agents, settings) -> None:
     import numpy as np
 
     from agents.data import make_client_datasets
     from federated_learning.protocol.messages import RoundMetrics
 
     _clients, test = make_client_datasets(8, "iid", 0)
-    validation = tmp_path / "validation.npz"
-    np.savez(validation, x=test.x, y=test.y)
+    settings.validation_folder.mkdir(parents=True)
+    np.savez(settings.validation_folder / "validation.npz", x=test.x, y=test.y)
     await system.start()
     agents = await make_agents(8)
     await start_training(redis, "srv", digits_config(
-        rounds=14, clients_per_round=8, min_clients=8, validation_data=str(validation),
+        rounds=14, clients_per_round=8, min_clients=8, validation_data="validation.npz",
         rollback={"performance_threshold": 0.1, "consecutive_degradations": 2}))
-    await start_training(redis, "bad-validation", digits_config(validation_data=str(tmp_path / "missing.npz")))
+    await start_training(redis, "bad-validation", digits_config(validation_data="missing.npz"))
 
     state = await poison_until_rollback(redis, "srv", agents)
 
