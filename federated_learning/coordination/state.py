@@ -60,6 +60,9 @@ class TrainingState(BaseModel):
     dropped: list[str] = Field(default_factory=list)
     in_flight: dict[str, float] = Field(default_factory=dict)
     """Asynchronous trainings: agent -> deadline of the task it is working on."""
+    silent_volunteers: list[str] = Field(default_factory=list)
+    """Volunteers (HTTP clients) that let the last round they were waited for close without their
+    update: rounds stop waiting for them until they send one again."""
     retries: int = 0
     aggregation_attempts: int = 0
     in_flight_attempt: dict[str, int] = Field(default_factory=dict)

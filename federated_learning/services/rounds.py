@@ -202,8 +202,14 @@ class RoundProtocol:
         if evaluating:
             chosen = [a for a in candidates if a not in state.selected]
         else:
-            chosen = select_agents(available, state.clients_per_round - accepted,
-                                   state.config.over_selection, rng, exclude=state.selected,
+            # A retry asks agents not asked before; when too few are left (after an outage longer
+            # than the deadline, say) it asks again the live agents whose update is still missing.
+            wanted = state.clients_per_round - accepted
+            fresh = [agent for agent in available if agent not in state.selected]
+            exclude = state.selected if len(fresh) >= wanted else \
+                [text(agent) for agent in await self.redis.hkeys(self.keys.round_updates(state.training_id,
+                                                                                         round_number))]
+            chosen = select_agents(available, wanted, state.config.over_selection, rng, exclude=exclude,
                                    weights=await self._policy_weights(state, candidates))
         now = time.time()
         state.selected = sorted(set(state.selected) | set(chosen))
@@ -391,10 +397,14 @@ class RoundProtocol:
         updates_key = self.keys.round_updates(state.training_id, state.round)
         accepted = await self.redis.hlen(updates_key)
         evaluating = state.status is TrainingStatus.EVALUATING
-        # Live volunteers (plain-HTTP clients) may still send an update for this round.
+        # Live volunteers (plain-HTTP clients) may still send an update for this round; one that
+        # let the last round it was waited for close without its update is not waited for again.
         expected = set(state.selected)
+        awaited: set[str] = set()
         if not evaluating:
-            expected |= set(await self.registry.live_volunteers(state.config.dataset, state.project))
+            awaited = set(await self.registry.live_volunteers(state.config.dataset, state.project)) - expected
+            awaited -= set(state.silent_volunteers) - set(state.responded)
+            expected |= awaited
         decision = decide_round(
             accepted=accepted, responded=len(state.responded), selected=len(expected),
             target=len(state.selected) if evaluating else state.clients_per_round,
@@ -404,6 +414,9 @@ class RoundProtocol:
         )
         if decision is RoundDecision.WAIT:
             return
+        if not evaluating:
+            silent = set(state.silent_volunteers) | (awaited - set(state.responded))
+            state.silent_volunteers = sorted(silent - set(state.responded))
         if evaluating:
             await self.complete_evaluation(state)
         elif decision is RoundDecision.AGGREGATE:

@@ -307,3 +307,56 @@ async def test_an_update_that_weighs_more_than_the_training_allows_is_refused(re
         assert not await redis.hexists(KEYS.round_updates("heavy", 1), "fake-0")
     finally:
         beating.cancel()
+
+
+async def test_a_retry_after_an_outage_asks_the_live_agents_again(redis: aioredis.Redis, system) -> None:
+    """Every live agent was asked and none answered by the deadline (they were away): the retry
+    asks them again instead of asking nobody and failing the training."""
+    agents = [f"fake-{i}" for i in range(3)]
+    await join_fake_agents(redis, agents)
+    beating = asyncio.create_task(keep_alive(redis, agents))
+    try:
+        await system.start()
+        await start_training(redis, "outage", digits_config(rounds=1, clients_per_round=3, min_clients=3,
+                                                            round_deadline_s=1.0, max_round_attempts=3))
+        deadline = time.monotonic() + 20
+        attempts: set[int] = set()
+        while time.monotonic() < deadline and 2 not in attempts:
+            entries = await redis.xrange(KEYS.inbox_stream("fake-0"))
+            attempts = {json.loads(fields[b"m"])["attempt"] for _id, fields in entries}
+            await asyncio.sleep(0.05)
+        assert 2 in attempts, attempts
+    finally:
+        beating.cancel()
+
+
+async def test_a_silent_volunteer_is_waited_for_once_not_every_round(redis: aioredis.Redis, system,
+                                                                    make_agents) -> None:
+    """A plain-HTTP client that stays alive but sends nothing holds one round to its deadline;
+    the next rounds close when the asked agents have answered."""
+    volunteer = AgentKeyPair.generate()
+    joined = AgentJoined(agent_id="http-silent", datasets={"digits": 10}, volunteer=True,
+                         public_key=volunteer.public_key_bytes.hex())
+    await redis.xadd(KEYS.agent_stream, encode(signed_by(joined, volunteer)))  # type: ignore[arg-type]
+
+    async def beat() -> None:
+        while True:
+            message = signed_by(Heartbeat(agent_id="http-silent"), volunteer)
+            await redis.xadd(KEYS.agent_stream, encode(message))  # type: ignore[arg-type]
+            await asyncio.sleep(0.2)
+
+    beating = asyncio.create_task(beat())
+    try:
+        await system.start()
+        await make_agents(3)
+        deadline_s = 5.0
+        await start_training(redis, "silent", digits_config(rounds=3, clients_per_round=3, min_clients=3,
+                                                           round_deadline_s=deadline_s))
+        state = await wait_for_status(redis, "silent", {"completed", "failed"}, timeout_s=90)
+        assert state.status == "completed", state.reason
+        assert state.silent_volunteers == ["http-silent"]
+        metrics = [json.loads(m) for m in await redis.lrange(KEYS.training_metrics("silent"), 0, -1)]
+        assert len(metrics) == 3
+        assert all(m["round_seconds"] < deadline_s for m in metrics[1:]), [m["round_seconds"] for m in metrics]
+    finally:
+        beating.cancel()
