@@ -242,7 +242,12 @@ def decompress(compressed: CompressedUpdate) -> list[NDArray[np.float32]]:
             raise ValueError(f"sparse indices must be in [0, {compressed.size})")
         flat[indices] = compressed.arrays["values"]
     else:
+        blocks = -(-compressed.size // compressed.block_size) if compressed.block_size >= 1 else -1
         codes = _unpack_codes(compressed)
+        if blocks < 0 or codes.size != compressed.size or any(
+                np.asarray(compressed.arrays[name]).size != blocks for name in ("minimum", "step")):
+            raise ValueError(f"a quantized update of {compressed.size} values needs that many codes and one "
+                             f"minimum and step per block of block_size >= 1")
         block = np.arange(compressed.size) // compressed.block_size
         minimum = np.asarray(compressed.arrays["minimum"], dtype=np.float64)
         step = np.asarray(compressed.arrays["step"], dtype=np.float64)

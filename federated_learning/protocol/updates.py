@@ -38,15 +38,20 @@ def encode_compressed(update: CompressedUpdate) -> bytes:
 def _compressed_delta(data: bytes, spec: LayerSpec, max_bytes: int) -> NamedLayers:
     """The float32 delta of a compressed blob, one array per layer of ``spec``."""
     tensors = decode_layers(data, max_bytes=max_bytes, allowed_dtypes=COMPRESSED_DTYPES)
+    shapes = [tuple(shape) for shape, _dtype in spec.values()]
     try:
         update = CompressedUpdate.from_tensors(tensors)
+    except (KeyError, ValueError, IndexError) as exc:
+        raise InvalidTensor("bad_blob", f"not a valid compressed update: {exc}") from exc
+    # The declared shapes are checked against the model before anything is expanded: a small
+    # blob may declare any size.
+    if [tuple(shape) for shape in update.shapes] != shapes:
+        declared = [tuple(shape) for shape in update.shapes][:8]
+        raise InvalidTensor("bad_shape", f"compressed update declares shapes {declared}; expected {shapes[:8]}")
+    try:
         layers = decompress(update)
     except (KeyError, ValueError, IndexError) as exc:
         raise InvalidTensor("bad_blob", f"not a valid compressed update: {exc}") from exc
-    shapes = [tuple(shape) for shape, _dtype in spec.values()]
-    if [tuple(a.shape) for a in layers] != shapes:
-        raise InvalidTensor("bad_shape", f"compressed update has shapes {[a.shape for a in layers]}; "
-                                         f"expected {shapes}")
     return {name: np.asarray(layer, dtype=np.float32) for name, layer in zip(spec, layers, strict=True)}
 
 

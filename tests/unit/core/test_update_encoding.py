@@ -36,3 +36,33 @@ def test_compressed_update_of_another_model_is_rejected() -> None:
     with pytest.raises(InvalidTensor) as info:
         decode_update(blob, SPEC, max_bytes=1 << 20)
     assert info.value.reason == "bad_shape"
+
+
+def test_a_small_blob_declaring_a_huge_update_is_refused_before_anything_is_expanded() -> None:
+    import resource
+
+    from federated_learning.privacy.compression import CompressedUpdate, CompressionMethod
+
+    huge = CompressedUpdate(CompressionMethod(int(top_k([np.ones(3, np.float32)], 1).method)),
+                            ((100_000_000, 3),), {"indices": np.array([0], np.uint32),
+                                                   "values": np.array([1.0], np.float32)})
+    blob = encode_compressed(huge)
+    assert len(blob) < 1000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InvalidTensor) as info:
+        decode_update(blob, SPEC, max_bytes=1 << 20)
+    assert info.value.reason == "bad_shape" and "declares" in info.value.detail
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: nothing 1.2 GB large
+
+
+@pytest.mark.parametrize("block_size", [0, 1])
+def test_a_quantized_update_with_inconsistent_blocks_is_refused(block_size: int) -> None:
+    rng = np.random.default_rng(0)
+    update = quantize([np.ones((4, 3), np.float32), np.ones(3, np.float32)], 8, rng)
+    tensors = {**update.to_tensors(), "block_size": np.array([block_size], np.int64)}
+    from safetensors.numpy import save
+
+    blob = bytes(save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"encoding": "compressed"}))
+    with pytest.raises(InvalidTensor) as info:
+        decode_update(blob, SPEC, max_bytes=1 << 20)
+    assert info.value.reason == "bad_blob"
