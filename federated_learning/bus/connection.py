@@ -98,8 +98,12 @@ def _client(url: str, tls: RedisTls | None, retries: int) -> aioredis.Redis:
         "socket_keepalive": True,
         "max_connections": 10_000,
     }
-    if url.startswith("rediss://") and tls is not None:
-        kwargs.update(tls.redis_kwargs())
+    if url.startswith("rediss://"):
+        # Explicit, whatever the redis-py version's defaults: the server's certificate must be
+        # valid and name the host we dialled.
+        kwargs.update({"ssl_cert_reqs": "required", "ssl_check_hostname": True})
+        if tls is not None:
+            kwargs.update(tls.redis_kwargs())
     return aioredis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
 
 

@@ -37,7 +37,8 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 class TlsProxy:
     """TLS (client certificate required) on a free port, forwarding to ``target_port``."""
 
-    def __init__(self, pki: Pki, target_port: int) -> None:
+    def __init__(self, pki: Pki, target_port: int, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
         self.context.load_cert_chain(str(pki.server_cert), str(pki.server_key))
         self.context.verify_mode = ssl.CERT_REQUIRED
@@ -46,7 +47,7 @@ class TlsProxy:
         self.links: set[asyncio.Task[None]] = set()
 
     async def start(self) -> int:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.context)
+        self.server = await asyncio.start_server(self._handle, self.host, 0, ssl=self.context)
         return int(self.server.sockets[0].getsockname()[1])
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -85,6 +86,7 @@ async def test_configured_ca_and_client_certificate_reach_the_server_over_tls(
     try:
         assert client.connection_pool.connection_class is SSLConnection
         assert client.connection_pool.connection_kwargs["ssl_ca_certs"] == str(pki.ca)
+        assert client.connection_pool.connection_kwargs["ssl_check_hostname"] is True
         await client.set("tls:probe", b"through the proxy")
         assert await redis.get("tls:probe") == b"through the proxy"
     finally:
@@ -115,3 +117,16 @@ async def test_a_plain_connection_to_a_tls_port_is_not_taken_for_a_server(tls_ur
     with pytest.raises(RedisConnectionError) as caught:
         await connect(plain, attempts=1)
     assert not isinstance(caught.value, RedisRefused)
+
+
+async def test_a_server_whose_certificate_names_another_host_is_refused(
+        pki: Pki, valkey_server: EmbeddedValkey) -> None:
+    """The certificate names localhost and 127.0.0.1; the same server at 127.0.0.2 is refused."""
+    proxy = TlsProxy(pki, valkey_server.port, host="127.0.0.2")
+    port = await proxy.start()
+    try:
+        with pytest.raises(RedisRefused, match="TLS with redis at 127.0.0.2:.*(mismatch|doesn't match|not valid)"):
+            await connect(f"rediss://127.0.0.2:{port}/0", attempts=2,
+                          tls=RedisTls(pki.ca, pki.client_cert, pki.client_key))
+    finally:
+        await proxy.stop()
