@@ -66,6 +66,8 @@ class Settings(BaseSettings):
 
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(default=8080, ge=0, le=65535)
+    max_sockets_per_key: int = Field(default=256, ge=1, le=100_000,
+                                     description="live WebSockets one API key may hold at once")
     dashboard_tls_cert_file: Path | None = Field(default=None, description="serve HTTPS with this "
                                                  "certificate (PEM, chain included)")
     dashboard_tls_key_file: Path | None = None

@@ -66,6 +66,7 @@ class Subscriber:
     topics: set[str] = field(default_factory=set)
     dropped: int = 0
     org_id: str | None = None
+    key_id: str = ""
 
     def may_follow(self, topic: str) -> bool:
         """``*`` (all it may see) or a training of its organisation, told by the id's ``<org>.`` prefix."""
@@ -91,6 +92,9 @@ class EventHub:
         self._redis = redis
         self._stream = stream
         self.subscribers: dict[int, Subscriber] = {}
+
+    def sockets_of(self, key_id: str) -> int:
+        return sum(1 for subscriber in self.subscribers.values() if subscriber.key_id == key_id)
 
     def add(self, subscriber: Subscriber) -> None:
         self.subscribers[id(subscriber)] = subscriber

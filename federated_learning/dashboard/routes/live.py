@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -23,30 +25,59 @@ router = APIRouter(tags=["live"])
 
 UNAUTHORIZED_CLOSE = 4401
 """WebSocket close code for a missing or bad key (4000-4999 are the application's; 4401 mirrors HTTP 401)."""
+TOO_MANY_CLOSE = 4429
+"""Close code when the key holds ``max_sockets_per_key`` (settings) sockets already."""
+MAX_COMMAND_CHARS = 1024
+MAX_TOPICS = 64
+"""Trainings one socket may follow by id (``*`` follows all of them)."""
+USAGE = 'expected a text frame {"action": "subscribe"|"unsubscribe", "training_id": ID or "*"}'
+TOPIC = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9_.\-]{0,127})$")
+
+
+def parse_command(message: Mapping[str, Any]) -> tuple[str, str] | str:
+    """(action, topic) of a client's frame, or why it is not a command (binary, too long, not JSON,
+    nested too deep, unknown action, a training id that is no id)."""
+    text = message.get("text")
+    if not isinstance(text, str):
+        return USAGE + "; got a binary frame"
+    if len(text) > MAX_COMMAND_CHARS:
+        return f"{USAGE}; got {len(text)} characters (at most {MAX_COMMAND_CHARS})"
+    try:
+        command: Any = json.loads(text)
+    except (ValueError, RecursionError):
+        return USAGE
+    if not isinstance(command, dict) or command.get("action") not in ("subscribe", "unsubscribe"):
+        return USAGE
+    topic = command.get("training_id") or "*"
+    if not isinstance(topic, str) or not TOPIC.match(topic):
+        return f"{USAGE}; training_id must be a training id or \"*\""
+    return str(command["action"]), topic
 
 
 async def _receive_commands(websocket: WebSocket, subscriber: Subscriber) -> None:
     while True:
-        text = await websocket.receive_text()
-        try:
-            command: Any = json.loads(text)
-        except ValueError:
-            command = None
-        if not isinstance(command, dict) or command.get("action") not in ("subscribe", "unsubscribe"):
-            await subscriber.queue.put({"type": "error",
-                                        "message": "expected {\"action\": \"subscribe\"|\"unsubscribe\", "
-                                                   "\"training_id\": ID or \"*\"}"})
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(int(message.get("code") or 1000))
+        parsed = parse_command(message)
+        if isinstance(parsed, str):
+            await subscriber.queue.put({"type": "error", "message": parsed})
             continue
-        topic = str(command.get("training_id") or "*")
-        if command["action"] == "subscribe" and not subscriber.may_follow(topic):
+        action, topic = parsed
+        if action == "subscribe" and topic not in subscriber.topics and len(subscriber.topics) >= MAX_TOPICS:
+            await subscriber.queue.put({"type": "error", "code": 429, "training_id": topic,
+                                        "message": f"this socket follows {MAX_TOPICS} trainings already; "
+                                                   "unsubscribe one or subscribe to \"*\""})
+            continue
+        if action == "subscribe" and not subscriber.may_follow(topic):
             await subscriber.queue.put({"type": "error", "code": 403, "training_id": topic,
                                         "message": f"training '{topic}' belongs to another organisation"})
             continue
-        if command["action"] == "subscribe":
+        if action == "subscribe":
             subscriber.topics.add(topic)
         else:
             subscriber.topics.discard(topic)
-        await subscriber.queue.put({"type": f"{command['action']}d", "training_id": topic})
+        await subscriber.queue.put({"type": f"{action}d", "training_id": topic})
 
 
 async def _send_events(websocket: WebSocket, subscriber: Subscriber) -> None:
@@ -78,7 +109,12 @@ async def live(websocket: WebSocket, client_id: str) -> None:
     if principal is None:
         await websocket.close(code=UNAUTHORIZED_CLOSE, reason="missing, wrong, revoked or expired API key")
         return
-    subscriber = Subscriber(client_id=client_id[:128], org_id=principal.org_id)
+    cap = websocket.app.state.ctx.settings.max_sockets_per_key
+    if hub.sockets_of(principal.key_id) >= cap:
+        await websocket.app.state.ctx.reject("ws", "too_many_sockets", f"key {principal.key_id} holds {cap} sockets")
+        await websocket.close(code=TOO_MANY_CLOSE, reason=f"this key holds {cap} live sockets already")
+        return
+    subscriber = Subscriber(client_id=client_id[:128], org_id=principal.org_id, key_id=principal.key_id)
     hub.add(subscriber)
     tasks = [asyncio.create_task(_receive_commands(websocket, subscriber)),
              asyncio.create_task(_send_events(websocket, subscriber))]
