@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from federated_learning.dashboard.limits import BodyGuard
 from federated_learning.dashboard.live import EventHub
 from federated_learning.dashboard.routes import (
     join_tokens,
@@ -53,6 +54,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     app = FastAPI(title="Federated learning dashboard", version="1", lifespan=lifespan)
     app.state.ctx = ctx
     app.state.hub = EventHub(ctx.redis, ctx.keys.event_stream)
+    app.add_middleware(BodyGuard, ctx=ctx)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
