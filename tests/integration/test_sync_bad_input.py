@@ -62,3 +62,14 @@ async def test_a_sync_the_coordinator_would_drop_is_refused_with_the_reason(
     assert words in response.text
     assert await redis.hget(KEYS.agents, "http-bot") is None  # nothing was registered or submitted
     assert (await http.post("/sync_model", json=good_body())).status_code == 200
+
+
+async def test_the_json_form_is_bounded_by_its_count_of_values(redis: aioredis.Redis, system: System,
+                                                                http: httpx.AsyncClient) -> None:
+    await system.start()
+    await start_training(redis, "sync", digits_config(rounds=50))
+    await wait_for_status(redis, "sync", {"running", "paused"})
+    # Counted before parsing: a million separators in 1 MB (within max_blob_bytes) are refused unparsed.
+    many = b'{"client_id": "bot", "weights": {"w": [' + b"," * 1_000_000 + b']}}'
+    response = await http.post("/sync_model", content=many, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and "safetensors" in response.json()["detail"]

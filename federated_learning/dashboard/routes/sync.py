@@ -64,6 +64,10 @@ HTTP_AGENT_PREFIX = "http-"
 SAFETENSORS = "application/octet-stream"
 GATEWAY_TOKEN_TTL_S = 600.0
 MAX_NUM_EXAMPLES = 1_000_000_000
+MAX_JSON_VALUES = 1_000_000
+"""Most numbers the JSON form carries either way: parsed, each costs ~32 bytes of Python objects
+whatever its text (``0,`` is two bytes), so the form is bounded by count, not only by size.
+Larger models sync in the binary (safetensors) form."""
 
 
 class InvalidHeader(ValueError):
@@ -294,6 +298,11 @@ async def sync_model(request: Request, ctx: Context, trainings: Trainings, princ
             await ctx.reject("sync", "invalid_header", str(exc))
             raise HTTPException(422, detail=str(exc)) from exc
     body = await read_limited_body(request, ctx)
+    if not binary and body.count(b",") + 1 > MAX_JSON_VALUES:
+        detail = (f"the JSON form carries at most {MAX_JSON_VALUES} values; send the model as safetensors "
+                  "(Content-Type: application/octet-stream)")
+        await ctx.reject("sync", "too_large", detail)
+        raise HTTPException(413, detail=detail)
     try:
         if metrics is not None:
             sync = SyncRequest(client_id=x_client_id or host_client_id(), training_id=x_training_id,
@@ -304,6 +313,11 @@ async def sync_model(request: Request, ctx: Context, trainings: Trainings, princ
         await ctx.reject("sync", "invalid_body", str(exc)[:300])
         raise HTTPException(422, detail=str(exc)[:500]) from exc
     state = await _training(ctx, trainings, principal, sync.training_id)
+    if not binary and sum(int(np.prod(shape)) for shape, _dtype in state.layer_spec.values()) > MAX_JSON_VALUES:
+        detail = (f"training '{state.training_id}' has a model of more than {MAX_JSON_VALUES} values: sync it as "
+                  "safetensors (Content-Type: application/octet-stream)")
+        await ctx.reject("sync", "too_large", detail, training_id=state.training_id)
+        raise HTTPException(413, detail=detail)
     stale = _stale_base(state, sync.base_version)
     if stale is not None:
         await ctx.reject("sync", "stale_base", stale, training_id=state.training_id)
