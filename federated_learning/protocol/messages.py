@@ -46,6 +46,12 @@ MAX_EXAMPLES = 1_000_000_000
 (``TrainingConfig.max_examples_per_update``)."""
 MAX_DATASETS = 64
 """Most datasets one agent may announce."""
+MAX_PARAM_MAGNITUDE = 1e6
+AlgorithmParam = (Annotated[StrictInt, Field(ge=-int(MAX_PARAM_MAGNITUDE), le=int(MAX_PARAM_MAGNITUDE))]
+                  | Annotated[StrictFloat, Field(allow_inf_nan=False, ge=-MAX_PARAM_MAGNITUDE, le=MAX_PARAM_MAGNITUDE)]
+                  | Annotated[StrictStr, Field(max_length=64)])
+"""A rule parameter: a bounded number (no rule's parameter is sensibly larger, and e.g. eta = 1e300
+makes every aggregate non-finite) or a short name."""
 MAX_MEMBERS = 10_000
 """Most agents in one secure-aggregation session."""
 
@@ -255,8 +261,9 @@ class TrainingConfig(BaseModel):
     dataset: Identifier
     model: ModelSpec
     algorithm: AlgorithmName = "fedavg"
-    algorithm_params: dict[str, StrictInt | StrictFiniteFloat | StrictStr] = Field(
-        default_factory=dict, description="the rule's parameters by Flower's names: finite numbers or names")
+    algorithm_params: dict[Annotated[str, Field(max_length=64)], AlgorithmParam] = Field(
+        default_factory=dict, max_length=32,
+        description=f"the rule's parameters by Flower's names: numbers within +-{MAX_PARAM_MAGNITUDE:g} or names")
     rounds: int = Field(default=10, ge=1, le=100_000)
     min_clients: int | None = Field(default=None, ge=1)
     clients_per_round: int | None = Field(default=None, ge=1)
@@ -588,8 +595,9 @@ class AggregationJob(Message):
     round: int = Field(ge=1)
     attempt: int = Field(ge=1)
     algorithm: str
-    algorithm_params: dict[str, StrictInt | StrictFiniteFloat | StrictStr] = Field(
-        default_factory=dict, description="the rule's parameters by Flower's names: finite numbers or names")
+    algorithm_params: dict[Annotated[str, Field(max_length=64)], AlgorithmParam] = Field(
+        default_factory=dict, max_length=32,
+        description=f"the rule's parameters by Flower's names: numbers within +-{MAX_PARAM_MAGNITUDE:g} or names")
     base_version: int = Field(ge=0)
     base_digest: Digest
     state_digest: Digest | None = None

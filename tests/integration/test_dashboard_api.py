@@ -48,6 +48,8 @@ async def test_start_puts_a_validated_command_on_the_control_stream(http: httpx.
     {**BODY, "algorithm_params": {"eta": True}},
     {**BODY, "algorithm_params": {"eta": float("nan")}},
     {**BODY, "algorithm_params": {"eta": float("inf")}},
+    {**BODY, "algorithm_params": {"eta": 1e300}},
+    {**BODY, "algorithm_params": {"eta": "x" * 65}},
 ])
 async def test_invalid_start_body_is_rejected_counted_and_changes_nothing(
         http: httpx.AsyncClient, redis: aioredis.Redis, body: dict) -> None:
