@@ -14,7 +14,6 @@ from .fedbuff import FedBuff
 from .fedopt import FedAdagrad, FedAdam, FedYogi
 from .krum import Krum, MultiKrum, pairwise_sq_distances
 from .median import Median
-from .memory_bank import aggregate_memory_banks
 from .perffedavg import PerFedAvg
 from .registry import RULES, create_strategy
 from .threads import configure_threads
@@ -38,7 +37,6 @@ __all__ = [
     "Strategy",
     "TrimmedMean",
     "UpdateBatch",
-    "aggregate_memory_banks",
     "allocate_slabs",
     "configure_threads",
     "create_strategy",
