@@ -40,3 +40,17 @@ def test_the_example_trains_to_its_stated_accuracy(command: list[str], line: str
     found = re.findall(rf"^{line}: (\d\.\d+)$", result.stdout, flags=re.MULTILINE)
     assert result.returncode == 0 and found, output[-4000:]
     assert float(found[-1]) >= accuracy, output[-4000:]
+
+
+@pytest.mark.timeout(400)
+def test_the_memory_bank_example_finds_the_unseen_digit_as_well_as_a_pooled_bank(tmp_path: Path) -> None:
+    env = {**os.environ, "FL_EXAMPLES_DATA_DIR": str(tmp_path), "FL_DASHBOARD_PORT": str(free_port()),
+           "FL_REDIS_EMBEDDED_PORT": str(free_port()), "FL_METRICS_PORT_BASE": "0", "FL_REDIS_URL": ""}
+    result = subprocess.run([sys.executable, "examples/memory_bank_digits/run.py"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=380, check=False)
+    output = result.stdout + result.stderr
+    found = re.findall(r"^federated AUROC: (\d\.\d+) \(central (\d\.\d+), difference ([+-]\d\.\d+)\)$",
+                       result.stdout, flags=re.MULTILINE)
+    assert result.returncode == 0 and found, output[-4000:]
+    federated, _central, difference = (float(value) for value in found[-1])
+    assert federated >= 0.90 and difference >= -0.02, output[-4000:]
