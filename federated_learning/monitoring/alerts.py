@@ -101,6 +101,16 @@ def stalled_rounds(rounds: Iterable[RoundObservation], now: float) -> list[Condi
     return found
 
 
+def open_by_severity(alerts: Iterable[Alert]) -> dict[Severity, int]:
+    """How many of ``alerts`` are open, per severity (every severity, 0 when none): one-off
+    alerts and continuously checked ones alike, as the page lists them."""
+    counts = dict.fromkeys(Severity, 0)
+    for alert in alerts:
+        if alert.is_open:
+            counts[alert.severity] += 1
+    return counts
+
+
 def reconcile(open_alerts: Mapping[str, Alert], conditions: Iterable[Condition],
               now: float) -> tuple[list[Alert], list[Alert]]:
     """Alerts to raise (new conditions) and to resolve (open alerts whose condition is gone).

@@ -30,6 +30,7 @@ from federated_learning.monitoring.alerts import (
     Alert,
     Condition,
     RoundObservation,
+    open_by_severity,
     reconcile,
     services_down,
     stalled_rounds,
@@ -60,12 +61,21 @@ from federated_learning.monitoring.rules import (
 )
 from federated_learning.privacy.levels import PrivacyLevel, privacy_targets
 from federated_learning.protocol.keys import GROUP_MONITOR
-from federated_learning.protocol.messages import Event, MalformedMessage, Severity, decode
+from federated_learning.protocol.messages import (
+    Event,
+    MalformedMessage,
+    Severity,
+    TrainingStatus,
+    decode,
+)
 from federated_learning.records.trainings import TrainingStore
 from federated_learning.services.runtime import (
     HEALTH_TTL_S,
+    PER_TRAINING,
     ServiceContext,
+    forget_training,
     open_context,
+    per_training,
     read_backlogs,
     read_health_records,
     read_redis_memory,
@@ -86,9 +96,9 @@ APPLIED_MARKER_TTL_S = 24 * 3600
 
 EVENTS = Counter("fl_monitor_events_total", "Events seen", ["kind"])
 DROPOUTS = Counter("fl_agent_dropouts_total", "Agents that dropped out of a round")
-ALERTS_OPEN = Gauge("fl_alerts_open", "Open alerts", ["severity"])
+ALERTS_OPEN = Gauge("fl_alerts_open", "Open alerts (as the page lists them)", ["severity"])
 PENDING = Gauge("fl_bus_pending_messages", "Delivered but unacknowledged entries", ["stream", "group"])
-ACCURACY = Gauge("fl_training_accuracy", "Latest federated evaluation accuracy", ["training"])
+ACCURACY = per_training(Gauge("fl_training_accuracy", "Latest federated evaluation accuracy", ["training"]))
 
 
 class Monitor:
@@ -167,6 +177,8 @@ class Monitor:
             await self.raise_once(model_refused(event.training_id, event.agent_id, event.message))
         elif event.kind == "release_refused" and event.training_id:
             await self.raise_once(release_refused(event.training_id, event.message))
+        elif event.kind == "training_status" and event.training_id and _is_final(event.data.get("status")):
+            forget_training(event.training_id, PER_TRAINING)
         elif event.kind == "agent_dropped" and event.agent_id:
             DROPOUTS.inc()
             agent_id = event.agent_id
@@ -187,11 +199,11 @@ class Monitor:
         open_alerts = await self._open_alerts()
         raised, _ = reconcile(open_alerts, conditions, time.time())
         for alert in raised:
-            if alert.key in open_alerts:
-                continue
             await self._store(alert, is_open=True)
             await self.ctx.emit("alert", alert.message, severity=alert.severity,
                                 training_id=alert.training_id, alert=alert.model_dump(mode="json"))
+        if raised:
+            publish_open_alerts([*open_alerts.values(), *raised])
 
     async def check(self) -> None:
         """Apply the alert rules, at most every ``CHECK_EVERY_S``."""
@@ -205,7 +217,8 @@ class Monitor:
                 if stream != self.ctx.keys.event_stream:  # capped by length; the dashboard tails it
                     await trim_consumed(self.ctx.redis, stream, group)
         conditions = await self._system_conditions(now) + await self._training_conditions(now)
-        open_alerts = {k: a for k, a in (await self._open_alerts()).items() if a.rule in RECONCILED_RULES}
+        every_open = await self._open_alerts()
+        open_alerts = {k: a for k, a in every_open.items() if a.rule in RECONCILED_RULES}
         raised, resolved = reconcile(open_alerts, conditions, now)
         for alert in raised:
             await self._store(alert, is_open=True)
@@ -215,9 +228,8 @@ class Monitor:
             await self._store(alert, is_open=False)
             await self.ctx.emit("alert_resolved", f"resolved: {alert.message}",
                                 training_id=alert.training_id, alert=alert.model_dump(mode="json"))
-        still_open = [a for k, a in open_alerts.items() if k not in {r.key for r in resolved}] + raised
-        for severity in ("info", "warning", "critical"):
-            ALERTS_OPEN.labels(severity).set(sum(1 for a in still_open if a.severity == severity))
+        gone = {alert.key for alert in resolved}
+        publish_open_alerts([a for k, a in every_open.items() if k not in gone] + raised)
 
     async def _system_conditions(self, now: float) -> list[Condition]:
         """Services down, processes short of CPU or memory, Redis near maxmemory, stream backlogs."""
@@ -266,6 +278,17 @@ class Monitor:
             else:
                 pipe.hdel(self.ctx.keys.open_alerts, alert.key)
             await pipe.execute()
+
+
+def publish_open_alerts(open_alerts: list[Alert]) -> None:
+    """Set ``fl_alerts_open`` per severity to the open alerts, one-off and continuous alike: the
+    ones the page lists (an acknowledgement on the page shows at the next check)."""
+    for severity, count in open_by_severity(open_alerts).items():
+        ALERTS_OPEN.labels(severity.value).set(count)
+
+
+def _is_final(status: object) -> bool:
+    return status in {s.value for s in TrainingStatus if s.is_final}
 
 
 async def _main(args: argparse.Namespace) -> None:

@@ -289,14 +289,19 @@ class RoundProtocol:
         closed = notice.round < state.round or (
             notice.round == state.round and state.phase is not RoundPhase.COLLECTING and not waiting_round)
         if closed or notice.round != state.round or notice.kind is not expected_kind:
-            # Over-selected agents answering just after their round closed are expected.
-            just_late = closed and notice.round >= state.round - 1
-            if just_late and notice.kind is TaskKind.TRAIN:
-                await self.redis.hincrby(self.keys.agent_stats, f"{notice.agent_id}:late", 1)
-            await self.ctx.reject("updates", "stale_round",
-                                  f"{notice.kind.value} notice for round {notice.round}; training is in "
-                                  f"round {state.round} ({state.status.value}/{state.phase.value})",
-                                  severity=Severity.INFO if just_late else Severity.WARNING, **context)
+            where = (f"{notice.kind.value} notice for round {notice.round}; training is in round "
+                     f"{state.round} ({state.status.value}/{state.phase.value})")
+            final_evaluation = notice.round == state.round and state.config.kind != "memory_bank" and \
+                state.status in (TrainingStatus.EVALUATING, TrainingStatus.SAVING, TrainingStatus.COMPLETED)
+            asked = TaskKind.EVALUATE if final_evaluation else TaskKind.TRAIN
+            # Over-selection asks more agents than a round waits for, so the slowest answer what
+            # they were asked just after the round closed: by design, counted as late, not rejected.
+            if closed and notice.round >= state.round - 1 and notice.kind is asked:
+                if notice.kind is TaskKind.TRAIN:
+                    await self.redis.hincrby(self.keys.agent_stats, f"{notice.agent_id}:late", 1)
+                await self.ctx.late_update(where, **context)
+                return
+            await self.ctx.reject("updates", "stale_round", where, **context)
             return
         if notice.agent_id not in state.selected:
             # Volunteers (plain-HTTP clients) send unasked; an update trained on a recent

@@ -8,15 +8,25 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.types import StartResponse, WSGIEnvironment
 
 import psutil
 import redis.asyncio as aioredis
-from prometheus_client import Counter, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import ThreadingWSGIServer
 from redis.exceptions import ResponseError
 
 from federated_learning.bus.blobs import BlobStore
@@ -31,6 +41,7 @@ from federated_learning.protocol.keys import (
     Keys,
 )
 from federated_learning.protocol.messages import Event, Severity, encode
+from federated_learning.records.trainings import TrainingStore
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +60,81 @@ at most 4 points off."""
 REJECTED = Counter(
     "fl_rejected_inputs_total", "Inputs rejected by validation", ["service", "source", "reason"]
 )
+LATE_UPDATES = Counter(
+    "fl_late_updates_total", "Updates of over-selected agents that came after their round closed"
+)
+TRAINING_LABEL = "training"
+PER_TRAINING: list[Gauge] = []
+"""Gauges of this process labelled by training alone (see :func:`per_training`)."""
 
 
 def setup_logging(level: str, service: str) -> None:
+    """Start-up every service process goes through first: the log format, and Prometheus
+    series without ``_created`` (a second series per counter and histogram that no panel or
+    rule reads)."""
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
     logging.basicConfig(
         level=level,
         format=f"%(asctime)s {service}[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
 
 
+def exposition() -> tuple[bytes, str]:
+    """Every metric of this process and its content type: the Prometheus text format 0.0.4, the
+    one format every process serves (the dashboard's ``/metrics`` and the services' ports alike),
+    whatever the scraper's Accept header asks for."""
+    return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def _metrics_app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+    body, content_type = exposition()
+    start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged (one line per scrape every few seconds)."""
+
+
 def start_metrics_server(port: int) -> int:
-    """Serve Prometheus metrics on ``port`` (0: any free port); return the bound port."""
-    server, _thread = start_http_server(port, addr="127.0.0.1")
+    """Serve :func:`exposition` on ``127.0.0.1:port`` (0: any free port) from a daemon thread;
+    return the bound port."""
+    server = make_server("127.0.0.1", port, _metrics_app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return int(server.server_port)
+
+
+def per_training(gauge: Gauge) -> Gauge:
+    """Register ``gauge`` (labelled by ``training`` alone) so finished trainings leave it:
+    :meth:`ServiceContext.health_loop` drops their series (see :func:`prune_finished_trainings`)."""
+    PER_TRAINING.append(gauge)
+    return gauge
+
+
+def labelled_trainings(gauges: Iterable[Gauge]) -> set[str]:
+    """The training ids that have a series in any of ``gauges``."""
+    return {sample.labels[TRAINING_LABEL] for gauge in gauges for family in gauge.collect()
+            for sample in family.samples if TRAINING_LABEL in sample.labels}
+
+
+def forget_training(training_id: str, gauges: Iterable[Gauge]) -> None:
+    """Drop ``training_id``'s series from ``gauges`` (those without one are left as they are)."""
+    for gauge in gauges:
+        if training_id in labelled_trainings([gauge]):
+            gauge.remove(training_id)
+
+
+async def prune_finished_trainings(trainings: TrainingStore, gauges: Sequence[Gauge]) -> set[str]:
+    """Drop from ``gauges`` the series of trainings that reached a final status (or are gone);
+    return their ids. One read per training with a series: there are few."""
+    finished = set()
+    for training_id in sorted(labelled_trainings(gauges)):
+        state = await trainings.load(training_id)
+        if state is None or state.status.is_final:
+            forget_training(training_id, gauges)
+            finished.add(training_id)
+    return finished
 
 
 @dataclass
@@ -137,6 +210,14 @@ class ServiceContext:
                         agent_id=_str_or_none(context.pop("agent_id", None)),
                         source_stream=source, reason=reason, **context)
 
+    async def late_update(self, detail: str, *, training_id: str, round: int, agent_id: str) -> None:
+        """Count an update that came just after its round closed, and report it as an INFO
+        ``late_update`` event. Over-selection asks more agents than a round waits for, so the
+        slowest answers come late by design: that is not a rejected input."""
+        LATE_UPDATES.inc()
+        log.info("late update from agent %s for training %s round %d: %s", agent_id, training_id, round, detail)
+        await self.emit("late_update", detail, training_id=training_id, round=round, agent_id=agent_id)
+
     async def refresh_health(self, **extra: object) -> None:
         record = {
             "service": self.service, "instance": self.instance, "pid": os.getpid(),
@@ -160,12 +241,18 @@ class ServiceContext:
         return {"cpu_percent": round(cpu, 1), "rss_bytes": rss, "memory_percent": round(memory, 2)}
 
     async def health_loop(self, extra: Callable[[], dict[str, object]] | None = None) -> None:
-        """Refresh the health key until stopped; survive bus outages."""
+        """Refresh the health key, and drop finished trainings' gauge series, until stopped;
+        survive bus outages."""
+        trainings = TrainingStore(self.redis, self.keys)
         while not self.stop.is_set():
             try:
                 await self.refresh_health(**(extra() if extra else {}))
             except Exception as exc:  # noqa: BLE001 - a lost bus must not kill the process
                 log.warning("health refresh failed: %s", exc)
+            try:
+                await prune_finished_trainings(trainings, PER_TRAINING)
+            except Exception as exc:  # noqa: BLE001 - the next pass retries
+                log.warning("dropping finished trainings' metrics failed: %s", exc)
             try:
                 await asyncio.wait_for(self.stop.wait(), HEALTH_REFRESH_S)
             except TimeoutError:
