@@ -1,4 +1,4 @@
-"""Assembles the dashboard app: routers, validation-error reporting, metrics, the web page."""
+"""Assembles the dashboard app: routers, validation-error reporting, metrics, the web page, the API docs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -28,6 +29,8 @@ from federated_learning.dashboard.routes import (
 from federated_learning.services.runtime import SHUTDOWN_GRACE_S, ServiceContext, finish_within
 
 STATIC = Path(__file__).parent / "static"
+VENDOR_URL = "/static/vendor"
+"""Third-party assets served from the package (``static/vendor``), so the page and ``/docs`` work offline."""
 
 
 def _describe(errors: list[dict[str, object]]) -> str:
@@ -36,6 +39,18 @@ def _describe(errors: list[dict[str, object]]) -> str:
         loc = ".".join(str(p) for p in cast("Iterable[object]", error.get("loc", ())) if p != "body")
         parts.append(f"{loc or 'body'}: {error.get('msg')}")
     return "; ".join(parts)
+
+
+def _add_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI from the vendored assets, readable without a key (the schema is public too)."""
+    openapi_url = app.openapi_url or "/openapi.json"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi_url, title=f"{app.title} - API",
+            swagger_js_url=f"{VENDOR_URL}/swagger-ui-bundle.js", swagger_css_url=f"{VENDOR_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{VENDOR_URL}/favicon-32x32.png", oauth2_redirect_url=None)
 
 
 def create_app(ctx: ServiceContext) -> FastAPI:
@@ -51,7 +66,8 @@ def create_app(ctx: ServiceContext) -> FastAPI:
             ctx.stop.set()
             await asyncio.gather(finish_within(hub_task, SHUTDOWN_GRACE_S), finish_within(health_task, 1.0))
 
-    app = FastAPI(title="Federated learning dashboard", version="1", lifespan=lifespan)
+    app = FastAPI(title="Federated learning dashboard", version="1", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.ctx = ctx
     app.state.hub = EventHub(ctx.redis, ctx.keys.event_stream)
     app.add_middleware(BodyGuard, ctx=ctx)
@@ -75,6 +91,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _add_docs(app)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

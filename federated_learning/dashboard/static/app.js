@@ -1,41 +1,63 @@
 "use strict";
-// The dashboard page: polls the REST API, listens on the WebSocket, draws the accuracy chart.
-const state = { selected: null, metrics: {}, compare: [] };
+// The dashboard page: polls the REST API, listens on the WebSocket, draws the accuracy and loss chart
+// with uPlot (vendored in /static/vendor, like every asset of this page).
+const state = { selected: null, trainings: [], metrics: {}, compare: [], socketGeneration: 0, socket: null };
+const KEY_STORE = "fl-api-key";
 
-// Asked once per page load: a cancelled prompt (or a refused key) does not come back on every
-// poll; the "API key" button asks again.
-let askedForKey = false;
+function apiKey() { return sessionStorage.getItem(KEY_STORE) || ""; }
 
-function apiKey() {
-  const stored = sessionStorage.getItem("fl-api-key");
-  if (stored) return stored;
-  if (askedForKey) return "";
-  askedForKey = true;
-  const key = prompt("API key (the deployment's, from data/run/deployment.json, or your organisation's):") || "";
-  if (key) sessionStorage.setItem("fl-api-key", key);
-  return key;
+// A 401 from the API or the WebSocket: say so on the page, with where the key is, instead of
+// leaving empty tables and a socket that keeps reconnecting.
+function showKeyForm(title, detail) {
+  document.getElementById("auth-title").textContent = title;
+  document.getElementById("auth-detail").textContent = detail;
+  document.getElementById("auth").hidden = false;
+}
+
+function unauthorized() {
+  const refused = apiKey();
+  const auth = document.getElementById("auth");
+  if (!refused && !auth.hidden) return;
+  sessionStorage.removeItem(KEY_STORE);
+  showKeyForm("401: set your API key", refused ? "The API refused the key this page had (wrong, revoked or expired)."
+                                               : "This page has no API key yet.");
+  const badge = document.getElementById("live");
+  badge.textContent = "401: no key"; badge.className = "badge failed";
+  closeSocket();
+}
+
+function useKey(key) {
+  sessionStorage.setItem(KEY_STORE, key);
+  document.getElementById("auth").hidden = true;
+  refreshAll();
+  connect();
+}
+
+class Unauthorized extends Error {}
+
+async function request(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: { ...options.headers, "X-API-Key": apiKey() } });
+  if (response.status === 401) { unauthorized(); throw new Unauthorized(`${path}: 401`); }
+  return response;
 }
 
 async function postJSON(path, body) {
-  const response = await fetch(path, { method: "POST", headers: { "Content-Type": "application/json", "X-API-Key": apiKey() },
-                                       body: body === undefined ? undefined : JSON.stringify(body) });
-  if (response.status === 401) sessionStorage.removeItem("fl-api-key");
+  const response = await request(path, { method: "POST", headers: { "Content-Type": "application/json" },
+                                         body: body === undefined ? undefined : JSON.stringify(body) });
   const data = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error(data.detail || `${path}: ${response.status}`);
   return data;
 }
 
 async function getJSON(path) {
-  const response = await fetch(path, { headers: { "X-API-Key": apiKey() } });
-  if (response.status === 401) sessionStorage.removeItem("fl-api-key");
+  const response = await request(path);
   if (!response.ok) throw new Error(`${path}: ${response.status}`);
   return response.json();
 }
 
 // A plain link cannot send the API key header: fetch the model and save it from memory.
 async function downloadModel(trainingId, version) {
-  const response = await fetch(`/api/training/${trainingId}/versions/${version}/model`,
-                               { headers: { "X-API-Key": apiKey() } });
+  const response = await request(`/api/training/${trainingId}/versions/${version}/model`);
   if (!response.ok) throw new Error(`download: ${response.status}`);
   const link = document.createElement("a");
   link.href = URL.createObjectURL(await response.blob());
@@ -53,8 +75,29 @@ function cell(row, text, cls) {
 
 function fmt(x, digits = 3) { return x === null || x === undefined ? "–" : Number(x).toFixed(digits); }
 
+// The table's accuracy: the final model's federated evaluation once there is one, else the best
+// single round's. Both are the agents' own held-out data; the server's validation of each version is
+// in the selected training's summary above the chart.
+function tableAccuracy(t) {
+  if (t.final_evaluation) return { value: t.final_evaluation.accuracy, source: "final model, federated eval" };
+  if (t.best_accuracy !== null && t.best_accuracy !== undefined) return { value: t.best_accuracy, source: "best round, federated eval" };
+  return null;
+}
+
+function accuracyCell(row, t) {
+  const figure = tableAccuracy(t);
+  const td = cell(row, figure ? fmt(figure.value) : "–");
+  if (figure) {
+    const source = document.createElement("small");
+    source.className = "source";
+    source.textContent = ` ${figure.source}`;
+    td.append(source);
+  }
+}
+
 async function refreshTrainings() {
   const trainings = await getJSON("/api/trainings");
+  state.trainings = trainings;
   const body = document.querySelector("#trainings tbody");
   body.replaceChildren();
   for (const t of trainings) {
@@ -65,11 +108,12 @@ async function refreshTrainings() {
     cell(row, t.status + (t.reason ? ` (${t.reason})` : ""), t.status);
     cell(row, `${t.completed_rounds}/${t.config.rounds}`);
     cell(row, t.current_version ?? "–");
-    cell(row, fmt(t.best_accuracy));
+    accuracyCell(row, t);
     cell(row, fmt(t.epsilon_spent, 2));
     row.onclick = () => { state.selected = t.training_id; state.compare = []; refreshMetrics(); refreshTrainings(); refreshVersions(); refreshPrivacy(); };
   }
   if (!state.selected && trainings.length) { state.selected = trainings[0].training_id; refreshMetrics(); refreshVersions(); refreshPrivacy(); }
+  showModelAccuracy();
 }
 
 // The privacy budget used by the selected training: epsilon spent of its target, as a percentage.
@@ -97,82 +141,162 @@ async function refreshPrivacy() {
 
 async function refreshMetrics() {
   if (!state.selected) return;
-  state.metrics[state.selected] = await getJSON(`/api/training/${state.selected}/metrics`);
+  const trainingId = state.selected;
+  const rows = await getJSON(`/api/training/${trainingId}/metrics`);
+  state.metrics[trainingId] = rows;
+  if (trainingId !== state.selected) return;
   drawChart();
+  showModelAccuracy();
 }
 
-const SERIES = [
-  { key: "eval_accuracy", label: "accuracy", color: "#1a73e8" },
-  { key: "eval_loss", label: "loss", color: "#d93025" },
+const training = (id) => state.trainings.find(t => t.training_id === id);
+const known = (x) => x !== null && x !== undefined;
+const lastWith = (rows, key) => rows.filter(r => known(r[key])).at(-1);
+
+// The selected training's figures, each named for what it measures: the server's validation set
+// scores one version; the agents' federated evaluation is of the model sent out in a round.
+function accuracyFigures(t, rows) {
+  const figures = [];
+  const current = t?.current_version;
+  const server = rows.filter(r => known(r.server_accuracy));
+  const scored = server.find(r => r.version === current) || server.at(-1);
+  if (scored) {
+    figures.push({ id: "server", text: `server validation (the server's held-out set) of version ${scored.version}: ` +
+                   `accuracy ${fmt(scored.server_accuracy)}, loss ${fmt(scored.server_loss)}`, value: scored.server_accuracy });
+  } else if (t) {
+    figures.push({ id: "server", text: t.config.validation_data ? "server validation: no version scored yet"
+                   : "server validation: none (the training names no validation_data)", value: null });
+  }
+  const federated = lastWith(rows, "eval_accuracy");
+  if (t?.final_evaluation) {
+    figures.push({ id: "federated", text: `federated evaluation (agents' held-out data) of the final version ${current}: ` +
+                   `accuracy ${fmt(t.final_evaluation.accuracy)}`, value: t.final_evaluation.accuracy });
+  } else if (federated) {
+    figures.push({ id: "federated", text: `federated evaluation (agents' held-out data) of version ${federated.eval_of_version ?? "–"}, ` +
+                   `round ${federated.round}: accuracy ${fmt(federated.eval_accuracy)}`, value: federated.eval_accuracy });
+  }
+  if (known(t?.best_accuracy)) {
+    figures.push({ id: "best-round", text: `best single round, federated evaluation: ${fmt(t.best_accuracy)} ` +
+                   "(noisy: each round asks a sample of agents)", value: t.best_accuracy });
+  }
+  return figures;
+}
+
+function showModelAccuracy() {
+  const list = document.getElementById("model-accuracy");
+  list.replaceChildren();
+  for (const figure of accuracyFigures(training(state.selected), state.metrics[state.selected] || [])) {
+    const li = document.createElement("li");
+    li.dataset.figure = figure.id;
+    li.dataset.value = known(figure.value) ? String(figure.value) : "";
+    li.textContent = figure.text;
+    list.append(li);
+  }
+}
+
+const CHART_HEIGHT = 280;
+const CHART_SERIES = [
+  { key: "eval_accuracy", label: "accuracy, federated eval (agents' held-out data)", scale: "accuracy", stroke: "#1a73e8" },
+  { key: "server_accuracy", label: "accuracy, server validation", scale: "accuracy", stroke: "#188038" },
+  { key: "eval_loss", label: "loss, federated eval", scale: "loss", stroke: "#d93025", dash: [6, 4] },
+  { key: "server_loss", label: "loss, server validation", scale: "loss", stroke: "#e37400", dash: [6, 4] },
 ];
+const chart = { plot: null, signature: "" };
 
-function chartSeries(rows) {
-  // Accuracy is on [0, 1]; loss is scaled by its largest value so both share the axis.
-  return SERIES.map(s => {
-    const points = rows.filter(r => r[s.key] !== null && r[s.key] !== undefined).map(r => [r.round, r[s.key]]);
-    const scale = s.key === "eval_loss" ? Math.max(...points.map(p => p[1]), 1e-9) : 1;
-    return { ...s, points, scale };
-  });
+// Rounds on x; each series its values by round (null where it has none), shown only when it has any.
+function chartData(rows) {
+  const sorted = rows.slice().sort((a, b) => a.round - b.round);
+  const series = CHART_SERIES.filter(s => sorted.some(r => known(r[s.key])));
+  const data = [sorted.map(r => r.round), ...series.map(s => sorted.map(r => known(r[s.key]) ? r[s.key] : null))];
+  return { series, data };
 }
 
-function drawAxes(ctx, pad, w, h) {
-  ctx.strokeStyle = "#999"; ctx.fillStyle = "#444"; ctx.font = "11px sans-serif"; ctx.lineWidth = 1;
-  ctx.strokeRect(pad, pad, w, h);
-  for (let i = 0; i <= 4; i++) ctx.fillText((i / 4).toFixed(2), 4, pad + h - (i / 4) * h + 4);
+// The legend shows the values under the cursor, and the newest round's while the cursor is off the chart.
+function legendAtNewest(u) {
+  if (u.cursor.idx === null || u.cursor.idx === undefined) {
+    if (u.data[0].length) u.setLegend({ idx: u.data[0].length - 1 }, false);
+  }
 }
 
-function drawLine(ctx, series, maxRound, pad, w, h) {
-  ctx.strokeStyle = series.color; ctx.lineWidth = 2; ctx.beginPath();
-  series.points.forEach(([r, v], i) => {
-    const x = pad + (r / maxRound) * w, y = pad + h - (v / series.scale) * h;
-    i ? ctx.lineTo(x, y) : ctx.moveTo(x, y);
-  });
-  ctx.stroke();
+const roundTicks = (u, ticks) => ticks.map(t => Number.isInteger(t) ? String(t) : "");
+
+function chartOptions(series, width) {
+  return {
+    width, height: CHART_HEIGHT,
+    scales: {
+      x: { time: false, range: (u, min, max) => [known(min) ? min : 0, known(max) ? Math.max(max, (min ?? 0) + 1) : 1] },
+      accuracy: { range: [0, 1] },
+      loss: { range: (u, min, max) => [0, known(max) && max > 0 ? max * 1.1 : 1] },
+    },
+    axes: [
+      { scale: "x", label: "round", size: 34, labelSize: 20, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000], values: roundTicks },
+      { scale: "accuracy", label: "accuracy", values: (u, ticks) => ticks.map(t => t.toFixed(1)) },
+      { scale: "loss", label: "loss", side: 1, grid: { show: false } },
+    ],
+    series: [
+      { label: "round", value: (u, v) => known(v) ? String(v) : "–" },
+      ...series.map(s => ({ label: s.label, scale: s.scale, stroke: s.stroke, dash: s.dash, width: 2, spanGaps: true,
+                            value: (u, v) => known(v) ? v.toFixed(3) : "–" })),
+    ],
+    cursor: { drag: { x: false, y: false } },
+    hooks: { ready: [legendAtNewest], setData: [legendAtNewest], setSize: [legendAtNewest], setCursor: [legendAtNewest] },
+  };
 }
 
 function drawChart() {
-  const canvas = document.getElementById("chart");
-  const ctx = canvas.getContext("2d");
+  const box = document.getElementById("chart");
   const rows = state.metrics[state.selected] || [];
   document.getElementById("chart-title").textContent = state.selected ? `training ${state.selected}` : "";
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
-  const pad = 36, w = canvas.width - 2 * pad, h = canvas.height - 2 * pad;
-  drawAxes(ctx, pad, w, h);
-  const series = chartSeries(rows);
-  const [accuracy, loss] = series;
+  const { series, data } = chartData(rows);
+  const signature = `${state.selected}|${series.map(s => s.key).join(",")}`;
+  if (chart.plot && chart.signature === signature) {
+    chart.plot.setData(data);
+  } else {
+    chart.plot?.destroy();
+    chart.plot = new uPlot(chartOptions(series, box.clientWidth || 720), data, box);
+    chart.signature = signature;
+  }
+  document.getElementById("chart-empty").hidden = data[0].length > 0;
   // What is drawn, for tests and tools: points per series and the newest round.
-  canvas.dataset.trainingId = state.selected || "";
-  canvas.dataset.points = String(accuracy.points.length);
-  canvas.dataset.lossPoints = String(loss.points.length);
-  canvas.dataset.lastRound = String(rows.length ? Math.max(...rows.map(r => r.round)) : 0);
-  if (!accuracy.points.length && !loss.points.length) { ctx.fillText("no rounds yet", pad + 10, pad + 20); return; }
-  const maxRound = Math.max(...series.flatMap(s => s.points.map(p => p[0])), 1);
-  series.forEach(s => drawLine(ctx, s, maxRound, pad, w, h));
-  ctx.fillStyle = "#444";
-  ctx.fillText(`round ${maxRound}`, pad + w - 50, pad + h + 16);
-  series.forEach((s, i) => {
-    const last = s.points.length ? s.points[s.points.length - 1][1].toFixed(3) : "–";
-    ctx.fillStyle = s.color;
-    ctx.fillText(`${s.label} ${last}${s.scale !== 1 ? ` (÷${s.scale.toFixed(2)})` : ""}`, pad + 6 + i * 150, pad + 14);
-  });
+  const count = (key) => rows.filter(r => known(r[key])).length;
+  box.dataset.trainingId = state.selected || "";
+  box.dataset.points = String(count("eval_accuracy"));
+  box.dataset.lossPoints = String(count("eval_loss"));
+  box.dataset.serverPoints = String(count("server_accuracy"));
+  box.dataset.lastRound = String(rows.length ? Math.max(...rows.map(r => r.round)) : 0);
+}
+
+new ResizeObserver(() => chart.plot?.setSize({ width: document.getElementById("chart").clientWidth, height: CHART_HEIGHT }))
+  .observe(document.getElementById("chart"));
+
+// An agent that said goodbye has no last-seen time (the registry drops it); one that stopped
+// sending heartbeats keeps its last one: only that is a failure.
+function agentState(agent) {
+  if (!agent) return { text: "–", cls: "", title: "" };
+  if (agent.alive) return { text: "alive", cls: "ok", title: "heartbeats arriving" };
+  if (!known(agent.last_seen)) return { text: "left", cls: "left", title: "left cleanly" };
+  return { text: "silent", cls: "failed",
+           title: `no heartbeat since ${new Date(agent.last_seen * 1000).toLocaleTimeString()}` };
 }
 
 async function refreshAgents() {
   const [agents, board] = await Promise.all([getJSON("/api/agents"), getJSON("/api/agents/leaderboard?top=1000")]);
-  const alive = new Map(agents.map(a => [a.agent_id, a.alive]));
+  const byId = new Map(agents.map(a => [a.agent_id, a]));
   const body = document.querySelector("#agents tbody");
   body.replaceChildren();
   for (const a of board) {
     const row = body.insertRow();
     cell(row, a.rank);
     cell(row, a.agent_id);
-    cell(row, alive.get(a.agent_id) ? "yes" : "no", alive.get(a.agent_id) ? "ok" : "failed");
+    const { text, cls, title } = agentState(byId.get(a.agent_id));
+    cell(row, text, cls).title = title;
     cell(row, fmt(a.reliability, 2));
     cell(row, fmt(a.contribution, 3));
     cell(row, a.dropped);
   }
-  const live = agents.filter(a => a.alive).length;
-  document.getElementById("agent-count").textContent = `${live} alive of ${agents.length}`;
+  const counts = agents.map(a => agentState(a).text).reduce((n, k) => ({ ...n, [k]: (n[k] || 0) + 1 }), {});
+  document.getElementById("agent-count").textContent =
+    `${counts.alive || 0} alive, ${counts.left || 0} left, ${counts.silent || 0} silent of ${agents.length}`;
 }
 
 async function refreshVersions() {
@@ -275,13 +399,29 @@ function logEvent(message) {
   while (list.children.length > 100) list.lastChild.remove();
 }
 
+const UNAUTHORIZED_CLOSE = 4401;
+
+function closeSocket() {
+  state.socketGeneration += 1;
+  state.socket?.close();
+  state.socket = null;
+}
+
 function connect() {
+  closeSocket();
+  if (!apiKey()) { unauthorized(); return; }
+  const generation = state.socketGeneration;
   const id = Math.random().toString(36).slice(2);
   const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws/${id}?api_key=${encodeURIComponent(apiKey())}`);
+  state.socket = socket;
   const badge = document.getElementById("live");
   socket.onopen = () => { badge.textContent = "live"; badge.className = "badge ok";
     socket.send(JSON.stringify({ action: "subscribe", training_id: "*" })); };
-  socket.onclose = () => { badge.textContent = "reconnecting"; badge.className = "badge warning"; setTimeout(connect, 2000); };
+  socket.onclose = (event) => {
+    if (generation !== state.socketGeneration) return;
+    if (event.code === UNAUTHORIZED_CLOSE) { unauthorized(); return; }
+    badge.textContent = "reconnecting"; badge.className = "badge warning"; setTimeout(connect, 2000);
+  };
   socket.onmessage = (msg) => {
     const message = JSON.parse(msg.data);
     if (message.type === "metric_update") {
@@ -295,7 +435,10 @@ function connect() {
   };
 }
 
+// Without a key only the deployment's health is public: ask for the key instead of collecting 401s
+// (each one counts as a rejected input on the server).
 async function refreshAll() {
+  if (!apiKey()) { unauthorized(); await refreshHealth().catch(() => {}); return; }
   await Promise.allSettled([refreshTrainings(), refreshAgents(), refreshAlerts(), refreshHealth(), refreshVersions(),
                             refreshPrivacy()]);
 }
@@ -304,7 +447,14 @@ setInterval(refreshAll, 5000);
 connect();
 
 document.getElementById("set-key").onclick = () => {
-  sessionStorage.removeItem("fl-api-key");
-  askedForKey = false;
-  if (apiKey()) refreshAll();
+  showKeyForm("set your API key", apiKey() ? "A key is set; a new one replaces it." : "");
+  document.getElementById("key-input").focus();
+};
+
+document.getElementById("key-form").onsubmit = (event) => {
+  event.preventDefault();
+  const input = document.getElementById("key-input");
+  const key = input.value.trim();
+  input.value = "";
+  if (key) useKey(key);
 };
