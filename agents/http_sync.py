@@ -159,10 +159,34 @@ def metric_headers(local_model_path: Path) -> dict[str, str]:
     return headers
 
 
-def sync_once(settings: SyncSettings, client: httpx.Client, *, sleep: object = time.sleep) -> Path:
+def sync_once(settings: SyncSettings, client: httpx.Client, *, sleep: object = time.sleep,
+              attempts: int = MAX_ATTEMPTS) -> Path:
     """Post the local model (with the metrics beside it, if any); write the merged model; return its
-    path. Retries with backoff."""
+    path. Tries up to ``attempts`` times while the server is unreachable or busy (5xx, 409), with
+    backoff from 1 s doubling up to 300 s; raises :class:`SyncFailed` naming the last problem."""
     body = settings.local_model_path.read_bytes()
+    headers = _headers(settings)
+    delay = BACKOFF_START_S
+    for attempt in range(1, attempts + 1):
+        try:
+            response = client.post(f"{settings.server_url}/sync_model", content=body, headers=headers)
+        except httpx.TransportError as exc:
+            problem = f"server {settings.server_url} unreachable ({exc or type(exc).__name__})"
+        else:
+            if response.status_code == 200:
+                return _write_merged(settings, response)
+            if response.status_code < 500 and response.status_code != 409:
+                raise SyncFailed(f"server refused the update ({response.status_code}): {response.text[:300]}")
+            problem = f"{response.status_code} {response.text[:200]}"
+        if attempt == attempts:
+            raise SyncFailed(f"no successful sync after {attempts} attempts; last: {problem}")
+        log.warning("sync attempt %d/%d: %s; retrying in %.0fs", attempt, attempts, problem, delay)
+        sleep(delay)  # type: ignore[operator]
+        delay = min(delay * 2, BACKOFF_CAP_S)
+    raise SyncFailed(f"attempts is {attempts}; must be >= 1")
+
+
+def _headers(settings: SyncSettings) -> dict[str, str]:
     headers = {"Content-Type": "application/octet-stream", "X-Client-Id": settings.client_id,
                "X-Num-Examples": str(settings.num_examples), "Authorization": f"Bearer {settings.api_key}",
                **metric_headers(settings.local_model_path)}
@@ -173,23 +197,7 @@ def sync_once(settings: SyncSettings, client: httpx.Client, *, sleep: object = t
         # The local model was trained from the merged model we wrote last: say which version,
         # so the server re-bases a late update instead of taking it as trained on the newest.
         headers["X-Base-Version"] = str(base[1])
-    delay = BACKOFF_START_S
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        try:
-            response = client.post(f"{settings.server_url}/sync_model", content=body, headers=headers)
-        except httpx.TransportError as exc:
-            log.warning("sync attempt %d/%d: server unreachable (%s); retrying in %.0fs",
-                        attempt, MAX_ATTEMPTS, exc, delay)
-        else:
-            if response.status_code == 200:
-                return _write_merged(settings, response)
-            if response.status_code < 500 and response.status_code != 409:
-                raise SyncFailed(f"server refused the update ({response.status_code}): {response.text[:300]}")
-            log.warning("sync attempt %d/%d: %d %s; retrying in %.0fs", attempt, MAX_ATTEMPTS,
-                        response.status_code, response.text[:200], delay)
-        sleep(delay)  # type: ignore[operator]
-        delay = min(delay * 2, BACKOFF_CAP_S)
-    raise SyncFailed(f"no successful sync after {MAX_ATTEMPTS} attempts")
+    return headers
 
 
 def _write_merged(settings: SyncSettings, response: httpx.Response) -> Path:
@@ -211,9 +219,18 @@ def _write_merged(settings: SyncSettings, response: httpx.Response) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--once", action="store_true", help="sync now and exit")
+    parser.add_argument("--once", action="store_true",
+                        help="sync now and exit: 0 on success, 1 with one line on stderr on failure "
+                             "(for cron or a systemd timer)")
+    parser.add_argument("--attempts", type=int, default=MAX_ATTEMPTS, metavar="N",
+                        help=f"tries per sync while the server is unreachable or busy, backoff from "
+                             f"{BACKOFF_START_S:.0f} s doubling up to {BACKOFF_CAP_S:.0f} s "
+                             f"(default: {MAX_ATTEMPTS})")
     args = parser.parse_args(argv)
+    if args.attempts < 1:
+        parser.error(f"--attempts is {args.attempts}; must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s http_sync %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     try:
         settings = SyncSettings.from_environment()
         verify = settings.verify()
@@ -224,19 +241,29 @@ def main(argv: list[str] | None = None) -> int:
         log.info("ENABLE_FED_LEARNING is not set; nothing to do")
         return 0
     with httpx.Client(timeout=60.0, verify=verify) as client:
+        if args.once:
+            return _sync_now(settings, client, args.attempts)
         while True:
-            if not args.once:
-                wait = seconds_until(settings.sync_hour, settings.sync_minute, dt.datetime.now())
-                log.info("next sync at %02d:%02d (in %.0fs)", settings.sync_hour, settings.sync_minute, wait)
-                time.sleep(wait)
+            wait = seconds_until(settings.sync_hour, settings.sync_minute, dt.datetime.now())
+            log.info("next sync at %02d:%02d (in %.0fs)", settings.sync_hour, settings.sync_minute, wait)
+            time.sleep(wait)
             try:
-                sync_once(settings, client)
-            except (SyncFailed, OSError) as exc:
-                log.error("sync failed: %s", exc)
-                if args.once:
-                    return 1
-            if args.once:
-                return 0
+                sync_once(settings, client, attempts=args.attempts)
+            except (SyncFailed, OSError, ValueError) as exc:
+                log.error("client %s: sync failed: %s", settings.client_id, exc)
+
+
+def _sync_now(settings: SyncSettings, client: httpx.Client, attempts: int) -> int:
+    """``--once``: 0 when the merged model is written, else 1 and the reason in one line."""
+    try:
+        sync_once(settings, client, attempts=attempts)
+    except FileNotFoundError as exc:
+        print(f"error: sync failed: no local model at {exc.filename} (FED_LOCAL_MODEL_PATH)", file=sys.stderr)
+        return 1
+    except (SyncFailed, OSError, ValueError) as exc:
+        print(f"error: sync failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

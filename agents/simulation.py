@@ -80,6 +80,8 @@ class SimulationOptions:
     """The CA that signed an https dashboard's certificate (default: the system's CAs)."""
     round_deadline_s: float = 60.0
     timeout_s: float = 900.0
+    connect_attempts: int = 20
+    """Tries to reach the bus at start, with backoff from 0.1 s doubling up to 5 s."""
 
 
 @dataclass
@@ -159,7 +161,8 @@ def dashboard_verify(options: SimulationOptions) -> ssl.SSLContext | bool:
 async def start_agents(options: SimulationOptions) -> tuple[list[FederatedClient], Dataset]:
     clients_data, test = make_client_datasets(options.clients, options.partition, options.seed)
     shared = (None if options.credentials_dir is not None
-              else await connect(options.redis_url, tls=options.redis_tls))
+              else await connect(options.redis_url, tls=options.redis_tls,
+                                 attempts=options.connect_attempts))
     malicious = malicious_ids(options.clients, options.malicious_fraction, options.seed)
     attack = Attack(options.attack)
     agents = []

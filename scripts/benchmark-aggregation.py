@@ -24,17 +24,23 @@ Usage (see docs/performance.md):
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import HelpFormatter, use_venv
+
+use_venv()
+
 import argparse
 import json
 import logging
 import os
 import statistics
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -430,13 +436,17 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--clients", type=int, default=69)
-    parser.add_argument("--layers", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--baseline-repeats", type=int, default=1)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--d", type=int, nargs="+", default=[1_000_000, 10_000_000],
+                        help="parameters per client update (one run per value)")
+    parser.add_argument("--clients", type=int, default=69, help="client updates aggregated (K)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 8],
+                        help="layers the d parameters are split into (one run per value)")
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES), metavar="RULE",
+                        help=f"aggregation rules to time, of: {', '.join(RULES)} (default: all)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls of our kernels (median)")
+    parser.add_argument("--baseline-repeats", type=int, default=1,
+                        help="timed calls of the NumPy baseline (0: skip it)")
     parser.add_argument("--threads", type=int, default=0, help="Numba threads; 0 = all")
     parser.add_argument("--no-flower", action="store_true", help="skip Flower even if installed")
     parser.add_argument(
@@ -445,9 +455,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=30.0,
         metavar="SECONDS",
         help="skip a Flower call whose time, extrapolated from 1%% of the coordinates, "
-        "exceeds this (default 30)",
+        "exceeds this",
     )
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

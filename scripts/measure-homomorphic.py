@@ -26,14 +26,20 @@ Usage:
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import HelpFormatter, use_venv
+
+use_venv("phe", extras="he")
+
 import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
@@ -187,16 +193,19 @@ def _rows(holder: KeyHolder, args: argparse.Namespace) -> list[HECost]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dims", type=int, nargs="+", default=[650, 10_000])
-    parser.add_argument("--agents", type=int, nargs="+", default=[10, 69])
-    parser.add_argument("--key-bits", type=int, default=2048)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--dims", type=int, nargs="+", default=[650, 10_000],
+                        help="model sizes (parameters) to measure")
+    parser.add_argument("--agents", type=int, nargs="+", default=[10, 69],
+                        help="agent counts to measure")
+    parser.add_argument("--key-bits", type=int, default=2048, help="Paillier key size")
     parser.add_argument("--encrypt-agents", type=int, default=2,
                         help="distinct agents that encrypt (timed); the rest reuse uploads")
     parser.add_argument("--unpacked-sample", type=int, default=64,
                         help="values measured one per ciphertext, scaled to d (0: skip)")
-    parser.add_argument("--no-secagg", dest="secagg", action="store_false")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--no-secagg", dest="secagg", action="store_false",
+                        help="skip the pairwise-masking comparison")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args()
     if not phe_available():
         print("phe is not installed: pip install 'federated-learning[he]'", file=sys.stderr)

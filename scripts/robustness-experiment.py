@@ -7,13 +7,19 @@ Usage: .venv/bin/python scripts/robustness-experiment.py [--rounds 30] [--markdo
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import HelpFormatter, use_venv
+
+use_venv()
+
 import argparse
 import asyncio
 import json
 import os
 import shutil
-import sys
-from pathlib import Path
 from typing import Any
 
 from agents.simulation import SimulationOptions, run_simulation
@@ -70,14 +76,15 @@ def markdown(results: dict[str, dict[str, float | None]], args: argparse.Namespa
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clients", type=int, default=69)
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--partition", default="dirichlet:0.5")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rules", nargs="*", default=list(RULES))
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--markdown", type=Path, default=None)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--clients", type=int, default=69, help="simulated agents")
+    p.add_argument("--rounds", type=int, default=30, help="rounds of each training")
+    p.add_argument("--partition", default="dirichlet:0.5", help="iid or dirichlet:ALPHA")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the model and the attackers")
+    p.add_argument("--rules", nargs="*", default=list(RULES), help="aggregation rules to compare (default: fedavg and every robust rule)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--markdown", type=Path, default=None, metavar="FILE",
+                   help="write the table as Markdown (docs/robustness.md)")
     args = p.parse_args()
     shutil.rmtree(DATA_DIR, ignore_errors=True)
     # Own data folder and free ports, so a running demo or deployment is not disturbed.

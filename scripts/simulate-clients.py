@@ -1,48 +1,71 @@
 #!/usr/bin/env python3
 """Run simulated agents on the digits data against a running deployment, and train.
 
-Usage: .venv/bin/python scripts/simulate-clients.py --clients 69 --rounds 20 \
+Usage: python3 scripts/simulate-clients.py --clients 69 --rounds 20
            [--partition iid|dirichlet:ALPHA] [--seed N] [--report FILE]
 
 Finds the deployment through <data_dir>/run/deployment.json (written by
-scripts/deploy-federated-learning.py) unless --redis-url and --dashboard-url are given.
+scripts/deploy-federated-learning.py) unless --redis-url, --dashboard-url and --api-key are
+given. When the bus does not answer or refuses the credentials, it stops with one line and
+exit code 1.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import HelpFormatter, use_venv
+
+use_venv()
 
 import argparse
 import asyncio
 import json
 import logging
-import sys
-from pathlib import Path
 from typing import Any
 
-from agents.simulation import SimulationOptions, run_simulation
+import httpx
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from agents.simulation import SimulationOptions, SimulationReport, run_simulation
+from federated_learning.bus.connection import RedisRefused, redacted
 from federated_learning.config import ConfigError, load_settings
-from federated_learning.deploy.launcher import read_deployment
+from federated_learning.deploy.launcher import failure_cause, read_deployment
+
+CONNECT_ATTEMPTS = 5
+"""Tries to reach the bus (backoff 0.1 s doubling: about 1.5 s) before giving up with one line."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = SimulationOptions(redis_url="", dashboard_url="")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=None)
-    p.add_argument("--redis-url", default=None)
-    p.add_argument("--dashboard-url", default=None)
-    p.add_argument("--api-key", default=None, help="default: the deployment's (deployment.json)")
-    p.add_argument("--clients", type=int, default=defaults.clients)
-    p.add_argument("--rounds", type=int, default=defaults.rounds)
-    p.add_argument("--partition", default=defaults.partition, help="iid or dirichlet:ALPHA")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--clients-per-round", type=int, default=defaults.clients_per_round)
-    p.add_argument("--algorithm", default=defaults.algorithm)
-    p.add_argument("--algorithm-params", type=json.loads, default={}, help="JSON object")
-    p.add_argument("--trainer", default=defaults.trainer, choices=["softmax", "mlp"])
-    p.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    p.add_argument("--proximal-mu", type=float, default=defaults.proximal_mu)
-    p.add_argument("--privacy-level", default=defaults.privacy_level, choices=["none", "low", "medium", "high"])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="config file whose data_dir holds run/deployment.json (default ./config.json)")
+    p.add_argument("--redis-url", default=None, help="the bus (default: the deployment's)")
+    p.add_argument("--dashboard-url", default=None, help="the dashboard (default: the deployment's)")
+    p.add_argument("--api-key", default=None,
+                   help="API key for the dashboard (default: config 'api_key', else the deployment's)")
+    p.add_argument("--clients", type=int, default=defaults.clients, help="simulated agents")
+    p.add_argument("--rounds", type=int, default=defaults.rounds, help="rounds of the training")
+    p.add_argument("--partition", default=defaults.partition,
+                   help="how the digits are split among the agents: iid or dirichlet:ALPHA")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split and the model")
+    p.add_argument("--clients-per-round", type=int, default=defaults.clients_per_round,
+                   help="agents selected per round")
+    p.add_argument("--algorithm", default=defaults.algorithm, help="aggregation rule, e.g. fedavg, krum")
+    p.add_argument("--algorithm-params", type=json.loads, default={},
+                   help="the rule's parameters as a JSON object, Flower's names")
+    p.add_argument("--trainer", default=defaults.trainer, choices=["softmax", "mlp"], help="the model")
+    p.add_argument("--local-epochs", type=int, default=defaults.local_epochs, help="epochs per task")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="local batch size")
+    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="local learning rate")
+    p.add_argument("--proximal-mu", type=float, default=defaults.proximal_mu,
+                   help="FedProx proximal term (0: none)")
+    p.add_argument("--privacy-level", default=defaults.privacy_level, choices=["none", "low", "medium", "high"],
+                   help="differential privacy of the training")
     p.add_argument("--privacy-mode", default=defaults.privacy_mode, choices=["central", "local"],
                    help="central: the privacy manager noises the aggregate; local: each agent noises its update")
     p.add_argument("--noise-mechanism", default=defaults.noise_mechanism, choices=["gaussian", "laplace"],
@@ -52,12 +75,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip-norm", type=float, default=None, help="L2 bound of each update (agents clip)")
     p.add_argument("--adaptive-clip-quantile", type=float, default=None,
                    help="adaptive clipping towards this quantile of the update norms")
-    p.add_argument("--compression", default="none", choices=["none", "top_k", "random_k", "q8", "q4"])
+    p.add_argument("--compression", default="none", choices=["none", "top_k", "random_k", "q8", "q4"],
+                   help="how agents compress their updates")
     p.add_argument("--compression-fraction", type=float, default=0.1, help="share kept by top_k/random_k")
     p.add_argument("--malicious", type=float, default=0.0, help="fraction of attacking agents")
-    p.add_argument("--attack", default="sign_flip", choices=["sign_flip", "gaussian", "label_flip"])
-    p.add_argument("--timeout", type=float, default=defaults.timeout_s)
-    p.add_argument("--report", type=Path, default=None, help="write a JSON report here")
+    p.add_argument("--attack", default="sign_flip", choices=["sign_flip", "gaussian", "label_flip"],
+                   help="what the attacking agents do")
+    p.add_argument("--timeout", type=float, default=defaults.timeout_s,
+                   help="seconds the training may take")
+    p.add_argument("--connect-attempts", type=int, default=CONNECT_ATTEMPTS,
+                   help="tries to reach the bus, backoff from 0.1 s doubling")
+    p.add_argument("--report", type=Path, default=None, metavar="FILE", help="write a JSON report here")
     return p.parse_args(argv)
 
 
@@ -66,7 +94,11 @@ def options_from(args: argparse.Namespace) -> SimulationOptions:
     redis_url, dashboard_url = args.redis_url, args.dashboard_url
     api_key = args.api_key or settings.api_key
     if not (redis_url and dashboard_url and api_key):
-        deployment = read_deployment(settings.data_dir.resolve())
+        try:
+            deployment = read_deployment(settings.data_dir.resolve())
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{exc}; start one with scripts/deploy-federated-learning.py, "
+                                    "or give --redis-url, --dashboard-url and --api-key") from exc
         redis_url = redis_url or deployment["redis_url"]
         dashboard_url = dashboard_url or deployment["dashboard_url"]
         api_key = api_key or deployment["api_key"]
@@ -84,7 +116,7 @@ def options_from(args: argparse.Namespace) -> SimulationOptions:
         adaptive_clip_quantile=args.adaptive_clip_quantile,
         state_dir=settings.data_dir.resolve() / "agent-state",
         heartbeat_interval_s=min(settings.heartbeat_interval_s, 5.0),
-        round_deadline_s=settings.round_deadline_s,
+        round_deadline_s=settings.round_deadline_s, connect_attempts=args.connect_attempts,
     )
 
 
@@ -97,9 +129,38 @@ def print_round(row: dict[str, Any]) -> None:
           f"{row['round_seconds']:.2f}s", flush=True)
 
 
+def failure(exc: Exception, options: SimulationOptions) -> str:
+    """One line naming why the run could not go on."""
+    if isinstance(exc, RedisRefused):
+        return f"the deployment's credentials were refused: {exc}"
+    if isinstance(exc, TimeoutError):
+        return str(exc)
+    if isinstance(exc, httpx.HTTPStatusError):
+        response = exc.response
+        if response.status_code in (401, 403):
+            return (f"the deployment's credentials were refused: the dashboard at {options.dashboard_url} "
+                    f"answered {response.status_code} to the API key ({response.text[:200]})")
+        return (f"the dashboard answered {response.status_code} to {exc.request.method} "
+                f"{exc.request.url}: {response.text[:200]}")
+    if isinstance(exc, httpx.HTTPError):
+        return f"cannot reach the dashboard at {options.dashboard_url}: {exc or type(exc).__name__}"
+    return f"cannot reach the bus at {redacted(options.redis_url)}: {failure_cause(exc)}"
+
+
+def simulate(options: SimulationOptions) -> SimulationReport | None:
+    """Run the simulation; when the bus or the dashboard fails us, say why in one line, return None."""
+    try:
+        return asyncio.run(run_simulation(options, on_round=print_round))
+    except (RedisConnectionError, RedisTimeoutError, OSError, httpx.HTTPError) as exc:
+        print(f"error: {failure(exc, options)}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Each failed try to reach the bus would log a line; the one line below names the cause.
+    logging.getLogger("federated_learning.bus.connection").setLevel(logging.ERROR)
     try:
         options = options_from(args)
     except (ConfigError, FileNotFoundError) as exc:
@@ -107,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{options.clients} agents, {options.partition} split, {options.rounds} rounds of "
           f"{options.algorithm}; dashboard {options.dashboard_url}", flush=True)
-    report = asyncio.run(run_simulation(options, on_round=print_round))
+    report = simulate(options)
+    if report is None:
+        return 1
     if args.report:
         report.write(args.report)
     print(f"training {report.training_id} {report.status}"

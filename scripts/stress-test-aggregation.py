@@ -30,6 +30,14 @@ Usage: .venv/bin/python scripts/stress-test-aggregation.py --concurrent 10 [--wo
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import HelpFormatter, use_venv
+
+use_venv()
+
 import argparse
 import asyncio
 import hashlib
@@ -39,10 +47,8 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -475,20 +481,22 @@ async def stress(deployment: LocalDeployment, settings: Settings, args: argparse
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--concurrent", type=int, required=True, help="trainings aggregating at once")
     p.add_argument("--workers", type=int, default=2, help="aggregator worker processes")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5, help="rounds (aggregation jobs) per training")
     p.add_argument("--clients", type=int, default=20, help="updates per job")
     p.add_argument("--dim", type=int, default=100_000, help="float32 parameters per update")
-    p.add_argument("--algorithm", default="fedavg", choices=sorted(RULES))
+    p.add_argument("--algorithm", default="fedavg", choices=sorted(RULES), metavar="RULE",
+                   help="aggregation rule of every training")
     p.add_argument("--kill-worker", action="store_true", help="SIGKILL a worker holding a job")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the updates")
     p.add_argument("--verify", type=int, default=5, help="results checked against NumPy")
     p.add_argument("--job-timeout-s", type=float, default=120.0, help="per job, XADD to first result")
     p.add_argument("--timeout-s", type=float, default=600.0, help="the whole stress phase")
-    p.add_argument("--config", type=Path, default=ROOT / "config.json")
-    p.add_argument("--json", type=Path, default=None, help="write the summary here")
+    p.add_argument("--config", type=Path, default=ROOT / "config.json", metavar="FILE",
+                   help="config file of the deployment (its own data folder, free ports)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the summary here")
     args = p.parse_args()
     for name in ("concurrent", "workers", "rounds", "clients", "dim"):
         if getattr(args, name) < 1:

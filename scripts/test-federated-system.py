@@ -20,20 +20,26 @@ M failed"; the exit status is 1 when any check failed, 2 when the deployment cou
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import HelpFormatter, use_venv
+
+use_venv()
+
 import argparse
 import asyncio
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -116,21 +122,21 @@ class Org:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3, help="rounds of each training (default 3)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of each training")
     p.add_argument("--agents-per-org", type=int, default=3,
-                   help="bus agents per organisation, besides its Flower agent and HTTP client (default 3)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds the trainings may take (default 120)")
+                   help="bus agents per organisation, besides its Flower agent and HTTP client")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds the trainings may take")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the report as JSON")
     p.add_argument("--min-accuracy", type=float, default=MIN_ACCURACY,
-                   help=f"accuracy floor of each final model (default {MIN_ACCURACY})")
+                   help="accuracy floor of each final model")
     p.add_argument("--url", default=None, help="dashboard URL of a running deployment")
     p.add_argument("--redis-url", default=None, help="its Redis URL (with the services' credentials)")
     p.add_argument("--api-key", default=None, help="its bootstrap key (default $FL_API_KEY)")
     p.add_argument("--key-prefix", default="fl", help="its redis_key_prefix (with --url)")
     p.add_argument("--max-blob-bytes", type=int, default=DEFAULT_MAX_BLOB_BYTES,
                    help="its max_blob_bytes (with --url or --deployment), for the oversized sync")
-    p.add_argument("--deployment", type=Path, default=None, help="a launcher's run/deployment.json")
+    p.add_argument("--deployment", type=Path, default=None, metavar="FILE", help="a launcher's run/deployment.json")
     p.add_argument("--metrics-host", default="127.0.0.1", help="where the services' metrics ports listen")
     p.add_argument("--keep-data", action="store_true", help="keep the embedded deployment's data folder")
     args = p.parse_args(argv)

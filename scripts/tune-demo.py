@@ -12,13 +12,19 @@ Usage: .venv/bin/python scripts/tune-demo.py [--quick] [--seeds 0 1 2]
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import HelpFormatter, use_venv
+
+use_venv()
+
 import argparse
 import itertools
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
@@ -261,10 +267,11 @@ def report_fedprox(datasets: Datasets, seeds: Sequence[int]) -> None:
 
 def main() -> None:
     """Search, confirm on more seeds, compare trainers and FedProx; print tables."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small grid")
     parser.add_argument("--skip-grid", action="store_true", help="only the fixed comparisons")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="seeds each configuration is confirmed on")
     parser.add_argument("--top", type=int, default=6, help="grid configs confirmed on all seeds")
     args = parser.parse_args()
     datasets: Datasets = {}

@@ -22,14 +22,20 @@ Usage:
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import HelpFormatter, use_venv
+
+use_venv("dp_accounting", extras="test")
+
 import argparse
 import dataclasses
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import dp_accounting
@@ -202,15 +208,17 @@ def _print_secagg(costs: list[dict[str, Any]]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--skip-secagg", action="store_true", help="skip the secure-agg timing")
-    parser.add_argument("--agents", type=int, default=69)
-    parser.add_argument("--dim", type=int, default=1_000_000)
-    parser.add_argument("--dropouts", type=int, nargs="+", default=[0, 5])
+    parser.add_argument("--agents", type=int, default=69, help="agents of the secure-aggregation timing")
+    parser.add_argument("--dim", type=int, default=1_000_000,
+                        help="parameters per update in the secure-aggregation timing")
+    parser.add_argument("--dropouts", type=int, nargs="+", default=[0, 5],
+                        help="agents that drop out, one timing per value")
     parser.add_argument("--accuracy-cost", action="store_true",
                         help="deploy and train the demo at every privacy level (minutes)")
     parser.add_argument("--rounds", type=int, default=30, help="rounds of each --accuracy-cost training")
-    parser.add_argument("--json", type=Path, help="also write all rows to this JSON file")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write all rows to this JSON file")
     args = parser.parse_args()
     logging.getLogger("absl").setLevel(logging.ERROR)
 

@@ -13,13 +13,20 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import sys
 import time
 from pathlib import Path
 from types import FrameType
 
-from redis.exceptions import RedisError
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
+from federated_learning.bus.connection import RedisTls, redacted
 from federated_learning.bus.embedded import EmbeddedServerError, EmbeddedValkey
 from federated_learning.config import ConfigError, Settings, load_settings
 from federated_learning.deploy.access import (
@@ -36,8 +43,15 @@ from federated_learning.deploy.supervisor import Child, Supervisor
 log = logging.getLogger("deploy")
 
 POLL_S = 0.2
+BUS_CHECK_S = 5.0
+"""How long the launcher waits for an external Redis to answer PING before it gives up."""
+BUS_CHECK_DELAY_CAP_S = 1.0
 START_ORDER = ("versions", "privacy", "aggregator", "coordinator", "monitor", "dashboard")
 STOP_ORDER = ("dashboard", "coordinator", "aggregator", "privacy", "versions", "monitor")
+
+
+class BusUnreachable(RuntimeError):
+    """The configured Redis did not answer PING in time, or refused the URL's credentials."""
 
 
 def deployment_file(data_dir: Path) -> Path:
@@ -147,6 +161,58 @@ def check_ports(settings: Settings) -> None:
         raise ConfigError(f"config 'redis_embedded_port' is {settings.redis_embedded_port}: port already in use")
 
 
+def failure_cause(exc: BaseException) -> str:
+    """The root of a connection failure in words: the operating system's ("Connection refused",
+    "Name or service not known") when an OS error is in the chain, else the exception's text."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return f"TLS failed: {seen}"
+        if isinstance(seen, OSError) and seen.errno:
+            return os.strerror(seen.errno) if seen.errno > 0 else str(seen.strerror or seen)
+        seen = seen.__cause__ or seen.__context__
+    return str(exc)
+
+
+def _ping(url: str, settings: Settings, timeout_s: float) -> None:
+    """One PING without retries; a socket that does not answer gives up after ``timeout_s``."""
+    kwargs: dict[str, object] = {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s,
+                                 "retry": Retry(NoBackoff(), 0)}
+    if url.startswith("rediss://"):
+        kwargs.update({"ssl_cert_reqs": "required", "ssl_check_hostname": True,
+                       **RedisTls.from_settings(settings).redis_kwargs()})
+    client = redis.Redis.from_url(url, **kwargs)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+def check_bus(settings: Settings, within_s: float = BUS_CHECK_S) -> None:
+    """PING the external Redis, retrying with backoff for up to ``within_s`` seconds.
+
+    Raises :class:`BusUnreachable` naming the URL (password redacted) and the cause. In ACL
+    mode a refused login still shows the server answers: the services log in as their own users.
+    """
+    url = settings.redis_url
+    deadline = time.monotonic() + within_s
+    delay = 0.1
+    while True:
+        try:
+            _ping(url, settings, timeout_s=min(max(deadline - time.monotonic(), 0.1), 2.0))
+            return
+        except (AuthenticationError, ResponseError) as exc:
+            if settings.redis_acl:
+                return
+            raise BusUnreachable(f"the bus at {redacted(url)} refused the credentials: {exc}") from exc
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            if time.monotonic() + delay >= deadline:
+                raise BusUnreachable(f"cannot reach the bus at {redacted(url)}: {failure_cause(exc)} "
+                                     f"(no answer to PING within {within_s:.0f}s)") from exc
+        time.sleep(delay)
+        delay = min(delay * 2, BUS_CHECK_DELAY_CAP_S)
+
+
 def build_children(settings: Settings, config_path: Path | None, urls: RoleUrls, logs: Path,
                    api_key: str) -> list[Child]:
     """One child per service instance; each connects with its role's Redis URL."""
@@ -192,6 +258,7 @@ def run(settings: Settings, config_path: Path | None) -> int:
                  redis_url.split("@")[-1], data_dir / "redis")
     else:
         redis_url = settings.redis_url
+        check_bus(settings)
         log.info("using external Redis at %s", redis_url.split("@")[-1])
     try:
         urls = _role_urls(settings, redis_url, data_dir, embedded=server is not None)
@@ -273,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, EmbeddedServerError, AclError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BusUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _provision(settings: Settings, admin_url: str | None, agents: str) -> int:

@@ -21,6 +21,8 @@ from federated_learning.deploy.launcher import deployment_file
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 120.0
+LAUNCHER_ERROR = "error: "
+"""How the launcher's one-line refusals start (a bad config, a bus that does not answer)."""
 LAUNCHER = Path(__file__).resolve().parents[2] / "scripts" / "deploy-federated-learning.py"
 
 
@@ -51,6 +53,7 @@ class LocalDeployment:
             self.env["FL_REDIS_ACL_AGENTS"] = json.dumps(sorted({*settings.redis_acl_agents,
                                                                  *acl_agents}))
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
 
     @property
     def dashboard_url(self) -> str:
@@ -80,12 +83,12 @@ class LocalDeployment:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, str(LAUNCHER)] + (["--config", str(self.config)] if self.config else [])
         with open(self.data_dir / "deploy.log", "ab") as log:
+            self._log_start = log.tell()
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                tail = (self.data_dir / "deploy.log").read_text()[-2000:]
-                raise DeploymentFailed(f"the deployment exited with {self.process.returncode}:\n{tail}")
+                raise DeploymentFailed(self._exit_reason(self.process.returncode))
             try:
                 health = httpx.get(f"{self.dashboard_url}/api/system/health", timeout=2,
                                    headers={"X-API-Key": self.api_key},
@@ -97,6 +100,16 @@ class LocalDeployment:
             time.sleep(0.5)
         self.stop()
         raise DeploymentFailed(f"not healthy within {START_TIMEOUT_S:.0f}s; see {self.data_dir / 'logs'}")
+
+    def _exit_reason(self, returncode: int) -> str:
+        """The launcher's own one-line ``error:`` when it wrote one, else the log's tail."""
+        with open(self.data_dir / "deploy.log", "rb") as file:
+            file.seek(self._log_start)
+            log = file.read().decode(errors="replace")
+        errors = [line for line in log.splitlines() if line.startswith(LAUNCHER_ERROR)]
+        if errors:
+            return f"the deployment did not start: {errors[-1].removeprefix(LAUNCHER_ERROR)}"
+        return f"the deployment exited with {returncode}:\n{log[-2000:]}"
 
     def wait(self) -> None:
         if self.process is not None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -17,7 +20,7 @@ from agents.trainers import create_trainer
 from federated_learning.protocol.messages import Task, decode
 from federated_learning.protocol.secure_messages import message_type
 from federated_learning.protocol.tensors import decode_layers
-from tests.e2e.conftest import Deployment, training_body, wait_status
+from tests.e2e.conftest import ROOT, Deployment, training_body, wait_status
 
 HTTP_CLIENTS = 5
 
@@ -95,3 +98,39 @@ async def test_http_clients_and_bus_agents_train_one_model(deployment: Deploymen
     volunteers = {a for a in contributors if a.startswith("http-")}
     assert volunteers, contributors  # the HTTP clients' updates went into committed versions
     assert any(a.startswith("agent-") for a in contributors)
+
+
+def run_sync_once(deployment: Deployment, folder: Path, training_id: str, api_key: str) -> subprocess.CompletedProcess[str]:
+    """``python -m agents.http_sync --once`` as cron or a systemd timer runs it."""
+    env = {**os.environ, "ENABLE_FED_LEARNING": "true", "FED_SERVER_URL": deployment.dashboard_url,
+           "FED_CLIENT_ID": "cron-bot", "FED_LOCAL_MODEL_PATH": str(folder / "model.safetensors"),
+           "FED_MERGED_MODEL_PATH": str(folder / "merged.safetensors"), "FED_API_KEY": api_key,
+           "FED_TRAINING_ID": training_id}
+    return subprocess.run([sys.executable, "-m", "agents.http_sync", "--once", "--attempts", "3"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False)
+
+
+async def test_sync_once_writes_the_merged_model_and_exits(deployment: Deployment, agents, tmp_path: Path) -> None:
+    synced = asyncio.Event()
+    hold_bus_agents_from_round(agents, 2, synced)
+    async with deployment.client() as http:
+        response = await http.post("/api/training/start", json=training_body(3))
+        training_id = response.json()["training_id"]
+        await wait_status(http, training_id, {"running"}, min_round=1)
+        v0 = decode_layers((await http.get(f"/api/training/{training_id}/versions/0/model")).content,
+                           max_bytes=1 << 20)
+        await asyncio.to_thread(train_locally, tmp_path, dict(v0), 0)
+
+        refused = await asyncio.to_thread(run_sync_once, deployment, tmp_path, training_id, "not-the-key")
+        done = await asyncio.to_thread(run_sync_once, deployment, tmp_path, training_id, deployment.api_key)
+        synced.set()
+        status = await wait_status(http, training_id, {"completed", "failed"})
+
+    assert refused.returncode == 1
+    lines = refused.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: sync failed: server refused the update (401)"), lines
+    assert done.returncode == 0, done.stderr
+    merged = read_merged_version(tmp_path / "merged.safetensors")
+    assert merged is not None and merged[0] == training_id
+    assert status["status"] == "completed", status
+    assert decode_layers((tmp_path / "merged.safetensors").read_bytes(), max_bytes=1 << 20).keys() == v0.keys()

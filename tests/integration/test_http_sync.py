@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -14,6 +18,7 @@ from safetensors.numpy import save as save_safetensors
 from agents.data import make_client_datasets
 from agents.trainers import create_trainer
 from federated_learning.bus.blobs import BlobStore
+from federated_learning.bus.embedded import free_port
 from federated_learning.dashboard.main import create_app
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import UpdateSubmitted, VersionRecord
@@ -248,3 +253,32 @@ async def test_an_oversized_body_is_refused_before_it_is_read(redis: aioredis.Re
     assert not await redis.hexists(KEYS.agents, "http-big-bot")
     counts = {k.decode(): int(v) for k, v in (await redis.hgetall(KEYS.rejections)).items()}
     assert counts.get("sync:too_large") == 2
+
+
+def run_sync_once(tmp_path: Path, server_url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ENABLE_FED_LEARNING": "true", "FED_SERVER_URL": server_url, "FED_CLIENT_ID": "bot-1",
+           "FED_LOCAL_MODEL_PATH": str(tmp_path / "model.safetensors"),
+           "FED_MERGED_MODEL_PATH": str(tmp_path / "merged.safetensors")}
+    return subprocess.run([sys.executable, "-m", "agents.http_sync", "--once", "--attempts", "1"],
+                          capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+def test_sync_once_without_a_server_fails_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(encode_layers({"w": np.ones(3, dtype=np.float32)}))
+    url = f"http://127.0.0.1:{free_port()}"
+
+    result = run_sync_once(tmp_path, url)
+
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: sync failed: no successful sync after 1 attempts; last: server {url} "
+                           "unreachable"), line
+    assert not (tmp_path / "merged.safetensors").exists()
+
+
+def test_sync_once_without_a_local_model_names_the_path(tmp_path: Path) -> None:
+    result = run_sync_once(tmp_path, f"http://127.0.0.1:{free_port()}")
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: sync failed: no local model at {tmp_path / 'model.safetensors'} (FED_LOCAL_MODEL_PATH)"]
