@@ -347,6 +347,9 @@ class FederatedClient:
             log.warning("agent %s: model of %s/%d refused: %s", self.agent_id, task.training_id, task.round, exc)
             await self.refuse_model(task, exc)
             return
+        except Exception as exc:  # noqa: BLE001 - the trainer failed: the operator hears why
+            await self.report_app_failure(task, exc)
+            return
         common = {"training_id": task.training_id, "round": task.round, "attempt": task.attempt,
                       "agent_id": self.agent_id, "received_model_version": task.model_version,
                       "evaluation": evaluation}
@@ -379,6 +382,9 @@ class FederatedClient:
         except InvalidTensor as exc:
             log.warning("agent %s: bank of %s/%d refused: %s", self.agent_id, task.training_id, task.round, exc)
             await self.refuse_model(task, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - the user's extractor failed: the operator hears why
+            await self.report_app_failure(task, exc)
             return
         blob = encode_layers({BANK_LAYER: bank.rows})
         digest = await self._blobs.put(blob, ttl_s=UPDATE_BLOB_TTL_S, owner=self.agent_id)
@@ -413,6 +419,12 @@ class FederatedClient:
                                  attempt=task.attempt, agent_id=self.agent_id, update_digest=digest,
                                  num_examples=0, received_model_version=0, upload_bytes=len(blob))
         await self.redis.xadd(self.keys.update_stream, encode(self.signed(notice)))  # type: ignore[arg-type]
+
+    async def report_app_failure(self, task: Task, exc: Exception) -> None:
+        """The agent's app (its trainer or feature extractor) raised: log the traceback here and
+        tell the coordinator, which counts this agent as answered instead of waiting for the deadline."""
+        log.error("agent %s: the app failed on %s/%d", self.agent_id, task.training_id, task.round, exc_info=exc)
+        await self.refuse_model(task, InvalidTensor("app_failed", f"the agent's app raised {type(exc).__name__}: {exc}"))
 
     async def refuse_model(self, task: Task, problem: InvalidTensor) -> None:
         """Tell the coordinator why this agent cannot train the training's model (the operator sees it)."""

@@ -366,7 +366,20 @@ def warm_up() -> None:
     updates: list[list[NDArray[np.generic]]] = [[np.full(8, k, np.float32)] for k in range(7)]
     for name in WARM_UP_RULES:
         create_strategy(name).aggregate(base, updates, [1] * len(updates))
+    warm_up_memory_banks()
     log.info("aggregation kernels ready in %.2fs", time.perf_counter() - started)
+
+
+def warm_up_memory_banks() -> None:
+    """Compile (or load) the k-center kernels, the parallel rescan included, so that a
+    training's first bank merge does not pay the compile time (seconds) inside its round."""
+    from federated_learning.memory_bank import merge_banks
+    from federated_learning.memory_bank.kcenter import PARALLEL_MIN_ROWS
+
+    rng = np.random.default_rng(0)
+    banks = [rng.standard_normal((PARALLEL_MIN_ROWS // 2 + 1, 4)).astype(np.float32) for _ in range(2)]
+    for weighted in (True, False):
+        merge_banks(banks, [1, 2], 8, weighted=weighted)
 
 
 async def _main(args: argparse.Namespace) -> None:

@@ -38,13 +38,19 @@ from federated_learning.protocol.tensors import (
     validate_layers,
 )
 from federated_learning.records.trainings import TrainingStore
-from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
+from federated_learning.services.runtime import (
+    ServiceContext,
+    open_context,
+    per_training,
+    serve,
+    setup_logging,
+)
 
 log = logging.getLogger(__name__)
 
 RELEASES = Counter("fl_privacy_releases_total", "Models released", ["level"])
 REFUSALS = Counter("fl_privacy_refusals_total", "Releases refused", ["reason"])
-EPSILON = Gauge("fl_privacy_epsilon_spent", "Epsilon spent", ["training"])
+EPSILON = per_training(Gauge("fl_privacy_epsilon_spent", "Epsilon spent", ["training"]))
 
 
 class PrivacyManager:

@@ -28,13 +28,19 @@ from federated_learning.protocol.messages import MalformedMessage, ModelReleased
 from federated_learning.protocol.tensors import InvalidTensor
 from federated_learning.records.trainings import TrainingStore
 from federated_learning.records.versions import VersionIndex
-from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
+from federated_learning.services.runtime import (
+    ServiceContext,
+    open_context,
+    per_training,
+    serve,
+    setup_logging,
+)
 from federated_learning.versioning.retention import versions_to_delete
 
 log = logging.getLogger(__name__)
 
 COMMITS = Counter("fl_versions_committed_total", "Versions committed")
-LATEST = Gauge("fl_version_latest", "Latest committed version", ["training"])
+LATEST = per_training(Gauge("fl_version_latest", "Latest committed version", ["training"]))
 
 
 class VersionManager:

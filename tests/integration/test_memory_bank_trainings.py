@@ -44,6 +44,13 @@ class Features:
         return self.features, self.num_examples
 
 
+class FailingExtractor(Features):
+    """A feature extractor whose own code raises: the agent reports it instead of going silent."""
+
+    def extract_features(self, config: Config) -> tuple[NDArray[np.float32], int]:
+        raise RuntimeError("camera offline")
+
+
 class NotAnExtractor:
     """A model trainer (no extract_features): it cannot take part in a memory-bank training."""
 
@@ -128,16 +135,18 @@ async def test_an_agent_without_a_feature_extractor_or_of_another_width_is_refus
         system: System, http: httpx.AsyncClient, redis: aioredis.Redis, bank_agents: Any) -> None:
     await system.start()
     await bank_agents([Features(1, 50), Features(2, 50), Features(3, 50),
-                       Features(4, 50, width=WIDTH + 1), NotAnExtractor()])
-    body = {**bank_body("odd"), "rounds": 1, "clients_per_round": 5}
+                       Features(4, 50, width=WIDTH + 1), NotAnExtractor(), FailingExtractor(5, 50)])
+    body = {**bank_body("odd"), "rounds": 1, "clients_per_round": 6}
     assert (await http.post("/api/training/start", json=body)).status_code == 202
     state = await wait_for_status(redis, "odd", {"completed", "failed"}, timeout_s=90)
     assert state.status.value == "completed", state.reason
     refusals = {r["agent_id"]: r for r in (await http.get("/api/training/odd/status")).json()["model_refusals"]}
-    assert set(refusals) == {"bank-003", "bank-004"}
+    assert set(refusals) == {"bank-003", "bank-004", "bank-005"}
     assert refusals["bank-003"]["reason"] == "bad_shape"
     assert f"rows x {WIDTH}" in refusals["bank-003"]["detail"]
     assert refusals["bank-004"]["reason"] == "not_a_memory_bank"
+    assert refusals["bank-005"]["reason"] == "app_failed"
+    assert "RuntimeError: camera offline" in refusals["bank-005"]["detail"]
     events = [json.loads(fields[b"m"]) for _id, fields in await redis.xrange(KEYS.event_stream)]
     assert any(e["kind"] == "model_refused" and e["agent_id"] == "bank-004" for e in events)
 
