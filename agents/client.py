@@ -236,7 +236,7 @@ class FederatedClient:
             public_key=self.identity.public_key_bytes.hex(),
             join_token=self.join_token,
         )
-        await self.redis.xadd(self.keys.agent_stream, encode(self.signed(message)))  # type: ignore[arg-type]
+        await self.redis.xadd(self.keys.agent_stream, encode(self.signed(message)))
 
     def signed(self, message: SignedMessage) -> SignedMessage:
         """``message`` with this agent's Ed25519 signature."""
@@ -250,7 +250,7 @@ class FederatedClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             await self.redis.xadd(self.keys.agent_stream,
-                                  encode(self.signed(AgentLeft(agent_id=self.agent_id, reason=reason))))  # type: ignore[arg-type]
+                                  encode(self.signed(AgentLeft(agent_id=self.agent_id, reason=reason))))
         except (RedisConnectionError, RedisTimeoutError, OSError):
             log.warning("agent %s could not announce leaving", self.agent_id)
         if self._owns_redis:
@@ -261,7 +261,7 @@ class FederatedClient:
         while not self._stop.is_set():
             try:
                 await self.redis.xadd(self.keys.agent_stream,
-                                      encode(self.signed(Heartbeat(agent_id=self.agent_id))))  # type: ignore[arg-type]
+                                      encode(self.signed(Heartbeat(agent_id=self.agent_id))))
                 backoff = 0.5
                 await asyncio.sleep(self.heartbeat_interval_s)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -366,7 +366,7 @@ class FederatedClient:
                 train_loss=trained.loss, train_accuracy=trained.accuracy,
                 train_seconds=trained.seconds, upload_bytes=len(trained.blob),
                 dense_bytes=trained.dense_bytes, unclipped=trained.unclipped, **common)  # type: ignore[arg-type]
-        await self.redis.xadd(self.keys.update_stream, encode(self.signed(notice)))  # type: ignore[arg-type]
+        await self.redis.xadd(self.keys.update_stream, encode(self.signed(notice)))
         self.completed_tasks += 1
 
     async def send_bank(self, task: Task, spec: MemoryBankModel) -> None:
@@ -393,7 +393,7 @@ class FederatedClient:
             agent_id=self.agent_id, update_digest=digest, num_examples=bank.num_examples,
             received_model_version=task.model_version, train_seconds=bank.seconds, upload_bytes=len(blob),
             dense_bytes=bank.extracted_bytes)
-        await self.redis.xadd(self.keys.update_stream, encode(self.signed(notice)))  # type: ignore[arg-type]
+        await self.redis.xadd(self.keys.update_stream, encode(self.signed(notice)))
         self.completed_tasks += 1
 
     def model_trainer(self) -> Trainer | None:
@@ -418,7 +418,7 @@ class FederatedClient:
         notice = UpdateSubmitted(kind=TaskKind.PARAMETERS, training_id=task.training_id, round=task.round,
                                  attempt=task.attempt, agent_id=self.agent_id, update_digest=digest,
                                  num_examples=0, received_model_version=0, upload_bytes=len(blob))
-        await self.redis.xadd(self.keys.update_stream, encode(self.signed(notice)))  # type: ignore[arg-type]
+        await self.redis.xadd(self.keys.update_stream, encode(self.signed(notice)))
 
     async def report_app_failure(self, task: Task, exc: Exception) -> None:
         """The agent's app (its trainer or feature extractor) raised: log the traceback here and
@@ -430,7 +430,7 @@ class FederatedClient:
         """Tell the coordinator why this agent cannot train the training's model (the operator sees it)."""
         refusal = ModelRefused(training_id=task.training_id, round=task.round, attempt=task.attempt,
                                agent_id=self.agent_id, reason=problem.reason, detail=problem.detail[:1000])
-        await self.redis.xadd(self.keys.update_stream, encode(self.signed(refusal)))  # type: ignore[arg-type]
+        await self.redis.xadd(self.keys.update_stream, encode(self.signed(refusal)))
 
     def dataset_sizes(self) -> dict[str, int]:
         """What this agent announces it holds: dataset name -> training examples."""

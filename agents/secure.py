@@ -62,7 +62,7 @@ class SecureParticipation:
 
     async def _send(self, message: SignedByAgent) -> None:
         fields = encode(self.client.signed(message))
-        await self.client.redis.xadd(self.client.keys.update_stream, fields)  # type: ignore[arg-type]
+        await self.client.redis.xadd(self.client.keys.update_stream, fields)
 
     async def hold(self, task: Task, evaluation: Evaluation, trained: TrainedUpdate,
                    delta: NDArray[np.floating]) -> None:

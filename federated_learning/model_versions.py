@@ -126,7 +126,7 @@ class ModelVersionManager:
         """Write the checkpoint atomically, then record and announce the version in one transaction."""
         existing = await self._committed_round(release)
         if existing is not None:
-            await self.ctx.redis.xadd(self.ctx.keys.version_stream, encode(_announcement(existing)))  # type: ignore[arg-type]
+            await self.ctx.redis.xadd(self.ctx.keys.version_stream, encode(_announcement(existing)))
             return Commit(existing, created=False)
         data = await self.ctx.blobs.get(release.model_digest)
         decode_layers(data, max_bytes=self.ctx.settings.max_blob_bytes)
@@ -135,7 +135,7 @@ class ModelVersionManager:
                                 record.model_dump_json(indent=1))
         async with self.ctx.redis.pipeline(transaction=True) as pipe:
             self.index.stage_commit(pipe, record)
-            pipe.xadd(self.ctx.keys.version_stream, encode(_announcement(record)))  # type: ignore[arg-type]
+            pipe.xadd(self.ctx.keys.version_stream, encode(_announcement(record)))
             await pipe.execute()
         await self.ctx.emit("version_committed", f"version {record.version} from round {release.round}",
                             training_id=release.training_id, round=release.round, version=record.version,
@@ -169,7 +169,7 @@ class ModelVersionManager:
         await self._require_training(training_id)
         await self._record_of(training_id, target_version)
         command = RollbackTraining(training_id=training_id, version=target_version, reason=reason)
-        await self.ctx.redis.xadd(self.ctx.keys.control_stream, encode(command))  # type: ignore[arg-type]
+        await self.ctx.redis.xadd(self.ctx.keys.control_stream, encode(command))
         return target_version
 
     async def compare_versions(self, training_id: str, version1: int, version2: int) -> VersionComparison:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from enum import StrEnum
-from typing import Annotated, Any, Final, Literal, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeAlias, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -26,6 +26,9 @@ from pydantic import (
 )
 
 from federated_learning.versioning.rollback import RollbackConfig
+
+if TYPE_CHECKING:
+    from redis.typing import EncodableT, FieldT
 
 MAX_MODEL_PARAMETERS = 50_000_000
 SCHEMA_VERSION: Final = 1
@@ -770,7 +773,11 @@ class MalformedMessage(ValueError):
         self.reason = reason
 
 
-def encode(message: BaseModel) -> dict[bytes, bytes]:
+StreamFields: TypeAlias = "dict[FieldT, EncodableT]"
+"""An entry's fields as redis-py's ``xadd`` takes them (one field: the message's JSON)."""
+
+
+def encode(message: BaseModel) -> StreamFields:
     """Stream fields for ``message``."""
     return {PAYLOAD_FIELD: message.model_dump_json().encode()}
 

@@ -107,7 +107,7 @@ class Aggregator:
                                 severity=Severity.CRITICAL, training_id=job.training_id,
                                 round=job.round, attempt=job.attempt)
             return
-        await self.ctx.redis.xadd(self.ctx.keys.aggregate_stream, encode(ready))  # type: ignore[arg-type]
+        await self.ctx.redis.xadd(self.ctx.keys.aggregate_stream, encode(ready))
         JOBS.labels(job.algorithm, "ok").inc()
 
     async def _load_updates(self, job: AggregationJob, base: NamedLayers, trained: list[str],

@@ -89,7 +89,7 @@ class InitialModels:
         )
         async with self.c.redis.pipeline(transaction=True) as pipe:
             self.c.store.stage_save(pipe, state, active=True)
-            pipe.xadd(self.c.keys.release_stream, encode(release))  # type: ignore[arg-type]
+            pipe.xadd(self.c.keys.release_stream, encode(release))
             await pipe.execute()
 
     async def ask_next_agent(self, state: TrainingState) -> None:
@@ -116,7 +116,7 @@ class InitialModels:
                     dataset=state.config.dataset, model=state.config.model, model_digest=None,
                     model_version=0, settings=state.config.local, deadline_at=state.deadline_at)
         async with self.c.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.c.keys.inbox_stream(agent), encode(task))  # type: ignore[arg-type]
+            pipe.xadd(self.c.keys.inbox_stream(agent), encode(task))
             self.c.store.stage_save(pipe, state)
             await pipe.execute()
         await self.c.ctx.emit("parameters_requested", state.reason, training_id=state.training_id,

@@ -114,7 +114,7 @@ class PrivacyManager:
             if plan.budget_json is not None:
                 pipe.set(keys.privacy_budget(ready.training_id), plan.budget_json)
             pipe.hset(keys.release(ready.training_id), str(ready.round), payload)
-            pipe.xadd(keys.release_stream, encode(release))  # type: ignore[arg-type]
+            pipe.xadd(keys.release_stream, encode(release))
             await pipe.execute()
         RELEASES.labels(plan.report.level).inc()
         EPSILON.labels(ready.training_id).set(plan.report.epsilon_spent)
@@ -128,7 +128,7 @@ class PrivacyManager:
     async def refuse(self, ready: AggregateReady, reason: str) -> None:
         REFUSALS.labels("budget").inc()
         stop = StopTraining(training_id=ready.training_id, reason=reason, failed=True)
-        await self.ctx.redis.xadd(self.ctx.keys.control_stream, encode(stop))  # type: ignore[arg-type]
+        await self.ctx.redis.xadd(self.ctx.keys.control_stream, encode(stop))
         await self.ctx.emit("release_refused", reason, severity=Severity.CRITICAL,
                             training_id=ready.training_id, round=ready.round)
 

@@ -257,7 +257,7 @@ class RoundProtocol:
                         model_digest=state.current_digest, model_version=state.current_version,
                         settings=settings, deadline_at=deadline_at,
                         secure=state.secure is not None and kind is TaskKind.TRAIN)
-            pipe.xadd(self.keys.inbox_stream(agent_id), encode(task),  # type: ignore[arg-type]
+            pipe.xadd(self.keys.inbox_stream(agent_id), encode(task),
                       maxlen=INBOX_MAXLEN, approximate=True)
             pipe.hincrby(self.keys.agent_stats, f"{agent_id}:asked", 1)
             asked_at = self.keys.agent_asked_at(agent_id)
@@ -471,7 +471,7 @@ class RoundProtocol:
         state.phase = RoundPhase.AGGREGATING
         state.deadline_at = time.time() + state.round_deadline_s
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.keys.job_stream, encode(job))  # type: ignore[arg-type]
+            pipe.xadd(self.keys.job_stream, encode(job))
             self.store.stage_save(pipe, state)
             await pipe.execute()
         await self.ctx.emit("round_closed", f"round {state.round}: aggregating {len(notices)} updates",

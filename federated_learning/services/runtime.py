@@ -193,7 +193,7 @@ class ServiceContext:
         """Publish an event on the event stream."""
         event = Event(kind=kind, source=self.service, severity=severity, message=message,
                       training_id=training_id, round=round, agent_id=agent_id, data=data)
-        await self.redis.xadd(self.keys.event_stream, encode(event),  # type: ignore[arg-type]
+        await self.redis.xadd(self.keys.event_stream, encode(event),
                               maxlen=EVENT_STREAM_MAXLEN, approximate=True)
 
     async def reject(self, source: str, reason: str, detail: str, *,

@@ -247,7 +247,7 @@ class SecureRounds:
     async def _send(self, state: TrainingState, messages: dict[str, BaseModel]) -> None:
         async with self.c.redis.pipeline(transaction=True) as pipe:
             for agent_id, message in messages.items():
-                pipe.xadd(self.c.keys.inbox_stream(agent_id), encode(message),  # type: ignore[arg-type]
+                pipe.xadd(self.c.keys.inbox_stream(agent_id), encode(message),
                           maxlen=INBOX_MAXLEN, approximate=True)
             self.c.store.stage_save(pipe, state)
             await pipe.execute()

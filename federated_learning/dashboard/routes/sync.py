@@ -240,7 +240,7 @@ async def _submit(ctx: Context, state: TrainingState, client_id: str, layers: Na
                          join_token=await _project_token(ctx, state, agent_id))
     for message in (joined, Heartbeat(agent_id=agent_id)):  # signed with the gateway's key, as the notice
         signed = message.model_copy(update={"signature": identity.sign(message.signed_bytes()).hex()})
-        await ctx.redis.xadd(ctx.keys.agent_stream, encode(signed))  # type: ignore[arg-type]
+        await ctx.redis.xadd(ctx.keys.agent_stream, encode(signed))
     digest = await ctx.blobs.put(blob, ttl_s=24 * 3600, owner=agent_id)
     evaluation = None
     if metrics.accuracy is not None and metrics.loss is not None:
@@ -251,7 +251,7 @@ async def _submit(ctx: Context, state: TrainingState, client_id: str, layers: Na
                              received_model_version=(state.current_version or 0) if base_version is None else base_version,
                              evaluation=evaluation)
     notice = notice.model_copy(update={"signature": identity.sign(notice.signed_bytes()).hex()})
-    await ctx.redis.xadd(ctx.keys.update_stream, encode(notice))  # type: ignore[arg-type]
+    await ctx.redis.xadd(ctx.keys.update_stream, encode(notice))
     return agent_id
 
 

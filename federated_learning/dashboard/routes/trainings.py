@@ -117,7 +117,7 @@ async def start_training(body: StartRequest, ctx: Context, trainings: Trainings,
                 f"model '{record.model_id}' has digest {record.digest}; the request names {config.model.digest}"))
         config = config.model_copy(update={"model": UploadedModel(model_id=record.model_id, digest=record.digest)})
     command = StartTraining(training_id=training_id, config=config, org_id=org_id, project_id=project_id)
-    await ctx.redis.xadd(ctx.keys.control_stream, encode(command))  # type: ignore[arg-type]
+    await ctx.redis.xadd(ctx.keys.control_stream, encode(command))
     return StartResponse(training_id=training_id)
 
 
@@ -142,7 +142,7 @@ async def stop_training(training_id: str, ctx: Context, trainings: Trainings, _a
                         body: StopRequest | None = None) -> dict[str, str]:
     await _state(trainings, training_id)
     command = StopTraining(training_id=training_id, reason=(body or StopRequest()).reason)
-    await ctx.redis.xadd(ctx.keys.control_stream, encode(command))  # type: ignore[arg-type]
+    await ctx.redis.xadd(ctx.keys.control_stream, encode(command))
     return {"training_id": training_id, "status": "stopping"}
 
 
