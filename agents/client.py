@@ -82,6 +82,8 @@ SignedMessage = TypeVar("SignedMessage", bound=SignedByAgent)
 
 UPDATE_BLOB_TTL_S = 24 * 3600
 RECONNECT_BACKOFF_CAP_S = 10.0
+REJOIN_INTERVAL_S = 300.0
+"""How often the heartbeat loop re-sends the join (see FederatedClient.beat)."""
 DEFAULT_MAX_BLOB_BYTES = 256 * 1024 * 1024
 
 
@@ -176,6 +178,7 @@ class FederatedClient:
         """What compression dropped from this agent's updates, added to its next one (per training)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
+        self._joined_at = time.monotonic()
         self.completed_tasks = 0
         self.secure = SecureParticipation(self)
 
@@ -229,14 +232,27 @@ class FederatedClient:
                        asyncio.create_task(self._inbox_loop())]
 
     async def join(self) -> None:
-        message = AgentJoined(
+        await self.redis.xadd(self.keys.agent_stream, encode(self.signed(self.join_message())))
+        self._joined_at = time.monotonic()
+
+    def join_message(self) -> AgentJoined:
+        return AgentJoined(
             agent_id=self.agent_id,
             datasets=self.dataset_sizes(),
             device={"platform": platform.platform(), "python": platform.python_version()},
             public_key=self.identity.public_key_bytes.hex(),
             join_token=self.join_token,
         )
-        await self.redis.xadd(self.keys.agent_stream, encode(self.signed(message)))
+
+    def beat(self) -> Heartbeat | AgentJoined:
+        """What the heartbeat loop sends: a heartbeat, or every ``REJOIN_INTERVAL_S`` the join
+        again (the registry takes an unchanged one as a sign of life), so that a join the
+        coordinator refused for a while (join_rate_limited) or a registry lost with the bus's data
+        heals without a restart."""
+        if time.monotonic() - self._joined_at >= REJOIN_INTERVAL_S:
+            self._joined_at = time.monotonic()
+            return self.join_message()
+        return Heartbeat(agent_id=self.agent_id)
 
     def signed(self, message: SignedMessage) -> SignedMessage:
         """``message`` with this agent's Ed25519 signature."""
@@ -261,7 +277,7 @@ class FederatedClient:
         while not self._stop.is_set():
             try:
                 await self.redis.xadd(self.keys.agent_stream,
-                                      encode(self.signed(Heartbeat(agent_id=self.agent_id))))
+                                      encode(self.signed(self.beat())))
                 backoff = 0.5
                 await asyncio.sleep(self.heartbeat_interval_s)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:

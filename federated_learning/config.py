@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     max_blob_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     require_join_token: bool = Field(
         default=False, description="new agents need a join token issued by the operator")
+    max_first_joins_per_minute: int = Field(
+        default=600, ge=1, le=1_000_000,
+        description="new agent ids one credential may register per minute (a join token; all open "
+                    "registrations together count as one); further first joins are refused with "
+                    "join_rate_limited and the agent's periodic re-join retries")
     require_signed_updates: bool = Field(
         default=True, description="refuse update notices without a valid Ed25519 signature")
 

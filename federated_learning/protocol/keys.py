@@ -216,6 +216,10 @@ class Keys:
         """Hash '<agent>:<counter>' -> count (asked, completed, late, examples)."""
         return self._k("agents", "stats")
 
+    def first_joins(self, credential: str, minute: int) -> str:
+        """Counter of new agent ids ``credential`` registered in ``minute`` (unix minutes)."""
+        return self._k("agents", "first_joins", credential, str(minute))
+
     def agent_asked_at(self, agent_id: AgentId) -> str:
         """Sorted set of task ids -> the time the agent was given them (for the hourly cap)."""
         return self._k("agents", "asked_at", agent_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import redis.asyncio as aioredis
 
 from federated_learning.access import DEFAULT_ORG, DEFAULT_PROJECT
 from federated_learning.bus.replies import text
+from federated_learning.coordination.selection import eligible_agents
 from federated_learning.coordination.state import AgentRecord
 from federated_learning.monitoring.reliability import AgentStats
 from federated_learning.protocol.keys import Keys
@@ -27,14 +29,40 @@ class RegistryOutcome:
     detail: str = ""
 
 
+OPEN_REGISTRATION = "open"
+"""The credential that first joins without a join token count against (all of them together)."""
+
+FIRST_JOIN_WINDOW_S = 60
+
+
+def join_credential(join_token: str | None) -> str:
+    """What a first join's rate is counted by: its join token (hashed: the counter's key must not
+    hold the secret), or open registration as a whole."""
+    if join_token is None:
+        return OPEN_REGISTRATION
+    return "token-" + hashlib.sha256(join_token.encode()).hexdigest()[:24]
+
+
 class AgentRegistry:
     def __init__(self, redis: aioredis.Redis, keys: Keys, heartbeat_timeout_s: float,
-                 *, require_join_token: bool = False) -> None:
+                 *, require_join_token: bool = False, max_first_joins_per_minute: int | None = None) -> None:
         self._redis = redis
         self._keys = keys
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.require_join_token = require_join_token
+        self.max_first_joins_per_minute = max_first_joins_per_minute
         self.tokens = JoinTokens(redis, keys)
+
+    async def _first_join_allowed(self, credential: str, now: float) -> bool:
+        """Count one first join against ``credential``'s current minute; False past the limit."""
+        if self.max_first_joins_per_minute is None:
+            return True
+        key = self._keys.first_joins(credential, int(now // FIRST_JOIN_WINDOW_S))
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 2 * FIRST_JOIN_WINDOW_S)
+            count, _ = await pipe.execute()
+        return int(count) <= self.max_first_joins_per_minute
 
     async def apply(self, message: AgentJoined | Heartbeat | AgentLeft, at: float | None = None, *,
                     registered: bool | None = None) -> RegistryOutcome:
@@ -53,6 +81,10 @@ class AgentRegistry:
             if existing and existing.public_key and message.public_key != existing.public_key:
                 return RegistryOutcome(rejected="key_mismatch",
                                        detail="agent id is bound to another public key")
+            if existing is None and not await self._first_join_allowed(join_credential(message.join_token), now):
+                return RegistryOutcome(rejected="join_rate_limited",
+                                       detail=f"more than {self.max_first_joins_per_minute} new agents per minute "
+                                              "from one credential; the agent's next join retries")
             project = existing.project if existing else await self._first_join_project(message)
             if project is None:
                 return RegistryOutcome(rejected="bad_join_token",
@@ -63,6 +95,9 @@ class AgentRegistry:
                                  volunteer=message.volunteer,
                                  joined_at=existing.joined_at if existing else now,
                                  org_id=project[0], project_id=project[1])
+            if record == existing:  # an agent's periodic re-join: only a sign of life
+                await self._redis.zadd(self._keys.agents_last_seen, {message.agent_id: now}, gt=True)
+                return RegistryOutcome()
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self._keys.agents, message.agent_id, record.model_dump_json())
                 pipe.zadd(self._keys.agents_last_seen, {message.agent_id: now}, gt=True)
@@ -102,6 +137,21 @@ class AgentRegistry:
         only those of ``project`` (organisation, project) when one is given."""
         return {record.agent_id: record.datasets for record in await self.all()
                 if not record.volunteer and (project is None or record.project == project)}
+
+    async def eligible(self, dataset: str, project: tuple[str, str] | None = None) -> list[str]:
+        """Live agents that can be asked for work on ``dataset`` (of ``project`` when given), sorted:
+        reads only the live agents' records, so agents that registered and went silent cost nothing."""
+        alive = await self.alive()
+        datasets = {record.agent_id: record.datasets for record in await self.records(alive)
+                    if not record.volunteer and (project is None or record.project == project)}
+        return eligible_agents(datasets, alive, dataset)
+
+    async def records(self, agent_ids: list[str]) -> list[AgentRecord]:
+        """The records of those of ``agent_ids`` that are registered (one read, whatever else is)."""
+        if not agent_ids:
+            return []
+        raw = await self._redis.hmget(self._keys.agents, agent_ids)
+        return [AgentRecord.model_validate_json(r) for r in raw if r is not None]
 
     async def last_seen(self) -> dict[str, float]:
         pairs = cast("list[tuple[bytes, float]]",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from federated_learning.coordination.selection import eligible_agents, round_rng, select_agents
+from federated_learning.coordination.selection import round_rng, select_agents
 from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.protocol.messages import (
     Severity,
@@ -50,8 +50,7 @@ class BufferedRounds:
 
     async def refill(self, state: TrainingState) -> None:
         """Give tasks to idle eligible agents until ``clients_per_round`` are training."""
-        candidates = eligible_agents(await self.c.registry.datasets(state.project), await self.c.registry.alive(),
-                                     state.config.dataset)
+        candidates = await self.c.registry.eligible(state.config.dataset, state.project)
         if not candidates and not state.in_flight:
             if state.status is not TrainingStatus.PAUSED:
                 state.status, state.reason = TrainingStatus.PAUSED, "no live agent holds the dataset"

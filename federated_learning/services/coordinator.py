@@ -62,7 +62,8 @@ class Coordinator(RoundProtocol):
         self.settings = ctx.settings
         self.store = TrainingStore(ctx.redis, ctx.keys)
         self.registry = AgentRegistry(ctx.redis, ctx.keys, ctx.settings.heartbeat_timeout_s,
-                                      require_join_token=ctx.settings.require_join_token)
+                                      require_join_token=ctx.settings.require_join_token,
+                                      max_first_joins_per_minute=ctx.settings.max_first_joins_per_minute)
         self._last_tick = 0.0
         self.buffered = BufferedRounds(self)
         self.rollbacks = Rollbacks(self)

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from federated_learning.bus.blobs import BlobMissing
-from federated_learning.coordination.selection import eligible_agents, round_rng
+from federated_learning.coordination.selection import round_rng
 from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.models import initial_model
 from federated_learning.protocol.banks import empty_bank_version
@@ -98,8 +98,7 @@ class InitialModels:
         if state.phase is RoundPhase.COLLECTING and time.time() <= state.deadline_at:
             return
         registry = self.c.registry
-        candidates = eligible_agents(await registry.datasets(state.project), await registry.alive(),
-                                     state.config.dataset)
+        candidates = await registry.eligible(state.config.dataset, state.project)
         fresh = [agent for agent in candidates if agent not in state.selected] or candidates
         if not fresh:
             if state.reason != AWAITING_AGENTS:
@@ -184,8 +183,7 @@ class InitialModels:
         if state.phase is not RoundPhase.COLLECTING or attempt != state.attempt or agent_id not in state.selected:
             return
         registry = self.c.registry
-        candidates = eligible_agents(await registry.datasets(state.project), await registry.alive(),
-                                     state.config.dataset)
+        candidates = await registry.eligible(state.config.dataset, state.project)
         if any(agent not in state.selected for agent in candidates):
             state.phase = RoundPhase.IDLE
             await self.ask_next_agent(state)

@@ -35,7 +35,6 @@ from federated_learning.coordination.checks import (
 from federated_learning.coordination.rounds import RoundDecision, decide_round, summarize_notices
 from federated_learning.coordination.secure import SecureRoundState
 from federated_learning.coordination.selection import (
-    eligible_agents,
     policy_weights,
     round_rng,
     select_agents,
@@ -170,8 +169,7 @@ class RoundProtocol:
         if state.is_buffered and not evaluating:
             await self.buffered.open(state, round_number)
             return
-        candidates = eligible_agents(await self.registry.datasets(state.project), await self.registry.alive(),
-                                     state.config.dataset)
+        candidates = await self.registry.eligible(state.config.dataset, state.project)
         if round_number != state.round:
             state.selected, state.responded, state.dropped, state.retries = [], [], [], 0
             state.attempt, state.aggregation_attempts = 0, 0
@@ -238,8 +236,8 @@ class RoundProtocol:
         policy = state.config.selection
         if policy == "random":
             return None
-        sizes = {agent: records.get(state.config.dataset, 0)
-                 for agent, records in (await self.registry.datasets(state.project)).items()}
+        sizes = {record.agent_id: record.datasets.get(state.config.dataset, 0)
+                 for record in await self.registry.records(candidates)}
         stats = await self.registry.statistics() if policy in ("reliability", "contribution") else {}
         return policy_weights(policy, candidates, sizes, stats)
 
