@@ -91,6 +91,11 @@ class Keys:
         return self._k("agents", "join_tokens")
 
     @property
+    def agent_volunteers(self) -> str:
+        """Set of the volunteer agents' ids (plain-HTTP clients: sent no tasks, awaited each round)."""
+        return self._k("agents", "volunteers")
+
+    @property
     def agents_last_seen(self) -> str:
         """Sorted set agent id -> last heartbeat (unix seconds)."""
         return self._k("agents", "last_seen")

@@ -100,6 +100,10 @@ class AgentRegistry:
                 return RegistryOutcome()
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self._keys.agents, message.agent_id, record.model_dump_json())
+                if record.volunteer:
+                    pipe.sadd(self._keys.agent_volunteers, message.agent_id)
+                else:
+                    pipe.srem(self._keys.agent_volunteers, message.agent_id)
                 pipe.zadd(self._keys.agents_last_seen, {message.agent_id: now}, gt=True)
                 await pipe.execute()
             sizes = ", ".join(f"{k}={v}" for k, v in message.datasets.items())
@@ -161,10 +165,23 @@ class AgentRegistry:
     async def live_volunteers(self, dataset: str, project: tuple[str, str] | None = None) -> list[str]:
         """Volunteer agents (plain-HTTP clients) holding ``dataset`` that were heard from recently
         (only those of ``project`` when one is given)."""
-        alive = set(await self.alive())
-        return sorted(r.agent_id for r in await self.all()
-                      if r.volunteer and r.agent_id in alive and r.datasets.get(dataset, 0) > 0
-                      and (project is None or r.project == project))
+        volunteers = sorted(text(v) for v in await self._redis.smembers(self._keys.agent_volunteers))
+        if not volunteers:
+            return []
+        seen = await self._redis.zmscore(self._keys.agents_last_seen, volunteers)
+        since = time.time() - self.heartbeat_timeout_s
+        alive = [agent for agent, at in zip(volunteers, seen, strict=True) if at is not None and at >= since]
+        return sorted(r.agent_id for r in await self.records(alive)
+                      if r.volunteer and r.datasets.get(dataset, 0) > 0 and (project is None or r.project == project))
+
+    async def index_volunteers(self) -> None:
+        """Rebuild the volunteers' index from the records (a registry written before it existed)."""
+        volunteers = [r.agent_id for r in await self.all() if r.volunteer]
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._keys.agent_volunteers)
+            if volunteers:
+                pipe.sadd(self._keys.agent_volunteers, *volunteers)
+            await pipe.execute()
 
     async def statistics(self) -> dict[str, AgentStats]:
         """Each registered agent's record of work: asked, completed, late, dropped, flagged, examples,

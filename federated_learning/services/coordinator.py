@@ -82,6 +82,7 @@ class Coordinator(RoundProtocol):
         )
 
     async def run(self, *, burst: bool = False) -> None:
+        await self.registry.index_volunteers()
         await self.consumer.run(self.ctx.stop, burst=burst, on_idle=self.tick)
 
     # -- control ---------------------------------------------------------------

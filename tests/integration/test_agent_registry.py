@@ -89,3 +89,24 @@ def test_the_heartbeat_loop_resends_the_join_now_and_then() -> None:
     beat = client.beat()
     assert isinstance(beat, AgentJoined) and beat.agent_id == "bot" and beat.datasets == client.dataset_sizes()
     assert isinstance(client.beat(), Heartbeat)
+
+
+async def test_live_volunteers_come_from_their_index_not_from_every_record(
+        redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = AgentRegistry(redis, KEYS, 60.0)
+    for agent, volunteer in (("http-a", True), ("http-b", True), ("bot", False)):
+        await registry.apply(AgentJoined(agent_id=agent, datasets={"d": 1}, volunteer=volunteer))
+    await registry.apply(AgentJoined(agent_id="http-old", datasets={"d": 1}, volunteer=True), at=time.time() - 3600)
+    await registry.apply(AgentJoined(agent_id="http-b", datasets={"d": 1}, volunteer=False))  # now a bot
+    all_records = registry.all
+
+    async def no_full_scan() -> list[AgentRecord]:
+        raise AssertionError("live volunteers must not read every registered agent")
+
+    monkeypatch.setattr(registry, "all", no_full_scan)
+    assert await registry.live_volunteers("d") == ["http-a"]
+    assert await registry.live_volunteers("e") == []
+    monkeypatch.setattr(registry, "all", all_records)
+    await redis.delete(KEYS.agent_volunteers)  # a registry from before the index
+    await registry.index_volunteers()
+    assert {v.decode() for v in await redis.smembers(KEYS.agent_volunteers)} == {"http-a", "http-old"}
