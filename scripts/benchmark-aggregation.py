@@ -17,9 +17,16 @@ It covers NumPy and Numba (NRT) allocations alike, including the output. The Num
 baselines run with one BLAS thread (OpenBLAS's threads stall when another process holds
 a core); the GEMM limit is the better of default and one BLAS thread.
 
+``--inputs arrays`` times the public API as a caller uses it: every client's layers are
+separate arrays (one buffer each) handed to ``Strategy.aggregate``; the NumPy baseline is
+then ``np.tensordot`` on one slab built after our timings (the client arrays freed first),
+and GB/s counts the K d values read once.
+
 Usage (see docs/performance.md):
     .venv/bin/python scripts/benchmark-aggregation.py --d 1000000 10000000 --layers 1 \
         --json reports/aggregation.json
+    .venv/bin/python scripts/benchmark-aggregation.py --d 2000000 --layers 1 --inputs arrays \
+        --rules fedavg fedadam --no-flower
 """
 
 from __future__ import annotations
@@ -163,16 +170,39 @@ def make_round(
     d: int, num_layers: int, num_clients: int, seed: int = 0
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Global layers and filled float32 slabs: global + 0.1 * N(0, 1) per client, no temporaries."""
-    rng = np.random.default_rng(seed)
-    sizes = [d // num_layers + (1 if i < d % num_layers else 0) for i in range(num_layers)]
-    global_layers = [rng.standard_normal(size, dtype=np.float32) for size in sizes]
+    global_layers = make_global(d, num_layers, np.random.default_rng(seed))
     slabs = allocate_slabs(global_layers, num_clients)
-    for slab, layer in zip(slabs, global_layers, strict=True):
-        for k in range(num_clients):
-            rng.standard_normal(dtype=np.float32, out=slab[k])
-            slab[k] *= np.float32(0.1)
-            slab[k] += layer
+    fill_updates(global_layers, [list(slab) for slab in slabs], np.random.default_rng(seed + 1))
     return global_layers, slabs
+
+
+def make_client_arrays(
+    d: int, num_layers: int, num_clients: int, seed: int = 0
+) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+    """The same round as ``make_round`` with the same values, but each client's layer in a
+    buffer of its own: ``clients[k][i]``."""
+    global_layers = make_global(d, num_layers, np.random.default_rng(seed))
+    clients = [[np.empty_like(layer) for layer in global_layers] for _ in range(num_clients)]
+    by_layer = [[client[i] for client in clients] for i in range(num_layers)]
+    fill_updates(global_layers, by_layer, np.random.default_rng(seed + 1))
+    return global_layers, clients
+
+
+def make_global(d: int, num_layers: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """d float32 N(0, 1) values split into num_layers layers."""
+    sizes = [d // num_layers + (1 if i < d % num_layers else 0) for i in range(num_layers)]
+    return [rng.standard_normal(size, dtype=np.float32) for size in sizes]
+
+
+def fill_updates(
+    global_layers: list[np.ndarray], by_layer: list[list[np.ndarray]], rng: np.random.Generator
+) -> None:
+    """by_layer[i][k] = global layer i + 0.1 N(0, 1), filled layer by layer, client by client."""
+    for layer, updates in zip(global_layers, by_layer, strict=True):
+        for update in updates:
+            rng.standard_normal(dtype=np.float32, out=update)
+            update *= np.float32(0.1)
+            update += layer
 
 
 def numpy_baseline(
@@ -212,12 +242,13 @@ def import_flower_aggregate() -> ModuleType | None:
 
 def flower_call(
     rule: str,
-    slabs: list[np.ndarray],
+    clients: list[list[np.ndarray]],
     counts: list[int],
     params: dict[str, Any],
     columns: list[int] | None = None,
 ) -> Callable[[], list[np.ndarray]] | None:
-    """Flower's function for the rule (FLOWER_FUNCTIONS) on per-client views of the slabs.
+    """Flower's function for the rule (FLOWER_FUNCTIONS) on the clients' layers (slab rows or
+    separate arrays).
 
     columns: how many leading coordinates of each layer to pass (all when None); used to
     time a small probe before deciding whether the full call fits --skip-flower-above.
@@ -225,12 +256,12 @@ def flower_call(
     module = import_flower_aggregate()
     if module is None or rule not in FLOWER_FUNCTIONS:
         return None
-    widths = columns or [slab.shape[1] for slab in slabs]
+    widths = columns or [layer.size for layer in clients[0]]
 
     def results() -> list[tuple[list[np.ndarray], int]]:
         return [
-            ([slab[k, :width] for slab, width in zip(slabs, widths, strict=True)], n)
-            for k, n in enumerate(counts)
+            ([layer[:width] for layer, width in zip(layers, widths, strict=True)], n)
+            for layers, n in zip(clients, counts, strict=True)
         ]
 
     f = params.get("num_malicious_clients", 0)
@@ -263,7 +294,7 @@ def normwise_difference(ours: list[np.ndarray], theirs: list[np.ndarray]) -> flo
 
 def time_flower(
     rule: str,
-    slabs: list[np.ndarray],
+    clients: list[list[np.ndarray]],
     counts: list[int],
     params: dict[str, Any],
     skip_above_s: float,
@@ -273,17 +304,18 @@ def time_flower(
     linearly (every Flower function here is linear in d), run the full call only when the
     estimate is at most ``skip_above_s``. Also how far our result is from Flower's."""
     none: dict[str, Any] = {"flower_s": None, "flower_estimate_s": None, "flower_vs_ours": None}
-    probe_columns = [min(slab.shape[1], max(4096, slab.shape[1] // 100)) for slab in slabs]
-    probe = flower_call(rule, slabs, counts, params, probe_columns)
+    sizes = [layer.size for layer in clients[0]]
+    probe_columns = [min(size, max(4096, size // 100)) for size in sizes]
+    probe = flower_call(rule, clients, counts, params, probe_columns)
     if probe is None:
         return none
     start = time.perf_counter()
     probe()
-    scale = sum(slab.shape[1] for slab in slabs) / sum(probe_columns)
+    scale = sum(sizes) / sum(probe_columns)
     estimate = (time.perf_counter() - start) * scale
     if estimate > skip_above_s:
         return {**none, "flower_estimate_s": estimate}
-    full = flower_call(rule, slabs, counts, params)
+    full = flower_call(rule, clients, counts, params)
     assert full is not None
     start = time.perf_counter()
     theirs = full()
@@ -324,6 +356,26 @@ def median_times(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(cpus)
 
 
+def round_call(
+    spec: dict[str, Any],
+    d: int,
+    seed: int,
+    strategy: Any,
+    counts: list[int],
+    kwargs: dict[str, Any],
+) -> tuple[Callable[[], list[np.ndarray]], list[list[np.ndarray]]]:
+    """One aggregation call on a fresh round of size d (``spec['inputs']``: slabs through
+    ``aggregate_slabs``, or separate client arrays through ``aggregate``), and the clients'
+    layers it reads (slab rows or the arrays)."""
+    num_layers, num_clients = spec["layers"], spec["clients"]
+    if spec["inputs"] == "arrays":
+        global_layers, clients = make_client_arrays(d, num_layers, num_clients, seed)
+        return lambda: strategy.aggregate(global_layers, clients, counts, **kwargs), clients
+    global_layers, slabs = make_round(d, num_layers, num_clients, seed)
+    clients = [[slab[k] for slab in slabs] for k in range(num_clients)]
+    return lambda: strategy.aggregate_slabs(global_layers, slabs, counts, **kwargs), clients
+
+
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One rule at one size, in this (fresh) process: memory first, then timings."""
     rule, d, num_layers, num_clients = spec["rule"], spec["d"], spec["layers"], spec["clients"]
@@ -334,35 +386,36 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "client_metrics": [{"accuracy": 0.5 + 0.005 * k} for k in range(num_clients)]
     }
-    small_layers, small_slabs = make_round(4096 * num_layers, num_layers, num_clients, seed=1)
-    create_strategy(rule, **params).aggregate_slabs(small_layers, small_slabs, counts, **kwargs)
-    global_layers, slabs = make_round(d, num_layers, num_clients)
-    strategy = create_strategy(rule, **params)
+    small = 4096 * num_layers
+    warm_up, _ = round_call(spec, small, 1, create_strategy(rule, **params), counts, kwargs)
+    warm_up()
+    call, clients = round_call(spec, d, 0, create_strategy(rule, **params), counts, kwargs)
     start = time.perf_counter()
-    strategy.aggregate_slabs(global_layers, slabs, counts, **kwargs)
+    call()
     first_call = time.perf_counter() - start
     Path("/proc/self/clear_refs").write_text("5")
     rss_before = read_status_kib("VmRSS")
-    result = strategy.aggregate_slabs(global_layers, slabs, counts, **kwargs)
+    result = call()
     extra_bytes = (read_status_kib("VmHWM") - rss_before) * 1024
-    ours, ours_cpu = median_times(
-        lambda: strategy.aggregate_slabs(global_layers, slabs, counts, **kwargs), spec["repeats"]
-    )
-    weights = np.asarray(counts, dtype=np.float64) / sum(counts)
-    baseline_fn = numpy_baseline(rule, slabs, weights, params)
+    ours, ours_cpu = median_times(call, spec["repeats"])
+    flower = {"flower_s": None, "flower_estimate_s": None, "flower_vs_ours": None}
+    if spec["flower"]:
+        flower = time_flower(rule, clients, counts, params, spec["skip_flower_above"], result)
+    del call, clients
     numpy_s = None
     if spec["baseline_repeats"]:
+        _, slabs = make_round(d, num_layers, num_clients)
+        weights = np.asarray(counts, dtype=np.float64) / sum(counts)
+        baseline_fn = numpy_baseline(rule, slabs, weights, params)
         # One BLAS thread: OpenBLAS's threads stall when another process holds a core.
         with threadpool_limits(limits=1, user_api="blas"):
             numpy_s = median_time(baseline_fn, spec["baseline_repeats"])
-    flower = {"flower_s": None, "flower_estimate_s": None, "flower_vs_ours": None}
-    if spec["flower"]:
-        flower = time_flower(rule, slabs, counts, params, spec["skip_flower_above"], result)
     return {
         "rule": rule,
         "d": d,
         "layers": num_layers,
         "clients": num_clients,
+        "inputs": spec["inputs"],
         "params": params,
         "ours_s": ours,
         "ours_cpu_s": ours_cpu,
@@ -408,17 +461,21 @@ def flower_cell(row: dict[str, Any]) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of the results, then which Flower function each rule was timed on."""
     header = (
-        "| d | layers | rule | ours (s) | ours CPU (s) | NumPy (s) | Flower (s) | Flower/ours "
-        "| diff vs Flower | limit (s) | % of limit | extra MB | budget MB | target |"
+        "| d | layers | inputs | rule | ours (s) | ours CPU (s) | GB/s | NumPy (s) | NumPy/ours "
+        "| Flower (s) | Flower/ours | diff vs Flower | limit (s) | % of limit | extra MB "
+        "| budget MB | target |"
     )
-    lines = [header, "|" + "---|" * 14]
+    lines = [header, "|" + "---|" * 17]
     for r in rows:
         numpy_s = f"{r['numpy_s']:.3f}" if r["numpy_s"] is not None else "-"
+        vs_numpy = f"{r['numpy_s'] / r['ours_s']:.2f}" if r["numpy_s"] is not None else "-"
+        read_rate = r["clients"] * r["d"] * 4 / r["ours_s"] / 1e9
         ratio = f"{r['flower_s'] / r['ours_s']:.0f}x" if r["flower_s"] is not None else "-"
         diff = f"{r['flower_vs_ours']:.1e}" if r["flower_vs_ours"] is not None else "-"
         lines.append(
-            f"| {r['d']:,} | {r['layers']} | {r['rule']} | {r['ours_s']:.4f} "
-            f"| {r['ours_cpu_s']:.4f} | {numpy_s} | {flower_cell(r)} | {ratio} | {diff} "
+            f"| {r['d']:,} | {r['layers']} | {r['inputs']} | {r['rule']} | {r['ours_s']:.4f} "
+            f"| {r['ours_cpu_s']:.4f} | {read_rate:.1f} | {numpy_s} | {vs_numpy} "
+            f"| {flower_cell(r)} | {ratio} | {diff} "
             f"| {r['limit_s']:.4f} | {r['pct_of_limit']:.0f}% | {r['extra_bytes'] / 1e6:.2f} "
             f"| {r['memory_budget_bytes'] / 1e6:.2f} | {r['verdict']} |"
         )
@@ -432,6 +489,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             "Skipped: Flower's time estimated from 1% of the coordinates exceeded "
             "--skip-flower-above."
         )
+    lines.append("")
+    lines.append(
+        "GB/s: K d 4 bytes (every update read once) / ours; NumPy/ours: the NumPy "
+        "baseline's time over ours (np.tensordot on one slab for the averaging rules)."
+    )
     return "\n".join(lines)
 
 
@@ -448,6 +510,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--baseline-repeats", type=int, default=1,
                         help="timed calls of the NumPy baseline (0: skip it)")
     parser.add_argument("--threads", type=int, default=0, help="Numba threads; 0 = all")
+    parser.add_argument("--inputs", choices=("slabs", "arrays"), default="slabs",
+                        help="slabs: one (K, d_i) slab per layer through aggregate_slabs (the "
+                        "service's path); arrays: each client's layers in buffers of their own "
+                        "through the public aggregate")
     parser.add_argument("--no-flower", action="store_true", help="skip Flower even if installed")
     parser.add_argument(
         "--skip-flower-above",
@@ -485,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
                     "repeats": args.repeats,
                     "baseline_repeats": args.baseline_repeats,
                     "threads": args.threads,
+                    "inputs": args.inputs,
                     "flower": not args.no_flower,
                     "skip_flower_above": args.skip_flower_above,
                 }
@@ -501,9 +568,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["memory_budget_bytes"] = d * 4 + args.clients**2 * 8
                 row["verdict"] = verdict(row)
                 logger.info(
-                    "d=%s layers=%s rule=%s ours=%.4fs numpy=%s flower=%s extra=%.1fMB",
+                    "d=%s layers=%s inputs=%s rule=%s ours=%.4fs numpy=%s flower=%s extra=%.1fMB",
                     d,
                     num_layers,
+                    args.inputs,
                     rule,
                     row["ours_s"],
                     row["numpy_s"],

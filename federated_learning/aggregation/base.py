@@ -2,7 +2,9 @@
 
 A round's updates are held as one slab per layer: ``slabs[i]`` is a C-contiguous
 ``(K, d_i)`` array whose row ``k`` is layer ``i`` of client ``k`` flattened. Rules read
-the slabs in place, so aggregation needs no ``K x d`` temporaries.
+the slabs in place, so aggregation needs no ``K x d`` temporaries. The averaging rules
+(``Strategy.reads_client_arrays``) also take the clients' own arrays as they are, so that
+``Strategy.aggregate`` copies nothing into a slab for them.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -68,6 +70,30 @@ def fill_slabs(
             np.copyto(slab[k], np.reshape(layer, -1), casting="same_kind")
 
 
+def flat_client_arrays(
+    global_layers: Sequence[NDArray[np.generic]],
+    client_layers: Sequence[Sequence[NDArray[np.generic]]],
+) -> list[list[NDArray[np.floating]]]:
+    """Client ``k``'s layer ``i`` as a flat, aligned, C-contiguous array of the slab dtype of
+    global layer ``i``: a view of the client's own array when it already is one, else a copy of
+    that one array (same-kind casting, as ``fill_slabs``)."""
+    dtypes = [np.dtype(slab_dtype(layer)) for layer in global_layers]
+    return [
+        [flat_client_array(layer, dtype) for layer, dtype in zip(layers, dtypes, strict=True)]
+        for layers in client_layers
+    ]
+
+
+def flat_client_array(
+    layer: NDArray[np.generic], dtype: np.dtype[np.floating]
+) -> NDArray[np.floating]:
+    """``layer`` flat, aligned, C-contiguous and of ``dtype``: a view when it already is so."""
+    if layer.dtype == dtype and layer.flags.c_contiguous and layer.flags.aligned:
+        return np.reshape(layer, -1).view(dtype)
+    flat = np.reshape(layer, -1).astype(dtype, casting="same_kind", copy=False)
+    return np.require(flat, requirements=("C", "A"))
+
+
 def check_global_layers(
     global_layers: Sequence[NDArray[np.generic]], *, finite: bool = True
 ) -> None:
@@ -121,6 +147,8 @@ def check_slabs(global_layers: Sequence[NDArray[np.generic]], slabs: Sequence[Sl
             raise ValueError(f"slab {i} has dtype {slab.dtype}; must be float32 or float64")
         if not slab.flags.c_contiguous:
             raise ValueError(f"slab {i} must be C-contiguous")
+        if not slab.flags.aligned:
+            raise ValueError(f"slab {i} must be aligned to its {slab.dtype} items")
         if slab.shape[1] != layer.size:
             raise ValueError(
                 f"slab {i} holds rows of {slab.shape[1]} values; global layer {i} has {layer.size}"
@@ -179,17 +207,29 @@ def example_weights(num_examples: NDArray[np.int64]) -> NDArray[np.float64]:
 
 @dataclass(frozen=True)
 class UpdateBatch:
-    """A validated round of updates, as the rules see it."""
+    """A validated round of updates, as the rules see it.
+
+    The updates are either ``slabs`` (one ``(K, d_i)`` slab per layer) or, for rules that set
+    ``Strategy.reads_client_arrays``, ``client_arrays`` (``client_arrays[k][i]`` is layer ``i``
+    of client ``k``, flat, aligned and C-contiguous); the other list is empty.
+    """
 
     global_layers: list[NDArray[np.generic]]
     slabs: list[Slab]
     num_examples: NDArray[np.int64]
     staleness: NDArray[np.int64]
     client_metrics: list[Mapping[str, float]] | None
+    client_arrays: list[list[NDArray[np.floating]]] = field(default_factory=list)
 
     @property
     def num_clients(self) -> int:
         return int(self.num_examples.size)
+
+    def layer_updates(self, layer: int) -> list[NDArray[np.floating]]:
+        """Layer ``layer`` of every update, flat (views of slab rows or the clients' arrays)."""
+        if self.slabs:
+            return list(self.slabs[layer])
+        return [arrays[layer] for arrays in self.client_arrays]
 
 
 def outputs_like(layers: Sequence[NDArray[np.generic]]) -> list[NDArray[np.floating]]:
@@ -223,9 +263,9 @@ def shape_like(
 
 def raise_non_finite_input(batch: UpdateBatch, rule: str) -> None:
     """Name the first update holding NaN/Inf; if none does, the result itself overflowed."""
-    for i, slab in enumerate(batch.slabs):
-        for k in range(slab.shape[0]):
-            if not is_all_finite(slab[k]):
+    for i in range(len(batch.global_layers)):
+        for k, update in enumerate(batch.layer_updates(i)):
+            if not is_all_finite(update):
                 raise ValueError(f"client {k} layer {i} contains NaN or Inf")
     raise ValueError(f"{rule} result is not finite (float overflow); updates are too large")
 
@@ -271,6 +311,9 @@ class Strategy(ABC):
     # layer goes through ``weighted_combination`` before any state changes), which
     # saves a serial pass over the model per call.
     checks_global_in_kernel: ClassVar[bool] = False
+    # True for the averaging rules, whose kernels read each client's arrays in place:
+    # ``aggregate`` then hands them over as they are instead of copying them into slabs.
+    reads_client_arrays: ClassVar[bool] = False
 
     def aggregate(
         self,
@@ -281,14 +324,29 @@ class Strategy(ABC):
         client_metrics: list[dict[str, float]] | None = None,
         staleness: list[int] | None = None,
     ) -> Layers:
-        """Aggregate per-client layer lists; copies them into slabs once."""
+        """Aggregate per-client layer lists: read in place by the averaging rules
+        (``reads_client_arrays``), copied into slabs once for the others."""
         check_global_layers(global_layers, finite=not self.checks_global_in_kernel)
         check_client_layers(global_layers, client_layers)
-        slabs = allocate_slabs(global_layers, len(client_layers))
-        fill_slabs(slabs, client_layers)
-        return self.aggregate_slabs(
-            global_layers, slabs, num_examples, client_metrics=client_metrics, staleness=staleness
+        if not self.reads_client_arrays:
+            slabs = allocate_slabs(global_layers, len(client_layers))
+            fill_slabs(slabs, client_layers)
+            return self.aggregate_slabs(
+                global_layers,
+                slabs,
+                num_examples,
+                client_metrics=client_metrics,
+                staleness=staleness,
+            )
+        batch = self.validated_batch(
+            global_layers,
+            [],
+            flat_client_arrays(global_layers, client_layers),
+            num_examples,
+            client_metrics=client_metrics,
+            staleness=staleness,
         )
+        return shape_like(self.aggregate_batch(batch), batch.global_layers)
 
     def aggregate_slabs(
         self,
@@ -301,16 +359,40 @@ class Strategy(ABC):
     ) -> Layers:
         """Aggregate updates already laid out as ``(K, d_i)`` slabs (see ``allocate_slabs``)."""
         check_global_layers(global_layers, finite=not self.checks_global_in_kernel)
-        num_clients = check_slabs(global_layers, slabs)
+        check_slabs(global_layers, slabs)
+        batch = self.validated_batch(
+            global_layers,
+            slabs,
+            [],
+            num_examples,
+            client_metrics=client_metrics,
+            staleness=staleness,
+        )
+        return shape_like(self.aggregate_batch(batch), batch.global_layers)
+
+    def validated_batch(
+        self,
+        global_layers: list[NDArray[np.generic]],
+        slabs: list[Slab],
+        client_arrays: list[list[NDArray[np.floating]]],
+        num_examples: list[int],
+        *,
+        client_metrics: list[dict[str, float]] | None,
+        staleness: list[int] | None,
+    ) -> UpdateBatch:
+        """The batch of checked slabs or client arrays, once its per-client lists and the
+        rule's own preconditions (``check_batch``) hold."""
+        num_clients = slabs[0].shape[0] if slabs else len(client_arrays)
         batch = UpdateBatch(
             global_layers=list(global_layers),
             slabs=list(slabs),
             num_examples=check_num_examples(num_examples, num_clients),
             staleness=check_staleness(staleness, num_clients),
             client_metrics=check_client_metrics(client_metrics, num_clients),
+            client_arrays=client_arrays,
         )
         self.check_batch(batch)
-        return shape_like(self.aggregate_batch(batch), batch.global_layers)
+        return batch
 
     def check_batch(self, batch: UpdateBatch) -> None:
         """Rule-specific preconditions (client counts, metrics); raise ValueError."""

@@ -46,6 +46,7 @@ class FedAvgM(Strategy):
 
     name: ClassVar[str] = "fedavgm"
     checks_global_in_kernel: ClassVar[bool] = True
+    reads_client_arrays: ClassVar[bool] = True
 
     def __init__(self, *, server_learning_rate: float = 1.0, server_momentum: float = 0.0) -> None:
         self.server_learning_rate = check_learning_rate(self.name, server_learning_rate)

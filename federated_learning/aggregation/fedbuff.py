@@ -32,6 +32,7 @@ class FedBuff(Strategy):
 
     name: ClassVar[str] = "fedbuff"
     checks_global_in_kernel: ClassVar[bool] = True
+    reads_client_arrays: ClassVar[bool] = True
 
     def __init__(self, *, buffer_size: int = 10, server_learning_rate: float = 1.0) -> None:
         self.buffer_size = check_int(self.name, "buffer_size", buffer_size, 1)

@@ -71,6 +71,7 @@ class FedOpt(Strategy):
 
     rule: ClassVar[int]
     checks_global_in_kernel: ClassVar[bool] = True
+    reads_client_arrays: ClassVar[bool] = True
 
     def __init__(
         self, *, eta: float, eta_l: float, beta_1: float, beta_2: float, tau: float

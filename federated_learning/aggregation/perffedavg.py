@@ -36,6 +36,7 @@ class PerFedAvg(Strategy):
 
     name: ClassVar[str] = "perffedavg"
     checks_global_in_kernel: ClassVar[bool] = True
+    reads_client_arrays: ClassVar[bool] = True
 
     def __init__(self, *, alpha: float = 0.5) -> None:
         self.alpha = check_real(

@@ -40,6 +40,15 @@ def test_non_contiguous_slab_is_rejected():
         create_strategy("fedavg").aggregate_slabs(GLOBAL, slabs, [1, 1, 1])
 
 
+def test_unaligned_slab_is_rejected():
+    raw = np.zeros(3 * 6 * 4 + 1, np.uint8)
+    unaligned = np.frombuffer(raw, np.float32, count=18, offset=1).reshape(3, 6)
+    slabs = [unaligned, np.zeros((3, 4))]
+
+    with pytest.raises(ValueError, match="slab 0 must be aligned to its float32 items"):
+        create_strategy("fedavg").aggregate_slabs(GLOBAL, slabs, [1, 1, 1])
+
+
 def test_integer_slab_is_rejected():
     slabs = [np.zeros((3, 6), np.int32), np.zeros((3, 4))]
 

@@ -1,3 +1,5 @@
+import tracemalloc
+
 import numba
 import numpy as np
 import pytest
@@ -190,3 +192,87 @@ def test_non_finite_global_layer_is_rejected_by_the_fused_check(rule):
 
     with pytest.raises(ValueError, match="global layer 1 contains NaN or Inf"):
         create_strategy(rule).aggregate(global_layers, clients, [1] * 5)
+
+
+AVERAGING_RULES = [
+    ("fedavg", {}, {}),
+    ("fedprox", {"proximal_mu": 0.1}, {}),
+    ("fedsgd", {}, {}),
+    ("fedavgm", {"server_momentum": 0.9}, {}),
+    ("fedadam", {}, {}),
+    ("fedyogi", {}, {}),
+    ("fedadagrad", {}, {}),
+    ("fedbuff", {"buffer_size": 12}, {"staleness": [k % 3 for k in range(12)]}),
+    ("perffedavg", {}, {"client_metrics": [{"accuracy": 0.5 + 0.01 * k} for k in range(12)]}),
+]
+
+
+@pytest.mark.parametrize(("rule", "params", "kwargs"), AVERAGING_RULES)
+def test_averaging_rules_read_client_arrays_without_building_a_slab(rule, params, kwargs):
+    global_layers, clients, counts = random_round(6, num_clients=12, shapes=((400_000,),))
+    output_bytes = global_layers[0].nbytes
+    strategy = create_strategy(rule, **params)
+    strategy.aggregate(global_layers, clients, counts, **kwargs)
+
+    tracemalloc.start()
+    try:
+        strategy.aggregate(global_layers, clients, counts, **kwargs)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert strategy.reads_client_arrays
+    # A slab would take 12 outputs (19.2 MB); beyond the 1.6 MB output only bookkeeping
+    # that does not grow with d (about 40-70 KB of Python objects) is allowed.
+    assert peak <= output_bytes + 131_072
+
+
+@pytest.mark.parametrize(("rule", "params", "kwargs"), AVERAGING_RULES)
+def test_client_arrays_give_the_same_bits_as_slabs(rule, params, kwargs):
+    global_layers, clients, counts = random_round(7, num_clients=12)
+    slabs = allocate_slabs(global_layers, len(clients))
+    fill_slabs(slabs, clients)
+
+    via_slabs = create_strategy(rule, **params).aggregate_slabs(
+        global_layers, slabs, counts, **kwargs
+    )
+    via_arrays = create_strategy(rule, **params).aggregate(
+        global_layers, clients, counts, **kwargs
+    )
+
+    for a, b in zip(via_slabs, via_arrays, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_client_arrays_of_other_dtypes_and_layouts_are_averaged_as_the_model_dtype():
+    global_layers, clients, counts = random_round(8, num_clients=4, shapes=((6, 8),))
+    plain = [c[0] for c in clients]
+    unaligned = np.frombuffer(bytearray(plain[3].nbytes + 1), np.float32, 48, offset=1)
+    mixed = [
+        [plain[0].astype(np.float64)],
+        [np.asfortranarray(plain[1])],
+        [plain[2].astype(np.float16)],
+        [unaligned.reshape(6, 8)],
+    ]
+    unaligned[:] = plain[3].reshape(-1)
+    as_float32 = [plain[0], plain[1], plain[2].astype(np.float16).astype(np.float32), plain[3]]
+    expected_inputs = [[layer] for layer in as_float32]
+
+    result = create_strategy("fedavg").aggregate(global_layers, mixed, counts)
+
+    expected = create_strategy("fedavg").aggregate(global_layers, expected_inputs, counts)
+    assert result[0].dtype == np.float32
+    np.testing.assert_array_equal(result[0], expected[0])
+    np.testing.assert_allclose(result[0], reference_mean(expected_inputs, counts)[0], rtol=1e-6)
+
+
+def test_client_arrays_are_left_unchanged():
+    global_layers, clients, counts = random_round(9)
+    before = [[layer.copy() for layer in layers] for layers in clients]
+
+    create_strategy("fedadam").aggregate(global_layers, clients, counts)
+
+    for layers, kept in zip(clients, before, strict=True):
+        for layer, original in zip(layers, kept, strict=True):
+            np.testing.assert_array_equal(layer, original)
+
