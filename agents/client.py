@@ -20,6 +20,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from numpy.typing import NDArray
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agents.app import FlowerTrainer, MemoryBankTrainer, Trainer, layout_of
@@ -31,6 +32,7 @@ from federated_learning.bus.blobs import BlobMissing, BlobStore
 from federated_learning.bus.connection import RedisTls
 from federated_learning.bus.consumer import ensure_group
 from federated_learning.bus.replies import group_batches
+from federated_learning.bus.stream_ids import append
 from federated_learning.privacy.compression import (
     Compressor,
     ErrorFeedback,
@@ -82,6 +84,7 @@ SignedMessage = TypeVar("SignedMessage", bound=SignedByAgent)
 
 UPDATE_BLOB_TTL_S = 24 * 3600
 RECONNECT_BACKOFF_CAP_S = 10.0
+LEAVE_RETRY_S = 5.0
 REJOIN_INTERVAL_S = 300.0
 """How often the heartbeat loop re-sends the join (see FederatedClient.beat)."""
 DEFAULT_MAX_BLOB_BYTES = 256 * 1024 * 1024
@@ -180,6 +183,8 @@ class FederatedClient:
         self._stop = asyncio.Event()
         self._joined_at = time.monotonic()
         self.completed_tasks = 0
+        self.bus_errors = 0
+        """Bus errors the heartbeat and inbox loops survived (lost connections, refused commands)."""
         self.secure = SecureParticipation(self)
 
     @property
@@ -232,7 +237,7 @@ class FederatedClient:
                        asyncio.create_task(self._inbox_loop())]
 
     async def join(self) -> None:
-        await self.redis.xadd(self.keys.agent_stream, encode(self.signed(self.join_message())))
+        await append(self.redis, self.keys.agent_stream, encode(self.signed(self.join_message())))
         self._joined_at = time.monotonic()
 
     def join_message(self) -> AgentJoined:
@@ -265,12 +270,21 @@ class FederatedClient:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
-            await self.redis.xadd(self.keys.agent_stream,
-                                  encode(self.signed(AgentLeft(agent_id=self.agent_id, reason=reason))))
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            log.warning("agent %s could not announce leaving", self.agent_id)
+            await append(self.redis, self.keys.agent_stream,
+                         encode(self.signed(AgentLeft(agent_id=self.agent_id, reason=reason))),
+                         retry_for_s=LEAVE_RETRY_S)
+        except (RedisError, OSError) as exc:
+            log.warning("agent %s could not announce leaving: %s", self.agent_id, exc)
         if self._owns_redis:
             await self.redis.aclose()
+
+    def _bus_error(self, loop: str, exc: Exception, backoff: float) -> None:
+        """Log a bus error a loop survives: a lost connection, or a command the server refused
+        (e.g. an XADD after another writer forged the stream's last id, until the services repair it)."""
+        self.bus_errors += 1
+        lost = isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError))
+        log.warning("agent %s %s: %s (%s); retrying in %.1fs", self.agent_id, loop,
+                    "lost the bus" if lost else "bus error", exc, backoff)
 
     async def _heartbeat_loop(self) -> None:
         backoff = 0.5
@@ -280,8 +294,8 @@ class FederatedClient:
                                       encode(self.signed(self.beat())))
                 backoff = 0.5
                 await asyncio.sleep(self.heartbeat_interval_s)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("agent %s lost the bus (%s); retrying in %.1fs", self.agent_id, exc, backoff)
+            except (RedisError, OSError) as exc:
+                self._bus_error("heartbeat", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RECONNECT_BACKOFF_CAP_S)
                 await self._rejoin()
@@ -290,8 +304,8 @@ class FederatedClient:
         try:
             await ensure_group(self.redis, self.keys.inbox_stream(self.agent_id), GROUP_AGENT)
             await self.join()
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            pass
+        except (RedisError, OSError) as exc:
+            log.info("agent %s could not join again yet: %s", self.agent_id, exc)
 
     async def _inbox_loop(self) -> None:
         inbox = self.keys.inbox_stream(self.agent_id)
@@ -310,8 +324,8 @@ class FederatedClient:
                         await self._handle_safely(fields)
                     await self.redis.xack(inbox, GROUP_AGENT, entry_id)
                 backoff = 0.5
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("agent %s inbox lost the bus (%s); retrying in %.1fs", self.agent_id, exc, backoff)
+            except (RedisError, OSError) as exc:
+                self._bus_error("inbox", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RECONNECT_BACKOFF_CAP_S)
                 await self._rejoin()
@@ -382,7 +396,7 @@ class FederatedClient:
                 train_loss=trained.loss, train_accuracy=trained.accuracy,
                 train_seconds=trained.seconds, upload_bytes=len(trained.blob),
                 dense_bytes=trained.dense_bytes, unclipped=trained.unclipped, **common)  # type: ignore[arg-type]
-        await self.redis.xadd(self.keys.update_stream, encode(self.signed(notice)))
+        await append(self.redis, self.keys.update_stream, encode(self.signed(notice)))
         self.completed_tasks += 1
 
     async def send_bank(self, task: Task, spec: MemoryBankModel) -> None:
@@ -409,7 +423,7 @@ class FederatedClient:
             agent_id=self.agent_id, update_digest=digest, num_examples=bank.num_examples,
             received_model_version=task.model_version, train_seconds=bank.seconds, upload_bytes=len(blob),
             dense_bytes=bank.extracted_bytes)
-        await self.redis.xadd(self.keys.update_stream, encode(self.signed(notice)))
+        await append(self.redis, self.keys.update_stream, encode(self.signed(notice)))
         self.completed_tasks += 1
 
     def model_trainer(self) -> Trainer | None:
@@ -434,7 +448,7 @@ class FederatedClient:
         notice = UpdateSubmitted(kind=TaskKind.PARAMETERS, training_id=task.training_id, round=task.round,
                                  attempt=task.attempt, agent_id=self.agent_id, update_digest=digest,
                                  num_examples=0, received_model_version=0, upload_bytes=len(blob))
-        await self.redis.xadd(self.keys.update_stream, encode(self.signed(notice)))
+        await append(self.redis, self.keys.update_stream, encode(self.signed(notice)))
 
     async def report_app_failure(self, task: Task, exc: Exception) -> None:
         """The agent's app (its trainer or feature extractor) raised: log the traceback here and
@@ -446,7 +460,7 @@ class FederatedClient:
         """Tell the coordinator why this agent cannot train the training's model (the operator sees it)."""
         refusal = ModelRefused(training_id=task.training_id, round=task.round, attempt=task.attempt,
                                agent_id=self.agent_id, reason=problem.reason, detail=problem.detail[:1000])
-        await self.redis.xadd(self.keys.update_stream, encode(self.signed(refusal)))
+        await append(self.redis, self.keys.update_stream, encode(self.signed(refusal)))
 
     def dataset_sizes(self) -> dict[str, int]:
         """What this agent announces it holds: dataset name -> training examples."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
+from federated_learning.bus.stream_ids import append
 from federated_learning.privacy.errors import PrivacyError
 from federated_learning.privacy.secure_session import AgentSecureSession
 from federated_learning.protocol.messages import (
@@ -62,7 +63,7 @@ class SecureParticipation:
 
     async def _send(self, message: SignedByAgent) -> None:
         fields = encode(self.client.signed(message))
-        await self.client.redis.xadd(self.client.keys.update_stream, fields)
+        await append(self.client.redis, self.client.keys.update_stream, fields)
 
     async def hold(self, task: Task, evaluation: Evaluation, trained: TrainedUpdate,
                    delta: NDArray[np.floating]) -> None:

@@ -6,7 +6,12 @@ Semantics (at least once):
   ``max_deliveries`` failures moved to the dead-letter stream and acked;
 - on start the consumer first re-handles its own pending entries (same consumer
   name after a restart), then periodically claims entries idle longer than
-  ``claim_idle_ms`` from other consumers (XAUTOCLAIM).
+  ``claim_idle_ms`` from other consumers (XAUTOCLAIM);
+- an entry whose id its writer chose (beyond the server's clock, see
+  :mod:`federated_learning.bus.stream_ids`) is never handled: the stream is repaired (the forged
+  entry deleted, later ones moved to server ids) and the repair reported; every few seconds the
+  consumer also checks its streams' last ids, so a stream is repaired even behind a backlog;
+- a bus error (lost connection, a refused command) never ends the loop: it backs off and goes on.
 """
 
 from __future__ import annotations
@@ -19,18 +24,28 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from federated_learning.bus.replies import group_batches, text
+from federated_learning.bus.stream_ids import (
+    SUSPECT_AFTER_MS,
+    StreamRepair,
+    is_beyond,
+    now_ms,
+    repair_stream,
+)
 
 log = logging.getLogger(__name__)
 
 Fields = dict[bytes, bytes]
 Handler = Callable[[bytes, Fields], Awaitable[None]]
+ForgedIdReporter = Callable[[StreamRepair], Awaitable[None]]
 
 MAX_DELIVERIES = 5
 CLAIM_EVERY_S = 2.0
+GUARD_EVERY_S = 2.0
+"""How often (seconds) a consumer checks its streams' last ids for a forged one."""
 RECONNECT_BACKOFF_CAP_S = 5.0
 RETRY_DELAY_S = 0.5
 """A failed entry is retried after this many seconds times its failure count."""
@@ -59,6 +74,8 @@ class ConsumerStats:
     failed: int = 0
     claimed: int = 0
     dead_lettered: int = 0
+    forged_ids: int = 0
+    bus_errors: int = 0
 
 
 class StreamConsumer:
@@ -76,6 +93,7 @@ class StreamConsumer:
         count: int = 32,
         claim_idle_ms: int = 15_000,
         max_deliveries: int = MAX_DELIVERIES,
+        on_forged_id: ForgedIdReporter | None = None,
     ) -> None:
         self._redis = redis
         self.group = group
@@ -87,7 +105,9 @@ class StreamConsumer:
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
         self._failures: dict[tuple[str, bytes], int] = {}
+        self._on_forged_id = on_forged_id
         self._last_claim = 0.0
+        self._last_guard = 0.0
         self._retry_at = 0.0
         self.stats = ConsumerStats()
 
@@ -112,8 +132,39 @@ class StreamConsumer:
         self._failures.pop((stream, entry_id), None)
         self.stats.dead_lettered += 1
 
+    async def _report_repair(self, repair: StreamRepair) -> None:
+        self.stats.forged_ids += 1
+        log.warning("%s/%s repaired %s: %s", self.group, self.consumer, repair.stream, repair.describe())
+        if self._on_forged_id is not None:
+            await self._on_forged_id(repair)
+
+    async def _genuine(self, stream: str, entry_id: bytes) -> bool:
+        """Whether ``entry_id`` may be handled: an id far ahead of this clock makes the server
+        repair the stream (when the id is beyond its own clock) and say whether the entry is
+        still there under that id (a deleted or moved entry was acknowledged by the repair)."""
+        if not is_beyond(entry_id, now_ms(), SUSPECT_AFTER_MS):
+            return True
+        outcome = await repair_stream(self._redis, stream, entry_id)
+        if outcome.repair is not None:
+            await self._report_repair(outcome.repair)
+        return outcome.entry_exists
+
+    async def guard_streams(self) -> int:
+        """Repair any of this consumer's streams whose last id was forged; returns how many."""
+        self._last_guard = time.monotonic()
+        repaired = 0
+        for stream in self._handlers:
+            outcome = await repair_stream(self._redis, stream)
+            if outcome.repair is not None:
+                await self._report_repair(outcome.repair)
+                repaired += 1
+        return repaired
+
     async def _handle(self, stream: str, entry_id: bytes, fields: Fields, *, redelivered: bool = False) -> None:
         key = (stream, entry_id)
+        if not await self._genuine(stream, entry_id):
+            self._failures.pop(key, None)
+            return
         if redelivered and await self._deliveries(stream, entry_id) > self.max_deliveries:
             # Delivered again and again without an ack, e.g. it kills the process that handles it.
             log.error("%s entry %s delivered more than %d times; dead-lettered unhandled",
@@ -194,6 +245,8 @@ class StreamConsumer:
     async def poll_once(self) -> int:
         """Claim if due, then read new entries (blocking up to ``block_ms``)."""
         handled = 0
+        if time.monotonic() - self._last_guard >= GUARD_EVERY_S:
+            await self.guard_streams()
         if time.monotonic() - self._last_claim >= CLAIM_EVERY_S:
             handled += await self._claim_idle()
         handled += await self._read(">", self.block_ms)
@@ -203,19 +256,29 @@ class StreamConsumer:
 
     async def run(self, stop: asyncio.Event, *, burst: bool = False,
                   on_idle: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Loop until ``stop`` is set (or, with ``burst``, until nothing is left to read)."""
-        await self.setup()
-        await self.drain_own_pending()
+        """Loop until ``stop`` is set (or, with ``burst``, until nothing is left to read).
+
+        Bus errors (a lost connection, a refused command) are logged and retried with backoff;
+        a missing group (NOGROUP: the stream was deleted) is created again.
+        """
+        ready = False
         backoff = 0.1
         while not stop.is_set():
             try:
+                if not ready:
+                    await self.setup()
+                    await self.drain_own_pending()
+                    ready = True
                 handled = await self.poll_once()
                 if on_idle is not None:
                     await on_idle()
                 backoff = 0.1
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("bus connection lost in %s/%s (%s); retrying in %.1fs",
-                            self.group, self.consumer, exc, backoff)
+            except (RedisError, OSError) as exc:
+                self.stats.bus_errors += 1
+                lost = isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError))
+                log.log(logging.WARNING if lost else logging.ERROR, "bus %s in %s/%s (%s); retrying in %.1fs",
+                        "connection lost" if lost else "error", self.group, self.consumer, exc, backoff)
+                ready = ready and "NOGROUP" not in str(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RECONNECT_BACKOFF_CAP_S)
                 continue

@@ -31,6 +31,7 @@ from redis.exceptions import ResponseError
 
 from federated_learning.bus.blobs import BlobStore
 from federated_learning.bus.connection import connect
+from federated_learning.bus.stream_ids import StreamRepair
 from federated_learning.config import Settings
 from federated_learning.protocol.keys import (
     GROUP_AGGREGATOR,
@@ -209,6 +210,13 @@ class ServiceContext:
                         round=_int_or_none(context.pop("round", None)),
                         agent_id=_str_or_none(context.pop("agent_id", None)),
                         source_stream=source, reason=reason, **context)
+
+    async def forged_stream_id(self, repair: StreamRepair) -> None:
+        """Count and report a stream whose last id a writer chose (the consumer has repaired it):
+        source is the stream's own name (``agents``, ``updates``...), reason ``forged_stream_id``."""
+        await self.reject(repair.stream.rsplit(":", 1)[-1], "forged_stream_id", repair.describe(),
+                          stream=repair.stream, forged_id=repair.forged_id, moved=len(repair.moved),
+                          reset_to=repair.reset_to)
 
     async def late_update(self, detail: str, *, training_id: str, round: int, agent_id: str) -> None:
         """Count an update that came just after its round closed, and report it as an INFO
