@@ -30,7 +30,7 @@ from pathlib import Path
 from agents.app import MemoryBankTrainer, Trainer, as_trainer
 from agents.client import FederatedClient
 from federated_learning.bus.connection import with_credentials
-from federated_learning.deploy.acl import agent_user_name, stored_password
+from federated_learning.deploy.acl import AclError, agent_user_name, stored_password
 from federated_learning.protocol.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,12 @@ def bus_access(deployment: Path | None, redis_url: str | None, key_prefix: str |
     prefix = key_prefix or str(info.get("key_prefix", "fl"))
     url = str(info["redis_url"])
     if info.get("redis_acl"):
-        user = agent_user_name(Keys(prefix), agent_id)
-        url = with_credentials(url, user, stored_password(Path(info["redis_acl_secrets"]), user))
+        try:
+            user = agent_user_name(Keys(prefix), agent_id)
+            url = with_credentials(url, user, stored_password(Path(info["redis_acl_secrets"]), user))
+        except AclError as exc:
+            raise RunnerError(f"{exc} (the deployment gives each agent its own Redis user: "
+                              f"--provision-acl --agents {agent_id})") from exc
     return BusAccess(url, prefix)
 
 

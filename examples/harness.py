@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from agents.runner import agent_ids
 from federated_learning.config import load_settings
 from federated_learning.deploy.launcher import deployment_file
 from federated_learning.deploy.local import LocalDeployment, stop_on_sigterm
@@ -50,7 +51,9 @@ def deployed(name: str) -> Iterator[tuple[LocalDeployment, RestClient]]:
 @contextmanager
 def agents(deployment: LocalDeployment, app: str, agent_id: str, count: int, *, dataset: str,
            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """``count`` agents of ``app`` in one process (``python -m agents run --agents N``)."""
+    """``count`` agents of ``app`` in one process (``python -m agents run --agents N``), each
+    logging in to Redis as its own user (provisioned here, as an operator would)."""
+    deployment.provision_agents(agent_ids(agent_id, count))
     log = open(deployment.data_dir / f"agents-{agent_id}.log", "ab")  # noqa: SIM115 - closed below
     command = [sys.executable, "-m", "agents", "run", "--app", app, "--agent-id", agent_id,
                "--agents", str(count), "--dataset", dataset,

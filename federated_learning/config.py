@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,6 +18,12 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 CONFIG_FILE_ENV = "FL_CONFIG_FILE"
 DEFAULT_CONFIG_FILE = Path("config.json")
+SECRETS_DIR_ENV = "FL_SECRETS_DIR"
+"""A folder of owner-only files, one per setting, each named like the setting's variable
+(``FL_REDIS_URL``): how the launcher hands each service its secrets without its environment."""
+REDIS_ADMIN_URL_ENV = "FL_REDIS_ADMIN_URL"
+SECRET_ENVIRONMENT = frozenset({"FL_API_KEY", "FL_REDIS_URL", REDIS_ADMIN_URL_ENV})
+"""Variables that may hold a secret: the settings ``api_key`` and ``redis_url``, and an admin URL."""
 
 SERVICE_PORT_OFFSETS = {
     "coordinator": 1,
@@ -53,8 +60,12 @@ class Settings(BaseSettings):
     redis_tls_key_file: Path | None = None
     redis_connect_attempts: int = Field(default=20, ge=1, le=1000)
     redis_acl: bool = Field(
-        default=False, description="each role connects as its own ACL user (services, dashboard, "
-                                   "agent-<id>); the embedded server starts with these users")
+        default=True, description="each role connects as its own ACL user (services, dashboard, "
+                                  "agent-<id>), so agents never hold the services' password. Default: "
+                                  "on with the embedded server (which starts with these users), off "
+                                  "with an external redis_url (provision its users first: "
+                                  "docs/operations.md). Off, every agent logs in with the services' "
+                                  "password and may read, change or delete any key of the deployment")
     redis_acl_agents: list[Annotated[str, Field(pattern=AGENT_ID_PATTERN)]] = Field(
         default_factory=list, description="agent ids whose ACL users the launcher provisions "
                                           "at start (e.g. the demo's simulated agents)")
@@ -112,6 +123,13 @@ class Settings(BaseSettings):
             raise ValueError("no such file")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _acl_by_default_on_the_embedded_server(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "redis_acl" not in data:
+            return {**data, "redis_acl": not data.get("redis_url")}
+        return data
+
     @model_validator(mode="after")
     def _tls_consistent(self) -> Settings:
         for cert, key in (("redis_tls_cert_file", "redis_tls_key_file"),
@@ -159,8 +177,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The JSON file arrives as init kwargs; the environment overrides it.
-        return env_settings, init_settings
+        # The JSON file arrives as init kwargs; the environment and then the files of
+        # $FL_SECRETS_DIR override it.
+        return env_settings, file_secret_settings, init_settings
 
     @property
     def validation_folder(self) -> Path:
@@ -211,7 +230,17 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     elif path != DEFAULT_CONFIG_FILE:
         raise ConfigError(f"config file {path} does not exist")
     values.update(overrides)
+    secrets_dir = os.environ.get(SECRETS_DIR_ENV) or None
+    if secrets_dir is not None and not Path(secrets_dir).is_dir():
+        raise ConfigError(f"${SECRETS_DIR_ENV} is {secrets_dir!r}: no such folder")
+    # BaseSettings takes the folder as an init argument of its own, not a field.
+    values["_secrets_dir"] = secrets_dir
     try:
         return Settings(**values)
     except ValidationError as exc:
         raise ConfigError(_describe(exc.errors()[0])) from exc
+
+
+def without_secrets(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` less the variables that may hold a secret (for a child process's environment)."""
+    return {name: value for name, value in environ.items() if name not in SECRET_ENVIRONMENT}

@@ -27,7 +27,12 @@ import shutil
 
 from cli import HelpFormatter
 
-from agents.simulation import SimulationOptions, SimulationReport, run_simulation
+from agents.simulation import (
+    SimulationOptions,
+    SimulationReport,
+    run_simulation,
+    simulated_agent_ids,
+)
 from federated_learning.config import ConfigError, load_settings
 from federated_learning.deploy.launcher import deployment_file
 from federated_learning.deploy.local import DeploymentFailed, LocalDeployment, stop_on_sigterm
@@ -83,6 +88,7 @@ def train(args: argparse.Namespace, deployment: LocalDeployment, prefix: str) ->
         clients_per_round=DEMO_TRAINING["clients_per_round"], local_epochs=DEMO_TRAINING["local_epochs"],
         batch_size=DEMO_TRAINING["batch_size"], learning_rate=DEMO_TRAINING["learning_rate"],
         privacy_level="none", state_dir=DEMO_DATA_DIR / "agent-state",
+        credentials_dir=deployment.agent_credentials_dir,
     )
     report = asyncio.run(run_simulation(options, on_round=print_round))
     if args.report:
@@ -119,7 +125,9 @@ def main() -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    deployment = LocalDeployment(settings, args.config, DEMO_DATA_DIR)
+    # Each simulated agent logs in to Redis as its own user, never with the services' password.
+    deployment = LocalDeployment(settings, args.config, DEMO_DATA_DIR,
+                                 acl_agents=simulated_agent_ids(args.clients))
     stop_on_sigterm()
     print(f"starting the deployment (logs in {shown(DEMO_DATA_DIR / 'logs')})", flush=True)
     report = None

@@ -1,10 +1,14 @@
-"""Which Redis URL each process of a deployment connects with, and ``--provision-acl``.
+"""Which Redis URL each process of a deployment connects with, how it gets it, and ``--provision-acl``.
 
 Without ACL mode every process uses the deployment's URL (the embedded server's password,
-or whatever ``redis_url`` names). In ACL mode the services and the dashboard each log in
-as their own ACL user (:mod:`federated_learning.deploy.acl`): on the embedded server the
-launcher creates the users at every start; on an external server an operator creates them
-once with ``scripts/deploy-federated-learning.py --provision-acl --admin-url URL``.
+or whatever ``redis_url`` names). In ACL mode (the default with the embedded server) the
+services and the dashboard each log in as their own ACL user
+(:mod:`federated_learning.deploy.acl`): on the embedded server the launcher creates the users
+at every start; on an external server an operator creates them once with
+``scripts/deploy-federated-learning.py --provision-acl --admin-url URL``.
+
+A service finds its URL (and the dashboard the API key) in owner-only files of its role's
+folder, named by ``$FL_SECRETS_DIR``, not in its environment.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from federated_learning.bus.connection import connect, redacted, with_credentials
-from federated_learning.config import Settings
+from federated_learning.config import REDIS_ADMIN_URL_ENV, Settings
 from federated_learning.deploy import acl
 from federated_learning.protocol.keys import Keys
+from federated_learning.secret_files import private_folder, read_secret, write_secret
 
 log = logging.getLogger(__name__)
 
-ADMIN_URL_ENV = "FL_REDIS_ADMIN_URL"
+ADMIN_URL_ENV = REDIS_ADMIN_URL_ENV
 """An admin URL in the environment keeps its password off the command line (and ``ps``)."""
 
 
@@ -37,6 +42,29 @@ class RoleUrls:
 
     def for_service(self, service: str) -> str:
         return self.dashboard if service == "dashboard" else self.services
+
+
+@dataclass(frozen=True)
+class RoleSecrets:
+    """The folder of owner-only setting files of the services and of the dashboard."""
+
+    services: Path
+    dashboard: Path
+
+    def for_service(self, service: str) -> Path:
+        return self.dashboard if service == "dashboard" else self.services
+
+
+def write_role_secrets(folder: Path, urls: RoleUrls, api_key: str) -> RoleSecrets:
+    """Each role's secret settings as files (folders 0700, files 0600) that ``load_settings``
+    reads through ``$FL_SECRETS_DIR``: its Redis URL, and for the dashboard the API key, which no
+    other service uses."""
+    private_folder(folder)
+    roles = RoleSecrets(private_folder(folder / "services"), private_folder(folder / "dashboard"))
+    write_secret(roles.services / "FL_REDIS_URL", urls.services)
+    write_secret(roles.dashboard / "FL_REDIS_URL", urls.dashboard)
+    write_secret(roles.dashboard / "FL_API_KEY", api_key)
+    return roles
 
 
 def plain_url(url: str) -> str:
@@ -86,7 +114,7 @@ def admin_url_for(settings: Settings, data_dir: Path, given: str | None,
         return url
     password_file = data_dir / "secrets" / "redis_password"
     if settings.uses_embedded_redis and running_url and password_file.exists():
-        return with_credentials(plain_url(running_url), "default", password_file.read_text().strip())
+        return with_credentials(plain_url(running_url), "default", read_secret(password_file))
     raise acl.AclError(f"no admin URL: pass --admin-url or set {ADMIN_URL_ENV} (or start the "
                        "deployment first when it uses the embedded server)")
 

@@ -25,6 +25,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from federated_learning.protocol.keys import Keys
+from federated_learning.secret_files import (
+    SecretFileError,
+    keep_or_create_secret,
+    private_folder,
+    read_secret,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,20 +126,19 @@ def stored_password(folder: Path, user: str) -> str:
     if not path.exists():
         raise AclError(f"no password for Redis user '{user}' in {folder}; "
                        "provision it with scripts/deploy-federated-learning.py --provision-acl")
-    return path.read_text().strip()
+    try:
+        return read_secret(path)
+    except SecretFileError as exc:
+        raise AclError(str(exc)) from exc
 
 
 def password_for(data_dir: Path, user: str, *, create: bool) -> str:
     """The user's password from the secrets folder; a new random one (mode 0600) when asked to."""
-    path = secrets_dir(data_dir) / user
-    if path.exists() or not create:
-        return stored_password(path.parent, user)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    password = secrets.token_urlsafe(32)
-    path.touch(mode=0o600)
-    path.chmod(0o600)
-    path.write_text(password)
-    return password
+    if not create:
+        return stored_password(secrets_dir(data_dir), user)
+    private_folder(data_dir / "secrets")
+    folder = private_folder(secrets_dir(data_dir))
+    return keep_or_create_secret(folder / user, lambda: secrets.token_urlsafe(32))
 
 
 def provisioned_agents(keys: Keys, data_dir: Path) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from federated_learning.privacy.errors import InvalidSignature
+from federated_learning.secret_files import write_secret
 
 PRIVATE_KEY_FILE = "agent_ed25519.pem"
 PUBLIC_KEY_FILE = "agent_ed25519.pub.pem"
 BLOB_DIGEST_FIELD = "blob_sha256"
-_PRIVATE_FILE_MODE = 0o600
 
 
 def canonical_notice_bytes(fields: Mapping[str, Any]) -> bytes:
@@ -88,10 +87,7 @@ class AgentKeyPair:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _PRIVATE_FILE_MODE)
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), _PRIVATE_FILE_MODE)
-            handle.write(pem)
+        write_secret(path, pem.decode("ascii"))
         (folder / PUBLIC_KEY_FILE).write_bytes(self._private_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         return path

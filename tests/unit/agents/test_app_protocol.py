@@ -147,3 +147,16 @@ def test_the_bus_comes_from_the_url_or_the_deployment_file(tmp_path: Path) -> No
     assert access.redis_url == "redis://:pw@127.0.0.1:7000" and access.key_prefix == "px"
     with pytest.raises(RunnerError, match="cannot read the deployment file"):
         bus_access(tmp_path / "missing.json", None, None, "a")
+
+
+def test_an_agent_of_an_acl_deployment_logs_in_as_itself_or_is_told_to_be_provisioned(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets" / "redis-acl"
+    secrets.mkdir(parents=True)
+    (secrets / "fl-agent-a1").write_text("a1-pass")
+    deployment = tmp_path / "deployment.json"
+    deployment.write_text(json.dumps({"redis_url": "redis://fl-services:svc-pass@127.0.0.1:7000/0",
+                                      "redis_acl": True, "redis_acl_secrets": str(secrets)}))
+
+    assert bus_access(deployment, None, None, "a1").redis_url == "redis://fl-agent-a1:a1-pass@127.0.0.1:7000/0"
+    with pytest.raises(RunnerError, match="no password for Redis user 'fl-agent-a2'.*--provision-acl --agents a2"):
+        bus_access(deployment, None, None, "a2")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from federated_learning.bus.connection import RedisTls, redacted, with_credentials
-from federated_learning.config import ConfigError, Settings, load_settings
+from federated_learning.config import SECRETS_DIR_ENV, ConfigError, Settings, load_settings
 from federated_learning.deploy import acl
-from federated_learning.deploy.access import RoleUrls
+from federated_learning.deploy.access import RoleUrls, write_role_secrets
 from federated_learning.deploy.launcher import build_children, prometheus_config
+from federated_learning.deploy.supervisor import Child
 from federated_learning.protocol.keys import Keys
 
 KEYS = Keys("org1")
@@ -52,12 +55,59 @@ def test_credentials_replace_those_in_the_url_and_are_redacted_in_logs() -> None
     assert redacted(url) == "rediss://fl-agent-a1:***@db.example:6380/0"
 
 
-def test_each_child_gets_its_roles_url(tmp_path: Path) -> None:
-    children = build_children(Settings(data_dir=tmp_path), None, RoleUrls("redis://svc", "redis://dash"),
-                              tmp_path, "k" * 20)
-    urls = {child.name: child.env["FL_REDIS_URL"] for child in children}
-    assert urls.pop("dashboard") == "redis://dash"
-    assert set(urls.values()) == {"redis://svc"}
+SERVICES_URL = "redis://fl-services:svc-pass@127.0.0.1:7000/0"
+DASHBOARD_URL = "redis://fl-dashboard:dash-pass@127.0.0.1:7000/0"
+API_KEY = "bootstrap-key-0123456789"
+
+
+def children_and_secrets(tmp_path: Path) -> list[Child]:
+    roles = write_role_secrets(tmp_path / "run" / "secrets", RoleUrls(SERVICES_URL, DASHBOARD_URL), API_KEY)
+    return build_children(Settings(data_dir=tmp_path), None, roles, tmp_path)
+
+
+def test_each_child_reads_its_roles_url_and_only_the_dashboard_the_api_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [name for name in os.environ if name.startswith("FL_")]:
+        monkeypatch.delenv(name)
+    config = tmp_path / "config.json"
+    config.write_text("{}")
+    seen = {}
+    for child in children_and_secrets(tmp_path):
+        monkeypatch.setenv(SECRETS_DIR_ENV, child.env[SECRETS_DIR_ENV])
+        settings = load_settings(config)
+        seen[child.name] = (settings.redis_url, settings.api_key)
+    assert seen.pop("dashboard") == (DASHBOARD_URL, API_KEY)
+    assert set(seen.values()) == {(SERVICES_URL, "")}
+
+
+def test_no_childs_environment_holds_a_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FL_API_KEY", API_KEY)
+    monkeypatch.setenv("FL_REDIS_URL", "redis://:launcher-pass@127.0.0.1:7000/0")
+    monkeypatch.setenv("FL_REDIS_ADMIN_URL", "redis://admin:admin-pass@127.0.0.1:7000/0")
+    children = children_and_secrets(tmp_path)
+
+    for child in children:
+        environment = "\n".join(f"{name}={value}" for name, value in child.env.items())
+        for secret in ("svc-pass", "dash-pass", API_KEY, "launcher-pass", "admin-pass"):
+            assert secret not in environment, (child.name, secret)
+    for folder in {Path(child.env[SECRETS_DIR_ENV]) for child in children}:
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert {stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()} == {0o600}
+
+
+def test_acl_mode_is_the_default_with_the_embedded_server_only() -> None:
+    assert Settings().redis_acl
+    assert not Settings(redis_url="redis://db.example:6379/0").redis_acl
+    assert not Settings(redis_acl=False).redis_acl
+    assert Settings(redis_url="redis://db.example:6379/0", redis_acl=True).redis_acl
+
+
+def test_a_secrets_folder_that_does_not_exist_is_refused(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SECRETS_DIR_ENV, str(tmp_path / "missing"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=f"FL_SECRETS_DIR is '{tmp_path / 'missing'}': no such folder"):
+        load_settings(tmp_path / "config.json")
 
 
 def test_prometheus_scrapes_an_https_dashboard_with_its_ca(tmp_path: Path) -> None:
