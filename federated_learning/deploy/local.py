@@ -16,11 +16,11 @@ from typing import Self
 import httpx
 
 from federated_learning.config import Settings
-from federated_learning.deploy.acl import secrets_dir
-from federated_learning.deploy.launcher import deployment_file
+from federated_learning.deploy.launcher import read_deployment
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 120.0
+PROVISION_TIMEOUT_S = 60.0
 LAUNCHER_ERROR = "error: "
 """How the launcher's one-line refusals start (a bad config, a bus that does not answer)."""
 LAUNCHER = Path(__file__).resolve().parents[2] / "scripts" / "deploy-federated-learning.py"
@@ -68,16 +68,32 @@ class LocalDeployment:
 
     @property
     def agent_credentials_dir(self) -> Path | None:
-        """Where the agents' ACL passwords are, in ACL mode (None otherwise)."""
-        return secrets_dir(self.data_dir) if self.settings.redis_acl else None
+        """Where the agents' ACL passwords are, when the running deployment is in ACL mode."""
+        info = read_deployment(self.data_dir)
+        return Path(info["redis_acl_secrets"]) if info.get("redis_acl") else None
 
     @property
     def redis_url(self) -> str:
-        return str(json.loads(deployment_file(self.data_dir).read_text())["redis_url"])
+        """The services' URL: for the operator's tools, not for agents (their own users in ACL mode)."""
+        return str(read_deployment(self.data_dir)["redis_url"])
 
     @property
     def api_key(self) -> str:
-        return str(json.loads(deployment_file(self.data_dir).read_text())["api_key"])
+        return str(read_deployment(self.data_dir)["api_key"])
+
+    def provision_agents(self, agent_ids: list[str]) -> None:
+        """In ACL mode, give ``agent_ids`` their own Redis users on the running deployment, as an
+        operator does (``--provision-acl --agents``); without ACL mode there is nothing to do."""
+        if self.agent_credentials_dir is None or not agent_ids:
+            return
+        command = [sys.executable, str(LAUNCHER), "--provision-acl", "--agents", ",".join(agent_ids)]
+        command += ["--config", str(self.config)] if self.config else []
+        result = subprocess.run(command, env=self.env, capture_output=True, text=True,
+                                timeout=PROVISION_TIMEOUT_S, check=False)
+        if result.returncode != 0:
+            errors = [line for line in result.stderr.splitlines() if line.startswith(LAUNCHER_ERROR)]
+            raise DeploymentFailed(f"provisioning the agents' Redis users failed: "
+                                   f"{errors[-1] if errors else result.stderr[-2000:]}")
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -6,12 +6,14 @@ import logging
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 15.0
+"""How long one child gets to exit after SIGTERM before it is killed."""
 BACKOFF_START_S = 0.5
 BACKOFF_CAP_S = 30.0
 STABLE_AFTER_S = 60.0
@@ -20,10 +22,17 @@ STABLE_AFTER_S = 60.0
 
 @dataclass
 class Child:
+    """A supervised process. Each starts in a session of its own, so a signal to the launcher's
+    process group (Ctrl-C, ``kill -TERM -<pgid>``) reaches the launcher alone, which then stops
+    the children in its order."""
+
     name: str
     command: list[str]
     log_path: Path
     env: dict[str, str]
+    ready: Callable[[Child], None] | None = None
+    """Run after every start, first and restarts: waits until the child serves (e.g. answers
+    PING) and redoes what its restart undid; raises when the child does not come up."""
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     restarts: int = 0
@@ -32,6 +41,7 @@ class Child:
     history: list[float] = field(default_factory=list)
 
     def start(self) -> None:
+        """Spawn the process and run ``ready``; when ``ready`` raises, kill it and re-raise."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(self.command, stdout=log_file, stderr=subprocess.STDOUT,
@@ -39,6 +49,15 @@ class Child:
         self.started_at = time.monotonic()
         self.restart_at = None
         log.info("started %s (pid %d), log %s", self.name, self.process.pid, self.log_path)
+        if self.ready is None:
+            return
+        try:
+            self.ready(self)
+        except BaseException:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+            raise
 
     @property
     def pid(self) -> int | None:
@@ -51,40 +70,61 @@ class Supervisor:
         self.stopping = False
 
     def start_all(self) -> None:
+        """Start, in list order, every child not started yet."""
         for child in self.children:
-            child.start()
+            if child.process is None and child.restart_at is None:
+                child.start()
 
     def poll(self) -> None:
         """Restart children that died (after their backoff); call this periodically."""
-        now = time.monotonic()
         for child in self.children:
+            if self.stopping:
+                return
             if child.process is None:
-                if child.restart_at is not None and now >= child.restart_at and not self.stopping:
+                if child.restart_at is not None and time.monotonic() >= child.restart_at:
                     child.restarts += 1
-                    child.start()
+                    self._restart(child)
                 continue
             code = child.process.poll()
-            if code is None or self.stopping:
-                continue
-            ran = now - child.started_at
-            child.backoff_s = BACKOFF_START_S if ran >= STABLE_AFTER_S else min(child.backoff_s * 2, BACKOFF_CAP_S)
-            child.restart_at = now + child.backoff_s
-            child.history.append(time.time())
-            child.process = None
-            log.warning("%s exited with %s after %.1fs; restarting in %.1fs (restart #%d)",
-                        child.name, code, ran, child.backoff_s, child.restarts + 1)
+            if code is not None:
+                child.process = None
+                self._schedule_restart(child, f"exited with {code}")
 
-    def stop_all(self) -> None:
-        """SIGTERM each child in list order, waiting for each to exit (then SIGKILL)."""
+    def _restart(self, child: Child) -> None:
+        try:
+            child.start()
+        except Exception as exc:  # noqa: BLE001 - whatever its start raised, the child is down: retry later
+            self._schedule_restart(child, f"did not come up ({exc})")
+
+    def _schedule_restart(self, child: Child, what: str) -> None:
+        now = time.monotonic()
+        ran = now - child.started_at
+        child.backoff_s = BACKOFF_START_S if ran >= STABLE_AFTER_S else min(child.backoff_s * 2, BACKOFF_CAP_S)
+        child.restart_at = now + child.backoff_s
+        child.history.append(time.time())
+        log.warning("%s %s after %.1fs; restarting in %.1fs (restart #%d)",
+                    child.name, what, ran, child.backoff_s, child.restarts + 1)
+
+    def stop_all(self, tiers: Sequence[Sequence[Child]] | None = None) -> None:
+        """Stop the children tier by tier (default: one at a time, in list order): SIGTERM every
+        child of a tier, wait until all have exited (SIGKILL whoever is still running after
+        ``STOP_TIMEOUT_S``), then the next tier. A child waiting for its restart stays down."""
         self.stopping = True
         for child in self.children:
-            process = child.process
-            if process is None or process.poll() is not None:
-                continue
+            child.restart_at = None
+        for tier in tiers if tiers is not None else [[child] for child in self.children]:
+            self._stop_tier(tier)
+
+    def _stop_tier(self, tier: Sequence[Child]) -> None:
+        began = time.monotonic()
+        running = [(child, child.process) for child in tier
+                   if child.process is not None and child.process.poll() is None]
+        for _child, process in running:
             process.send_signal(signal.SIGTERM)
+        for child, process in running:
             try:
-                process.wait(STOP_TIMEOUT_S)
-                log.info("stopped %s", child.name)
+                code = process.wait(max(0.0, began + STOP_TIMEOUT_S - time.monotonic()))
+                log.info("stopped %s in %.1fs (exit code %d)", child.name, time.monotonic() - began, code)
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop in %.0fs; killing it", child.name, STOP_TIMEOUT_S)
                 process.kill()

@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -29,6 +31,13 @@ def server_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
                           ssl_keyfile=str(key) if key else None)
 
 
+def _after_graceful_shutdown(signum: int, _frame: FrameType | None) -> None:
+    """uvicorn raises the stop signal it handled again once it has shut down; this handler,
+    which it restores first, lets the process close its connection and exit 0 instead of
+    dying of that signal."""
+    log.info("dashboard shut down on %s", signal.Signals(signum).name)
+
+
 async def _main(args: argparse.Namespace) -> None:
     settings = load_settings(args.config)
     setup_logging(settings.log_level, "dashboard")
@@ -39,10 +48,13 @@ async def _main(args: argparse.Namespace) -> None:
     server = uvicorn.Server(server_config(create_app(ctx), settings))
     log.info("dashboard on %s://%s:%d", settings.dashboard_scheme, settings.dashboard_host,
              settings.dashboard_port)
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, _after_graceful_shutdown)
     try:
         await server.serve()
     finally:
         await redis.aclose()
+        log.info("dashboard/%s stopped", args.instance)
 
 
 def main() -> None:

@@ -27,8 +27,11 @@ START_TIMEOUT_S = 90.0
 class Deployment:
     """``scripts/deploy-federated-learning.py`` in a fresh data folder on free ports."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, own_process_group: bool = False) -> None:
+        """``own_process_group``: the launcher leads a process group of its own, as under
+        systemd or a container runtime, so a test can signal the group (``os.killpg``)."""
         self.data_dir = data_dir
+        self.own_process_group = own_process_group
         self.dashboard_port = free_port()
         self.redis_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -55,7 +58,8 @@ class Deployment:
         with open(self.data_dir.parent / "deploy.log", "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, str(ROOT / "scripts" / "deploy-federated-learning.py")],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.data_dir.parent)
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.data_dir.parent,
+                start_new_session=self.own_process_group)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log_tail()

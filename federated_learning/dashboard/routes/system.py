@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, HTTPException, Query, status
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from federated_learning.access import Principal, org_of_training
 from federated_learning.bus.replies import text
@@ -20,23 +25,53 @@ from federated_learning.monitoring.reliability import leaderboard as rank_agents
 from federated_learning.training_monitor import TrainingMonitor
 
 router = APIRouter(prefix="/api", tags=["system"])
+T = TypeVar("T")
+
+BUS_TIMEOUT_S = 2.0
+"""How long the health routes wait for the bus: its client retries a lost connection for
+about 16 s per command, which a prober must not wait out."""
 
 
-@router.get("/health")
-async def health(redis: Redis) -> dict[str, Any]:
-    """The dashboard is up and reaches the bus."""
-    await redis.ping()
+class BusUnreachable(Exception):
+    """The bus did not answer a health route within ``BUS_TIMEOUT_S``."""
+
+
+async def _within_bus_timeout(call: Awaitable[T]) -> T:
+    """``call``'s result, or :class:`BusUnreachable` with the cause when the bus does not
+    answer within ``BUS_TIMEOUT_S`` seconds or the connection fails."""
+    try:
+        return await asyncio.wait_for(call, BUS_TIMEOUT_S)
+    except TimeoutError as exc:
+        raise BusUnreachable(f"bus unreachable: no answer within {BUS_TIMEOUT_S:.0f}s") from exc
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise BusUnreachable(f"bus unreachable: {exc}") from exc
+
+
+@router.get("/health", response_model=None)
+async def health(redis: Redis) -> dict[str, Any] | JSONResponse:
+    """The dashboard is up and reaches the bus (503 with the reason when it does not)."""
+    try:
+        await _within_bus_timeout(redis.ping())
+    except BusUnreachable as exc:
+        return JSONResponse({"status": "bus unreachable", "reason": str(exc), "time": time.time()},
+                            status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
     return {"status": "ok", "time": time.time()}
 
 
-@router.get("/system/health")
-async def system_health(redis: Redis, keys: AppKeys) -> dict[str, Any]:
+@router.get("/system/health", response_model=None)
+async def system_health(redis: Redis, keys: AppKeys) -> dict[str, Any] | JSONResponse:
     """Each service's instances with their age, CPU and memory; Redis memory; stream backlogs;
-    and a verdict from the monitor's system rules, with the reasons.
+    and a verdict from the monitor's system rules, with the reasons. While the bus does not
+    answer: 503, ``critical``, with the reason ``bus unreachable`` (within ``BUS_TIMEOUT_S``).
 
     Open without a key, like ``/metrics``: it is the deployment's health (what the launcher and
     probes poll), holding no organisation's data."""
-    return await TrainingMonitor(redis, keys).get_system_health()
+    try:
+        return await _within_bus_timeout(TrainingMonitor(redis, keys).get_system_health())
+    except BusUnreachable as exc:
+        return JSONResponse({"health_status": "critical", "reasons": [str(exc)], "services": {},
+                             "streams": [], "redis": None},
+                            status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
 
 
 @router.get("/agents")
