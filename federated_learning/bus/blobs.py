@@ -50,11 +50,9 @@ class BlobStore:
     async def exists(self, digest: BlobDigest, *, owner: str | None = None) -> bool:
         return bool(await self._redis.exists(self._keys.blob(digest, owner)))
 
-    async def expire(self, blobs: list[tuple[BlobDigest, str | None]], ttl_s: int) -> None:
-        """Let blobs (digest, owner) that are no longer needed go after ``ttl_s`` seconds."""
-        if not blobs:
-            return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for digest, owner in blobs:
-                pipe.expire(self._keys.blob(digest, owner), ttl_s)
-            await pipe.execute()
+    async def discard(self, blobs: list[tuple[BlobDigest, str | None]]) -> None:
+        """Delete blobs (digest, owner) that are no longer needed; the server frees them off its
+        main thread (UNLINK), so a round's worth of large uploads does not stall the bus."""
+        if blobs:
+            await self._redis.unlink(*(self._keys.blob(digest, owner) for digest, owner in blobs))
+

@@ -88,6 +88,7 @@ class Aggregator:
             {ctx.keys.job_stream: self.on_job},
             dead_letter_stream=ctx.dead_letter_stream, count=1,
             claim_idle_ms=ctx.settings.claim_idle_ms,
+            on_forged_id=ctx.forged_stream_id,
         )
 
     async def run(self, *, burst: bool = False) -> None:

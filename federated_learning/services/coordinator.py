@@ -79,6 +79,7 @@ class Coordinator(RoundProtocol):
             },
             dead_letter_stream=ctx.dead_letter_stream, block_ms=int(TICK_S * 1000),
             claim_idle_ms=ctx.settings.claim_idle_ms,
+            on_forged_id=ctx.forged_stream_id,
         )
 
     async def run(self, *, burst: bool = False) -> None:

@@ -113,6 +113,7 @@ class Monitor:
             ctx.redis, GROUP_MONITOR, f"monitor-{ctx.instance}",
             {ctx.keys.event_stream: self.on_event},
             dead_letter_stream=ctx.dead_letter_stream, claim_idle_ms=ctx.settings.claim_idle_ms,
+            on_forged_id=ctx.forged_stream_id,
         )
 
     async def run(self, *, burst: bool = False) -> None:

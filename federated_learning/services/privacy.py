@@ -61,6 +61,7 @@ class PrivacyManager:
             ctx.redis, GROUP_PRIVACY, f"privacy-{ctx.instance}",
             {ctx.keys.aggregate_stream: self.on_aggregate},
             dead_letter_stream=ctx.dead_letter_stream, claim_idle_ms=ctx.settings.claim_idle_ms,
+            on_forged_id=ctx.forged_stream_id,
         )
 
     async def run(self, *, burst: bool = False) -> None:

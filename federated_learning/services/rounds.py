@@ -87,7 +87,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-UPDATE_BLOB_TTL_AFTER_COMMIT_S = 3600
 INBOX_MAXLEN = 1000
 OUTCOME_HISTORY = 50
 """Task outcomes kept per agent and training."""
@@ -226,6 +225,24 @@ class RoundProtocol:
                             training_id=state.training_id, round=round_number,
                             attempt=state.attempt, selected=len(chosen), eligible=len(candidates))
 
+    async def _discard_committed_uploads(self, state: TrainingState, notices: list[UpdateSubmitted]) -> None:
+        """The version is committed: its round's uploads are not read again, so they leave the
+        bus now (a crash before this leaves them to their upload TTL). An agent that sent the same
+        bytes again (the same version trained the same way, as a buffered training may ask) shares
+        the blob with the next round's update: that one is kept."""
+        following = await self.redis.hvals(self.keys.round_updates(state.training_id, state.round + 1))
+        still_needed = {(n.update_digest, n.agent_id) for n in map(UpdateSubmitted.model_validate_json, following)}
+        await self.ctx.blobs.discard([(n.update_digest, n.agent_id) for n in notices
+                                      if n.update_digest and (n.update_digest, n.agent_id) not in still_needed])
+
+    async def _discard_unused_upload(self, notice: UpdateSubmitted) -> None:
+        """Free a late update's blob now rather than at its upload TTL (a day): late updates come
+        every round by design. Not when the agent has an accepted update in that round (the same
+        blob, sent twice, may be in the aggregator's hands)."""
+        accepted = self.keys.round_updates(notice.training_id, notice.round)
+        if notice.update_digest and not await self.redis.hexists(accepted, notice.agent_id):
+            await self.ctx.blobs.discard([(notice.update_digest, notice.agent_id)])
+
     async def _within_cap(self, state: TrainingState, candidates: list[str]) -> list[str]:
         cap = state.config.max_tasks_per_agent_per_hour
         if cap is None:
@@ -297,6 +314,7 @@ class RoundProtocol:
             if closed and notice.round >= state.round - 1 and notice.kind is asked:
                 if notice.kind is TaskKind.TRAIN:
                     await self.redis.hincrby(self.keys.agent_stats, f"{notice.agent_id}:late", 1)
+                    await self._discard_unused_upload(notice)
                 await self.ctx.late_update(where, **context)
                 return
             await self.ctx.reject("updates", "stale_round", where, **context)
@@ -560,8 +578,7 @@ class RoundProtocol:
             await pipe.execute()
         ROUNDS.labels(state.training_id).inc()
         ROUND_SECONDS.observe(metrics.round_seconds)
-        await self.ctx.blobs.expire([(n.update_digest, n.agent_id) for n in notices if n.update_digest],
-                                    UPDATE_BLOB_TTL_AFTER_COMMIT_S)
+        await self._discard_committed_uploads(state, notices)
         await self.ctx.emit("round_completed", f"round {state.round} committed as version {committed.version}",
                             training_id=state.training_id, round=state.round,
                             **metrics.model_dump(exclude={"training_id", "round"}))

@@ -54,6 +54,7 @@ class VersionManager:
             ctx.redis, GROUP_VERSIONS, f"versions-{ctx.instance}",
             {ctx.keys.release_stream: self.on_release},
             dead_letter_stream=ctx.dead_letter_stream, claim_idle_ms=ctx.settings.claim_idle_ms,
+            on_forged_id=ctx.forged_stream_id,
         )
 
     async def run(self, *, burst: bool = False) -> None:

@@ -139,6 +139,8 @@ async def test_a_clean_non_iid_run_raises_no_alert_rejects_nothing_and_counts_la
     stats = {text(k): int(v) for k, v in (await redis.hgetall(KEYS.agent_stats)).items()}
     late_trainings = [e for e in late_events if e["message"].startswith("train")]
     assert sum(v for k, v in stats.items() if k.endswith(":late")) == len(late_trainings)
+    # committed rounds' uploads are deleted at commit, late ones when they are counted
+    assert [key async for key in redis.scan_iter(match=KEYS.upload_pattern())] == []
     await _monitor_caught_up(redis)
     assert (await http.get("/api/alerts")).json() == []
     assert await events_of(redis, "update_anomaly") == []

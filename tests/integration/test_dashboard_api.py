@@ -92,9 +92,10 @@ async def test_status_metrics_and_model_of_a_finished_training(
 
 async def test_page_and_assets_are_served_locally(http: httpx.AsyncClient) -> None:
     page = await http.get("/")
-    assert page.status_code == 200 and "<canvas" in page.text
+    assert page.status_code == 200 and 'id="chart"' in page.text
     assert "http" not in page.text.replace("http-equiv", "")  # no CDN
-    assert (await http.get("/static/app.js")).status_code == 200
+    for asset in ("/static/app.js", "/static/vendor/uPlot.iife.min.js"):
+        assert (await http.get(asset)).status_code == 200, asset
 
 
 def test_round_completed_becomes_round_and_metric_pushes() -> None:

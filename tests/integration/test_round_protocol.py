@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from federated_learning.bus.blobs import BlobStore
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import AggregationJob, RoundMetrics, Task, VersionRecord
 from federated_learning.protocol.tensors import decode_layers
@@ -51,7 +52,13 @@ async def test_private_training_releases_noised_versions_and_charges_the_budget(
 
 
 async def test_buffered_asynchronous_training_flushes_full_buffers_with_staleness(
-        redis: aioredis.Redis, system, make_agents) -> None:
+        redis: aioredis.Redis, system, make_agents, monkeypatch) -> None:
+    kept: list[tuple[str, str | None]] = []
+
+    async def keep(_store: BlobStore, blobs: list[tuple[str, str | None]]) -> None:
+        kept.extend(blobs)  # the check below recomputes each job from its uploads
+
+    monkeypatch.setattr(BlobStore, "discard", keep)
     await system.start()
     await make_agents(8)
     await start_training(redis, "async", digits_config(algorithm="fedbuff", rounds=4, clients_per_round=6,
@@ -60,6 +67,7 @@ async def test_buffered_asynchronous_training_flushes_full_buffers_with_stalenes
     state = await wait_for_status(redis, "async", {"completed", "failed"})
 
     assert state.status == "completed", state.reason
+    assert kept, "committed buffers' uploads are discarded"
     keys = Keys()
     records = sorted((VersionRecord.model_validate_json(v) for v in (await redis.hgetall(keys.versions("async"))).values()),
                      key=lambda r: r.version)
