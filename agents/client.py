@@ -27,12 +27,13 @@ from agents.app import FlowerTrainer, MemoryBankTrainer, Trainer, layout_of
 from agents.attacks import Attack, poison_update
 from agents.local_work import LocalResult, local_bank, run_trainer, task_config
 from agents.secure import SecureParticipation
-from agents.trainers import trainer_for
+from agents.updates import TrainedUpdate
 from federated_learning.bus.blobs import BlobMissing, BlobStore
 from federated_learning.bus.connection import RedisTls
 from federated_learning.bus.consumer import ensure_group
 from federated_learning.bus.replies import group_batches
 from federated_learning.bus.stream_ids import append
+from federated_learning.presets import trainer_for
 from federated_learning.privacy.compression import (
     Compressor,
     ErrorFeedback,
@@ -77,7 +78,7 @@ from federated_learning.protocol.tensors import (
     validate_layers,
 )
 from federated_learning.protocol.updates import encode_compressed
-from federated_learning.types import NamedLayers
+from federated_learning.types import BlobDigest, NamedLayers
 
 log = logging.getLogger(__name__)
 SignedMessage = TypeVar("SignedMessage", bound=SignedByAgent)
@@ -88,20 +89,6 @@ LEAVE_RETRY_S = 5.0
 REJOIN_INTERVAL_S = 300.0
 """How often the heartbeat loop re-sends the join (see FederatedClient.beat)."""
 DEFAULT_MAX_BLOB_BYTES = 256 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class TrainedUpdate:
-    blob: bytes
-    num_examples: int
-    dense_bytes: int
-    loss: float
-    accuracy: float
-    seconds: float
-    delta: NDArray[np.floating] | None = None
-    """Secure rounds: the flattened delta, held until it is masked (``blob`` is then empty)."""
-    unclipped: bool | None = None
-    """Whether the update was within the clip norm before clipping (None: no clip norm)."""
 
 
 @dataclass
@@ -185,7 +172,8 @@ class FederatedClient:
         self.completed_tasks = 0
         self.bus_errors = 0
         """Bus errors the heartbeat and inbox loops survived (lost connections, refused commands)."""
-        self.secure = SecureParticipation(self)
+        self.secure = SecureParticipation(self.agent_id, send=self.send_update, upload=self.upload,
+                                          on_submitted=self._count_completed)
 
     @property
     def owns_connection(self) -> bool:
@@ -262,6 +250,17 @@ class FederatedClient:
     def signed(self, message: SignedMessage) -> SignedMessage:
         """``message`` with this agent's Ed25519 signature."""
         return message.model_copy(update={"signature": self.identity.sign(message.signed_bytes()).hex()})
+
+    async def send_update(self, message: SignedByAgent) -> None:
+        """Sign ``message`` and append it to the update stream."""
+        await append(self.redis, self.keys.update_stream, encode(self.signed(message)))
+
+    async def upload(self, blob: bytes) -> BlobDigest:
+        """Store ``blob`` as this agent's upload (kept ``UPDATE_BLOB_TTL_S``); returns its digest."""
+        return await self._blobs.put(blob, ttl_s=UPDATE_BLOB_TTL_S, owner=self.agent_id)
+
+    def _count_completed(self) -> None:
+        self.completed_tasks += 1
 
     async def close(self, reason: str = "shutting down") -> None:
         """Leave cleanly: tell the coordinator, stop the loops, close the connection."""
@@ -390,13 +389,13 @@ class FederatedClient:
             notice = UpdateSubmitted(kind=TaskKind.EVALUATE, num_examples=evaluation.num_examples,
                                      **common)  # type: ignore[arg-type]
         else:
-            digest = await self._blobs.put(trained.blob, ttl_s=UPDATE_BLOB_TTL_S, owner=self.agent_id)
+            digest = await self.upload(trained.blob)
             notice = UpdateSubmitted(
                 kind=TaskKind.TRAIN, update_digest=digest, num_examples=trained.num_examples,
                 train_loss=trained.loss, train_accuracy=trained.accuracy,
                 train_seconds=trained.seconds, upload_bytes=len(trained.blob),
                 dense_bytes=trained.dense_bytes, unclipped=trained.unclipped, **common)  # type: ignore[arg-type]
-        await append(self.redis, self.keys.update_stream, encode(self.signed(notice)))
+        await self.send_update(notice)
         self.completed_tasks += 1
 
     async def send_bank(self, task: Task, spec: MemoryBankModel) -> None:
@@ -417,13 +416,13 @@ class FederatedClient:
             await self.report_app_failure(task, exc)
             return
         blob = encode_layers({BANK_LAYER: bank.rows})
-        digest = await self._blobs.put(blob, ttl_s=UPDATE_BLOB_TTL_S, owner=self.agent_id)
+        digest = await self.upload(blob)
         notice = UpdateSubmitted(
             kind=TaskKind.TRAIN, training_id=task.training_id, round=task.round, attempt=task.attempt,
             agent_id=self.agent_id, update_digest=digest, num_examples=bank.num_examples,
             received_model_version=task.model_version, train_seconds=bank.seconds, upload_bytes=len(blob),
             dense_bytes=bank.extracted_bytes)
-        await append(self.redis, self.keys.update_stream, encode(self.signed(notice)))
+        await self.send_update(notice)
         self.completed_tasks += 1
 
     def model_trainer(self) -> Trainer | None:
@@ -444,11 +443,11 @@ class FederatedClient:
             return
         parameters = await asyncio.to_thread(self.trainer.get_parameters, task_config(task))
         blob = encode_layers({name: np.asarray(layer) for name, layer in parameters.items()})
-        digest = await self._blobs.put(blob, ttl_s=UPDATE_BLOB_TTL_S, owner=self.agent_id)
+        digest = await self.upload(blob)
         notice = UpdateSubmitted(kind=TaskKind.PARAMETERS, training_id=task.training_id, round=task.round,
                                  attempt=task.attempt, agent_id=self.agent_id, update_digest=digest,
                                  num_examples=0, received_model_version=0, upload_bytes=len(blob))
-        await append(self.redis, self.keys.update_stream, encode(self.signed(notice)))
+        await self.send_update(notice)
 
     async def report_app_failure(self, task: Task, exc: Exception) -> None:
         """The agent's app (its trainer or feature extractor) raised: log the traceback here and
@@ -460,7 +459,7 @@ class FederatedClient:
         """Tell the coordinator why this agent cannot train the training's model (the operator sees it)."""
         refusal = ModelRefused(training_id=task.training_id, round=task.round, attempt=task.attempt,
                                agent_id=self.agent_id, reason=problem.reason, detail=problem.detail[:1000])
-        await append(self.redis, self.keys.update_stream, encode(self.signed(refusal)))
+        await self.send_update(refusal)
 
     def dataset_sizes(self) -> dict[str, int]:
         """What this agent announces it holds: dataset name -> training examples."""

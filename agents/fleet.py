@@ -29,8 +29,8 @@ from agents.client import FederatedClient
 from agents.data import ClientData
 from agents.flower import FlowerAgent
 from agents.http_sync import SyncFailed, SyncSettings, sync_once
-from agents.trainers import create_trainer
 from federated_learning.bus.connection import connect
+from federated_learning.presets import create_trainer
 from federated_learning.protocol.tensors import decode_layers, encode_layers
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import numpy as np
 from flwr.client import NumPyClient
 from numpy.typing import NDArray
 
-from agents.trainers import create_trainer
+from federated_learning.presets import create_trainer
 
 NUM_FEATURES = 64
 NUM_CLASSES = 10

@@ -24,9 +24,9 @@ import numpy as np
 from agents.attacks import Attack, flip_labels
 from agents.client import FederatedClient
 from agents.data import Dataset, make_client_datasets
-from agents.trainers import create_trainer
 from federated_learning.bus.connection import RedisTls, connect, with_credentials
 from federated_learning.deploy.acl import agent_user_name, stored_password
+from federated_learning.presets import create_trainer
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.tensors import decode_layers
 

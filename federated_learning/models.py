@@ -1,8 +1,8 @@
-"""The built-in preset models a training can name (``PresetModel``), backed by the agents' trainers."""
+"""The built-in preset models a training can name (``PresetModel``), backed by ``presets``."""
 
 from __future__ import annotations
 
-from agents.trainers import trainer_for
+from federated_learning.presets import trainer_for
 from federated_learning.protocol.messages import PresetModel
 from federated_learning.types import NamedLayers
 

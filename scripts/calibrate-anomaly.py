@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agents.attacks import Attack, flip_labels, poison_update
 from agents.data import ClientData, make_client_datasets
 from agents.simulation import malicious_ids
-from agents.trainers import Trainer, Weights, create_trainer
 from federated_learning.aggregation import create_strategy
 from federated_learning.monitoring.anomaly import UpdateFlag, score_slabs
+from federated_learning.presets import Trainer, Weights, create_trainer
 
 NUM_FEATURES = 64
 NUM_CLASSES = 10

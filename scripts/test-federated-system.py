@@ -50,7 +50,6 @@ import websockets
 from agents.data import ClientData, Dataset, make_client_datasets
 from agents.fleet import Endpoints, Membership, OrgFleet, flower_available
 from agents.http_sync import SyncFailed, sync_once
-from agents.trainers import create_trainer
 from federated_learning.bus.connection import connect
 from federated_learning.bus.embedded import free_port
 from federated_learning.config import ConfigError, load_settings
@@ -63,6 +62,7 @@ from federated_learning.deploy.probes import (
     training_snapshot,
 )
 from federated_learning.deploy.report import CheckReport
+from federated_learning.presets import create_trainer
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.tensors import decode_layers
 

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.data import ClientData, Dataset, make_client_datasets
-from agents.trainers import Trainer, Weights, create_trainer
+from federated_learning.presets import Trainer, Weights, create_trainer
 
 NUM_CLIENTS = 69
 NUM_FEATURES = 64

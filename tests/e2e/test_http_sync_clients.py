@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 from agents.data import make_client_datasets
 from agents.http_sync import SyncSettings, read_merged_version, sync_once
-from agents.trainers import create_trainer
+from federated_learning.presets import create_trainer
 from federated_learning.protocol.messages import Task, decode
 from federated_learning.protocol.secure_messages import message_type
 from federated_learning.protocol.tensors import decode_layers

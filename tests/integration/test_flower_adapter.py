@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from agents.data import make_client_datasets
 from agents.flower import FlowerAgent
-from agents.trainers import create_trainer
+from federated_learning.presets import create_trainer
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import VersionRecord
 from tests.integration.conftest import digits_config, start_training, wait_for_status

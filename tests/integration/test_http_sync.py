@@ -16,10 +16,10 @@ import redis.asyncio as aioredis
 from safetensors.numpy import save as save_safetensors
 
 from agents.data import make_client_datasets
-from agents.trainers import create_trainer
 from federated_learning.bus.blobs import BlobStore
 from federated_learning.bus.embedded import free_port
 from federated_learning.dashboard.main import create_app
+from federated_learning.presets import create_trainer
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import UpdateSubmitted, VersionRecord
 from federated_learning.protocol.secure_messages import message_type

@@ -6,9 +6,9 @@ import pytest
 
 from agents.attacks import Attack, poison_update
 from agents.data import make_client_datasets
-from agents.trainers import Weights, create_trainer
 from federated_learning.aggregation import create_strategy
 from federated_learning.monitoring.anomaly import REASON_NORM, UpdateFlag, score_slabs
+from federated_learning.presets import Weights, create_trainer
 
 PER_ROUND = 20
 ROUNDS = 4

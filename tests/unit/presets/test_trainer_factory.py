@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from agents.trainers import (
+from federated_learning.presets import (
     LayerSpec,
     WeightsMismatch,
     check_weights,

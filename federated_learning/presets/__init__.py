@@ -1,6 +1,10 @@
-"""Built-in local trainers of the agents: softmax regression and a one-hidden-layer MLP."""
+"""The built-in preset models: softmax regression and a one-hidden-layer MLP, in NumPy.
 
-from agents.trainers.base import (
+Agents without a model of their own train them; the server builds their version 0 and
+scores validation sets with them.
+"""
+
+from federated_learning.presets.base import (
     TRAINER_NAMES,
     EvalResult,
     LayerSpec,

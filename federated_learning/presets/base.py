@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from agents.trainers.common import (
+from federated_learning.presets.common import (
     EvalResult,
     LayerSpec,
     TrainResult,
@@ -21,8 +21,8 @@ from agents.trainers.common import (
     WeightsMismatch,
     check_weights,
 )
-from agents.trainers.mlp import MLPTrainer
-from agents.trainers.softmax import SoftmaxTrainer
+from federated_learning.presets.mlp import MLPTrainer
+from federated_learning.presets.softmax import SoftmaxTrainer
 from federated_learning.protocol.messages import PresetModel
 
 __all__ = [

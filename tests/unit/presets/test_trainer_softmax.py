@@ -5,9 +5,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from agents.trainers import WeightsMismatch, create_trainer
-from agents.trainers.common import Params, log_softmax
-from agents.trainers.softmax import softmax_loss_and_grad
+from federated_learning.presets import WeightsMismatch, create_trainer
+from federated_learning.presets.common import Params, log_softmax
+from federated_learning.presets.softmax import softmax_loss_and_grad
 
 
 def numeric_grad(loss: Callable[[Params], float], params: Params, eps: float = 1e-6) -> Params:

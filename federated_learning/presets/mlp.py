@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from agents.trainers.common import (
+from federated_learning.presets.common import (
     GradientTrainer,
     Labels,
     LayerSpec,

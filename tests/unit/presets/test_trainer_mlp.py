@@ -4,9 +4,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from agents.trainers import create_trainer
-from agents.trainers.common import Params
-from agents.trainers.mlp import mlp_loss_and_grad
+from federated_learning.presets import create_trainer
+from federated_learning.presets.common import Params
+from federated_learning.presets.mlp import mlp_loss_and_grad
 
 
 def central_difference(
