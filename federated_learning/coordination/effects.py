@@ -1,0 +1,192 @@
+"""What the coordinator's state machine asks its shell to do, as frozen values.
+
+:func:`federated_learning.coordination.machine.step` never touches Redis: it returns the
+training's new state and a list of these. The shell (``services/rounds.py``) writes the
+*staged* ones (tasks, accepted updates, jobs, metrics, the state itself) in one MULTI/EXEC,
+then publishes the *notices* (events, rejections), then runs the *follow-ups*, which read
+what the next step needs (the registry, a round's accepted notices, a committed version's
+results) and feed it back to ``step`` as an event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from federated_learning.protocol.messages import (
+    AggregationJob,
+    RoundMetrics,
+    Severity,
+    Task,
+    TrainingStatus,
+    UpdateSubmitted,
+    VersionCommitted,
+)
+
+# -- staged: written together with the state, in one transaction ------------------
+
+
+@dataclass(frozen=True)
+class Save:
+    """Write the training's state; ``active`` moves it in or out of the active set."""
+
+    active: bool | None = None
+
+
+@dataclass(frozen=True)
+class SendTasks:
+    """Put each task in its agent's inbox, and count it in the agent's statistics."""
+
+    tasks: tuple[tuple[str, Task], ...]
+
+
+@dataclass(frozen=True)
+class AcceptUpdate:
+    """Record the notice as its round's update from that agent (once: ``entry_id`` marks it)."""
+
+    notice: UpdateSubmitted
+    entry_id: str
+
+
+@dataclass(frozen=True)
+class WriteJob:
+    job: AggregationJob
+
+
+@dataclass(frozen=True)
+class AppendMetrics:
+    """A completed round's figures, and the agents' contributions to it."""
+
+    metrics: RoundMetrics
+    contributions: Mapping[str, float] = field(default_factory=dict)
+
+
+# -- notices: published after the transaction -------------------------------------
+
+
+@dataclass(frozen=True)
+class Emit:
+    kind: str
+    message: str
+    severity: Severity = Severity.INFO
+    agent_id: str | None = None
+    data: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reject:
+    """An input refused with its reason: counted and reported, nothing else changes."""
+
+    source: str
+    reason: str
+    detail: str
+    training_id: str
+    round: int
+    agent_id: str
+    severity: Severity = Severity.WARNING
+
+
+@dataclass(frozen=True)
+class CountLate:
+    """An update that came just after its round closed (over-selection makes that normal)."""
+
+    notice: UpdateSubmitted
+    detail: str
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    """Whether an asked agent delivered (the monitor's failure-rate rule reads these)."""
+
+    agent_id: str
+    completed: bool
+
+
+@dataclass(frozen=True)
+class DiscardUploads:
+    """The committed round's uploads: nobody reads them again."""
+
+    notices: tuple[UpdateSubmitted, ...]
+
+
+# -- follow-ups: need a read, then step again -------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenRound:
+    """Select agents for ``round`` (from the live registry) and send their tasks."""
+
+    round: int
+    retry: bool = False
+
+
+@dataclass(frozen=True)
+class CheckUpdate:
+    """Look for an earlier acceptance and check the update's blob, then step ``NoticeChecked``."""
+
+    notice: UpdateSubmitted
+    entry_id: str
+
+
+@dataclass(frozen=True)
+class TallyRound:
+    """Count the round's accepted updates and live volunteers, then step ``RoundTallied``."""
+
+
+@dataclass(frozen=True)
+class CloseRound:
+    """Read the round's accepted notices (and what the job needs), then step ``RoundUpdates``."""
+
+
+@dataclass(frozen=True)
+class GatherResults:
+    """Read what the committed round produced, then step ``RoundResults``."""
+
+    committed: VersionCommitted
+
+
+@dataclass(frozen=True)
+class JudgeRollbacks:
+    """Apply an operator's deferred rollback (the state's ``pending_rollback``), or the automatic
+    policy; then step ``RollbacksJudged`` with ``eval_accuracy`` (the round's, passed through)."""
+
+    eval_accuracy: float | None
+
+
+@dataclass(frozen=True)
+class GatherEvaluation:
+    """Read the final evaluation round's reports, then step ``EvaluationReported``."""
+
+
+@dataclass(frozen=True)
+class AdvanceSecure:
+    """A secure round's exchange decides what happens next (``services/secure_rounds.py``)."""
+
+
+@dataclass(frozen=True)
+class RestartSecure:
+    """Abandon the secure session and select anew."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class ActivateQueued:
+    """A slot may have freed: start queued trainings."""
+
+
+@dataclass(frozen=True)
+class StatusChanged:
+    """Publish a ``training_status`` event: the status (and its reason) the training moved to."""
+
+    status: TrainingStatus
+    reason: str
+    round: int
+    severity: Severity = Severity.INFO
+
+
+Staged = Save | SendTasks | AcceptUpdate | WriteJob | AppendMetrics
+Notice = Emit | Reject | CountLate | RecordOutcome | DiscardUploads | StatusChanged
+FollowUp = (OpenRound | CheckUpdate | TallyRound | CloseRound | GatherResults | JudgeRollbacks
+            | GatherEvaluation | AdvanceSecure | RestartSecure | ActivateQueued)
+Effect = Staged | Notice | FollowUp

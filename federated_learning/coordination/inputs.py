@@ -1,0 +1,121 @@
+"""What the coordinator's state machine is fed: a bus message, a clock tick, or what a
+follow-up read (see :mod:`federated_learning.coordination.effects`). Frozen values; the
+shell builds them, :func:`federated_learning.coordination.machine.step` consumes them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from federated_learning.protocol.messages import (
+    ModelReleased,
+    SecureAggregationSpec,
+    TrainingStatus,
+    UpdateSubmitted,
+    VersionCommitted,
+)
+
+
+@dataclass(frozen=True)
+class RoundCandidates:
+    """Who could be asked to open ``round``, as the registry says now."""
+
+    round: int
+    retry: bool
+    candidates: tuple[str, ...]
+    """Live agents of the training's project holding its dataset."""
+    available: tuple[str, ...]
+    """Of those, the ones under the training's hourly task cap."""
+    volunteers: tuple[str, ...]
+    """Live volunteers (plain-HTTP clients): never asked, but they count."""
+    accepted: frozenset[str]
+    """Agents whose update for ``round`` is already accepted (a retry keeps them)."""
+    weights: Mapping[str, float] | None = None
+    """The selection policy's scores; None for uniform selection."""
+
+
+@dataclass(frozen=True)
+class NoticeArrived:
+    """A signed update notice from a registered agent of the training's project."""
+
+    notice: UpdateSubmitted
+    entry_id: str
+    volunteer: bool
+
+
+@dataclass(frozen=True)
+class NoticeChecked:
+    """A notice the round can take, after the shell checked its blob (``problem``: why not)."""
+
+    notice: UpdateSubmitted
+    entry_id: str
+    problem: tuple[str, str] | None
+
+
+@dataclass(frozen=True)
+class RoundTallied:
+    """A collecting round's count of accepted updates, and its live volunteers."""
+
+    accepted: int
+    volunteers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RoundUpdates:
+    """The accepted notices of the round being closed, and what its job needs besides."""
+
+    notices: tuple[UpdateSubmitted, ...]
+    bases: Mapping[int, str] = field(default_factory=dict)
+    """Model digest of each older version an update was trained from (volunteers, FedBuff)."""
+    secure: SecureAggregationSpec | None = None
+
+
+@dataclass(frozen=True)
+class AggregationOverdue:
+    """The round's aggregation deadline passed without a version."""
+
+
+@dataclass(frozen=True)
+class VersionArrived:
+    committed: VersionCommitted
+
+
+@dataclass(frozen=True)
+class RoundResults:
+    """What the committed round produced: its notices, its privacy release, the server's score."""
+
+    committed: VersionCommitted
+    notices: tuple[UpdateSubmitted, ...]
+    release: ModelReleased | None
+    server: tuple[float, float] | None
+    """(accuracy, loss) on the training's server-side validation set."""
+
+
+@dataclass(frozen=True)
+class RollbacksJudged:
+    """The rollback policy ran after a round (it may have moved the current version)."""
+
+    eval_accuracy: float | None
+    """The completed round's federated evaluation accuracy (decides the target accuracy)."""
+
+
+@dataclass(frozen=True)
+class EvaluationReported:
+    notices: tuple[UpdateSubmitted, ...]
+
+
+@dataclass(frozen=True)
+class FinishRequested:
+    status: TrainingStatus
+    reason: str
+
+
+@dataclass(frozen=True)
+class AgentsAlive:
+    """The agents with a live heartbeat (a collecting round reports who dropped out)."""
+
+    alive: frozenset[str]
+
+
+Input = (RoundCandidates | NoticeArrived | NoticeChecked | RoundTallied | RoundUpdates | AggregationOverdue
+         | VersionArrived | RoundResults | RollbacksJudged | EvaluationReported | FinishRequested | AgentsAlive)
