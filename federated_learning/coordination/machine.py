@@ -86,7 +86,7 @@ RUNNING_STATES = (TrainingStatus.RUNNING, TrainingStatus.EVALUATING, TrainingSta
 
 def step(state: TrainingState, event: Input, now: float) -> Transition:
     """The training's next state and the effects that carry it out."""
-    state = state.model_copy(deep=True)
+    state = state.copy_for_update()
     match event:
         case RoundCandidates():
             return open_round(state, event, now)

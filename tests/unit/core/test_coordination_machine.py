@@ -159,7 +159,7 @@ def test_a_new_round_forgets_the_last_rounds_selection() -> None:
 
 def test_the_evaluation_round_asks_every_eligible_agent() -> None:
     state = training(status=TrainingStatus.EVALUATING, round=3)
-    new, effects = step(state, candidates(round=4), NOW)
+    _, effects = step(state, candidates(round=4), NOW)
     tasks = of(effects, fx.SendTasks)[0].tasks
     assert len(tasks) == len(AGENTS) and all(task.kind is TaskKind.EVALUATE for _, task in tasks)
 
@@ -414,3 +414,15 @@ def test_agents_that_stop_heartbeating_before_answering_are_reported_once() -> N
     assert state.dropped == ["agent-01"]
     assert of(effects, fx.RecordOutcome) == [fx.RecordOutcome("agent-01", completed=False)]
     assert step(state, AgentsAlive(alive), NOW)[1] == []
+
+
+def test_a_copy_for_update_shares_nothing_a_step_changes() -> None:
+    state = collecting(secure=SecureRoundState(attempt=1), in_flight={"agent-00": 1.0})
+    copy = state.copy_for_update()
+    copy.selected.append("agent-09")
+    copy.in_flight["agent-01"] = 2.0
+    assert copy.secure is not None
+    copy.secure.share_senders.append("agent-00")
+    assert state.selected == list(AGENTS[:5]) and state.in_flight == {"agent-00": 1.0}
+    assert state.secure is not None and state.secure.share_senders == []
+    assert copy.config is state.config  # frozen: shared
