@@ -42,10 +42,12 @@ class SendTasks:
 
 @dataclass(frozen=True)
 class AcceptUpdate:
-    """Record the notice as its round's update from that agent (once: ``entry_id`` marks it)."""
+    """Record the notice as the agent's update of ``round`` (a buffer number in buffered
+    trainings), once: ``entry_id`` marks it."""
 
     notice: UpdateSubmitted
     entry_id: str
+    round: int
 
 
 @dataclass(frozen=True)
@@ -122,10 +124,22 @@ class OpenRound:
 
 @dataclass(frozen=True)
 class CheckUpdate:
-    """Look for an earlier acceptance and check the update's blob, then step ``NoticeChecked``."""
+    """Look for the agent's accepted update of ``round`` and check the update's blob, then step
+    ``NoticeChecked`` (a redelivery of the accepted entry is dropped silently)."""
 
     notice: UpdateSubmitted
     entry_id: str
+    round: int
+
+
+@dataclass(frozen=True)
+class Refill:
+    """Buffered trainings: read the eligible agents, then step ``BufferCandidates``."""
+
+
+@dataclass(frozen=True)
+class TallyBuffer:
+    """Buffered trainings: count the open buffer's updates, then step ``BufferTallied``."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +201,6 @@ class StatusChanged:
 
 Staged = Save | SendTasks | AcceptUpdate | WriteJob | AppendMetrics
 Notice = Emit | Reject | CountLate | RecordOutcome | DiscardUploads | StatusChanged
-FollowUp = (OpenRound | CheckUpdate | TallyRound | CloseRound | GatherResults | JudgeRollbacks
+FollowUp = (OpenRound | CheckUpdate | Refill | TallyBuffer | TallyRound | CloseRound | GatherResults | JudgeRollbacks
             | GatherEvaluation | AdvanceSecure | RestartSecure | ActivateQueued)
 Effect = Staged | Notice | FollowUp

@@ -53,6 +53,21 @@ class NoticeChecked:
 
 
 @dataclass(frozen=True)
+class BufferCandidates:
+    """Buffered trainings: the live eligible agents; ``open_buffer``: the buffer to open first."""
+
+    candidates: tuple[str, ...]
+    open_buffer: int | None = None
+
+
+@dataclass(frozen=True)
+class BufferTallied:
+    """Buffered trainings: updates in the open buffer."""
+
+    updates: int
+
+
+@dataclass(frozen=True)
 class RoundTallied:
     """A collecting round's count of accepted updates, and its live volunteers."""
 
@@ -117,5 +132,5 @@ class AgentsAlive:
     alive: frozenset[str]
 
 
-Input = (RoundCandidates | NoticeArrived | NoticeChecked | RoundTallied | RoundUpdates | AggregationOverdue
+Input = (RoundCandidates | NoticeArrived | NoticeChecked | BufferCandidates | BufferTallied | RoundTallied | RoundUpdates | AggregationOverdue
          | VersionArrived | RoundResults | RollbacksJudged | EvaluationReported | FinishRequested | AgentsAlive)

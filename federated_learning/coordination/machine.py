@@ -13,6 +13,7 @@ back as another input. Secure rounds hand their exchange to ``services/secure_ro
 
 from __future__ import annotations
 
+from federated_learning.coordination import buffered
 from federated_learning.coordination.checks import notice_metrics, strategy_params
 from federated_learning.coordination.effects import (
     AcceptUpdate,
@@ -41,6 +42,8 @@ from federated_learning.coordination.effects import (
 from federated_learning.coordination.inputs import (
     AgentsAlive,
     AggregationOverdue,
+    BufferCandidates,
+    BufferTallied,
     EvaluationReported,
     FinishRequested,
     Input,
@@ -57,13 +60,9 @@ from federated_learning.coordination.rounds import RoundDecision, decide_round, 
 from federated_learning.coordination.secure import SecureRoundState
 from federated_learning.coordination.selection import round_rng, select_agents
 from federated_learning.coordination.state import RoundPhase, TrainingState
+from federated_learning.coordination.tasks import build_tasks
 from federated_learning.privacy.mechanisms import AdaptiveClipper
-from federated_learning.privacy.release import (
-    adaptive_count_noise_std,
-    clip_norm_type,
-    local_laplace_scale,
-    local_noise_std,
-)
+from federated_learning.privacy.release import adaptive_count_noise_std, clip_norm_type
 from federated_learning.protocol.messages import (
     AggregationJob,
     Evaluation,
@@ -71,7 +70,6 @@ from federated_learning.protocol.messages import (
     ModelReleased,
     RoundMetrics,
     Severity,
-    Task,
     TaskKind,
     TrainingStatus,
     UpdateRef,
@@ -91,9 +89,17 @@ def step(state: TrainingState, event: Input, now: float) -> Transition:
         case RoundCandidates():
             return open_round(state, event, now)
         case NoticeArrived():
+            if buffered.takes_notice(state, event.notice.kind):
+                return buffered.screen_notice(state, event, now)
             return screen_notice(state, event)
         case NoticeChecked():
+            if buffered.takes_notice(state, event.notice.kind):
+                return buffered.take_notice(state, event)
             return take_notice(state, event)
+        case BufferCandidates():
+            return buffered.refill(state, event, now)
+        case BufferTallied():
+            return buffered.flush_if_full(state, event)
         case RoundTallied():
             return advance(state, event, now)
         case RoundUpdates():
@@ -132,21 +138,6 @@ def finish(state: TrainingState, status: TrainingStatus, reason: str) -> Transit
 
 
 # -- opening a round ---------------------------------------------------------------
-
-
-def build_tasks(state: TrainingState, agents: list[str], kind: TaskKind, deadline_at: float
-                ) -> tuple[tuple[str, Task], ...]:
-    """One task per agent on the training's current version, with the round's local settings."""
-    assert state.current_digest is not None and state.current_version is not None
-    settings = state.config.local.model_copy(update={
-        "clip_norm": state.clip_norm, "clip_norm_type": clip_norm_type(state),
-        "local_noise_std": local_noise_std(state), "local_laplace_scale": local_laplace_scale(state)})
-    return tuple((agent_id, Task(kind=kind, training_id=state.training_id, round=state.round,
-                                 attempt=state.attempt, dataset=state.config.dataset, model=state.config.model,
-                                 model_digest=state.current_digest, model_version=state.current_version,
-                                 settings=settings, deadline_at=deadline_at,
-                                 secure=state.secure is not None and kind is TaskKind.TRAIN))
-                 for agent_id in agents)
 
 
 def open_round(state: TrainingState, given: RoundCandidates, now: float) -> Transition:
@@ -239,7 +230,7 @@ def screen_notice(state: TrainingState, given: NoticeArrived) -> Transition:
         if not (given.volunteer and recent and state.secure is None):
             return state, [_refuse(notice, "not_selected", f"agent was not asked in round {notice.round}")]
         state.selected = sorted({*state.selected, notice.agent_id})
-    return state, [CheckUpdate(notice, given.entry_id)]
+    return state, [CheckUpdate(notice, given.entry_id, state.round)]
 
 
 def take_notice(state: TrainingState, given: NoticeChecked) -> Transition:
@@ -250,7 +241,7 @@ def take_notice(state: TrainingState, given: NoticeChecked) -> Transition:
         state.responded.append(notice.agent_id)
     if given.problem is not None:
         return state, [Save(), _refuse(notice, *given.problem), TallyRound()]
-    effects: list[Effect] = [AcceptUpdate(notice, given.entry_id), Save()]
+    effects: list[Effect] = [AcceptUpdate(notice, given.entry_id, notice.round), Save()]
     if notice.kind is TaskKind.TRAIN:
         effects.append(RecordOutcome(notice.agent_id, completed=True))
     return state, [*effects, TallyRound()]

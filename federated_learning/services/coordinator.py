@@ -37,7 +37,6 @@ from federated_learning.protocol.messages import (
 from federated_learning.protocol.secure_messages import SECURE_AGENT_TYPES, message_type
 from federated_learning.records.agents import AgentRegistry, entry_time
 from federated_learning.records.trainings import TrainingStore
-from federated_learning.services.buffered import BufferedRounds
 from federated_learning.services.initial_models import InitialModels
 from federated_learning.services.rollbacks import Rollbacks
 from federated_learning.services.rounds import RoundProtocol
@@ -65,7 +64,6 @@ class Coordinator(RoundProtocol):
                                       require_join_token=ctx.settings.require_join_token,
                                       max_first_joins_per_minute=ctx.settings.max_first_joins_per_minute)
         self._last_tick = 0.0
-        self.buffered = BufferedRounds(self)
         self.rollbacks = Rollbacks(self)
         self.secure = SecureRounds(self)
         self.initial = InitialModels(self)
@@ -229,8 +227,7 @@ class Coordinator(RoundProtocol):
                     TrainingStatus.RUNNING, TrainingStatus.EVALUATING, TrainingStatus.SAVING):
                 await self.resume_interrupted(state)
             elif state.is_buffered and state.status in (TrainingStatus.RUNNING, TrainingStatus.PAUSED):
-                await self.buffered.tick(state)
-                await self.buffered.flush_if_full(state)
+                await self.refill(state)
             elif state.status is TrainingStatus.PAUSED:
                 await self.open_round(state, state.round)
             elif state.phase is RoundPhase.COLLECTING:

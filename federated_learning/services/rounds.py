@@ -29,6 +29,8 @@ from federated_learning.coordination.checks import SignedMessage, check_signatur
 from federated_learning.coordination.inputs import (
     AgentsAlive,
     AggregationOverdue,
+    BufferCandidates,
+    BufferTallied,
     EvaluationReported,
     FinishRequested,
     Input,
@@ -41,9 +43,10 @@ from federated_learning.coordination.inputs import (
     RoundUpdates,
     VersionArrived,
 )
-from federated_learning.coordination.machine import build_tasks, step
+from federated_learning.coordination.machine import step
 from federated_learning.coordination.selection import policy_weights, under_hourly_cap
 from federated_learning.coordination.state import AgentRecord, RoundPhase, TrainingState
+from federated_learning.coordination.tasks import build_tasks
 from federated_learning.presets import trainer_for
 from federated_learning.protocol.banks import decode_bank_upload
 from federated_learning.protocol.keys import Keys
@@ -74,7 +77,6 @@ from federated_learning.services.runtime import ServiceContext
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from federated_learning.services.buffered import BufferedRounds
     from federated_learning.services.initial_models import InitialModels
     from federated_learning.services.rollbacks import Rollbacks
     from federated_learning.services.secure_rounds import SecureRounds
@@ -121,7 +123,7 @@ class AgentMessageOnStream(SignedMessage, Protocol):
 
 
 def take_over(target: TrainingState, source: TrainingState) -> None:
-    """Make ``target`` hold ``source``'s values: the handlers of buffered and secure rounds,
+    """Make ``target`` hold ``source``'s values: the handlers of secure rounds,
     rollbacks and initial models still hold one state object across a step."""
     if target is not source:
         target.__dict__.update(source.__dict__)
@@ -137,7 +139,6 @@ class RoundProtocol:
     settings: Settings
     store: TrainingStore
     registry: AgentRegistry
-    buffered: BufferedRounds
     rollbacks: Rollbacks
     secure: SecureRounds
     initial: InitialModels
@@ -179,7 +180,7 @@ class RoundProtocol:
                 self._stage_tasks(pipe, state, effect)
             case fx.AcceptUpdate():
                 notice = effect.notice
-                pipe.hset(self.keys.round_updates(state.training_id, notice.round), notice.agent_id,
+                pipe.hset(self.keys.round_updates(state.training_id, effect.round), notice.agent_id,
                           notice.model_dump_json())
                 pipe.set(self.keys.applied(ACCEPTED_NOTICE_MARKERS, effect.entry_id),
                          f"{state.training_id}/{notice.round}/{notice.agent_id}", ex=ACCEPTED_NOTICE_MARKER_TTL_S)
@@ -234,6 +235,11 @@ class RoundProtocol:
                 await self._check_update(state, effect)
             case fx.TallyRound():
                 await self.advance(state)
+            case fx.Refill():
+                await self.refill(state)
+            case fx.TallyBuffer():
+                updates = await self.redis.hlen(self.keys.round_updates(state.training_id, state.round))
+                await self.run_step(state, BufferTallied(updates))
             case fx.CloseRound():
                 await self.close_round(state)
             case fx.GatherResults():
@@ -262,7 +268,8 @@ class RoundProtocol:
         """Read who can be asked, then let the machine select agents (or pause the training)."""
         evaluating = state.status is TrainingStatus.EVALUATING
         if state.is_buffered and not evaluating:
-            await self.buffered.open(state, round_number)
+            candidates = await self.registry.eligible(state.config.dataset, state.project)
+            await self.run_step(state, BufferCandidates(tuple(candidates), open_buffer=round_number))
             return
         candidates = await self.registry.eligible(state.config.dataset, state.project)
         accepted = {text(agent) for agent in
@@ -274,6 +281,11 @@ class RoundProtocol:
         await self.run_step(state, RoundCandidates(
             round=round_number, retry=retry, candidates=tuple(candidates), available=tuple(available),
             volunteers=tuple(volunteers), accepted=frozenset(accepted), weights=weights))
+
+    async def refill(self, state: TrainingState) -> None:
+        """Buffered trainings: keep ``clients_per_round`` agents training, flush a full buffer."""
+        candidates = await self.registry.eligible(state.config.dataset, state.project)
+        await self.run_step(state, BufferCandidates(tuple(candidates)))
 
     async def advance(self, state: TrainingState) -> None:
         """Count the collecting round's updates; the machine decides what happens next."""
@@ -321,25 +333,22 @@ class RoundProtocol:
         state, agent = sender
         if notice.kind is TaskKind.PARAMETERS:
             await self.initial.on_parameters(state, notice, volunteer=agent.volunteer)
-        elif state.is_buffered and state.status is TrainingStatus.RUNNING and notice.kind is TaskKind.TRAIN:
-            await self.buffered.on_update(state, notice, context, volunteer=agent.volunteer)
         else:
             await self.run_step(state, NoticeArrived(notice, entry_id.decode(), agent.volunteer))
 
     async def _check_update(self, state: TrainingState, check: fx.CheckUpdate) -> None:
         """(training, round, agent) is accepted once. The entry it was accepted from comes back
-        only as a redelivery (a crash before the ack): silent. Any other entry is a replay of the
-        signed notice or a second upload, and is refused. Else the blob is checked."""
+        only as a redelivery (a crash before the ack): dropped silently. Any other entry is a
+        replay of the signed notice or a second upload, and is refused. Else the blob is checked."""
         notice = check.notice
-        if await self.redis.hexists(self.keys.round_updates(state.training_id, state.round), notice.agent_id):
-            if not await self.redis.exists(self.keys.applied(ACCEPTED_NOTICE_MARKERS, check.entry_id)):
-                await self.ctx.reject("updates", "duplicate",
-                                      f"{notice.kind.value} notice for round {notice.round} already accepted "
-                                      f"from another entry; entry {check.entry_id} is a replay or a "
-                                      f"second upload", training_id=notice.training_id, round=notice.round,
-                                      agent_id=notice.agent_id)
-            return
-        problem = await self._check_update_blob(state, notice)
+        problem: tuple[str, str] | None
+        if await self.redis.hexists(self.keys.round_updates(state.training_id, check.round), notice.agent_id):
+            if await self.redis.exists(self.keys.applied(ACCEPTED_NOTICE_MARKERS, check.entry_id)):
+                return
+            problem = ("duplicate", (f"{notice.kind.value} notice for round {notice.round} already accepted from "
+                                     f"another entry; entry {check.entry_id} is a replay or a second upload"))
+        else:
+            problem = await self._check_update_blob(state, notice)
         await self.run_step(state, NoticeChecked(notice, check.entry_id, problem))
 
     # -- committed versions --------------------------------------------------------

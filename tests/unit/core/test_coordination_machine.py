@@ -10,6 +10,8 @@ from federated_learning.coordination import effects as fx
 from federated_learning.coordination.inputs import (
     AgentsAlive,
     AggregationOverdue,
+    BufferCandidates,
+    BufferTallied,
     EvaluationReported,
     FinishRequested,
     NoticeArrived,
@@ -176,7 +178,7 @@ def test_a_secure_round_starts_a_session_and_marks_its_tasks() -> None:
 
 def test_a_notice_of_a_selected_agent_is_checked() -> None:
     _, effects = step(collecting(), NoticeArrived(notice(), "1-0", volunteer=False), NOW)
-    assert effects == [fx.CheckUpdate(notice(), "1-0")]
+    assert effects == [fx.CheckUpdate(notice(), "1-0", 1)]
 
 
 def test_a_notice_from_an_agent_not_asked_is_refused() -> None:
@@ -228,7 +230,7 @@ def test_a_volunteer_syncing_while_paused_is_kept_for_the_next_round() -> None:
 def test_a_checked_update_is_accepted_with_its_marker_and_outcome_then_tallied() -> None:
     state, effects = step(collecting(), NoticeChecked(notice(), "1-0", None), NOW)
     assert state.responded == ["agent-00"]
-    assert effects == [fx.AcceptUpdate(notice(), "1-0"), fx.Save(), fx.RecordOutcome("agent-00", completed=True),
+    assert effects == [fx.AcceptUpdate(notice(), "1-0", 1), fx.Save(), fx.RecordOutcome("agent-00", completed=True),
                        fx.TallyRound()]
 
 
@@ -426,3 +428,77 @@ def test_a_copy_for_update_shares_nothing_a_step_changes() -> None:
     assert state.selected == list(AGENTS[:5]) and state.in_flight == {"agent-00": 1.0}
     assert state.secure is not None and state.secure.share_senders == []
     assert copy.config is state.config  # frozen: shared
+
+
+# -- buffered (FedBuff) trainings -----------------------------------------------------------
+
+
+def buffered(**overrides: Any) -> TrainingState:
+    config = {"algorithm": "fedbuff", "algorithm_params": {"buffer_size": 3}, **overrides.pop("config", {})}
+    fields: dict[str, Any] = {"round": 1, "phase": RoundPhase.COLLECTING, "config": config, **overrides}
+    return training(**fields)
+
+
+def test_opening_a_buffer_keeps_clients_per_round_agents_training() -> None:
+    state, effects = step(training(config={"algorithm": "fedbuff"}), BufferCandidates(AGENTS, open_buffer=1), NOW)
+    assert (state.round, state.phase, state.attempt) == (1, RoundPhase.COLLECTING, 1)
+    tasks = of(effects, fx.SendTasks)[0].tasks
+    assert len(tasks) == 4 and set(state.in_flight) == {agent for agent, _ in tasks}
+    assert set(state.in_flight.values()) == {NOW + 30} and effects[-1] == fx.TallyBuffer()
+
+
+def test_a_refill_forgets_overdue_tasks_and_asks_others() -> None:
+    state = buffered(in_flight={"agent-00": NOW - 1, "agent-01": NOW + 10},
+                     in_flight_attempt={"agent-00": 1, "agent-01": 1}, attempt=1)
+    state, effects = step(state, BufferCandidates(AGENTS), NOW)
+    assert "agent-01" in state.in_flight and len(state.in_flight) == 4
+    assert state.in_flight["agent-00" if "agent-00" in state.in_flight else "agent-01"] > NOW - 1
+    assert of(effects, fx.SendTasks)
+
+
+def test_a_buffered_training_without_agents_pauses_then_resumes() -> None:
+    state, effects = step(buffered(), BufferCandidates(()), NOW)
+    assert state.status is TrainingStatus.PAUSED and of(effects, fx.StatusChanged)
+    state, effects = step(state, BufferCandidates(AGENTS), NOW)
+    assert state.status is TrainingStatus.RUNNING and of(effects, fx.SendTasks)
+
+
+def test_a_buffered_update_goes_through_the_common_acceptance_path() -> None:
+    state = buffered(in_flight={"agent-00": NOW + 10}, in_flight_attempt={"agent-00": 2})
+    state, effects = step(state, NoticeArrived(notice(attempt=2), "1-0", volunteer=False), NOW)
+    assert state.in_flight == {} and effects == [fx.CheckUpdate(notice(attempt=2), "1-0", 1)]
+    state, effects = step(state, NoticeChecked(notice(attempt=2), "1-0", None), NOW)
+    assert effects == [fx.AcceptUpdate(notice(attempt=2), "1-0", 1), fx.Save(),
+                       fx.RecordOutcome("agent-00", completed=True), fx.Refill()]
+
+
+def test_updates_arriving_while_a_buffer_is_aggregated_fill_the_next() -> None:
+    state = buffered(phase=RoundPhase.AGGREGATING, in_flight={"agent-00": NOW + 10}, in_flight_attempt={"agent-00": 1})
+    _, effects = step(state, NoticeArrived(notice(), "1-0", volunteer=False), NOW)
+    assert effects == [fx.CheckUpdate(notice(), "1-0", 2)]
+
+
+def test_a_buffered_update_without_a_task_in_flight_is_refused_quietly() -> None:
+    _, effects = step(buffered(), NoticeArrived(notice(), "1-0", volunteer=False), NOW)
+    (reject,) = of(effects, fx.Reject)
+    assert reject.reason == "not_selected" and reject.severity.value == "info"
+
+
+def test_a_too_stale_buffered_update_is_refused_and_its_slot_refilled() -> None:
+    state = buffered(current_version=20, in_flight={"agent-00": NOW + 10}, in_flight_attempt={"agent-00": 1})
+    state, effects = step(state, NoticeArrived(notice(received_model_version=5), "1-0", volunteer=False), NOW)
+    assert of(effects, fx.Reject)[0].reason == "stale_round" and effects[-1] == fx.Refill()
+    assert state.in_flight == {}
+
+
+def test_a_volunteers_update_is_taken_as_its_own_task() -> None:
+    state, effects = step(buffered(), NoticeArrived(notice("http-1"), "1-0", volunteer=True), NOW)
+    assert of(effects, fx.CheckUpdate) and "http-1" not in state.in_flight
+
+
+def test_a_full_buffer_becomes_a_job_with_its_buffer_size() -> None:
+    assert step(buffered(), BufferTallied(2), NOW)[1] == []
+    assert step(buffered(), BufferTallied(3), NOW)[1] == [fx.CloseRound()]
+    notices = tuple(notice(f"agent-0{i}") for i in range(5))
+    _, effects = step(buffered(attempt=4), RoundUpdates(notices), NOW)
+    assert of(effects, fx.WriteJob)[0].job.algorithm_params["buffer_size"] == 5
