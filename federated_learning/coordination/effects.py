@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel
+
 from federated_learning.protocol.messages import (
     AggregationJob,
     RoundMetrics,
@@ -22,6 +24,7 @@ from federated_learning.protocol.messages import (
     UpdateSubmitted,
     VersionCommitted,
 )
+from federated_learning.protocol.secure_messages import SecureAgentMessage
 
 # -- staged: written together with the state, in one transaction ------------------
 
@@ -47,6 +50,28 @@ class AcceptUpdate:
 
     notice: UpdateSubmitted
     entry_id: str
+    round: int
+
+
+@dataclass(frozen=True)
+class SendMessages:
+    """Put secure-exchange messages (roster, delivered shares, unmask requests) in inboxes."""
+
+    messages: tuple[tuple[str, BaseModel], ...]
+
+
+@dataclass(frozen=True)
+class StoreSecureMessage:
+    """Keep an agent's message of the current secure phase (once per agent; the shell files it
+    under the round's session attempt), and the advertised public keys' owner."""
+
+    message: SecureAgentMessage
+
+
+@dataclass(frozen=True)
+class ClearRoundUpdates:
+    """Forget the round's accepted updates (a new secure session, an operator's rollback)."""
+
     round: int
 
 
@@ -173,15 +198,14 @@ class GatherEvaluation:
 
 
 @dataclass(frozen=True)
-class AdvanceSecure:
-    """A secure round's exchange decides what happens next (``services/secure_rounds.py``)."""
+class TallySecure:
+    """Count the answers of the secure exchange's current phase, then step ``SecureTallied``."""
 
 
 @dataclass(frozen=True)
-class RestartSecure:
-    """Abandon the secure session and select anew."""
-
-    why: str
+class CollectSecure:
+    """Read what the completed secure phase produced (advertised keys, share submissions, the
+    uploaders), then step ``KeysCollected``, ``SharesCollected`` or ``UploadersCollected``."""
 
 
 @dataclass(frozen=True)
@@ -199,8 +223,8 @@ class StatusChanged:
     severity: Severity = Severity.INFO
 
 
-Staged = Save | SendTasks | AcceptUpdate | WriteJob | AppendMetrics
+Staged = Save | SendTasks | SendMessages | StoreSecureMessage | ClearRoundUpdates | AcceptUpdate | WriteJob | AppendMetrics
 Notice = Emit | Reject | CountLate | RecordOutcome | DiscardUploads | StatusChanged
 FollowUp = (OpenRound | CheckUpdate | Refill | TallyBuffer | TallyRound | CloseRound | GatherResults | JudgeRollbacks
-            | GatherEvaluation | AdvanceSecure | RestartSecure | ActivateQueued)
+            | GatherEvaluation | TallySecure | CollectSecure | ActivateQueued)
 Effect = Staged | Notice | FollowUp

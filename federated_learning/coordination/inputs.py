@@ -14,6 +14,11 @@ from federated_learning.protocol.messages import (
     UpdateSubmitted,
     VersionCommitted,
 )
+from federated_learning.protocol.secure_messages import (
+    SecureAgentMessage,
+    SecureKeysAdvertised,
+    SecureSharesSubmitted,
+)
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,39 @@ class RoundUpdates:
 
 
 @dataclass(frozen=True)
+class SecureMessageArrived:
+    """A signed secure-exchange message from a registered agent of the training's project;
+    ``key_owners``: for advertised keys, the agent that advertised each earlier in the session."""
+
+    message: SecureAgentMessage
+    key_owners: Mapping[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SecureTallied:
+    """Answers stored for the secure exchange's current phase."""
+
+    arrived: int
+
+
+@dataclass(frozen=True)
+class KeysCollected:
+    advertised: tuple[SecureKeysAdvertised, ...]
+    session_id: str
+    """A fresh random id for the session (the shell draws it: the machine stays deterministic)."""
+
+
+@dataclass(frozen=True)
+class SharesCollected:
+    submissions: tuple[SecureSharesSubmitted, ...]
+
+
+@dataclass(frozen=True)
+class UploadersCollected:
+    uploaders: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class AggregationOverdue:
     """The round's aggregation deadline passed without a version."""
 
@@ -132,5 +170,6 @@ class AgentsAlive:
     alive: frozenset[str]
 
 
-Input = (RoundCandidates | NoticeArrived | NoticeChecked | BufferCandidates | BufferTallied | RoundTallied | RoundUpdates | AggregationOverdue
+Input = (RoundCandidates | NoticeArrived | NoticeChecked | BufferCandidates | BufferTallied | SecureMessageArrived
+         | SecureTallied | KeysCollected | SharesCollected | UploadersCollected | RoundTallied | RoundUpdates | AggregationOverdue
          | VersionArrived | RoundResults | RollbacksJudged | EvaluationReported | FinishRequested | AgentsAlive)

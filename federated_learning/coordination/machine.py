@@ -5,20 +5,19 @@ round with over-selection, taking or refusing an update notice, deciding to wait
 aggregate, retry or give up, building the aggregation job, completing a round when its
 version is committed, the final evaluation round, and finishing. Nothing here reads or
 writes Redis: what the shell must read is asked for by a follow-up effect, and comes
-back as another input. Secure rounds hand their exchange to ``services/secure_rounds.py``
-(``AdvanceSecure``/``RestartSecure``); buffered (FedBuff) trainings keep their own path.
+back as another input. Buffered (FedBuff) trainings and the secure exchange are policies of
+the same machine (``buffered.py``, ``secure_exchange.py``); every training takes updates
+through one path (``CheckUpdate`` then ``AcceptUpdate``).
 
 ``step`` works on a copy: the caller's state is never changed.
 """
 
 from __future__ import annotations
 
-from federated_learning.coordination import buffered
+from federated_learning.coordination import buffered, secure_exchange
 from federated_learning.coordination.checks import notice_metrics, strategy_params
 from federated_learning.coordination.effects import (
     AcceptUpdate,
-    ActivateQueued,
-    AdvanceSecure,
     AppendMetrics,
     CheckUpdate,
     CloseRound,
@@ -32,11 +31,10 @@ from federated_learning.coordination.effects import (
     OpenRound,
     RecordOutcome,
     Reject,
-    RestartSecure,
     Save,
     SendTasks,
-    StatusChanged,
     TallyRound,
+    TallySecure,
     WriteJob,
 )
 from federated_learning.coordination.inputs import (
@@ -47,6 +45,7 @@ from federated_learning.coordination.inputs import (
     EvaluationReported,
     FinishRequested,
     Input,
+    KeysCollected,
     NoticeArrived,
     NoticeChecked,
     RollbacksJudged,
@@ -54,8 +53,13 @@ from federated_learning.coordination.inputs import (
     RoundResults,
     RoundTallied,
     RoundUpdates,
+    SecureMessageArrived,
+    SecureTallied,
+    SharesCollected,
+    UploadersCollected,
     VersionArrived,
 )
+from federated_learning.coordination.lifecycle import finish, status_changed
 from federated_learning.coordination.rounds import RoundDecision, decide_round, summarize_notices
 from federated_learning.coordination.secure import SecureRoundState
 from federated_learning.coordination.selection import round_rng, select_agents
@@ -100,6 +104,16 @@ def step(state: TrainingState, event: Input, now: float) -> Transition:
             return buffered.refill(state, event, now)
         case BufferTallied():
             return buffered.flush_if_full(state, event)
+        case SecureMessageArrived():
+            return secure_exchange.screen_message(state, event)
+        case SecureTallied():
+            return secure_exchange.tally(state, event, now)
+        case KeysCollected():
+            return secure_exchange.publish_roster(state, event, now)
+        case SharesCollected():
+            return secure_exchange.deliver_shares(state, event, now)
+        case UploadersCollected():
+            return secure_exchange.request_unmasking(state, event, now)
         case RoundTallied():
             return advance(state, event, now)
         case RoundUpdates():
@@ -118,23 +132,6 @@ def step(state: TrainingState, event: Input, now: float) -> Transition:
             return finish(state, event.status, event.reason)
         case AgentsAlive():
             return report_dropouts(state, event.alive)
-
-
-def status_changed(state: TrainingState, severity: Severity = Severity.INFO) -> StatusChanged:
-    return StatusChanged(state.status, state.reason, state.round, severity)
-
-
-def finish(state: TrainingState, status: TrainingStatus, reason: str) -> Transition:
-    state.status, state.reason, state.phase = status, reason, RoundPhase.IDLE
-    effects: list[Effect] = [Save(active=False), status_changed(
-        state, Severity.INFO if status is TrainingStatus.COMPLETED else Severity.WARNING)]
-    if status is TrainingStatus.COMPLETED:
-        effects.append(Emit("training_completed", f"training completed after {state.completed_rounds} rounds",
-                            data={"final_version": state.current_version,
-                                  "final_evaluation": state.final_evaluation.model_dump()
-                                  if state.final_evaluation else None}))
-    effects.append(ActivateQueued())
-    return state, effects
 
 
 # -- opening a round ---------------------------------------------------------------
@@ -256,7 +253,7 @@ def advance(state: TrainingState, tally: RoundTallied, now: float) -> Transition
         return state, []
     evaluating = state.status is TrainingStatus.EVALUATING
     if state.secure is not None and not evaluating:
-        return state, [AdvanceSecure()]
+        return state, [TallySecure()]
     # Live volunteers (plain-HTTP clients) may still send an update for this round; one that
     # let the last round it was waited for close without its update is not waited for again.
     expected = set(state.selected)
@@ -328,7 +325,7 @@ def aggregation_overdue(state: TrainingState) -> Transition:
         if state.retries + 1 >= state.config.max_round_attempts:
             return finish(state, TrainingStatus.FAILED, f"round {state.round}: no version from "
                                                         f"{state.retries + 1} secure sessions (see aggregation_failed events)")
-        return state, [RestartSecure("no version from the aggregation (see aggregation_failed events)")]
+        return secure_exchange.restart(state, "no version from the aggregation (see aggregation_failed events)")
     state.aggregation_attempts += 1
     if state.aggregation_attempts >= state.config.max_round_attempts:
         return finish(state, TrainingStatus.FAILED,

@@ -72,14 +72,16 @@ def decide_phase(*, arrived: int, expected: int, needed: int, now: float, deadli
 
 
 def build_session(advertised: list[SecureKeysAdvertised], *, threshold_fraction: float,
-                  vector_length: int, clip_range: float, counts_unclipped: bool = False) -> SecureSession:
-    """The roster of everyone who advertised keys, sorted by agent id, with a fresh session id.
-    vector_length: the model's values; one more when the session counts unclipped updates."""
+                  vector_length: int, clip_range: float, counts_unclipped: bool = False,
+                  session_id: str | None = None) -> SecureSession:
+    """The roster of everyone who advertised keys, sorted by agent id, with ``session_id`` (a
+    fresh random one when None). vector_length: the model's values; one more when the session
+    counts unclipped updates."""
     members = [RosterMember(agent_id=a.agent_id, cipher_public_key=a.cipher_public_key,
                             mask_public_key=a.mask_public_key, num_examples=a.num_examples)
                for a in sorted(advertised, key=lambda a: a.agent_id)]
     return SecureSession(
-        session_id=os.urandom(16).hex(), threshold=session_threshold(len(members), threshold_fraction),
+        session_id=session_id or os.urandom(16).hex(), threshold=session_threshold(len(members), threshold_fraction),
         vector_length=vector_length + counts_unclipped, scale=fixed_point_scale(len(members), clip_range),
         clip_range=clip_range, weight_normaliser=max(m.num_examples for m in members),
         counts_unclipped=counts_unclipped, members=members)

@@ -36,12 +36,12 @@ from federated_learning.protocol.messages import (
 )
 from federated_learning.protocol.secure_messages import SECURE_AGENT_TYPES, message_type
 from federated_learning.records.agents import AgentRegistry, entry_time
+from federated_learning.records.secure_exchange import SecureExchange
 from federated_learning.records.trainings import TrainingStore
 from federated_learning.services.initial_models import InitialModels
 from federated_learning.services.rollbacks import Rollbacks
 from federated_learning.services.rounds import RoundProtocol
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
-from federated_learning.services.secure_rounds import SecureRounds
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Coordinator(RoundProtocol):
                                       max_first_joins_per_minute=ctx.settings.max_first_joins_per_minute)
         self._last_tick = 0.0
         self.rollbacks = Rollbacks(self)
-        self.secure = SecureRounds(self)
+        self.exchange = SecureExchange(ctx.redis, ctx.keys)
         self.initial = InitialModels(self)
         self.consumer = StreamConsumer(
             ctx.redis, GROUP_COORDINATOR, f"coordinator-{ctx.instance}",
@@ -175,7 +175,7 @@ class Coordinator(RoundProtocol):
         """The update stream carries update notices and the secure-aggregation exchange."""
         kind = message_type(fields)
         if kind in SECURE_AGENT_TYPES:
-            await self.secure.on_message(fields)
+            await self.on_secure_message(fields)
         elif kind == "model_refused":
             await self.initial.on_refused(fields)
         else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Protocol, TypedDict
 
@@ -34,6 +35,7 @@ from federated_learning.coordination.inputs import (
     EvaluationReported,
     FinishRequested,
     Input,
+    KeysCollected,
     NoticeArrived,
     NoticeChecked,
     RollbacksJudged,
@@ -41,9 +43,15 @@ from federated_learning.coordination.inputs import (
     RoundResults,
     RoundTallied,
     RoundUpdates,
+    SecureMessageArrived,
+    SecureTallied,
+    SharesCollected,
+    UploadersCollected,
     VersionArrived,
 )
 from federated_learning.coordination.machine import step
+from federated_learning.coordination.secure import SecurePhase
+from federated_learning.coordination.secure_exchange import masked_upload_problem
 from federated_learning.coordination.selection import policy_weights, under_hourly_cap
 from federated_learning.coordination.state import AgentRecord, RoundPhase, TrainingState
 from federated_learning.coordination.tasks import build_tasks
@@ -55,6 +63,7 @@ from federated_learning.protocol.messages import (
     MemoryBankModel,
     ModelReleased,
     PresetModel,
+    SecureAggregationSpec,
     Severity,
     TaskKind,
     TrainingStatus,
@@ -63,9 +72,18 @@ from federated_learning.protocol.messages import (
     decode,
     encode,
 )
+from federated_learning.protocol.secure_messages import (
+    MASKED_DTYPES,
+    MASKED_LAYER,
+    SecureKeysAdvertised,
+    SecureSharesSubmitted,
+    SecureUnmaskShares,
+    decode_secure_agent_message,
+)
 from federated_learning.protocol.tensors import InvalidTensor, decode_layers
 from federated_learning.protocol.updates import decode_update
 from federated_learning.records.agents import AgentRegistry
+from federated_learning.records.secure_exchange import SecureExchange
 from federated_learning.records.trainings import TrainingStore
 from federated_learning.records.validation_sets import (
     READ_TIMEOUT_S,
@@ -79,7 +97,6 @@ if TYPE_CHECKING:
 
     from federated_learning.services.initial_models import InitialModels
     from federated_learning.services.rollbacks import Rollbacks
-    from federated_learning.services.secure_rounds import SecureRounds
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +118,8 @@ BYTES_RECEIVED = Counter("fl_update_bytes_received_total", "Bytes of accepted up
 ROUND_SECONDS = Histogram("fl_round_seconds", "Seconds from round start to committed version",
                           buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))
 
-STAGED = (fx.Save, fx.SendTasks, fx.AcceptUpdate, fx.WriteJob, fx.AppendMetrics)
+STAGED = (fx.Save, fx.SendTasks, fx.SendMessages, fx.StoreSecureMessage, fx.ClearRoundUpdates, fx.AcceptUpdate,
+          fx.WriteJob, fx.AppendMetrics)
 
 
 class UpdateContext(TypedDict):
@@ -140,7 +158,7 @@ class RoundProtocol:
     store: TrainingStore
     registry: AgentRegistry
     rollbacks: Rollbacks
-    secure: SecureRounds
+    exchange: SecureExchange
     initial: InitialModels
     activate_queued: Callable[[], Awaitable[None]]
 
@@ -178,6 +196,13 @@ class RoundProtocol:
                 self.store.stage_save(pipe, state, active=effect.active)
             case fx.SendTasks():
                 self._stage_tasks(pipe, state, effect)
+            case fx.SendMessages():
+                for agent_id, message in effect.messages:
+                    pipe.xadd(self.keys.inbox_stream(agent_id), encode(message), maxlen=INBOX_MAXLEN, approximate=True)
+            case fx.StoreSecureMessage():
+                self.exchange.stage_store(pipe, state, effect.message)
+            case fx.ClearRoundUpdates():
+                pipe.delete(self.keys.round_updates(state.training_id, effect.round))
             case fx.AcceptUpdate():
                 notice = effect.notice
                 pipe.hset(self.keys.round_updates(state.training_id, effect.round), notice.agent_id,
@@ -249,10 +274,10 @@ class RoundProtocol:
             case fx.GatherEvaluation():
                 notices = await self._round_notices(state)
                 await self.run_step(state, EvaluationReported(tuple(notices)))
-            case fx.AdvanceSecure():
-                await self.secure.advance(state)
-            case fx.RestartSecure():
-                await self.secure.restart(state, effect.why)
+            case fx.TallySecure():
+                await self.run_step(state, SecureTallied(await self.exchange.count(state)))
+            case fx.CollectSecure():
+                await self._collect_secure(state)
             case fx.ActivateQueued():
                 await self.activate_queued()
 
@@ -305,8 +330,43 @@ class RoundProtocol:
             record = await self.rollbacks.index.get(state.training_id, version)
             if record is not None:
                 bases[version] = record.model_digest
-        secure = await self.secure.job_spec(state) if state.secure is not None else None
-        await self.run_step(state, RoundUpdates(tuple(notices), bases, secure))
+        await self.run_step(state, RoundUpdates(tuple(notices), bases, await self._secure_job_spec(state)))
+
+    async def _secure_job_spec(self, state: TrainingState) -> SecureAggregationSpec | None:
+        """What the aggregator needs to remove the masks of the secure round being closed."""
+        secure = state.secure
+        if secure is None:
+            return None
+        assert secure.session is not None
+        responses = await self.exchange.stored(state, SecurePhase.UNMASK, SecureUnmaskShares)
+        return SecureAggregationSpec(session=secure.session, attempt=secure.attempt,
+                                     share_senders=secure.share_senders, responders=[r.agent_id for r in responses])
+
+    async def _collect_secure(self, state: TrainingState) -> None:
+        """What the completed phase produced, for the machine to start the next one."""
+        assert state.secure is not None
+        phase = state.secure.phase
+        if phase is SecurePhase.KEYS:
+            advertised = await self.exchange.stored(state, phase, SecureKeysAdvertised)
+            await self.run_step(state, KeysCollected(tuple(advertised), os.urandom(16).hex()))
+        elif phase is SecurePhase.SHARES:
+            submissions = await self.exchange.stored(state, phase, SecureSharesSubmitted)
+            await self.run_step(state, SharesCollected(tuple(submissions)))
+        elif phase is SecurePhase.MASKED:
+            await self.run_step(state, UploadersCollected(tuple(await self.exchange.uploaders(state))))
+
+    async def on_secure_message(self, fields: dict[bytes, bytes]) -> None:
+        try:
+            message = decode_secure_agent_message(fields)
+        except MalformedMessage as exc:
+            await self.ctx.reject("updates", "malformed", exc.reason)
+            return
+        sender = await self.check_sender(message, {"training_id": message.training_id, "round": message.round,
+                                                   "agent_id": message.agent_id})
+        if sender is not None:
+            state, _agent = sender
+            owners = await self.exchange.key_owners(state, message)
+            await self.run_step(state, SecureMessageArrived(message, owners))
 
     def stage_tasks(self, pipe: Pipeline, state: TrainingState, agents: list[str], kind: TaskKind,
                     deadline_at: float) -> None:
@@ -418,7 +478,7 @@ class RoundProtocol:
                                           f"weighs one update by at most {state.config.max_examples_per_update} "
                                           "(max_examples_per_update)"))
         if state.config.secure_aggregation and not state.is_buffered:
-            return await self.secure.check_upload(state, notice)
+            return await self._check_masked_upload(state, notice)
         spec = state.config.model
         try:
             data = await self.ctx.blobs.get(notice.update_digest, owner=notice.agent_id)
@@ -430,6 +490,26 @@ class RoundProtocol:
             return "blob_missing", f"no blob {notice.update_digest}"
         except InvalidTensor as exc:
             return exc.reason, exc.detail
+        return None
+
+    async def _check_masked_upload(self, state: TrainingState, notice: UpdateSubmitted) -> tuple[str, str] | None:
+        """Why a masked upload is refused (wrong phase, not a share sender, bad blob), or None."""
+        problem = masked_upload_problem(state, notice)
+        if problem is not None:
+            return problem
+        assert state.secure is not None and state.secure.session is not None and notice.update_digest is not None
+        try:
+            layers = decode_layers(await self.ctx.blobs.get(notice.update_digest, owner=notice.agent_id),
+                                   max_bytes=self.settings.max_blob_bytes, allowed_dtypes=MASKED_DTYPES)
+        except BlobMissing:
+            return "blob_missing", f"no blob {notice.update_digest}"
+        except InvalidTensor as exc:
+            return exc.reason, exc.detail
+        shape = [tuple(layer.shape) for layer in layers.values()]
+        length = state.secure.session.vector_length
+        if list(layers) != [MASKED_LAYER] or shape != [(length,)]:
+            return "bad_shape", (f"a masked update is one uint32 tensor '{MASKED_LAYER}' of {length} values; "
+                                 f"got {dict(zip(layers, shape, strict=True))}")
         return None
 
     async def _within_cap(self, state: TrainingState, candidates: list[str]) -> list[str]:

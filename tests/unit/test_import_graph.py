@@ -28,9 +28,6 @@ ALLOWED_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset({
     (f"{_SERVICES}.rollbacks", f"{_SERVICES}.coordinator"),
     (f"{_SERVICES}.rounds", f"{_SERVICES}.initial_models"),
     (f"{_SERVICES}.rounds", f"{_SERVICES}.rollbacks"),
-    (f"{_SERVICES}.rounds", f"{_SERVICES}.secure_rounds"),
-    (f"{_SERVICES}.secure_rounds", f"{_SERVICES}.coordinator"),
-    (f"{_SERVICES}.secure_rounds", f"{_SERVICES}.rounds"),
 })
 
 

@@ -278,7 +278,7 @@ def test_a_live_volunteer_is_awaited_once_then_not_again() -> None:
 
 def test_a_secure_round_hands_the_decision_to_its_exchange() -> None:
     state = collecting(secure=SecureRoundState(attempt=1))
-    assert step(state, RoundTallied(0, ()), NOW)[1] == [fx.AdvanceSecure()]
+    assert step(state, RoundTallied(0, ()), NOW)[1] == [fx.TallySecure()]
 
 
 def test_the_evaluation_round_completes_when_everyone_asked_answered() -> None:
@@ -326,7 +326,9 @@ def test_an_overdue_aggregation_is_asked_again_then_gives_up() -> None:
 
 def test_an_overdue_secure_aggregation_restarts_the_session() -> None:
     state = collecting(phase=RoundPhase.AGGREGATING, secure=SecureRoundState(attempt=1))
-    assert of(step(state, AggregationOverdue(), NOW)[1], fx.RestartSecure)
+    state, effects = step(state, AggregationOverdue(), NOW)
+    assert state.secure is None and state.selected == [] and state.retries == 1
+    assert fx.ClearRoundUpdates(1) in effects and effects[-1] == fx.OpenRound(1, retry=True)
 
 
 def committed(version: int = 1, round: int = 1) -> VersionCommitted:
