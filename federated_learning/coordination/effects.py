@@ -108,8 +108,8 @@ class Reject:
     reason: str
     detail: str
     training_id: str
-    round: int
-    agent_id: str
+    round: int | None = None
+    agent_id: str | None = None
     severity: Severity = Severity.WARNING
 
 
@@ -127,6 +127,16 @@ class RecordOutcome:
 
     agent_id: str
     completed: bool
+
+
+@dataclass(frozen=True)
+class RolledBack:
+    """An earlier version became current (a ``rollback`` event, counted by trigger)."""
+
+    from_version: int | None
+    to_version: int
+    reason: str
+    automatic: bool
 
 
 @dataclass(frozen=True)
@@ -186,9 +196,19 @@ class GatherResults:
 
 @dataclass(frozen=True)
 class JudgeRollbacks:
-    """Apply an operator's deferred rollback (the state's ``pending_rollback``), or the automatic
-    policy; then step ``RollbacksJudged`` with ``eval_accuracy`` (the round's, passed through)."""
+    """Read the training's round metrics for the automatic rollback policy, then step
+    ``VersionsScored`` with ``eval_accuracy`` (the completed round's, passed through)."""
 
+    eval_accuracy: float | None
+
+
+@dataclass(frozen=True)
+class ReadVersion:
+    """Read ``version``'s record to roll back to it, then step ``RollbackTarget``."""
+
+    version: int
+    reason: str
+    automatic: bool
     eval_accuracy: float | None
 
 
@@ -224,7 +244,7 @@ class StatusChanged:
 
 
 Staged = Save | SendTasks | SendMessages | StoreSecureMessage | ClearRoundUpdates | AcceptUpdate | WriteJob | AppendMetrics
-Notice = Emit | Reject | CountLate | RecordOutcome | DiscardUploads | StatusChanged
-FollowUp = (OpenRound | CheckUpdate | Refill | TallyBuffer | TallyRound | CloseRound | GatherResults | JudgeRollbacks
+Notice = Emit | Reject | CountLate | RecordOutcome | RolledBack | DiscardUploads | StatusChanged
+FollowUp = (OpenRound | CheckUpdate | Refill | TallyBuffer | TallyRound | CloseRound | GatherResults | JudgeRollbacks | ReadVersion
             | GatherEvaluation | TallySecure | CollectSecure | ActivateQueued)
 Effect = Staged | Notice | FollowUp

@@ -9,16 +9,19 @@ from dataclasses import dataclass, field
 
 from federated_learning.protocol.messages import (
     ModelReleased,
+    RollbackTraining,
     SecureAggregationSpec,
     TrainingStatus,
     UpdateSubmitted,
     VersionCommitted,
+    VersionRecord,
 )
 from federated_learning.protocol.secure_messages import (
     SecureAgentMessage,
     SecureKeysAdvertised,
     SecureSharesSubmitted,
 )
+from federated_learning.versioning.rollback import VersionScore
 
 
 @dataclass(frozen=True)
@@ -145,11 +148,31 @@ class RoundResults:
 
 
 @dataclass(frozen=True)
-class RollbacksJudged:
-    """The rollback policy ran after a round (it may have moved the current version)."""
+class VersionsScored:
+    """Each evaluated version's score so far (the automatic rollback policy judges them)."""
 
+    scores: tuple[VersionScore, ...]
     eval_accuracy: float | None
     """The completed round's federated evaluation accuracy (decides the target accuracy)."""
+
+
+@dataclass(frozen=True)
+class RollbackTarget:
+    """The version a rollback after a round goes to (None: it does not exist)."""
+
+    record: VersionRecord | None
+    reason: str
+    automatic: bool
+    eval_accuracy: float | None
+
+
+@dataclass(frozen=True)
+class RollbackRequested:
+    """An operator's rollback (``request_id``: its control entry), with the target's record."""
+
+    command: RollbackTraining
+    request_id: str
+    record: VersionRecord | None
 
 
 @dataclass(frozen=True)
@@ -172,4 +195,4 @@ class AgentsAlive:
 
 Input = (RoundCandidates | NoticeArrived | NoticeChecked | BufferCandidates | BufferTallied | SecureMessageArrived
          | SecureTallied | KeysCollected | SharesCollected | UploadersCollected | RoundTallied | RoundUpdates | AggregationOverdue
-         | VersionArrived | RoundResults | RollbacksJudged | EvaluationReported | FinishRequested | AgentsAlive)
+         | VersionArrived | RoundResults | VersionsScored | RollbackTarget | RollbackRequested | EvaluationReported | FinishRequested | AgentsAlive)

@@ -14,7 +14,7 @@ through one path (``CheckUpdate`` then ``AcceptUpdate``).
 
 from __future__ import annotations
 
-from federated_learning.coordination import buffered, secure_exchange
+from federated_learning.coordination import buffered, rollbacks, secure_exchange
 from federated_learning.coordination.checks import notice_metrics, strategy_params
 from federated_learning.coordination.effects import (
     AcceptUpdate,
@@ -29,6 +29,7 @@ from federated_learning.coordination.effects import (
     GatherResults,
     JudgeRollbacks,
     OpenRound,
+    ReadVersion,
     RecordOutcome,
     Reject,
     Save,
@@ -48,7 +49,8 @@ from federated_learning.coordination.inputs import (
     KeysCollected,
     NoticeArrived,
     NoticeChecked,
-    RollbacksJudged,
+    RollbackRequested,
+    RollbackTarget,
     RoundCandidates,
     RoundResults,
     RoundTallied,
@@ -58,8 +60,13 @@ from federated_learning.coordination.inputs import (
     SharesCollected,
     UploadersCollected,
     VersionArrived,
+    VersionsScored,
 )
-from federated_learning.coordination.lifecycle import finish, status_changed
+from federated_learning.coordination.lifecycle import (
+    complete_evaluation,
+    finish,
+    status_changed,
+)
 from federated_learning.coordination.rounds import RoundDecision, decide_round, summarize_notices
 from federated_learning.coordination.secure import SecureRoundState
 from federated_learning.coordination.selection import round_rng, select_agents
@@ -69,7 +76,6 @@ from federated_learning.privacy.mechanisms import AdaptiveClipper
 from federated_learning.privacy.release import adaptive_count_noise_std, clip_norm_type
 from federated_learning.protocol.messages import (
     AggregationJob,
-    Evaluation,
     MemoryBankModel,
     ModelReleased,
     RoundMetrics,
@@ -124,8 +130,12 @@ def step(state: TrainingState, event: Input, now: float) -> Transition:
             return version_arrived(state, event.committed)
         case RoundResults():
             return complete_round(state, event, now)
-        case RollbacksJudged():
-            return after_round(state, event.eval_accuracy)
+        case VersionsScored():
+            return rollbacks.judge_versions(state, event)
+        case RollbackTarget():
+            return rollbacks.roll_back_after_round(state, event)
+        case RollbackRequested():
+            return rollbacks.request(state, event)
         case EvaluationReported():
             return complete_evaluation(state, event.notices)
         case FinishRequested():
@@ -392,23 +402,16 @@ def complete_round(state: TrainingState, results: RoundResults, now: float) -> T
         AppendMetrics(metrics, contributions), Save(), DiscardUploads(results.notices),
         Emit("round_completed", f"round {state.round} committed as version {results.committed.version}",
              data=metrics.model_dump(exclude={"training_id", "round"})),
-        JudgeRollbacks(metrics.eval_accuracy),
+        next_after(state, metrics.eval_accuracy),
     ]
 
 
-def after_round(state: TrainingState, eval_accuracy: float | None) -> Transition:
-    """Open the next round: a training round, or the final evaluation once the rounds are done
-    or the round's evaluation reached the target accuracy (a memory bank completes at once: it
-    has no accuracy)."""
-    target = state.config.target_accuracy
-    reached = target is not None and (eval_accuracy or 0.0) >= target
-    effects: list[Effect] = []
-    if state.round >= state.config.rounds or reached:
-        if state.config.kind == "memory_bank":
-            return complete_evaluation(state, ())
-        state.status = TrainingStatus.EVALUATING
-        effects.append(status_changed(state))
-    return state, [*effects, OpenRound(state.round + 1)]
+def next_after(state: TrainingState, eval_accuracy: float | None) -> ReadVersion | JudgeRollbacks:
+    """An operator's rollback deferred while the round aggregated goes first; else the policy judges."""
+    if state.pending_rollback is not None:
+        return ReadVersion(state.pending_rollback, "rolled back by operator", automatic=False,
+                           eval_accuracy=eval_accuracy)
+    return JudgeRollbacks(eval_accuracy)
 
 
 def adapt_clip_norm(state: TrainingState, notices: tuple[UpdateSubmitted, ...] | list[UpdateSubmitted],
@@ -430,19 +433,6 @@ def adapt_clip_norm(state: TrainingState, notices: tuple[UpdateSubmitted, ...] |
     clipper = AdaptiveClipper(state.clip_norm, adaptive.target_quantile, adaptive.learning_rate,
                               adaptive_count_noise_std(state) or 0.0)
     state.clip_norm = clipper.update_from_count(unclipped, total)
-
-
-def complete_evaluation(state: TrainingState, notices: tuple[UpdateSubmitted, ...]) -> Transition:
-    summary = summarize_notices(list(notices))
-    if summary["eval_accuracy"] is not None:
-        state.final_evaluation = Evaluation(
-            loss=float(summary["eval_loss"] or 0.0), accuracy=float(summary["eval_accuracy"]),
-            num_examples=int(summary["eval_examples"] or 0))
-    state.status = TrainingStatus.SAVING
-    state.phase = RoundPhase.IDLE
-    saving: list[Effect] = [Save(), status_changed(state)]
-    state, effects = finish(state, TrainingStatus.COMPLETED, "")
-    return state, [*saving, *effects]
 
 
 # -- the clock -----------------------------------------------------------------------

@@ -38,8 +38,8 @@ from federated_learning.protocol.secure_messages import SECURE_AGENT_TYPES, mess
 from federated_learning.records.agents import AgentRegistry, entry_time
 from federated_learning.records.secure_exchange import SecureExchange
 from federated_learning.records.trainings import TrainingStore
+from federated_learning.records.versions import VersionIndex
 from federated_learning.services.initial_models import InitialModels
-from federated_learning.services.rollbacks import Rollbacks
 from federated_learning.services.rounds import RoundProtocol
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
 
@@ -64,7 +64,7 @@ class Coordinator(RoundProtocol):
                                       require_join_token=ctx.settings.require_join_token,
                                       max_first_joins_per_minute=ctx.settings.max_first_joins_per_minute)
         self._last_tick = 0.0
-        self.rollbacks = Rollbacks(self)
+        self.version_index = VersionIndex(ctx.redis, ctx.keys)
         self.exchange = SecureExchange(ctx.redis, ctx.keys)
         self.initial = InitialModels(self)
         self.consumer = StreamConsumer(
@@ -95,7 +95,7 @@ class Coordinator(RoundProtocol):
         if isinstance(command, StartTraining):
             await self.start_training(command)
         elif isinstance(command, RollbackTraining):
-            await self.rollbacks.on_request(command, entry_id.decode())
+            await self.on_rollback_request(command, entry_id.decode())
         else:
             await self.stop_training(command)
 

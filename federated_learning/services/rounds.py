@@ -38,7 +38,8 @@ from federated_learning.coordination.inputs import (
     KeysCollected,
     NoticeArrived,
     NoticeChecked,
-    RollbacksJudged,
+    RollbackRequested,
+    RollbackTarget,
     RoundCandidates,
     RoundResults,
     RoundTallied,
@@ -48,8 +49,10 @@ from federated_learning.coordination.inputs import (
     SharesCollected,
     UploadersCollected,
     VersionArrived,
+    VersionsScored,
 )
 from federated_learning.coordination.machine import step
+from federated_learning.coordination.rollbacks import version_scores
 from federated_learning.coordination.secure import SecurePhase
 from federated_learning.coordination.secure_exchange import masked_upload_problem
 from federated_learning.coordination.selection import policy_weights, under_hourly_cap
@@ -63,6 +66,7 @@ from federated_learning.protocol.messages import (
     MemoryBankModel,
     ModelReleased,
     PresetModel,
+    RollbackTraining,
     SecureAggregationSpec,
     Severity,
     TaskKind,
@@ -90,13 +94,13 @@ from federated_learning.records.validation_sets import (
     InvalidValidationSet,
     load_validation_set,
 )
+from federated_learning.records.versions import VersionIndex
 from federated_learning.services.runtime import ServiceContext
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from federated_learning.services.initial_models import InitialModels
-    from federated_learning.services.rollbacks import Rollbacks
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +116,7 @@ ACCEPTED_NOTICE_MARKER_TTL_S = 7 * 24 * 3600
 one arriving after the marker expired is rejected as a duplicate (counted, nothing else changes)."""
 
 ROUNDS = Counter("fl_rounds_completed_total", "Rounds completed", ["training"])
+ROLLBACKS = Counter("fl_rollbacks_total", "Rollbacks to an earlier version", ["trigger"])
 ROUND_RETRIES = Counter("fl_round_retries_total", "Rounds retried with a new selection")
 UPDATES_ACCEPTED = Counter("fl_updates_accepted_total", "Updates accepted")
 BYTES_RECEIVED = Counter("fl_update_bytes_received_total", "Bytes of accepted update blobs")
@@ -157,7 +162,7 @@ class RoundProtocol:
     settings: Settings
     store: TrainingStore
     registry: AgentRegistry
-    rollbacks: Rollbacks
+    version_index: VersionIndex
     exchange: SecureExchange
     initial: InitialModels
     activate_queued: Callable[[], Awaitable[None]]
@@ -270,7 +275,21 @@ class RoundProtocol:
             case fx.GatherResults():
                 await self._gather_results(state, effect.committed)
             case fx.JudgeRollbacks():
-                await self._judge_rollbacks(state, effect.eval_accuracy)
+                policy = state.config.rollback
+                scores = version_scores(await self.store.metrics(state.training_id)) \
+                    if policy is not None and policy.enabled else []
+                await self.run_step(state, VersionsScored(tuple(scores), effect.eval_accuracy))
+            case fx.ReadVersion():
+                record = await self.version_index.get(state.training_id, effect.version)
+                await self.run_step(state, RollbackTarget(record, effect.reason, effect.automatic,
+                                                          effect.eval_accuracy))
+            case fx.RolledBack():
+                ROLLBACKS.labels("automatic" if effect.automatic else "operator").inc()
+                await self.ctx.emit("rollback", f"rolled back from version {effect.from_version} to "
+                                    f"{effect.to_version}: {effect.reason}", severity=Severity.WARNING,
+                                    training_id=state.training_id, round=state.round,
+                                    from_version=effect.from_version, to_version=effect.to_version,
+                                    automatic=effect.automatic, reason=effect.reason, at=time.time())
             case fx.GatherEvaluation():
                 notices = await self._round_notices(state)
                 await self.run_step(state, EvaluationReported(tuple(notices)))
@@ -327,7 +346,7 @@ class RoundProtocol:
         notices = await self._round_notices(state)
         bases: dict[int, str] = {}
         for version in {n.received_model_version for n in notices} - {state.current_version}:
-            record = await self.rollbacks.index.get(state.training_id, version)
+            record = await self.version_index.get(state.training_id, version)
             if record is not None:
                 bases[version] = record.model_digest
         await self.run_step(state, RoundUpdates(tuple(notices), bases, await self._secure_job_spec(state)))
@@ -430,13 +449,16 @@ class RoundProtocol:
         server = await self._server_validation(state, committed)
         await self.run_step(state, RoundResults(committed, tuple(notices), release, server))
 
-    async def _judge_rollbacks(self, state: TrainingState, eval_accuracy: float | None) -> None:
-        if state.pending_rollback is not None:
-            target_version, state.pending_rollback = state.pending_rollback, None
-            await self.rollbacks.move_to(state, target_version, "rolled back by operator", automatic=False)
-        else:
-            await self.rollbacks.after_round(state)
-        await self.run_step(state, RollbacksJudged(eval_accuracy))
+    async def on_rollback_request(self, command: RollbackTraining, request_id: str) -> None:
+        """An operator's rollback (``request_id``: its control entry, so a redelivery is not
+        applied twice)."""
+        state = await self.store.load(command.training_id)
+        if state is None:
+            await self.ctx.reject("control", "unknown_training", f"no running training '{command.training_id}'",
+                                  training_id=command.training_id)
+            return
+        record = await self.version_index.get(state.training_id, command.version)
+        await self.run_step(state, RollbackRequested(command, request_id, record))
 
     # -- the clock -----------------------------------------------------------------
 

@@ -128,7 +128,7 @@ async def test_a_redelivered_operator_rollback_is_applied_once(redis: aioredis.R
     command = RollbackTraining(training_id="again", version=0)
 
     for _delivery in range(2):
-        await coordinator.rollbacks.on_request(command, "1700000000000-0")
+        await coordinator.on_rollback_request(command, "1700000000000-0")
 
     after = await coordinator.store.load("again")
     assert after is not None and after.round == 4 and after.current_version == 0

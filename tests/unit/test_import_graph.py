@@ -25,9 +25,7 @@ Graph = dict[str, set[str]]
 _SERVICES = "federated_learning.services"
 ALLOWED_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset({
     (f"{_SERVICES}.initial_models", f"{_SERVICES}.coordinator"),
-    (f"{_SERVICES}.rollbacks", f"{_SERVICES}.coordinator"),
     (f"{_SERVICES}.rounds", f"{_SERVICES}.initial_models"),
-    (f"{_SERVICES}.rounds", f"{_SERVICES}.rollbacks"),
 })
 
 

@@ -16,12 +16,14 @@ from federated_learning.coordination.inputs import (
     FinishRequested,
     NoticeArrived,
     NoticeChecked,
-    RollbacksJudged,
+    RollbackRequested,
+    RollbackTarget,
     RoundCandidates,
     RoundResults,
     RoundTallied,
     RoundUpdates,
     VersionArrived,
+    VersionsScored,
 )
 from federated_learning.coordination.machine import step
 from federated_learning.coordination.secure import SecureRoundState
@@ -31,12 +33,15 @@ from federated_learning.protocol.messages import (
     ModelReleased,
     PresetModel,
     PrivacyReport,
+    RollbackTraining,
     TaskKind,
     TrainingConfig,
     TrainingStatus,
     UpdateSubmitted,
     VersionCommitted,
+    VersionRecord,
 )
+from federated_learning.versioning.rollback import VersionScore
 
 DIGEST = "a" * 64
 NOW = 1_000.0
@@ -369,18 +374,21 @@ def test_a_completed_round_records_its_figures_adopts_its_version_and_judges_rol
     assert state.epsilon_spent == 0.4 and state.best_accuracy == 0.9
     assert of(effects, fx.DiscardUploads)[0].notices == results.notices
     assert effects[-1] == fx.JudgeRollbacks(0.9)
+    deferred = state.model_copy(update={"pending_rollback": 0, "completed_rounds": 0, "current_version": 0})
+    _, effects = step(deferred.model_copy(update={"phase": RoundPhase.AGGREGATING}), results, NOW)
+    assert effects[-1] == fx.ReadVersion(0, "rolled back by operator", automatic=False, eval_accuracy=0.9)
 
 
 def test_after_a_round_the_next_opens_or_the_evaluation_round_after_the_last() -> None:
-    assert step(training(round=1, completed_rounds=1), RollbacksJudged(None), NOW)[1] == [fx.OpenRound(2)]
-    state, effects = step(training(round=3, completed_rounds=3), RollbacksJudged(None), NOW)
+    assert step(training(round=1, completed_rounds=1), VersionsScored((), None), NOW)[1] == [fx.OpenRound(2)]
+    state, effects = step(training(round=3, completed_rounds=3), VersionsScored((), None), NOW)
     assert state.status is TrainingStatus.EVALUATING and effects[-1] == fx.OpenRound(4)
 
 
 def test_reaching_the_target_accuracy_ends_training_early() -> None:
     state = training(config={"target_accuracy": 0.8}, round=1, completed_rounds=1)
-    assert step(state, RollbacksJudged(0.85), NOW)[0].status is TrainingStatus.EVALUATING
-    assert step(state, RollbacksJudged(0.75), NOW)[0].status is TrainingStatus.RUNNING
+    assert step(state, VersionsScored((), 0.85), NOW)[0].status is TrainingStatus.EVALUATING
+    assert step(state, VersionsScored((), 0.75), NOW)[0].status is TrainingStatus.RUNNING
 
 
 def test_the_evaluation_round_completes_the_training_with_its_figures() -> None:
@@ -504,3 +512,62 @@ def test_a_full_buffer_becomes_a_job_with_its_buffer_size() -> None:
     notices = tuple(notice(f"agent-0{i}") for i in range(5))
     _, effects = step(buffered(attempt=4), RoundUpdates(notices), NOW)
     assert of(effects, fx.WriteJob)[0].job.algorithm_params["buffer_size"] == 5
+
+
+# -- rollbacks ---------------------------------------------------------------------------------
+
+
+def version_record(version: int) -> VersionRecord:
+    return VersionRecord(training_id="t1", version=version, round=version, parent_version=None,
+                         model_digest=f"{version:x}" * 64, state_digest=None, checkpoint="", algorithm="fedavg",
+                         contributors=[], num_examples=0, created_at=NOW,
+                         privacy=PrivacyReport(level="none", mechanism="none"))
+
+
+def scores(*accuracies: float) -> tuple[VersionScore, ...]:
+    return tuple(VersionScore(version, accuracy, None) for version, accuracy in enumerate(accuracies))
+
+
+def test_the_policy_rolls_back_after_consecutive_degradations_then_goes_on() -> None:
+    state = training(config={"rollback": {"consecutive_degradations": 2}}, round=4, completed_rounds=4,
+                     current_version=4)
+    state, effects = step(state, VersionsScored(scores(0.5, 0.9, 0.5, 0.4), 0.4), NOW)
+    (read,) = effects
+    assert read == fx.ReadVersion(1, getattr(read, "reason", ""), automatic=True, eval_accuracy=0.4)
+    assert state.last_rollback_at_version == 3
+    state, effects = step(state, RollbackTarget(version_record(1), "degraded", True, 0.4), NOW)
+    assert (state.current_version, state.current_digest) == (1, "1" * 64)
+    assert of(effects, fx.RolledBack) == [fx.RolledBack(4, 1, "degraded", automatic=True)]
+    assert effects[-1] == fx.OpenRound(5)
+
+
+def test_the_policy_leaves_improving_versions_alone() -> None:
+    state = training(config={"rollback": {"consecutive_degradations": 2}}, round=2, completed_rounds=2)
+    _, effects = step(state, VersionsScored(scores(0.5, 0.6, 0.7), 0.7), NOW)
+    assert effects == [fx.OpenRound(3)]
+
+
+def rollback(version: int = 1) -> RollbackTraining:
+    return RollbackTraining(training_id="t1", version=version, reason="bad model")
+
+
+def test_an_operator_rollback_restarts_the_collecting_round_from_the_target() -> None:
+    state, effects = step(collecting(current_version=3), RollbackRequested(rollback(), "9-0", version_record(1)), NOW)
+    assert state.current_version == 1 and state.handled_requests == ["9-0"]
+    assert fx.ClearRoundUpdates(1) in effects and effects[-1] == fx.OpenRound(2)
+    assert step(state, RollbackRequested(rollback(), "9-0", version_record(1)), NOW)[1] == []  # a redelivery
+
+
+def test_an_operator_rollback_while_aggregating_waits_for_the_round() -> None:
+    state = collecting(phase=RoundPhase.AGGREGATING, current_version=3)
+    state, effects = step(state, RollbackRequested(rollback(), "9-0", version_record(1)), NOW)
+    assert (state.pending_rollback, state.current_version, effects) == (1, 3, [fx.Save()])
+    state, effects = step(state, RollbackTarget(version_record(1), "rolled back by operator", False, None), NOW)
+    assert state.pending_rollback is None and state.current_version == 1
+
+
+def test_a_rollback_to_a_missing_version_or_of_a_finished_training_is_refused() -> None:
+    _, effects = step(collecting(), RollbackRequested(rollback(7), "9-0", None), NOW)
+    assert of(effects, fx.Reject)[0].reason == "unknown_version"
+    _, effects = step(collecting(status=TrainingStatus.COMPLETED), RollbackRequested(rollback(), "9-0", None), NOW)
+    assert of(effects, fx.Reject)[0].reason == "unknown_training"
