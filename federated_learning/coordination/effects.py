@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from federated_learning.protocol.messages import (
     AggregationJob,
+    ModelReleased,
     RoundMetrics,
     Severity,
     Task,
@@ -73,6 +74,13 @@ class ClearRoundUpdates:
     """Forget the round's accepted updates (a new secure session, an operator's rollback)."""
 
     round: int
+
+
+@dataclass(frozen=True)
+class ReleaseModel:
+    """Hand a model to the version manager (version 0 goes this way, as an un-noised release)."""
+
+    release: ModelReleased
 
 
 @dataclass(frozen=True)
@@ -229,6 +237,21 @@ class CollectSecure:
 
 
 @dataclass(frozen=True)
+class AskForParameters:
+    """Read the live eligible agents, then step ``ParameterCandidates``."""
+
+    after_refusal: bool = False
+
+
+@dataclass(frozen=True)
+class CheckParameters:
+    """Read and check an agent's parameters; store them and step ``InitialModelStored``, or
+    keep the refusal and step ``ParametersUnusable``."""
+
+    notice: UpdateSubmitted
+
+
+@dataclass(frozen=True)
 class ActivateQueued:
     """A slot may have freed: start queued trainings."""
 
@@ -243,8 +266,10 @@ class StatusChanged:
     severity: Severity = Severity.INFO
 
 
-Staged = Save | SendTasks | SendMessages | StoreSecureMessage | ClearRoundUpdates | AcceptUpdate | WriteJob | AppendMetrics
+Staged = (Save | SendTasks | SendMessages | StoreSecureMessage | ClearRoundUpdates | AcceptUpdate | ReleaseModel
+          | WriteJob | AppendMetrics)
 Notice = Emit | Reject | CountLate | RecordOutcome | RolledBack | DiscardUploads | StatusChanged
-FollowUp = (OpenRound | CheckUpdate | Refill | TallyBuffer | TallyRound | CloseRound | GatherResults | JudgeRollbacks | ReadVersion
-            | GatherEvaluation | TallySecure | CollectSecure | ActivateQueued)
+FollowUp = (OpenRound | CheckUpdate | Refill | TallyBuffer | TallyRound | CloseRound | GatherResults | JudgeRollbacks
+            | ReadVersion | GatherEvaluation | TallySecure | CollectSecure | AskForParameters | CheckParameters
+            | ActivateQueued)
 Effect = Staged | Notice | FollowUp

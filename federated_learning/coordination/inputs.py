@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from federated_learning.protocol.messages import (
+    ModelRefused,
     ModelReleased,
     RollbackTraining,
     SecureAggregationSpec,
@@ -181,6 +182,46 @@ class EvaluationReported:
 
 
 @dataclass(frozen=True)
+class ParameterCandidates:
+    """Live agents that could give a ``from_first_agent`` training its parameters."""
+
+    candidates: tuple[str, ...]
+    after_refusal: bool = False
+    """The asked agent had none: ask the next at once (only while some live agent was not asked)."""
+
+
+@dataclass(frozen=True)
+class ParametersArrived:
+    notice: UpdateSubmitted
+    volunteer: bool
+
+
+@dataclass(frozen=True)
+class ParametersUnusable:
+    """The asked agent's parameters could not be a model (its refusal is kept by the shell)."""
+
+    agent_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class InitialModelStored:
+    """Version 0 is stored as ``digest`` with this layout; ``from_agent``: the agent whose
+    parameters it is (None: a preset, an uploaded model or an empty bank)."""
+
+    digest: str
+    layer_spec: Mapping[str, tuple[tuple[int, ...], str]]
+    from_agent: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelRefusedBy:
+    """An agent said the training's model is not the model it trains (kept by the shell)."""
+
+    refused: ModelRefused
+
+
+@dataclass(frozen=True)
 class FinishRequested:
     status: TrainingStatus
     reason: str
@@ -195,4 +236,5 @@ class AgentsAlive:
 
 Input = (RoundCandidates | NoticeArrived | NoticeChecked | BufferCandidates | BufferTallied | SecureMessageArrived
          | SecureTallied | KeysCollected | SharesCollected | UploadersCollected | RoundTallied | RoundUpdates | AggregationOverdue
-         | VersionArrived | RoundResults | VersionsScored | RollbackTarget | RollbackRequested | EvaluationReported | FinishRequested | AgentsAlive)
+         | VersionArrived | RoundResults | VersionsScored | RollbackTarget | RollbackRequested | EvaluationReported | ParameterCandidates | ParametersArrived | ParametersUnusable
+         | InitialModelStored | ModelRefusedBy | FinishRequested | AgentsAlive)

@@ -14,7 +14,7 @@ through one path (``CheckUpdate`` then ``AcceptUpdate``).
 
 from __future__ import annotations
 
-from federated_learning.coordination import buffered, rollbacks, secure_exchange
+from federated_learning.coordination import buffered, initial, rollbacks, secure_exchange
 from federated_learning.coordination.checks import notice_metrics, strategy_params
 from federated_learning.coordination.effects import (
     AcceptUpdate,
@@ -45,10 +45,15 @@ from federated_learning.coordination.inputs import (
     BufferTallied,
     EvaluationReported,
     FinishRequested,
+    InitialModelStored,
     Input,
     KeysCollected,
+    ModelRefusedBy,
     NoticeArrived,
     NoticeChecked,
+    ParameterCandidates,
+    ParametersArrived,
+    ParametersUnusable,
     RollbackRequested,
     RollbackTarget,
     RoundCandidates,
@@ -138,6 +143,16 @@ def step(state: TrainingState, event: Input, now: float) -> Transition:
             return rollbacks.request(state, event)
         case EvaluationReported():
             return complete_evaluation(state, event.notices)
+        case ParameterCandidates():
+            return initial.ask_for_parameters(state, event, now)
+        case ParametersArrived():
+            return initial.screen_parameters(state, event)
+        case ParametersUnusable():
+            return initial.parameters_unusable(state, event)
+        case InitialModelStored():
+            return initial.adopt_initial_model(state, event)
+        case ModelRefusedBy():
+            return initial.model_refused(state, event)
         case FinishRequested():
             return finish(state, event.status, event.reason)
         case AgentsAlive():

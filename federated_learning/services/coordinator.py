@@ -19,6 +19,8 @@ from prometheus_client import Gauge
 from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
 from federated_learning.coordination.checks import check_agent_message, refuse_training
+from federated_learning.coordination.initial import waits_for_agent
+from federated_learning.coordination.inputs import InitialModelStored
 from federated_learning.coordination.secure import DEFAULT_SECURE_CLIP_NORM
 from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.privacy.release import DEFAULT_ADAPTIVE_INITIAL_CLIP_NORM, clip_norm_for
@@ -35,11 +37,13 @@ from federated_learning.protocol.messages import (
     decode_control,
 )
 from federated_learning.protocol.secure_messages import SECURE_AGENT_TYPES, message_type
+from federated_learning.protocol.tensors import spec_of
 from federated_learning.records.agents import AgentRegistry, entry_time
+from federated_learning.records.model_refusals import ModelRefusals
 from federated_learning.records.secure_exchange import SecureExchange
 from federated_learning.records.trainings import TrainingStore
 from federated_learning.records.versions import VersionIndex
-from federated_learning.services.initial_models import InitialModels
+from federated_learning.services.initial_models import check_initial_model, initial_model_bytes
 from federated_learning.services.rounds import RoundProtocol
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
 
@@ -66,7 +70,7 @@ class Coordinator(RoundProtocol):
         self._last_tick = 0.0
         self.version_index = VersionIndex(ctx.redis, ctx.keys)
         self.exchange = SecureExchange(ctx.redis, ctx.keys)
-        self.initial = InitialModels(self)
+        self.refusals = ModelRefusals(ctx.redis, ctx.keys)
         self.consumer = StreamConsumer(
             ctx.redis, GROUP_COORDINATOR, f"coordinator-{ctx.instance}",
             {
@@ -158,18 +162,19 @@ class Coordinator(RoundProtocol):
         """Build the initial model and hand it to the version manager as version 0 (a training
         whose model comes from its first agent waits for one; ``tick`` asks)."""
         state.status = TrainingStatus.INITIALIZING
-        if self.initial.waits_for_agent(state):
+        if waits_for_agent(state):
             await self.store.save(state, active=True)
             await self._emit_status(state)
-            await self.initial.ask_next_agent(state)
+            await self.ask_for_parameters(state)
             return
         try:
-            data = await self.initial.model_bytes(state)
-            await self.initial.publish(state, data)
+            data = await initial_model_bytes(state, self.ctx.blobs)
+            layers = check_initial_model(state, data, self.settings.max_blob_bytes)
         except (ValueError, MemoryError) as exc:  # InvalidTensor (too large, bad layers) is a ValueError
             await self.finish(state, TrainingStatus.FAILED, f"cannot build the model: {exc}")
             return
-        await self._emit_status(state)
+        digest = await self.ctx.blobs.put(data)
+        await self.run_step(state, InitialModelStored(digest, spec_of(layers)))
 
     async def on_upload(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         """The update stream carries update notices and the secure-aggregation exchange."""
@@ -177,7 +182,7 @@ class Coordinator(RoundProtocol):
         if kind in SECURE_AGENT_TYPES:
             await self.on_secure_message(fields)
         elif kind == "model_refused":
-            await self.initial.on_refused(fields)
+            await self.on_model_refused(fields)
         else:
             await self.on_update(entry_id, fields)
 
@@ -219,8 +224,8 @@ class Coordinator(RoundProtocol):
             state = await self.store.load(training_id)
             if state is None:
                 continue
-            if state.status is TrainingStatus.INITIALIZING and self.initial.waits_for_agent(state):
-                await self.initial.ask_next_agent(state)
+            if state.status is TrainingStatus.INITIALIZING and waits_for_agent(state):
+                await self.ask_for_parameters(state)
             elif state.phase is RoundPhase.AGGREGATING and time.time() > state.deadline_at:
                 await self.aggregation_overdue(state)
             elif state.phase is RoundPhase.IDLE and state.status in (

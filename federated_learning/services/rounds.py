@@ -34,10 +34,15 @@ from federated_learning.coordination.inputs import (
     BufferTallied,
     EvaluationReported,
     FinishRequested,
+    InitialModelStored,
     Input,
     KeysCollected,
+    ModelRefusedBy,
     NoticeArrived,
     NoticeChecked,
+    ParameterCandidates,
+    ParametersArrived,
+    ParametersUnusable,
     RollbackRequested,
     RollbackTarget,
     RoundCandidates,
@@ -64,6 +69,7 @@ from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import (
     MalformedMessage,
     MemoryBankModel,
+    ModelRefused,
     ModelReleased,
     PresetModel,
     RollbackTraining,
@@ -84,9 +90,11 @@ from federated_learning.protocol.secure_messages import (
     SecureUnmaskShares,
     decode_secure_agent_message,
 )
-from federated_learning.protocol.tensors import InvalidTensor, decode_layers
+from federated_learning.protocol.tensors import InvalidTensor, decode_layers, spec_of
 from federated_learning.protocol.updates import decode_update
 from federated_learning.records.agents import AgentRegistry
+from federated_learning.records.model_refusals import ModelRefusal, ModelRefusals
+from federated_learning.records.models import check_user_model
 from federated_learning.records.secure_exchange import SecureExchange
 from federated_learning.records.trainings import TrainingStore
 from federated_learning.records.validation_sets import (
@@ -100,7 +108,6 @@ from federated_learning.services.runtime import ServiceContext
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from federated_learning.services.initial_models import InitialModels
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +131,7 @@ ROUND_SECONDS = Histogram("fl_round_seconds", "Seconds from round start to commi
                           buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))
 
 STAGED = (fx.Save, fx.SendTasks, fx.SendMessages, fx.StoreSecureMessage, fx.ClearRoundUpdates, fx.AcceptUpdate,
-          fx.WriteJob, fx.AppendMetrics)
+          fx.ReleaseModel, fx.WriteJob, fx.AppendMetrics)
 
 
 class UpdateContext(TypedDict):
@@ -164,7 +171,7 @@ class RoundProtocol:
     registry: AgentRegistry
     version_index: VersionIndex
     exchange: SecureExchange
-    initial: InitialModels
+    refusals: ModelRefusals
     activate_queued: Callable[[], Awaitable[None]]
 
     # -- the machine -------------------------------------------------------------
@@ -218,6 +225,8 @@ class RoundProtocol:
                     pipe.persist(self.keys.blob(notice.update_digest, notice.agent_id))  # kept until its round commits
                     pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:completed", 1)
                     pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:examples", notice.num_examples)
+            case fx.ReleaseModel():
+                pipe.xadd(self.keys.release_stream, encode(effect.release))
             case fx.WriteJob():
                 pipe.xadd(self.keys.job_stream, encode(effect.job))
             case fx.AppendMetrics():
@@ -297,6 +306,10 @@ class RoundProtocol:
                 await self.run_step(state, SecureTallied(await self.exchange.count(state)))
             case fx.CollectSecure():
                 await self._collect_secure(state)
+            case fx.AskForParameters():
+                await self.ask_for_parameters(state, after_refusal=effect.after_refusal)
+            case fx.CheckParameters():
+                await self._check_parameters(state, effect.notice)
             case fx.ActivateQueued():
                 await self.activate_queued()
 
@@ -411,7 +424,7 @@ class RoundProtocol:
             return
         state, agent = sender
         if notice.kind is TaskKind.PARAMETERS:
-            await self.initial.on_parameters(state, notice, volunteer=agent.volunteer)
+            await self.run_step(state, ParametersArrived(notice, agent.volunteer))
         else:
             await self.run_step(state, NoticeArrived(notice, entry_id.decode(), agent.volunteer))
 
@@ -448,6 +461,53 @@ class RoundProtocol:
         release = ModelReleased.model_validate_json(release_raw) if release_raw else None
         server = await self._server_validation(state, committed)
         await self.run_step(state, RoundResults(committed, tuple(notices), release, server))
+
+    async def ask_for_parameters(self, state: TrainingState, *, after_refusal: bool = False) -> None:
+        """A ``from_first_agent`` training: let the machine ask a live agent for its parameters."""
+        candidates = await self.registry.eligible(state.config.dataset, state.project)
+        await self.run_step(state, ParameterCandidates(tuple(candidates), after_refusal))
+
+    async def _check_parameters(self, state: TrainingState, notice: UpdateSubmitted) -> None:
+        """An agent's parameters become version 0, or its refusal is kept."""
+        assert notice.update_digest is not None
+        try:
+            data = await self.ctx.blobs.get(notice.update_digest, owner=notice.agent_id)
+            layers = check_user_model(data, max_bytes=self.settings.max_blob_bytes)
+        except (BlobMissing, InvalidTensor) as exc:
+            reason, detail = (exc.reason, exc.detail) if isinstance(exc, InvalidTensor) else ("blob_missing", str(exc))
+            await self.record_refusal(state, notice.agent_id, reason,
+                                      f"the parameters of agent {notice.agent_id} cannot be a model: {detail}",
+                                      source="coordinator")
+            await self.run_step(state, ParametersUnusable(notice.agent_id, notice.attempt))
+            return
+        digest = await self.ctx.blobs.put(data)
+        await self.run_step(state, InitialModelStored(digest, spec_of(layers), from_agent=notice.agent_id))
+
+    async def on_model_refused(self, fields: dict[bytes, bytes]) -> None:
+        """An agent cannot train the training's model: keep the reason where the operator looks."""
+        try:
+            refused = decode(ModelRefused, fields)
+        except MalformedMessage as exc:
+            await self.ctx.reject("updates", "malformed", exc.reason)
+            return
+        sender = await self.check_sender(refused, {"training_id": refused.training_id, "round": refused.round,
+                                                   "agent_id": refused.agent_id})
+        if sender is None:
+            return
+        state, _agent = sender
+        if state.status.is_final:
+            return
+        await self.record_refusal(state, refused.agent_id, refused.reason, refused.detail, source="agent")
+        await self.run_step(state, ModelRefusedBy(refused))
+
+    async def record_refusal(self, state: TrainingState, agent_id: str, reason: str, detail: str, *,
+                             source: str) -> None:
+        """Keep the refusal and report it once per (agent, reason): an agent asked every round
+        does not raise an event every round."""
+        if await self.refusals.add(state.training_id, ModelRefusal(agent_id=agent_id, reason=reason,
+                                                                   detail=detail, source=source)):
+            await self.ctx.emit("model_refused", detail, severity=Severity.WARNING,
+                                training_id=state.training_id, round=state.round, agent_id=agent_id, reason=reason)
 
     async def on_rollback_request(self, command: RollbackTraining, request_id: str) -> None:
         """An operator's rollback (``request_id``: its control entry, so a redelivery is not
