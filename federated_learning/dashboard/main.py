@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import cast
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from federated_learning.dashboard.limits import BodyGuard
 from federated_learning.dashboard.live import EventHub
@@ -77,6 +79,16 @@ def create_app(ctx: ServiceContext) -> FastAPI:
         detail = _describe(list(exc.errors()))
         await ctx.reject("rest", "invalid_body", f"{request.method} {request.url.path}: {detail}")
         return JSONResponse(status_code=422, content={"detail": detail})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def unparsable_body(request: Request, exc: StarletteHTTPException) -> Response:
+        """FastAPI answers a body its JSON parser cannot read (nested deeper than Python's
+        recursion limit, say) with a bare 400: count it like every other refused body."""
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            why = "JSON nested too deeply" if isinstance(exc.__cause__, RecursionError) else "unreadable JSON"
+            await ctx.reject("rest", "invalid_body", f"{request.method} {request.url.path}: {why}")
+            return JSONResponse(status_code=422, content={"detail": why})
+        return await http_exception_handler(request, exc)
 
     app.include_router(system.router)
     app.include_router(trainings.router)

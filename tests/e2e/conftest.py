@@ -62,14 +62,17 @@ class Deployment:
                 start_new_session=self.own_process_group)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log_tail()
+            if self.process.poll() is not None:
+                raise AssertionError(f"the launcher exited\n{self.log_tail()}")
             try:
                 if self.health()["health_status"] == "healthy":
                     return
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
             time.sleep(0.3)
-        raise AssertionError(f"deployment not healthy in {START_TIMEOUT_S}s\n{self.log_tail()}")
+        tail = self.log_tail()
+        self.stop()  # the caller never gets a deployment to stop: leave no processes behind
+        raise AssertionError(f"deployment not healthy in {START_TIMEOUT_S}s\n{tail}")
 
     @property
     def api_key(self) -> str:

@@ -22,8 +22,8 @@ from federated_learning.services.dashboard import server_config
 from federated_learning.services.runtime import ServiceContext
 from tests.integration.conftest import TEST_API_KEY
 
-BODY_ROUTES = ["/api/training/start", "/api/training/t/stop", "/api/training/t/rollback", "/api/organisations",
-               "/api/organisations/acme/keys", "/api/join-tokens", "/api/models", "/sync_model"]
+BODY_ROUTES = ["/api/training/start", "/api/training/t/stop", "/api/training/t/rollback", "/api/orgs",
+               "/api/orgs/acme/keys", "/api/join-tokens", "/api/models", "/sync_model"]
 
 
 @pytest.fixture

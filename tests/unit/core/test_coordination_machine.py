@@ -14,8 +14,13 @@ from federated_learning.coordination.inputs import (
     BufferTallied,
     EvaluationReported,
     FinishRequested,
+    InitialModelStored,
+    ModelRefusedBy,
     NoticeArrived,
     NoticeChecked,
+    ParameterCandidates,
+    ParametersArrived,
+    ParametersUnusable,
     RollbackRequested,
     RollbackTarget,
     RoundCandidates,
@@ -30,6 +35,7 @@ from federated_learning.coordination.secure import SecureRoundState
 from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.protocol.messages import (
     Evaluation,
+    ModelRefused,
     ModelReleased,
     PresetModel,
     PrivacyReport,
@@ -571,3 +577,61 @@ def test_a_rollback_to_a_missing_version_or_of_a_finished_training_is_refused() 
     assert of(effects, fx.Reject)[0].reason == "unknown_version"
     _, effects = step(collecting(status=TrainingStatus.COMPLETED), RollbackRequested(rollback(), "9-0", None), NOW)
     assert of(effects, fx.Reject)[0].reason == "unknown_training"
+
+
+# -- version 0 ---------------------------------------------------------------------------------
+
+
+def first_agent(**overrides: Any) -> TrainingState:
+    fields: dict[str, Any] = {"config": {"model": {"from_first_agent": True}}, "status": TrainingStatus.INITIALIZING,
+                              "current_version": None, "current_digest": None, **overrides}
+    return training(**fields)
+
+
+def test_a_first_agent_training_asks_one_live_agent_for_its_parameters() -> None:
+    state, effects = step(first_agent(), ParameterCandidates(AGENTS), NOW)
+    ((agent, task),) = of(effects, fx.SendTasks)[0].tasks
+    assert task.kind is TaskKind.PARAMETERS and task.model_digest is None and state.selected == [agent]
+    assert (state.phase, state.deadline_at) == (RoundPhase.COLLECTING, NOW + 30)
+    assert step(state, ParameterCandidates(AGENTS), NOW + 1)[1] == []  # waits for it until its deadline
+    later, effects = step(state, ParameterCandidates(AGENTS), NOW + 31)
+    assert len(later.selected) == 2 and of(effects, fx.SendTasks)
+
+
+def test_without_live_agents_the_training_says_what_it_waits_for_once() -> None:
+    state, effects = step(first_agent(), ParameterCandidates(()), NOW)
+    assert "waiting for a live agent" in state.reason and effects == [fx.Save()]
+    assert step(state, ParameterCandidates(()), NOW)[1] == []
+
+
+def test_unusable_parameters_ask_the_next_agent_at_once_only_while_one_was_not_asked() -> None:
+    state, _ = step(first_agent(), ParameterCandidates(AGENTS[:2]), NOW)
+    state, effects = step(state, ParametersUnusable(state.selected[0], state.attempt), NOW)
+    assert effects == [fx.AskForParameters(after_refusal=True)]
+    state, _ = step(state, ParameterCandidates(AGENTS[:2], after_refusal=True), NOW)
+    assert len(state.selected) == 2
+    _, effects = step(state, ParameterCandidates(AGENTS[:2], after_refusal=True), NOW)
+    assert effects == []  # everyone asked: the deadline paces the next try
+
+
+def test_parameters_from_an_agent_not_asked_are_refused_but_a_volunteers_are_checked() -> None:
+    parameters = notice("agent-09", round=0, kind=TaskKind.PARAMETERS, update_digest="b" * 64)
+    _, effects = step(first_agent(), ParametersArrived(parameters, volunteer=False), NOW)
+    assert of(effects, fx.Reject)[0].reason == "not_selected"
+    assert step(first_agent(), ParametersArrived(parameters, volunteer=True), NOW)[1] == [fx.CheckParameters(parameters)]
+
+
+def test_a_stored_initial_model_fixes_the_layout_and_is_released_as_version_zero() -> None:
+    state, effects = step(first_agent(phase=RoundPhase.COLLECTING, selected=["agent-01"]),
+                          InitialModelStored("c" * 64, {"w": ((4, 2), "float32")}, from_agent="agent-01"), NOW)
+    assert state.layer_spec == {"w": ((4, 2), "float32")} and state.selected == [] and state.phase is RoundPhase.IDLE
+    (release,) = of(effects, fx.ReleaseModel)
+    assert (release.release.round, release.release.model_digest) == (0, "c" * 64)
+    assert effects[0] == fx.Save(active=True) and of(effects, fx.Emit)[0].kind == "model_layout_fixed"
+
+
+def test_a_refusal_of_the_model_counts_as_the_agents_answer() -> None:
+    refused = ModelRefused(training_id="t1", round=1, attempt=1, agent_id="agent-01", reason="bad_shape",
+                           detail="not my model")
+    state, effects = step(collecting(), ModelRefusedBy(refused), NOW)
+    assert state.responded == ["agent-01"] and effects == [fx.Save(), fx.TallyRound()]
