@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from federated_learning.dashboard.limits import BodyGuard
+from federated_learning.dashboard.limits import BodyGuard, BodyTooLarge
 from federated_learning.dashboard.live import EventHub
 from federated_learning.dashboard.routes import (
     join_tokens,
@@ -84,8 +84,10 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     async def unparsable_body(request: Request, exc: StarletteHTTPException) -> Response:
         """FastAPI answers a body its JSON parser cannot read (nested deeper than Python's
         recursion limit, say) with a bare 400: count it like every other refused body."""
-        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
-            why = "JSON nested too deeply" if isinstance(exc.__cause__, RecursionError) else "unreadable JSON"
+        cause = exc.__cause__
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body" \
+                and not isinstance(cause, BodyTooLarge):  # that one is refused (413) and counted already
+            why = "JSON nested too deeply" if isinstance(cause, RecursionError) else "unreadable JSON"
             await ctx.reject("rest", "invalid_body", f"{request.method} {request.url.path}: {why}")
             return JSONResponse(status_code=422, content={"detail": why})
         return await http_exception_handler(request, exc)

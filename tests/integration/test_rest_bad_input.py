@@ -18,6 +18,7 @@ from federated_learning.bus.embedded import free_port
 from federated_learning.config import Settings
 from federated_learning.dashboard.limits import MAX_JSON_BODY_BYTES
 from federated_learning.dashboard.main import create_app
+from federated_learning.protocol.keys import Keys
 from federated_learning.services.dashboard import server_config
 from federated_learning.services.runtime import ServiceContext
 from tests.integration.conftest import TEST_API_KEY
@@ -93,3 +94,14 @@ async def test_a_chunked_body_that_grows_past_the_limit_is_refused(port: int) ->
                                                                                         "feature_dim": 4}})
         assert small.status_code == 202, small.text
         assert json.loads(small.text)["training_id"]
+
+
+@pytest.mark.parametrize("route", ["/api/training/start", "/api/orgs"])
+async def test_json_nested_deeper_than_the_parser_can_go_is_refused_and_counted_once(
+        port: int, redis: aioredis.Redis, route: str) -> None:
+    body = b'{"name": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": TEST_API_KEY}) as http:
+        response = await http.post(route, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and "nested too deeply" in response.text
+    counts = {k.decode(): int(v) for k, v in (await redis.hgetall(Keys().rejections)).items()}
+    assert counts == {"rest:invalid_body": 1}, counts
