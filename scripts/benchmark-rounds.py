@@ -1,0 +1,773 @@
+#!/usr/bin/env python3
+"""Benchmark whole rounds end to end: the deployed system, and Flower's gRPC server on the same work.
+
+Deploys every service on an embedded valkey-server (as scripts/demo.py does) with privacy off
+and FedAvg, uploads a synthetic user model (``agents/synthetic.py``: d float32 parameters whose
+training costs nothing) and runs --agents agents of it in --agent-processes processes of
+``python -m agents run``; by default every agent is asked every round. Then, when ``flwr``
+imports and --flower is on, the same model, agents and rounds on Flower's legacy gRPC server
+(``flwr.server.start_server``, FedAvg, min_fit_clients = N, no evaluate rounds) with N
+``NumPyClient``s in threads of as many processes.
+
+Reports:
+- s/round: median over rounds >= 2 of the time between consecutive commits (ours: the round
+  metrics' ``completed_at``; Flower: the end of ``aggregate_fit``), and the median round's own
+  length (ours: round opened -> committed; Flower: clients sampled -> end of aggregate_fit);
+- time to round 1 committed, from the start of the run and from the training's start;
+- per round, the phases the bus shows (event stream, update and aggregate streams): collect
+  (round_started -> round_closed), first and last update notice, aggregate (round_closed ->
+  AggregateReady), release (-> model_released), commit (-> version_committed) and complete
+  (-> round_completed);
+- peak RSS (VmHWM) and CPU seconds of every process of the run;
+- bus bytes per round: valkey's total_net_input_bytes + total_net_output_bytes over rounds
+  2..R (this script's own reads taken out), against the model bytes N d 4 x 2.
+
+Usage (see docs/performance.md, "Rounds end to end"):
+    .venv/bin/python scripts/benchmark-rounds.py --agents 10 --params 100000 --rounds 5
+    .venv/bin/python scripts/benchmark-rounds.py --agents 1000 --params 650 --rounds 5 \
+        --agent-processes 4 --no-flower --json reports/rounds.json
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import HelpFormatter, use_venv
+
+use_venv()
+
+import argparse
+import contextlib
+import importlib.metadata
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import threading
+import time
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agents.runner import agent_ids
+from agents.synthetic import LAYERS_ENV, PARAMS_ENV, initial_model
+from federated_learning.bus.embedded import free_port
+from federated_learning.bus.replies import read_batches, text
+from federated_learning.config import ConfigError, load_settings
+from federated_learning.deploy.access import admin_url_for
+from federated_learning.deploy.launcher import deployment_file, read_deployment
+from federated_learning.deploy.local import DeploymentFailed, LocalDeployment, stop_on_sigterm
+from federated_learning.protocol.keys import Keys
+from federated_learning.protocol.messages import LocalTrainingSettings
+from federated_learning.rest_client import ApiError, RestClient
+
+logger = logging.getLogger("benchmark-rounds")
+
+COMPRESSIONS = typing.get_args(LocalTrainingSettings.model_fields["compression"].annotation)
+FINAL_STATUSES = ("completed", "failed", "stopped")
+DATASET = "synthetic"
+TAIL_BLOCK_MS = 500
+JOIN_TIMEOUT_S = 120.0
+"""Seconds the agents may take to join, plus 0.1 s per agent."""
+FLOWER_LISTEN_TIMEOUT_S = 60.0
+STOP_WAIT_S = 30.0
+FLOWER_WORKER = Path(__file__).resolve().parent / "flower_rounds.py"
+WATCHER = "benchmark (watcher)"
+TOP_COMMANDS = 8
+SERVICES = ("coordinator", "aggregator", "privacy", "versions", "monitor", "dashboard")
+
+
+class BenchmarkFailed(RuntimeError):
+    """Something did not come up or the training did not complete; the message is the one line."""
+
+
+# -- the bus, as this script watches it ---------------------------------------------------
+
+
+@dataclass
+class RoundTimes:
+    """Unix times of one round's steps, as the bus shows them (None: not seen)."""
+
+    started: float | None = None
+    first_notice: float | None = None
+    last_notice: float | None = None
+    notices: int = 0
+    closed: float | None = None
+    aggregated: float | None = None
+    released: float | None = None
+    committed: float | None = None
+    completed: float | None = None
+
+
+@dataclass
+class BusSnapshot:
+    """Valkey's byte counters (in all, this script's own connection's, each process's
+    connections'), its command counts and each process's CPU seconds, when a round completed."""
+
+    at: float
+    server_in: int
+    server_out: int
+    own_in: int
+    own_out: int
+    cpu_s: dict[str, float]
+    bytes_by_process: dict[str, int]
+    commands: dict[str, tuple[int, int]]
+    """Command -> (calls, microseconds) since the server started."""
+    aof_rewrites: int
+    """Rewrites of the append-only file since the server started (each one a fork writing it anew)."""
+
+
+@dataclass
+class BusTail:
+    """Reads the event, update and aggregate streams without a group (as the dashboard tails
+    events) in a thread; snapshots the byte counters at each ``round_completed``."""
+
+    client: redis.Redis
+    keys: Keys
+    rounds: dict[tuple[str, int], RoundTimes] = field(default_factory=dict)
+    snapshots: dict[tuple[str, int], BusSnapshot] = field(default_factory=dict)
+    final: dict[str, tuple[str, str]] = field(default_factory=dict)
+    processes: list[tuple[int, str]] = field(default_factory=list)
+    """(pid, role) of the processes whose CPU time each snapshot samples."""
+    stop: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    def times(self, training_id: str, round_number: int) -> RoundTimes:
+        return self.rounds.setdefault((training_id, round_number), RoundTimes())
+
+    def snapshot(self) -> BusSnapshot:
+        stats = self.client.info("stats")
+        own = self.client.client_info()
+        commands = {name.removeprefix("cmdstat_"): (int(row["calls"]), int(row["usec"]))
+                    for name, row in self.client.info("commandstats").items()}
+        return BusSnapshot(at=time.time(), server_in=int(stats["total_net_input_bytes"]),
+                           server_out=int(stats["total_net_output_bytes"]),
+                           own_in=int(own["tot-net-in"]), own_out=int(own["tot-net-out"]),
+                           cpu_s=cpu_seconds(self.processes), bytes_by_process=self.bytes_by_process(),
+                           commands=commands, aof_rewrites=int(self.client.info("persistence")["aof_rewrites"]))
+
+    def bytes_by_process(self) -> dict[str, int]:
+        """Bytes in and out of the connections open now, summed by the process holding each
+        (found by its local port); connections of no known process count as "other"."""
+        ports = local_ports(self.processes)
+        totals: dict[str, int] = {}
+        for connection in self.client.client_list():
+            role = ports.get(int(str(connection["addr"]).rsplit(":", 1)[1]), "other")
+            role = "agents (all)" if role.startswith("agents-") else role
+            totals[role] = totals.get(role, 0) + int(connection["tot-net-in"]) + int(connection["tot-net-out"])
+        return totals
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        training_id, round_number, kind = event.get("training_id"), event.get("round"), event["kind"]
+        if not training_id:
+            return
+        if kind == "training_status" and event["data"].get("status") in FINAL_STATUSES:
+            self.final[training_id] = (event["data"]["status"], event["data"].get("reason") or "")
+        if round_number is None:
+            return
+        times = self.times(training_id, round_number)
+        step = {"round_started": "started", "round_closed": "closed", "model_released": "released",
+                "version_committed": "committed", "round_completed": "completed"}.get(kind)
+        if step is not None and getattr(times, step) is None:
+            setattr(times, step, float(event["at"]))
+        if kind == "round_completed":
+            self.snapshots[(training_id, round_number)] = self.snapshot()
+
+    def on_entry(self, stream: str, entry_id: bytes, message: dict[str, Any]) -> None:
+        if stream == self.keys.event_stream:
+            self.on_event(message)
+            return
+        at = int(entry_id.split(b"-")[0]) / 1000
+        times = self.times(message.get("training_id", ""), int(message.get("round", -1)))
+        if stream == self.keys.aggregate_stream and times.aggregated is None:
+            times.aggregated = at
+        elif stream == self.keys.update_stream and message.get("type") == "update":
+            times.notices += 1
+            times.first_notice = at if times.first_notice is None else times.first_notice
+            times.last_notice = at
+
+    def run(self) -> None:
+        streams: dict[Any, Any] = {self.keys.event_stream: "0-0", self.keys.update_stream: "0-0",
+                                          self.keys.aggregate_stream: "0-0"}
+        try:
+            while not self.stop.is_set():
+                for name, entries in read_batches(self.client.xread(streams, block=TAIL_BLOCK_MS)):
+                    stream = text(name)
+                    for entry_id, fields in entries:
+                        streams[stream] = entry_id
+                        if b"m" in fields:
+                            self.on_entry(stream, entry_id, json.loads(fields[b"m"]))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which says it in one line
+            self.error = exc
+
+
+# -- our deployment ------------------------------------------------------------------------
+
+
+def deployment_environment(args: argparse.Namespace, data_dir: Path) -> dict[str, str]:
+    """Settings of the benchmark's deployment: free ports, every agent in a round, no limits
+    that a thousand agents on one machine would hit (first joins per minute)."""
+    return {
+        "FL_DATA_DIR": str(data_dir), "FL_DASHBOARD_PORT": str(free_port()), "FL_METRICS_PORT_BASE": "0",
+        "FL_REDIS_EMBEDDED_PORT": "0", "FL_REDIS_URL": "", "FL_DEFAULT_PRIVACY_LEVEL": "none",
+        "FL_MAX_CLIENTS_PER_ROUND": str(max(args.agents, args.clients_per_round)),
+        "FL_MIN_CLIENTS_PER_ROUND": "1", "FL_ROUND_DEADLINE_S": str(args.round_deadline_s),
+        "FL_MAX_FIRST_JOINS_PER_MINUTE": str(max(600, 2 * args.agents)),
+        "NUMBA_CACHE_DIR": str(data_dir.parent / f"{data_dir.name}-numba-cache"),
+    }
+
+
+def process_agent_ids(args: argparse.Namespace) -> list[list[str]]:
+    """The agent ids of each agent process: ``bench<p>-<i>``, the agents spread evenly."""
+    counts = [args.agents // args.agent_processes + (1 if p < args.agents % args.agent_processes else 0)
+              for p in range(args.agent_processes)]
+    return [agent_ids(f"bench{p}", count) for p, count in enumerate(counts)]
+
+
+@contextlib.contextmanager
+def agent_processes(args: argparse.Namespace, deployment: LocalDeployment,
+                    groups: list[list[str]]) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``python -m agents run --app agents.synthetic:make`` once per group; stopped on exit."""
+    env = {**os.environ, PARAMS_ENV: str(args.params), LAYERS_ENV: str(args.layers)}
+    processes: list[subprocess.Popen[bytes]] = []
+    logs = []
+    try:
+        for p, ids in enumerate(groups):
+            log = open(deployment.data_dir / f"agents-{p}.log", "ab")  # noqa: SIM115 - closed below
+            logs.append(log)
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "agents", "run", "--app", "agents.synthetic:make",
+                 "--agent-id", f"bench{p}", "--agents", str(len(ids)), "--dataset", DATASET,
+                 "--deployment", str(deployment_file(deployment.data_dir)),
+                 "--heartbeat-s", str(args.heartbeat_s), "--log-level", "WARNING"],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env))
+        yield processes
+    finally:
+        stop_processes(processes)
+        for log in logs:
+            log.close()
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each (agents leave cleanly), then SIGKILL what is left after STOP_WAIT_S."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + STOP_WAIT_S
+    for process in processes:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def check_alive(processes: list[subprocess.Popen[bytes]], deployment: LocalDeployment) -> None:
+    for p, process in enumerate(processes):
+        if process.poll() is not None:
+            raise BenchmarkFailed(f"agent process {p} exited with {process.returncode}; "
+                                  f"see {deployment.data_dir / f'agents-{p}.log'}")
+    if deployment.process is None or deployment.process.poll() is not None:
+        raise BenchmarkFailed(f"the deployment exited; see {deployment.data_dir / 'deploy.log'}")
+
+
+def wait_for_agents(admin: redis.Redis, keys: Keys, count: int, processes: list[subprocess.Popen[bytes]],
+                    deployment: LocalDeployment) -> None:
+    deadline = time.monotonic() + JOIN_TIMEOUT_S + 0.1 * count
+    joined = 0
+    while time.monotonic() < deadline:
+        check_alive(processes, deployment)
+        joined = int(admin.zcount(keys.agents_last_seen, time.time() - 600, "+inf"))
+        if joined >= count:
+            return
+        time.sleep(0.2)
+    raise BenchmarkFailed(f"only {joined} of {count} agents joined within "
+                          f"{JOIN_TIMEOUT_S + 0.1 * count:.0f}s; see {deployment.data_dir}/agents-*.log")
+
+
+def training_body(args: argparse.Namespace) -> dict[str, Any]:
+    return {"name": "benchmark-rounds", "dataset": DATASET, "rounds": args.rounds, "algorithm": "fedavg",
+            "clients_per_round": args.clients_per_round, "min_clients": args.min_clients,
+            "round_deadline_s": args.round_deadline_s, "privacy_level": "none",
+            "local": {"compression": args.compression}}
+
+
+def wait_for_training(tail: BusTail, training_id: str, processes: list[subprocess.Popen[bytes]],
+                      deployment: LocalDeployment, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while training_id not in tail.final:
+        if tail.error is not None:
+            raise BenchmarkFailed(f"reading the bus failed: {tail.error}")
+        check_alive(processes, deployment)
+        if time.monotonic() > deadline:
+            raise BenchmarkFailed(f"training {training_id} did not end within {timeout_s:.0f}s; "
+                                  f"see {deployment.data_dir / 'logs'}")
+        time.sleep(0.2)
+    status, reason = tail.final[training_id]
+    if status != "completed":
+        raise BenchmarkFailed(f"training {training_id} {status}: {reason}")
+
+
+# -- processes: peak RSS and CPU ------------------------------------------------------------
+
+
+def vmhwm_bytes(pid: int | str = "self") -> int:
+    """Peak resident set size (VmHWM in /proc/<pid>/status), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise BenchmarkFailed(f"/proc/{pid}/status has no VmHWM")
+
+
+def process_role(process: psutil.Process) -> str:
+    """A deployment process by its job: a service name, ``valkey-server`` or ``launcher``."""
+    command = " ".join(process.cmdline())
+    for service in SERVICES:
+        if f"federated_learning.services.{service}" in command:
+            return service
+    if "valkey-server" in command:
+        return "valkey-server"
+    return "launcher" if "deploy-federated-learning" in command else process.name()
+
+
+def cpu_seconds(processes: list[tuple[int, str]]) -> dict[str, float]:
+    """User + system CPU seconds of each (pid, role) so far, with its children that ended
+    (valkey-server's AOF rewrites are forks); a process gone is left out."""
+    seconds = {}
+    for pid, role in processes:
+        with contextlib.suppress(psutil.Error):
+            cpu = psutil.Process(pid).cpu_times()
+            seconds[role] = cpu.user + cpu.system + cpu.children_user + cpu.children_system
+    return seconds
+
+
+def local_ports(processes: list[tuple[int, str]]) -> dict[int, str]:
+    """Local TCP port -> role, for the client sockets of the processes (valkey-server's are its own)."""
+    ports = {}
+    for pid, role in processes:
+        if role == "valkey-server":
+            continue
+        with contextlib.suppress(psutil.Error):
+            for connection in psutil.Process(pid).net_connections(kind="tcp"):
+                if connection.laddr:
+                    ports[connection.laddr.port] = role
+    return ports
+
+
+def run_processes(deployment: LocalDeployment, processes: list[subprocess.Popen[bytes]]) -> list[tuple[int, str]]:
+    """(pid, role) of the launcher, every service, valkey-server, the agent processes and this
+    script (which only watches the bus)."""
+    assert deployment.process is not None
+    launcher = psutil.Process(deployment.process.pid)
+    children = sorted(((child.pid, process_role(child)) for child in launcher.children(recursive=True)),
+                      key=lambda pair: pair[1])
+    return [(launcher.pid, "launcher"), *children,
+            *[(process.pid, f"agents-{p}") for p, process in enumerate(processes)],
+            (os.getpid(), WATCHER)]
+
+
+def process_usage(processes: list[tuple[int, str]], first: BusSnapshot | None, last: BusSnapshot | None,
+                  rounds: int) -> list[dict[str, Any]]:
+    """Each process's VmHWM and CPU seconds, in all and per round over rounds 2..R."""
+    now = cpu_seconds(processes)
+    rows = []
+    for pid, role in processes:
+        per_round = (last.cpu_s[role] - first.cpu_s[role]) / (rounds - 1) \
+            if first and last and role in first.cpu_s and role in last.cpu_s else None
+        rows.append({"process": role, "pid": pid, "peak_rss_bytes": vmhwm_bytes(pid), "cpu_s": now.get(role),
+                     "cpu_s_per_round": per_round})
+    return rows
+
+
+def kill_leftovers(pids: list[int]) -> None:
+    """SIGKILL the deployment's processes that outlived its stop (none, when it stops cleanly)."""
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+            logger.warning("killed process %s, left after the deployment stopped", pid)
+
+
+# -- our figures ------------------------------------------------------------------------------
+
+
+def median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def gap(later: float | None, earlier: float | None) -> float | None:
+    return None if later is None or earlier is None else later - earlier
+
+
+def phase_rows(tail: BusTail, training_id: str, rounds: int) -> list[dict[str, Any]]:
+    rows = []
+    for r in range(1, rounds + 1):
+        t = tail.rounds.get((training_id, r), RoundTimes())
+        rows.append({
+            "round": r, "notices": t.notices,
+            "collect_s": gap(t.closed, t.started), "first_notice_s": gap(t.first_notice, t.started),
+            "last_notice_s": gap(t.last_notice, t.started), "close_s": gap(t.closed, t.last_notice),
+            "aggregate_s": gap(t.aggregated, t.closed), "release_s": gap(t.released, t.aggregated),
+            "commit_s": gap(t.committed, t.released), "complete_s": gap(t.completed, t.committed),
+            "round_s": gap(t.completed, t.started),
+        })
+    return rows
+
+
+def bus_figures(tail: BusTail, training_id: str, args: argparse.Namespace,
+                metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bus bytes per round over rounds 2..R, this script's own traffic taken out, against the
+    model bytes: N d 4 down (the global model) plus N d 4 up (dense uploads)."""
+    first, last = tail.snapshots.get((training_id, 1)), tail.snapshots.get((training_id, args.rounds))
+    dense = args.clients_per_round * args.params * 4 * 2
+    if first is None or last is None or args.rounds < 2:
+        return {"bus_bytes_per_round": None, "model_bytes_per_round": dense, "ratio": None}
+    server = (last.server_in - first.server_in) + (last.server_out - first.server_out)
+    own = (last.own_in - first.own_in) + (last.own_out - first.own_out)
+    per_round = (server - own) / (args.rounds - 1)
+    uploads = [m["upload_bytes"] for m in metrics if m["round"] >= 2]
+    rounds = args.rounds - 1
+    by_process = {role: (last.bytes_by_process[role] - first.bytes_by_process.get(role, 0)) / rounds
+                  for role in last.bytes_by_process}
+    commands = {name: ((calls - first.commands.get(name, (0, 0))[0]) / rounds,
+                       (usec - first.commands.get(name, (0, 0))[1]) / rounds)
+                for name, (calls, usec) in last.commands.items()}
+    return {"bus_bytes_per_round": per_round, "model_bytes_per_round": dense, "ratio": per_round / dense,
+            "watcher_bytes_per_round": own / rounds,
+            "aof_rewrites_per_round": (last.aof_rewrites - first.aof_rewrites) / rounds,
+            "upload_bytes_per_round": statistics.mean(uploads) if uploads else None,
+            "bytes_per_round_by_process": by_process,
+            "commands_per_round": dict(sorted(commands.items(), key=lambda item: -item[1][1]))}
+
+
+def round_figures(metrics: list[dict[str, Any]], run_started: float, training_started: float) -> dict[str, Any]:
+    committed = [m["completed_at"] for m in metrics]
+    periods = [b - a for a, b in itertools.pairwise(committed)]
+    return {
+        "s_per_round": median_or_none(periods),
+        "round_open_to_commit_s": median_or_none([m["round_seconds"] for m in metrics[1:]]),
+        "to_round1_from_start_s": committed[0] - run_started if committed else None,
+        "to_round1_from_training_start_s": committed[0] - training_started if committed else None,
+        "round_periods_s": periods,
+    }
+
+
+def run_ours(args: argparse.Namespace) -> dict[str, Any]:
+    """Deploy, run the agents and the training, measure; everything stopped on the way out."""
+    data_dir = args.data_dir.resolve()
+    shutil.rmtree(data_dir, ignore_errors=True)
+    os.environ.update(deployment_environment(args, data_dir))
+    try:
+        settings = load_settings(ROOT / "config.json")
+    except ConfigError as exc:
+        raise BenchmarkFailed(str(exc)) from exc
+    groups = process_agent_ids(args)
+    deployment = LocalDeployment(settings, ROOT / "config.json", data_dir,
+                                 acl_agents=[agent for ids in groups for agent in ids])
+    run_started = time.time()
+    known_pids: list[int] = []
+    try:
+        logger.info("starting the deployment (logs in %s)", data_dir / "logs")
+        deployment.start()
+        assert deployment.process is not None
+        known_pids = [p.pid for p in psutil.Process(deployment.process.pid).children(recursive=True)]
+        return train_and_measure(args, deployment, groups, run_started)
+    except DeploymentFailed as exc:
+        first, *rest = str(exc).splitlines()
+        raise BenchmarkFailed(f"{first.rstrip(':')}; see {data_dir / 'deploy.log'}" if rest else first) from exc
+    finally:
+        deployment.stop()
+        kill_leftovers(known_pids)
+
+
+def train_and_measure(args: argparse.Namespace, deployment: LocalDeployment, groups: list[list[str]],
+                      run_started: float) -> dict[str, Any]:
+    keys = Keys(str(read_deployment(deployment.data_dir).get("key_prefix", "fl")))
+    admin = redis.Redis.from_url(admin_url_for(deployment.settings, deployment.data_dir, None,
+                                               deployment.redis_url))
+    tail = BusTail(redis.Redis.from_url(admin_url_for(deployment.settings, deployment.data_dir, None,
+                                                      deployment.redis_url)), keys)
+    watcher = threading.Thread(target=tail.run, name="bus-tail", daemon=True)
+    watcher.start()
+    api = RestClient(deployment.dashboard_url, deployment.api_key, verify=deployment.dashboard_verify,
+                     timeout_s=120.0)
+    try:
+        model = api.upload_model(initial_model(args.params, args.layers), name="synthetic")
+        with agent_processes(args, deployment, groups) as processes:
+            wait_for_agents(admin, keys, args.agents, processes, deployment)
+            tail.processes = run_processes(deployment, processes)
+            logger.info("%d agents joined in %d process(es) after %.1fs", args.agents, len(processes),
+                        time.time() - run_started)
+            training_started = time.time()
+            training_id = api.start_training(training_body(args), model_id=model["model_id"])
+            wait_for_training(tail, training_id, processes, deployment, args.timeout)
+            usage = process_usage(tail.processes, tail.snapshots.get((training_id, 1)),
+                                  tail.snapshots.get((training_id, args.rounds)), args.rounds)
+        metrics = api.metrics(training_id)
+    except ApiError as exc:
+        raise BenchmarkFailed(f"the dashboard refused a request: {exc}") from exc
+    finally:
+        tail.stop.set()
+        watcher.join(2 * TAIL_BLOCK_MS / 1000)
+        api.close()
+        admin.close()
+    return {"training_id": training_id, **round_figures(metrics, run_started, training_started),
+            "phases": phase_rows(tail, training_id, args.rounds), "processes": usage,
+            "bus": bus_figures(tail, training_id, args, metrics), "metrics": metrics}
+
+
+# -- Flower ----------------------------------------------------------------------------------------
+
+
+def flower_available() -> bool:
+    return importlib.util.find_spec("flwr") is not None
+
+
+def wait_listening(port: int, server: subprocess.Popen[str], log: Path) -> None:
+    deadline = time.monotonic() + FLOWER_LISTEN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise BenchmarkFailed(f"Flower's server exited with {server.returncode}; see {log}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise BenchmarkFailed(f"Flower's server did not listen on port {port} within {FLOWER_LISTEN_TIMEOUT_S:.0f}s")
+
+
+def worker(role: str, spec: dict[str, Any], log: Path) -> subprocess.Popen[str]:
+    """``scripts/flower_rounds.py`` as Flower's server or a clients process; its last stdout line
+    is its JSON result."""
+    with open(log, "ab") as stderr:
+        return subprocess.Popen([sys.executable, str(FLOWER_WORKER), role, json.dumps(spec)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def worker_result(process: subprocess.Popen[str], name: str, log: Path, timeout_s: float) -> dict[str, Any]:
+    try:
+        out, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchmarkFailed(f"Flower's {name} did not finish within {timeout_s:.0f}s; see {log}") from exc
+    if process.returncode != 0 or not out.strip():
+        raise BenchmarkFailed(f"Flower's {name} exited with {process.returncode}; see {log}")
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def run_flower(args: argparse.Namespace) -> dict[str, Any]:
+    """The same rounds on Flower: one server process, the clients in --agent-processes processes."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    log = args.data_dir.resolve() / "flower.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    common = {"address": address, "params": args.params, "layers": args.layers}
+    run_started = time.time()
+    server = worker("server", {**common, "clients": args.agents, "rounds": args.rounds}, log)
+    clients: list[subprocess.Popen[str]] = []
+    try:
+        wait_listening(port, server, log)
+        clients = [worker("clients", {**common, "ids": ids}, log) for ids in process_agent_ids(args)]
+        served = worker_result(server, "server", log, args.timeout)
+        usage = [worker_result(process, f"clients {p}", log, STOP_WAIT_S) for p, process in enumerate(clients)]
+    finally:
+        for process in (server, *clients):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    committed = [served["committed"][str(r)] for r in range(1, args.rounds + 1)]
+    periods = [b - a for a, b in itertools.pairwise(committed)]
+    own = [served["committed"][str(r)] - served["opened"][str(r)] for r in range(2, args.rounds + 1)]
+    return {
+        "s_per_round": median_or_none(periods), "round_open_to_commit_s": median_or_none(own),
+        "to_round1_from_start_s": committed[0] - run_started,
+        "to_round1_from_training_start_s": committed[0] - served["opened"]["1"], "round_periods_s": periods,
+        "processes": [{"process": "flower server", **{k: served[k] for k in ("peak_rss_bytes", "cpu_s",
+                                                                               "cpu_s_per_round")}}]
+        + [{"process": f"flower clients-{p}", **row} for p, row in enumerate(usage)],
+    }
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def seconds(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def summary_table(args: argparse.Namespace, ours: dict[str, Any], flower: dict[str, Any] | None) -> str:
+    header = ("| system | agents | d | rounds | compression | s/round (median, r >= 2) | round open -> commit "
+              "(median) | to round 1, from start | to round 1, from training start | peak RSS, server side (MB) "
+              "| peak RSS, clients (MB) |")
+    lines = [header, "|" + "---|" * 11]
+    for name, result in (("ours", ours), ("Flower", flower)):
+        if result is None:
+            continue
+        server = sum(row["peak_rss_bytes"] for row in result["processes"]
+                     if not is_client(row["process"]) and row["process"] != WATCHER)
+        clients = sum(row["peak_rss_bytes"] for row in result["processes"] if is_client(row["process"]))
+        lines.append(f"| {name} | {args.agents:,} | {args.params:,} | {args.rounds} | "
+                     f"{args.compression if name == 'ours' else 'none'} | {seconds(result['s_per_round'])} | "
+                     f"{seconds(result['round_open_to_commit_s'])} | {seconds(result['to_round1_from_start_s'], 1)} | "
+                     f"{seconds(result['to_round1_from_training_start_s'], 2)} | {server / 1e6:,.0f} | "
+                     f"{clients / 1e6:,.0f} |")
+    if flower is not None and ours["s_per_round"] and flower["s_per_round"]:
+        lines.append(f"\nours/Flower s/round: {ours['s_per_round'] / flower['s_per_round']:.2f}")
+    return "\n".join(lines)
+
+
+def is_client(process: str) -> bool:
+    """Agent and Flower client processes: not the server side."""
+    return process.startswith(("agents-", "flower clients"))
+
+
+def phase_table(rows: list[dict[str, Any]]) -> str:
+    columns = ("collect_s", "first_notice_s", "last_notice_s", "close_s", "aggregate_s", "release_s",
+               "commit_s", "complete_s", "round_s")
+    header = ("| round | notices | collect | first notice | last notice | last notice -> closed | aggregate "
+              "| release | commit | complete | round (open -> completed) |")
+    lines = [header, "|" + "---|" * 11]
+    for row in rows:
+        lines.append(f"| {row['round']} | {row['notices']} | "
+                     + " | ".join(seconds(row[c]) for c in columns) + " |")
+    later = rows[1:]
+    medians = [median_or_none([r[c] for r in later if r[c] is not None]) for c in columns]
+    lines.append("| median r >= 2 | - | " + " | ".join(seconds(m) for m in medians) + " |")
+    return "\n".join(lines)
+
+
+def process_table(ours: dict[str, Any], flower: dict[str, Any] | None) -> str:
+    lines = ["| process | peak RSS (MB) | CPU, whole run (s) | CPU per round, r >= 2 (s) |", "|---|---|---|---|"]
+    for row in [*ours["processes"], *(flower["processes"] if flower else [])]:
+        lines.append(f"| {row['process']} | {row['peak_rss_bytes'] / 1e6:,.1f} | {seconds(row['cpu_s'], 1)} "
+                     f"| {seconds(row.get('cpu_s_per_round'), 2)} |")
+    return "\n".join(lines)
+
+
+def bus_line(bus: dict[str, Any]) -> str:
+    if bus["bus_bytes_per_round"] is None:
+        return "bus bytes per round: not measured (needs 2 rounds or more)"
+    uploads = bus["upload_bytes_per_round"]
+    return (f"bus bytes per round (rounds 2..R): {bus['bus_bytes_per_round'] / 1e6:,.2f} MB; model bytes "
+            f"N d 4 x 2: {bus['model_bytes_per_round'] / 1e6:,.2f} MB; ratio {bus['ratio']:.2f}; "
+            f"agents' uploads {seconds(uploads and uploads / 1e6, 2)} MB; this script's reads "
+            f"{bus['watcher_bytes_per_round'] / 1e6:,.3f} MB (taken out); AOF rewrites per round "
+            f"{bus['aof_rewrites_per_round']:.1f}")
+
+
+def bus_tables(bus: dict[str, Any]) -> str:
+    """Bus bytes per round by process, and valkey's busiest commands per round."""
+    if bus["bus_bytes_per_round"] is None:
+        return ""
+    lines = ["| process (its connections) | bus MB per round | share |", "|---|---|---|"]
+    rows = sorted(bus["bytes_per_round_by_process"].items(), key=lambda item: -item[1])
+    # Connections opened and closed between the two snapshots are in valkey's totals only.
+    rows.append(("not attributed (connections closed meanwhile)",
+                 bus["bus_bytes_per_round"] + bus["watcher_bytes_per_round"] - sum(n for _, n in rows)))
+    for role, count in rows:
+        lines.append(f"| {role} | {count / 1e6:,.2f} | {count / bus['bus_bytes_per_round']:.0%} |")
+    lines += ["", f"| valkey command (top {TOP_COMMANDS} by time) | calls per round | ms per round |",
+              "|---|---|---|"]
+    for name, (calls, usec) in list(bus["commands_per_round"].items())[:TOP_COMMANDS]:
+        lines.append(f"| {name} | {calls:,.0f} | {usec / 1000:,.1f} |")
+    return "\n".join(lines)
+
+
+def report(args: argparse.Namespace, ours: dict[str, Any], flower: dict[str, Any] | None) -> str:
+    return "\n\n".join([summary_table(args, ours, flower), phase_table(ours["phases"]),
+                        process_table(ours, flower), bus_line(ours["bus"]), bus_tables(ours["bus"])]) + "\n"
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--agents", type=int, default=69, help="agents (and Flower clients), N")
+    p.add_argument("--params", type=int, default=1_000_000, help="float32 parameters of the model, d")
+    p.add_argument("--layers", type=int, default=1, help="layers the d parameters are split into")
+    p.add_argument("--rounds", type=int, default=10, help="rounds of FedAvg")
+    p.add_argument("--clients-per-round", type=int, default=None, help="agents per round (default: --agents)")
+    p.add_argument("--min-clients", type=int, default=None, help="fewest updates a round aggregates "
+                   "(default: --clients-per-round)")
+    p.add_argument("--agent-processes", type=int, default=1, help="processes the agents (and Flower's "
+                   "clients) are spread over")
+    p.add_argument("--compression", default="none", choices=COMPRESSIONS, help="how agents compress "
+                   "their updates (Flower's run is always dense)")
+    p.add_argument("--flower", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run Flower's gRPC server on the same work, when flwr imports")
+    p.add_argument("--heartbeat-s", type=float, default=30.0, help="agents' heartbeat interval")
+    p.add_argument("--round-deadline-s", type=float, default=600.0, help="the training's round deadline")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds each system's training may take")
+    p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "benchmark-rounds",
+                   help="the deployment's data folder (emptied first)")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the figures here")
+    args = p.parse_args(argv)
+    args.clients_per_round = args.clients_per_round or args.agents
+    args.min_clients = args.min_clients or args.clients_per_round
+    if args.agents < 1 or not 1 <= args.layers <= args.params:
+        p.error(f"need --agents >= 1 and 1 <= --layers <= --params; got {args.agents}, {args.layers}, "
+                f"{args.params}")
+    if not 1 <= args.agent_processes <= args.agents:
+        p.error(f"--agent-processes is {args.agent_processes}; must be in [1, --agents]")
+    if args.clients_per_round > args.agents or args.min_clients > args.clients_per_round:
+        p.error(f"need min-clients <= clients-per-round <= agents; got {args.min_clients}, "
+                f"{args.clients_per_round}, {args.agents}")
+    if args.rounds < 2:
+        p.error(f"--rounds is {args.rounds}; s/round needs at least 2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    stop_on_sigterm()
+    # A shell without job control starts background commands with SIGINT ignored; Ctrl-C and
+    # `kill -INT` must still stop the run (and, through the finally blocks, the deployment).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    load_before = os.getloadavg()
+    try:
+        ours = run_ours(args)
+        logger.info("ours: %s s/round", seconds(ours["s_per_round"]))
+        flower = run_flower(args) if args.flower and flower_available() else None
+        if args.flower and flower is None:
+            logger.warning("flwr does not import: no Flower run")
+    except BenchmarkFailed as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted; the deployment and the agents were stopped\n")
+        return 130
+    context = {"loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cpus": os.cpu_count(),
+               "flwr": importlib.metadata.version("flwr") if flower is not None else None}
+    sys.stdout.write(f"context: {json.dumps(context)}\n{report(args, ours, flower)}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"argv": sys.argv, "args": {k: str(v) for k, v in vars(args).items()},
+                                         "context": context, "ours": ours, "flower": flower,
+                                         "ours_over_flower": ratio(ours, flower)}, indent=2))
+    return 0
+
+
+def ratio(ours: dict[str, Any], flower: dict[str, Any] | None) -> float | None:
+    if flower is None or not ours["s_per_round"] or not flower["s_per_round"]:
+        return None
+    return float(ours["s_per_round"] / flower["s_per_round"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
