@@ -17,7 +17,8 @@ from redis.exceptions import RedisError
 
 from federated_learning.access import org_of_training
 from federated_learning.bus.replies import read_batches
-from federated_learning.protocol.messages import Event, MalformedMessage, decode
+from federated_learning.protocol.events import Event
+from federated_learning.protocol.messages import MalformedMessage, decode
 
 log = logging.getLogger(__name__)
 

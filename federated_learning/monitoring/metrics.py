@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from federated_learning.protocol.events import RoundCompleted
 
 METRIC_SERIES_MAXLEN = 100_000
 """Most metrics kept per training (the oldest go first)."""
@@ -31,19 +32,18 @@ class TrainingMetric(BaseModel):
     timestamp: float = Field(default_factory=time.time)
 
 
-def metrics_from_round(data: dict[str, Any], training_id: str, round_number: int) -> list[TrainingMetric]:
-    """The TrainingMetrics a ``round_completed`` event carries (its data is a dumped
-    :class:`~federated_learning.protocol.messages.RoundMetrics`): bytes received are the
-    round's update uploads; the update norm is the aggregator's mean update norm (absent when
-    the round's updates were not scored, e.g. secure rounds)."""
+def metrics_from_round(data: RoundCompleted, training_id: str, round_number: int) -> list[TrainingMetric]:
+    """The TrainingMetrics a ``round_completed`` event carries: bytes received are the round's
+    update uploads; the update norm is the aggregator's mean update norm (absent when the
+    round's updates were not scored, e.g. secure rounds)."""
     pairs = [
-        (MetricType.ACCURACY, data.get("eval_accuracy")),
-        (MetricType.LOSS, data.get("eval_loss")),
-        (MetricType.ROUND_TIME, data.get("round_seconds")),
-        (MetricType.PARTICIPATION, data.get("participants")),
-        (MetricType.EPSILON_SPENT, data.get("epsilon_spent")),
-        (MetricType.BYTES_RECEIVED, data.get("upload_bytes")),
-        (MetricType.UPDATE_NORM, data.get("update_norm_mean")),
+        (MetricType.ACCURACY, data.eval_accuracy),
+        (MetricType.LOSS, data.eval_loss),
+        (MetricType.ROUND_TIME, data.round_seconds),
+        (MetricType.PARTICIPATION, data.participants),
+        (MetricType.EPSILON_SPENT, data.epsilon_spent),
+        (MetricType.BYTES_RECEIVED, data.upload_bytes),
+        (MetricType.UPDATE_NORM, data.update_norm_mean),
     ]
     return [TrainingMetric(training_id=training_id, round_number=round_number, metric_type=kind,
                            value=float(value))

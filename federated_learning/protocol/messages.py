@@ -611,6 +611,8 @@ class AggregationJob(Message):
         default=True, description="integer layers take the maximum of the updates; False where updates are "
                                   "clipped, masked or compressed (the agents reset them; the global values stay)")
     updates: list[UpdateRef] = Field(min_length=1)
+    min_updates: int = Field(default=1, ge=1, description="the aggregator drops invalid updates and fails the "
+                                                          "job when fewer than this remain (the training's min_clients)")
     memory_bank: MemoryBankModel | None = Field(
         default=None, description="a memory-bank training: merge the uploaded banks into the base bank")
     secure: SecureAggregationSpec | None = Field(
@@ -711,21 +713,6 @@ class Severity(StrEnum):
     INFO = "info"
     WARNING = "warning"
     CRITICAL = "critical"
-
-
-class Event(Message):
-    """Something that happened, for the monitor, the dashboard and people."""
-
-    type: Literal["event"] = "event"
-    kind: str = Field(min_length=1, max_length=64)
-    source: str = Field(min_length=1, max_length=64)
-    severity: Severity = Severity.INFO
-    message: str = Field(default="", max_length=2000)
-    training_id: str | None = None
-    round: int | None = None
-    agent_id: str | None = None
-    data: dict[str, Any] = Field(default_factory=dict)
-    at: float = Field(default_factory=time.time)
 
 
 class RoundMetrics(BaseModel):

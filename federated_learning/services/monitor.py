@@ -60,12 +60,18 @@ from federated_learning.monitoring.rules import (
     version_accuracies,
 )
 from federated_learning.privacy.levels import PrivacyLevel, privacy_targets
+from federated_learning.protocol.events import (
+    Event,
+    ModelReleasedEvent,
+    RolledBack,
+    RoundCompleted,
+    TrainingStatusChanged,
+    UpdateAnomaly,
+)
 from federated_learning.protocol.keys import GROUP_MONITOR
 from federated_learning.protocol.messages import (
-    Event,
     MalformedMessage,
     Severity,
-    TrainingStatus,
     decode,
 )
 from federated_learning.records.trainings import TrainingStore
@@ -138,7 +144,8 @@ class Monitor:
             return
         EVENTS.labels(event.kind).inc()
         if event.kind == "round_completed" and event.training_id and event.round is not None:
-            metrics = metrics_from_round(event.data, event.training_id, event.round)
+            completed = event.payload(RoundCompleted)
+            metrics = metrics_from_round(completed, event.training_id, event.round)
             if metrics:
                 key = self.ctx.keys.metric_series(event.training_id)
 
@@ -151,11 +158,10 @@ class Monitor:
                                                event.round)
                 if jumps:
                     await self.raise_once(jumps)
-            accuracy = event.data.get("eval_accuracy")
-            if isinstance(accuracy, float):
-                ACCURACY.labels(event.training_id).set(accuracy)
+            if completed.eval_accuracy is not None:
+                ACCURACY.labels(event.training_id).set(completed.eval_accuracy)
         elif event.kind == "update_anomaly" and event.training_id and event.round is not None:
-            flags = [UpdateFlag(**{**f, "reasons": tuple(f["reasons"])}) for f in event.data.get("flags", [])]
+            flags = [UpdateFlag(**flag.model_dump()) for flag in event.payload(UpdateAnomaly).flags]
 
             def count_flags(pipe: Pipeline) -> None:
                 for flag in flags:
@@ -165,20 +171,21 @@ class Monitor:
             await self.raise_once(anomaly_conditions(flags, event.training_id, event.round))
         elif event.kind == "rollback" and event.training_id:
             await self.raise_once([Condition(
-                key=f"rollback:{event.training_id}:{event.data.get('to_version')}:{event.at:.0f}",
+                key=f"rollback:{event.training_id}:{event.payload(RolledBack).to_version}:{event.at:.0f}",
                 rule="rollback", severity=Severity.WARNING, training_id=event.training_id,
                 message=event.message,
                 action="inspect the versions that degraded (compare them on the dashboard) and the "
                        "agents flagged in those rounds; consider a robust aggregation rule")])
-        elif event.kind == "model_released" and event.training_id and event.data.get("level", "none") != "none":
-            target = privacy_targets(PrivacyLevel(str(event.data["level"]))).epsilon
-            await self.raise_once(privacy_budget(event.training_id, float(event.data.get("epsilon_spent", 0.0)),
-                                                 target))
+        elif event.kind == "model_released" and event.training_id \
+                and (report := event.payload(ModelReleasedEvent)).level != "none":
+            target = privacy_targets(PrivacyLevel(report.level)).epsilon
+            await self.raise_once(privacy_budget(event.training_id, report.epsilon_spent, target))
         elif event.kind == "model_refused" and event.training_id and event.agent_id:
             await self.raise_once(model_refused(event.training_id, event.agent_id, event.message))
         elif event.kind == "release_refused" and event.training_id:
             await self.raise_once(release_refused(event.training_id, event.message))
-        elif event.kind == "training_status" and event.training_id and _is_final(event.data.get("status")):
+        elif event.kind == "training_status" and event.training_id \
+                and event.payload(TrainingStatusChanged).status.is_final:
             forget_training(event.training_id, PER_TRAINING)
         elif event.kind == "agent_dropped" and event.agent_id:
             DROPOUTS.inc()
@@ -286,10 +293,6 @@ def publish_open_alerts(open_alerts: list[Alert]) -> None:
     ones the page lists (an acknowledgement on the page shows at the next check)."""
     for severity, count in open_by_severity(open_alerts).items():
         ALERTS_OPEN.labels(severity.value).set(count)
-
-
-def _is_final(status: object) -> bool:
-    return status in {s.value for s in TrainingStatus if s.is_final}
 
 
 async def _main(args: argparse.Namespace) -> None:

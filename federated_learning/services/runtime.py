@@ -33,6 +33,7 @@ from federated_learning.bus.blobs import BlobStore
 from federated_learning.bus.connection import connect
 from federated_learning.bus.stream_ids import StreamRepair
 from federated_learning.config import Settings
+from federated_learning.protocol.events import Event
 from federated_learning.protocol.keys import (
     GROUP_AGGREGATOR,
     GROUP_COORDINATOR,
@@ -41,7 +42,7 @@ from federated_learning.protocol.keys import (
     GROUP_VERSIONS,
     Keys,
 )
-from federated_learning.protocol.messages import Event, Severity, encode
+from federated_learning.protocol.messages import Severity, encode
 from federated_learning.records.trainings import TrainingStore
 
 log = logging.getLogger(__name__)

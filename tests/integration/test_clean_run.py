@@ -20,8 +20,9 @@ from agents.client import FederatedClient
 from federated_learning.bus.replies import text
 from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.dashboard.main import create_app
+from federated_learning.protocol.events import Event
 from federated_learning.protocol.keys import GROUP_COORDINATOR, GROUP_MONITOR, Keys
-from federated_learning.protocol.messages import Event, MalformedMessage, Task, decode
+from federated_learning.protocol.messages import MalformedMessage, Task, decode
 from federated_learning.records.trainings import TrainingStore
 from federated_learning.services.monitor import Monitor
 from federated_learning.services.runtime import (

@@ -11,8 +11,9 @@ import redis.asyncio as aioredis
 
 from federated_learning.dashboard.live import Subscriber, to_pushes
 from federated_learning.dashboard.main import create_app
+from federated_learning.protocol.events import Event
 from federated_learning.protocol.keys import Keys
-from federated_learning.protocol.messages import Event, StartTraining, VersionRecord, decode
+from federated_learning.protocol.messages import StartTraining, VersionRecord, decode
 from federated_learning.services.runtime import ServiceContext
 from tests.integration.conftest import TEST_API_KEY, digits_config, start_training, wait_for_status
 
@@ -99,8 +100,10 @@ async def test_page_and_assets_are_served_locally(http: httpx.AsyncClient) -> No
 
 
 def test_round_completed_becomes_round_and_metric_pushes() -> None:
-    event = Event(kind="round_completed", source="coordinator", training_id="t", round=3,
-                  data={"eval_accuracy": 0.9, "version": 3})
+    data = {"version": 3, "attempts": 1, "participants": 4, "selected": 4, "num_examples": 40, "train_loss": None,
+            "train_accuracy": None, "eval_loss": None, "eval_accuracy": 0.9, "eval_of_version": 2,
+            "round_seconds": 1.0, "aggregation_seconds": 0.0, "epsilon_spent": 0.0, "completed_at": 0.0}
+    event = Event(kind="round_completed", source="coordinator", training_id="t", round=3, data=data)
     assert [p["type"] for p in to_pushes(event)] == ["round_completed", "metric_update"]
 
 

@@ -35,8 +35,9 @@ from federated_learning.config import Settings
 from federated_learning.coordination.state import TrainingState
 from federated_learning.deploy import acl
 from federated_learning.deploy.access import plain_url, provision_at_start
+from federated_learning.protocol.events import Event
 from federated_learning.protocol.keys import GROUP_COORDINATOR, Keys
-from federated_learning.protocol.messages import Event, Heartbeat, decode, encode
+from federated_learning.protocol.messages import Heartbeat, decode, encode
 from tests.integration.conftest import System, digits_config, start_training, wait_for_status
 
 KEYS = Keys()

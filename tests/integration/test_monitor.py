@@ -11,13 +11,26 @@ import redis.asyncio as aioredis
 
 from federated_learning.dashboard.routes.system import system_health
 from federated_learning.monitoring.alerts import EXPECTED_SERVICES, Alert
+from federated_learning.monitoring.metrics import metrics_from_round
 from federated_learning.monitoring.rules import PENDING_BACKLOG_LIMIT
+from federated_learning.protocol.events import Event, RoundCompleted
 from federated_learning.protocol.keys import GROUP_AGGREGATOR, Keys
-from federated_learning.protocol.messages import Event, RoundMetrics, encode
+from federated_learning.protocol.messages import RoundMetrics, encode
 from federated_learning.services.monitor import Monitor
 from federated_learning.services.runtime import ServiceContext
 
 KEYS = Keys()
+
+
+def round_data(**measured: float | None) -> dict[str, object]:
+    """A ``round_completed`` event's data: what the test measured, nothing else."""
+    empty = {field: None for field, info in RoundCompleted.model_fields.items() if not info.is_required()}
+    required = {"version": 1, "attempts": 1, "participants": 0, "selected": 0, "num_examples": 0,
+                "train_loss": None, "train_accuracy": None, "eval_loss": None, "eval_accuracy": None,
+                "eval_of_version": None, "round_seconds": 0.0, "aggregation_seconds": 0.0, "epsilon_spent": 0.0,
+                "completed_at": 0.0}
+    return RoundCompleted.model_validate({**empty, "upload_bytes": 0, "dense_bytes": 0, **required,
+                                          **measured}).model_dump()
 
 
 async def open_alerts(redis: aioredis.Redis) -> list[Alert]:
@@ -45,8 +58,8 @@ async def test_round_metrics_and_dropouts_are_recorded(redis: aioredis.Redis, se
     ctx = ServiceContext(redis=redis, settings=settings, service="monitor", instance="0")
     for event in (
         Event(kind="round_completed", source="coordinator", training_id="t", round=1,
-              data={"eval_accuracy": 0.5, "eval_loss": 1.0, "round_seconds": 0.2, "participants": 4,
-                    "epsilon_spent": 0.0, "upload_bytes": 4096}),
+              data=round_data(eval_accuracy=0.5, eval_loss=1.0, round_seconds=0.2, participants=4,
+                              epsilon_spent=0.0, upload_bytes=4096)),
         Event(kind="agent_dropped", source="coordinator", training_id="t", round=1, agent_id="a1"),
     ):
         await redis.xadd(KEYS.event_stream, encode(event))  # type: ignore[arg-type]
@@ -62,7 +75,7 @@ async def test_a_redelivered_event_is_counted_once(redis: aioredis.Redis, settin
     """A crash after the effects and before the ack redelivers the event: nothing doubles."""
     monitor = Monitor(ServiceContext(redis=redis, settings=settings, service="monitor", instance="0"))
     completed = Event(kind="round_completed", source="coordinator", training_id="t", round=1,
-                      data={"eval_accuracy": 0.5, "participants": 4})
+                      data=round_data(eval_accuracy=0.5, participants=4))
     dropped = Event(kind="agent_dropped", source="coordinator", training_id="t", round=1, agent_id="a1")
     flagged = Event(kind="update_anomaly", source="aggregator", training_id="t", round=1, data={"flags": [
         {"agent_id": "a2", "norm": 9.0, "norm_z": 6.0, "cosine": -0.9, "cosine_z": -6.0,
@@ -71,7 +84,8 @@ async def test_a_redelivered_event_is_counted_once(redis: aioredis.Redis, settin
         entry_id = await redis.xadd(KEYS.event_stream, encode(event))  # type: ignore[arg-type]
         for _delivery in range(3):
             await monitor.on_event(entry_id, encode(event))
-    assert len(await redis.lrange(KEYS.metric_series("t"), 0, -1)) == 2
+    once = metrics_from_round(completed.payload(RoundCompleted), "t", 1)
+    assert len(await redis.lrange(KEYS.metric_series("t"), 0, -1)) == len(once)
     assert await redis.hget(KEYS.agent_dropouts, "a1") == b"1"
     assert await redis.hget(KEYS.agent_flags, "a2") == b"1"
 
@@ -80,7 +94,7 @@ async def test_privacy_budget_alerts_at_80_and_100_percent(redis: aioredis.Redis
     ctx = ServiceContext(redis=redis, settings=settings, service="monitor", instance="0")
     for spent in (1.0, 6.5, 8.0):  # level "low" targets epsilon 8
         event = Event(kind="model_released", source="privacy", training_id="t", round=1,
-                      data={"level": "low", "epsilon_spent": spent})
+                      data={"level": "low", "mechanism": "gaussian", "epsilon_spent": spent})
         await redis.xadd(KEYS.event_stream, encode(event))  # type: ignore[arg-type]
     await Monitor(ctx).consumer.run(asyncio.Event(), burst=True)
     alerts = await open_alerts(redis)
@@ -92,7 +106,7 @@ async def test_budget_spent_to_within_the_tolerance_or_a_refused_release_is_exha
         redis: aioredis.Redis, settings) -> None:
     for event in (
         Event(kind="model_released", source="privacy", training_id="t", round=3,
-              data={"level": "low", "epsilon_spent": 7.99996}),  # calibrated just under epsilon 8
+              data={"level": "low", "mechanism": "gaussian", "epsilon_spent": 7.99996}),  # calibrated just under epsilon 8
         Event(kind="release_refused", source="privacy", training_id="u", round=4,
               message="privacy budget exhausted: epsilon spent 7.999 of 8.0; one more release would exceed it"),
         Event(kind="release_refused", source="privacy", training_id="u", round=4, message="redelivered"),
@@ -108,7 +122,7 @@ async def test_budget_spent_to_within_the_tolerance_or_a_refused_release_is_exha
 
 def completed(round_number: int, accuracy: float, loss: float) -> Event:
     return Event(kind="round_completed", source="coordinator", training_id="t", round=round_number,
-                 data={"eval_accuracy": accuracy, "eval_loss": loss, "participants": 4})
+                 data=round_data(eval_accuracy=accuracy, eval_loss=loss, participants=4))
 
 
 async def test_a_metric_jump_against_the_trend_raises_one_alert(redis: aioredis.Redis, settings) -> None:
@@ -132,7 +146,8 @@ async def test_a_smooth_series_raises_no_jump_alert(redis: aioredis.Redis, setti
     await Monitor(ServiceContext(redis=redis, settings=settings, service="monitor", instance="0")
                   ).consumer.run(asyncio.Event(), burst=True)
     assert await open_alerts(redis) == []
-    assert len(await redis.lrange(KEYS.metric_series("t"), 0, -1)) == 20 * 3
+    per_round = len(metrics_from_round(completed(1, 0.5, 1.0).payload(RoundCompleted), "t", 1))
+    assert len(await redis.lrange(KEYS.metric_series("t"), 0, -1)) == 20 * per_round
 
 
 def monitor_for(redis: aioredis.Redis, settings) -> Monitor:

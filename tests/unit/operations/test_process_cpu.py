@@ -1,6 +1,7 @@
 import pytest
 
 from federated_learning.monitoring.metrics import MetricType, metrics_from_round
+from federated_learning.protocol.events import RoundCompleted
 from federated_learning.services.runtime import CpuWindow
 
 
@@ -26,10 +27,15 @@ def test_cpu_is_averaged_over_the_window_only() -> None:
     assert [at for at, _cpu in window.samples] == [10.0, 12.0, 14.0]
 
 
-def test_round_metrics_record_bytes_received() -> None:
-    metrics = metrics_from_round({"eval_accuracy": 0.5, "upload_bytes": 4096, "update_norm_mean": None}, "t", 3)
-    assert {(m.metric_type, m.value, m.round_number) for m in metrics} == {
-        (MetricType.ACCURACY, 0.5, 3), (MetricType.BYTES_RECEIVED, 4096.0, 3)}
+def test_round_metrics_record_bytes_received_and_skip_what_was_not_measured() -> None:
+    completed = RoundCompleted(version=3, attempts=1, participants=5, selected=6, num_examples=50, train_loss=None,
+                               train_accuracy=None, eval_loss=None, eval_accuracy=0.5, eval_of_version=2,
+                               upload_bytes=4096, round_seconds=1.5, aggregation_seconds=0.0, epsilon_spent=0.0,
+                               completed_at=0.0, update_norm_mean=None)
+    metrics = {(m.metric_type, m.value) for m in metrics_from_round(completed, "t", 3)}
+    assert {(MetricType.ACCURACY, 0.5), (MetricType.BYTES_RECEIVED, 4096.0), (MetricType.ROUND_TIME, 1.5)} <= metrics
+    assert MetricType.UPDATE_NORM not in {kind for kind, _ in metrics}
+    assert MetricType.LOSS not in {kind for kind, _ in metrics}
 
 
 def test_a_span_too_short_to_measure_reads_zero() -> None:
