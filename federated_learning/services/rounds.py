@@ -130,6 +130,8 @@ BYTES_RECEIVED = Counter("fl_update_bytes_received_total", "Bytes of accepted up
 ROUND_SECONDS = Histogram("fl_round_seconds", "Seconds from round start to committed version",
                           buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))
 
+EVENTS = (fx.Emit, fx.StatusChanged, fx.RolledBack)
+"""Effects published on the event stream, in the step's transaction when it has one."""
 STAGED = (fx.Save, fx.SendTasks, fx.SendMessages, fx.StoreSecureMessage, fx.ClearRoundUpdates, fx.AcceptUpdate,
           fx.ReleaseModel, fx.WriteJob, fx.AppendMetrics)
 
@@ -184,10 +186,15 @@ class RoundProtocol:
 
     async def carry_out(self, state: TrainingState, effects: list[fx.Effect], *, retried: bool = False) -> None:
         staged = [e for e in effects if isinstance(e, STAGED)]
-        if staged:
-            async with self.redis.pipeline(transaction=True) as pipe:
+        events = [e for e in effects if isinstance(e, EVENTS)]
+        if staged or events:
+            # The step's events go in the same transaction as the writes they report: a crash
+            # cannot commit a round and lose its round_completed event (or publish it twice).
+            async with self.redis.pipeline(transaction=bool(staged)) as pipe:
                 for write in staged:
                     self._stage(pipe, state, write)
+                for event in events:
+                    self._stage_event(pipe, state, event)
                 await pipe.execute()
         for effect in effects:
             if isinstance(effect, fx.AcceptUpdate):
@@ -198,8 +205,10 @@ class RoundProtocol:
                 ROUND_SECONDS.observe(effect.metrics.round_seconds)
             elif (isinstance(effect, fx.OpenRound) and effect.retry) or (retried and isinstance(effect, fx.CloseRound)):
                 ROUND_RETRIES.inc()
+            elif isinstance(effect, fx.RolledBack):
+                ROLLBACKS.labels("automatic" if effect.automatic else "operator").inc()
         for other in effects:
-            if not isinstance(other, STAGED):
+            if not isinstance(other, STAGED) and not isinstance(other, EVENTS):
                 await self._carry_out_one(state, other)
 
     def _stage(self, pipe: Pipeline, state: TrainingState, effect: fx.Staged) -> None:
@@ -243,17 +252,27 @@ class RoundProtocol:
             pipe.zadd(asked_at, {f"{state.training_id}/{task.round}/{task.attempt}": now})
             pipe.zremrangebyscore(asked_at, 0, now - ASKED_AT_HORIZON_S)
 
-    async def _carry_out_one(self, state: TrainingState, effect: fx.Effect) -> None:
+    def _stage_event(self, pipe: Pipeline, state: TrainingState,
+                     effect: fx.Emit | fx.StatusChanged | fx.RolledBack) -> None:
         match effect:
             case fx.Emit():
-                await self.ctx.emit(effect.kind, effect.message, severity=effect.severity,
+                self.ctx.stage_emit(pipe, effect.kind, effect.message, severity=effect.severity,
                                     training_id=state.training_id, round=state.round, agent_id=effect.agent_id,
                                     **effect.data)
             case fx.StatusChanged():
-                await self.ctx.emit("training_status", f"training is {effect.status.value}"
+                self.ctx.stage_emit(pipe, "training_status", f"training is {effect.status.value}"
                                     + (f": {effect.reason}" if effect.reason else ""),
                                     severity=effect.severity, training_id=state.training_id, round=effect.round,
                                     status=effect.status.value, reason=effect.reason)
+            case fx.RolledBack():
+                self.ctx.stage_emit(pipe, "rollback", f"rolled back from version {effect.from_version} to "
+                                    f"{effect.to_version}: {effect.reason}", severity=Severity.WARNING,
+                                    training_id=state.training_id, round=state.round,
+                                    from_version=effect.from_version, to_version=effect.to_version,
+                                    automatic=effect.automatic, reason=effect.reason, at=time.time())
+
+    async def _carry_out_one(self, state: TrainingState, effect: fx.Effect) -> None:
+        match effect:
             case fx.Reject():
                 await self.ctx.reject(effect.source, effect.reason, effect.detail, severity=effect.severity,
                                       training_id=effect.training_id, round=effect.round, agent_id=effect.agent_id)
@@ -292,13 +311,6 @@ class RoundProtocol:
                 record = await self.version_index.get(state.training_id, effect.version)
                 await self.run_step(state, RollbackTarget(record, effect.reason, effect.automatic,
                                                           effect.eval_accuracy))
-            case fx.RolledBack():
-                ROLLBACKS.labels("automatic" if effect.automatic else "operator").inc()
-                await self.ctx.emit("rollback", f"rolled back from version {effect.from_version} to "
-                                    f"{effect.to_version}: {effect.reason}", severity=Severity.WARNING,
-                                    training_id=state.training_id, round=state.round,
-                                    from_version=effect.from_version, to_version=effect.to_version,
-                                    automatic=effect.automatic, reason=effect.reason, at=time.time())
             case fx.GatherEvaluation():
                 notices = await self._round_notices(state)
                 await self.run_step(state, EvaluationReported(tuple(notices)))
@@ -319,7 +331,7 @@ class RoundProtocol:
         await self.run_step(state, FinishRequested(status, reason))
 
     async def _emit_status(self, state: TrainingState, severity: Severity = Severity.INFO) -> None:
-        await self._carry_out_one(state, fx.StatusChanged(state.status, state.reason, state.round, severity))
+        await self.carry_out(state, [fx.StatusChanged(state.status, state.reason, state.round, severity)])
 
     async def open_round(self, state: TrainingState, round_number: int, *, retry: bool = False) -> None:
         """Read who can be asked, then let the machine select agents (or pause the training)."""

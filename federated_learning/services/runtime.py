@@ -27,6 +27,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import ThreadingWSGIServer
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from federated_learning.bus.blobs import BlobStore
@@ -197,6 +198,14 @@ class ServiceContext:
                       training_id=training_id, round=round, agent_id=agent_id, data=data)
         await self.redis.xadd(self.keys.event_stream, encode(event),
                               maxlen=EVENT_STREAM_MAXLEN, approximate=True)
+
+    def stage_emit(self, pipe: Pipeline, kind: str, message: str = "", *, severity: Severity = Severity.INFO,
+                   training_id: str | None = None, round: int | None = None,
+                   agent_id: str | None = None, **data: object) -> None:
+        """Add an event to ``pipe``: published with the writes it reports, or not at all."""
+        event = Event(kind=kind, source=self.service, severity=severity, message=message,
+                      training_id=training_id, round=round, agent_id=agent_id, data=data)
+        pipe.xadd(self.keys.event_stream, encode(event), maxlen=EVENT_STREAM_MAXLEN, approximate=True)
 
     async def reject(self, source: str, reason: str, detail: str, *,
                      severity: Severity = Severity.WARNING, **context: object) -> None:
