@@ -9,12 +9,13 @@ two middle values, as ``np.median``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
 
-from .base import Slab, Strategy, UpdateBatch, outputs_like, raise_non_finite_input
+from .base import Slab, Strategy, UpdateBatch, outputs_like, raise_non_finite_input, slab_dtype
 from .order_statistics import coordinate_mean_of_ranks
 
 
@@ -32,6 +33,35 @@ def median(slabs: list[Slab], outputs: list[NDArray[np.floating]]) -> bool:
     for slab, out in zip(slabs, outputs, strict=True):
         finite &= coordinate_mean_of_ranks(slab, rows, lo, hi, out)
     return finite
+
+
+MEDIAN_BLOCK_BYTES = 1 << 24
+"""Bytes of the (K, columns) buffer :func:`median_of_updates` copies each column block into."""
+
+
+def median_of_updates(updates: Sequence[Sequence[NDArray[np.generic]]],
+                      like: Sequence[NDArray[np.generic]]) -> list[NDArray[np.floating]] | None:
+    """The coordinate-wise median of K updates (``updates[k][i]``: layer i of update k, any shape
+    of ``like[i]``'s size), one flat array per layer in ``like``'s slab dtype; None on NaN/Inf.
+
+    The same values as :func:`median` on the K x d slab, without building it: each block of
+    columns is copied into one reused (K, columns) buffer of at most ``MEDIAN_BLOCK_BYTES``.
+    """
+    count = len(updates)
+    outputs = outputs_like(like)
+    finite = True
+    for i, (layer, out) in enumerate(zip(like, outputs, strict=True)):
+        dtype = slab_dtype(layer)
+        width = max(1, MEDIAN_BLOCK_BYTES // (count * np.dtype(dtype).itemsize))
+        buffer = np.empty((count, min(width, layer.size)), dtype)
+        rows = [np.reshape(update[i], -1) for update in updates]
+        for start in range(0, layer.size, width):
+            stop = min(layer.size, start + width)
+            block = buffer if stop - start == buffer.shape[1] else np.empty((count, stop - start), dtype)
+            for k, row in enumerate(rows):
+                np.copyto(block[k], row[start:stop], casting="same_kind")
+            finite &= median([block], [out[start:stop]])
+    return outputs if finite else None
 
 
 class Median(Strategy):

@@ -2,13 +2,57 @@
 
 from __future__ import annotations
 
-from typing import cast
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Any, TypeVar, cast
 
+import redis as redis_sync
 import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.tensors import InvalidTensor, digest_of
 from federated_learning.types import BlobDigest
+
+T = TypeVar("T")
+
+BULK_READ_BYTES = 1 << 20
+"""Socket read size of the connections that fetch blobs for :meth:`BlobStore.get_each`."""
+BULK_RETRIES = 3
+"""How often a blob GET is retried on a lost connection before the error surfaces."""
+BULK_SOCKET_TIMEOUT_S = 30.0
+"""Seconds one read of a blob fetch may wait for bytes (when the client sets no timeout of its
+own): a worker thread must not hang on a server that stopped answering."""
+_SYNC_CONNECTIONS = {"Connection": redis_sync.Connection, "SSLConnection": redis_sync.SSLConnection,
+                     "UnixDomainSocketConnection": redis_sync.UnixDomainSocketConnection}
+_SYNC_SETTINGS = frozenset({"host", "port", "path", "db", "username", "password", "client_name",
+                            "socket_timeout", "socket_connect_timeout", "socket_keepalive",
+                            "socket_keepalive_options"})
+
+
+def blocking_client_like(client: aioredis.Redis) -> redis_sync.Redis:
+    """A blocking (thread-safe) client of the same server, user and TLS files as ``client``.
+
+    Worker threads fetch blobs on it: a blocking read releases the GIL and copies the reply
+    once, where the event loop's reader costs about twice the CPU per byte and runs on one
+    thread only.
+    """
+    pool = client.connection_pool
+    connection_class = _SYNC_CONNECTIONS.get(pool.connection_class.__name__)
+    if connection_class is None:
+        raise TypeError(f"no blocking counterpart of {pool.connection_class.__name__}")
+    settings: dict[str, Any] = {name: value for name, value in pool.connection_kwargs.items()
+                                if name in _SYNC_SETTINGS or name.startswith("ssl_")}
+    if settings.get("socket_timeout") is None:
+        settings["socket_timeout"] = BULK_SOCKET_TIMEOUT_S
+    return redis_sync.Redis(connection_pool=redis_sync.ConnectionPool(
+        connection_class=connection_class, socket_read_size=BULK_READ_BYTES,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), BULK_RETRIES),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError], **settings))
 
 
 class BlobMissing(LookupError):
@@ -23,6 +67,14 @@ class BlobStore:
         self._redis = redis
         self._keys = keys
         self.max_bytes = max_bytes
+        self._blocking: redis_sync.Redis | None = None
+
+    def close(self) -> None:
+        """Close the blocking connections :meth:`get_each` opened (the asyncio client is the caller's)."""
+        if self._blocking is not None:
+            self._blocking.close()
+            self._blocking.connection_pool.disconnect()
+            self._blocking = None
 
     async def put(self, data: bytes, *, ttl_s: int | None = None, owner: str | None = None) -> BlobDigest:
         """Store ``data`` (idempotent) and return its digest; ``owner``: the uploading agent."""
@@ -46,6 +98,52 @@ class BlobStore:
         if digest_of(data) != digest:
             raise InvalidTensor("hash_mismatch", f"blob stored under {digest} has another hash")
         return bytes(data)
+
+    async def get_each(self, blobs: Sequence[tuple[BlobDigest, str | None]], then: Callable[[int, bytes], T], *,
+                       executor: Executor) -> list[T | BlobMissing | InvalidTensor]:
+        """Fetch blobs (digest, owner) and hand each to ``then(index, data)``; one result per blob, in order.
+
+        The sizes come first, in one round trip, so a missing or oversized blob moves no bytes.
+        Then each blob is fetched, SHA-256-checked and handed to ``then`` on a thread of
+        ``executor`` (on its own connection of a blocking client, see :func:`blocking_client_like`),
+        so as many blobs are in flight as the executor has threads, each checked as it arrives. A
+        blob's :class:`BlobMissing` or :class:`InvalidTensor` (``too_large``, ``hash_mismatch``, or
+        raised by ``then``) is its result; any other exception propagates.
+        """
+        keys = [self._keys.blob(digest, owner) for digest, owner in blobs]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.strlen(key)
+            sizes = [int(size) for size in await pipe.execute()]
+        if self._blocking is None:
+            self._blocking = blocking_client_like(self._redis)
+        loop = asyncio.get_running_loop()
+
+        async def one(index: int) -> T | BlobMissing | InvalidTensor:
+            digest, size = blobs[index][0], sizes[index]
+            if size == 0:
+                return BlobMissing(f"no blob {digest}")
+            if size > self.max_bytes:
+                return InvalidTensor("too_large", f"blob {digest} of {size} bytes exceeds the limit {self.max_bytes}")
+            return await loop.run_in_executor(executor, self._fetched, keys[index], digest, index, then)
+
+        return list(await asyncio.gather(*(one(index) for index in range(len(keys)))))
+
+    def _fetched(self, key: str, digest: BlobDigest, index: int,
+                 then: Callable[[int, bytes], T]) -> T | BlobMissing | InvalidTensor:
+        """On a worker thread: the blob under ``key``, checked, through ``then``."""
+        assert self._blocking is not None
+        try:
+            data = cast("bytes | None", self._blocking.get(key))
+            if data is None:
+                raise BlobMissing(f"no blob {digest}")
+            if len(data) > self.max_bytes:
+                raise InvalidTensor("too_large", f"blob {digest} of {len(data)} bytes exceeds the limit {self.max_bytes}")
+            if digest_of(data) != digest:
+                raise InvalidTensor("hash_mismatch", f"blob stored under {digest} has another hash")
+            return then(index, data)
+        except (BlobMissing, InvalidTensor) as exc:
+            return exc
 
     async def exists(self, digest: BlobDigest, *, owner: str | None = None) -> bool:
         return bool(await self._redis.exists(self._keys.blob(digest, owner)))

@@ -339,16 +339,26 @@ def score_slabs(global_layers: Sequence[NDArray[np.floating]], slabs: Sequence[N
     ``median_layers`` is the coordinate-wise median model (the median of the deltas is the
     median of the models minus the global model). Extra memory: O(d_i) float64 per layer.
     """
+    rows = [[slab[k] for slab in slabs] for k in range(len(agent_ids))]
+    return score_rows(global_layers, rows, median_layers, agent_ids, z_threshold)
+
+
+def score_rows(global_layers: Sequence[NDArray[np.floating]],
+               updates: Sequence[Sequence[NDArray[np.generic]]],
+               median_layers: Sequence[NDArray[np.floating]], agent_ids: Sequence[AgentId],
+               z_threshold: float = UPDATE_Z_THRESHOLD) -> list[UpdateFlag]:
+    """:func:`score_slabs` from each update's own layers (``updates[k][i]``: layer i of update k,
+    any shape of global layer i's size), so no (K, d) slab is needed."""
     count = len(agent_ids)
     squares = np.zeros(count)
     dots = np.zeros(count)
     median_square = 0.0
-    for glob, slab, median in zip(global_layers, slabs, median_layers, strict=True):
+    for i, (glob, median) in enumerate(zip(global_layers, median_layers, strict=True)):
         base = np.asarray(glob, dtype=np.float64).reshape(-1)
         median_delta = np.asarray(median, dtype=np.float64).reshape(-1) - base
         median_square += float(median_delta @ median_delta)
         for k in range(count):
-            delta = slab[k].astype(np.float64) - base
+            delta = np.reshape(updates[k][i], -1).astype(np.float64) - base
             squares[k] += float(delta @ delta)
             dots[k] += float(delta @ median_delta)
     norms = np.sqrt(squares)
@@ -358,3 +368,17 @@ def score_slabs(global_layers: Sequence[NDArray[np.floating]], slabs: Sequence[N
     return [UpdateFlag(agent, float(norms[k]), float(norm_z[k]), float(cosines[k]), float(cosine_z[k]),
                        _reasons(float(norm_z[k]), float(cosine_z[k]), z_threshold))
             for k, agent in enumerate(agent_ids)]
+
+
+def score_against_median(reference: Sequence[NDArray[np.floating]],
+                         updates: Sequence[Sequence[NDArray[np.generic]]], agent_ids: Sequence[AgentId],
+                         z_threshold: float = UPDATE_Z_THRESHOLD) -> list[UpdateFlag]:
+    """:func:`score_rows` against the updates' coordinate-wise median, computed block by block
+    (no (K, d) slab). ``reference`` is what deltas are taken from: the global model, or zeros when
+    the updates are deltas already. Raises ValueError when the median is not finite."""
+    from federated_learning.aggregation.median import median_of_updates
+
+    median = median_of_updates(updates, reference)
+    if median is None:
+        raise ValueError("the median of the updates is not finite")
+    return score_rows(reference, updates, median, agent_ids, z_threshold)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -226,11 +226,27 @@ def quantize(
     )
 
 
-def _unpack_codes(compressed: CompressedUpdate) -> NDArray[np.uint8]:
-    codes = np.asarray(compressed.arrays["codes"], dtype=np.uint8)
-    if compressed.method == CompressionMethod.QUANTIZE_4:
-        codes = np.stack([codes & 0x0F, codes >> 4], axis=1).ravel()
-    return codes[: compressed.size]
+def quantized_codes_fit(compressed: CompressedUpdate) -> None:
+    """Raise ValueError unless a quantized update holds exactly its codes (one byte per 8-bit
+    code, two 4-bit codes per byte) and one float32 minimum and step per block of block_size >= 1."""
+    size, block_size = compressed.size, compressed.block_size
+    blocks = -(-size // block_size) if block_size >= 1 else -1
+    packed = size if compressed.method == CompressionMethod.QUANTIZE_8 else (size + 1) // 2
+    codes = np.asarray(compressed.arrays["codes"])
+    if blocks < 0 or codes.dtype != np.uint8 or codes.size != packed or any(
+            np.asarray(compressed.arrays[name]).dtype != np.float32
+            or np.asarray(compressed.arrays[name]).size != blocks for name in ("minimum", "step")):
+        raise ValueError(f"a quantized update of {size} values needs {packed} uint8 code bytes and one "
+                         f"float32 minimum and step per block of block_size >= 1")
+
+
+def _quantized_arrays(compressed: CompressedUpdate) -> tuple[NDArray[np.uint8], int, NDArray[np.float32],
+                                                            NDArray[np.float32]]:
+    quantized_codes_fit(compressed)
+    arrays = compressed.arrays
+    return (np.ascontiguousarray(np.asarray(arrays["codes"]).reshape(-1)), _BITS[compressed.method],
+            np.ascontiguousarray(np.asarray(arrays["minimum"]).reshape(-1)),
+            np.ascontiguousarray(np.asarray(arrays["step"]).reshape(-1)))
 
 
 def decompress(compressed: CompressedUpdate) -> list[NDArray[np.float32]]:
@@ -242,17 +258,39 @@ def decompress(compressed: CompressedUpdate) -> list[NDArray[np.float32]]:
             raise ValueError(f"sparse indices must be in [0, {compressed.size})")
         flat[indices] = compressed.arrays["values"]
     else:
-        blocks = -(-compressed.size // compressed.block_size) if compressed.block_size >= 1 else -1
-        codes = _unpack_codes(compressed)
-        if blocks < 0 or codes.size != compressed.size or any(
-                np.asarray(compressed.arrays[name]).size != blocks for name in ("minimum", "step")):
-            raise ValueError(f"a quantized update of {compressed.size} values needs that many codes and one "
-                             f"minimum and step per block of block_size >= 1")
+        codes, bits, minimum, step = _quantized_arrays(compressed)
+        if bits == 4:
+            codes = np.stack([codes & 0x0F, codes >> 4], axis=1).ravel()
         block = np.arange(compressed.size) // compressed.block_size
-        minimum = np.asarray(compressed.arrays["minimum"], dtype=np.float64)
-        step = np.asarray(compressed.arrays["step"], dtype=np.float64)
-        flat = (minimum[block] + codes * step[block]).astype(np.float32)
+        flat = (minimum.astype(np.float64)[block] + codes[: compressed.size] * step.astype(np.float64)[block]
+                ).astype(np.float32)
     return [np.asarray(layer, dtype=np.float32) for layer in unflatten(flat, compressed.shapes)]
+
+
+def decompress_onto(compressed: CompressedUpdate,
+                    bases: Sequence[NDArray[np.generic]]) -> list[NDArray[np.generic]]:
+    """Each base layer plus its part of the decompressed delta, in float64, rounded to the base
+    layer's dtype: ``(base.astype(float64) + decompress(compressed)[i]).astype(base.dtype)``, in one
+    pass per float32 layer of a quantized update (no dense delta is built for those). The kernel
+    is the server's (Numba, imported here only), so agents that compress never load Numba."""
+    if [tuple(base.shape) for base in bases] != [tuple(shape) for shape in compressed.shapes]:
+        raise ValueError(f"the update has shapes {list(compressed.shapes)[:8]}; the bases "
+                         f"{[tuple(base.shape) for base in bases][:8]}")
+    if compressed.method in _SPARSE or any(base.dtype != np.float32 for base in bases):
+        return [(np.asarray(base).astype(np.float64) + delta).astype(base.dtype)
+                for base, delta in zip(bases, decompress(compressed), strict=True)]
+    from federated_learning.privacy.dequantize import dequantize_onto
+
+    codes, bits, minimum, step = _quantized_arrays(compressed)
+    layers: list[NDArray[np.generic]] = []
+    start = 0
+    for base in bases:
+        out = np.empty(base.shape, np.float32)
+        dequantize_onto(codes, bits, minimum, step, compressed.block_size, start,
+                        np.ascontiguousarray(base).reshape(-1), out.reshape(-1))
+        layers.append(out)
+        start += base.size
+    return layers
 
 
 class ErrorFeedback:

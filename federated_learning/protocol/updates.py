@@ -10,12 +10,13 @@ finite values, within the size limit.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
+from numpy.typing import NDArray
 from safetensors.numpy import save as _st_save
 
-from federated_learning.privacy.compression import CompressedUpdate, decompress
+from federated_learning.privacy.compression import CompressedUpdate, decompress, decompress_onto
 from federated_learning.protocol.tensors import (
     InvalidTensor,
     LayerSpec,
@@ -35,8 +36,8 @@ def encode_compressed(update: CompressedUpdate) -> bytes:
     return bytes(_st_save(tensors, metadata={"encoding": COMPRESSED, "order": json.dumps(list(tensors))}))
 
 
-def _compressed_delta(data: bytes, spec: LayerSpec, max_bytes: int) -> NamedLayers:
-    """The float32 delta of a compressed blob, one array per layer of ``spec``."""
+def _compressed_update(data: bytes, spec: LayerSpec, max_bytes: int) -> CompressedUpdate:
+    """The compressed delta of a blob, its declared shapes equal to ``spec``'s (nothing expanded)."""
     tensors = decode_layers(data, max_bytes=max_bytes, allowed_dtypes=COMPRESSED_DTYPES)
     shapes = [tuple(shape) for shape, _dtype in spec.values()]
     try:
@@ -48,10 +49,20 @@ def _compressed_delta(data: bytes, spec: LayerSpec, max_bytes: int) -> NamedLaye
     if [tuple(shape) for shape in update.shapes] != shapes:
         declared = [tuple(shape) for shape in update.shapes][:8]
         raise InvalidTensor("bad_shape", f"compressed update declares shapes {declared}; expected {shapes[:8]}")
+    return update
+
+
+def _expanded(expand: Callable[[], list[NDArray[np.generic]]]) -> list[NDArray[np.generic]]:
     try:
-        layers = decompress(update)
+        return expand()
     except (KeyError, ValueError, IndexError) as exc:
         raise InvalidTensor("bad_blob", f"not a valid compressed update: {exc}") from exc
+
+
+def _compressed_delta(data: bytes, spec: LayerSpec, max_bytes: int) -> NamedLayers:
+    """The float32 delta of a compressed blob, one array per layer of ``spec``."""
+    update = _compressed_update(data, spec, max_bytes)
+    layers = _expanded(lambda: list(decompress(update)))
     return {name: np.asarray(layer, dtype=np.float32) for name, layer in zip(spec, layers, strict=True)}
 
 
@@ -86,11 +97,13 @@ def decode_update(data: bytes, spec: LayerSpec, *, max_bytes: int,
         validate_layers(layers, spec)
         return layers
     floats = trained_spec(spec)
-    delta = _compressed_delta(data, floats, max_bytes)
     if base is None:
+        delta = _compressed_delta(data, floats, max_bytes)
         validate_layers(delta, {name: (shape, "float32") for name, (shape, _dtype) in floats.items()})
         return delta
-    layers = {name: (base[name].astype(np.float64) + delta[name]).astype(dtype) if name in delta
-              else base[name] for name, (_shape, dtype) in spec.items()}
+    update = _compressed_update(data, floats, max_bytes)
+    bases = [np.asarray(base[name]).astype(dtype, copy=False) for name, (_shape, dtype) in floats.items()]
+    moved = dict(zip(floats, _expanded(lambda: decompress_onto(update, bases)), strict=True))
+    layers = {name: moved.get(name, base[name]) for name in spec}
     validate_layers(layers, spec)
     return layers

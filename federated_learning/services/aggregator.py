@@ -12,27 +12,33 @@ import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 from prometheus_client import Counter, Histogram
+from redis.exceptions import WatchError
 
+from federated_learning.aggregation.inputs import (
+    PreparedUpdate,
+    Rows,
+    UpdateLayout,
+    prepare_update,
+    rows_for,
+)
 from federated_learning.aggregation.layouts import (
     carried_maximum,
     carried_names,
-    for_rules,
     restore_dtype,
     trained_names,
 )
 from federated_learning.bus.blobs import BlobMissing
 from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
-from federated_learning.monitoring.anomaly import MIN_UPDATES_FOR_SCORES, score_slabs
+from federated_learning.monitoring.anomaly import MIN_UPDATES_FOR_SCORES, score_against_median
 from federated_learning.privacy.errors import PrivacyError
-from federated_learning.privacy.mechanisms import clip_update
 from federated_learning.privacy.secure_session import unmask_weighted_mean
 from federated_learning.protocol.banks import (
     decode_bank_upload,
@@ -41,7 +47,6 @@ from federated_learning.protocol.banks import (
 )
 from federated_learning.protocol.keys import GROUP_AGGREGATOR
 from federated_learning.protocol.messages import (
-    ASYNC_ALGORITHMS,
     AggregateReady,
     AggregationJob,
     MalformedMessage,
@@ -62,12 +67,9 @@ from federated_learning.protocol.tensors import (
     InvalidTensor,
     decode_layers,
     encode_layers,
-    is_float,
-    spec_of,
 )
-from federated_learning.protocol.updates import decode_update, is_compressed
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
-from federated_learning.types import NamedLayers
+from federated_learning.types import BlobDigest, NamedLayers
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,12 @@ SECONDS = Histogram("fl_aggregation_seconds", "Seconds spent in the aggregation 
 
 
 class AggregationFailed(RuntimeError):
-    """A job that cannot produce a model (every update invalid, or the rule refused)."""
+    """A job that cannot produce a model (too few valid updates, or the rule refused)."""
+
+
+CONTRIBUTION_MARKER_TTL_S = 7 * 24 * 3600
+"""How long the marker that a round's contributions were credited is kept (a redelivered job's
+scores are not credited twice)."""
 
 
 class Aggregator:
@@ -90,9 +97,32 @@ class Aggregator:
             claim_idle_ms=ctx.settings.claim_idle_ms,
             on_forged_id=ctx.forged_stream_id,
         )
+        self._pool: ThreadPoolExecutor | None = None
+        self._scoring: set[asyncio.Task[None]] = set()
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        """``cpu_cores`` threads that check, decode and score updates (NumPy and Numba release the GIL)."""
+        if self._pool is None:
+            cores = self.ctx.settings.cpu_cores
+            self._pool = ThreadPoolExecutor(cores, thread_name_prefix=f"aggregator-{self.ctx.instance}",
+                                            initializer=use_cores, initargs=(cores,))
+        return self._pool
 
     async def run(self, *, burst: bool = False) -> None:
-        await self.consumer.run(self.ctx.stop, burst=burst)
+        try:
+            await self.consumer.run(self.ctx.stop, burst=burst)
+        finally:
+            await self.finish_scoring()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+                self._pool = None
+            self.ctx.blobs.close()
+
+    async def finish_scoring(self) -> None:
+        """Wait for the update scores still being computed after their jobs' aggregates were written."""
+        while self._scoring:
+            await asyncio.gather(*self._scoring)
 
     async def on_job(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
@@ -111,57 +141,88 @@ class Aggregator:
         await self.ctx.redis.xadd(self.ctx.keys.aggregate_stream, encode(ready))
         JOBS.labels(job.algorithm, "ok").inc()
 
-    async def _load_updates(self, job: AggregationJob, base: NamedLayers, trained: list[str],
-                            slabs: list[np.ndarray], carried: dict[str, list[np.ndarray]],
-                            *, rows: Rows) -> list[int]:
-        """Fill row k of every slab with update k's trained layer (as ``rows`` says) and collect its
-        integer layers in ``carried``; return the indices of usable updates."""
-        usable: list[int] = []
-        own_bases: dict[str, NamedLayers] = {}
-        for k, ref in enumerate(job.updates):
+    async def _refuse(self, job: AggregationJob, ref: UpdateRef, exc: BlobMissing | InvalidTensor) -> None:
+        await self.ctx.reject("jobs", getattr(exc, "reason", "blob_missing"), str(exc),
+                              training_id=job.training_id, round=job.round, agent_id=ref.agent_id)
+
+    async def _own_bases(self, job: AggregationJob) -> dict[BlobDigest, NamedLayers | BlobMissing | InvalidTensor]:
+        """The models that updates of an asynchronous training were trained from, by digest."""
+        bases: dict[BlobDigest, NamedLayers | BlobMissing | InvalidTensor] = {}
+        for digest in dict.fromkeys(ref.model_digest for ref in job.updates if ref.model_digest is not None):
             try:
-                layers = await self._update_on_base(ref, base, own_bases)
+                bases[digest] = decode_layers(await self.ctx.blobs.get(digest),
+                                              max_bytes=self.ctx.settings.max_blob_bytes)
             except (BlobMissing, InvalidTensor) as exc:
-                await self.ctx.reject("jobs", getattr(exc, "reason", "blob_missing"), str(exc),
-                                      training_id=job.training_id, round=job.round,
-                                      agent_id=ref.agent_id)
+                bases[digest] = exc
+        return bases
+
+    async def _load_updates(self, job: AggregationJob,
+                            layout: UpdateLayout) -> tuple[list[UpdateRef], list[PreparedUpdate]]:
+        """Fetch, check and decode the job's updates concurrently; refuse each invalid one (agent and
+        reason) and return the valid ones in job order. Fails the job when fewer than
+        ``job.min_updates`` are valid."""
+        own_bases = await self._own_bases(job)
+
+        def prepare(k: int, data: bytes) -> PreparedUpdate:
+            own = own_bases.get(job.updates[k].model_digest or "")
+            if isinstance(own, (BlobMissing, InvalidTensor)):
+                raise own
+            return prepare_update(data, layout, own)
+
+        loaded = await self.ctx.blobs.get_each([(ref.digest, ref.agent_id) for ref in job.updates], prepare,
+                                               executor=self.pool)
+        refs: list[UpdateRef] = []
+        prepared: list[PreparedUpdate] = []
+        for ref, result in zip(job.updates, loaded, strict=True):
+            if isinstance(result, (BlobMissing, InvalidTensor)):
+                await self._refuse(job, ref, result)
                 continue
-            if job.clip_norm is not None:
-                layers = clip_update(base, layers, job.clip_norm, job.clip_norm_type)
-            row = len(usable)
-            for slab, name in zip(slabs, trained, strict=True):
-                if rows is Rows.DELTAS:
-                    np.subtract(layers[name].reshape(-1), base[name].reshape(-1), out=slab[row],
-                                dtype=slab.dtype)
-                elif rows is Rows.GRADIENTS:
-                    np.subtract(base[name].reshape(-1), layers[name].reshape(-1), out=slab[row],
-                                dtype=slab.dtype)
-                else:
-                    slab[row] = layers[name].reshape(-1)
-            for name, values in carried.items():
-                values.append(layers[name])
-            usable.append(k)
-        return usable
+            refs.append(ref)
+            prepared.append(result)
+        if len(refs) < job.min_updates or not refs:
+            raise AggregationFailed(f"{len(refs)} of {len(job.updates)} updates are valid; "
+                                    f"the job needs at least {job.min_updates}")
+        return refs, prepared
 
-    async def _score_updates(self, job: AggregationJob, global_layers: list[np.ndarray],
-                             slabs: list[np.ndarray], refs: list[UpdateRef]) -> tuple[float, dict[str, float]]:
-        """Robust z-scores of update norms and directions; report suspicious agents. Returns the
-        mean norm (0.0 when not scored) and each agent's contribution: examples x max(0, cosine
-        to the median update), or its examples when the updates are too few or too large to score."""
-        from federated_learning.aggregation import create_strategy
+    def _start_scoring(self, job: AggregationJob, layout: UpdateLayout, refs: list[UpdateRef],
+                       prepared: list[PreparedUpdate]) -> None:
+        """Score the updates after the aggregate is written (the round does not wait for the median)."""
+        task = asyncio.create_task(self._score_updates(job, layout, refs, prepared))
+        self._scoring.add(task)
+        task.add_done_callback(self._scoring.discard)
 
-        if len(refs) < MIN_UPDATES_FOR_SCORES or sum(s.size for s in slabs) > ANOMALY_MAX_VALUES:
-            return 0.0, {ref.agent_id: float(ref.num_examples) for ref in refs}
-        median = create_strategy("median").aggregate_slabs(global_layers, slabs, [r.num_examples for r in refs])
-        flags = score_slabs(global_layers, slabs, median, [r.agent_id for r in refs])
-        suspicious = [asdict(flag) for flag in flags if flag.suspicious]
-        if suspicious:
-            await self.ctx.emit("update_anomaly", f"{len(suspicious)} of {len(flags)} updates look anomalous",
-                                severity=Severity.WARNING, training_id=job.training_id, round=job.round,
-                                flags=suspicious)
-        contributions = {ref.agent_id: ref.num_examples * max(0.0, flag.cosine)
-                         for ref, flag in zip(refs, flags, strict=True)}
-        return float(np.mean([flag.norm for flag in flags])), contributions
+    async def _score_updates(self, job: AggregationJob, layout: UpdateLayout, refs: list[UpdateRef],
+                             prepared: list[PreparedUpdate]) -> None:
+        """Robust z-scores of update norms and directions: report suspicious agents, and credit each
+        agent examples x max(0, cosine to the median update), once per round."""
+        try:
+            flags = await asyncio.get_running_loop().run_in_executor(
+                self.pool, score_against_median, layout.reference, [update.rows for update in prepared],
+                [ref.agent_id for ref in refs])
+            suspicious = [asdict(flag) for flag in flags if flag.suspicious]
+            if suspicious:
+                await self.ctx.emit("update_anomaly", f"{len(suspicious)} of {len(flags)} updates look anomalous",
+                                    severity=Severity.WARNING, training_id=job.training_id, round=job.round,
+                                    flags=suspicious)
+            await self._credit(job, {ref.agent_id: ref.num_examples * max(0.0, flag.cosine)
+                                     for ref, flag in zip(refs, flags, strict=True)})
+        except Exception:
+            log.exception("job %s: scoring the updates failed", job.job_key)
+
+    async def _credit(self, job: AggregationJob, contributions: dict[str, float]) -> None:
+        marker = self.ctx.keys.applied("aggregator", f"contributions/{job.training_id}/{job.round}")
+        async with self.ctx.redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(marker)
+                if await pipe.exists(marker):
+                    return
+                pipe.multi()  # type: ignore[no-untyped-call]
+                for agent_id, contribution in contributions.items():
+                    pipe.hincrbyfloat(self.ctx.keys.agent_contributions, agent_id, contribution)
+                pipe.set(marker, 1, ex=CONTRIBUTION_MARKER_TTL_S)
+                await pipe.execute()
+            except WatchError:  # another worker credited this round meanwhile
+                return
 
     async def _load_secure_mean(self, job: AggregationJob, spec: SecureAggregationSpec, base: NamedLayers,
                                 slabs: list[np.ndarray], *, gradients: bool) -> int | None:
@@ -188,42 +249,31 @@ class Aggregator:
             offset += layer.size
         return unmasked.unclipped_count
 
-    async def _update_on_base(self, ref: UpdateRef, base: NamedLayers,
-                              own_bases: dict[str, NamedLayers]) -> NamedLayers:
-        """The update as a model on the job's base: ``base + (update - the model it was trained from)``."""
-        max_bytes = self.ctx.settings.max_blob_bytes
-        data = await self.ctx.blobs.get(ref.digest, owner=ref.agent_id)
-        if ref.model_digest is None or is_compressed(data):
-            return decode_update(data, spec_of(base), max_bytes=max_bytes, base=base)
-        if ref.model_digest not in own_bases:
-            own_bases[ref.model_digest] = decode_layers(await self.ctx.blobs.get(ref.model_digest),
-                                                        max_bytes=max_bytes)
-        own = own_bases[ref.model_digest]
-        model = decode_update(data, spec_of(base), max_bytes=max_bytes)
-        return {name: rebased(base[name], model[name], own[name]) for name in model}
-
     async def aggregate(self, job: AggregationJob) -> AggregateReady:
+        """The job's aggregate, stored; the update scores follow in the background (``finish_scoring``)."""
         from federated_learning.aggregation import allocate_slabs, create_strategy
 
         if job.memory_bank is not None:
             return await self.merge_banks(job, job.memory_bank)
         base = decode_layers(await self.ctx.blobs.get(job.base_digest),
                              max_bytes=self.ctx.settings.max_blob_bytes)
-        trained = trained_names(base)
-        if not trained:
+        rows = rows_for(job.algorithm)
+        # Integer layers follow the updates only where the updates are seen whole and unclipped.
+        layout = UpdateLayout(
+            base=base, rows=rows, max_bytes=self.ctx.settings.max_blob_bytes,
+            carried=tuple(carried_names(base)) if job.carry_integers and job.secure is None
+            and job.clip_norm is None else (),
+            clip_norm=job.clip_norm, clip_norm_type=job.clip_norm_type)
+        if not layout.trained:
             raise AggregationFailed("the model has no float layer to aggregate")
-        global_layers: list[NDArray[np.generic]] = [for_rules(base[name]) for name in trained]
+        global_layers: list[NDArray[np.generic]] = list(layout.global_layers)
         strategy = create_strategy(job.algorithm, **job.algorithm_params)
         if job.state_digest:
             strategy.load_state_dict(decode_layers(await self.ctx.blobs.get(job.state_digest),
                                                    max_bytes=self.ctx.settings.max_blob_bytes,
                                                    allowed_dtypes=STATE_DTYPES))
-        rows = rows_for(job.algorithm)
         unclipped_count = None
-        # Integer layers follow the updates only where the updates are seen whole and unclipped.
-        carried: dict[str, list[np.ndarray]] = {
-            name: [] for name in carried_names(base)
-            if job.carry_integers and job.secure is None and job.clip_norm is None}
+        prepared: list[PreparedUpdate] = []
         if job.secure is not None:
             # One row: the survivors' unmasked weighted mean, weighted by all their examples.
             slabs = allocate_slabs(global_layers, 1)
@@ -232,49 +282,49 @@ class Aggregator:
             refs = job.updates
             weights = [sum(ref.num_examples for ref in refs)]
         else:
-            slabs = allocate_slabs(global_layers, len(job.updates))
-            usable = await self._load_updates(job, base, trained, slabs, carried, rows=rows)
-            if not usable:
-                raise AggregationFailed("no usable update")
-            if len(usable) < len(job.updates):
-                slabs = [slab[: len(usable)] for slab in slabs]
-            refs = [job.updates[k] for k in usable]
+            refs, prepared = await self._load_updates(job, layout)
             weights = [ref.num_examples for ref in refs]
+        metrics = [dict(ref.metrics) for ref in refs][: len(weights)]
+        staleness = [max(0, job.base_version - ref.model_version) for ref in refs][: len(weights)]
         started = time.perf_counter()
-        new_layers = strategy.aggregate_slabs(
-            global_layers, slabs, weights,
-            client_metrics=[dict(ref.metrics) for ref in refs][: len(weights)],
-            staleness=[max(0, job.base_version - ref.model_version) for ref in refs][: len(weights)],
-        )
+        if job.secure is not None:
+            new_layers = strategy.aggregate_slabs(global_layers, slabs, weights, client_metrics=metrics,
+                                                  staleness=staleness)
+        else:
+            new_layers = strategy.aggregate(global_layers, [list(update.rows) for update in prepared], weights,
+                                            client_metrics=metrics, staleness=staleness)
         seconds = time.perf_counter() - started
         SECONDS.labels(job.algorithm).observe(seconds)
-        reference = global_layers if rows is Rows.MODELS else [np.zeros_like(layer) for layer in global_layers]
-        # A secure round has no individual updates to score: that is what it hides.
-        if job.secure is None:
-            norm_mean, contributions = await self._score_updates(job, reference, slabs, refs)
-        else:  # nothing individual to score: each survivor is credited its examples
-            norm_mean, contributions = 0.0, {ref.agent_id: float(ref.num_examples) for ref in refs}
-        aggregated = dict(zip(trained, new_layers, strict=True))
+        carried = {name: [update.carried[name] for update in prepared] for name in layout.carried}
+        aggregated = dict(zip(layout.trained, new_layers, strict=True))
         model = {name: restore_dtype(aggregated[name], layer) if name in aggregated
                  else carried_maximum(carried.get(name, []), layer) for name, layer in base.items()}
-        for name in trained:  # a float16 layer can overflow when rounded back (max 65504)
+        for name in layout.trained:  # a float16 layer can overflow when rounded back (max 65504)
             if not np.isfinite(model[name]).all():
                 raise AggregationFailed(f"layer '{name}' does not fit {model[name].dtype.name}: "
                                         "the aggregate holds values out of its range")
         model_digest = await self.ctx.blobs.put(encode_layers(model))
         state = strategy.state_dict()
         state_digest = await self.ctx.blobs.put(encode_layers(state)) if state else None
+        # A secure round has no individual updates to score: that is what it hides. Unscored
+        # updates are credited their examples.
+        scored = bool(prepared) and len(prepared) >= MIN_UPDATES_FOR_SCORES \
+            and len(prepared) * sum(layer.size for layer in global_layers) <= ANOMALY_MAX_VALUES
         log.info("job %s: %s over %d updates in %.3fs", job.job_key, job.algorithm, len(refs), seconds)
-        return AggregateReady(
+        ready = AggregateReady(
             training_id=job.training_id, round=job.round, attempt=job.attempt,
             base_version=job.base_version, model_digest=model_digest, state_digest=state_digest,
             contributors=[ref.agent_id for ref in refs],
             num_examples=sum(ref.num_examples for ref in refs),
             max_client_examples=max(ref.num_examples for ref in refs), aggregation_seconds=seconds,
-            update_norm_mean=norm_mean, unclipped_count=unclipped_count, contributions=contributions,
+            update_norm_mean=float(np.mean([update.norm for update in prepared])) if scored else 0.0,
+            unclipped_count=unclipped_count,
+            contributions={} if scored else {ref.agent_id: float(ref.num_examples) for ref in refs},
             worker=self.consumer.consumer,
         )
-
+        if scored:
+            self._start_scoring(job, layout, refs, prepared)
+        return ready
 
     async def merge_banks(self, job: AggregationJob, spec: MemoryBankModel) -> AggregateReady:
         """A memory-bank round: the base bank (weighted by the examples it stands for) and the
@@ -287,18 +337,19 @@ class Aggregator:
         banks: list[NDArray[np.float32]] = [base] if base.shape[0] else []
         weights = [max(base_examples, 1)] if base.shape[0] else []
         refs: list[UpdateRef] = []
-        for ref in job.updates:
-            try:
-                banks.append(decode_bank_upload(await self.ctx.blobs.get(ref.digest, owner=ref.agent_id), spec,
-                                                max_bytes=max_bytes))
-            except (BlobMissing, InvalidTensor) as exc:
-                await self.ctx.reject("jobs", getattr(exc, "reason", "blob_missing"), str(exc),
-                                      training_id=job.training_id, round=job.round, agent_id=ref.agent_id)
+        loaded = await self.ctx.blobs.get_each(
+            [(ref.digest, ref.agent_id) for ref in job.updates],
+            lambda _k, data: decode_bank_upload(data, spec, max_bytes=max_bytes), executor=self.pool)
+        for ref, bank in zip(job.updates, loaded, strict=True):
+            if isinstance(bank, (BlobMissing, InvalidTensor)):
+                await self._refuse(job, ref, bank)
                 continue
+            banks.append(bank)
             weights.append(ref.num_examples)
             refs.append(ref)
-        if not refs:
-            raise AggregationFailed("no usable bank")
+        if len(refs) < job.min_updates or not refs:
+            raise AggregationFailed(f"{len(refs)} of {len(job.updates)} banks are valid; "
+                                    f"the job needs at least {job.min_updates}")
         started = time.perf_counter()
         merged = await asyncio.to_thread(
             merge_banks, banks, weights, spec.global_bank_size, method=spec.aggregation_strategy,
@@ -319,31 +370,11 @@ class Aggregator:
         )
 
 
-def rebased(base: np.ndarray, model: np.ndarray, own: np.ndarray) -> np.ndarray:
-    """A layer trained from ``own`` moved onto ``base``: base + (model - own). Counters too, so a
-    stale update's step count adds to the current one (a bool layer is taken as it is)."""
-    if model.dtype == np.bool_:
-        return model
-    moved = base + (model.astype(np.float64) - own) if is_float(model.dtype.name) else base + (model - own)
-    return np.asarray(moved).astype(model.dtype)
+def use_cores(cores: int) -> None:
+    """A worker thread's Numba thread count (Numba keeps it per calling thread)."""
+    from federated_learning.aggregation import configure_threads
 
-
-class Rows(Enum):
-    """What a slab row holds for a rule: the agent's model, its delta from the base, or FedSGD's
-    gradient (base - model: the agent took one local step, which the server takes again at its
-    own learning rate)."""
-
-    MODELS = "models"
-    DELTAS = "deltas"
-    GRADIENTS = "gradients"
-
-
-def rows_for(algorithm: str) -> Rows:
-    """FedBuff folds deltas (each from the version its agent started from); FedSGD steps along
-    gradients; every other rule combines models."""
-    if algorithm in ASYNC_ALGORITHMS:
-        return Rows.DELTAS
-    return Rows.GRADIENTS if algorithm == "fedsgd" else Rows.MODELS
+    configure_threads(cores)
 
 
 ANOMALY_MAX_VALUES = 50_000_000
@@ -367,8 +398,23 @@ def warm_up() -> None:
     updates: list[list[NDArray[np.generic]]] = [[np.full(8, k, np.float32)] for k in range(7)]
     for name in WARM_UP_RULES:
         create_strategy(name).aggregate(base, updates, [1] * len(updates))
+    warm_up_update_kernels()
     warm_up_memory_banks()
     log.info("aggregation kernels ready in %.2fs", time.perf_counter() - started)
+
+
+def warm_up_update_kernels() -> None:
+    """Compile (or load) the kernels that expand quantized updates and measure update norms."""
+    from federated_learning.aggregation.inputs import squared_distance, squared_norm
+    from federated_learning.privacy.compression import decompress_onto, quantize
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        values = np.ones(8, dtype)
+        squared_norm(values)
+        squared_distance(values, values)
+    for bits in (8, 4):
+        decompress_onto(quantize([np.ones(8, np.float32)], bits, rng), [np.zeros(8, np.float32)])
 
 
 def warm_up_memory_banks() -> None:

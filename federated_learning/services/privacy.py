@@ -3,7 +3,9 @@
 A release is recorded (``release`` hash, keyed by round) in the same transaction that
 charges the accountant and announces it, so a redelivered aggregate re-announces
 the recorded release instead of charging the budget twice. A refused model is never
-written anywhere: the training is stopped with the reason.
+written anywhere: the training is stopped with the reason. Once a noised model is released,
+the un-noised aggregate is deleted from the bus, unless the same bytes are one of the
+training's committed versions.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge
+from redis.exceptions import WatchError
 
 from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.bus.replies import text
@@ -28,6 +31,7 @@ from federated_learning.protocol.messages import (
     ModelReleased,
     Severity,
     StopTraining,
+    VersionRecord,
     decode,
     encode,
 )
@@ -77,6 +81,7 @@ class PrivacyManager:
         recorded = await self.ctx.redis.hget(keys.release(ready.training_id), str(ready.round))
         if recorded is not None:
             await self.ctx.redis.xadd(keys.release_stream, {b"m": recorded})
+            await self.discard_unnoised(ready, ModelReleased.model_validate_json(recorded).model_digest)
             return
         state = await self.trainings.load(ready.training_id)
         if state is None or state.status.is_final:
@@ -117,6 +122,7 @@ class PrivacyManager:
             pipe.hset(keys.release(ready.training_id), str(ready.round), payload)
             pipe.xadd(keys.release_stream, encode(release))
             await pipe.execute()
+        await self.discard_unnoised(ready, digest)
         RELEASES.labels(plan.report.level).inc()
         EPSILON.labels(ready.training_id).set(plan.report.epsilon_spent)
         await self.ctx.emit("model_released", plan.report.note or f"released under '{plan.report.level}'",
@@ -125,6 +131,30 @@ class PrivacyManager:
         for alert in plan.alerts:
             await self.ctx.emit("privacy_budget", alert, severity=Severity.WARNING,
                                 training_id=ready.training_id, round=ready.round)
+
+    async def discard_unnoised(self, ready: AggregateReady, released_digest: str) -> None:
+        """Delete the aggregate's un-noised model once ``released_digest`` (its noised version) is
+        released. Kept when nothing was noised, or when the same bytes are a committed version's
+        model or state of the training: the check and the delete are one transaction against a
+        version committed meanwhile (WATCH on the version index)."""
+        if ready.model_digest == released_digest:
+            return
+        versions = self.ctx.keys.versions(ready.training_id)
+        async with self.ctx.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(versions)
+                    records = [VersionRecord.model_validate_json(raw) for raw in await pipe.hvals(versions)]
+                    if any(ready.model_digest in (record.model_digest, record.state_digest) for record in records):
+                        log.warning("training %s round %d: the un-noised aggregate %s is also a committed "
+                                    "version's blob; kept", ready.training_id, ready.round, ready.model_digest)
+                        return
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.unlink(self.ctx.keys.blob(ready.model_digest))
+                    await pipe.execute()
+                    return
+                except WatchError:
+                    continue
 
     async def refuse(self, ready: AggregateReady, reason: str) -> None:
         REFUSALS.labels("budget").inc()

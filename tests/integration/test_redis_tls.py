@@ -93,6 +93,24 @@ async def test_configured_ca_and_client_certificate_reach_the_server_over_tls(
         await client.aclose()
 
 
+async def test_blob_fetches_on_worker_threads_use_the_same_tls_files(
+        tls_url: str, pki: Pki, redis: aioredis.Redis) -> None:
+    from federated_learning.bus.blobs import blocking_client_like
+
+    settings = Settings(redis_url=tls_url, redis_tls_ca_file=pki.ca,
+                        redis_tls_cert_file=pki.client_cert, redis_tls_key_file=pki.client_key)
+    client = await connect(tls_url, settings, attempts=1)
+    blocking = blocking_client_like(client)
+    try:
+        assert blocking.connection_pool.connection_kwargs["ssl_certfile"] == str(pki.client_cert)
+        await redis.set("tls:blob", b"fetched on a thread")
+        assert await asyncio.to_thread(blocking.get, "tls:blob") == b"fetched on a thread"
+    finally:
+        blocking.close()
+        blocking.connection_pool.disconnect()
+        await client.aclose()
+
+
 async def test_a_client_that_does_not_trust_the_servers_ca_is_refused_clearly(
         tls_url: str, pki: Pki, tmp_path: Path) -> None:
     other = make_pki(tmp_path / "other", ca_name="other-ca")

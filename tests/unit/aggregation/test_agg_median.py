@@ -100,3 +100,28 @@ def test_signed_zeros_and_subnormals_are_ordered_as_numbers():
     result = create_strategy("median").aggregate(GLOBAL, clients, [1] * 7)
 
     assert result[0][0] == 0.0
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 24, 4 * 7 * 16, 4 * 7 * 5])
+def test_median_of_separate_updates_equals_the_slab_median_in_any_column_blocks(monkeypatch, block_bytes):
+    from federated_learning.aggregation import median as module
+
+    monkeypatch.setattr(module, "MEDIAN_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(5)
+    like = [np.zeros((6, 9), np.float32), np.zeros(7, np.float64)]
+    updates = [[rng.normal(size=layer.shape).astype(layer.dtype) for layer in like] for _ in range(7)]
+
+    result = module.median_of_updates(updates, like)
+
+    for i, layer in enumerate(like):
+        expected = np.median(np.stack([u[i].reshape(-1) for u in updates]), axis=0).astype(layer.dtype)
+        np.testing.assert_array_equal(result[i], expected)
+        assert result[i].dtype == layer.dtype
+
+
+def test_median_of_separate_updates_is_none_when_an_update_holds_nan():
+    from federated_learning.aggregation.median import median_of_updates
+
+    updates = [[np.array([1.0, 2.0], np.float32)], [np.array([np.nan, 2.0], np.float32)], [np.ones(2, np.float32)]]
+
+    assert median_of_updates(updates, [np.zeros(2, np.float32)]) is None

@@ -150,3 +150,20 @@ def test_slab_scores_match_the_stacked_scores() -> None:
         assert a.agent_id == b.agent_id and a.reasons == b.reasons
         assert a.norm == pytest.approx(b.norm, rel=1e-5) and a.cosine == pytest.approx(b.cosine, abs=1e-5)
     assert streamed[-1].suspicious
+
+
+def test_scores_of_each_updates_own_layers_against_their_median_equal_the_slab_scores() -> None:
+    from federated_learning.aggregation import create_strategy
+    from federated_learning.monitoring.anomaly import score_against_median, score_slabs
+
+    global_layers, updates = honest_round(num_honest=12, seed=4)
+    updates.append([g - 5 * (u - g) for g, u in zip(global_layers, updates[0], strict=True)])
+    ids = [f"a{k}" for k in range(len(updates))]
+    slabs = [np.stack([u[i].reshape(-1) for u in updates]) for i in range(2)]
+    median = create_strategy("median").aggregate_slabs(global_layers, slabs, [1] * len(updates))
+
+    from_slabs = score_slabs(global_layers, slabs, median, ids)
+    from_updates = score_against_median(global_layers, updates, ids)
+
+    assert from_updates == from_slabs
+    assert [flag.agent_id for flag in from_updates if flag.suspicious] == [ids[-1]]

@@ -192,3 +192,60 @@ def test_keep_count_and_bad_parameters() -> None:
         top_k(_layers(), 0)
     with pytest.raises(ValueError, match="bits must be 8 or 4; got 2"):
         quantize(_layers(), 2, np.random.default_rng(0))
+
+
+def _numpy_decompress(compressed: CompressedUpdate) -> np.ndarray:
+    """The NumPy reference of quantized decompression: minimum + code * step per block, in float64."""
+    codes = np.asarray(compressed.arrays["codes"], np.uint8)
+    if compressed.method == CompressionMethod.QUANTIZE_4:
+        codes = np.stack([codes & 0x0F, codes >> 4], axis=1).ravel()
+    block = np.arange(compressed.size) // compressed.block_size
+    minimum = compressed.arrays["minimum"].astype(np.float64)[block]
+    return (minimum + codes[: compressed.size] * compressed.arrays["step"].astype(np.float64)[block]).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("size", [1, 63, 64, 65, 1001])
+def test_quantized_decompression_kernels_equal_the_numpy_reference_bit_for_bit(bits: int, size: int) -> None:
+    from federated_learning.privacy.compression import decompress_onto
+
+    rng = np.random.default_rng(size)
+    layers = [(10 * rng.normal(size=size)).astype(np.float32), rng.normal(size=(2, 3)).astype(np.float32)]
+    compressed = quantize(layers, bits, rng, block_size=64)
+    bases = [rng.normal(size=layer.shape).astype(np.float32) for layer in layers]
+    expected = _numpy_decompress(compressed)
+
+    delta = np.concatenate([layer.ravel() for layer in decompress(compressed)])
+    moved = decompress_onto(compressed, bases)
+
+    np.testing.assert_array_equal(delta.view(np.uint32), expected.view(np.uint32))
+    offset = 0
+    for base, layer in zip(bases, moved, strict=True):
+        reference = (base.astype(np.float64) + expected[offset:offset + base.size].reshape(base.shape)).astype(np.float32)
+        np.testing.assert_array_equal(layer.view(np.uint32), reference.view(np.uint32))
+        offset += base.size
+
+
+def test_decompressing_onto_half_precision_bases_adds_in_float64() -> None:
+    from federated_learning.privacy.compression import decompress_onto
+
+    rng = np.random.default_rng(0)
+    compressed = quantize([rng.normal(size=10).astype(np.float32)], 8, rng)
+    base = rng.normal(size=10).astype(np.float16)
+
+    [moved] = decompress_onto(compressed, [base])
+
+    assert moved.dtype == np.float16
+    np.testing.assert_array_equal(moved, (base.astype(np.float64) + _numpy_decompress(compressed)).astype(np.float16))
+
+
+@pytest.mark.parametrize("extra", [1, -1])
+def test_a_quantized_update_with_more_or_fewer_codes_than_values_is_refused(extra: int) -> None:
+    rng = np.random.default_rng(0)
+    compressed = quantize([rng.normal(size=100).astype(np.float32)], 8, rng)
+    codes = np.resize(compressed.arrays["codes"], 100 + extra)
+    tampered = CompressedUpdate(compressed.method, compressed.shapes, {**compressed.arrays, "codes": codes},
+                                compressed.block_size)
+
+    with pytest.raises(ValueError, match="needs 100 uint8 code bytes"):
+        decompress(tampered)

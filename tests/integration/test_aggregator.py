@@ -1,0 +1,149 @@
+"""The aggregator worker against a real valkey-server: each update checked once, invalid ones
+refused by agent and reason, the rest aggregated; scores after the aggregate."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from federated_learning.aggregation import create_strategy
+from federated_learning.config import Settings
+from federated_learning.monitoring.anomaly import score_slabs
+from federated_learning.privacy.compression import CompressedUpdate, CompressionMethod, quantize
+from federated_learning.protocol.events import Event
+from federated_learning.protocol.keys import Keys
+from federated_learning.protocol.messages import AggregateReady, AggregationJob, UpdateRef
+from federated_learning.protocol.tensors import decode_layers, digest_of, encode_layers, spec_of
+from federated_learning.protocol.updates import decode_update, encode_compressed
+from federated_learning.services.aggregator import Aggregator
+from federated_learning.services.runtime import ServiceContext
+
+KEYS = Keys()
+D = 40
+
+
+def aggregator_for(redis: aioredis.Redis, settings: Settings) -> Aggregator:
+    return Aggregator(ServiceContext(redis=redis, settings=settings, service="aggregator", instance="0"))
+
+
+async def put(redis: aioredis.Redis, data: bytes, owner: str | None = None) -> str:
+    digest = digest_of(data)
+    await redis.set(KEYS.blob(digest, owner), data)
+    return digest
+
+
+async def run_job(redis: aioredis.Redis, aggregator: Aggregator, job: AggregationJob) -> list[AggregateReady]:
+    await redis.xadd(KEYS.job_stream, {b"m": job.model_dump_json().encode()})
+    await aggregator.run(burst=True)
+    return [AggregateReady.model_validate_json(fields[b"m"]) for _id, fields in await redis.xrange(KEYS.aggregate_stream)]
+
+
+async def events(redis: aioredis.Redis, kind: str) -> list[Event]:
+    found = [Event.model_validate_json(fields[b"m"]) for _id, fields in await redis.xrange(KEYS.event_stream)]
+    return [event for event in found if event.kind == kind]
+
+
+def job_of(base_digest: str, refs: list[UpdateRef], **fields: object) -> AggregationJob:
+    return AggregationJob.model_validate({"training_id": "t", "round": 1, "attempt": 1, "algorithm": "fedavg",
+                                          "base_version": 0, "base_digest": base_digest,
+                                          "updates": [ref.model_dump() for ref in refs], **fields})
+
+
+async def test_invalid_updates_are_refused_by_agent_and_reason_and_the_rest_aggregated(
+        redis: aioredis.Redis, settings: Settings) -> None:
+    rng = np.random.default_rng(0)
+    base = {"w": rng.normal(size=(4, D // 4)).astype(np.float32), "b": np.zeros(3, np.float32)}
+    base_digest = await put(redis, encode_layers(base))
+    good = {f"good-{k}": {"w": base["w"] + k, "b": np.full(3, k, np.float32)} for k in range(3)}
+    refs = [UpdateRef(agent_id=agent, digest=await put(redis, encode_layers(model), agent), num_examples=10 * (k + 1))
+            for k, (agent, model) in enumerate(good.items())]
+    delta = [rng.normal(size=(4, D // 4)).astype(np.float32), rng.normal(size=3).astype(np.float32)]
+    refs.append(UpdateRef(agent_id="good-q8", digest=await put(redis, encode_compressed(quantize(delta, 8, rng)),
+                                                               "good-q8"), num_examples=5))
+    nan = {"w": np.full((4, D // 4), np.nan, np.float32), "b": np.zeros(3, np.float32)}
+    forged = encode_layers(good["good-0"])
+    huge = CompressedUpdate(CompressionMethod.TOP_K, ((100_000_000,), (3,)),
+                            {"indices": np.array([0], np.uint32), "values": np.array([1.0], np.float32)})
+    bad = {
+        "not-finite": (await put(redis, encode_layers(nan), "not-finite"), "not_finite"),
+        "wrong-shape": (await put(redis, encode_layers({"w": np.zeros(D, np.float32), "b": base["b"]}),
+                                  "wrong-shape"), "bad_shape"),
+        "wrong-dtype": (await put(redis, encode_layers({"w": base["w"].astype(np.float64), "b": base["b"]}),
+                                  "wrong-dtype"), "bad_dtype"),
+        "declares-huge": (await put(redis, encode_compressed(huge), "declares-huge"), "bad_shape"),
+        "missing": ("0" * 64, "blob_missing"),
+    }
+    wrong_digest = "f" * 64
+    await redis.set(KEYS.blob(wrong_digest, "hash-mismatch"), forged)
+    bad["hash-mismatch"] = (wrong_digest, "hash_mismatch")
+    refs += [UpdateRef(agent_id=agent, digest=digest, num_examples=7) for agent, (digest, _reason) in bad.items()]
+    aggregator = aggregator_for(redis, settings)
+
+    [ready] = await run_job(redis, aggregator, job_of(base_digest, refs, carry_integers=False))
+
+    assert ready.contributors == ["good-0", "good-1", "good-2", "good-q8"]
+    refused = {event.agent_id: event.data["reason"] for event in await events(redis, "input_rejected")}
+    assert refused == {agent: reason for agent, (_digest, reason) in bad.items()}
+    model = decode_layers(await redis.get(KEYS.blob(ready.model_digest)), max_bytes=1 << 20)
+    rows = [good["good-0"]["w"], good["good-1"]["w"], good["good-2"]["w"], await q8_model(redis, refs[3], base)]
+    expected = np.average(np.stack(rows).astype(np.float64), axis=0, weights=[10, 20, 30, 5])
+    np.testing.assert_allclose(model["w"], expected, rtol=1e-6)
+
+
+async def q8_model(redis: aioredis.Redis, ref: UpdateRef, base: dict[str, np.ndarray]) -> np.ndarray:
+    """The compressed update as a model: the base plus its decompressed delta."""
+    return decode_update(await redis.get(KEYS.blob(ref.digest, ref.agent_id)), spec_of(base), max_bytes=1 << 20,
+                         base=base)["w"]
+
+
+async def test_a_job_with_fewer_valid_updates_than_its_minimum_fails(redis: aioredis.Redis,
+                                                                      settings: Settings) -> None:
+    base = {"w": np.zeros(D, np.float32)}
+    base_digest = await put(redis, encode_layers(base))
+    refs = [UpdateRef(agent_id=f"a{k}", digest=await put(redis, encode_layers({"w": np.full(D, k, np.float32)}),
+                                                         f"a{k}"), num_examples=1) for k in range(3)]
+    refs.append(UpdateRef(agent_id="gone", digest="0" * 64, num_examples=1))
+    aggregator = aggregator_for(redis, settings)
+
+    ready = await run_job(redis, aggregator, job_of(base_digest, refs, min_updates=4))
+
+    assert ready == []
+    [failed] = await events(redis, "aggregation_failed")
+    assert "3 of 4 updates are valid; the job needs at least 4" in failed.message
+    assert [event.agent_id for event in await events(redis, "input_rejected")] == ["gone"]
+
+
+async def test_update_scores_follow_the_aggregate_and_equal_the_slab_scores(redis: aioredis.Redis,
+                                                                            settings: Settings) -> None:
+    rng = np.random.default_rng(1)
+    base = {"w": rng.normal(size=(5, 8)).astype(np.float32), "b": rng.normal(size=8).astype(np.float32)}
+    base_digest = await put(redis, encode_layers(base))
+    models = [{name: layer + 0.01 * rng.normal(size=layer.shape).astype(np.float32) for name, layer in base.items()}
+              for _ in range(7)]
+    models[2] = {name: layer + 5.0 for name, layer in base.items()}  # boosted
+    refs = [UpdateRef(agent_id=f"a{k}", digest=await put(redis, encode_layers(model), f"a{k}"), num_examples=k + 1)
+            for k, model in enumerate(models)]
+    aggregator = aggregator_for(redis, settings)
+
+    [ready] = await run_job(redis, aggregator, job_of(base_digest, refs))
+
+    global_layers = [base["w"], base["b"]]
+    slabs = [np.stack([m["w"].reshape(-1) for m in models]), np.stack([m["b"] for m in models])]
+    median = create_strategy("median").aggregate_slabs(global_layers, slabs, [1] * 7)
+    flags = score_slabs(global_layers, slabs, median, [ref.agent_id for ref in refs])
+    [anomaly] = await events(redis, "update_anomaly")
+    assert anomaly.data["flags"] == [
+        {**asdict(flag), "reasons": list(flag.reasons)} for flag in flags if flag.suspicious]
+    assert [flag["agent_id"] for flag in anomaly.data["flags"]] == ["a2"]
+    assert ready.contributions == {}
+    assert ready.update_norm_mean == pytest.approx(np.mean([flag.norm for flag in flags]), rel=1e-12)
+    credit = {k.decode(): float(v) for k, v in (await redis.hgetall(KEYS.agent_contributions)).items()}
+    assert credit == pytest.approx({ref.agent_id: ref.num_examples * max(0.0, flag.cosine)
+                                    for ref, flag in zip(refs, flags, strict=True)})
+
+    await run_job(redis, aggregator, job_of(base_digest, refs, attempt=2))  # the round again: credited once
+
+    assert {k.decode(): float(v) for k, v in (await redis.hgetall(KEYS.agent_contributions)).items()} == credit
