@@ -328,6 +328,9 @@ def close_round(state: TrainingState, given: RoundUpdates, now: float) -> Transi
         clip_norm_type=clip_norm_type(state),
         secure=given.secure,
         carry_integers=state.clip_norm is None and state.secure is None and state.config.local.compression == "none",
+        # The aggregator refuses an update that fails its own checks (a blob replaced after it was
+        # accepted, say) and aggregates the rest, down to what the round needs.
+        min_updates=1 if state.is_buffered else max(1, min(state.min_clients, len(notices))),
         memory_bank=state.config.model if isinstance(state.config.model, MemoryBankModel) else None,
         updates=[UpdateRef(agent_id=n.agent_id, digest=n.update_digest or "", num_examples=n.num_examples,
                            model_version=n.received_model_version,

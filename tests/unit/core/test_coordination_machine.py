@@ -310,6 +310,7 @@ def test_closing_writes_a_job_naming_exactly_the_accepted_updates_in_agent_order
     (write,) = of(effects, fx.WriteJob)
     assert [u.agent_id for u in write.job.updates] == ["agent-01", "agent-03"]
     assert write.job.base_digest == DIGEST and write.job.clip_norm is None and write.job.carry_integers
+    assert write.job.min_updates == 2  # the training's min_clients
     assert state.phase is RoundPhase.AGGREGATING and state.deadline_at == NOW + 30
 
 
