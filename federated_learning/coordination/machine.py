@@ -263,7 +263,10 @@ def take_notice(state: TrainingState, given: NoticeChecked) -> Transition:
         state.responded.append(notice.agent_id)
     if given.problem is not None:
         return state, [Save(), _refuse(notice, *given.problem), TallyRound()]
-    effects: list[Effect] = [AcceptUpdate(notice, given.entry_id, notice.round), Save()]
+    # No Save: an accepted agent's place in ``responded`` (and a volunteer's in ``selected``) is
+    # known from the round's accepted updates, which the shell restores when it loads a state;
+    # the state is written once per round step, not once per update.
+    effects: list[Effect] = [AcceptUpdate(notice, given.entry_id, notice.round)]
     if notice.kind is TaskKind.TRAIN:
         effects.append(RecordOutcome(notice.agent_id, completed=True))
     return state, [*effects, TallyRound()]

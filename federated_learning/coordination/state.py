@@ -57,6 +57,9 @@ class TrainingState(BaseModel):
     phase: RoundPhase = RoundPhase.IDLE
     selected: list[str] = Field(default_factory=list)
     responded: list[str] = Field(default_factory=list)
+    """Agents that answered this round. As stored, it may omit agents whose update of the round
+    was accepted (and ``selected`` the volunteers among them): accepting an update does not
+    rewrite the state; ``restore_accepted`` puts them back when the state is loaded."""
     dropped: list[str] = Field(default_factory=list)
     in_flight: dict[str, float] = Field(default_factory=dict)
     """Asynchronous trainings: agent -> deadline of the task it is working on."""
@@ -107,6 +110,14 @@ class TrainingState(BaseModel):
 
     def touch(self) -> None:
         self.updated_at = time.time()
+
+    def restore_accepted(self, accepted: list[str]) -> None:
+        """Count the agents whose update of the current round is accepted as having answered (and
+        as selected: volunteers are selected when their update is taken)."""
+        missing = [agent for agent in accepted if agent not in self.responded]
+        if missing:
+            self.responded.extend(missing)
+            self.selected = sorted(set(self.selected) | set(missing))
 
     def copy_for_update(self) -> TrainingState:
         """A copy whose changes never reach this state: containers are copied one level down,

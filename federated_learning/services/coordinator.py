@@ -13,6 +13,8 @@ import argparse
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec
 
 from prometheus_client import Gauge
 
@@ -49,6 +51,8 @@ from federated_learning.services.runtime import ServiceContext, open_context, se
 
 log = logging.getLogger(__name__)
 
+P = ParamSpec("P")
+
 TICK_S = 0.25
 
 ACTIVE = Gauge("fl_trainings_active", "Trainings holding a slot")
@@ -71,13 +75,14 @@ class Coordinator(RoundProtocol):
         self.version_index = VersionIndex(ctx.redis, ctx.keys)
         self.exchange = SecureExchange(ctx.redis, ctx.keys)
         self.refusals = ModelRefusals(ctx.redis, ctx.keys)
+        self.states: dict[str, TrainingState] = {}
         self.consumer = StreamConsumer(
             ctx.redis, GROUP_COORDINATOR, f"coordinator-{ctx.instance}",
             {
-                self.keys.control_stream: self.on_control,
+                self.keys.control_stream: self._forgetting_on_failure(self.on_control),
                 self.keys.agent_stream: self.on_agent_message,
-                self.keys.update_stream: self.on_upload,
-                self.keys.version_stream: self.on_version,
+                self.keys.update_stream: self._forgetting_on_failure(self.on_upload),
+                self.keys.version_stream: self._forgetting_on_failure(self.on_version),
             },
             dead_letter_stream=ctx.dead_letter_stream, block_ms=int(TICK_S * 1000),
             claim_idle_ms=ctx.settings.claim_idle_ms,
@@ -86,7 +91,18 @@ class Coordinator(RoundProtocol):
 
     async def run(self, *, burst: bool = False) -> None:
         await self.registry.index_volunteers()
-        await self.consumer.run(self.ctx.stop, burst=burst, on_idle=self.tick)
+        await self.consumer.run(self.ctx.stop, burst=burst, on_idle=self._forgetting_on_failure(self.tick))
+
+    def _forgetting_on_failure(self, handler: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
+        """``handler``, dropping the states held in memory when it fails part-way (they may be
+        ahead of what was written); the entry is retried against the states in Redis."""
+        async def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+            try:
+                await handler(*args, **kwargs)
+            except BaseException:
+                self.forget_states()
+                raise
+        return guarded
 
     # -- control ---------------------------------------------------------------
 
@@ -104,7 +120,7 @@ class Coordinator(RoundProtocol):
             await self.stop_training(command)
 
     async def start_training(self, command: StartTraining) -> None:
-        if await self.store.load(command.training_id) is not None:
+        if await self.load_state(command.training_id) is not None:
             return  # redelivered or repeated: the training exists already
         config = command.config
         state = TrainingState(
@@ -136,7 +152,7 @@ class Coordinator(RoundProtocol):
         await self.activate_queued()
 
     async def stop_training(self, command: StopTraining) -> None:
-        state = await self.store.load(command.training_id)
+        state = await self.load_state(command.training_id)
         if state is None:
             await self.ctx.reject("control", "unknown_training", command.training_id,
                                   training_id=command.training_id)
@@ -152,7 +168,7 @@ class Coordinator(RoundProtocol):
             training_id = await self.store.first_queued()
             if training_id is None:
                 return
-            state = await self.store.load(training_id)
+            state = await self.load_state(training_id)
             if state is not None and state.status is TrainingStatus.QUEUED:
                 await self.initialize(state)
             # Only now that INITIALIZING (or FAILED) is durable does the training leave the queue.
@@ -221,7 +237,7 @@ class Coordinator(RoundProtocol):
         active = await self.store.active_ids()
         ACTIVE.set(len(active))
         for training_id in active:
-            state = await self.store.load(training_id)
+            state = await self.load_state(training_id)
             if state is None:
                 continue
             if state.status is TrainingStatus.INITIALIZING and waits_for_agent(state):

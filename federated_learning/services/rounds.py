@@ -173,6 +173,7 @@ class RoundProtocol:
     registry: AgentRegistry
     version_index: VersionIndex
     exchange: SecureExchange
+    states: dict[str, TrainingState]
     refusals: ModelRefusals
     activate_queued: Callable[[], Awaitable[None]]
 
@@ -182,7 +183,35 @@ class RoundProtocol:
         """Step ``state`` with ``event`` and carry out the effects; ``state`` holds the result."""
         new_state, effects = step(state, event, time.time())
         take_over(state, new_state)
-        await self.carry_out(state, effects, retried=isinstance(event, AggregationOverdue))
+        try:
+            await self.carry_out(state, effects, retried=isinstance(event, AggregationOverdue))
+        except BaseException:
+            self.forget_states()  # what is in memory may be ahead of what was written
+            raise
+        if state.status.is_final:
+            self.states.pop(state.training_id, None)
+
+    async def load_state(self, training_id: str) -> TrainingState | None:
+        """The training's state. The coordinator is its only writer (decision 0004), so it keeps the
+        states it works on in memory and reads Redis only on a miss (a restart, a new training);
+        then the agents whose update of the current round is accepted are counted as answered
+        (accepting an update does not rewrite the state)."""
+        state = self.states.get(training_id)
+        if state is not None:
+            return state
+        state = await self.store.load(training_id)
+        if state is None:
+            return None
+        if state.phase is RoundPhase.COLLECTING and not state.is_buffered:
+            state.restore_accepted(sorted(text(agent) for agent in await self.redis.hkeys(
+                self.keys.round_updates(training_id, state.round))))
+        if not state.status.is_final:
+            self.states[training_id] = state
+        return state
+
+    def forget_states(self) -> None:
+        """Read every state from Redis again (after a handler failed part-way)."""
+        self.states.clear()
 
     async def carry_out(self, state: TrainingState, effects: list[fx.Effect], *, retried: bool = False) -> None:
         staged = [e for e in effects if isinstance(e, STAGED)]
@@ -463,7 +492,7 @@ class RoundProtocol:
         except MalformedMessage as exc:
             await self.ctx.reject("versions", "malformed", exc.reason)
             return
-        state = await self.store.load(committed.training_id)
+        state = await self.load_state(committed.training_id)
         if state is not None:
             await self.run_step(state, VersionArrived(committed))
 
@@ -524,7 +553,7 @@ class RoundProtocol:
     async def on_rollback_request(self, command: RollbackTraining, request_id: str) -> None:
         """An operator's rollback (``request_id``: its control entry, so a redelivery is not
         applied twice)."""
-        state = await self.store.load(command.training_id)
+        state = await self.load_state(command.training_id)
         if state is None:
             await self.ctx.reject("control", "unknown_training", f"no running training '{command.training_id}'",
                                   training_id=command.training_id)
@@ -546,7 +575,7 @@ class RoundProtocol:
                            ) -> tuple[TrainingState, AgentRecord] | None:
         """The training and the agent of a message on the update stream, or None after rejecting
         it: unknown training or agent, an agent of another project, or a bad signature."""
-        state = await self.store.load(message.training_id)
+        state = await self.load_state(message.training_id)
         if state is None:
             await self.ctx.reject("updates", "unknown_training", message.training_id, **context)
             return None

@@ -241,8 +241,15 @@ def test_a_volunteer_syncing_while_paused_is_kept_for_the_next_round() -> None:
 def test_a_checked_update_is_accepted_with_its_marker_and_outcome_then_tallied() -> None:
     state, effects = step(collecting(), NoticeChecked(notice(), "1-0", None), NOW)
     assert state.responded == ["agent-00"]
-    assert effects == [fx.AcceptUpdate(notice(), "1-0", 1), fx.Save(), fx.RecordOutcome("agent-00", completed=True),
-                       fx.TallyRound()]
+    assert effects == [fx.AcceptUpdate(notice(), "1-0", 1), fx.RecordOutcome("agent-00", completed=True),
+                       fx.TallyRound()]  # no Save: the accepted update itself says the agent answered
+
+
+def test_a_stored_state_gets_its_accepted_agents_back_as_answered() -> None:
+    stored = collecting(responded=["agent-01"])  # as written before agent-00's and a volunteer's updates
+    stored.restore_accepted(["agent-00", "agent-01", "http-1"])
+    assert stored.responded == ["agent-01", "agent-00", "http-1"]
+    assert stored.selected == sorted([*AGENTS[:5], "http-1"])
 
 
 def test_an_update_with_a_bad_blob_counts_as_an_answer_but_is_refused() -> None:
