@@ -84,6 +84,14 @@ class ReleaseModel:
 
 
 @dataclass(frozen=True)
+class RecordOutcome:
+    """Whether an asked agent delivered (the monitor's failure-rate rule reads these)."""
+
+    agent_id: str
+    completed: bool
+
+
+@dataclass(frozen=True)
 class WriteJob:
     job: AggregationJob
 
@@ -127,14 +135,6 @@ class CountLate:
 
     notice: UpdateSubmitted
     detail: str
-
-
-@dataclass(frozen=True)
-class RecordOutcome:
-    """Whether an asked agent delivered (the monitor's failure-rate rule reads these)."""
-
-    agent_id: str
-    completed: bool
 
 
 @dataclass(frozen=True)
@@ -266,9 +266,9 @@ class StatusChanged:
     severity: Severity = Severity.INFO
 
 
-Staged = (Save | SendTasks | SendMessages | StoreSecureMessage | ClearRoundUpdates | AcceptUpdate | ReleaseModel
-          | WriteJob | AppendMetrics)
-Notice = Emit | Reject | CountLate | RecordOutcome | RolledBack | DiscardUploads | StatusChanged
+Staged = (Save | SendTasks | SendMessages | StoreSecureMessage | ClearRoundUpdates | AcceptUpdate | RecordOutcome
+          | ReleaseModel | WriteJob | AppendMetrics)
+Notice = Emit | Reject | CountLate | RolledBack | DiscardUploads | StatusChanged
 FollowUp = (OpenRound | CheckUpdate | Refill | TallyBuffer | TallyRound | CloseRound | GatherResults | JudgeRollbacks
             | ReadVersion | GatherEvaluation | TallySecure | CollectSecure | AskForParameters | CheckParameters
             | ActivateQueued)

@@ -114,6 +114,13 @@ log = logging.getLogger(__name__)
 INBOX_MAXLEN = 1000
 OUTCOME_HISTORY = 50
 """Task outcomes kept per agent and training."""
+_APPEND_OUTCOME_LUA = """
+local history = (redis.call('HGET', KEYS[1], ARGV[1]) or '') .. ARGV[2]
+local keep = tonumber(ARGV[3])
+if #history > keep then history = string.sub(history, -keep) end
+redis.call('HSET', KEYS[1], ARGV[1], history)
+return #history
+"""
 ASKED_AT_HORIZON_S = 3600.0
 """How long task times are kept per agent (the hourly cap looks back this far)."""
 ACCEPTED_NOTICE_MARKERS = "coordinator-updates"
@@ -133,7 +140,7 @@ ROUND_SECONDS = Histogram("fl_round_seconds", "Seconds from round start to commi
 EVENTS = (fx.Emit, fx.StatusChanged, fx.RolledBack)
 """Effects published on the event stream, in the step's transaction when it has one."""
 STAGED = (fx.Save, fx.SendTasks, fx.SendMessages, fx.StoreSecureMessage, fx.ClearRoundUpdates, fx.AcceptUpdate,
-          fx.ReleaseModel, fx.WriteJob, fx.AppendMetrics)
+          fx.RecordOutcome, fx.ReleaseModel, fx.WriteJob, fx.AppendMetrics)
 
 
 class UpdateContext(TypedDict):
@@ -265,6 +272,8 @@ class RoundProtocol:
                     pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:examples", notice.num_examples)
             case fx.ReleaseModel():
                 pipe.xadd(self.keys.release_stream, encode(effect.release))
+            case fx.RecordOutcome():
+                self._stage_outcome(pipe, state.training_id, effect.agent_id, completed=effect.completed)
             case fx.WriteJob():
                 pipe.xadd(self.keys.job_stream, encode(effect.job))
             case fx.AppendMetrics():
@@ -312,8 +321,6 @@ class RoundProtocol:
                     await self._discard_unused_upload(notice)
                 await self.ctx.late_update(effect.detail, training_id=notice.training_id, round=notice.round,
                                            agent_id=notice.agent_id)
-            case fx.RecordOutcome():
-                await self.record_outcome(state.training_id, effect.agent_id, completed=effect.completed)
             case fx.DiscardUploads():
                 await self._discard_committed_uploads(state, list(effect.notices))
             case fx.OpenRound():
@@ -668,12 +675,11 @@ class RoundProtocol:
         if notice.update_digest and not await self.redis.hexists(accepted, notice.agent_id):
             await self.ctx.blobs.discard([(notice.update_digest, notice.agent_id)])
 
-    async def record_outcome(self, training_id: str, agent_id: str, *, completed: bool) -> None:
-        """Append to the agent's recent outcomes in the training (the monitor's failure-rate rule)."""
-        key = self.keys.agent_outcomes(training_id)
-        previous = await self.redis.hget(key, agent_id)
-        history = (text(previous) if previous else "") + ("1" if completed else "0")
-        await self.redis.hset(key, agent_id, history[-OUTCOME_HISTORY:])
+    def _stage_outcome(self, pipe: Pipeline, training_id: str, agent_id: str, *, completed: bool) -> None:
+        """Append to the agent's recent outcomes in the training (the monitor's failure-rate rule),
+        in the server: no read-modify-write round trip, and in the step's transaction."""
+        pipe.eval(_APPEND_OUTCOME_LUA, 1, self.keys.agent_outcomes(training_id), agent_id,
+                  "1" if completed else "0", str(OUTCOME_HISTORY))
 
     async def _server_validation(self, state: TrainingState, committed: VersionCommitted
                                  ) -> tuple[float, float] | None:
