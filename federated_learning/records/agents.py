@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -162,10 +162,14 @@ class AgentRegistry:
                      await self._redis.zrange(self._keys.agents_last_seen, 0, -1, withscores=True))
         return {member.decode(): float(score) for member, score in pairs}
 
-    async def live_volunteers(self, dataset: str, project: tuple[str, str] | None = None) -> list[str]:
+    async def live_volunteers(self, dataset: str, project: tuple[str, str] | None = None, *,
+                              indexed: Iterable[bytes | str] | None = None) -> list[str]:
         """Volunteer agents (plain-HTTP clients) holding ``dataset`` that were heard from recently
-        (only those of ``project`` when one is given)."""
-        volunteers = sorted(text(v) for v in await self._redis.smembers(self._keys.agent_volunteers))
+        (only those of ``project`` when one is given). ``indexed``: the volunteer index
+        (``Keys.agent_volunteers``) when the caller already read it in a pipeline."""
+        if indexed is None:
+            indexed = await self._redis.smembers(self._keys.agent_volunteers)
+        volunteers = sorted(text(v) for v in indexed)
         if not volunteers:
             return []
         seen = await self._redis.zmscore(self._keys.agents_last_seen, volunteers)

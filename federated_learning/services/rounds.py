@@ -397,10 +397,13 @@ class RoundProtocol:
         if state.phase is not RoundPhase.COLLECTING:
             return
         evaluating = state.status is TrainingStatus.EVALUATING
-        accepted = await self.redis.hlen(self.keys.round_updates(state.training_id, state.round))
+        async with self.redis.pipeline(transaction=False) as pipe:  # one round trip per tally
+            pipe.hlen(self.keys.round_updates(state.training_id, state.round))
+            pipe.smembers(self.keys.agent_volunteers)
+            accepted, indexed = await pipe.execute()
         volunteers = [] if evaluating or state.secure is not None else \
-            await self.registry.live_volunteers(state.config.dataset, state.project)
-        await self.run_step(state, RoundTallied(accepted, tuple(volunteers)))
+            await self.registry.live_volunteers(state.config.dataset, state.project, indexed=indexed)
+        await self.run_step(state, RoundTallied(int(accepted), tuple(volunteers)))
 
     async def close_round(self, state: TrainingState) -> None:
         """Read the accepted notices (and older versions' digests, the secure spec) for the job."""
