@@ -19,6 +19,7 @@ from federated_learning.protocol.messages import (
     FiniteFloat,
     Message,
     PrivacyReport,
+    RoundFigures,
     Severity,
     TrainingStatus,
 )
@@ -43,30 +44,8 @@ class RoundClosed(EventData):
     attempt: int = Field(ge=1)
 
 
-class RoundCompleted(EventData):
-    """``round_completed``: the round's figures (``RoundMetrics`` without its training and round,
-    which are the event's own)."""
-
-    version: int
-    attempts: int
-    participants: int
-    selected: int
-    num_examples: int
-    train_loss: float | None
-    train_accuracy: float | None
-    eval_loss: float | None
-    eval_accuracy: float | None
-    eval_of_version: int | None
-    upload_bytes: int = 0
-    dense_bytes: int = 0
-    server_accuracy: float | None = None
-    server_loss: float | None = None
-    clip_norm: float | None = None
-    update_norm_mean: float | None = None
-    round_seconds: float
-    aggregation_seconds: float
-    epsilon_spent: float
-    completed_at: float
+class RoundCompleted(RoundFigures):
+    """``round_completed``: the round's figures (its training and round are the event's own)."""
 
 
 class TrainingStatusChanged(EventData):

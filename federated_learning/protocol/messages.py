@@ -715,12 +715,10 @@ class Severity(StrEnum):
     CRITICAL = "critical"
 
 
-class RoundMetrics(BaseModel):
-    """One completed round, as the coordinator records it."""
+class RoundFigures(BaseModel):
+    """What one completed round produced (the data of a ``round_completed`` event)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    training_id: str
-    round: int
     version: int
     attempts: int
     participants: int
@@ -744,6 +742,13 @@ class RoundMetrics(BaseModel):
     aggregation_seconds: float
     epsilon_spent: float
     completed_at: float
+
+
+class RoundMetrics(RoundFigures):
+    """One completed round, as the coordinator records it."""
+
+    training_id: str
+    round: int
 
 
 M = TypeVar("M", bound=BaseModel)
