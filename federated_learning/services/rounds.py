@@ -62,7 +62,6 @@ from federated_learning.coordination.secure import SecurePhase
 from federated_learning.coordination.secure_exchange import masked_upload_problem
 from federated_learning.coordination.selection import policy_weights, under_hourly_cap
 from federated_learning.coordination.state import AgentRecord, RoundPhase, TrainingState
-from federated_learning.coordination.tasks import build_tasks
 from federated_learning.presets import trainer_for
 from federated_learning.protocol.banks import decode_bank_upload
 from federated_learning.protocol.keys import Keys
@@ -162,8 +161,8 @@ class AgentMessageOnStream(SignedMessage, Protocol):
 
 
 def take_over(target: TrainingState, source: TrainingState) -> None:
-    """Make ``target`` hold ``source``'s values: the handlers of secure rounds,
-    rollbacks and initial models still hold one state object across a step."""
+    """Make ``target`` hold ``source``'s values: the shell keeps one state object per training (the
+    one in memory, see ``load_state``), and a step returns a new one."""
     if target is not source:
         target.__dict__.update(source.__dict__)
         object.__setattr__(target, "__pydantic_fields_set__", set(source.model_fields_set))
@@ -450,11 +449,6 @@ class RoundProtocol:
             state, _agent = sender
             owners = await self.exchange.key_owners(state, message)
             await self.run_step(state, SecureMessageArrived(message, owners))
-
-    def stage_tasks(self, pipe: Pipeline, state: TrainingState, agents: list[str], kind: TaskKind,
-                    deadline_at: float) -> None:
-        """Add a task on the current version to each agent's inbox (and count it) to ``pipe``."""
-        self._stage_tasks(pipe, state, fx.SendTasks(build_tasks(state, agents, kind, deadline_at)))
 
     async def _round_notices(self, state: TrainingState) -> list[UpdateSubmitted]:
         raw = await self.redis.hgetall(self.keys.round_updates(state.training_id, state.round))
