@@ -11,7 +11,10 @@ Semantics (at least once):
   :mod:`federated_learning.bus.stream_ids`) is never handled: the stream is repaired (the forged
   entry deleted, later ones moved to server ids) and the repair reported; every few seconds the
   consumer also checks its streams' last ids, so a stream is repaired even behind a backlog;
-- a bus error (lost connection, a refused command) never ends the loop: it backs off and goes on.
+- a bus error (lost connection, a refused command) never ends the loop: it backs off and goes on;
+- a stream may have a batch handler: the new entries of one read are handed over together and
+  acked in one command once it returns; when it raises, each entry is handled again on its own
+  (so one bad entry is retried, counted and dead-lettered alone, as without batching).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 
 Fields = dict[bytes, bytes]
 Handler = Callable[[bytes, Fields], Awaitable[None]]
+BatchHandler = Callable[[list[tuple[bytes, Fields]]], Awaitable[None]]
 ForgedIdReporter = Callable[[StreamRepair], Awaitable[None]]
 
 MAX_DELIVERIES = 5
@@ -94,11 +98,15 @@ class StreamConsumer:
         claim_idle_ms: int = 15_000,
         max_deliveries: int = MAX_DELIVERIES,
         on_forged_id: ForgedIdReporter | None = None,
+        batch_handlers: Mapping[str, BatchHandler] | None = None,
     ) -> None:
         self._redis = redis
         self.group = group
         self.consumer = consumer
         self._handlers = dict(handlers)
+        self._batch_handlers = dict(batch_handlers or {})
+        if unknown := set(self._batch_handlers) - set(self._handlers):
+            raise ValueError(f"batch handlers need a per-entry handler too: {sorted(unknown)}")
         self._dead_letter = dead_letter_stream
         self.block_ms = block_ms
         self.count = count
@@ -202,6 +210,9 @@ class StreamConsumer:
         seen = 0
         for stream_name, entries in group_batches(reply):
             stream = text(stream_name)
+            if start_id == ">" and stream in self._batch_handlers and len(entries) > 1:
+                seen += await self._handle_batch(stream, entries)
+                continue
             for entry_id, fields in entries:
                 if fields is None:  # deleted while pending
                     await self._redis.xack(stream, self.group, entry_id)
@@ -209,6 +220,25 @@ class StreamConsumer:
                 await self._handle(stream, entry_id, fields, redelivered=start_id != ">")
                 seen += 1
         return seen
+
+    async def _handle_batch(self, stream: str, entries: list[tuple[bytes, Fields | None]]) -> int:
+        """Hand new entries to the stream's batch handler and ack them in one command; when the
+        handler fails, handle each entry on its own (its effects are idempotent, as for a redelivery)."""
+        batch = [(entry_id, fields) for entry_id, fields in entries
+                 if fields is not None and await self._genuine(stream, entry_id)]
+        if batch:
+            try:
+                await self._batch_handlers[stream](batch)
+            except (RedisConnectionError, RedisTimeoutError):
+                raise
+            except Exception:
+                log.exception("batch handler for %d %s entries failed; handling them one by one", len(batch), stream)
+                for entry_id, fields in batch:
+                    await self._handle(stream, entry_id, fields)
+                return len(batch)
+            await self._redis.xack(stream, self.group, *(entry_id for entry_id, _ in batch))
+            self.stats.handled += len(batch)
+        return len(batch)
 
     async def _claim_idle(self) -> int:
         """XAUTOCLAIM entries idle for ``claim_idle_ms`` from any consumer; handle them."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from federated_learning.access import DEFAULT_ORG, DEFAULT_PROJECT
 from federated_learning.bus.replies import text
@@ -149,6 +150,15 @@ class AgentRegistry:
         datasets = {record.agent_id: record.datasets for record in await self.records(alive)
                     if not record.volunteer and (project is None or record.project == project)}
         return eligible_agents(datasets, alive, dataset)
+
+    def stage_records(self, pipe: Pipeline, agent_ids: list[str]) -> None:
+        """Queue the read of ``agent_ids``' records (see ``parse_records``)."""
+        pipe.hmget(self._keys.agents, agent_ids)
+
+    @staticmethod
+    def parse_records(raw: list[bytes | None]) -> list[AgentRecord | None]:
+        """The reply of ``stage_records``: each agent's record, None for an unregistered one."""
+        return [None if r is None else AgentRecord.model_validate_json(r) for r in raw]
 
     async def records(self, agent_ids: list[str]) -> list[AgentRecord]:
         """The records of those of ``agent_ids`` that are registered (one read, whatever else is)."""

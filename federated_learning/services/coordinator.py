@@ -35,6 +35,8 @@ from federated_learning.protocol.messages import (
     StartTraining,
     StopTraining,
     TrainingStatus,
+    UpdateSubmitted,
+    decode,
     decode_agent_message,
     decode_control,
 )
@@ -46,6 +48,7 @@ from federated_learning.records.secure_exchange import SecureExchange
 from federated_learning.records.trainings import TrainingStore
 from federated_learning.records.versions import VersionIndex
 from federated_learning.services.initial_models import check_initial_model, initial_model_bytes
+from federated_learning.services.notice_batch import DuplicateFlags, NoticeBatch
 from federated_learning.services.rounds import RoundProtocol
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
 
@@ -54,6 +57,9 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 
 TICK_S = 0.25
+UPDATE_NOTICE = UpdateSubmitted.model_fields["type"].default
+NOTICES_PER_READ = 128
+"""Entries read per stream at once; a read of the update stream is handled as one batch."""
 
 ACTIVE = Gauge("fl_trainings_active", "Trainings holding a slot")
 ALIVE = Gauge("fl_agents_alive", "Agents with a live heartbeat")
@@ -87,6 +93,8 @@ class Coordinator(RoundProtocol):
             dead_letter_stream=ctx.dead_letter_stream, block_ms=int(TICK_S * 1000),
             claim_idle_ms=ctx.settings.claim_idle_ms,
             on_forged_id=ctx.forged_stream_id,
+            batch_handlers={self.keys.update_stream: self._forgetting_on_failure(self.on_upload_batch)},
+            count=NOTICES_PER_READ,
         )
 
     async def run(self, *, burst: bool = False) -> None:
@@ -194,6 +202,9 @@ class Coordinator(RoundProtocol):
 
     async def on_upload(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         """The update stream carries update notices and the secure-aggregation exchange."""
+        if self.batch is not None and (notice := self.batch.notices.get(entry_id)) is not None:
+            await self.on_notice(entry_id, notice)
+            return
         kind = message_type(fields)
         if kind in SECURE_AGENT_TYPES:
             await self.on_secure_message(fields)
@@ -201,6 +212,43 @@ class Coordinator(RoundProtocol):
             await self.on_model_refused(fields)
         else:
             await self.on_update(entry_id, fields)
+
+    async def on_upload_batch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Handle a read of the update stream in order, as ``on_upload`` would one by one, with the
+        reads done up front and the writes in one transaction (:mod:`~federated_learning.services.notice_batch`)."""
+        self.batch = NoticeBatch(self.redis.pipeline(transaction=True))
+        try:
+            await self._prefetch(self.batch, entries)
+            for entry_id, fields in entries:
+                await self.on_upload(entry_id, fields)
+            await self.flush_batch()
+        finally:
+            self.batch = None
+
+    async def _prefetch(self, batch: NoticeBatch, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Read the agents' records and the update notices' duplicate flags in one round trip."""
+        notices: list[tuple[str, UpdateSubmitted]] = []
+        for raw_id, fields in entries:
+            if message_type(fields) == UPDATE_NOTICE:
+                try:
+                    notice = decode(UpdateSubmitted, fields)
+                except MalformedMessage:
+                    continue  # refused when its turn comes
+                batch.notices[raw_id] = notice
+                notices.append((raw_id.decode(), notice))
+        agent_ids = sorted({notice.agent_id for _, notice in notices})
+        if not agent_ids:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self.registry.stage_records(pipe, agent_ids)
+            for entry_id, notice in notices:
+                self.stage_duplicate_read(pipe, notice.training_id, notice.round, notice.agent_id, entry_id)
+            replies = await pipe.execute()
+        batch.agents.update(zip(agent_ids, self.registry.parse_records(replies[0]), strict=True))
+        for k, (entry_id, notice) in enumerate(notices):
+            accepted, marked = replies[1 + 2 * k: 3 + 2 * k]
+            batch.duplicates[(notice.training_id, notice.round, notice.agent_id, entry_id)] = \
+                DuplicateFlags(bool(accepted), bool(marked))
 
     async def on_agent_message(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:

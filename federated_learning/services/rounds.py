@@ -102,6 +102,7 @@ from federated_learning.records.validation_sets import (
     load_validation_set,
 )
 from federated_learning.records.versions import VersionIndex
+from federated_learning.services.notice_batch import DuplicateFlags, NoticeBatch
 from federated_learning.services.runtime import ServiceContext
 
 if TYPE_CHECKING:
@@ -140,6 +141,9 @@ EVENTS = (fx.Emit, fx.StatusChanged, fx.RolledBack)
 """Effects published on the event stream, in the step's transaction when it has one."""
 STAGED = (fx.Save, fx.SendTasks, fx.SendMessages, fx.StoreSecureMessage, fx.ClearRoundUpdates, fx.AcceptUpdate,
           fx.RecordOutcome, fx.ReleaseModel, fx.WriteJob, fx.AppendMetrics)
+BATCHED_FOLLOW_UPS = (fx.Reject, fx.CheckUpdate, fx.TallyRound, fx.TallyBuffer)
+"""Follow-ups that may run while a notice batch has writes pending: they read nothing those writes
+change, or read it through the batch (see :mod:`federated_learning.services.notice_batch`)."""
 
 
 class UpdateContext(TypedDict):
@@ -182,6 +186,8 @@ class RoundProtocol:
     states: dict[str, TrainingState]
     refusals: ModelRefusals
     activate_queued: Callable[[], Awaitable[None]]
+    batch: NoticeBatch | None = None
+    """Set while the coordinator handles a read of update notices together."""
 
     # -- the machine -------------------------------------------------------------
 
@@ -222,7 +228,19 @@ class RoundProtocol:
     async def carry_out(self, state: TrainingState, effects: list[fx.Effect], *, retried: bool = False) -> None:
         staged = [e for e in effects if isinstance(e, STAGED)]
         events = [e for e in effects if isinstance(e, EVENTS)]
-        if staged or events:
+        batch = self.batch
+        if batch is not None and any(not isinstance(e, (*STAGED, *EVENTS, *BATCHED_FOLLOW_UPS)) for e in effects):
+            await self.flush_batch()  # a follow-up that reads what the batch wrote
+            batch = None
+        if batch is not None:
+            for write in staged:
+                self._stage(batch.pipe, state, write)
+                if isinstance(write, fx.AcceptUpdate):
+                    batch.accept(state.training_id, write.round, write.notice.agent_id)
+            for event in events:
+                self._stage_event(batch.pipe, state, event)
+            batch.pending_writes += len(staged) + len(events)
+        elif staged or events:
             # The step's events go in the same transaction as the writes they report: a crash
             # cannot commit a round and lose its round_completed event (or publish it twice).
             async with self.redis.pipeline(transaction=bool(staged)) as pipe:
@@ -245,6 +263,14 @@ class RoundProtocol:
         for other in effects:
             if not isinstance(other, STAGED) and not isinstance(other, EVENTS):
                 await self._carry_out_one(state, other)
+
+    async def flush_batch(self) -> None:
+        """Execute the notice batch's pending writes (one transaction)."""
+        batch = self.batch
+        if batch is None or not batch.pending_writes:
+            return
+        await batch.pipe.execute()
+        batch.written(self.redis.pipeline(transaction=True))
 
     def _stage(self, pipe: Pipeline, state: TrainingState, effect: fx.Staged) -> None:
         match effect:
@@ -331,8 +357,7 @@ class RoundProtocol:
             case fx.Refill():
                 await self.refill(state)
             case fx.TallyBuffer():
-                updates = await self.redis.hlen(self.keys.round_updates(state.training_id, state.round))
-                await self.run_step(state, BufferTallied(updates))
+                await self.run_step(state, BufferTallied(await self._accepted_count(state)))
             case fx.CloseRound():
                 await self.close_round(state)
             case fx.GatherResults():
@@ -395,6 +420,22 @@ class RoundProtocol:
         """Count the collecting round's updates; the machine decides what happens next."""
         if state.phase is not RoundPhase.COLLECTING:
             return
+        batch = self.batch
+        accepted = batch.accepted_count(state.training_id, state.round) if batch is not None else None
+        cached = batch.volunteers.get(state.training_id) if batch is not None else None
+        if accepted is None or cached is None:
+            accepted, volunteers = await self._read_tally(state)
+            if batch is not None:
+                batch.accepted_counts[(state.training_id, state.round)] = accepted
+                batch.volunteers[state.training_id] = volunteers
+                accepted = batch.accepted_count(state.training_id, state.round)
+                assert accepted is not None
+        else:
+            volunteers = cached
+        await self.run_step(state, RoundTallied(accepted, volunteers))
+
+    async def _read_tally(self, state: TrainingState) -> tuple[int, tuple[str, ...]]:
+        """The round's accepted updates in Redis and the live volunteers it may wait for."""
         evaluating = state.status is TrainingStatus.EVALUATING
         async with self.redis.pipeline(transaction=False) as pipe:  # one round trip per tally
             pipe.hlen(self.keys.round_updates(state.training_id, state.round))
@@ -402,7 +443,20 @@ class RoundProtocol:
             accepted, indexed = await pipe.execute()
         volunteers = [] if evaluating or state.secure is not None else \
             await self.registry.live_volunteers(state.config.dataset, state.project, indexed=indexed)
-        await self.run_step(state, RoundTallied(int(accepted), tuple(volunteers)))
+        return int(accepted), tuple(volunteers)
+
+    async def _accepted_count(self, state: TrainingState) -> int:
+        """The current round's accepted updates, the pending ones of a notice batch included."""
+        batch = self.batch
+        if batch is not None:
+            count = batch.accepted_count(state.training_id, state.round)
+            if count is not None:
+                return count
+        read = int(await self.redis.hlen(self.keys.round_updates(state.training_id, state.round)))
+        if batch is None:
+            return read
+        batch.accepted_counts[(state.training_id, state.round)] = read
+        return read + len(batch.accepted_here.get((state.training_id, state.round), ()))
 
     async def close_round(self, state: TrainingState) -> None:
         """Read the accepted notices (and older versions' digests, the secure spec) for the job."""
@@ -462,6 +516,9 @@ class RoundProtocol:
         except MalformedMessage as exc:
             await self.ctx.reject("updates", "malformed", exc.reason)
             return
+        await self.on_notice(entry_id, notice)
+
+    async def on_notice(self, entry_id: bytes, notice: UpdateSubmitted) -> None:
         context: UpdateContext = {"training_id": notice.training_id, "round": notice.round,
                                   "agent_id": notice.agent_id}
         sender = await self.check_sender(notice, context)
@@ -479,14 +536,35 @@ class RoundProtocol:
         replay of the signed notice or a second upload, and is refused. Else the blob is checked."""
         notice = check.notice
         problem: tuple[str, str] | None
-        if await self.redis.hexists(self.keys.round_updates(state.training_id, check.round), notice.agent_id):
-            if await self.redis.exists(self.keys.applied(ACCEPTED_NOTICE_MARKERS, check.entry_id)):
+        flags = await self._duplicate_flags(state.training_id, check.round, notice.agent_id, check.entry_id)
+        if flags.accepted:
+            if flags.from_this_entry:
                 return
             problem = ("duplicate", (f"{notice.kind.value} notice for round {notice.round} already accepted from "
                                      f"another entry; entry {check.entry_id} is a replay or a second upload"))
         else:
             problem = await self._check_update_blob(state, notice)
         await self.run_step(state, NoticeChecked(notice, check.entry_id, problem))
+
+    async def _duplicate_flags(self, training_id: str, round_number: int, agent_id: str,
+                               entry_id: str) -> DuplicateFlags:
+        batch = self.batch
+        if batch is not None:
+            if batch.accepted_in_batch(training_id, round_number, agent_id):
+                return DuplicateFlags(accepted=True, from_this_entry=False)  # an entry is handled once per batch
+            cached = batch.duplicates.get((training_id, round_number, agent_id, entry_id))
+            if cached is not None:
+                return cached
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self.stage_duplicate_read(pipe, training_id, round_number, agent_id, entry_id)
+            accepted, marked = await pipe.execute()
+        return DuplicateFlags(bool(accepted), bool(marked))
+
+    def stage_duplicate_read(self, pipe: Pipeline, training_id: str, round_number: int, agent_id: str,
+                             entry_id: str) -> None:
+        """Queue the two reads of :class:`DuplicateFlags` (accepted in the round, accepted from the entry)."""
+        pipe.hexists(self.keys.round_updates(training_id, round_number), agent_id)
+        pipe.exists(self.keys.applied(ACCEPTED_NOTICE_MARKERS, entry_id))
 
     # -- committed versions --------------------------------------------------------
 
@@ -583,7 +661,11 @@ class RoundProtocol:
         if state is None:
             await self.ctx.reject("updates", "unknown_training", message.training_id, **context)
             return None
-        agent = await self.registry.get(message.agent_id)
+        batch = self.batch
+        if batch is not None and message.agent_id in batch.agents:
+            agent = batch.agents[message.agent_id]
+        else:
+            agent = await self.registry.get(message.agent_id)
         if agent is None:
             await self.ctx.reject("updates", "unknown_agent", message.agent_id, **context)
             return None
