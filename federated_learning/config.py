@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     round_deadline_s: float = Field(default=120.0, gt=0, le=86400)
     claim_idle_ms: int = Field(default=15_000, ge=100)
     max_blob_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    aggregator_cache_bytes: int = Field(
+        default=1024 * 1024 * 1024, ge=0, le=1 << 40,
+        description="accepted updates an aggregator keeps in memory, checked, for their round's job "
+                    "(read while the round collects); beyond it a job fetches its updates itself")
     require_join_token: bool = Field(
         default=False, description="new agents need a join token issued by the operator")
     max_first_joins_per_minute: int = Field(

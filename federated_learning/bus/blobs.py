@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import redis as redis_sync
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from federated_learning.protocol.keys import Keys
-from federated_learning.protocol.tensors import InvalidTensor, digest_of
+from federated_learning.protocol.tensors import InvalidTensor, digest_of, header_bytes_needed
 from federated_learning.types import BlobDigest
 
 T = TypeVar("T")
@@ -57,6 +59,20 @@ def blocking_client_like(client: aioredis.Redis) -> redis_sync.Redis:
 
 class BlobMissing(LookupError):
     """No blob is stored under this digest (never uploaded, or expired)."""
+
+
+HEAD_PROBE_BYTES = 16 * 1024
+"""Leading bytes read with a blob's size: enough for the safetensors header of a model of a few
+hundred layers (a longer header costs a second read)."""
+
+
+@dataclass(frozen=True)
+class BlobHead:
+    """A blob's size and first bytes (its whole safetensors header, when it has a valid one)."""
+
+    digest: BlobDigest
+    size: int
+    head: bytes
 
 
 class BlobStore:
@@ -144,6 +160,30 @@ class BlobStore:
             return then(index, data)
         except (BlobMissing, InvalidTensor) as exc:
             return exc
+
+    def stage_head(self, pipe: Pipeline, digest: BlobDigest, *, owner: str | None = None) -> None:
+        """Queue the two reads of :meth:`head` (its size, its first bytes); see ``parse_head``."""
+        key = self._keys.blob(digest, owner)
+        pipe.strlen(key)
+        pipe.getrange(key, 0, HEAD_PROBE_BYTES - 1)
+
+    async def parse_head(self, digest: BlobDigest, size: int, first: bytes, *, owner: str | None = None) -> BlobHead:
+        """The replies of ``stage_head`` as a :class:`BlobHead`, reading the rest of a long header;
+        raises :class:`BlobMissing`."""
+        if int(size) == 0:
+            raise BlobMissing(f"no blob {digest}")
+        needed = min(int(size), header_bytes_needed(first))
+        if needed > len(first):
+            first += cast("bytes", await self._redis.getrange(self._keys.blob(digest, owner), len(first), needed - 1))
+        return BlobHead(digest, int(size), bytes(first))
+
+    async def head(self, digest: BlobDigest, *, owner: str | None = None) -> BlobHead:
+        """A blob's size and its first bytes, enough for its safetensors header (the blob is not
+        read, nor its hash checked); raises :class:`BlobMissing`."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            self.stage_head(pipe, digest, owner=owner)
+            size, first = await pipe.execute()
+        return await self.parse_head(digest, size, first, owner=owner)
 
     async def exists(self, digest: BlobDigest, *, owner: str | None = None) -> bool:
         return bool(await self._redis.exists(self._keys.blob(digest, owner)))

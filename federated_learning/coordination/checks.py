@@ -10,6 +10,7 @@ from federated_learning.protocol.messages import (
     AgentJoined,
     AgentLeft,
     Heartbeat,
+    MemoryBankModel,
     PresetModel,
     UpdateSubmitted,
 )
@@ -140,6 +141,14 @@ def _refuse_adaptive_clipping(state: TrainingState) -> str | None:
     except ValueError as exc:
         return str(exc)
     return None
+
+
+def checked_whole_by_aggregator(state: TrainingState) -> bool:
+    """Whether the training's updates are checked by their header at the coordinator and read
+    whole (hash, values) only by the aggregator, as they are accepted (decision 0012): dense and
+    compressed model updates. Memory banks and masked uploads are checked whole by the coordinator."""
+    return not isinstance(state.config.model, MemoryBankModel) and \
+        not (state.config.secure_aggregation and not state.is_buffered)
 
 
 def notice_metrics(notice: UpdateSubmitted) -> dict[str, float]:

@@ -55,6 +55,16 @@ class AcceptUpdate:
 
 
 @dataclass(frozen=True)
+class RevokeUpdate:
+    """The aggregator refused the agent's accepted update of ``round``: take back its counts and,
+    with ``withdraw`` (the round still collects), the update itself, so the agent may send another."""
+
+    notice: UpdateSubmitted
+    round: int
+    withdraw: bool
+
+
+@dataclass(frozen=True)
 class SendMessages:
     """Put secure-exchange messages (roster, delivered shares, unmask requests) in inboxes."""
 
@@ -266,8 +276,8 @@ class StatusChanged:
     severity: Severity = Severity.INFO
 
 
-Staged = (Save | SendTasks | SendMessages | StoreSecureMessage | ClearRoundUpdates | AcceptUpdate | RecordOutcome
-          | ReleaseModel | WriteJob | AppendMetrics)
+Staged = (Save | SendTasks | SendMessages | StoreSecureMessage | ClearRoundUpdates | AcceptUpdate | RevokeUpdate
+          | RecordOutcome | ReleaseModel | WriteJob | AppendMetrics)
 Notice = Emit | Reject | CountLate | RolledBack | DiscardUploads | StatusChanged
 FollowUp = (OpenRound | CheckUpdate | Refill | TallyBuffer | TallyRound | CloseRound | GatherResults | JudgeRollbacks
             | ReadVersion | GatherEvaluation | TallySecure | CollectSecure | AskForParameters | CheckParameters

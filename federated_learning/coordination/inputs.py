@@ -13,6 +13,7 @@ from federated_learning.protocol.messages import (
     RollbackTraining,
     SecureAggregationSpec,
     TrainingStatus,
+    UpdateRefused,
     UpdateSubmitted,
     VersionCommitted,
     VersionRecord,
@@ -50,6 +51,15 @@ class NoticeArrived:
     notice: UpdateSubmitted
     entry_id: str
     volunteer: bool
+
+
+@dataclass(frozen=True)
+class UpdateRefusedBy:
+    """The aggregator found an accepted update invalid; ``accepted``: the agent's accepted notice of
+    that round as the shell read it (None when there is none any more)."""
+
+    refusal: UpdateRefused
+    accepted: UpdateSubmitted | None
 
 
 @dataclass(frozen=True)
@@ -234,7 +244,7 @@ class AgentsAlive:
     alive: frozenset[str]
 
 
-Input = (RoundCandidates | NoticeArrived | NoticeChecked | BufferCandidates | BufferTallied | SecureMessageArrived
+Input = (RoundCandidates | NoticeArrived | NoticeChecked | UpdateRefusedBy | BufferCandidates | BufferTallied | SecureMessageArrived
          | SecureTallied | KeysCollected | SharesCollected | UploadersCollected | RoundTallied | RoundUpdates | AggregationOverdue
          | VersionArrived | RoundResults | VersionsScored | RollbackTarget | RollbackRequested | EvaluationReported | ParameterCandidates | ParametersArrived | ParametersUnusable
          | InitialModelStored | ModelRefusedBy | FinishRequested | AgentsAlive)

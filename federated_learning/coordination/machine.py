@@ -32,6 +32,7 @@ from federated_learning.coordination.effects import (
     ReadVersion,
     RecordOutcome,
     Reject,
+    RevokeUpdate,
     Save,
     SendTasks,
     TallyRound,
@@ -63,6 +64,7 @@ from federated_learning.coordination.inputs import (
     SecureMessageArrived,
     SecureTallied,
     SharesCollected,
+    UpdateRefusedBy,
     UploadersCollected,
     VersionArrived,
     VersionsScored,
@@ -111,6 +113,8 @@ def step(state: TrainingState, event: Input, now: float) -> Transition:
             if buffered.takes_notice(state, event.notice.kind):
                 return buffered.take_notice(state, event)
             return take_notice(state, event)
+        case UpdateRefusedBy():
+            return revoke_update(state, event)
         case BufferCandidates():
             return buffered.refill(state, event, now)
         case BufferTallied():
@@ -270,6 +274,27 @@ def take_notice(state: TrainingState, given: NoticeChecked) -> Transition:
     if notice.kind is TaskKind.TRAIN:
         effects.append(RecordOutcome(notice.agent_id, completed=True))
     return state, [*effects, TallyRound()]
+
+
+def revoke_update(state: TrainingState, given: UpdateRefusedBy) -> Transition:
+    """The aggregator read an accepted update whole and found it invalid: count the refusal; while
+    the update's round still collects, withdraw it (the agent may send another, and the round waits
+    as it would for any missing update). After that the job leaves it out."""
+    refusal, accepted = given.refusal, given.accepted
+    reject = Reject("updates", refusal.reason, refusal.detail, refusal.training_id, refusal.round, refusal.agent_id)
+    if accepted is None or accepted.update_digest != refusal.update_digest:
+        return state, [reject]  # withdrawn already (a redelivery), or since replaced by another upload
+    collecting: int | None
+    if buffered.takes_notice(state, TaskKind.TRAIN):
+        collecting = buffered.open_buffer_number(state)
+    else:
+        collecting = state.round if state.phase is RoundPhase.COLLECTING else None
+    withdraw = refusal.round == collecting
+    effects: list[Effect] = [RevokeUpdate(accepted, refusal.round, withdraw),
+                             RecordOutcome(refusal.agent_id, completed=False), reject]
+    if withdraw and not state.is_buffered:
+        effects.append(TallyRound())
+    return state, effects
 
 
 # -- deciding ----------------------------------------------------------------------

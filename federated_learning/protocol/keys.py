@@ -45,6 +45,17 @@ class Keys:
         return self._k("stream", "updates")
 
     @property
+    def accepted_update_stream(self) -> str:
+        """Update notices the coordinator accepted after checking only their blob's header: the
+        aggregator reads each blob whole as it arrives (hash, values) and keeps it for the job."""
+        return self._k("stream", "accepted")
+
+    @property
+    def refused_update_stream(self) -> str:
+        """Accepted updates the aggregator found invalid, read by the coordinator (services only)."""
+        return self._k("stream", "refused")
+
+    @property
     def job_stream(self) -> str:
         """Aggregation jobs, read by the aggregator workers."""
         return self._k("stream", "jobs")

@@ -545,6 +545,34 @@ class ModelRefused(Message, SignedByAgent):
 # -- pipeline -------------------------------------------------------------------
 
 
+class UpdateAccepted(Message):
+    """An update the coordinator accepted into ``round`` (a buffer number in buffered trainings)
+    after checking its blob's header: the aggregator reads the blob whole now, while the round
+    collects, and refuses it (:class:`UpdateRefused`) or keeps it for the job."""
+
+    type: Literal["update_accepted"] = "update_accepted"
+    training_id: Identifier
+    round: int = Field(ge=0)
+    agent_id: Identifier
+    update_digest: Digest
+    model_version: int = Field(ge=0, description="the version the update was trained from")
+
+
+class UpdateRefused(Message):
+    """The aggregator read an accepted update whole and found it invalid (its hash, its values, a
+    compressed delta that does not fit the model). The coordinator counts the refusal and, while the
+    round still collects, withdraws the update, so the agent may send another."""
+
+    type: Literal["update_refused"] = "update_refused"
+    training_id: Identifier
+    round: int = Field(ge=0)
+    agent_id: Identifier
+    update_digest: Digest
+    reason: str = Field(max_length=64, pattern=r"^[a-z_]+$")
+    detail: str = Field(max_length=1000)
+
+
+
 class UpdateRef(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     agent_id: Identifier

@@ -65,12 +65,17 @@ def encode_layers(layers: Mapping[str, np.ndarray]) -> bytes:
     return bytes(_st_save(arrays, metadata={"order": json.dumps(list(arrays))}))
 
 
-def _read_header(data: bytes) -> dict[str, object]:
-    if len(data) < _HEADER_LEN_BYTES:
-        raise InvalidTensor("bad_blob", f"blob of {len(data)} bytes is too short for safetensors")
+def _read_header(data: bytes, size: int | None = None) -> dict[str, object]:
+    """The JSON header of a safetensors blob of ``size`` bytes (``len(data)`` when None) whose
+    first bytes are ``data``."""
+    size = len(data) if size is None else size
+    if size < _HEADER_LEN_BYTES:
+        raise InvalidTensor("bad_blob", f"blob of {size} bytes is too short for safetensors")
     (header_len,) = struct.unpack("<Q", data[:_HEADER_LEN_BYTES])
-    if header_len > _MAX_HEADER_BYTES or _HEADER_LEN_BYTES + header_len > len(data):
+    if header_len > _MAX_HEADER_BYTES or _HEADER_LEN_BYTES + header_len > size:
         raise InvalidTensor("bad_blob", f"safetensors header length {header_len} is invalid")
+    if _HEADER_LEN_BYTES + header_len > len(data):
+        raise ValueError(f"the header needs {_HEADER_LEN_BYTES + header_len} leading bytes; given {len(data)}")
     try:
         header = json.loads(data[_HEADER_LEN_BYTES : _HEADER_LEN_BYTES + header_len])
     except (ValueError, RecursionError) as exc:  # RecursionError: a deeply nested header
@@ -80,14 +85,14 @@ def _read_header(data: bytes) -> dict[str, object]:
     return header
 
 
-def _arrays(data: bytes, header: dict[str, object]) -> dict[str, np.ndarray]:
-    """The tensors of a safetensors blob, as read-only views of ``data``.
+_Entry = tuple[int, int, str, np.dtype[Any], tuple[int, ...]]
+"""A tensor of a safetensors blob: (begin, end) in the data section, name, dtype, shape."""
 
-    Read here rather than by ``safetensors.numpy.load``, which has no bfloat16; the checks are the
-    format's: known dtypes, offsets that tile the data section exactly, sizes that match shapes."""
-    start = _HEADER_LEN_BYTES + int.from_bytes(data[:_HEADER_LEN_BYTES], "little")
-    body = memoryview(data)[start:]
-    entries: list[tuple[int, int, str, np.dtype[Any], tuple[int, ...]]] = []
+
+def _entries(header: dict[str, object], body_bytes: int) -> list[_Entry]:
+    """The tensors a safetensors header describes, in data order, checked as the format requires
+    (known dtypes, sizes that match shapes, offsets that tile a data section of ``body_bytes``)."""
+    entries: list[_Entry] = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -113,21 +118,74 @@ def _arrays(data: bytes, header: dict[str, object]) -> dict[str, np.ndarray]:
                                             f"{tuple(shape)} of {dtype.name} needs {count * dtype.itemsize}")
         entries.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
     entries.sort(key=lambda entry: (entry[0], entry[1], entry[2]))
-    if entries and entries[-1][1] > len(body):
-        raise InvalidTensor("bad_blob", f"the tensors need {entries[-1][1]} bytes of data; the blob holds {len(body)}")
+    if entries and entries[-1][1] > body_bytes:
+        raise InvalidTensor("bad_blob", f"the tensors need {entries[-1][1]} bytes of data; the blob holds {body_bytes}")
     position = 0
-    arrays: dict[str, np.ndarray] = {}
-    for begin, end, name, dtype, shape in entries:
+    for begin, end, name, _dtype, _shape in entries:
         if begin != position:
             raise InvalidTensor("bad_blob", f"tensor '{name}' starts at byte {begin}; expected {position}")
+        position = end
+    if position != body_bytes:
+        raise InvalidTensor("bad_blob", f"the data section holds {body_bytes} bytes; the tensors cover {position}")
+    return entries
+
+
+def _arrays(data: bytes, header: dict[str, object]) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors blob, as read-only views of ``data``.
+
+    Read here rather than by ``safetensors.numpy.load``, which has no bfloat16."""
+    start = _HEADER_LEN_BYTES + int.from_bytes(data[:_HEADER_LEN_BYTES], "little")
+    body = memoryview(data)[start:]
+    arrays: dict[str, np.ndarray] = {}
+    for begin, end, name, dtype, shape in _entries(header, len(body)):
         try:
             arrays[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
         except ValueError as exc:
             raise InvalidTensor("bad_blob", f"tensor '{name}' cannot be read: {exc}") from exc
-        position = end
-    if position != len(body):
-        raise InvalidTensor("bad_blob", f"the data section holds {len(body)} bytes; the tensors cover {position}")
     return arrays
+
+
+def _saved_order(header: dict[str, object], names: list[str]) -> list[str]:
+    """The metadata's ``order`` when it names exactly ``names`` (the blob's tensors in data
+    order), else ``names``."""
+    metadata = header.get("__metadata__")
+    if isinstance(metadata, dict) and isinstance(metadata.get("order"), str):
+        try:
+            saved_order = json.loads(metadata["order"])
+        except (ValueError, RecursionError):
+            saved_order = None
+        if isinstance(saved_order, list) and sorted(map(str, saved_order)) == sorted(names) \
+                and len(saved_order) == len(names):
+            return [str(name) for name in saved_order]
+    return names
+
+
+def header_bytes_needed(head: bytes) -> int:
+    """How many leading bytes of a safetensors blob hold its header (length prefix included),
+    read from its first 8 bytes; 8 when they are missing."""
+    if len(head) < _HEADER_LEN_BYTES:
+        return _HEADER_LEN_BYTES
+    return _HEADER_LEN_BYTES + min(int.from_bytes(head[:_HEADER_LEN_BYTES], "little"), _MAX_HEADER_BYTES + 1)
+
+
+def read_layout(head: bytes, size: int, *, max_bytes: int, allowed_dtypes: frozenset[str] = ALLOWED_DTYPES
+                ) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, object]]:
+    """The layer spec (in saved order) and the metadata of a safetensors blob of ``size`` bytes,
+    from its first bytes ``head`` (at least :func:`header_bytes_needed`): every check of
+    :func:`decode_layers` but those of the values, without reading them."""
+    if size > max_bytes:
+        raise InvalidTensor("too_large", f"blob of {size} bytes exceeds the limit {max_bytes}")
+    header = _read_header(head, size)
+    header_end = header_bytes_needed(head)
+    entries = _entries(header, size - header_end)
+    names = [name for _begin, _end, name, _dtype, _shape in entries]
+    by_name = {name: (shape, dtype.name) for _begin, _end, name, dtype, shape in entries}
+    spec = {name: by_name[name] for name in _saved_order(header, names)}
+    for name, (_shape, dtype_name) in spec.items():
+        if dtype_name not in allowed_dtypes:
+            raise InvalidTensor("bad_dtype", f"layer '{name}' has dtype {dtype_name}")
+    metadata = header.get("__metadata__")
+    return spec, metadata if isinstance(metadata, dict) else {}
 
 
 def decode_layers(data: bytes, *, max_bytes: int, allowed_dtypes: frozenset[str] = ALLOWED_DTYPES) -> NamedLayers:
@@ -142,16 +200,7 @@ def decode_layers(data: bytes, *, max_bytes: int, allowed_dtypes: frozenset[str]
         raise InvalidTensor("too_large", f"blob of {len(data)} bytes exceeds the limit {max_bytes}")
     header = _read_header(data)
     arrays = _arrays(data, header)
-    metadata = header.get("__metadata__")
-    order: list[str] = list(arrays)
-    if isinstance(metadata, dict) and isinstance(metadata.get("order"), str):
-        try:
-            saved_order = json.loads(metadata["order"])
-        except (ValueError, RecursionError):
-            saved_order = None
-        if isinstance(saved_order, list) and sorted(map(str, saved_order)) == sorted(arrays) \
-                and len(saved_order) == len(arrays):
-            order = [str(name) for name in saved_order]
+    order = _saved_order(header, list(arrays))
     for name in order:
         if arrays[name].dtype.name not in allowed_dtypes:
             raise InvalidTensor("bad_dtype", f"layer '{name}' has dtype {arrays[name].dtype.name}")

@@ -18,10 +18,13 @@ from safetensors.numpy import save as _st_save
 
 from federated_learning.privacy.compression import CompressedUpdate, decompress, decompress_onto
 from federated_learning.protocol.tensors import (
+    ALLOWED_DTYPES,
     InvalidTensor,
     LayerSpec,
     decode_layers,
     is_float,
+    layout_mismatch,
+    read_layout,
     validate_layers,
 )
 from federated_learning.types import NamedLayers
@@ -107,3 +110,19 @@ def decode_update(data: bytes, spec: LayerSpec, *, max_bytes: int,
     layers = {name: moved.get(name, base[name]) for name in spec}
     validate_layers(layers, spec)
     return layers
+
+
+def check_update_layout(head: bytes, size: int, spec: LayerSpec, *, max_bytes: int) -> None:
+    """What can be checked of an update blob of ``size`` bytes from its first bytes ``head`` (the
+    whole safetensors header): the size limit, the format, and for a dense update the layers'
+    names, order, shapes and dtypes. Its values (finite, a valid compressed delta) and its hash
+    are checked where it is read whole, by the aggregator. Raises :class:`InvalidTensor`."""
+    layout, metadata = read_layout(head, size, max_bytes=max_bytes, allowed_dtypes=ALLOWED_DTYPES)
+    if metadata.get("encoding") == COMPRESSED:
+        for name, (_shape, dtype) in layout.items():
+            if dtype not in COMPRESSED_DTYPES:
+                raise InvalidTensor("bad_dtype", f"compressed update tensor '{name}' has dtype {dtype}")
+        return
+    problem = layout_mismatch(layout, spec)
+    if problem is not None:
+        raise problem

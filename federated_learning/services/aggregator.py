@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import WatchError
 
 from federated_learning.aggregation.inputs import (
@@ -53,7 +53,9 @@ from federated_learning.protocol.messages import (
     MemoryBankModel,
     SecureAggregationSpec,
     Severity,
+    UpdateAccepted,
     UpdateRef,
+    UpdateRefused,
     decode,
     encode,
 )
@@ -68,12 +70,15 @@ from federated_learning.protocol.tensors import (
     decode_layers,
     encode_layers,
 )
+from federated_learning.records.versions import VersionIndex
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
+from federated_learning.services.update_cache import UpdateCache, describe_refusal
 from federated_learning.types import BlobDigest, NamedLayers
 
 log = logging.getLogger(__name__)
 
 JOBS = Counter("fl_aggregation_jobs_total", "Aggregation jobs", ["algorithm", "outcome"])
+CACHED_BYTES = Gauge("fl_aggregator_cached_update_bytes", "Bytes of checked accepted updates kept for their jobs")
 SECONDS = Histogram("fl_aggregation_seconds", "Seconds spent in the aggregation rule",
                     ["algorithm"], buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
 
@@ -82,6 +87,9 @@ class AggregationFailed(RuntimeError):
     """A job that cannot produce a model (too few valid updates, or the rule refused)."""
 
 
+ACCEPTED_PER_READ = 128
+"""Accepted updates read (and fetched concurrently) at once."""
+REFUSED_MAXLEN = 100_000
 CONTRIBUTION_MARKER_TTL_S = 7 * 24 * 3600
 """How long the marker that a round's contributions were credited is kept (a redelivered job's
 scores are not credited twice)."""
@@ -97,6 +105,18 @@ class Aggregator:
             claim_idle_ms=ctx.settings.claim_idle_ms,
             on_forged_id=ctx.forged_stream_id,
         )
+        self.cache = UpdateCache(ctx.blobs, VersionIndex(ctx.redis, ctx.keys),
+                                 max_bytes=ctx.settings.aggregator_cache_bytes,
+                                 max_blob_bytes=ctx.settings.max_blob_bytes)
+        # Accepted updates are read in batches by a consumer of their own: a job (one at a time, so
+        # that workers share them) does not hold them up, and a job awaits those still being read.
+        self.reader = StreamConsumer(
+            ctx.redis, GROUP_AGGREGATOR, f"aggregator-{ctx.instance}",
+            {ctx.keys.accepted_update_stream: self.on_accepted},
+            batch_handlers={ctx.keys.accepted_update_stream: self.on_accepted_batch},
+            dead_letter_stream=ctx.dead_letter_stream, count=ACCEPTED_PER_READ,
+            claim_idle_ms=ctx.settings.claim_idle_ms, on_forged_id=ctx.forged_stream_id,
+        )
         self._pool: ThreadPoolExecutor | None = None
         self._scoring: set[asyncio.Task[None]] = set()
 
@@ -111,7 +131,11 @@ class Aggregator:
 
     async def run(self, *, burst: bool = False) -> None:
         try:
-            await self.consumer.run(self.ctx.stop, burst=burst)
+            if burst:  # the accepted updates first, as they would have arrived before their job
+                await self.reader.run(self.ctx.stop, burst=True)
+                await self.consumer.run(self.ctx.stop, burst=True)
+            else:
+                await asyncio.gather(self.reader.run(self.ctx.stop), self.consumer.run(self.ctx.stop))
         finally:
             await self.finish_scoring()
             if self._pool is not None:
@@ -123,6 +147,31 @@ class Aggregator:
         """Wait for the update scores still being computed after their jobs' aggregates were written."""
         while self._scoring:
             await asyncio.gather(*self._scoring)
+
+    async def on_accepted(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        await self.on_accepted_batch([(entry_id, fields)])
+
+    async def on_accepted_batch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Read accepted updates whole (hash, values) while their round collects; report the invalid ones."""
+        accepted: list[UpdateAccepted] = []
+        for _entry_id, fields in entries:
+            try:
+                accepted.append(decode(UpdateAccepted, fields))
+            except MalformedMessage as exc:
+                await self.ctx.reject("accepted", "malformed", exc.reason)
+        for notice, problem in await self.cache.take(accepted, self.pool):
+            await self._report_refusal(notice.training_id, notice.round, notice.agent_id, notice.update_digest,
+                                       problem)
+        CACHED_BYTES.set(self.cache.bytes_kept)
+
+    async def _report_refusal(self, training_id: str, round_number: int, agent_id: str, digest: str,
+                              problem: BlobMissing | InvalidTensor) -> None:
+        """Tell the coordinator an accepted update is invalid: it counts the refusal (once) and,
+        while the round collects, withdraws the update."""
+        reason, detail = describe_refusal(problem, digest)
+        await self.ctx.redis.xadd(self.ctx.keys.refused_update_stream, encode(UpdateRefused(
+            training_id=training_id, round=round_number, agent_id=agent_id, update_digest=digest,
+            reason=reason, detail=detail[:1000])), maxlen=REFUSED_MAXLEN, approximate=True)
 
     async def on_job(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
@@ -140,10 +189,11 @@ class Aggregator:
             return
         await self.ctx.redis.xadd(self.ctx.keys.aggregate_stream, encode(ready))
         JOBS.labels(job.algorithm, "ok").inc()
+        self.cache.release(job.training_id, job.round)
+        CACHED_BYTES.set(self.cache.bytes_kept)
 
     async def _refuse(self, job: AggregationJob, ref: UpdateRef, exc: BlobMissing | InvalidTensor) -> None:
-        await self.ctx.reject("jobs", getattr(exc, "reason", "blob_missing"), str(exc),
-                              training_id=job.training_id, round=job.round, agent_id=ref.agent_id)
+        await self._report_refusal(job.training_id, job.round, ref.agent_id, ref.digest, exc)
 
     async def _own_bases(self, job: AggregationJob) -> dict[BlobDigest, NamedLayers | BlobMissing | InvalidTensor]:
         """The models that updates of an asynchronous training were trained from, by digest."""
@@ -169,13 +219,33 @@ class Aggregator:
                 raise own
             return prepare_update(data, layout, own)
 
-        loaded = await self.ctx.blobs.get_each([(ref.digest, ref.agent_id) for ref in job.updates], prepare,
-                                               executor=self.pool)
+        loop = asyncio.get_running_loop()
+        kept = [self.cache.get((ref.digest, ref.agent_id)) for ref in job.updates]
+        verdicts = [await verdict if verdict is not None else None for verdict in kept]
+
+        async def prepare_kept(k: int, verdict: bytes | BlobMissing | InvalidTensor
+                               ) -> PreparedUpdate | BlobMissing | InvalidTensor:
+            if isinstance(verdict, (BlobMissing, InvalidTensor)):
+                return verdict
+            try:
+                return await loop.run_in_executor(self.pool, prepare, k, verdict)
+            except (BlobMissing, InvalidTensor) as exc:
+                return exc
+
+        missing = [k for k, verdict in enumerate(verdicts) if verdict is None]
+        fetched = iter(await self.ctx.blobs.get_each(
+            [(job.updates[k].digest, job.updates[k].agent_id) for k in missing],
+            lambda i, data: prepare(missing[i], data), executor=self.pool) if missing else [])
+        ready = await asyncio.gather(*(prepare_kept(k, verdict) for k, verdict in enumerate(verdicts)
+                                       if verdict is not None))
+        from_cache = iter(ready)
+        loaded = [next(fetched) if verdict is None else next(from_cache) for verdict in verdicts]
         refs: list[UpdateRef] = []
         prepared: list[PreparedUpdate] = []
-        for ref, result in zip(job.updates, loaded, strict=True):
+        for ref, result, verdict in zip(job.updates, loaded, verdicts, strict=True):
             if isinstance(result, (BlobMissing, InvalidTensor)):
-                await self._refuse(job, ref, result)
+                if not isinstance(verdict, (BlobMissing, InvalidTensor)):  # else reported when it was read
+                    await self._refuse(job, ref, result)
                 continue
             refs.append(ref)
             prepared.append(result)

@@ -34,6 +34,7 @@ from federated_learning.protocol.messages import (
     Severity,
     StartTraining,
     StopTraining,
+    TaskKind,
     TrainingStatus,
     UpdateSubmitted,
     decode,
@@ -89,6 +90,7 @@ class Coordinator(RoundProtocol):
                 self.keys.agent_stream: self.on_agent_message,
                 self.keys.update_stream: self._forgetting_on_failure(self.on_upload),
                 self.keys.version_stream: self._forgetting_on_failure(self.on_version),
+                self.keys.refused_update_stream: self._forgetting_on_failure(self.on_update_refused),
             },
             dead_letter_stream=ctx.dead_letter_stream, block_ms=int(TICK_S * 1000),
             claim_idle_ms=ctx.settings.claim_idle_ms,
@@ -239,16 +241,25 @@ class Coordinator(RoundProtocol):
         agent_ids = sorted({notice.agent_id for _, notice in notices})
         if not agent_ids:
             return
+        uploads = sorted({(notice.update_digest, notice.agent_id) for _, notice in notices
+                          if notice.update_digest is not None and notice.kind is TaskKind.TRAIN})
         async with self.redis.pipeline(transaction=False) as pipe:
             self.registry.stage_records(pipe, agent_ids)
             for entry_id, notice in notices:
                 self.stage_duplicate_read(pipe, notice.training_id, notice.round, notice.agent_id, entry_id)
+            for digest, agent_id in uploads:
+                self.ctx.blobs.stage_head(pipe, digest, owner=agent_id)
             replies = await pipe.execute()
         batch.agents.update(zip(agent_ids, self.registry.parse_records(replies[0]), strict=True))
         for k, (entry_id, notice) in enumerate(notices):
             accepted, marked = replies[1 + 2 * k: 3 + 2 * k]
             batch.duplicates[(notice.training_id, notice.round, notice.agent_id, entry_id)] = \
                 DuplicateFlags(bool(accepted), bool(marked))
+        heads = replies[1 + 2 * len(notices):]
+        for k, (digest, agent_id) in enumerate(uploads):
+            size, first = heads[2 * k: 2 * k + 2]
+            if int(size) > 0:  # a missing blob is read (and refused) when its notice's turn comes
+                batch.heads[(digest, agent_id)] = await self.ctx.blobs.parse_head(digest, size, first, owner=agent_id)
 
     async def on_agent_message(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:

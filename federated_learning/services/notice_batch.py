@@ -4,7 +4,8 @@ Handling a notice on its own takes about six sequential round trips (the agent's
 duplicate check, the accepting transaction, the tally, the ack). A batch keeps the per-notice
 order and the decisions exactly as they were, and changes only the I/O:
 
-- the agents' records and the duplicate flags of every notice are read in one pipeline first;
+- the agents' records, the duplicate flags and the upload's size and header of every notice are
+  read in one pipeline first;
 - the writes of each step (accepted updates, outcomes, refusals' state saves, events) go into
   one pending transaction, executed once at the end of the batch (or before any step that must
   read what was written: closing a round, counting a late update, opening the next round);
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio.client import Pipeline
 
+from federated_learning.bus.blobs import BlobHead
 from federated_learning.coordination.state import AgentRecord
 from federated_learning.protocol.messages import UpdateSubmitted
 
@@ -47,6 +49,8 @@ class NoticeBatch:
     notices: dict[bytes, UpdateSubmitted] = field(default_factory=dict)
     """The batch's update notices by entry id, decoded once."""
     agents: dict[str, AgentRecord | None] = field(default_factory=dict)
+    heads: dict[tuple[str, str], BlobHead] = field(default_factory=dict)
+    """(digest, agent) -> the upload's size and header (blobs are written once: kept across flushes)."""
     duplicates: dict[tuple[str, int, str, str], DuplicateFlags] = field(default_factory=dict)
     """(training, round, agent, entry id) -> flags, as read before the batch's first write."""
     accepted_counts: dict[RoundKey, int] = field(default_factory=dict)

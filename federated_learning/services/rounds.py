@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Protocol, TypedDict
+from typing import TYPE_CHECKING, Protocol, TypedDict, get_args
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -22,11 +22,16 @@ from numpy.typing import NDArray
 from prometheus_client import Counter, Histogram
 from redis.asyncio.client import Pipeline
 
-from federated_learning.bus.blobs import BlobMissing
+from federated_learning.bus.blobs import BlobHead, BlobMissing
 from federated_learning.bus.replies import text
 from federated_learning.config import Settings
 from federated_learning.coordination import effects as fx
-from federated_learning.coordination.checks import SignedMessage, check_signature, project_mismatch
+from federated_learning.coordination.checks import (
+    SignedMessage,
+    check_signature,
+    checked_whole_by_aggregator,
+    project_mismatch,
+)
 from federated_learning.coordination.inputs import (
     AgentsAlive,
     AggregationOverdue,
@@ -52,6 +57,7 @@ from federated_learning.coordination.inputs import (
     SecureMessageArrived,
     SecureTallied,
     SharesCollected,
+    UpdateRefusedBy,
     UploadersCollected,
     VersionArrived,
     VersionsScored,
@@ -76,6 +82,8 @@ from federated_learning.protocol.messages import (
     Severity,
     TaskKind,
     TrainingStatus,
+    UpdateAccepted,
+    UpdateRefused,
     UpdateSubmitted,
     VersionCommitted,
     decode,
@@ -90,7 +98,7 @@ from federated_learning.protocol.secure_messages import (
     decode_secure_agent_message,
 )
 from federated_learning.protocol.tensors import InvalidTensor, decode_layers, spec_of
-from federated_learning.protocol.updates import decode_update
+from federated_learning.protocol.updates import check_update_layout
 from federated_learning.records.agents import AgentRegistry
 from federated_learning.records.model_refusals import ModelRefusal, ModelRefusals
 from federated_learning.records.models import check_user_model
@@ -125,6 +133,9 @@ ASKED_AT_HORIZON_S = 3600.0
 """How long task times are kept per agent (the hourly cap looks back this far)."""
 ACCEPTED_NOTICE_MARKERS = "coordinator-updates"
 """`Keys.applied` namespace of the markers naming the update-stream entry a notice was accepted from."""
+ACCEPTED_STREAM_MAXLEN = 100_000
+"""Entries kept on the accepted-update stream; one trimmed unread only costs the aggregator's head
+start (the job reads and checks that update itself)."""
 ACCEPTED_NOTICE_MARKER_TTL_S = 7 * 24 * 3600
 """Lifetime of those markers. A redelivery comes at the latest when the coordinator is back up;
 one arriving after the marker expired is rejected as a duplicate (counted, nothing else changes)."""
@@ -139,8 +150,8 @@ ROUND_SECONDS = Histogram("fl_round_seconds", "Seconds from round start to commi
 
 EVENTS = (fx.Emit, fx.StatusChanged, fx.RolledBack)
 """Effects published on the event stream, in the step's transaction when it has one."""
-STAGED = (fx.Save, fx.SendTasks, fx.SendMessages, fx.StoreSecureMessage, fx.ClearRoundUpdates, fx.AcceptUpdate,
-          fx.RecordOutcome, fx.ReleaseModel, fx.WriteJob, fx.AppendMetrics)
+STAGED = get_args(fx.Staged)
+"""Effects written in the step's transaction."""
 BATCHED_FOLLOW_UPS = (fx.Reject, fx.CheckUpdate, fx.TallyRound, fx.TallyBuffer)
 """Follow-ups that may run while a notice batch has writes pending: they read nothing those writes
 change, or read it through the batch (see :mod:`federated_learning.services.notice_batch`)."""
@@ -295,6 +306,17 @@ class RoundProtocol:
                     pipe.persist(self.keys.blob(notice.update_digest, notice.agent_id))  # kept until its round commits
                     pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:completed", 1)
                     pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:examples", notice.num_examples)
+                    if checked_whole_by_aggregator(state):
+                        pipe.xadd(self.keys.accepted_update_stream, encode(UpdateAccepted(
+                            training_id=state.training_id, round=effect.round, agent_id=notice.agent_id,
+                            update_digest=notice.update_digest, model_version=notice.received_model_version)),
+                            maxlen=ACCEPTED_STREAM_MAXLEN, approximate=True)
+            case fx.RevokeUpdate():
+                notice = effect.notice
+                if effect.withdraw:
+                    pipe.hdel(self.keys.round_updates(state.training_id, effect.round), notice.agent_id)
+                pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:completed", -1)
+                pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:examples", -notice.num_examples)
             case fx.ReleaseModel():
                 pipe.xadd(self.keys.release_stream, encode(effect.release))
             case fx.RecordOutcome():
@@ -384,6 +406,8 @@ class RoundProtocol:
                 await self._check_parameters(state, effect.notice)
             case fx.ActivateQueued():
                 await self.activate_queued()
+            case _:
+                raise TypeError(f"the coordinator has no way to carry out {effect!r}")
 
     # -- entry points (also used by buffered and secure rounds, rollbacks, initial models) --
 
@@ -566,6 +590,22 @@ class RoundProtocol:
         pipe.hexists(self.keys.round_updates(training_id, round_number), agent_id)
         pipe.exists(self.keys.applied(ACCEPTED_NOTICE_MARKERS, entry_id))
 
+    async def on_update_refused(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
+        """The aggregator read an accepted update whole and found it invalid."""
+        try:
+            refusal = decode(UpdateRefused, fields)
+        except MalformedMessage as exc:
+            await self.ctx.reject("refused", "malformed", exc.reason)
+            return
+        state = await self.load_state(refusal.training_id)
+        if state is None:  # the training ended and was forgotten: still counted
+            await self.ctx.reject("updates", refusal.reason, refusal.detail, training_id=refusal.training_id,
+                                  round=refusal.round, agent_id=refusal.agent_id)
+            return
+        raw = await self.redis.hget(self.keys.round_updates(state.training_id, refusal.round), refusal.agent_id)
+        accepted = UpdateSubmitted.model_validate_json(raw) if raw is not None else None
+        await self.run_step(state, UpdateRefusedBy(refusal, accepted))
+
     # -- committed versions --------------------------------------------------------
 
     async def on_version(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
@@ -690,16 +730,24 @@ class RoundProtocol:
             return await self._check_masked_upload(state, notice)
         spec = state.config.model
         try:
-            data = await self.ctx.blobs.get(notice.update_digest, owner=notice.agent_id)
             if isinstance(spec, MemoryBankModel):
+                data = await self.ctx.blobs.get(notice.update_digest, owner=notice.agent_id)
                 decode_bank_upload(data, spec, max_bytes=self.settings.max_blob_bytes)
             else:
-                decode_update(data, state.layer_spec, max_bytes=self.settings.max_blob_bytes)
+                # The header only: the aggregator reads the update whole, checks its hash and values
+                # and refuses it there (decision 0012), so the bytes cross the bus once.
+                head = await self._update_head(notice.update_digest, notice.agent_id)
+                check_update_layout(head.head, head.size, state.layer_spec, max_bytes=self.settings.max_blob_bytes)
         except BlobMissing:
             return "blob_missing", f"no blob {notice.update_digest}"
         except InvalidTensor as exc:
             return exc.reason, exc.detail
         return None
+
+    async def _update_head(self, digest: str, agent_id: str) -> BlobHead:
+        batch = self.batch
+        cached = batch.heads.get((digest, agent_id)) if batch is not None else None
+        return cached if cached is not None else await self.ctx.blobs.head(digest, owner=agent_id)
 
     async def _check_masked_upload(self, state: TrainingState, notice: UpdateSubmitted) -> tuple[str, str] | None:
         """Why a masked upload is refused (wrong phase, not a share sender, bad blob), or None."""

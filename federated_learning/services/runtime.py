@@ -307,6 +307,7 @@ def service_streams(keys: Keys) -> list[tuple[str, str]]:
     return [
         (keys.control_stream, GROUP_COORDINATOR), (keys.agent_stream, GROUP_COORDINATOR),
         (keys.update_stream, GROUP_COORDINATOR), (keys.version_stream, GROUP_COORDINATOR),
+        (keys.refused_update_stream, GROUP_COORDINATOR), (keys.accepted_update_stream, GROUP_AGGREGATOR),
         (keys.job_stream, GROUP_AGGREGATOR), (keys.aggregate_stream, GROUP_PRIVACY),
         (keys.release_stream, GROUP_VERSIONS), (keys.event_stream, GROUP_MONITOR),
     ]

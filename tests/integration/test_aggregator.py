@@ -15,7 +15,15 @@ from federated_learning.monitoring.anomaly import score_slabs
 from federated_learning.privacy.compression import CompressedUpdate, CompressionMethod, quantize
 from federated_learning.protocol.events import Event
 from federated_learning.protocol.keys import Keys
-from federated_learning.protocol.messages import AggregateReady, AggregationJob, UpdateRef
+from federated_learning.protocol.messages import (
+    AggregateReady,
+    AggregationJob,
+    PrivacyReport,
+    UpdateAccepted,
+    UpdateRef,
+    UpdateRefused,
+    VersionRecord,
+)
 from federated_learning.protocol.tensors import decode_layers, digest_of, encode_layers, spec_of
 from federated_learning.protocol.updates import decode_update, encode_compressed
 from federated_learning.services.aggregator import Aggregator
@@ -44,6 +52,12 @@ async def run_job(redis: aioredis.Redis, aggregator: Aggregator, job: Aggregatio
 async def events(redis: aioredis.Redis, kind: str) -> list[Event]:
     found = [Event.model_validate_json(fields[b"m"]) for _id, fields in await redis.xrange(KEYS.event_stream)]
     return [event for event in found if event.kind == kind]
+
+
+async def refusals(redis: aioredis.Redis) -> list[UpdateRefused]:
+    """What the aggregator reported to the coordinator (which counts and reports the refusals)."""
+    return [UpdateRefused.model_validate_json(fields[b"m"])
+            for _id, fields in await redis.xrange(KEYS.refused_update_stream)]
 
 
 def job_of(base_digest: str, refs: list[UpdateRef], **fields: object) -> AggregationJob:
@@ -85,7 +99,7 @@ async def test_invalid_updates_are_refused_by_agent_and_reason_and_the_rest_aggr
     [ready] = await run_job(redis, aggregator, job_of(base_digest, refs, carry_integers=False))
 
     assert ready.contributors == ["good-0", "good-1", "good-2", "good-q8"]
-    refused = {event.agent_id: event.data["reason"] for event in await events(redis, "input_rejected")}
+    refused = {refusal.agent_id: refusal.reason for refusal in await refusals(redis)}
     assert refused == {agent: reason for agent, (_digest, reason) in bad.items()}
     model = decode_layers(await redis.get(KEYS.blob(ready.model_digest)), max_bytes=1 << 20)
     rows = [good["good-0"]["w"], good["good-1"]["w"], good["good-2"]["w"], await q8_model(redis, refs[3], base)]
@@ -97,6 +111,40 @@ async def q8_model(redis: aioredis.Redis, ref: UpdateRef, base: dict[str, np.nda
     """The compressed update as a model: the base plus its decompressed delta."""
     return decode_update(await redis.get(KEYS.blob(ref.digest, ref.agent_id)), spec_of(base), max_bytes=1 << 20,
                          base=base)["w"]
+
+
+async def test_accepted_updates_are_read_once_before_the_job_and_the_job_uses_the_checked_bytes(
+        redis: aioredis.Redis, settings: Settings) -> None:
+    base = {"w": np.zeros(D, np.float32)}
+    base_digest = await put(redis, encode_layers(base))
+    record = VersionRecord(training_id="t", version=0, round=0, parent_version=None, model_digest=base_digest,
+                           state_digest=None, checkpoint="", algorithm="fedavg", contributors=[], num_examples=0,
+                           privacy=PrivacyReport(level="none", mechanism="none"), created_at=0.0)
+    await redis.hset(KEYS.versions("t"), "0", record.model_dump_json())
+    good = {f"a{k}": encode_layers({"w": np.full(D, k + 1, np.float32)}) for k in range(3)}
+    refs = [UpdateRef(agent_id=agent, digest=await put(redis, data, agent), num_examples=1)
+            for agent, data in good.items()]
+    nan = await put(redis, encode_layers({"w": np.full(D, np.nan, np.float32)}), "nan")
+    refs.append(UpdateRef(agent_id="nan", digest=nan, num_examples=1))
+    for ref in refs:
+        await redis.xadd(KEYS.accepted_update_stream, {b"m": UpdateAccepted(
+            training_id="t", round=1, agent_id=ref.agent_id, update_digest=ref.digest,
+            model_version=0).model_dump_json().encode()})
+    aggregator = aggregator_for(redis, settings)
+    await aggregator.reader.run(aggregator.ctx.stop, burst=True)
+
+    assert [(r.agent_id, r.reason, r.round) for r in await refusals(redis)] == [("nan", "not_finite", 1)]
+    assert len(aggregator.cache) == 4 and aggregator.cache.bytes_kept == sum(map(len, good.values()))
+    # An agent may overwrite its upload key: the job aggregates the bytes that were checked.
+    await redis.set(KEYS.blob(refs[0].digest, "a0"), encode_layers({"w": np.full(D, 100, np.float32)}))
+
+    [ready] = await run_job(redis, aggregator, job_of(base_digest, refs))
+
+    assert ready.contributors == ["a0", "a1", "a2"]
+    assert len(await refusals(redis)) == 1, "a refusal is reported once, when the update is read"
+    model = decode_layers(await redis.get(KEYS.blob(ready.model_digest)), max_bytes=1 << 20)
+    np.testing.assert_allclose(model["w"], np.full(D, 2.0, np.float32))
+    assert len(aggregator.cache) == 0 and aggregator.cache.bytes_kept == 0, "the job released its round"
 
 
 async def test_a_job_with_fewer_valid_updates_than_its_minimum_fails(redis: aioredis.Redis,
@@ -113,7 +161,7 @@ async def test_a_job_with_fewer_valid_updates_than_its_minimum_fails(redis: aior
     assert ready == []
     [failed] = await events(redis, "aggregation_failed")
     assert "3 of 4 updates are valid; the job needs at least 4" in failed.message
-    assert [event.agent_id for event in await events(redis, "input_rejected")] == ["gone"]
+    assert [refusal.agent_id for refusal in await refusals(redis)] == ["gone"]
 
 
 async def test_update_scores_follow_the_aggregate_and_equal_the_slab_scores(redis: aioredis.Redis,

@@ -360,3 +360,39 @@ async def test_a_silent_volunteer_is_waited_for_once_not_every_round(redis: aior
         assert all(m["round_seconds"] < deadline_s for m in metrics[1:]), [m["round_seconds"] for m in metrics]
     finally:
         beating.cancel()
+
+
+async def test_an_update_refused_for_its_values_is_withdrawn_and_the_agent_may_send_another(
+        redis: aioredis.Redis, system, settings) -> None:
+    """The coordinator checks an upload's header; the aggregator reads it whole as it is accepted,
+    and the coordinator withdraws a refused one while the round collects."""
+    agents = ["fake-0", "fake-1"]
+    await join_fake_agents(redis, agents)
+    beats = asyncio.create_task(keep_alive(redis, agents))
+    await system.start()
+    try:
+        # The fake agents do not answer the final evaluation round: its deadline ends it.
+        await start_training(redis, "values", digits_config(rounds=1, clients_per_round=2, min_clients=2,
+                                                            round_deadline_s=8.0))
+        await wait_until_collecting(redis, "values")
+        blobs = BlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
+        nan = np.zeros((64, 10), np.float32)
+        nan[0, 0] = np.inf
+        await submit(redis, "fake-0", await blobs.put(encode_layers(model(weight=nan)), owner="fake-0"),
+                     training_id="values")
+        deadline = time.monotonic() + 20
+        while (await rejection_counts(redis)).get("updates:not_finite") != 1:
+            assert time.monotonic() < deadline, await rejection_counts(redis)
+            await asyncio.sleep(0.05)
+        assert not await redis.hexists(KEYS.round_updates("values", 1), "fake-0"), "withdrawn"
+        for agent, bias in (("fake-0", 1.0), ("fake-1", 3.0)):
+            await submit(redis, agent, await blobs.put(encode_layers(model(bias=np.full(10, bias, np.float32))),
+                                                       owner=agent), training_id="values")
+        state = await wait_for_status(redis, "values", {"completed", "failed"}, timeout_s=60)
+    finally:
+        beats.cancel()
+    assert state.status == "completed", state.reason
+    record = VersionRecord.model_validate_json(await redis.hget(KEYS.versions("values"), "1"))
+    assert record.contributors == agents
+    counts = await rejection_counts(redis)
+    assert {k: v for k, v in counts.items() if k.startswith("updates:")} == {"updates:not_finite": 1}

@@ -27,6 +27,7 @@ from federated_learning.coordination.inputs import (
     RoundResults,
     RoundTallied,
     RoundUpdates,
+    UpdateRefusedBy,
     VersionArrived,
     VersionsScored,
 )
@@ -43,6 +44,7 @@ from federated_learning.protocol.messages import (
     TaskKind,
     TrainingConfig,
     TrainingStatus,
+    UpdateRefused,
     UpdateSubmitted,
     VersionCommitted,
     VersionRecord,
@@ -257,6 +259,38 @@ def test_an_update_with_a_bad_blob_counts_as_an_answer_but_is_refused() -> None:
     assert state.responded == ["agent-00"]
     assert not of(effects, fx.AcceptUpdate)
     assert of(effects, fx.Reject)[0].reason == "non_finite"
+
+
+def refused(agent: str = "agent-00", round: int = 1, digest: str = "b" * 64) -> UpdateRefused:
+    return UpdateRefused(training_id="t1", round=round, agent_id=agent, update_digest=digest,
+                         reason="not_finite", detail="layer 'w' contains NaN or Inf")
+
+
+def test_an_update_the_aggregator_refuses_while_the_round_collects_is_withdrawn_and_counted() -> None:
+    state, effects = step(collecting(responded=["agent-00"]), UpdateRefusedBy(refused(), notice()), NOW)
+    assert effects == [fx.RevokeUpdate(notice(), 1, withdraw=True), fx.RecordOutcome("agent-00", completed=False),
+                       fx.Reject("updates", "not_finite", "layer 'w' contains NaN or Inf", "t1", 1, "agent-00"),
+                       fx.TallyRound()]
+    assert state.responded == ["agent-00"], "it answered: the round does not wait for it again"
+
+
+def test_an_update_refused_after_its_round_closed_is_counted_and_left_to_the_job() -> None:
+    _, effects = step(collecting(phase=RoundPhase.AGGREGATING), UpdateRefusedBy(refused(), notice()), NOW)
+    assert effects[0] == fx.RevokeUpdate(notice(), 1, withdraw=False)
+    assert of(effects, fx.Reject) and not of(effects, fx.TallyRound)
+
+
+def test_a_refusal_of_an_update_since_withdrawn_or_replaced_is_only_counted() -> None:
+    for accepted in (None, notice(update_digest="c" * 64)):
+        _, effects = step(collecting(), UpdateRefusedBy(refused(), accepted), NOW)
+        assert [type(e) for e in effects] == [fx.Reject]
+
+
+def test_a_buffered_update_refused_while_its_buffer_fills_is_withdrawn() -> None:
+    _, effects = step(buffered(), UpdateRefusedBy(refused(), notice()), NOW)
+    assert effects[0] == fx.RevokeUpdate(notice(), 1, withdraw=True) and not of(effects, fx.TallyRound)
+    _, effects = step(buffered(phase=RoundPhase.AGGREGATING), UpdateRefusedBy(refused(), notice()), NOW)
+    assert effects[0] == fx.RevokeUpdate(notice(), 1, withdraw=False)
 
 
 # -- deciding ------------------------------------------------------------------------------
