@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from federated_learning.bus.blobs import BlobMissing, BlobStore
+from federated_learning.bus.blobs import HEAD_PROBE_BYTES, BlobMissing, BlobStore
 from federated_learning.bus.consumer import StreamConsumer, ensure_group
 from federated_learning.protocol.keys import Keys
-from federated_learning.protocol.tensors import InvalidTensor, digest_of
+from federated_learning.protocol.tensors import InvalidTensor, digest_of, encode_layers, header_bytes_needed
 
 STREAM = "test:stream"
 
@@ -61,6 +62,55 @@ async def test_failing_entry_stays_pending_then_goes_to_dead_letters(redis: aior
     assert dead[0][1][b"stream"] == STREAM.encode()
 
 
+async def test_a_batch_handler_gets_a_read_together_and_it_is_acked_at_once(redis: aioredis.Redis) -> None:
+    batches: list[list[bytes]] = []
+    singles: list[bytes] = []
+
+    async def handle(_id: bytes, fields: dict[bytes, bytes]) -> None:
+        singles.append(fields[b"n"])
+
+    async def handle_batch(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        assert (await redis.xpending(STREAM, "g"))["pending"] == len(entries), "acked only after the handler"
+        batches.append([fields[b"n"] for _id, fields in entries])
+
+    for n in range(5):
+        await redis.xadd(STREAM, {"n": str(n)})
+    await consumer(redis, "c1", handle, batch_handlers={STREAM: handle_batch}, count=3).run(
+        asyncio.Event(), burst=True)
+    assert batches == [[b"0", b"1", b"2"], [b"3", b"4"]] and singles == []
+    assert (await redis.xpending(STREAM, "g"))["pending"] == 0
+
+
+async def test_when_a_batch_fails_each_entry_is_handled_on_its_own(redis: aioredis.Redis) -> None:
+    handled: list[bytes] = []
+
+    async def handle(_id: bytes, fields: dict[bytes, bytes]) -> None:
+        if fields[b"n"] == b"bad":
+            raise RuntimeError("this one entry cannot be handled")
+        handled.append(fields[b"n"])
+
+    async def handle_batch(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        for entry_id, fields in entries:
+            await handle(entry_id, fields)
+
+    for n in ("0", "bad", "2"):
+        await redis.xadd(STREAM, {"n": n})
+    await consumer(redis, "c1", handle, batch_handlers={STREAM: handle_batch}, max_deliveries=2).run(
+        asyncio.Event(), burst=True)
+    assert handled == [b"0", b"0", b"2"], "the batch's first entry once in the batch, then each alone"
+    assert (await redis.xpending(STREAM, "g"))["pending"] == 0
+    [(_id, dead)] = await redis.xrange("test:dead")
+    assert dead[b"n"] == b"bad"
+
+
+def test_a_batch_handler_needs_a_per_entry_handler(redis: aioredis.Redis) -> None:
+    async def handle_batch(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="per-entry handler"):
+        StreamConsumer(redis, "g", "c1", {}, dead_letter_stream="test:dead", batch_handlers={STREAM: handle_batch})
+
+
 async def test_entries_of_a_dead_consumer_are_claimed_after_idle_timeout(redis: aioredis.Redis) -> None:
     await ensure_group(redis, STREAM, "g")
     await redis.xadd(STREAM, {"n": "1"})
@@ -104,6 +154,21 @@ async def test_blob_store_round_trip_and_limits(redis: aioredis.Redis) -> None:
         await store.put(b"x" * 2048)
     with pytest.raises(BlobMissing):
         await store.get("0" * 64)
+
+
+async def test_a_blob_head_is_its_size_and_whole_header_without_its_body(redis: aioredis.Redis) -> None:
+    store = BlobStore(redis, Keys(), max_bytes=1 << 22)
+    long_header = {f"layer.{k:04d}.weight": np.zeros(1, np.float32) for k in range(600)}  # > HEAD_PROBE_BYTES
+    for layers in ({"w": np.zeros(100_000, np.float32)}, long_header):
+        data = encode_layers(layers)
+        digest = await store.put(data, owner="a1")
+        head = await store.head(digest, owner="a1")
+        assert head.size == len(data) and len(head.head) == min(len(data), max(header_bytes_needed(data),
+                                                                              HEAD_PROBE_BYTES))
+        assert data.startswith(head.head) and len(head.head) >= header_bytes_needed(data)
+    assert header_bytes_needed(encode_layers(long_header)) > HEAD_PROBE_BYTES
+    with pytest.raises(BlobMissing):
+        await store.head("0" * 64, owner="a1")
 
 
 async def test_tampered_blob_fails_its_hash(redis: aioredis.Redis) -> None:

@@ -9,9 +9,12 @@ from federated_learning.protocol.tensors import (
     decode_layers,
     digest_of,
     encode_layers,
+    header_bytes_needed,
+    read_layout,
     spec_of,
     validate_layers,
 )
+from federated_learning.protocol.updates import check_update_layout
 
 MODEL = {"dense.weight": np.ones((3, 2), np.float32), "dense.bias": np.zeros(2, np.float32)}
 
@@ -134,3 +137,59 @@ def test_empty_tensors_are_read_whatever_the_header_order() -> None:
     first = decode_layers(_blob({"a": a, "b": b, "z": z}, bytes(4)), max_bytes=1 << 20)
     second = decode_layers(_blob({"z": z, "b": b, "a": a}, bytes(4)), max_bytes=1 << 20)
     assert list(first) == list(second) == ["a", "b", "z"]
+
+
+# -- what a header alone tells (the coordinator's check of an upload) ---------------------------
+
+HOSTILE_OR_MALFORMED = [
+    {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},
+    {"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},
+    {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+    {"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}},
+    {"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}},
+    {"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}},
+    {"w": {"dtype": "F32", "shape": [1] * 40, "data_offsets": [0, 4]}},
+    {"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}},
+]
+
+
+@pytest.mark.parametrize("header", HOSTILE_OR_MALFORMED)
+def test_the_header_alone_refuses_what_decoding_refuses_for_the_same_reason(header: dict[str, object]) -> None:
+    blob = _blob(header, bytes(8))
+    with pytest.raises(InvalidTensor) as whole:
+        decode_layers(blob, max_bytes=1 << 20)
+    with pytest.raises(InvalidTensor) as head:
+        read_layout(blob[:header_bytes_needed(blob)], len(blob), max_bytes=1 << 20)
+    assert head.value.reason == whole.value.reason
+
+
+def test_the_header_alone_gives_the_layout_in_saved_order_without_reading_the_values() -> None:
+    model = {"z.bias": np.zeros(3, np.float32), "a.weight": np.ones((2, 3), ml_dtypes.bfloat16),
+             "steps": np.array(7, np.int64)}
+    blob = encode_layers(model)
+    head = blob[:header_bytes_needed(blob)]
+    layout, metadata = read_layout(head, len(blob), max_bytes=1 << 20)
+    assert layout == spec_of(decode_layers(blob, max_bytes=1 << 20)) == spec_of(model)
+    assert list(layout) == list(model) and "order" in metadata
+    with pytest.raises(InvalidTensor) as info:
+        read_layout(head, len(blob), max_bytes=len(blob) - 1)
+    assert info.value.reason == "too_large"
+    with pytest.raises(InvalidTensor):  # a blob cut short: its data no longer tiles
+        read_layout(head, len(blob) - 4, max_bytes=1 << 20)
+
+
+def test_a_header_check_of_an_update_refuses_the_layout_and_leaves_the_values_to_the_aggregator() -> None:
+    spec = spec_of(MODEL)
+    nan = {"dense.weight": np.full((3, 2), np.nan, np.float32), "dense.bias": np.zeros(2, np.float32)}
+    blob = encode_layers(nan)
+    check_update_layout(blob[:header_bytes_needed(blob)], len(blob), spec, max_bytes=1 << 20)  # values unread
+    wrong = encode_layers({"dense.weight": np.ones((2, 3), np.float32), "dense.bias": np.zeros(2, np.float32)})
+    with pytest.raises(InvalidTensor) as info:
+        check_update_layout(wrong[:header_bytes_needed(wrong)], len(wrong), spec, max_bytes=1 << 20)
+    assert info.value.reason == "bad_shape"
+
+
+def test_reading_a_layout_needs_the_whole_header() -> None:
+    blob = encode_layers(MODEL)
+    with pytest.raises(ValueError, match="leading bytes"):
+        read_layout(blob[:12], len(blob), max_bytes=1 << 20)
