@@ -34,7 +34,7 @@ from federated_learning.protocol.messages import (
 )
 from federated_learning.protocol.tensors import InvalidTensor, decode_layers, digest_of
 from federated_learning.records.checkpoints import CheckpointStore
-from federated_learning.records.trainings import TrainingStore
+from federated_learning.records.trainings import TrainingViews
 from federated_learning.records.versions import VersionIndex
 from federated_learning.services.runtime import ServiceContext
 from federated_learning.types import NamedLayers
@@ -97,7 +97,7 @@ class ModelVersionManager:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.index = VersionIndex(ctx.redis, ctx.keys)
-        self.trainings = TrainingStore(ctx.redis, ctx.keys)
+        self.trainings = TrainingViews(ctx.redis, ctx.keys)
         self.checkpoints = CheckpointStore(ctx.settings.data_dir / "checkpoints")
 
     @classmethod
@@ -219,7 +219,7 @@ class ModelVersionManager:
         )
 
     async def _require_training(self, training_id: str) -> None:
-        if await self.trainings.load(training_id) is None:
+        if await self.trainings.get(training_id) is None:
             raise UnknownTraining(training_id)
 
     async def _record_of(self, training_id: str, version: int) -> VersionRecord:
@@ -241,7 +241,7 @@ class ModelVersionManager:
 
     async def _version_metrics(self, training_id: str) -> dict[int, dict[str, float]]:
         """Federated accuracy and loss per evaluated version (the final evaluation for the last one)."""
-        state = await self.trainings.load(training_id)
+        state = await self.trainings.get(training_id)
         if state is None:
             raise UnknownTraining(training_id)
         metrics = {m.eval_of_version: {"accuracy": m.eval_accuracy, "loss": m.eval_loss}

@@ -31,7 +31,7 @@ from federated_learning.monitoring.rules import (
     redis_memory,
 )
 from federated_learning.protocol.keys import Keys
-from federated_learning.records.trainings import TrainingStore
+from federated_learning.records.trainings import TrainingViews
 from federated_learning.services.runtime import (
     read_backlogs,
     read_health_records,
@@ -74,7 +74,7 @@ class TrainingMonitor:
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self.trainings = TrainingStore(redis, keys)
+        self.trainings = TrainingViews(redis, keys)
 
     async def record_training_metric(self, metric: TrainingMetric) -> None:
         """Append one metric to its training's series (what the monitor does for each round)."""
@@ -94,7 +94,7 @@ class TrainingMonitor:
     async def get_training_progress(self, training_id: str) -> TrainingProgress:
         """Status, rounds done of rounds planned, version, best accuracy, epsilon and the latest
         recorded metrics. Raises UnknownTraining."""
-        state = await self.trainings.load(training_id)
+        state = await self.trainings.get(training_id)
         if state is None:
             raise UnknownTraining(training_id)
         metrics = await self.get_training_metrics(training_id)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,18 +11,16 @@ from federated_learning.coordination.secure import SecureRoundState
 from federated_learning.protocol.messages import (
     ASYNC_ALGORITHMS,
     Evaluation,
+    RoundPhase,
     TrainingConfig,
     TrainingStatus,
 )
+from federated_learning.protocol.trainings import TrainingView
+
+__all__ = ["RoundPhase", "TrainingState"]
 
 DEFAULT_BUFFER_SIZE = 10
 """FedBuff's buffer size when the training names none (the aggregation rule's default)."""
-
-
-class RoundPhase(StrEnum):
-    IDLE = "idle"
-    COLLECTING = "collecting"
-    AGGREGATING = "aggregating"
 
 
 class TrainingState(BaseModel):
@@ -111,6 +108,10 @@ class TrainingState(BaseModel):
     def touch(self) -> None:
         self.updated_at = time.time()
 
+    def view(self) -> TrainingView:
+        """What the coordinator publishes of this state for REST and the other services."""
+        return TrainingView.model_validate(self.model_dump(include=set(TrainingView.model_fields) - {"schema_version"}))
+
     def restore_accepted(self, accepted: list[str]) -> None:
         """Count the agents whose update of the current round is accepted as having answered (and
         as selected: volunteers are selected when their update is taken)."""
@@ -130,25 +131,3 @@ class TrainingState(BaseModel):
             elif isinstance(value, BaseModel) and not value.model_config.get("frozen", False):
                 copy.__dict__[name] = value.model_copy(deep=True)
         return copy
-
-
-class AgentRecord(BaseModel):
-    """A registered agent: what it holds and how to verify it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    agent_id: str
-    datasets: dict[str, int]
-    device: dict[str, str] = Field(default_factory=dict)
-    public_key: str | None = None
-    volunteer: bool = False
-    """Sends updates without being asked (plain-HTTP clients through the gateway)."""
-    joined_at: float = Field(default_factory=time.time)
-    rounds_completed: int = 0
-    org_id: str = DEFAULT_ORG
-    project_id: str = DEFAULT_PROJECT
-    """The project of the join token the agent joined with (the default project without one)."""
-
-    @property
-    def project(self) -> tuple[str, str]:
-        return self.org_id, self.project_id

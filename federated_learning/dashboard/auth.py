@@ -108,7 +108,7 @@ async def confine_to_training_org(request: Request, ctx: Context, principal: Vie
     training_id = request.path_params.get("training_id")
     if training_id is None or principal.is_super:
         return
-    state = await trainings.load(training_id)
+    state = await trainings.get(training_id)
     org_id = state.org_id if state is not None else org_of_training(training_id)
     if not principal.may_access(org_id):
         await forbid(ctx, principal, f"training '{training_id}' belongs to another organisation")

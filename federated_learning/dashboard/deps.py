@@ -12,7 +12,7 @@ from federated_learning.config import Settings
 from federated_learning.protocol.keys import Keys
 from federated_learning.records.agents import AgentRegistry
 from federated_learning.records.organisations import Organisations
-from federated_learning.records.trainings import TrainingStore
+from federated_learning.records.trainings import TrainingViews
 from federated_learning.records.versions import VersionIndex
 from federated_learning.services.runtime import ServiceContext
 
@@ -34,8 +34,8 @@ def _keys(ctx: Annotated[ServiceContext, Depends(_ctx)]) -> Keys:
     return ctx.keys
 
 
-def _trainings(ctx: Annotated[ServiceContext, Depends(_ctx)]) -> TrainingStore:
-    return TrainingStore(ctx.redis, ctx.keys)
+def _trainings(ctx: Annotated[ServiceContext, Depends(_ctx)]) -> TrainingViews:
+    return TrainingViews(ctx.redis, ctx.keys)
 
 
 def _agents(ctx: Annotated[ServiceContext, Depends(_ctx)]) -> AgentRegistry:
@@ -58,7 +58,7 @@ Context = Annotated[ServiceContext, Depends(_ctx)]
 Redis = Annotated[aioredis.Redis, Depends(_redis)]
 AppSettings = Annotated[Settings, Depends(_settings)]
 AppKeys = Annotated[Keys, Depends(_keys)]
-Trainings = Annotated[TrainingStore, Depends(_trainings)]
+Trainings = Annotated[TrainingViews, Depends(_trainings)]
 Agents = Annotated[AgentRegistry, Depends(_agents)]
 Versions = Annotated[VersionIndex, Depends(_versions)]
 Blobs = Annotated[BlobStore, Depends(_blobs)]

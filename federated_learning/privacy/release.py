@@ -20,12 +20,11 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
-from federated_learning.coordination.state import TrainingState
 from federated_learning.privacy.accountant import PrivacyAccountant, compute_noise_multiplier
 from federated_learning.privacy.levels import PrivacyLevel, privacy_targets
 from federated_learning.privacy.mechanisms import (
@@ -34,11 +33,32 @@ from federated_learning.privacy.mechanisms import (
     add_laplace_noise,
     secure_rng,
 )
-from federated_learning.protocol.messages import AggregateReady, PrivacyLevelName, PrivacyReport
+from federated_learning.protocol.messages import (
+    AggregateReady,
+    PrivacyLevelName,
+    PrivacyReport,
+    TrainingConfig,
+)
 from federated_learning.protocol.tensors import is_float
 from federated_learning.types import NamedLayers
 
 BUDGET_WARNING_FRACTION = 0.8
+
+
+class PrivacySettings(Protocol):
+    """What a release depends on: the coordinator's state and a training's published view have it."""
+
+    @property
+    def config(self) -> TrainingConfig: ...
+
+    @property
+    def privacy_level(self) -> str: ...
+
+    @property
+    def clip_norm(self) -> float | None: ...
+
+    @property
+    def clients_per_round(self) -> int: ...
 
 
 class ReleaseRefused(RuntimeError):
@@ -66,23 +86,23 @@ LAPLACE_EPSILON_MARGIN = 1e-9
 sum to at most the target in floating point."""
 
 
-def clip_norm_type(state: TrainingState) -> NormType:
+def clip_norm_type(state: PrivacySettings) -> NormType:
     """The norm updates are clipped in: L1 for the Laplace mechanism, L2 otherwise."""
     return "l1" if state.config.noise_mechanism == "laplace" else "l2"
 
 
-def laplace_release_epsilon(state: TrainingState) -> float:
+def laplace_release_epsilon(state: PrivacySettings) -> float:
     """Epsilon of each Laplace release: the level's epsilon shared by ``rounds`` releases."""
     target = privacy_targets(PrivacyLevel(state.privacy_level))
     return target.epsilon / state.config.rounds * (1.0 - LAPLACE_EPSILON_MARGIN)
 
 
-def _local_dp(state: TrainingState) -> bool:
+def _local_dp(state: PrivacySettings) -> bool:
     target = privacy_targets(PrivacyLevel(state.privacy_level))
     return state.config.privacy_mode == "local" and target.enabled and state.clip_norm is not None
 
 
-def local_noise_std(state: TrainingState) -> float | None:
+def local_noise_std(state: PrivacySettings) -> float | None:
     """Std of the gaussian noise each agent adds under local DP: z * C, with z calibrated for
     ``rounds`` participations at the level's target; None for central DP, level none or Laplace."""
     if not _local_dp(state) or state.config.noise_mechanism != "gaussian":
@@ -92,7 +112,7 @@ def local_noise_std(state: TrainingState) -> float | None:
     return compute_noise_multiplier(target.epsilon, target.delta, 1.0, state.config.rounds) * state.clip_norm
 
 
-def local_laplace_scale(state: TrainingState) -> float | None:
+def local_laplace_scale(state: PrivacySettings) -> float | None:
     """Scale of the Laplace noise each agent adds under local DP with the Laplace mechanism:
     C (its L1 sensitivity) / (epsilon / rounds); None otherwise."""
     if not _local_dp(state) or state.config.noise_mechanism != "laplace":
@@ -105,7 +125,7 @@ DEFAULT_ADAPTIVE_INITIAL_CLIP_NORM = 1.0
 """Starting clip norm of adaptive clipping when neither the training nor its level names one."""
 
 
-def central_noise_multiplier(state: TrainingState) -> float | None:
+def central_noise_multiplier(state: PrivacySettings) -> float | None:
     """The noise multiplier z central DP calibrates for the training; None without central DP."""
     target = privacy_targets(PrivacyLevel(state.privacy_level))
     if not target.enabled or state.config.privacy_mode != "central":
@@ -113,7 +133,7 @@ def central_noise_multiplier(state: TrainingState) -> float | None:
     return compute_noise_multiplier(target.epsilon, target.delta, 1.0, state.config.rounds)
 
 
-def adaptive_count_noise_std(state: TrainingState) -> float | None:
+def adaptive_count_noise_std(state: PrivacySettings) -> float | None:
     """Std of the noise on adaptive clipping's count of unclipped updates; None when the clip is fixed.
 
     The training's value, else clients_per_round / 20 (Andrew et al.'s choice), raised to the
@@ -139,7 +159,7 @@ def update_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> 
     return float((noise_multiplier**-2 - (2 * count_noise_std) ** -2) ** -0.5)
 
 
-def plan_release(state: TrainingState, layers: NamedLayers, ready: AggregateReady,
+def plan_release(state: PrivacySettings, layers: NamedLayers, ready: AggregateReady,
                  budget_json: str | None, rng: np.random.Generator | None = None) -> ReleasePlan:
     """Decide the release of ``layers`` (the aggregate of ``ready``) for ``state``'s training."""
     level = state.privacy_level
@@ -203,7 +223,7 @@ def plan_release(state: TrainingState, layers: NamedLayers, ready: AggregateRead
     )
 
 
-def _laplace_release(state: TrainingState, layers: NamedLayers, ready: AggregateReady,
+def _laplace_release(state: PrivacySettings, layers: NamedLayers, ready: AggregateReady,
                      accountant: PrivacyAccountant, spent: float, clip: float, alerts: list[str],
                      rng: np.random.Generator | None) -> ReleasePlan:
     """The Laplace mechanism's release (already charged): local DP reports the agents' noise;

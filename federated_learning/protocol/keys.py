@@ -131,6 +131,10 @@ class Keys:
         """JSON of the training's state (config, status, round, version)."""
         return self._k("training", f"{{t:{training_id}}}")
 
+    def training_view(self, training_id: TrainingId) -> str:
+        """JSON of the training's published view (``protocol/trainings.py``), written with its state."""
+        return self._k("training_view", f"{{t:{training_id}}}")
+
     def round_updates(self, training_id: TrainingId, round_number: RoundNumber) -> str:
         """Hash agent id -> accepted UpdateSubmitted JSON for one round."""
         return self._k("updates", f"{{t:{training_id}}}", str(round_number))

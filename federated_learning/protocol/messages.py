@@ -101,6 +101,12 @@ class TrainingStatus(StrEnum):
         return self in (TrainingStatus.COMPLETED, TrainingStatus.FAILED, TrainingStatus.STOPPED)
 
 
+class RoundPhase(StrEnum):
+    IDLE = "idle"
+    COLLECTING = "collecting"
+    AGGREGATING = "aggregating"
+
+
 class PresetModel(BaseModel):
     """A built-in model (softmax regression or a small MLP) that the agents' built-in trainers
     build, initialise from ``seed`` and train."""

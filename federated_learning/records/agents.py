@@ -14,8 +14,8 @@ from redis.asyncio.client import Pipeline
 from federated_learning.access import DEFAULT_ORG, DEFAULT_PROJECT
 from federated_learning.bus.replies import text
 from federated_learning.coordination.selection import eligible_agents
-from federated_learning.coordination.state import AgentRecord
 from federated_learning.monitoring.reliability import AgentStats
+from federated_learning.protocol.agents import AgentRecord
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import AgentJoined, AgentLeft, Heartbeat
 from federated_learning.records.join_tokens import JoinTokens

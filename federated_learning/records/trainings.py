@@ -1,5 +1,8 @@
-"""Training states in Redis: one JSON per training, an index (and one per organisation), an active set
-and a queue."""
+"""Trainings in Redis: the coordinator's state and its published view (one JSON each per training),
+an index (and one per organisation), an active set and a queue.
+
+:class:`TrainingStore` is the coordinator's (its only writer); every other process reads
+:class:`TrainingViews`."""
 
 from __future__ import annotations
 
@@ -12,9 +15,47 @@ from federated_learning.bus.replies import text
 from federated_learning.coordination.state import TrainingState
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import RoundMetrics
+from federated_learning.protocol.trainings import TrainingView
 
 
-class TrainingStore:
+class TrainingViews:
+    """The published views of trainings (``protocol/trainings.py``), their index and their metrics."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+
+    async def get(self, training_id: str) -> TrainingView | None:
+        raw = await self._redis.get(self._keys.training_view(training_id))
+        return None if raw is None else TrainingView.model_validate_json(raw)
+
+    async def get_many(self, training_ids: list[str]) -> list[TrainingView]:
+        """The views of the trainings that exist, in one round trip (a pipeline, not MGET: each
+        training's key has its own hash tag, so a Redis Cluster keeps them on different slots)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for training_id in training_ids:
+                pipe.get(self._keys.training_view(training_id))
+            replies = await pipe.execute()
+        return [TrainingView.model_validate_json(raw) for raw in replies if raw is not None]
+
+    async def list_ids(self, limit: int = 100, org_id: str | None = None) -> list[str]:
+        """The newest trainings' ids, newest first: every organisation's, or only ``org_id``'s."""
+        index = self._keys.trainings if org_id is None else self._keys.org_trainings(org_id)
+        members = cast("list[bytes]", await self._redis.zrevrange(index, 0, limit - 1))
+        return [m.decode() for m in members]
+
+    async def metrics(self, training_id: str) -> list[RoundMetrics]:
+        raw = await self._redis.lrange(self._keys.training_metrics(training_id), 0, -1)
+        return [RoundMetrics.model_validate_json(item) for item in raw]
+
+    async def active_ids(self) -> list[str]:
+        """Trainings holding a slot (queued ones do not)."""
+        return sorted(text(m) for m in await self._redis.smembers(self._keys.active_trainings))
+
+
+class TrainingStore(TrainingViews):
+    """The coordinator's states: written with their published view, in one transaction."""
+
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self._redis = redis
         self._keys = keys
@@ -23,18 +64,10 @@ class TrainingStore:
         raw = await self._redis.get(self._keys.training(training_id))
         return None if raw is None else TrainingState.model_validate_json(raw)
 
-    async def load_many(self, training_ids: list[str]) -> list[TrainingState]:
-        """The states of the trainings that exist, in one round trip (a pipeline, not MGET: each
-        training's key has its own hash tag, so a Redis Cluster keeps them on different slots)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for training_id in training_ids:
-                pipe.get(self._keys.training(training_id))
-            replies = await pipe.execute()
-        return [TrainingState.model_validate_json(raw) for raw in replies if raw is not None]
-
     async def create(self, state: TrainingState, *, queued: bool) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._keys.training(state.training_id), state.model_dump_json())
+            pipe.set(self._keys.training_view(state.training_id), state.view().model_dump_json())
             pipe.zadd(self._keys.trainings, {state.training_id: state.created_at})
             pipe.zadd(self._keys.org_trainings(state.org_id), {state.training_id: state.created_at})
             if queued:
@@ -45,6 +78,7 @@ class TrainingStore:
         """Add the state write (and active-set change) to ``pipe``."""
         state.touch()
         pipe.set(self._keys.training(state.training_id), state.model_dump_json())
+        pipe.set(self._keys.training_view(state.training_id), state.view().model_dump_json())
         if active is True:
             pipe.sadd(self._keys.active_trainings, state.training_id)
         elif active is False:
@@ -55,8 +89,6 @@ class TrainingStore:
             self.stage_save(pipe, state, active=active)
             await pipe.execute()
 
-    async def active_ids(self) -> list[str]:
-        return sorted(text(m) for m in await self._redis.smembers(self._keys.active_trainings))
 
     async def active_count(self) -> int:
         return int(await self._redis.scard(self._keys.active_trainings))
@@ -68,12 +100,16 @@ class TrainingStore:
     async def remove_queued(self, training_id: str) -> None:
         await self._redis.lrem(self._keys.training_queue, 0, training_id)
 
-    async def list_ids(self, limit: int = 100, org_id: str | None = None) -> list[str]:
-        """The newest trainings' ids, newest first: every organisation's, or only ``org_id``'s."""
-        index = self._keys.trainings if org_id is None else self._keys.org_trainings(org_id)
-        members = cast("list[bytes]", await self._redis.zrevrange(index, 0, limit - 1))
-        return [m.decode() for m in members]
-
-    async def metrics(self, training_id: str) -> list[RoundMetrics]:
-        raw = await self._redis.lrange(self._keys.training_metrics(training_id), 0, -1)
-        return [RoundMetrics.model_validate_json(item) for item in raw]
+    async def publish_missing_views(self) -> int:
+        """Write the view of every training stored without one (a deployment from before views
+        existed); returns how many."""
+        ids = cast("list[bytes]", await self._redis.zrange(self._keys.trainings, 0, -1))
+        published = 0
+        for training_id in (m.decode() for m in ids):
+            if await self._redis.exists(self._keys.training_view(training_id)):
+                continue
+            state = await self.load(training_id)
+            if state is not None:
+                await self._redis.set(self._keys.training_view(training_id), state.view().model_dump_json())
+                published += 1
+        return published

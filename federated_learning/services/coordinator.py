@@ -101,6 +101,7 @@ class Coordinator(RoundProtocol):
 
     async def run(self, *, burst: bool = False) -> None:
         await self.registry.index_volunteers()
+        await self.store.publish_missing_views()
         await self.consumer.run(self.ctx.stop, burst=burst, on_idle=self._forgetting_on_failure(self.tick))
 
     def _forgetting_on_failure(self, handler: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:

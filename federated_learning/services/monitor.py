@@ -74,7 +74,7 @@ from federated_learning.protocol.messages import (
     Severity,
     decode,
 )
-from federated_learning.records.trainings import TrainingStore
+from federated_learning.records.trainings import TrainingViews
 from federated_learning.services.runtime import (
     HEALTH_TTL_S,
     PER_TRAINING,
@@ -114,7 +114,7 @@ class Monitor:
         self.startup_grace_s = startup_grace_s
         self._last_trim = time.time()
         self._last_check = 0.0
-        self.trainings = TrainingStore(ctx.redis, ctx.keys)
+        self.trainings = TrainingViews(ctx.redis, ctx.keys)
         self.consumer = StreamConsumer(
             ctx.redis, GROUP_MONITOR, f"monitor-{ctx.instance}",
             {ctx.keys.event_stream: self.on_event},
@@ -257,7 +257,7 @@ class Monitor:
         """Stalled rounds and accuracy drops of the active trainings."""
         observations, conditions = [], []
         for training_id in await self.trainings.active_ids():
-            state = await self.trainings.load(training_id)
+            state = await self.trainings.get(training_id)
             if state is not None:
                 observations.append(RoundObservation(
                     training_id=state.training_id, round=state.round, phase=state.phase.value,

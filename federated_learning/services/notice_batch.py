@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from redis.asyncio.client import Pipeline
 
 from federated_learning.bus.blobs import BlobHead
-from federated_learning.coordination.state import AgentRecord
+from federated_learning.protocol.agents import AgentRecord
 from federated_learning.protocol.messages import UpdateSubmitted
 
 RoundKey = tuple[str, int]

@@ -41,7 +41,7 @@ from federated_learning.protocol.tensors import (
     encode_layers,
     validate_layers,
 )
-from federated_learning.records.trainings import TrainingStore
+from federated_learning.records.trainings import TrainingViews
 from federated_learning.services.runtime import (
     ServiceContext,
     open_context,
@@ -60,7 +60,7 @@ EPSILON = per_training(Gauge("fl_privacy_epsilon_spent", "Epsilon spent", ["trai
 class PrivacyManager:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self.trainings = TrainingStore(ctx.redis, ctx.keys)
+        self.trainings = TrainingViews(ctx.redis, ctx.keys)
         self.consumer = StreamConsumer(
             ctx.redis, GROUP_PRIVACY, f"privacy-{ctx.instance}",
             {ctx.keys.aggregate_stream: self.on_aggregate},
@@ -83,7 +83,7 @@ class PrivacyManager:
             await self.ctx.redis.xadd(keys.release_stream, {b"m": recorded})
             await self.discard_unnoised(ready, ModelReleased.model_validate_json(recorded).model_digest)
             return
-        state = await self.trainings.load(ready.training_id)
+        state = await self.trainings.get(ready.training_id)
         if state is None or state.status.is_final:
             await self.ctx.reject("aggregates", "unknown_training", ready.training_id,
                                   training_id=ready.training_id, round=ready.round)

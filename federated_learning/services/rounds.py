@@ -67,8 +67,9 @@ from federated_learning.coordination.rollbacks import version_scores
 from federated_learning.coordination.secure import SecurePhase
 from federated_learning.coordination.secure_exchange import masked_upload_problem
 from federated_learning.coordination.selection import policy_weights, under_hourly_cap
-from federated_learning.coordination.state import AgentRecord, RoundPhase, TrainingState
+from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.presets import trainer_for
+from federated_learning.protocol.agents import AgentRecord
 from federated_learning.protocol.banks import decode_bank_upload
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import (

@@ -44,7 +44,7 @@ from federated_learning.protocol.keys import (
     Keys,
 )
 from federated_learning.protocol.messages import Severity, encode
-from federated_learning.records.trainings import TrainingStore
+from federated_learning.records.trainings import TrainingViews
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +128,12 @@ def forget_training(training_id: str, gauges: Iterable[Gauge]) -> None:
             gauge.remove(training_id)
 
 
-async def prune_finished_trainings(trainings: TrainingStore, gauges: Sequence[Gauge]) -> set[str]:
+async def prune_finished_trainings(trainings: TrainingViews, gauges: Sequence[Gauge]) -> set[str]:
     """Drop from ``gauges`` the series of trainings that reached a final status (or are gone);
     return their ids. One read per training with a series: there are few."""
     finished = set()
     for training_id in sorted(labelled_trainings(gauges)):
-        state = await trainings.load(training_id)
+        state = await trainings.get(training_id)
         if state is None or state.status.is_final:
             forget_training(training_id, gauges)
             finished.add(training_id)
@@ -261,7 +261,7 @@ class ServiceContext:
     async def health_loop(self, extra: Callable[[], dict[str, object]] | None = None) -> None:
         """Refresh the health key, and drop finished trainings' gauge series, until stopped;
         survive bus outages."""
-        trainings = TrainingStore(self.redis, self.keys)
+        trainings = TrainingViews(self.redis, self.keys)
         while not self.stop.is_set():
             try:
                 await self.refresh_health(**(extra() if extra else {}))

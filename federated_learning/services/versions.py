@@ -26,7 +26,7 @@ from federated_learning.model_versions import ModelVersionManager
 from federated_learning.protocol.keys import GROUP_VERSIONS
 from federated_learning.protocol.messages import MalformedMessage, ModelReleased, decode
 from federated_learning.protocol.tensors import InvalidTensor
-from federated_learning.records.trainings import TrainingStore
+from federated_learning.records.trainings import TrainingViews
 from federated_learning.records.versions import VersionIndex
 from federated_learning.services.runtime import (
     ServiceContext,
@@ -47,7 +47,7 @@ class VersionManager:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.index = VersionIndex(ctx.redis, ctx.keys)
-        self.trainings = TrainingStore(ctx.redis, ctx.keys)
+        self.trainings = TrainingViews(ctx.redis, ctx.keys)
         self.api = ModelVersionManager(ctx)
         self.checkpoints = self.api.checkpoints
         self.consumer = StreamConsumer(
@@ -84,7 +84,7 @@ class VersionManager:
         keep_last = self.ctx.settings.checkpoint_keep_last
         if keep_last == 0:
             return
-        state = await self.trainings.load(training_id)
+        state = await self.trainings.get(training_id)
         if state is not None:
             protected |= {v for v in (state.current_version, state.pending_rollback) if v is not None}
             if state.is_buffered and state.current_version is not None:

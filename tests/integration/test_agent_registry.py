@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from agents.client import REJOIN_INTERVAL_S, FederatedClient
-from federated_learning.coordination.state import AgentRecord
+from federated_learning.protocol.agents import AgentRecord
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import AgentJoined, Heartbeat
 from federated_learning.records.agents import OPEN_REGISTRATION, AgentRegistry, join_credential

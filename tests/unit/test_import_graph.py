@@ -153,3 +153,20 @@ def test_every_allowed_cycle_edge_still_exists() -> None:
     graph = import_graph()
     gone = sorted(f"{a} -> {b}" for a, b in ALLOWED_CYCLE_EDGES if b not in graph.get(a, set()))
     assert not gone, "remove from ALLOWED_CYCLE_EDGES, these imports are gone:\n" + "\n".join(gone)
+
+
+# The coordinator's state is its own (decision 0011); every other process reads the published view
+# (``protocol/trainings.py``). These modules are the coordinator and what it alone uses.
+COORDINATOR_MODULES = ("federated_learning.coordination", "federated_learning.services.coordinator",
+                       "federated_learning.services.rounds", "federated_learning.services.notice_batch",
+                       "federated_learning.services.initial_models", "federated_learning.records.trainings",
+                       "federated_learning.records.secure_exchange")
+
+
+def test_only_the_coordinator_imports_its_state() -> None:
+    graph = import_graph()
+    offenders = sorted(f"{module} imports federated_learning.coordination.state"
+                       for module, targets in graph.items()
+                       if "federated_learning.coordination.state" in targets
+                       and not module.startswith(COORDINATOR_MODULES) and module.startswith("federated_learning"))
+    assert not offenders, "read the published TrainingView instead:\n" + "\n".join(offenders)

@@ -30,7 +30,6 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from federated_learning.access import DEFAULT_ORG, DEFAULT_PROJECT, Principal
-from federated_learning.coordination.state import TrainingState
 from federated_learning.dashboard.auth import ApiKey, forbid
 from federated_learning.dashboard.deps import Context, Trainings
 from federated_learning.privacy.signing import AgentKeyPair
@@ -53,6 +52,7 @@ from federated_learning.protocol.tensors import (
     encode_layers,
     validate_layers,
 )
+from federated_learning.protocol.trainings import TrainingView
 from federated_learning.records.join_tokens import JoinTokens
 from federated_learning.records.model_refusals import ModelRefusal, ModelRefusals
 from federated_learning.records.models import check_user_model
@@ -162,12 +162,12 @@ def gateway_identity(ctx: Any) -> AgentKeyPair:
     return identity
 
 
-async def _training(ctx: Context, trainings: Trainings, principal: Principal, training_id: str | None) -> TrainingState:
+async def _training(ctx: Context, trainings: Trainings, principal: Principal, training_id: str | None) -> TrainingView:
     """The named training (403 when it is another organisation's), or the key's organisation's newest
     running one; 409 when it is not running."""
     ids = [training_id] if training_id else await trainings.list_ids(org_id=principal.org_id)
     for candidate in ids:
-        state = await trainings.load(candidate)
+        state = await trainings.get(candidate)
         if state is not None and not principal.may_access(state.org_id):
             await forbid(ctx, principal, f"training '{candidate}' belongs to another organisation")
         awaits_first_model = state is not None and state.status is TrainingStatus.INITIALIZING \
@@ -202,7 +202,7 @@ def _numbers(name: str, value: list[Any] | float) -> NDArray[Any]:
     return array
 
 
-def _layers_from_json(weights: dict[str, list[Any] | float], state: TrainingState) -> NamedLayers:
+def _layers_from_json(weights: dict[str, list[Any] | float], state: TrainingView) -> NamedLayers:
     if not state.layer_spec:  # the first model of a from_first_agent training: float32 layers
         try:
             return {name: _numbers(name, value).astype(np.float32) for name, value in weights.items()}
@@ -223,7 +223,7 @@ def _layers_from_json(weights: dict[str, list[Any] | float], state: TrainingStat
     return layers
 
 
-async def _submit(ctx: Context, state: TrainingState, client_id: str, layers: NamedLayers,
+async def _submit(ctx: Context, state: TrainingView, client_id: str, layers: NamedLayers,
                   base_version: int | None, metrics: SyncMetrics) -> str:
     """Register the client (first time), upload its model and a signed notice; return its agent id.
     In a training still waiting for its first model, the notice offers the client's model as version 0."""
@@ -255,7 +255,7 @@ async def _submit(ctx: Context, state: TrainingState, client_id: str, layers: Na
     return agent_id
 
 
-def volunteer_id(state: TrainingState, client_id: str) -> str:
+def volunteer_id(state: TrainingView, client_id: str) -> str:
     """``http-<client>`` in the default project, ``http-<org>.<project>.<client>`` in others, so
     one client id in two projects is two agents, each bound to its project. Client ids hold no
     dot and organisation and project ids none either, so no client id of one project can name
@@ -264,7 +264,7 @@ def volunteer_id(state: TrainingState, client_id: str) -> str:
     return f"{HTTP_AGENT_PREFIX}{scope}{client_id}"
 
 
-async def _project_token(ctx: Context, state: TrainingState, agent_id: str) -> str | None:
+async def _project_token(ctx: Context, state: TrainingView, agent_id: str) -> str | None:
     """A one-off join token of the training's project for a volunteer's first join (None once it is registered)."""
     if await ctx.redis.hexists(ctx.keys.agents, agent_id):
         return None
@@ -274,7 +274,7 @@ async def _project_token(ctx: Context, state: TrainingState, agent_id: str) -> s
     return token
 
 
-async def _current_model(ctx: Context, state: TrainingState) -> tuple[bytes, NamedLayers]:
+async def _current_model(ctx: Context, state: TrainingView) -> tuple[bytes, NamedLayers]:
     assert state.current_digest is not None
     data = await ctx.blobs.get(state.current_digest)
     return data, decode_layers(data, max_bytes=ctx.settings.max_blob_bytes)
@@ -349,7 +349,7 @@ async def sync_model(request: Request, ctx: Context, trainings: Trainings, princ
     return Response(content=_json_model(state, model, agent_id), media_type="application/json", headers=headers)
 
 
-def _stale_base(state: TrainingState, base_version: int | None) -> str | None:
+def _stale_base(state: TrainingView, base_version: int | None) -> str | None:
     """Why the coordinator would drop an update trained from ``base_version``, or None: it takes
     updates from the current version or, within ``max_staleness``, a recent one."""
     if base_version is None or state.current_version is None:
@@ -362,7 +362,7 @@ def _stale_base(state: TrainingState, base_version: int | None) -> str | None:
             "taken; sync without base_version (or with the version you received) to get the current model")
 
 
-def _json_model(state: TrainingState, model: NamedLayers, agent_id: str) -> str:
+def _json_model(state: TrainingView, model: NamedLayers, agent_id: str) -> str:
     return json.dumps({"training_id": state.training_id, "version": state.current_version,
                        "model_sha256": state.current_digest, "agent_id": agent_id, "update": "submitted",
                        "weights": {name: layer.tolist() for name, layer in model.items()}})

@@ -14,7 +14,6 @@ from fastapi import APIRouter, Depends, HTTPException, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from federated_learning.access import DEFAULT_ORG, DEFAULT_PROJECT, Principal, training_id_for
-from federated_learning.coordination.state import TrainingState
 from federated_learning.dashboard.auth import (
     ApiKey,
     Viewer,
@@ -43,6 +42,7 @@ from federated_learning.protocol.messages import (
     encode,
 )
 from federated_learning.protocol.tensors import decode_layers, is_float
+from federated_learning.protocol.trainings import TrainingView
 from federated_learning.records.model_refusals import ModelRefusals
 
 router = APIRouter(prefix="/api", tags=["trainings"], dependencies=[Depends(confine_to_training_org)])
@@ -67,17 +67,17 @@ class StopRequest(BaseModel):
     reason: str = Field(default="stopped by operator", max_length=500)
 
 
-def _public(state: TrainingState) -> dict[str, Any]:
+def _public(state: TrainingView) -> dict[str, Any]:
     return state.model_dump(mode="json", exclude={"layer_spec"})
 
 
-def _layout(state: TrainingState) -> list[dict[str, Any]]:
+def _layout(state: TrainingView) -> list[dict[str, Any]]:
     """The training's model layout, once fixed: [{name, shape, dtype}]."""
     return [{"name": name, "shape": list(shape), "dtype": dtype} for name, (shape, dtype) in state.layer_spec.items()]
 
 
-async def _state(trainings: Trainings, training_id: str) -> TrainingState:
-    state = await trainings.load(training_id)
+async def _state(trainings: Trainings, training_id: str) -> TrainingView:
+    state = await trainings.get(training_id)
     if state is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no training '{training_id}'")
     return state
@@ -107,7 +107,7 @@ async def start_training(body: StartRequest, ctx: Context, trainings: Trainings,
     (a bare name in the default organisation)."""
     org_id, project_id = await _owner(ctx, orgs, principal, body)
     training_id = await _new_training_id(ctx, org_id, body.training_id)
-    if body.training_id and await trainings.load(training_id) is not None:
+    if body.training_id and await trainings.get(training_id) is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"training '{training_id}' exists")
     config = TrainingConfig.model_validate(body.model_dump(exclude={"training_id", "project_id", "org_id"}))
     if isinstance(config.model, UploadedModel):
@@ -124,7 +124,7 @@ async def start_training(body: StartRequest, ctx: Context, trainings: Trainings,
 @router.get("/trainings")
 async def list_trainings(trainings: Trainings, principal: Viewer) -> list[dict[str, Any]]:
     """The newest trainings the key may see (its organisation's; every one for the bootstrap key)."""
-    return [_public(s) for s in await trainings.load_many(await trainings.list_ids(org_id=principal.org_id))]
+    return [_public(s) for s in await trainings.get_many(await trainings.list_ids(org_id=principal.org_id))]
 
 
 @router.get("/training/{training_id}/status")
