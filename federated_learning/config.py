@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     round_deadline_s: float = Field(default=120.0, gt=0, le=86400)
     claim_idle_ms: int = Field(default=15_000, ge=100)
     max_blob_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    coordinator_lease_s: float = Field(
+        default=10.0, gt=1, le=600,
+        description="one coordinator works at a time; a standby takes over this long after it stopped renewing")
     aggregator_cache_bytes: int = Field(
         default=1024 * 1024 * 1024, ge=0, le=1 << 40,
         description="accepted updates an aggregator keeps in memory, checked, for their round's job "

@@ -12,6 +12,8 @@ Semantics (at least once):
   entry deleted, later ones moved to server ids) and the repair reported; every few seconds the
   consumer also checks its streams' last ids, so a stream is repaired even behind a backlog;
 - a bus error (lost connection, a refused command) never ends the loop: it backs off and goes on;
+- a handler that raises :class:`StopConsuming` leaves its entry pending, uncounted, and ends the
+  loop (its process lost the right to handle entries, e.g. a lease);
 - a stream may have a batch handler: the new entries of one read are handed over together and
   acked in one command once it returns; when it raises, each entry is handled again on its own
   (so one bad entry is retried, counted and dead-lettered alone, as without batching).
@@ -70,6 +72,11 @@ async def ensure_group(redis: aioredis.Redis, stream: str, group: str, *, start_
                 f"key '{stream}' exists and is not a stream; refusing to delete it"
             ) from exc
         raise
+
+
+class StopConsuming(Exception):
+    """Raised by a handler that must not handle entries any more: the entry stays pending for
+    whoever takes over, is not counted as a failure, and :meth:`StreamConsumer.run` returns."""
 
 
 @dataclass
@@ -181,7 +188,7 @@ class StreamConsumer:
             return
         try:
             await self._handlers[stream](entry_id, fields)
-        except (RedisConnectionError, RedisTimeoutError):
+        except (RedisConnectionError, RedisTimeoutError, StopConsuming):
             raise
         except Exception:
             self._failures[key] = self._failures.get(key, 0) + 1
@@ -229,7 +236,7 @@ class StreamConsumer:
         if batch:
             try:
                 await self._batch_handlers[stream](batch)
-            except (RedisConnectionError, RedisTimeoutError):
+            except (RedisConnectionError, RedisTimeoutError, StopConsuming):
                 raise
             except Exception:
                 log.exception("batch handler for %d %s entries failed; handling them one by one", len(batch), stream)
@@ -303,6 +310,9 @@ class StreamConsumer:
                 if on_idle is not None:
                     await on_idle()
                 backoff = 0.1
+            except StopConsuming as exc:
+                log.warning("%s/%s stops consuming: %s", self.group, self.consumer, exc)
+                return
             except (RedisError, OSError) as exc:
                 self.stats.bus_errors += 1
                 lost = isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError))

@@ -131,6 +131,11 @@ class Keys:
         """JSON of the training's state (config, status, round, version)."""
         return self._k("training", f"{{t:{training_id}}}")
 
+    @property
+    def coordinator_lease(self) -> str:
+        """Who runs the coordinator's work now (``bus/lease.py``); standbys wait for it."""
+        return self._k("lease", "coordinator")
+
     def training_view(self, training_id: TrainingId) -> str:
         """JSON of the training's published view (``protocol/trainings.py``), written with its state."""
         return self._k("training_view", f"{{t:{training_id}}}")

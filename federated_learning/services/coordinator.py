@@ -17,8 +17,10 @@ from collections.abc import Awaitable, Callable
 from typing import ParamSpec
 
 from prometheus_client import Gauge
+from redis.exceptions import RedisError
 
 from federated_learning.bus.consumer import StreamConsumer
+from federated_learning.bus.lease import Lease
 from federated_learning.config import load_settings
 from federated_learning.coordination.checks import check_agent_message, refuse_training
 from federated_learning.coordination.initial import waits_for_agent
@@ -66,6 +68,17 @@ ACTIVE = Gauge("fl_trainings_active", "Trainings holding a slot")
 ALIVE = Gauge("fl_agents_alive", "Agents with a live heartbeat")
 
 
+async def _first_of(*events: asyncio.Event, then: asyncio.Event) -> None:
+    """Set ``then`` once any of ``events`` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        then.set()
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
 class Coordinator(RoundProtocol):
     """Runs the round protocol of every training."""
 
@@ -83,6 +96,8 @@ class Coordinator(RoundProtocol):
         self.exchange = SecureExchange(ctx.redis, ctx.keys)
         self.refusals = ModelRefusals(ctx.redis, ctx.keys)
         self.states: dict[str, TrainingState] = {}
+        self.lease = Lease(ctx.redis, ctx.keys.coordinator_lease, f"coordinator-{ctx.instance}",
+                           ttl_s=ctx.settings.coordinator_lease_s)
         self.consumer = StreamConsumer(
             ctx.redis, GROUP_COORDINATOR, f"coordinator-{ctx.instance}",
             {
@@ -100,14 +115,57 @@ class Coordinator(RoundProtocol):
         )
 
     async def run(self, *, burst: bool = False) -> None:
-        await self.registry.index_volunteers()
-        await self.store.publish_missing_views()
-        await self.consumer.run(self.ctx.stop, burst=burst, on_idle=self._forgetting_on_failure(self.tick))
+        """Work while holding the coordinator lease; stand by (or stand by again) without it."""
+        while not self.ctx.stop.is_set():
+            if not await self._wait_for_lease():
+                break
+            lost = asyncio.Event()
+            keeper = asyncio.create_task(self.lease.keep(lost, self.ctx.stop))
+            working = asyncio.Event()
+            watcher = asyncio.create_task(_first_of(self.ctx.stop, lost, then=working))
+            try:
+                self.forget_states()  # another coordinator may have worked meanwhile
+                await self.registry.index_volunteers()
+                await self.store.publish_missing_views()
+                await self.consumer.run(working, burst=burst, on_idle=self._forgetting_on_failure(self.tick))
+            finally:
+                keeper.cancel()
+                watcher.cancel()
+            if burst:
+                break
+            if not self.ctx.stop.is_set():
+                log.warning("coordinator %s lost its lease; standing by", self.lease.holder)
+        if self.lease.valid():
+            try:
+                await asyncio.wait_for(self.lease.release(), 1.0)
+            except Exception as exc:  # noqa: BLE001 - a lost bus: the lease expires anyway
+                log.info("releasing the lease failed: %s", exc)
+
+    async def _wait_for_lease(self) -> bool:
+        """Take the lease, waiting as a standby while another coordinator holds it; False on stop."""
+        announced = False
+        while not self.ctx.stop.is_set():
+            try:
+                if await self.lease.acquire():
+                    log.info("coordinator %s holds the lease", self.lease.holder)
+                    return True
+            except (OSError, RedisError) as exc:
+                log.warning("taking the lease failed: %s", exc)
+            if not announced:
+                log.info("coordinator %s stands by: another coordinator holds the lease", self.lease.holder)
+                announced = True
+            try:
+                await asyncio.wait_for(self.ctx.stop.wait(), timeout=self.lease.renew_every_s)
+            except TimeoutError:
+                continue
+        return False
 
     def _forgetting_on_failure(self, handler: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
-        """``handler``, dropping the states held in memory when it fails part-way (they may be
-        ahead of what was written); the entry is retried against the states in Redis."""
+        """``handler``, run only while the lease is valid, dropping the states held in memory when
+        it fails part-way (they may be ahead of what was written); the entry is retried against
+        the states in Redis."""
         async def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+            self.lease.check()
             try:
                 await handler(*args, **kwargs)
             except BaseException:

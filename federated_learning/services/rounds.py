@@ -23,6 +23,7 @@ from prometheus_client import Counter, Histogram
 from redis.asyncio.client import Pipeline
 
 from federated_learning.bus.blobs import BlobHead, BlobMissing
+from federated_learning.bus.lease import Lease
 from federated_learning.bus.replies import text
 from federated_learning.config import Settings
 from federated_learning.coordination import effects as fx
@@ -198,6 +199,7 @@ class RoundProtocol:
     states: dict[str, TrainingState]
     refusals: ModelRefusals
     activate_queued: Callable[[], Awaitable[None]]
+    lease: Lease
     batch: NoticeBatch | None = None
     """Set while the coordinator handles a read of update notices together."""
 
@@ -240,6 +242,7 @@ class RoundProtocol:
     async def carry_out(self, state: TrainingState, effects: list[fx.Effect], *, retried: bool = False) -> None:
         staged = [e for e in effects if isinstance(e, STAGED)]
         events = [e for e in effects if isinstance(e, EVENTS)]
+        self.lease.check()  # only the lease holder writes a step (a standby may have taken over)
         batch = self.batch
         if batch is not None and any(not isinstance(e, (*STAGED, *EVENTS, *BATCHED_FOLLOW_UPS)) for e in effects):
             await self.flush_batch()  # a follow-up that reads what the batch wrote

@@ -53,11 +53,13 @@ class System:
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
     async def start(self, *names: str) -> None:
+        """Start services by name; ``name:instance`` starts another instance (``name`` is instance 0)."""
         for name in names or tuple(SERVICES):
+            service, _, instance = name.partition(":")
             client = aioredis.Redis.from_url(self.url)
-            ctx = ServiceContext(redis=client, settings=self.settings, service=name, instance="0")
+            ctx = ServiceContext(redis=client, settings=self.settings, service=service, instance=instance or "0")
             self.contexts[name] = ctx
-            self.tasks[name] = asyncio.create_task(SERVICES[name](ctx).run())
+            self.tasks[name] = asyncio.create_task(SERVICES[service](ctx).run())
 
     async def stop(self, *names: str) -> None:
         for name in names or tuple(self.tasks):

@@ -114,6 +114,7 @@ async def test_a_redelivered_operator_rollback_is_applied_once(redis: aioredis.R
     from federated_learning.services.runtime import ServiceContext
 
     coordinator = Coordinator(ServiceContext(redis=redis, settings=settings, service="coordinator", instance="0"))
+    assert await coordinator.lease.acquire()
     for version in (0, 1):
         record = VersionRecord(training_id="again", version=version, round=version, parent_version=None,
                                model_digest=f"{version}" * 64, state_digest=None, checkpoint="", algorithm="fedavg",

@@ -1,0 +1,94 @@
+"""Several coordinators and aggregators share a deployment safely: one coordinator works at a time
+under a lease and a standby takes over when it dies; aggregators share the jobs; every round is
+committed exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from federated_learning.bus.lease import Lease, LeaseLost
+from federated_learning.config import Settings
+from federated_learning.protocol.keys import Keys
+from federated_learning.protocol.messages import VersionRecord
+from tests.integration.conftest import digits_config, start_training, wait_for_status
+
+KEYS = Keys()
+ROUNDS = 20
+
+
+async def wait_until(check, what: str, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f}s"
+        await asyncio.sleep(0.05)
+
+
+async def test_one_holder_at_a_time_and_the_same_holder_takes_its_lease_back(redis: aioredis.Redis) -> None:
+    first, second = (Lease(redis, "test:lease", holder, ttl_s=1.5) for holder in ("a", "b"))
+    assert await first.acquire() and first.valid()
+    assert not await second.acquire() and not second.valid()
+    with pytest.raises(LeaseLost):
+        second.check()
+    restarted = Lease(redis, "test:lease", "a", ttl_s=1.5)  # the same coordinator, restarted
+    assert await restarted.acquire()
+    await first.release()
+    assert await second.acquire(), "a released lease is free at once"
+    assert not await first.renew() and not first.valid()
+
+
+async def test_a_holder_that_stops_renewing_gives_up_before_another_can_take_over(redis: aioredis.Redis) -> None:
+    holder, standby = (Lease(redis, "test:lease", name, ttl_s=1.5) for name in ("a", "b"))
+    assert await holder.acquire()
+    taken_at = time.monotonic()
+
+    async def standby_took_it() -> bool:
+        return await standby.acquire()
+
+    await wait_until(standby_took_it, "the standby takes the expired lease")
+    assert not holder.valid(), "the old holder counted its lease as run out before it expired"
+    assert time.monotonic() - taken_at >= 1.5 - 0.1
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"coordinator_lease_s": 2.0})
+
+
+async def test_coordinators_hand_over_when_the_lease_is_lost_and_two_aggregators_share_the_jobs(
+        redis: aioredis.Redis, system, make_agents, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="federated_learning")
+    await system.start("coordinator", "coordinator:1", "aggregator", "aggregator:1", "privacy", "versions", "monitor")
+    await make_agents(4)
+    await start_training(redis, "shared", digits_config(rounds=ROUNDS, clients_per_round=4, min_clients=2))
+
+    async def committed(rounds: int) -> bool:
+        return await redis.hlen(KEYS.versions("shared")) > rounds
+
+    await wait_until(lambda: committed(2), "two rounds committed", 60)
+    assert await redis.get(KEYS.coordinator_lease) == b"coordinator-0"
+    # As if coordinator-0 were cut off long enough for its lease to expire and be taken: it must
+    # stop working at its next renewal, and whichever coordinator takes the lease next goes on.
+    await redis.set(KEYS.coordinator_lease, "elsewhere", px=1500)
+    stolen_at = await redis.hlen(KEYS.versions("shared")) - 1
+    assert stolen_at < ROUNDS, "the training ended before the lease was taken: nothing was handed over"
+
+    async def handed_over() -> bool:
+        return await redis.get(KEYS.coordinator_lease) in (b"coordinator-0", b"coordinator-1")
+
+    await wait_until(handed_over, "a coordinator holds the lease again", 30)
+    done = await wait_for_status(redis, "shared", {"completed", "failed"}, timeout_s=120)
+
+    assert done.status == "completed", done.reason
+    assert "coordinator coordinator-0 lost its lease; standing by" in caplog.messages
+    assert "coordinator coordinator-1 stands by: another coordinator holds the lease" in caplog.messages
+    records = [VersionRecord.model_validate_json(raw) for raw in (await redis.hgetall(KEYS.versions("shared"))).values()]
+    assert sorted(r.version for r in records) == list(range(ROUNDS + 1)), "version 0 and one version per round"
+    assert sorted(r.round for r in records if r.version > 0) == list(range(1, ROUNDS + 1)), "each round once"
+    consumers = await redis.xinfo_consumers(KEYS.job_stream, "aggregator")
+    assert {c["name"].decode() for c in consumers} == {"aggregator-0", "aggregator-1"}, "both aggregators read jobs"
+    assert all(c["pending"] == 0 for c in consumers)
