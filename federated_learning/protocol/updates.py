@@ -112,6 +112,20 @@ def decode_update(data: bytes, spec: LayerSpec, *, max_bytes: int,
     return layers
 
 
+def check_update(data: bytes, spec: LayerSpec, *, max_bytes: int) -> None:
+    """What can be checked of a whole update without the model it was trained from: a dense one
+    completely (layout, finite values); a compressed one's structure, declared shapes and finite
+    payload, without expanding it (its expansion is checked where it is applied to its base, by
+    the job). Raises :class:`InvalidTensor`."""
+    if not is_compressed(data):
+        validate_layers(decode_layers(data, max_bytes=max_bytes), spec)
+        return
+    update = _compressed_update(data, trained_spec(spec), max_bytes)
+    for name, array in update.arrays.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InvalidTensor("not_finite", f"compressed update tensor '{name}' contains NaN or Inf")
+
+
 def check_update_layout(head: bytes, size: int, spec: LayerSpec, *, max_bytes: int) -> None:
     """What can be checked of an update blob of ``size`` bytes from its first bytes ``head`` (the
     whole safetensors header): the size limit, the format, and for a dense update the layers'

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from federated_learning.bus.blobs import BlobMissing, BlobStore
 from federated_learning.protocol.messages import UpdateAccepted
 from federated_learning.protocol.tensors import InvalidTensor, LayerSpec, decode_layers, spec_of
-from federated_learning.protocol.updates import decode_update
+from federated_learning.protocol.updates import check_update
 from federated_learning.records.versions import VersionIndex
 from federated_learning.types import BlobDigest
 
@@ -90,7 +90,7 @@ class UpdateCache:
             todo.append((notice, spec))
 
         def check(index: int, data: bytes) -> bytes:
-            decode_update(data, todo[index][1], max_bytes=self._max_blob_bytes)
+            check_update(data, todo[index][1], max_bytes=self._max_blob_bytes)
             return data
 
         verdicts = await self._blobs.get_each([(n.update_digest, n.agent_id) for n, _ in todo], check,

@@ -11,7 +11,12 @@ import redis.asyncio as aioredis
 from federated_learning.bus.blobs import HEAD_PROBE_BYTES, BlobMissing, BlobStore
 from federated_learning.bus.consumer import StreamConsumer, ensure_group
 from federated_learning.protocol.keys import Keys
-from federated_learning.protocol.tensors import InvalidTensor, digest_of, encode_layers, header_bytes_needed
+from federated_learning.protocol.tensors import (
+    InvalidTensor,
+    digest_of,
+    encode_layers,
+    header_bytes_needed,
+)
 
 STREAM = "test:stream"
 

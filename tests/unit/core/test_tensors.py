@@ -4,6 +4,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from federated_learning.privacy.compression import CompressedUpdate, CompressionMethod, quantize
 from federated_learning.protocol.tensors import (
     InvalidTensor,
     decode_layers,
@@ -14,7 +15,7 @@ from federated_learning.protocol.tensors import (
     spec_of,
     validate_layers,
 )
-from federated_learning.protocol.updates import check_update_layout
+from federated_learning.protocol.updates import check_update, check_update_layout, encode_compressed
 
 MODEL = {"dense.weight": np.ones((3, 2), np.float32), "dense.bias": np.zeros(2, np.float32)}
 
@@ -193,3 +194,20 @@ def test_reading_a_layout_needs_the_whole_header() -> None:
     blob = encode_layers(MODEL)
     with pytest.raises(ValueError, match="leading bytes"):
         read_layout(blob[:12], len(blob), max_bytes=1 << 20)
+
+
+def test_a_compressed_update_is_checked_whole_without_being_expanded() -> None:
+    spec = spec_of(MODEL)
+    rng = np.random.default_rng(0)
+    delta = [rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=2).astype(np.float32)]
+    check_update(encode_compressed(quantize(delta, 8, rng)), spec, max_bytes=1 << 20)
+    huge = CompressedUpdate(CompressionMethod.TOP_K, ((2**31, 2**31), (2,)),
+                            {"indices": np.zeros(1, np.uint32), "values": np.ones(1, np.float32)})
+    with pytest.raises(InvalidTensor) as info:
+        check_update(encode_compressed(huge), spec, max_bytes=1 << 20)
+    assert info.value.reason == "bad_shape"
+    nan = CompressedUpdate(CompressionMethod.TOP_K, ((3, 2), (2,)),
+                           {"indices": np.zeros(1, np.uint32), "values": np.full(1, np.nan, np.float32)})
+    with pytest.raises(InvalidTensor) as info:
+        check_update(encode_compressed(nan), spec, max_bytes=1 << 20)
+    assert info.value.reason == "not_finite"
