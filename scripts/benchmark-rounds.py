@@ -227,7 +227,7 @@ def deployment_environment(args: argparse.Namespace, data_dir: Path) -> dict[str
         "FL_REDIS_EMBEDDED_PORT": "0", "FL_REDIS_URL": "", "FL_DEFAULT_PRIVACY_LEVEL": "none",
         "FL_MAX_CLIENTS_PER_ROUND": str(max(args.agents, args.clients_per_round)),
         "FL_MIN_CLIENTS_PER_ROUND": "1", "FL_ROUND_DEADLINE_S": str(args.round_deadline_s),
-        "FL_MAX_FIRST_JOINS_PER_MINUTE": str(max(600, 2 * args.agents)),
+        "FL_MAX_FIRST_JOINS_PER_MINUTE": str(max(600, 2 * (args.agents + args.idle_agents))),
         "NUMBA_CACHE_DIR": str(data_dir.parent / f"{data_dir.name}-numba-cache"),
     }
 
@@ -261,6 +261,25 @@ def agent_processes(args: argparse.Namespace, deployment: LocalDeployment,
         stop_processes(processes)
         for log in logs:
             log.close()
+
+
+@contextlib.contextmanager
+def idle_agents(args: argparse.Namespace, deployment: LocalDeployment,
+                keys: Keys) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``scripts/idle_agents.py``: --idle-agents registered agents that only heartbeat (none when 0)."""
+    if not args.idle_agents:
+        yield []
+        return
+    url = admin_url_for(deployment.settings, deployment.data_dir, None, deployment.redis_url)
+    with open(deployment.data_dir / "idle-agents.log", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "idle_agents.py"), "--redis-url", url,
+             "--key-prefix", keys.prefix, "--count", str(args.idle_agents), "--heartbeat-s", str(args.heartbeat_s)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield [process]
+        finally:
+            stop_processes([process])
 
 
 def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
@@ -369,16 +388,17 @@ def local_ports(processes: list[tuple[int, str]]) -> dict[int, str]:
     return ports
 
 
-def run_processes(deployment: LocalDeployment, processes: list[subprocess.Popen[bytes]]) -> list[tuple[int, str]]:
-    """(pid, role) of the launcher, every service, valkey-server, the agent processes and this
-    script (which only watches the bus)."""
+def run_processes(deployment: LocalDeployment, processes: list[subprocess.Popen[bytes]],
+                  idle: list[subprocess.Popen[bytes]]) -> list[tuple[int, str]]:
+    """(pid, role) of the launcher, every service, valkey-server, the agent processes, the idle
+    agents' process and this script (which only watches the bus)."""
     assert deployment.process is not None
     launcher = psutil.Process(deployment.process.pid)
     children = sorted(((child.pid, process_role(child)) for child in launcher.children(recursive=True)),
                       key=lambda pair: pair[1])
     return [(launcher.pid, "launcher"), *children,
             *[(process.pid, f"agents-{p}") for p, process in enumerate(processes)],
-            (os.getpid(), WATCHER)]
+            *[(process.pid, "idle agents") for process in idle], (os.getpid(), WATCHER)]
 
 
 def process_usage(processes: list[tuple[int, str]], first: BusSnapshot | None, last: BusSnapshot | None,
@@ -507,9 +527,10 @@ def train_and_measure(args: argparse.Namespace, deployment: LocalDeployment, gro
                      timeout_s=120.0)
     try:
         model = api.upload_model(initial_model(args.params, args.layers), name="synthetic")
-        with agent_processes(args, deployment, groups) as processes:
-            wait_for_agents(admin, keys, args.agents, processes, deployment)
-            tail.processes = run_processes(deployment, processes)
+        with agent_processes(args, deployment, groups) as processes, \
+                idle_agents(args, deployment, keys) as idle:
+            wait_for_agents(admin, keys, args.agents + args.idle_agents, [*processes, *idle], deployment)
+            tail.processes = run_processes(deployment, processes, idle)
             logger.info("%d agents joined in %d process(es) after %.1fs", args.agents, len(processes),
                         time.time() - run_started)
             training_started = time.time()
@@ -710,6 +731,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--flower", action=argparse.BooleanOptionalAction, default=True,
                    help="also run Flower's gRPC server on the same work, when flwr imports")
     p.add_argument("--heartbeat-s", type=float, default=30.0, help="agents' heartbeat interval")
+    p.add_argument("--idle-agents", type=int, default=0, help="more registered agents that only heartbeat "
+                   "(a dataset no training uses; scripts/idle_agents.py): registry load beside the rounds")
     p.add_argument("--round-deadline-s", type=float, default=600.0, help="the training's round deadline")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds each system's training may take")
     p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "benchmark-rounds",

@@ -56,10 +56,6 @@ class TrainingViews:
 class TrainingStore(TrainingViews):
     """The coordinator's states: written with their published view, in one transaction."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
-        self._redis = redis
-        self._keys = keys
-
     async def load(self, training_id: str) -> TrainingState | None:
         raw = await self._redis.get(self._keys.training(training_id))
         return None if raw is None else TrainingState.model_validate_json(raw)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from typing import TypeVar
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -144,16 +146,37 @@ async def group_caught_up(redis: aioredis.Redis, stream: str, group: str, entry_
     raise AssertionError(f"group {group} did not handle {entry_id!r}")
 
 
-async def test_a_redelivered_notice_is_silent_and_a_replayed_one_is_rejected(
-        redis: aioredis.Redis, system, settings) -> None:
-    agents = ["fake-0", "fake-1", "fake-2"]
+@contextlib.asynccontextmanager
+async def one_round_of_fake_agents(redis: aioredis.Redis, system, training_id: str, agents: list[str],  # type: ignore[no-untyped-def]
+                                   **config: Any) -> AsyncIterator[None]:
+    """``agents`` joined and heartbeating, the services running, and a one-round training collecting."""
     await join_fake_agents(redis, agents)
     beats = asyncio.create_task(keep_alive(redis, agents))
     await system.start()
     try:
-        await start_training(redis, "replay", digits_config(rounds=1, clients_per_round=3, min_clients=2,
-                                                            round_deadline_s=10.0))
-        await wait_until_collecting(redis, "replay")
+        await start_training(redis, training_id, digits_config(rounds=1, **config))
+        await wait_until_collecting(redis, training_id)
+        yield
+    finally:
+        beats.cancel()
+
+
+async def assert_committed(redis: aioredis.Redis, training_id: str, contributors: list[str],
+                           rejections: dict[str, int]) -> None:
+    """The training completed, its version 1 from ``contributors``, with exactly these update rejections."""
+    state = await wait_for_status(redis, training_id, {"completed", "failed"}, timeout_s=60)
+    assert state.status == "completed", state.reason
+    record = VersionRecord.model_validate_json(await redis.hget(KEYS.versions(training_id), "1"))
+    assert record.contributors == contributors
+    counts = await rejection_counts(redis)
+    assert {k: v for k, v in counts.items() if k.startswith("updates:")} == rejections
+
+
+async def test_a_redelivered_notice_is_silent_and_a_replayed_one_is_rejected(
+        redis: aioredis.Redis, system, settings) -> None:
+    agents = ["fake-0", "fake-1", "fake-2"]
+    async with one_round_of_fake_agents(redis, system, "replay", agents, clients_per_round=3, min_clients=2,
+                                        round_deadline_s=10.0):
         blobs = BlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
         first = await submit(redis, "fake-0", await blobs.put(encode_layers(model(bias=np.ones(10, np.float32))), owner="fake-0"),
                              training_id="replay")
@@ -172,15 +195,7 @@ async def test_a_redelivered_notice_is_silent_and_a_replayed_one_is_rejected(
         for agent, bias in (("fake-1", 2.0), ("fake-2", 3.0)):
             await submit(redis, agent, await blobs.put(encode_layers(model(bias=np.full(10, bias, np.float32))), owner=agent),
                          training_id="replay")
-        state = await wait_for_status(redis, "replay", {"completed", "failed"}, timeout_s=30)
-    finally:
-        beats.cancel()
-
-    assert state.status == "completed", state.reason
-    record = VersionRecord.model_validate_json(await redis.hget(KEYS.versions("replay"), "1"))
-    assert record.contributors == agents
-    counts = await rejection_counts(redis)
-    assert {k: v for k, v in counts.items() if k.startswith("updates:")} == {"updates:duplicate": 1}
+        await assert_committed(redis, "replay", agents, {"updates:duplicate": 1})
 
 
 async def test_malformed_entries_on_every_service_stream_are_rejected(redis: aioredis.Redis, system) -> None:
@@ -367,14 +382,9 @@ async def test_an_update_refused_for_its_values_is_withdrawn_and_the_agent_may_s
     """The coordinator checks an upload's header; the aggregator reads it whole as it is accepted,
     and the coordinator withdraws a refused one while the round collects."""
     agents = ["fake-0", "fake-1"]
-    await join_fake_agents(redis, agents)
-    beats = asyncio.create_task(keep_alive(redis, agents))
-    await system.start()
-    try:
-        # The fake agents do not answer the final evaluation round: its deadline ends it.
-        await start_training(redis, "values", digits_config(rounds=1, clients_per_round=2, min_clients=2,
-                                                            round_deadline_s=8.0))
-        await wait_until_collecting(redis, "values")
+    # The fake agents do not answer the final evaluation round: its deadline ends it.
+    async with one_round_of_fake_agents(redis, system, "values", agents, clients_per_round=2, min_clients=2,
+                                        round_deadline_s=8.0):
         blobs = BlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
         nan = np.zeros((64, 10), np.float32)
         nan[0, 0] = np.inf
@@ -388,11 +398,4 @@ async def test_an_update_refused_for_its_values_is_withdrawn_and_the_agent_may_s
         for agent, bias in (("fake-0", 1.0), ("fake-1", 3.0)):
             await submit(redis, agent, await blobs.put(encode_layers(model(bias=np.full(10, bias, np.float32))),
                                                        owner=agent), training_id="values")
-        state = await wait_for_status(redis, "values", {"completed", "failed"}, timeout_s=60)
-    finally:
-        beats.cancel()
-    assert state.status == "completed", state.reason
-    record = VersionRecord.model_validate_json(await redis.hget(KEYS.versions("values"), "1"))
-    assert record.contributors == agents
-    counts = await rejection_counts(redis)
-    assert {k: v for k, v in counts.items() if k.startswith("updates:")} == {"updates:not_finite": 1}
+        await assert_committed(redis, "values", agents, {"updates:not_finite": 1})
