@@ -226,6 +226,18 @@ class AgentRegistry:
             counts = await pipe.execute()
         return {agent: int(count) for agent, count in zip(agents, counts, strict=True)}
 
+    async def count_alive(self) -> int:
+        """How many agents were heard from within the heartbeat timeout (without reading them)."""
+        return int(await self._redis.zcount(self._keys.agents_last_seen, time.time() - self.heartbeat_timeout_s, "+inf"))
+
+    async def alive_among(self, agent_ids: list[str]) -> list[str]:
+        """Those of ``agent_ids`` heard from within the heartbeat timeout: one read, whatever the registry's size."""
+        if not agent_ids:
+            return []
+        since = time.time() - self.heartbeat_timeout_s
+        seen = await self._redis.zmscore(self._keys.agents_last_seen, agent_ids)
+        return [agent for agent, at in zip(agent_ids, seen, strict=True) if at is not None and at >= since]
+
     async def alive(self) -> list[str]:
         """Agents heard from within the heartbeat timeout, sorted."""
         since = time.time() - self.heartbeat_timeout_s

@@ -350,8 +350,7 @@ class Coordinator(RoundProtocol):
         if now - self._last_tick < TICK_S:
             return
         self._last_tick = now
-        alive = await self.registry.alive()
-        ALIVE.set(len(alive))
+        ALIVE.set(await self.registry.count_alive())
         active = await self.store.active_ids()
         ACTIVE.set(len(active))
         for training_id in active:
@@ -370,7 +369,7 @@ class Coordinator(RoundProtocol):
             elif state.status is TrainingStatus.PAUSED:
                 await self.open_round(state, state.round)
             elif state.phase is RoundPhase.COLLECTING:
-                await self._report_dropouts(state, set(alive))
+                await self._report_dropouts(state, set(await self.registry.alive_among(state.selected)))
                 await self.advance(state)
         await self.activate_queued()
 

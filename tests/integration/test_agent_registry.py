@@ -110,3 +110,13 @@ async def test_live_volunteers_come_from_their_index_not_from_every_record(
     await redis.delete(KEYS.agent_volunteers)  # a registry from before the index
     await registry.index_volunteers()
     assert {v.decode() for v in await redis.smembers(KEYS.agent_volunteers)} == {"http-a", "http-old"}
+
+
+async def test_liveness_is_counted_and_looked_up_for_some_agents_without_reading_the_registry(
+        redis: aioredis.Redis) -> None:
+    registry = AgentRegistry(redis, KEYS, 60.0)
+    now = time.time()
+    await redis.zadd(KEYS.agents_last_seen, {"fresh-1": now, "fresh-2": now - 30, "stale": now - 61})
+    assert await registry.count_alive() == 2 == len(await registry.alive())
+    assert await registry.alive_among(["stale", "fresh-2", "never-seen"]) == ["fresh-2"]
+    assert await registry.alive_among([]) == []
