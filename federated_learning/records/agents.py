@@ -46,8 +46,12 @@ def join_credential(join_token: str | None) -> str:
 
 class AgentRegistry:
     def __init__(self, redis: aioredis.Redis, keys: Keys, heartbeat_timeout_s: float,
-                 *, require_join_token: bool = False, max_first_joins_per_minute: int | None = None) -> None:
+                 *, require_join_token: bool = False, max_first_joins_per_minute: int | None = None,
+                 cache_records: bool = False) -> None:
         self._redis = redis
+        self._cache: dict[str, AgentRecord] | None = {} if cache_records else None
+        """With ``cache_records`` (the registry's one writer, the coordinator), the records read or
+        written, kept: a record changes only through ``apply``, so a hit is current."""
         self._keys = keys
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.require_join_token = require_join_token
@@ -101,6 +105,8 @@ class AgentRegistry:
                 return RegistryOutcome()
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self._keys.agents, message.agent_id, record.model_dump_json())
+                if self._cache is not None:
+                    self._cache.pop(message.agent_id, None)  # read again after the write
                 if record.volunteer:
                     pipe.sadd(self._keys.agent_volunteers, message.agent_id)
                 else:
@@ -126,9 +132,26 @@ class AgentRegistry:
         token = await self.tokens.redeem(message.join_token)
         return None if token is None else (token.org_id, token.project_id)
 
+    def forget_records(self) -> None:
+        """Drop the kept records (another process may have written the registry meanwhile)."""
+        if self._cache is not None:
+            self._cache.clear()
+
+    def cached(self, agent_id: str) -> AgentRecord | None:
+        """The kept record of ``agent_id`` (None when not kept, or without ``cache_records``)."""
+        return None if self._cache is None else self._cache.get(agent_id)
+
+    def keep(self, records: list[AgentRecord | None]) -> None:
+        if self._cache is not None:
+            self._cache.update((record.agent_id, record) for record in records if record is not None)
+
     async def get(self, agent_id: str) -> AgentRecord | None:
+        if (hit := self.cached(agent_id)) is not None:
+            return hit
         raw = await self._redis.hget(self._keys.agents, agent_id)
-        return None if raw is None else AgentRecord.model_validate_json(raw)
+        record = None if raw is None else AgentRecord.model_validate_json(raw)
+        self.keep([record])
+        return record
 
     async def is_registered(self, agent_id: str) -> bool:
         return bool(await self._redis.hexists(self._keys.agents, agent_id))
@@ -161,11 +184,16 @@ class AgentRegistry:
         return [None if r is None else AgentRecord.model_validate_json(r) for r in raw]
 
     async def records(self, agent_ids: list[str]) -> list[AgentRecord]:
-        """The records of those of ``agent_ids`` that are registered (one read, whatever else is)."""
+        """The records of those of ``agent_ids`` that are registered (one read of those not kept)."""
         if not agent_ids:
             return []
-        raw = await self._redis.hmget(self._keys.agents, agent_ids)
-        return [AgentRecord.model_validate_json(r) for r in raw if r is not None]
+        kept = {agent: hit for agent in agent_ids if (hit := self.cached(agent)) is not None}
+        missing = [agent for agent in agent_ids if agent not in kept]
+        if missing:
+            read = self.parse_records(cast("list[bytes | None]", await self._redis.hmget(self._keys.agents, missing)))
+            self.keep(read)
+            kept.update((record.agent_id, record) for record in read if record is not None)
+        return [kept[agent] for agent in agent_ids if agent in kept]
 
     async def last_seen(self) -> dict[str, float]:
         pairs = cast("list[tuple[bytes, float]]",

@@ -90,7 +90,8 @@ class Coordinator(RoundProtocol):
         self.store = TrainingStore(ctx.redis, ctx.keys)
         self.registry = AgentRegistry(ctx.redis, ctx.keys, ctx.settings.heartbeat_timeout_s,
                                       require_join_token=ctx.settings.require_join_token,
-                                      max_first_joins_per_minute=ctx.settings.max_first_joins_per_minute)
+                                      max_first_joins_per_minute=ctx.settings.max_first_joins_per_minute,
+                                      cache_records=True)
         self._last_tick = 0.0
         self.version_index = VersionIndex(ctx.redis, ctx.keys)
         self.exchange = SecureExchange(ctx.redis, ctx.keys)
@@ -125,6 +126,7 @@ class Coordinator(RoundProtocol):
             watcher = asyncio.create_task(_first_of(self.ctx.stop, lost, then=working))
             try:
                 self.forget_states()  # another coordinator may have worked meanwhile
+                self.registry.forget_records()
                 await self.registry.index_volunteers()
                 await self.store.publish_missing_views()
                 await self.consumer.run(working, burst=burst, on_idle=self._forgetting_on_failure(self.tick))
@@ -300,21 +302,29 @@ class Coordinator(RoundProtocol):
         agent_ids = sorted({notice.agent_id for _, notice in notices})
         if not agent_ids:
             return
+        for agent_id in agent_ids:
+            if (known := self.registry.cached(agent_id)) is not None:
+                batch.agents[agent_id] = known
+        unknown = [agent_id for agent_id in agent_ids if agent_id not in batch.agents]
         uploads = sorted({(notice.update_digest, notice.agent_id) for _, notice in notices
                           if notice.update_digest is not None and notice.kind is TaskKind.TRAIN})
         async with self.redis.pipeline(transaction=False) as pipe:
-            self.registry.stage_records(pipe, agent_ids)
+            if unknown:
+                self.registry.stage_records(pipe, unknown)
             for entry_id, notice in notices:
                 self.stage_duplicate_read(pipe, notice.training_id, notice.round, notice.agent_id, entry_id)
             for digest, agent_id in uploads:
                 self.ctx.blobs.stage_head(pipe, digest, owner=agent_id)
             replies = await pipe.execute()
-        batch.agents.update(zip(agent_ids, self.registry.parse_records(replies[0]), strict=True))
+        if unknown:
+            read = self.registry.parse_records(replies.pop(0))
+            self.registry.keep(read)
+            batch.agents.update(zip(unknown, read, strict=True))
         for k, (entry_id, notice) in enumerate(notices):
-            accepted, marked = replies[1 + 2 * k: 3 + 2 * k]
+            accepted, marked = replies[2 * k: 2 + 2 * k]
             batch.duplicates[(notice.training_id, notice.round, notice.agent_id, entry_id)] = \
                 DuplicateFlags(bool(accepted), bool(marked))
-        heads = replies[1 + 2 * len(notices):]
+        heads = replies[2 * len(notices):]
         for k, (digest, agent_id) in enumerate(uploads):
             size, first = heads[2 * k: 2 * k + 2]
             if int(size) > 0:  # a missing blob is read (and refused) when its notice's turn comes

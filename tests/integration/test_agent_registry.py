@@ -120,3 +120,16 @@ async def test_liveness_is_counted_and_looked_up_for_some_agents_without_reading
     assert await registry.count_alive() == 2 == len(await registry.alive())
     assert await registry.alive_among(["stale", "fresh-2", "never-seen"]) == ["fresh-2"]
     assert await registry.alive_among([]) == []
+
+
+async def test_the_writer_keeps_the_records_it_read_and_reads_again_what_it_rewrote(redis: aioredis.Redis) -> None:
+    registry = AgentRegistry(redis, KEYS, 60.0, cache_records=True)
+    await registry.apply(joined("a1", datasets={"d": 1}))
+    [first] = await registry.records(["a1", "unknown"])
+    # Only ``apply`` writes records; a write behind the writer's back shows that the kept one is used.
+    await redis.hset(KEYS.agents, "a1", first.model_copy(update={"datasets": {"d": 99}}).model_dump_json())
+    assert (await registry.get("a1")) == first == registry.cached("a1")
+    await registry.apply(joined("a1", datasets={"d": 2}))  # a re-join with other datasets
+    assert (await registry.records(["a1"]))[0].datasets == {"d": 2}
+    registry.forget_records()
+    assert registry.cached("a1") is None and (await registry.get("a1")) is not None
