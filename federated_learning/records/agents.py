@@ -254,6 +254,13 @@ class AgentRegistry:
             counts = await pipe.execute()
         return {agent: int(count) for agent, count in zip(agents, counts, strict=True)}
 
+    async def touch(self, seen: dict[str, float]) -> None:
+        """Record signs of life (agent -> when), in one write; never moves an agent's time back.
+        Empties ``seen``."""
+        if seen:
+            await self._redis.zadd(self._keys.agents_last_seen, seen, gt=True)
+            seen.clear()
+
     async def count_alive(self) -> int:
         """How many agents were heard from within the heartbeat timeout (without reading them)."""
         return int(await self._redis.zcount(self._keys.agents_last_seen, time.time() - self.heartbeat_timeout_s, "+inf"))

@@ -28,9 +28,12 @@ from federated_learning.coordination.inputs import InitialModelStored
 from federated_learning.coordination.secure import DEFAULT_SECURE_CLIP_NORM
 from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.privacy.release import DEFAULT_ADAPTIVE_INITIAL_CLIP_NORM, clip_norm_for
+from federated_learning.protocol.agents import AgentRecord
 from federated_learning.protocol.keys import GROUP_COORDINATOR
 from federated_learning.protocol.messages import (
     AgentJoined,
+    AgentLeft,
+    Heartbeat,
     MalformedMessage,
     RollbackTraining,
     Severity,
@@ -111,7 +114,8 @@ class Coordinator(RoundProtocol):
             dead_letter_stream=ctx.dead_letter_stream, block_ms=int(TICK_S * 1000),
             claim_idle_ms=ctx.settings.claim_idle_ms,
             on_forged_id=ctx.forged_stream_id,
-            batch_handlers={self.keys.update_stream: self._forgetting_on_failure(self.on_upload_batch)},
+            batch_handlers={self.keys.update_stream: self._forgetting_on_failure(self.on_upload_batch),
+                            self.keys.agent_stream: self.on_agent_batch},
             count=NOTICES_PER_READ,
         )
 
@@ -331,11 +335,37 @@ class Coordinator(RoundProtocol):
                 batch.heads[(digest, agent_id)] = await self.ctx.blobs.parse_head(digest, size, first, owner=agent_id)
 
     async def on_agent_message(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        try:
-            message = decode_agent_message(fields)
-        except MalformedMessage as exc:
-            await self.ctx.reject("agents", "malformed", exc.reason)
-            return
+        await self.on_agent_batch([(entry_id, fields)])
+
+    async def on_agent_batch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Joins, heartbeats and leaves of one read, in order. The heartbeats' sign of life is
+        written in one ZADD, before the next join or leave and at the end (an agent's record comes
+        from the registry's kept records, so a heartbeat costs no read of its own)."""
+        beats: dict[str, float] = {}
+        for entry_id, fields in entries:
+            try:
+                message = decode_agent_message(fields)
+            except MalformedMessage as exc:
+                await self.ctx.reject("agents", "malformed", exc.reason)
+                continue
+            if not isinstance(message, Heartbeat):
+                await self.registry.touch(beats)
+                await self.on_registry_message(entry_id, message)
+                continue
+            checked = await self._checked_agent_message(entry_id, message)
+            if checked is None:
+                continue
+            received_at, registered = checked
+            if registered is None:
+                await self.ctx.reject("agents", "unknown_agent", "heartbeat before join", agent_id=message.agent_id)
+                continue
+            beats[message.agent_id] = max(received_at, beats.get(message.agent_id, 0.0))
+        await self.registry.touch(beats)
+
+    async def _checked_agent_message(self, entry_id: bytes, message: AgentJoined | Heartbeat | AgentLeft
+                                     ) -> tuple[float, AgentRecord | None] | None:
+        """When the bus received the message and the sender's record, or None after refusing it
+        (a bad signature, a stale send time)."""
         # A client may XADD with an explicit id far in the future (and every later id follows
         # it): never take the bus's time as later than now.
         received_at = min(entry_time(entry_id), time.time())
@@ -343,7 +373,15 @@ class Coordinator(RoundProtocol):
         problem = check_agent_message(message, registered.public_key if registered else None, received_at)
         if problem is not None:
             await self.ctx.reject("agents", problem[0], problem[1], agent_id=message.agent_id)
+            return None
+        return received_at, registered
+
+    async def on_registry_message(self, entry_id: bytes, message: AgentJoined | AgentLeft) -> None:
+        """A join (a first one, or a re-join with what the agent holds now) or a leave."""
+        checked = await self._checked_agent_message(entry_id, message)
+        if checked is None:
             return
+        received_at, registered = checked
         outcome = await self.registry.apply(message, at=received_at,
                                             registered=None if isinstance(message, AgentJoined) else registered is not None)
         if outcome.rejected:
