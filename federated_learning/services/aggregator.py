@@ -220,6 +220,7 @@ class Aggregator:
             return prepare_update(data, layout, own)
 
         loop = asyncio.get_running_loop()
+        self.cache.job_started(job.training_id, job.round)
         kept = [self.cache.get((ref.digest, ref.agent_id)) for ref in job.updates]
         verdicts = [await verdict if verdict is not None else None for verdict in kept]
 

@@ -59,6 +59,9 @@ class UpdateCache:
         self._kept: dict[UploadKey, _Kept] = {}
         self._bytes = 0
         self._specs: dict[tuple[str, int], LayerSpec] = {}
+        self._jobs_from: dict[str, int] = {}
+        """training -> the newest round whose job this worker started: later reads of that round's
+        (or an earlier one's) uploads are skipped, since the job reads and reports them itself."""
 
     @property
     def bytes_kept(self) -> int:
@@ -84,8 +87,8 @@ class UpdateCache:
                 if isinstance(verdict, (BlobMissing, InvalidTensor)):
                     refused.append((notice, verdict))
                 continue
-            if spec is None:
-                continue  # no model to check it against: the job checks it
+            if spec is None or notice.round <= self._jobs_from.get(notice.training_id, -1):
+                continue  # no model to check it against, or its job started: the job checks it
             self._kept[key] = _Kept(notice.training_id, notice.round, loop.create_future(), 0, time.time())
             todo.append((notice, spec))
 
@@ -107,6 +110,11 @@ class UpdateCache:
             else:
                 del self._kept[key]  # over the budget: the job fetches it
         return refused
+
+    def job_started(self, training_id: str, round_number: int) -> None:
+        """The job of ``round_number`` reads its updates now: uploads of it (and of earlier rounds)
+        that arrive on the accepted stream after this are left to it, so none is reported twice."""
+        self._jobs_from[training_id] = max(round_number, self._jobs_from.get(training_id, -1))
 
     def get(self, key: UploadKey) -> asyncio.Future[Verdict] | None:
         """The upload's verdict (awaitable while it is being read), None when it is not kept."""

@@ -145,6 +145,12 @@ async def test_accepted_updates_are_read_once_before_the_job_and_the_job_uses_th
     model = decode_layers(await redis.get(KEYS.blob(ready.model_digest)), max_bytes=1 << 20)
     np.testing.assert_allclose(model["w"], np.full(D, 2.0, np.float32))
     assert len(aggregator.cache) == 0 and aggregator.cache.bytes_kept == 0, "the job released its round"
+    # An upload of a round whose job has started is the job's to read and report, not the read-ahead's.
+    late = await put(redis, encode_layers({"w": np.full(D, np.inf, np.float32)}), "late")
+    await redis.xadd(KEYS.accepted_update_stream, {b"m": UpdateAccepted(
+        training_id="t", round=1, agent_id="late", update_digest=late, model_version=0).model_dump_json().encode()})
+    await aggregator.reader.run(aggregator.ctx.stop, burst=True)
+    assert len(await refusals(redis)) == 1 and len(aggregator.cache) == 0
 
 
 async def test_a_job_with_fewer_valid_updates_than_its_minimum_fails(redis: aioredis.Redis,
