@@ -49,14 +49,12 @@ from federated_learning.protocol.keys import GROUP_AGGREGATOR
 from federated_learning.protocol.messages import (
     AggregateReady,
     AggregationJob,
-    MalformedMessage,
     MemoryBankModel,
     SecureAggregationSpec,
     Severity,
     UpdateAccepted,
     UpdateRef,
     UpdateRefused,
-    decode,
     encode,
 )
 from federated_learning.protocol.secure_messages import (
@@ -155,10 +153,8 @@ class Aggregator:
         """Read accepted updates whole (hash, values) while their round collects; report the invalid ones."""
         accepted: list[UpdateAccepted] = []
         for _entry_id, fields in entries:
-            try:
-                accepted.append(decode(UpdateAccepted, fields))
-            except MalformedMessage as exc:
-                await self.ctx.reject("accepted", "malformed", exc.reason)
+            if (notice := await self.ctx.decoded(UpdateAccepted, fields, "accepted")) is not None:
+                accepted.append(notice)
         for notice, problem in await self.cache.take(accepted, self.pool):
             await self._report_refusal(notice.training_id, notice.round, notice.agent_id, notice.update_digest,
                                        problem)
@@ -174,10 +170,8 @@ class Aggregator:
             reason=reason, detail=detail[:1000])), maxlen=REFUSED_MAXLEN, approximate=True)
 
     async def on_job(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
-        try:
-            job = decode(AggregationJob, fields)
-        except MalformedMessage as exc:
-            await self.ctx.reject("jobs", "malformed", exc.reason)
+        job = await self.ctx.decoded(AggregationJob, fields, "jobs")
+        if job is None:
             return
         try:
             ready = await self.aggregate(job)

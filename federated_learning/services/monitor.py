@@ -70,9 +70,7 @@ from federated_learning.protocol.events import (
 )
 from federated_learning.protocol.keys import GROUP_MONITOR
 from federated_learning.protocol.messages import (
-    MalformedMessage,
     Severity,
-    decode,
 )
 from federated_learning.records.trainings import TrainingViews
 from federated_learning.services.runtime import (
@@ -137,10 +135,8 @@ class Monitor:
             await pipe.execute()
 
     async def on_event(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        try:
-            event = decode(Event, fields)
-        except MalformedMessage as exc:
-            await self.ctx.reject("events", "malformed", exc.reason)
+        event = await self.ctx.decoded(Event, fields, "events")
+        if event is None:
             return
         EVENTS.labels(event.kind).inc()
         if event.kind == "round_completed" and event.training_id and event.round is not None:

@@ -26,13 +26,11 @@ from federated_learning.protocol.banks import decode_bank_version
 from federated_learning.protocol.keys import GROUP_PRIVACY
 from federated_learning.protocol.messages import (
     AggregateReady,
-    MalformedMessage,
     MemoryBankModel,
     ModelReleased,
     Severity,
     StopTraining,
     VersionRecord,
-    decode,
     encode,
 )
 from federated_learning.protocol.tensors import (
@@ -73,10 +71,8 @@ class PrivacyManager:
 
     async def on_aggregate(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
         keys = self.ctx.keys
-        try:
-            ready = decode(AggregateReady, fields)
-        except MalformedMessage as exc:
-            await self.ctx.reject("aggregates", "malformed", exc.reason)
+        ready = await self.ctx.decoded(AggregateReady, fields, "aggregates")
+        if ready is None:
             return
         recorded = await self.ctx.redis.hget(keys.release(ready.training_id), str(ready.round))
         if recorded is not None:

@@ -88,7 +88,6 @@ from federated_learning.protocol.messages import (
     UpdateRefused,
     UpdateSubmitted,
     VersionCommitted,
-    decode,
     encode,
 )
 from federated_learning.protocol.secure_messages import (
@@ -539,10 +538,8 @@ class RoundProtocol:
     # -- update notices ----------------------------------------------------------
 
     async def on_update(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        try:
-            notice = decode(UpdateSubmitted, fields)
-        except MalformedMessage as exc:
-            await self.ctx.reject("updates", "malformed", exc.reason)
+        notice = await self.ctx.decoded(UpdateSubmitted, fields, "updates")
+        if notice is None:
             return
         await self.on_notice(entry_id, notice)
 
@@ -596,10 +593,8 @@ class RoundProtocol:
 
     async def on_update_refused(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
         """The aggregator read an accepted update whole and found it invalid."""
-        try:
-            refusal = decode(UpdateRefused, fields)
-        except MalformedMessage as exc:
-            await self.ctx.reject("refused", "malformed", exc.reason)
+        refusal = await self.ctx.decoded(UpdateRefused, fields, "refused")
+        if refusal is None:
             return
         state = await self.load_state(refusal.training_id)
         if state is None:  # the training ended and was forgotten: still counted
@@ -613,10 +608,8 @@ class RoundProtocol:
     # -- committed versions --------------------------------------------------------
 
     async def on_version(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
-        try:
-            committed = decode(VersionCommitted, fields)
-        except MalformedMessage as exc:
-            await self.ctx.reject("versions", "malformed", exc.reason)
+        committed = await self.ctx.decoded(VersionCommitted, fields, "versions")
+        if committed is None:
             return
         state = await self.load_state(committed.training_id)
         if state is not None:
@@ -652,10 +645,8 @@ class RoundProtocol:
 
     async def on_model_refused(self, fields: dict[bytes, bytes]) -> None:
         """An agent cannot train the training's model: keep the reason where the operator looks."""
-        try:
-            refused = decode(ModelRefused, fields)
-        except MalformedMessage as exc:
-            await self.ctx.reject("updates", "malformed", exc.reason)
+        refused = await self.ctx.decoded(ModelRefused, fields, "updates")
+        if refused is None:
             return
         sender = await self.check_sender(refused, {"training_id": refused.training_id, "round": refused.round,
                                                    "agent_id": refused.agent_id})

@@ -43,7 +43,7 @@ from federated_learning.protocol.keys import (
     GROUP_VERSIONS,
     Keys,
 )
-from federated_learning.protocol.messages import Severity, encode
+from federated_learning.protocol.messages import M, MalformedMessage, Severity, decode, encode
 from federated_learning.records.trainings import TrainingViews
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,14 @@ class ServiceContext:
         event = Event(kind=kind, source=self.service, severity=severity, message=message,
                       training_id=training_id, round=round, agent_id=agent_id, data=data)
         pipe.xadd(self.keys.event_stream, encode(event), maxlen=EVENT_STREAM_MAXLEN, approximate=True)
+
+    async def decoded(self, model: type[M], fields: dict[bytes, bytes], source: str) -> M | None:
+        """A stream entry as ``model``, or None after rejecting it as ``<source>:malformed``."""
+        try:
+            return decode(model, fields)
+        except MalformedMessage as exc:
+            await self.reject(source, "malformed", exc.reason)
+            return None
 
     async def reject(self, source: str, reason: str, detail: str, *,
                      severity: Severity = Severity.WARNING, **context: object) -> None:

@@ -24,7 +24,7 @@ from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
 from federated_learning.model_versions import ModelVersionManager
 from federated_learning.protocol.keys import GROUP_VERSIONS
-from federated_learning.protocol.messages import MalformedMessage, ModelReleased, decode
+from federated_learning.protocol.messages import ModelReleased
 from federated_learning.protocol.tensors import InvalidTensor
 from federated_learning.records.trainings import TrainingViews
 from federated_learning.records.versions import VersionIndex
@@ -61,10 +61,8 @@ class VersionManager:
         await self.consumer.run(self.ctx.stop, burst=burst)
 
     async def on_release(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
-        try:
-            release = decode(ModelReleased, fields)
-        except MalformedMessage as exc:
-            await self.ctx.reject("releases", "malformed", exc.reason)
+        release = await self.ctx.decoded(ModelReleased, fields, "releases")
+        if release is None:
             return
         try:
             commit = await self.api.commit(release)
