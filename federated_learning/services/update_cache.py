@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 UploadKey = tuple[BlobDigest, str]
 """(digest, agent): an agent's upload."""
-Verdict = bytes | BlobMissing | InvalidTensor
-"""A checked blob's bytes, or why it is refused."""
+Verdict = bytes | BlobMissing | InvalidTensor | None
+"""A checked blob's bytes, or why it is refused; None when it could not be read (a lost bus): whoever
+waits for it fetches it."""
 
 KEEP_FOR_S = 3600.0
 """Uploads of a round that never got its job (a training stopped) are dropped after this long."""
@@ -96,8 +97,17 @@ class UpdateCache:
             check_update(data, todo[index][1], max_bytes=self._max_blob_bytes)
             return data
 
-        verdicts = await self._blobs.get_each([(n.update_digest, n.agent_id) for n, _ in todo], check,
-                                              executor=executor) if todo else []
+        try:
+            verdicts = await self._blobs.get_each([(n.update_digest, n.agent_id) for n, _ in todo], check,
+                                                  executor=executor) if todo else []
+        except BaseException:
+            # Not read (the bus went away, say): forget them, and let a job waiting for one fetch it
+            # itself; the entries stay pending and are read again.
+            for notice, _spec in todo:
+                kept = self._kept.pop((notice.update_digest, notice.agent_id), None)
+                if kept is not None and not kept.verdict.done():
+                    kept.verdict.set_result(None)
+            raise
         for (notice, _spec), verdict in zip(todo, verdicts, strict=True):
             key = (notice.update_digest, notice.agent_id)
             kept = self._kept[key]

@@ -3,6 +3,7 @@ refused by agent and reason, the rest aggregated; scores after the aggregate."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict
 
 import numpy as np
@@ -201,3 +202,33 @@ async def test_update_scores_follow_the_aggregate_and_equal_the_slab_scores(redi
     await run_job(redis, aggregator, job_of(base_digest, refs, attempt=2))  # the round again: credited once
 
     assert {k.decode(): float(v) for k, v in (await redis.hgetall(KEYS.agent_contributions)).items()} == credit
+
+
+async def test_uploads_the_read_ahead_could_not_read_are_left_to_the_job(redis: aioredis.Redis, settings: Settings,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lost bus while the read-ahead fetches must not leave a job waiting for it forever."""
+    base = {"w": np.zeros(D, np.float32)}
+    base_digest = await put(redis, encode_layers(base))
+    record = VersionRecord(training_id="t", version=0, round=0, parent_version=None, model_digest=base_digest,
+                           state_digest=None, checkpoint="", algorithm="fedavg", contributors=[], num_examples=0,
+                           privacy=PrivacyReport(level="none", mechanism="none"), created_at=0.0)
+    await redis.hset(KEYS.versions("t"), "0", record.model_dump_json())
+    digest = await put(redis, encode_layers({"w": np.ones(D, np.float32)}), "a0")
+    aggregator = aggregator_for(redis, settings)
+    waiting: list[object] = []
+
+    async def lost_bus(*_args: object, **_kwargs: object) -> list[object]:
+        waiting.append(aggregator.cache.get((digest, "a0")))  # what a job would be waiting for
+        raise ConnectionError("the bus went away")
+
+    monkeypatch.setattr(aggregator.ctx.blobs, "get_each", lost_bus)
+    accepted = UpdateAccepted(training_id="t", round=1, agent_id="a0", update_digest=digest, model_version=0)
+    with pytest.raises(ConnectionError):
+        await aggregator.cache.take([accepted], aggregator.pool)
+    [future] = waiting
+    assert isinstance(future, asyncio.Future) and future.done() and future.result() is None
+    assert aggregator.cache.get((digest, "a0")) is None and len(aggregator.cache) == 0
+    monkeypatch.undo()
+    [ready] = await run_job(redis, aggregator, job_of(base_digest, [UpdateRef(agent_id="a0", digest=digest,
+                                                                              num_examples=1)]))
+    assert ready.contributors == ["a0"]
