@@ -61,6 +61,14 @@ async def refusals(redis: aioredis.Redis) -> list[UpdateRefused]:
             for _id, fields in await redis.xrange(KEYS.refused_update_stream)]
 
 
+async def record_version_zero(redis: aioredis.Redis, model_digest: str) -> None:
+    """Training "t"'s version 0 in the version index: the model the read-ahead checks uploads against."""
+    record = VersionRecord(training_id="t", version=0, round=0, parent_version=None, model_digest=model_digest,
+                           state_digest=None, checkpoint="", algorithm="fedavg", contributors=[], num_examples=0,
+                           privacy=PrivacyReport(level="none", mechanism="none"), created_at=0.0)
+    await redis.hset(KEYS.versions("t"), "0", record.model_dump_json())
+
+
 def job_of(base_digest: str, refs: list[UpdateRef], **fields: object) -> AggregationJob:
     return AggregationJob.model_validate({"training_id": "t", "round": 1, "attempt": 1, "algorithm": "fedavg",
                                           "base_version": 0, "base_digest": base_digest,
@@ -118,10 +126,7 @@ async def test_accepted_updates_are_read_once_before_the_job_and_the_job_uses_th
         redis: aioredis.Redis, settings: Settings) -> None:
     base = {"w": np.zeros(D, np.float32)}
     base_digest = await put(redis, encode_layers(base))
-    record = VersionRecord(training_id="t", version=0, round=0, parent_version=None, model_digest=base_digest,
-                           state_digest=None, checkpoint="", algorithm="fedavg", contributors=[], num_examples=0,
-                           privacy=PrivacyReport(level="none", mechanism="none"), created_at=0.0)
-    await redis.hset(KEYS.versions("t"), "0", record.model_dump_json())
+    await record_version_zero(redis, base_digest)
     good = {f"a{k}": encode_layers({"w": np.full(D, k + 1, np.float32)}) for k in range(3)}
     refs = [UpdateRef(agent_id=agent, digest=await put(redis, data, agent), num_examples=1)
             for agent, data in good.items()]
@@ -209,10 +214,7 @@ async def test_uploads_the_read_ahead_could_not_read_are_left_to_the_job(redis: 
     """A lost bus while the read-ahead fetches must not leave a job waiting for it forever."""
     base = {"w": np.zeros(D, np.float32)}
     base_digest = await put(redis, encode_layers(base))
-    record = VersionRecord(training_id="t", version=0, round=0, parent_version=None, model_digest=base_digest,
-                           state_digest=None, checkpoint="", algorithm="fedavg", contributors=[], num_examples=0,
-                           privacy=PrivacyReport(level="none", mechanism="none"), created_at=0.0)
-    await redis.hset(KEYS.versions("t"), "0", record.model_dump_json())
+    await record_version_zero(redis, base_digest)
     digest = await put(redis, encode_layers({"w": np.ones(D, np.float32)}), "a0")
     aggregator = aggregator_for(redis, settings)
     waiting: list[object] = []
