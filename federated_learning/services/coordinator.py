@@ -306,10 +306,7 @@ class Coordinator(RoundProtocol):
         agent_ids = sorted({notice.agent_id for _, notice in notices})
         if not agent_ids:
             return
-        for agent_id in agent_ids:
-            if (known := self.registry.cached(agent_id)) is not None:
-                batch.agents[agent_id] = known
-        unknown = [agent_id for agent_id in agent_ids if agent_id not in batch.agents]
+        unknown = [agent_id for agent_id in agent_ids if self.registry.cached(agent_id) is None]
         uploads = sorted({(notice.update_digest, notice.agent_id) for _, notice in notices
                           if notice.update_digest is not None and notice.kind is TaskKind.TRAIN})
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -320,10 +317,8 @@ class Coordinator(RoundProtocol):
             for digest, agent_id in uploads:
                 self.ctx.blobs.stage_head(pipe, digest, owner=agent_id)
             replies = await pipe.execute()
-        if unknown:
-            read = self.registry.parse_records(replies.pop(0))
-            self.registry.keep(read)
-            batch.agents.update(zip(unknown, read, strict=True))
+        if unknown:  # kept by the registry, where ``check_sender`` finds them
+            self.registry.keep(self.registry.parse_records(replies.pop(0)))
         for k, (entry_id, notice) in enumerate(notices):
             accepted, marked = replies[2 * k: 2 + 2 * k]
             batch.duplicates[(notice.training_id, notice.round, notice.agent_id, entry_id)] = \

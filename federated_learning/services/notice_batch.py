@@ -4,16 +4,16 @@ Handling a notice on its own takes about six sequential round trips (the agent's
 duplicate check, the accepting transaction, the tally, the ack). A batch keeps the per-notice
 order and the decisions exactly as they were, and changes only the I/O:
 
-- the agents' records, the duplicate flags and the upload's size and header of every notice are
-  read in one pipeline first;
+- the duplicate flags and the upload's size and header of every notice, and the records of agents
+  the registry does not keep yet, are read in one pipeline first;
 - the writes of each step (accepted updates, outcomes, refusals' state saves, events) go into
   one pending transaction, executed once at the end of the batch (or before any step that must
   read what was written: closing a round, counting a late update, opening the next round);
 - a round's tally counts the accepted updates read once plus those accepted in the batch.
 
 A read cached here is valid only while the batch's writes are the only ones it could miss:
-every flush drops the caches (the agents' records excepted: the coordinator does not write them
-while it handles notices), and a miss reads Redis again.
+every flush drops the caches, and a miss reads Redis again. (The agents' records are kept by the
+registry itself, their only writer.)
 
 A crash before the flush loses nothing: no entry of the batch is acked, and each is handled again
 (a redelivery finds nothing written). A crash after it finds the accepted-entry markers.
@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from redis.asyncio.client import Pipeline
 
 from federated_learning.bus.blobs import BlobHead
-from federated_learning.protocol.agents import AgentRecord
 from federated_learning.protocol.messages import UpdateSubmitted
 
 RoundKey = tuple[str, int]
@@ -48,7 +47,6 @@ class NoticeBatch:
     """The pending transaction: the writes of the batch's steps, in order."""
     notices: dict[bytes, UpdateSubmitted] = field(default_factory=dict)
     """The batch's update notices by entry id, decoded once."""
-    agents: dict[str, AgentRecord | None] = field(default_factory=dict)
     heads: dict[tuple[str, str], BlobHead] = field(default_factory=dict)
     """(digest, agent) -> the upload's size and header (blobs are written once: kept across flushes)."""
     duplicates: dict[tuple[str, int, str, str], DuplicateFlags] = field(default_factory=dict)

@@ -696,11 +696,7 @@ class RoundProtocol:
         if state is None:
             await self.ctx.reject("updates", "unknown_training", message.training_id, **context)
             return None
-        batch = self.batch
-        if batch is not None and message.agent_id in batch.agents:
-            agent = batch.agents[message.agent_id]
-        else:
-            agent = await self.registry.get(message.agent_id)
+        agent = await self.registry.get(message.agent_id)
         if agent is None:
             await self.ctx.reject("updates", "unknown_agent", message.agent_id, **context)
             return None
