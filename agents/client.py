@@ -29,7 +29,7 @@ from agents.local_work import LocalResult, local_bank, run_trainer, task_config
 from agents.secure import SecureParticipation
 from agents.updates import TrainedUpdate
 from federated_learning.bus.blobs import BlobMissing, BlobStore
-from federated_learning.bus.connection import RedisTls
+from federated_learning.bus.connection import RedisTls, keys_for
 from federated_learning.bus.consumer import ensure_group
 from federated_learning.bus.replies import group_batches
 from federated_learning.bus.stream_ids import append
@@ -218,6 +218,7 @@ class FederatedClient:
 
             assert self._redis_url is not None
             self._redis = await connect(self._redis_url, tls=self._redis_tls)
+        self.keys = keys_for(self.redis, self.keys.prefix)
         self._blobs = BlobStore(self.redis, self.keys, max_bytes=self.max_blob_bytes)
         await ensure_group(self.redis, self.keys.inbox_stream(self.agent_id), GROUP_AGENT)
         await self.join()

@@ -11,7 +11,10 @@ from typing import Any, TypeVar, cast
 import redis as redis_sync
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.backoff import ExponentialBackoff
+from redis.cluster import ClusterNode as SyncClusterNode
+from redis.cluster import RedisCluster as SyncRedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -43,6 +46,8 @@ def blocking_client_like(client: aioredis.Redis) -> redis_sync.Redis:
     once, where the event loop's reader costs about twice the CPU per byte and runs on one
     thread only.
     """
+    if isinstance(client, AsyncRedisCluster):
+        return _blocking_cluster_like(client)
     pool = client.connection_pool
     connection_class = _SYNC_CONNECTIONS.get(pool.connection_class.__name__)
     if connection_class is None:
@@ -55,6 +60,23 @@ def blocking_client_like(client: aioredis.Redis) -> redis_sync.Redis:
         connection_class=connection_class, socket_read_size=BULK_READ_BYTES,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), BULK_RETRIES),
         retry_on_error=[RedisConnectionError, RedisTimeoutError], **settings))
+
+
+def _blocking_cluster_like(client: AsyncRedisCluster) -> redis_sync.Redis:
+    """The blocking counterpart of a cluster client: seeded with the nodes it knows, the same
+    user, password and TLS files."""
+    given = client.nodes_manager.connection_kwargs
+    settings: dict[str, Any] = {name: value for name, value in given.items()
+                                if name in _SYNC_SETTINGS - {"host", "port", "path", "db"} or name.startswith("ssl_")}
+    if given.get("connection_class") is not None and "SSL" in given["connection_class"].__name__:
+        settings["ssl"] = True
+    if settings.get("socket_timeout") is None:
+        settings["socket_timeout"] = BULK_SOCKET_TIMEOUT_S
+    nodes = [SyncClusterNode(node.host, node.port) for node in client.get_nodes()]  # type: ignore[no-untyped-call]
+    # Typed as the plain client, like the asyncio cluster client (``bus/connection.py``).
+    return cast(redis_sync.Redis, SyncRedisCluster(
+        startup_nodes=nodes, socket_read_size=BULK_READ_BYTES,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), BULK_RETRIES * 2), **settings))
 
 
 class BlobMissing(LookupError):
@@ -89,7 +111,8 @@ class BlobStore:
         """Close the blocking connections :meth:`get_each` opened (the asyncio client is the caller's)."""
         if self._blocking is not None:
             self._blocking.close()
-            self._blocking.connection_pool.disconnect()
+            if not isinstance(self._blocking, SyncRedisCluster):  # a cluster client closes its nodes' pools
+                self._blocking.connection_pool.disconnect()
             self._blocking = None
 
     async def put(self, data: bytes, *, ttl_s: int | None = None, owner: str | None = None) -> BlobDigest:

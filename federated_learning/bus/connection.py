@@ -1,4 +1,8 @@
-"""Connections to Redis/Valkey: ACL credentials, TLS, retry with backoff, bounded start-up attempts."""
+"""Connections to Redis/Valkey: ACL credentials, TLS, retry with backoff, bounded start-up attempts.
+
+A server with cluster mode on gets a cluster client (:func:`is_cluster`): any node's URL will do,
+the client learns the others and follows slots as they move or fail over.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +12,19 @@ import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import AuthenticationError
+from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from federated_learning.config import Settings
+from federated_learning.protocol.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +114,34 @@ def _client(url: str, tls: RedisTls | None, retries: int) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
 
 
+def _cluster_client(url: str, tls: RedisTls | None, retries: int) -> aioredis.Redis:
+    """A cluster client seeded with ``url``'s node. A command whose node went away waits for the
+    cluster to promote a replica: the client re-reads the slot map between its retries."""
+    kwargs: dict[str, object] = {
+        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), max(retries, 1) * 2),
+        "health_check_interval": 15,
+        "socket_keepalive": True,
+        "max_connections": 10_000,
+    }
+    if url.startswith("rediss://"):
+        kwargs.update({"ssl_cert_reqs": "required", "ssl_check_hostname": True})
+        if tls is not None:
+            kwargs.update(tls.redis_kwargs())
+    # The cluster client offers the same commands, pipelines and transactions (one slot each)
+    # under another class; the services are written against ``aioredis.Redis``.
+    return cast(aioredis.Redis, RedisCluster.from_url(url, **kwargs))
+
+
+def is_cluster(redis: aioredis.Redis) -> bool:
+    """Whether ``redis`` talks to a Redis/Valkey Cluster (its keys use ``Keys(cluster=True)``)."""
+    return isinstance(redis, RedisCluster)
+
+
+def keys_for(redis: aioredis.Redis, prefix: str) -> Keys:
+    """The key names of deployment ``prefix`` on the server behind ``redis``."""
+    return Keys(prefix, cluster=is_cluster(redis))
+
+
 def _tls_of(settings: Settings | None, tls: RedisTls | None) -> RedisTls | None:
     if tls is not None:
         return tls
@@ -159,11 +194,21 @@ def _final_refusal(exc: Exception, where: str, url: str, tls: RedisTls | None) -
     return None
 
 
-async def _probe(url: str, tls: RedisTls | None) -> None:
-    """One PING on a client that does not retry, so that a refusal shows at once."""
+async def _probe(url: str, tls: RedisTls | None) -> bool:
+    """One PING on a client that does not retry, so that a refusal shows at once; whether the
+    server runs in cluster mode."""
     probe = _client(url, tls, 0)
     try:
         await probe.ping()
+        try:
+            await probe.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+        except NoPermissionError:  # an ACL user provisioned before it was allowed to ask
+            return False
+        except ResponseError as exc:
+            if "cluster support disabled" in str(exc).lower():
+                return False
+            raise
+        return True
     finally:
         await probe.aclose()
 
@@ -181,7 +226,12 @@ async def connect(url: str, settings: Settings | None = None, *, attempts: int =
     delay = 0.1
     for attempt in range(1, attempts + 1):
         try:
-            await _probe(url, tls)
+            if await _probe(url, tls):
+                cluster = _cluster_client(url, tls, OPERATION_RETRIES)
+                # Learn every node now: it can then find the slots' new primaries even if the
+                # node in ``url`` is the one that fails.
+                await cast(RedisCluster, cluster).initialize()
+                return cluster
             return client_from_url(url, tls=tls)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             refused = _refusal(exc, where, url, tls)

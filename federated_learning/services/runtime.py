@@ -31,7 +31,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from federated_learning.bus.blobs import BlobStore
-from federated_learning.bus.connection import connect
+from federated_learning.bus.connection import connect, keys_for
 from federated_learning.bus.stream_ids import StreamRepair
 from federated_learning.config import Settings
 from federated_learning.protocol.events import Event
@@ -181,14 +181,14 @@ class ServiceContext:
     cpu_window: CpuWindow = field(default_factory=CpuWindow, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.keys = Keys(self.settings.redis_key_prefix)
+        self.keys = keys_for(self.redis, self.settings.redis_key_prefix)
         self.blobs = BlobStore(self.redis, self.keys, max_bytes=self.settings.max_blob_bytes)
         self.process = psutil.Process()
         self.cpu_window.add(time.monotonic(), self._cpu_seconds())
 
     @property
     def dead_letter_stream(self) -> str:
-        return f"{self.settings.redis_key_prefix}:stream:dead:{self.service}"
+        return self.keys.dead_letters(self.service)
 
     async def emit(self, kind: str, message: str = "", *, severity: Severity = Severity.INFO,
                    training_id: str | None = None, round: int | None = None,

@@ -101,9 +101,10 @@ class VersionManager:
             pruned = record.model_copy(update={"pruned_at": time.time()})
             async with self.ctx.redis.pipeline(transaction=True) as pipe:
                 self.index.stage_commit(pipe, pruned)
-                if record.model_digest != (state.current_digest if state else None):
-                    pipe.delete(self.ctx.keys.blob(record.model_digest))
                 await pipe.execute()
+            # After the record (another hash slot on a cluster): a crash in between leaves the blob.
+            if record.model_digest != (state.current_digest if state else None):
+                await self.ctx.blobs.discard([(record.model_digest, None)])
         if doomed:
             await self.ctx.emit("checkpoints_pruned", f"deleted checkpoints of versions {doomed}",
                                 training_id=training_id, versions=doomed)

@@ -447,7 +447,7 @@ async def probed_run(deployment: Deployment) -> Probed:
                       expected, await rejection_counts(observer), await rejection_events(observer), before, after,
                       trainings, {text(k) for k in await observer.hkeys(KEYS.agents)},
                       bool(await observer.hexists(KEYS.round_updates(OWN, 1), ATTACKER)),
-                      {service: await observer.xlen(f"{KEYS.prefix}:stream:dead:{service}") for service in SERVICES})
+                      {service: await observer.xlen(KEYS.dead_letters(service)) for service in SERVICES})
     finally:
         await asyncio.gather(*(agent.close() for agent in agents), return_exceptions=True)
         await observer.aclose()

@@ -295,7 +295,7 @@ async def test_agent_messages_with_out_of_range_fields_are_malformed_not_handled
         await asyncio.sleep(0.05)
     assert counts.get("agents:malformed") == len(bodies), counts
     assert await redis.hget(KEYS.agents, "junk") is None
-    assert await redis.xlen(f"{KEYS.prefix}:stream:dead:coordinator") == 0
+    assert await redis.xlen(KEYS.dead_letters("coordinator")) == 0
 
 
 async def test_an_update_that_weighs_more_than_the_training_allows_is_refused(redis: aioredis.Redis, system,

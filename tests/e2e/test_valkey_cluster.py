@@ -1,0 +1,121 @@
+"""Training through a 3-shard Valkey Cluster whose primaries fail over mid-training.
+
+The cluster is the bundled ``valkey-server``, 3 primaries and 3 replicas, created with the
+bundled ``valkey-cli`` (``deploy/cluster.py``). The deployment is given one node's URL: services and
+agents use a cluster client and the cluster key layout (``Keys(cluster=True)``). The control
+keys share one slot; the blobs spread over the shards. Mid-training the primary that serves the
+control slot is killed (SIGKILL), then the primary of another shard that holds blobs: each time a
+replica takes over, and the training completes with versions 0..N, one per round, each hashing
+to its recorded digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis.exceptions import RedisError
+
+from agents.client import FederatedClient
+from agents.data import make_client_datasets
+from federated_learning.bus.connection import connect, is_cluster
+from federated_learning.deploy.cluster import LocalCluster
+from federated_learning.protocol.keys import Keys
+from federated_learning.protocol.messages import VersionRecord
+from tests.e2e.conftest import Deployment, training_body, wait_status
+
+pytestmark = pytest.mark.e2e
+
+ROUNDS = 5
+PASSWORD = "cluster-test-password"
+KEYS = Keys(cluster=True)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    with LocalCluster(tmp_path / "cluster", shards=3, replicas=1, node_timeout_ms=1500,
+                      password=PASSWORD) as started:
+        yield started
+
+
+@pytest.fixture
+def cluster_deployment(tmp_path: Path, cluster: LocalCluster) -> Iterator[Deployment]:
+    deployed = Deployment(tmp_path / "data")
+    deployed.env["FL_REDIS_URL"] = cluster.url
+    deployed.data_dir.mkdir(parents=True)
+    deployed.start()
+    yield deployed
+    deployed.stop()
+
+
+@pytest.fixture
+async def cluster_agents(cluster: LocalCluster, cluster_deployment: Deployment) -> AsyncIterator[list[FederatedClient]]:
+    clients, _ = make_client_datasets(8, "dirichlet:0.5", 0)
+    started = []
+    for data in clients:
+        agent = FederatedClient(f"agent-{data.client_id:03d}", redis_url=cluster.url, heartbeat_interval_s=0.5)
+        agent.add_dataset("digits", data.train.x, data.train.y, x_eval=data.eval.x, y_eval=data.eval.y)
+        started.append(agent)
+    await asyncio.gather(*(a.initialize() for a in started))
+    yield started
+    await asyncio.gather(*(a.close() for a in started), return_exceptions=True)
+
+
+async def fail_over(cluster: LocalCluster, primary_port: int) -> int:
+    """SIGKILL the primary on ``primary_port``; return the port of the replica that took over."""
+    [before] = [owner for owner in cluster.owners() if owner.primary_port == primary_port][:1]
+    assert before.replica_ports, f"the primary on {primary_port} has no replica to promote"
+    cluster.node_on(primary_port).kill()
+    for _ in range(600):
+        await asyncio.sleep(0.05)
+        try:
+            promoted = {owner.primary_port for owner in cluster.owners() if owner.slot == before.slot}
+        except RedisError:  # the node asked may be mid-election
+            continue
+        if promoted and promoted != {primary_port} and cluster.cluster_ok():
+            [port] = promoted
+            assert port in before.replica_ports
+            return port
+    raise AssertionError(f"no replica of the primary on {primary_port} took over within 30 s")
+
+
+async def test_a_training_survives_failovers_of_the_control_shard_and_a_blob_shard(
+        cluster: LocalCluster, cluster_deployment: Deployment, cluster_agents: list[FederatedClient]) -> None:
+    observer = await connect(cluster.url, attempts=3)
+    assert is_cluster(observer)
+    async with cluster_deployment.client() as http:
+        started = await http.post("/api/training/start", json=training_body(ROUNDS))
+        assert started.status_code == 202, started.text
+        training_id = started.json()["training_id"]
+
+        # Every step writes the control slot, so the training waits for its replica's promotion.
+        first = await wait_status(http, training_id, {"running"}, min_round=2)
+        control = cluster.owner_of(KEYS.update_stream).primary_port
+        promoted = await fail_over(cluster, control)
+
+        # The uploads spread over the shards: a round needs every shard's blobs.
+        second = await wait_status(http, training_id, {"running"}, min_round=first["round"] + 1)
+        blob_shard = min(cluster.primary_ports() - {promoted})
+        await fail_over(cluster, blob_shard)
+        assert second["current_version"] < ROUNDS
+
+        status = await wait_status(http, training_id, {"completed", "failed"}, timeout_s=180)
+        assert status["status"] == "completed", status.get("reason")
+
+        records = sorted((VersionRecord.model_validate_json(raw)
+                          for raw in (await observer.hgetall(KEYS.versions(training_id))).values()),
+                         key=lambda r: r.version)
+        assert [r.version for r in records] == list(range(ROUNDS + 1))
+        assert [r.round for r in records] == list(range(ROUNDS + 1))
+        for record in records:
+            served = await http.get(f"/api/training/{training_id}/versions/{record.version}/model")
+            assert served.status_code == 200, served.text
+            assert hashlib.sha256(served.content).hexdigest() == record.model_digest
+            stored = await observer.get(KEYS.blob(record.model_digest))
+            assert stored is None or hashlib.sha256(stored).hexdigest() == record.model_digest
+        shards = {cluster.owner_of(KEYS.blob(r.model_digest)).primary_port for r in records}
+        assert len(shards) > 1, "every version's blob is on one shard"
+    await observer.aclose()
