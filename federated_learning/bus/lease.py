@@ -4,8 +4,13 @@ The holder takes the key with SET NX PX and renews it, by Lua, only while it sti
 It counts its own lease as valid for ``ttl`` minus a margin from the moment it sent the
 renewal (its monotonic clock), so it stops working before the key can expire and another
 process take it: a holder that cannot renew (a lost bus, a long pause) gives the work up on
-its own. What this cannot cover is a process frozen between checking :meth:`Lease.valid` and
-its next write for longer than the margin; the margin is a tenth of the ttl, at least 500 ms.
+its own.
+
+A process frozen between that check and its write for longer than the margin (a tenth of the
+ttl, at least 500 ms) is stopped by the epoch: every take of the lease increments
+``<key>:epoch``, and the holder's transactions are fenced (:meth:`Lease.fence`): they WATCH the
+epoch and check it is still the one this process took, so EXEC fails once another process (or a
+restart of this one) took the lease since.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import logging
 import time
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
 
 from federated_learning.bus.consumer import StopConsuming
 
@@ -23,6 +30,13 @@ log = logging.getLogger(__name__)
 _RENEW_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_ACQUIRE_LUA = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return redis.call('INCR', KEYS[2])
 end
 return 0
 """
@@ -47,6 +61,10 @@ class Lease:
         self.holder = holder
         self.ttl_ms = int(ttl_s * 1000)
         self.margin_s = max(0.5, ttl_s / 10)
+        self.epoch_key = f"{key}:epoch"
+        """Incremented by every take of the lease (its hash tag, if any, is the lease key's)."""
+        self.epoch = 0
+        """The epoch of this process's take; 0 before the first."""
         self._valid_until = 0.0
 
     @property
@@ -63,12 +81,40 @@ class Lease:
             raise LeaseLost(f"lease {self.key} of {self.holder} ran out")
 
     async def acquire(self) -> bool:
-        """Take the lease when nobody holds it (or renew it when this process does)."""
+        """Take the lease when nobody holds it, or take it back when it is in this holder's name
+        (a restart); either way as a new epoch."""
         sent = time.monotonic()
-        if await self._redis.set(self.key, self.holder, nx=True, px=self.ttl_ms):
-            self._valid_until = sent + self.ttl_ms / 1000 - self.margin_s
-            return True
-        return await self.renew(sent)
+        epoch = int(await self._redis.eval(_ACQUIRE_LUA, 2, self.key, self.epoch_key, self.holder,
+                                           str(self.ttl_ms)))
+        if not epoch:
+            return False
+        self.epoch = epoch
+        self._valid_until = sent + self.ttl_ms / 1000 - self.margin_s
+        return True
+
+    async def fence(self, pipe: Pipeline) -> None:
+        """Start ``pipe``'s transaction fenced by the lease: WATCH the epoch, check it is this
+        process's, then MULTI. Raises :class:`LeaseLost` when it is not; the transaction's EXEC
+        fails with :class:`~redis.exceptions.WatchError` (see :meth:`execute`) when another
+        process takes the lease before it."""
+        self.check()
+        await pipe.watch(self.epoch_key)
+        now = await pipe.get(self.epoch_key)
+        if int(now or 0) != self.epoch:
+            await pipe.reset()  # type: ignore[no-untyped-call]
+            self._valid_until = 0.0
+            raise LeaseLost(f"lease {self.key} was taken by another holder (epoch {int(now or 0)}, "
+                            f"{self.holder} took {self.epoch})")
+        pipe.multi()  # type: ignore[no-untyped-call]
+
+    async def execute(self, pipe: Pipeline) -> list[object]:
+        """EXEC a transaction :meth:`fence` started; :class:`LeaseLost` when the epoch moved."""
+        try:
+            return await pipe.execute()
+        except WatchError as exc:
+            self._valid_until = 0.0
+            raise LeaseLost(f"lease {self.key} was taken by another holder before {self.holder} "
+                            "wrote") from exc
 
     async def renew(self, sent: float | None = None) -> bool:
         """Extend the lease while this process holds it; False (and not valid) when it does not."""

@@ -261,11 +261,13 @@ class RoundProtocol:
             # The step's events go in the same transaction as the writes they report: a crash
             # cannot commit a round and lose its round_completed event (or publish it twice).
             async with self.redis.pipeline(transaction=bool(staged)) as pipe:
+                if staged:
+                    await self.lease.fence(pipe)
                 for write in staged:
                     self._stage(pipe, state, write)
                 for event in events:
                     self._stage_event(pipe, state, event)
-                await self._execute(pipe)
+                await self._execute(pipe, fenced=bool(staged))
         for effect in effects:
             if isinstance(effect, fx.AcceptUpdate):
                 UPDATES_ACCEPTED.inc()
@@ -286,11 +288,18 @@ class RoundProtocol:
         batch = self.batch
         if batch is None or not batch.pending_writes:
             return
-        await self._execute(batch.pipe)
-        batch.written(self.redis.pipeline(transaction=True))
+        await self._execute(batch.pipe, fenced=True)
+        batch.written(await self.fenced_pipeline())
 
-    async def _execute(self, pipe: Pipeline) -> None:
-        """Execute a step's transaction, after keeping the uploads it accepts (PERSIST).
+    async def fenced_pipeline(self) -> Pipeline:
+        """A transaction started under the lease's fence (``bus/lease.py``); reset it when done."""
+        pipe = self.redis.pipeline(transaction=True)
+        await self.lease.fence(pipe)
+        return pipe
+
+    async def _execute(self, pipe: Pipeline, *, fenced: bool) -> None:
+        """Execute a step's transaction (fenced by the lease: :class:`LeaseLost` when another
+        coordinator took it since), after keeping the uploads it accepts (PERSIST).
 
         Outside the transaction because on a cluster an upload's key lives in a hash slot of its
         own (``protocol/keys.py``). Before it, so that an accepted update's upload never expires:
@@ -302,7 +311,10 @@ class RoundProtocol:
                 for key in keep:
                     keeper.persist(key)
                 await keeper.execute()
-        await pipe.execute()
+        if fenced:
+            await self.lease.execute(pipe)
+        else:
+            await pipe.execute()
 
     def _stage(self, pipe: Pipeline, state: TrainingState, effect: fx.Staged) -> None:
         match effect:

@@ -54,6 +54,44 @@ async def test_a_holder_that_stops_renewing_gives_up_before_another_can_take_ove
     assert time.monotonic() - taken_at >= 1.5 - 0.1
 
 
+async def test_a_frozen_holder_cannot_write_once_another_took_the_lease(redis: aioredis.Redis) -> None:
+    """The fence: a holder that paused past its lease (here: the key deleted, as its expiry would)
+    loses its transaction, whether the other process took the lease before or after it began."""
+    frozen, standby = (Lease(redis, "test:lease", name, ttl_s=30) for name in ("a", "b"))
+    assert await frozen.acquire()
+
+    began = redis.pipeline(transaction=True)
+    await frozen.fence(began)  # the transaction starts while "a" holds the lease ...
+    began.set("test:written-by", "a")
+    await redis.delete("test:lease")
+    assert await standby.acquire() and standby.epoch == frozen.epoch + 1  # ... and "b" takes it
+    with pytest.raises(LeaseLost):
+        await frozen.execute(began)
+    await began.reset()
+    assert await redis.get("test:written-by") is None
+
+    frozen._valid_until = time.monotonic() + 10  # its own clock still says the lease is valid
+    late = redis.pipeline(transaction=True)
+    with pytest.raises(LeaseLost):
+        await frozen.fence(late)  # a transaction begun after the take-over
+    assert not frozen.valid()
+
+    held = redis.pipeline(transaction=True)
+    await standby.fence(held)
+    held.set("test:written-by", "b")
+    assert await standby.renew()  # renewing does not move the epoch: the holder's write goes through
+    await standby.execute(held)
+    assert await redis.get("test:written-by") == b"b"
+
+
+async def test_a_restarted_holder_fences_out_its_old_self(redis: aioredis.Redis) -> None:
+    old, restarted = (Lease(redis, "test:lease", "a", ttl_s=30) for _ in range(2))
+    assert await old.acquire() and await restarted.acquire()
+    assert restarted.epoch == old.epoch + 1
+    with pytest.raises(LeaseLost):
+        await old.fence(redis.pipeline(transaction=True))
+
+
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"coordinator_lease_s": 2.0})
