@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -202,12 +202,8 @@ async def _probe(url: str, tls: RedisTls | None) -> bool:
         await probe.ping()
         try:
             await probe.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
-        except NoPermissionError:  # an ACL user provisioned before it was allowed to ask
-            return False
-        except ResponseError as exc:
-            if "cluster support disabled" in str(exc).lower():
-                return False
-            raise
+        except ResponseError:  # "cluster support disabled", a server without the command, or an
+            return False       # ACL user provisioned before it was allowed to ask
         return True
     finally:
         await probe.aclose()

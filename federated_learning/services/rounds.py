@@ -294,7 +294,11 @@ class RoundProtocol:
     async def fenced_pipeline(self) -> Pipeline:
         """A transaction started under the lease's fence (``bus/lease.py``); reset it when done."""
         pipe = self.redis.pipeline(transaction=True)
-        await self.lease.fence(pipe)
+        try:
+            await self.lease.fence(pipe)
+        except BaseException:
+            await pipe.reset()  # type: ignore[no-untyped-call]  # the connection its WATCH holds
+            raise
         return pipe
 
     async def _execute(self, pipe: Pipeline, *, fenced: bool) -> None:
