@@ -199,15 +199,16 @@ class Monitor:
         return [TrainingMetric.model_validate_json(entry) for entry in raw]
 
     async def raise_once(self, conditions: list[Condition]) -> None:
-        """Open alerts for one-off conditions (they stay open until acknowledged)."""
-        open_alerts = await self._open_alerts()
+        """Open alerts for one-off conditions (they stay open until acknowledged). Reads only the
+        open alerts of these conditions: a round that flags a thousand agents, with a thousand
+        alerts already open, costs a few round trips, not one per open alert."""
+        if not conditions:
+            return
+        open_alerts = await self._open_alerts([condition.key for condition in conditions])
         raised, _ = reconcile(open_alerts, conditions, time.time())
-        for alert in raised:
-            await self._store(alert, is_open=True)
-            await self.ctx.emit("alert", alert.message, severity=alert.severity,
-                                training_id=alert.training_id, alert=alert.model_dump(mode="json"))
-        if raised:
-            publish_open_alerts([*open_alerts.values(), *raised])
+        await self._store(raised, [])
+        for alert in raised:  # the next check sets the gauge from every open alert again
+            ALERTS_OPEN.labels(alert.severity.value).inc()
 
     async def check(self) -> None:
         """Apply the alert rules, at most every ``CHECK_EVERY_S``."""
@@ -224,14 +225,7 @@ class Monitor:
         every_open = await self._open_alerts()
         open_alerts = {k: a for k, a in every_open.items() if a.rule in RECONCILED_RULES}
         raised, resolved = reconcile(open_alerts, conditions, now)
-        for alert in raised:
-            await self._store(alert, is_open=True)
-            await self.ctx.emit("alert", alert.message, severity=alert.severity,
-                                training_id=alert.training_id, alert=alert.model_dump(mode="json"))
-        for alert in resolved:
-            await self._store(alert, is_open=False)
-            await self.ctx.emit("alert_resolved", f"resolved: {alert.message}",
-                                training_id=alert.training_id, alert=alert.model_dump(mode="json"))
+        await self._store(raised, resolved)
         gone = {alert.key for alert in resolved}
         publish_open_alerts([a for k, a in every_open.items() if k not in gone] + raised)
 
@@ -265,22 +259,35 @@ class Monitor:
                 training_id, {text(agent): [c == "1" for c in text(history)] for agent, history in outcomes.items()})
         return stalled_rounds(observations, now) + conditions
 
-    async def _open_alerts(self) -> dict[str, Alert]:
-        open_ids = await self.ctx.redis.hgetall(self.ctx.keys.open_alerts)
-        alerts = {}
-        for key, alert_id in open_ids.items():
-            raw = await self.ctx.redis.hget(self.ctx.keys.alerts, alert_id)
-            if raw is not None:
-                alerts[text(key)] = Alert.model_validate_json(raw)
-        return alerts
+    async def _open_alerts(self, keys: list[str] | None = None) -> dict[str, Alert]:
+        """Condition key -> open alert: every one, or those of condition ``keys`` (two round trips)."""
+        if keys is None:
+            open_ids = {text(key): text(alert_id)
+                        for key, alert_id in (await self.ctx.redis.hgetall(self.ctx.keys.open_alerts)).items()}
+        else:
+            found = await self.ctx.redis.hmget(self.ctx.keys.open_alerts, keys)
+            open_ids = {key: text(alert_id) for key, alert_id in zip(keys, found, strict=True) if alert_id is not None}
+        if not open_ids:
+            return {}
+        raws = await self.ctx.redis.hmget(self.ctx.keys.alerts, list(open_ids.values()))
+        return {key: Alert.model_validate_json(raw)
+                for key, raw in zip(open_ids, raws, strict=True) if raw is not None}
 
-    async def _store(self, alert: Alert, *, is_open: bool) -> None:
+    async def _store(self, raised: list[Alert], resolved: list[Alert]) -> None:
+        """Open ``raised`` and close ``resolved``, with an event each, in one transaction."""
+        if not raised and not resolved:
+            return
         async with self.ctx.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.ctx.keys.alerts, alert.alert_id, alert.model_dump_json())
-            if is_open:
+            for alert in raised:
+                pipe.hset(self.ctx.keys.alerts, alert.alert_id, alert.model_dump_json())
                 pipe.hset(self.ctx.keys.open_alerts, alert.key, alert.alert_id)
-            else:
+                self.ctx.stage_emit(pipe, "alert", alert.message, severity=alert.severity,
+                                    training_id=alert.training_id, alert=alert.model_dump(mode="json"))
+            for alert in resolved:
+                pipe.hset(self.ctx.keys.alerts, alert.alert_id, alert.model_dump_json())
                 pipe.hdel(self.ctx.keys.open_alerts, alert.key)
+                self.ctx.stage_emit(pipe, "alert_resolved", f"resolved: {alert.message}",
+                                    training_id=alert.training_id, alert=alert.model_dump(mode="json"))
             await pipe.execute()
 
 
