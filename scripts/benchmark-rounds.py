@@ -144,6 +144,10 @@ class BusTail:
     final: dict[str, tuple[str, str]] = field(default_factory=dict)
     processes: list[tuple[int, str]] = field(default_factory=list)
     """(pid, role) of the processes whose CPU time each snapshot samples."""
+    ports: dict[int, str] = field(default_factory=dict)
+    """Local TCP port -> role of the processes' connections (:func:`local_ports`), as last read."""
+    unknown_ports: set[int] = field(default_factory=set)
+    """Ports of connections no known process held at the last read (not looked for again)."""
     stop: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -163,11 +167,19 @@ class BusTail:
 
     def bytes_by_process(self) -> dict[str, int]:
         """Bytes in and out of the connections open now, summed by the process holding each
-        (found by its local port); connections of no known process count as "other"."""
-        ports = local_ports(self.processes)
+        (found by its local port); connections of no known process count as "other".
+
+        The port map is read again only when a connection's port is not in it (a new
+        connection): reading every process's sockets took 0.3 CPU s per snapshot at 1,000 agents,
+        taken from the system it measures."""
+        connections = self.client.client_list()
+        port_of = {id(c): int(str(c["addr"]).rsplit(":", 1)[1]) for c in connections}
+        if any(port not in self.ports and port not in self.unknown_ports for port in port_of.values()):
+            self.ports = local_ports(self.processes)
+            self.unknown_ports = {port for port in port_of.values() if port not in self.ports}
         totals: dict[str, int] = {}
-        for connection in self.client.client_list():
-            role = ports.get(int(str(connection["addr"]).rsplit(":", 1)[1]), "other")
+        for connection in connections:
+            role = self.ports.get(port_of[id(connection)], "other")
             role = "agents (all)" if role.startswith("agents-") else role
             totals[role] = totals.get(role, 0) + int(connection["tot-net-in"]) + int(connection["tot-net-out"])
         return totals

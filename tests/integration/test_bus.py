@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from federated_learning.bus.blobs import HEAD_PROBE_BYTES, BlobMissing, BlobStore
+from federated_learning.bus.blobs import HEAD_PROBE_BYTES, SMALL_BLOB_BYTES, BlobMissing, BlobStore
 from federated_learning.bus.consumer import StreamConsumer, ensure_group
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.tensors import (
@@ -183,6 +184,35 @@ async def test_tampered_blob_fails_its_hash(redis: aioredis.Redis) -> None:
     with pytest.raises(InvalidTensor) as info:
         await store.get(digest)
     assert info.value.reason == "hash_mismatch"
+
+
+async def test_get_each_fetches_small_blobs_together_and_large_ones_alone_in_order(redis: aioredis.Redis) -> None:
+    """Every outcome, in the order asked, whichever path a blob took (small: one pipeline per
+    SMALL_BATCH_BYTES and one checking call; large: a thread and a connection each)."""
+    store = BlobStore(redis, Keys(), max_bytes=SMALL_BLOB_BYTES * 3)
+    small = [bytes([i]) * 1000 for i in range(5)]
+    large = [bytes([9 - i]) * (SMALL_BLOB_BYTES + 1) for i in range(2)]
+    digests = [await store.put(data, owner="a1") for data in small + large]
+    tampered, oversized = await store.put(b"fine", owner="a1"), await store.put(b"x" * 10, owner="a2")
+    await redis.set(Keys().blob(tampered, "a1"), b"evil")
+    await redis.set(Keys().blob(oversized, "a2"), b"x" * (SMALL_BLOB_BYTES * 3 + 1))
+    asked = [(digests[5], "a1"), (digests[0], "a1"), ("0" * 64, "a1"), (tampered, "a1"), (digests[1], "a1"),
+             (oversized, "a2"), (digests[6], "a1"), *((d, "a1") for d in digests[2:5])]
+
+    def refuse_the_fourth_small(index: int, data: bytes) -> bytes:
+        if data == small[3]:
+            raise InvalidTensor("bad_values", "refused by the check")
+        return data
+
+    with ThreadPoolExecutor(2) as executor:
+        results = await store.get_each(asked, refuse_the_fourth_small, executor=executor)
+    store.close()
+    assert results[0] == large[0] and results[1] == small[0] and results[4] == small[1]
+    assert results[6] == large[1] and results[7] == small[2] and results[9] == small[4]
+    assert isinstance(results[2], BlobMissing)
+    assert isinstance(results[3], InvalidTensor) and results[3].reason == "hash_mismatch"
+    assert isinstance(results[5], InvalidTensor) and results[5].reason == "too_large"
+    assert isinstance(results[8], InvalidTensor) and results[8].reason == "bad_values"
 
 
 async def test_trimming_keeps_unread_and_unacknowledged_entries(redis: aioredis.Redis) -> None:
