@@ -211,11 +211,13 @@ def quantize(
     blocks = padded.reshape(num_blocks, block_size)
     minimum, step = _block_grid(blocks, levels)
     safe_step = np.where(step > 0, step, 1.0).astype(np.float64)[:, None]
-    scaled = (blocks - minimum.astype(np.float64)[:, None]) / safe_step
+    # In place on `blocks` (a copy of its own, from flatten and pad): scaled, then its fraction.
+    scaled = np.divide(np.subtract(blocks, minimum.astype(np.float64)[:, None], out=blocks), safe_step, out=blocks)
     lower = np.floor(scaled)
+    round_up = rng.random(scaled.shape) < np.subtract(scaled, lower, out=scaled)
     # float64 rounding can put a block's maximum a hair above `levels`; clamp that case only.
-    codes = np.minimum(lower + (rng.random(scaled.shape) < scaled - lower), levels)
-    codes = codes.astype(np.uint8)
+    codes = np.minimum(lower, levels).astype(np.uint8)
+    np.add(codes, round_up, out=codes, where=codes < levels)
     codes = codes.ravel()[: flat.size]
     if bits == 4:
         codes = np.pad(codes, (0, codes.size % 2))
@@ -261,9 +263,11 @@ def decompress(compressed: CompressedUpdate) -> list[NDArray[np.float32]]:
         codes, bits, minimum, step = _quantized_arrays(compressed)
         if bits == 4:
             codes = np.stack([codes & 0x0F, codes >> 4], axis=1).ravel()
-        block = np.arange(compressed.size) // compressed.block_size
-        flat = (minimum.astype(np.float64)[block] + codes[: compressed.size] * step.astype(np.float64)[block]
-                ).astype(np.float32)
+        block_size = compressed.block_size
+        by_block = np.zeros(minimum.size * block_size, np.uint8)
+        by_block[: compressed.size] = codes[: compressed.size]
+        flat = (minimum.astype(np.float64)[:, None] + by_block.reshape(minimum.size, block_size)
+                * step.astype(np.float64)[:, None]).ravel()[: compressed.size].astype(np.float32)
     return [np.asarray(layer, dtype=np.float32) for layer in unflatten(flat, compressed.shapes)]
 
 
