@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from federated_learning.bus.connection import connect, redacted, with_credentials
+from federated_learning.bus.connection import connect, keys_for, redacted, with_credentials
 from federated_learning.config import REDIS_ADMIN_URL_ENV, Settings
 from federated_learning.deploy import acl
 from federated_learning.protocol.keys import Keys
@@ -90,7 +90,7 @@ async def provision_users(settings: Settings, admin_url: str, data_dir: Path,
     """Connect as an administrator and create or update the role users and ``agent_ids``'s."""
     admin = await connect(admin_url, settings, attempts=settings.redis_connect_attempts)
     try:
-        return await acl.provision(admin, Keys(settings.redis_key_prefix), data_dir,
+        return await acl.provision(admin, keys_for(admin, settings.redis_key_prefix), data_dir,
                                    agent_ids, save=save)
     finally:
         await admin.aclose()

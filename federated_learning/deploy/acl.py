@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from federated_learning.bus.connection import is_cluster
@@ -39,9 +40,11 @@ SECRETS_FOLDER = "redis-acl"
 AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 """The protocol's identifier rule; it also keeps glob characters out of ACL key patterns."""
 
-CONNECT_COMMANDS = ("+ping", "+client|setinfo", "+cluster|info")
-"""What any client sends by itself: health checks, redis-py's library name on connect, and the
-question whether the server is a cluster (``bus/connection.py``)."""
+CONNECT_COMMANDS = ("+ping", "+client|setinfo", "+cluster|info", "+cluster|slots", "+cluster|shards",
+                    "+command")
+"""What any client sends by itself: health checks, redis-py's library name on connect, the
+question whether the server is a cluster (``bus/connection.py``) and, on a cluster, the slot map
+and the command table a cluster client reads (metadata only, no keys)."""
 SERVICE_COMMANDS = ("+@all", "-@admin", "-@dangerous", "+info")
 DASHBOARD_COMMANDS = ("+@read", "+@write", "+@transaction", "+@connection", "-@admin",
                       "-@dangerous", "+info")
@@ -161,28 +164,25 @@ async def provision(admin: aioredis.Redis, keys: Keys, data_dir: Path,
     running processes. With ``save`` the rules are then written to the server's ACL file
     when it has one (the embedded server needs none: the launcher provisions at each start).
     """
-    if is_cluster(admin):
-        # ACL SETUSER reaches one node of a cluster, and the agents' users would need the
-        # topology commands too: not provisioned by us yet (docs/decisions/0013-valkey-cluster.md).
-        raise AclError("Redis ACL mode on a cluster is not supported yet: set redis_acl to false and "
-                       "protect the cluster's nodes with one password (requirepass and masterauth)")
+    # A cluster keeps ACL users per node, replicas included: each is set on every node.
+    every_node = {"target_nodes": RedisCluster.ALL_NODES} if is_cluster(admin) else {}
     users = role_users(keys) + [agent_user(keys, agent_id) for agent_id in agent_ids]
     for user in users:
         password = password_for(data_dir, user.name, create=True)
         try:
             await admin.execute_command(  # type: ignore[no-untyped-call]
-                "ACL", "SETUSER", *user.setuser_arguments(password))
+                "ACL", "SETUSER", *user.setuser_arguments(password), **every_node)
         except ResponseError as exc:
             raise AclError(f"the server refused ACL SETUSER for '{user.name}': {exc}") from exc
     if save:
-        await _save_acl(admin)
+        await _save_acl(admin, every_node)
     log.info("provisioned %d Redis ACL users (passwords in %s)", len(users), secrets_dir(data_dir))
     return [user.name for user in users]
 
 
-async def _save_acl(admin: aioredis.Redis) -> None:
+async def _save_acl(admin: aioredis.Redis, every_node: dict[str, str]) -> None:
     try:
-        await admin.execute_command("ACL", "SAVE")  # type: ignore[no-untyped-call]
+        await admin.execute_command("ACL", "SAVE", **every_node)  # type: ignore[no-untyped-call]
     except ResponseError as exc:
         log.warning("ACL users are live but not saved on the server (%s); re-run the "
                     "provisioning after a server restart, or configure an aclfile", exc)

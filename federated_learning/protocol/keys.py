@@ -311,8 +311,8 @@ class Keys:
     # -- access-control patterns (Redis ACL key globs) -------------------------
     @property
     def all_keys_pattern(self) -> str:
-        """Every key of this deployment (the services' ACL user)."""
-        return self._k("*")
+        """Every key of this deployment, blobs included (the services' ACL user)."""
+        return self._blob_k("*")
 
     @property
     def blob_pattern(self) -> str:

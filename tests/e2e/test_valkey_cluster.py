@@ -1,4 +1,4 @@
-"""Training through a 3-shard Valkey Cluster whose primaries fail over mid-training.
+"""Training through a 3-shard Valkey Cluster whose primaries fail over mid-training, in ACL mode.
 
 The cluster is the bundled ``valkey-server``, 3 primaries and 3 replicas, created with the
 bundled ``valkey-cli`` (``deploy/cluster.py``). The deployment is given one node's URL: services and
@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from agents.client import FederatedClient
 from agents.data import make_client_datasets
-from federated_learning.bus.connection import connect, is_cluster
+from federated_learning.bus.connection import connect, is_cluster, with_credentials
+from federated_learning.deploy import acl
 from federated_learning.deploy.cluster import LocalCluster
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import VersionRecord
@@ -32,6 +35,7 @@ pytestmark = pytest.mark.e2e
 ROUNDS = 5
 PASSWORD = "cluster-test-password"
 KEYS = Keys(cluster=True)
+AGENTS = [f"agent-{i:03d}" for i in range(8)]
 
 
 @pytest.fixture
@@ -43,8 +47,10 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
 
 @pytest.fixture
 def cluster_deployment(tmp_path: Path, cluster: LocalCluster) -> Iterator[Deployment]:
+    """In ACL mode: the launcher provisions the role users and the agents' users on every node."""
     deployed = Deployment(tmp_path / "data")
-    deployed.env["FL_REDIS_URL"] = cluster.url
+    deployed.env.update({"FL_REDIS_URL": cluster.url, "FL_REDIS_ACL": "true", "FL_REDIS_ADMIN_URL": cluster.url,
+                         "FL_REDIS_ACL_AGENTS": json.dumps(AGENTS)})
     deployed.data_dir.mkdir(parents=True)
     deployed.start()
     yield deployed
@@ -53,10 +59,12 @@ def cluster_deployment(tmp_path: Path, cluster: LocalCluster) -> Iterator[Deploy
 
 @pytest.fixture
 async def cluster_agents(cluster: LocalCluster, cluster_deployment: Deployment) -> AsyncIterator[list[FederatedClient]]:
-    clients, _ = make_client_datasets(8, "dirichlet:0.5", 0)
+    clients, _ = make_client_datasets(len(AGENTS), "dirichlet:0.5", 0)
     started = []
-    for data in clients:
-        agent = FederatedClient(f"agent-{data.client_id:03d}", redis_url=cluster.url, heartbeat_interval_s=0.5)
+    for agent_id, data in zip(AGENTS, clients, strict=True):
+        user = acl.agent_user_name(KEYS, agent_id)
+        login = with_credentials(cluster.url, user, acl.password_for(cluster_deployment.data_dir, user, create=False))
+        agent = FederatedClient(agent_id, redis_url=login, heartbeat_interval_s=0.5)
         agent.add_dataset("digits", data.train.x, data.train.y, x_eval=data.eval.x, y_eval=data.eval.y)
         started.append(agent)
     await asyncio.gather(*(a.initialize() for a in started))
@@ -118,4 +126,6 @@ async def test_a_training_survives_failovers_of_the_control_shard_and_a_blob_sha
             assert stored is None or hashlib.sha256(stored).hexdigest() == record.model_digest
         shards = {cluster.owner_of(KEYS.blob(r.model_digest)).primary_port for r in records}
         assert len(shards) > 1, "every version's blob is on one shard"
+    denied = await observer.execute_command("ACL", "LOG", target_nodes=RedisCluster.ALL_NODES)
+    assert not any(denied.values()), f"a role was denied a command it used: {denied}"
     await observer.aclose()

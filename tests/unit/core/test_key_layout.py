@@ -65,6 +65,8 @@ def test_the_access_patterns_still_match_on_a_cluster() -> None:
     """The ACL globs (services: every key; agents: their uploads; readers: the blobs)."""
     keys = Keys("fl", cluster=True)
     assert fnmatchcase(keys.update_stream, keys.all_keys_pattern)
+    assert fnmatchcase(keys.blob(BlobDigest("ab" * 32)), keys.all_keys_pattern)
+    assert fnmatchcase(keys.blob(BlobDigest("ab" * 32), AGENT), keys.all_keys_pattern)
     assert fnmatchcase(keys.blob(BlobDigest("ab" * 32)), keys.blob_pattern)
     assert fnmatchcase(keys.blob(BlobDigest("ab" * 32), AGENT), keys.upload_pattern(AGENT))
     assert not fnmatchcase(keys.blob(BlobDigest("ab" * 32), "agent-002"), keys.upload_pattern(AGENT))
