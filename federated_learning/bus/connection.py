@@ -97,36 +97,31 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}" if user else f"***@{host}"))
 
 
-def _client(url: str, tls: RedisTls | None, retries: int) -> aioredis.Redis:
-    kwargs: dict[str, object] = {
-        "retry": Retry(ExponentialBackoff(cap=5.0, base=0.05) if retries else NoBackoff(), retries),
-        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
-        "health_check_interval": 15,
-        "socket_keepalive": True,
-        "max_connections": 10_000,
-    }
+def _connection_kwargs(url: str, tls: RedisTls | None) -> dict[str, object]:
+    """What every client of ours sets: health checks, keepalive, a pool large enough for the
+    blocking reads of many consumers, and for ``rediss://`` a certificate that is checked."""
+    kwargs: dict[str, object] = {"health_check_interval": 15, "socket_keepalive": True, "max_connections": 10_000}
     if url.startswith("rediss://"):
         # Explicit, whatever the redis-py version's defaults: the server's certificate must be
         # valid and name the host we dialled.
         kwargs.update({"ssl_cert_reqs": "required", "ssl_check_hostname": True})
         if tls is not None:
             kwargs.update(tls.redis_kwargs())
+    return kwargs
+
+
+def _client(url: str, tls: RedisTls | None, retries: int) -> aioredis.Redis:
+    kwargs = {**_connection_kwargs(url, tls),
+              "retry": Retry(ExponentialBackoff(cap=5.0, base=0.05) if retries else NoBackoff(), retries),
+              "retry_on_error": [RedisConnectionError, RedisTimeoutError]}
     return aioredis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
 
 
-def _cluster_client(url: str, tls: RedisTls | None, retries: int) -> aioredis.Redis:
+def _cluster_client(url: str, tls: RedisTls | None) -> aioredis.Redis:
     """A cluster client seeded with ``url``'s node. A command whose node went away waits for the
     cluster to promote a replica: the client re-reads the slot map between its retries."""
-    kwargs: dict[str, object] = {
-        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), max(retries, 1) * 2),
-        "health_check_interval": 15,
-        "socket_keepalive": True,
-        "max_connections": 10_000,
-    }
-    if url.startswith("rediss://"):
-        kwargs.update({"ssl_cert_reqs": "required", "ssl_check_hostname": True})
-        if tls is not None:
-            kwargs.update(tls.redis_kwargs())
+    kwargs = {**_connection_kwargs(url, tls),
+              "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), 2 * OPERATION_RETRIES)}
     # The cluster client offers the same commands, pipelines and transactions (one slot each)
     # under another class; the services are written against ``aioredis.Redis``.
     return cast(aioredis.Redis, RedisCluster.from_url(url, **kwargs))
@@ -223,7 +218,7 @@ async def connect(url: str, settings: Settings | None = None, *, attempts: int =
     for attempt in range(1, attempts + 1):
         try:
             if await _probe(url, tls):
-                cluster = _cluster_client(url, tls, OPERATION_RETRIES)
+                cluster = _cluster_client(url, tls)
                 # Learn every node now: it can then find the slots' new primaries even if the
                 # node in ``url`` is the one that fails.
                 await cast(RedisCluster, cluster).initialize()
