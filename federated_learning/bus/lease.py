@@ -21,6 +21,7 @@ import time
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import WatchError
 
 from federated_learning.bus.consumer import StopConsuming
@@ -34,7 +35,8 @@ end
 return 0
 """
 _ACQUIRE_LUA = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[1]) == ARGV[1] then
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+   or (ARGV[3] == '1' and redis.call('GET', KEYS[1]) == ARGV[1]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return redis.call('INCR', KEYS[2])
 end
@@ -65,6 +67,9 @@ class Lease:
         """Incremented by every take of the lease (its hash tag, if any, is the lease key's)."""
         self.epoch = 0
         """The epoch of this process's take; 0 before the first."""
+        self._superseded = False
+        """Another take moved the epoch past ours: a process under our name (a restart) may hold
+        the lease now, so we no longer take it back by name, only once it is free."""
         self._valid_until = 0.0
 
     @property
@@ -82,37 +87,44 @@ class Lease:
 
     async def acquire(self) -> bool:
         """Take the lease when nobody holds it, or take it back when it is in this holder's name
-        (a restart); either way as a new epoch."""
+        (a restart), unless this process was fenced out since; either way as a new epoch."""
         sent = time.monotonic()
         epoch = int(await self._redis.eval(_ACQUIRE_LUA, 2, self.key, self.epoch_key, self.holder,
-                                           str(self.ttl_ms)))
+                                           str(self.ttl_ms), "0" if self._superseded else "1"))
         if not epoch:
             return False
-        self.epoch = epoch
+        self.epoch, self._superseded = epoch, False
         self._valid_until = sent + self.ttl_ms / 1000 - self.margin_s
         return True
 
     async def fence(self, pipe: Pipeline) -> None:
         """Start ``pipe``'s transaction fenced by the lease: WATCH the epoch, check it is this
-        process's, then MULTI. Raises :class:`LeaseLost` when it is not; the transaction's EXEC
-        fails with :class:`~redis.exceptions.WatchError` (see :meth:`execute`) when another
-        process takes the lease before it."""
+        process's, then MULTI. Raises :class:`LeaseLost` when it is not (the caller resets
+        ``pipe``); the transaction's EXEC fails (see :meth:`execute`) when another process takes
+        the lease before it."""
         self.check()
         await pipe.watch(self.epoch_key)
         now = await pipe.get(self.epoch_key)
         if int(now or 0) != self.epoch:
-            await pipe.reset()  # type: ignore[no-untyped-call]
-            self._valid_until = 0.0
+            self._valid_until, self._superseded = 0.0, True
             raise LeaseLost(f"lease {self.key} was taken by another holder (epoch {int(now or 0)}, "
                             f"{self.holder} took {self.epoch})")
         pipe.multi()  # type: ignore[no-untyped-call]
 
     async def execute(self, pipe: Pipeline) -> list[object]:
-        """EXEC a transaction :meth:`fence` started; :class:`LeaseLost` when the epoch moved."""
+        """EXEC a transaction :meth:`fence` started; :class:`LeaseLost` when the epoch moved.
+
+        A watched connection that drops also fails the EXEC (redis-py raises WatchError): then
+        the epoch is read again, and an unmoved one makes it the connection error it was.
+        """
         try:
             return await pipe.execute()
         except WatchError as exc:
-            self._valid_until = 0.0
+            now = int(await self._redis.get(self.epoch_key) or 0)
+            if now == self.epoch:
+                raise RedisConnectionError(f"a transaction fenced by lease {self.key} was not run "
+                                           "(its connection dropped); the lease is still held") from exc
+            self._valid_until, self._superseded = 0.0, True
             raise LeaseLost(f"lease {self.key} was taken by another holder before {self.holder} "
                             "wrote") from exc
 

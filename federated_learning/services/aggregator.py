@@ -279,7 +279,8 @@ class Aggregator:
         async with self.ctx.redis.pipeline(transaction=True) as pipe:
             try:
                 await pipe.watch(marker)
-                if await pipe.exists(marker):
+                # GET, not EXISTS: a cluster pipeline splits EXISTS by slot and answers with itself.
+                if await pipe.get(marker) is not None:
                     return
                 pipe.multi()  # type: ignore[no-untyped-call]
                 for agent_id, contribution in contributions.items():

@@ -284,14 +284,15 @@ class Coordinator(RoundProtocol):
     async def on_upload_batch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         """Handle a read of the update stream in order, as ``on_upload`` would one by one, with the
         reads done up front and the writes in one transaction (:mod:`~federated_learning.services.notice_batch`)."""
-        self.batch = NoticeBatch(await self.fenced_pipeline())
+        self.batch = batch = NoticeBatch()
         try:
-            await self._prefetch(self.batch, entries)
+            await self._prefetch(batch, entries)
             for entry_id, fields in entries:
                 await self.on_upload(entry_id, fields)
             await self.flush_batch()
         finally:
-            await self.batch.pipe.reset()  # type: ignore[no-untyped-call]  # its WATCH's connection
+            if batch.pipe is not None:  # a batch that failed part-way: its WATCH's connection back
+                await batch.pipe.reset()  # type: ignore[no-untyped-call]
             self.batch = None
 
     async def _prefetch(self, batch: NoticeBatch, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:

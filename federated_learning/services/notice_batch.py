@@ -43,8 +43,9 @@ class DuplicateFlags:
 
 @dataclass
 class NoticeBatch:
-    pipe: Pipeline
-    """The pending transaction: the writes of the batch's steps, in order."""
+    pipe: Pipeline | None = None
+    """The pending transaction: the writes of the batch's steps, in order; begun (under the
+    lease's fence) at the first write after the batch starts or after it was executed."""
     notices: dict[bytes, UpdateSubmitted] = field(default_factory=dict)
     """The batch's update notices by entry id, decoded once."""
     heads: dict[tuple[str, str], BlobHead] = field(default_factory=dict)
@@ -71,9 +72,9 @@ class NoticeBatch:
         read = self.accepted_counts.get(key)
         return None if read is None else read + len(self.accepted_here.get(key, ()))
 
-    def written(self, fresh_pipe: Pipeline) -> None:
-        """The pending transaction was executed: start a new one and drop what it may have changed."""
-        self.pipe = fresh_pipe
+    def written(self) -> None:
+        """The pending transaction was executed: drop it and what it may have changed."""
+        self.pipe = None
         self.pending_writes = 0
         self.duplicates.clear()
         self.accepted_counts.clear()

@@ -249,7 +249,9 @@ class RoundProtocol:
         if batch is not None and any(not isinstance(e, (*STAGED, *EVENTS, *BATCHED_FOLLOW_UPS)) for e in effects):
             await self.flush_batch()  # a follow-up that reads what the batch wrote
             batch = None
-        if batch is not None:
+        if batch is not None and (staged or events):
+            if batch.pipe is None:
+                batch.pipe = await self.fenced_pipeline()
             for write in staged:
                 self._stage(batch.pipe, state, write)
                 if isinstance(write, fx.AcceptUpdate):
@@ -286,10 +288,14 @@ class RoundProtocol:
     async def flush_batch(self) -> None:
         """Execute the notice batch's pending writes (one transaction)."""
         batch = self.batch
-        if batch is None or not batch.pending_writes:
+        if batch is None or batch.pipe is None or not batch.pending_writes:
             return
-        await self._execute(batch.pipe, fenced=True)
-        batch.written(await self.fenced_pipeline())
+        pipe, batch.pipe = batch.pipe, None
+        try:
+            await self._execute(pipe, fenced=True)
+        finally:
+            await pipe.reset()  # type: ignore[no-untyped-call]  # the connection its WATCH held
+        batch.written()
 
     async def fenced_pipeline(self) -> Pipeline:
         """A transaction started under the lease's fence (``bus/lease.py``); reset it when done."""

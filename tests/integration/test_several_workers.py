@@ -10,6 +10,7 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from federated_learning.bus.lease import Lease, LeaseLost
 from federated_learning.config import Settings
@@ -71,9 +72,9 @@ async def test_a_frozen_holder_cannot_write_once_another_took_the_lease(redis: a
     assert await redis.get("test:written-by") is None
 
     frozen._valid_until = time.monotonic() + 10  # its own clock still says the lease is valid
-    late = redis.pipeline(transaction=True)
-    with pytest.raises(LeaseLost):
-        await frozen.fence(late)  # a transaction begun after the take-over
+    async with redis.pipeline(transaction=True) as late:
+        with pytest.raises(LeaseLost):
+            await frozen.fence(late)  # a transaction begun after the take-over
     assert not frozen.valid()
 
     held = redis.pipeline(transaction=True)
@@ -84,12 +85,42 @@ async def test_a_frozen_holder_cannot_write_once_another_took_the_lease(redis: a
     assert await redis.get("test:written-by") == b"b"
 
 
-async def test_a_restarted_holder_fences_out_its_old_self(redis: aioredis.Redis) -> None:
+async def test_a_restarted_holder_fences_out_its_old_self_which_then_stands_by(redis: aioredis.Redis) -> None:
     old, restarted = (Lease(redis, "test:lease", "a", ttl_s=30) for _ in range(2))
     assert await old.acquire() and await restarted.acquire()
     assert restarted.epoch == old.epoch + 1
-    with pytest.raises(LeaseLost):
-        await old.fence(redis.pipeline(transaction=True))
+    async with redis.pipeline(transaction=True) as pipe:
+        with pytest.raises(LeaseLost):
+            await old.fence(pipe)
+    assert not await old.acquire(), "the fenced-out process took the lease back by name"
+    held = redis.pipeline(transaction=True)
+    await restarted.fence(held)  # the restart still holds its epoch
+    await held.reset()
+    await redis.delete("test:lease")
+    assert await old.acquire(), "once the lease is free, the old process may take it like any other"
+
+
+async def test_a_dropped_connection_is_not_a_lost_lease(redis: aioredis.Redis) -> None:
+    """redis-py fails the EXEC of a watched connection that dropped with WatchError; the lease
+    tells that apart from a take-over by reading the epoch again."""
+    holder = Lease(redis, "test:lease", "a", ttl_s=30)
+    assert await holder.acquire()
+    pipe = redis.pipeline(transaction=True)
+    await holder.fence(pipe)
+    pipe.set("test:written-by", "a")
+    watching = pipe.connection
+    assert watching is not None
+    await watching.send_command("CLIENT", "ID")
+    await redis.execute_command("CLIENT", "KILL", "ID", await watching.read_response())  # it drops
+    with pytest.raises(RedisConnectionError):
+        await holder.execute(pipe)
+    await pipe.reset()
+    assert holder.valid()
+    again = redis.pipeline(transaction=True)
+    await holder.fence(again)
+    again.set("test:written-by", "a")
+    await holder.execute(again)
+    assert await redis.get("test:written-by") == b"a"
 
 
 @pytest.fixture
