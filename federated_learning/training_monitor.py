@@ -6,7 +6,7 @@ One object over a deployment's Redis with the method names of the original desig
 dashboard's ``/api/system/health`` and ``/api/alerts`` answer through it, so a script
 that uses this API sees what the page sees:
 
-    client = redis.asyncio.Redis.from_url(deployment_redis_url)
+    client = await federated_learning.bus.connection.connect(deployment_redis_url)
     monitor = TrainingMonitor(client, keys_for(client, settings.redis_key_prefix))
     progress = await monitor.get_training_progress("my-training")
     critical = await monitor.get_alerts("my-training", "critical")

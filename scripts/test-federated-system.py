@@ -50,7 +50,7 @@ import websockets
 from agents.data import ClientData, Dataset, make_client_datasets
 from agents.fleet import Endpoints, Membership, OrgFleet, flower_available
 from agents.http_sync import SyncFailed, sync_once
-from federated_learning.bus.connection import connect
+from federated_learning.bus.connection import connect, keys_for
 from federated_learning.bus.embedded import free_port
 from federated_learning.config import ConfigError, load_settings
 from federated_learning.deploy.local import DeploymentFailed, LocalDeployment, stop_on_sigterm
@@ -191,6 +191,7 @@ class SystemTest:
 
     async def run(self) -> None:
         self.redis = await connect(self.target.redis_url, attempts=3)
+        self.keys = keys_for(self.redis, self.target.key_prefix)  # a cluster's layout, when it is one
         try:
             async with httpx.AsyncClient(base_url=self.target.dashboard_url, timeout=60.0) as self.http:
                 await self._scenario()

@@ -52,26 +52,29 @@ def blocking_client_like(client: aioredis.Redis) -> redis_sync.Redis:
     connection_class = _SYNC_CONNECTIONS.get(pool.connection_class.__name__)
     if connection_class is None:
         raise TypeError(f"no blocking counterpart of {pool.connection_class.__name__}")
-    settings: dict[str, Any] = {name: value for name, value in pool.connection_kwargs.items()
-                                if name in _SYNC_SETTINGS or name.startswith("ssl_")}
-    if settings.get("socket_timeout") is None:
-        settings["socket_timeout"] = BULK_SOCKET_TIMEOUT_S
+    settings = _blocking_settings(pool.connection_kwargs, _SYNC_SETTINGS)
     return redis_sync.Redis(connection_pool=redis_sync.ConnectionPool(
         connection_class=connection_class, socket_read_size=BULK_READ_BYTES,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), BULK_RETRIES),
         retry_on_error=[RedisConnectionError, RedisTimeoutError], **settings))
 
 
+def _blocking_settings(given: dict[str, Any], names: frozenset[str]) -> dict[str, Any]:
+    """The connection settings of ``given`` a blocking client takes (``names`` and TLS files),
+    with a socket timeout of :data:`BULK_SOCKET_TIMEOUT_S` unless ``given`` set one."""
+    settings = {name: value for name, value in given.items() if name in names or name.startswith("ssl_")}
+    if settings.get("socket_timeout") is None:
+        settings["socket_timeout"] = BULK_SOCKET_TIMEOUT_S
+    return settings
+
+
 def _blocking_cluster_like(client: AsyncRedisCluster) -> redis_sync.Redis:
     """The blocking counterpart of a cluster client: seeded with the nodes it knows, the same
     user, password and TLS files."""
     given = client.nodes_manager.connection_kwargs
-    settings: dict[str, Any] = {name: value for name, value in given.items()
-                                if name in _SYNC_SETTINGS - {"host", "port", "path", "db"} or name.startswith("ssl_")}
+    settings = _blocking_settings(given, _SYNC_SETTINGS - {"host", "port", "path", "db"})
     if given.get("connection_class") is not None and "SSL" in given["connection_class"].__name__:
         settings["ssl"] = True
-    if settings.get("socket_timeout") is None:
-        settings["socket_timeout"] = BULK_SOCKET_TIMEOUT_S
     nodes = [SyncClusterNode(node.host, node.port) for node in client.get_nodes()]  # type: ignore[no-untyped-call]
     # Typed as the plain client, like the asyncio cluster client (``bus/connection.py``).
     return cast(redis_sync.Redis, SyncRedisCluster(
@@ -153,7 +156,7 @@ class BlobStore:
         ``executor`` (on its own connection of a blocking client, see :func:`blocking_client_like`),
         so as many blobs are in flight as the executor has threads, each checked as it arrives.
         Blobs of up to :data:`SMALL_BLOB_BYTES` go together instead: one pipeline per
-        :data:`SMALL_BATCH_BYTES`, checked in one call on a thread. A blob's :class:`BlobMissing`
+        :data:`SMALL_BATCH_BYTES`, one batch after the other, each checked in one call on a thread. A blob's :class:`BlobMissing`
         or :class:`InvalidTensor` (``too_large``, ``hash_mismatch``, or raised by ``then``) is its
         result; any other exception propagates.
         """
@@ -198,7 +201,12 @@ class BlobStore:
             for index, result in zip(indices, checked, strict=True):
                 results[index] = result
 
-        await asyncio.gather(*(together(indices) for indices in small if indices), *(one(index) for index in large))
+        async def small_ones() -> None:  # one batch at a time: at most SMALL_BATCH_BYTES read ahead
+            for indices in small:
+                if indices:
+                    await together(indices)
+
+        await asyncio.gather(small_ones(), *(one(index) for index in large))
         return cast("list[T | BlobMissing | InvalidTensor]", results)
 
     def _checked_each(self, indices: list[int], digests: list[BlobDigest], found: list[bytes | None],

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -197,8 +197,12 @@ async def _probe(url: str, tls: RedisTls | None) -> bool:
         await probe.ping()
         try:
             await probe.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
-        except ResponseError:  # "cluster support disabled", a server without the command, or an
-            return False       # ACL user provisioned before it was allowed to ask
+        except NoPermissionError:
+            log.warning("this Redis user may not run CLUSTER INFO (provisioned by an older version?): "
+                        "taking the server for a standalone one; provision the users again if it is a cluster")
+            return False
+        except ResponseError:  # "cluster support disabled", or a server without the command
+            return False
         return True
     finally:
         await probe.aclose()
@@ -219,9 +223,13 @@ async def connect(url: str, settings: Settings | None = None, *, attempts: int =
         try:
             if await _probe(url, tls):
                 cluster = _cluster_client(url, tls)
-                # Learn every node now: it can then find the slots' new primaries even if the
-                # node in ``url`` is the one that fails.
-                await cast(RedisCluster, cluster).initialize()
+                try:
+                    # Learn every node now: it can then find the slots' new primaries even if the
+                    # node in ``url`` is the one that fails.
+                    await cast(RedisCluster, cluster).initialize()
+                except BaseException:
+                    await cluster.aclose()
+                    raise
                 return cluster
             return client_from_url(url, tls=tls)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import redis
 
@@ -34,9 +34,11 @@ CREATE_TIMEOUT_S = 60.0
 
 @dataclass(frozen=True)
 class SlotOwner:
-    """The primary that serves a hash slot now, and its replicas' ports."""
+    """The primary that serves a range of hash slots now, and its replicas' ports."""
 
     slot: int
+    """The range's first slot."""
+    last_slot: int
     primary_port: int
     replica_ports: tuple[int, ...]
 
@@ -103,7 +105,7 @@ class LocalCluster:
         return redis.Redis(host=self.host, port=node.port, password=self.password, socket_connect_timeout=0.5,
                            socket_timeout=2.0)
 
-    def _ask(self, node: EmbeddedValkey, *command: str) -> object:
+    def _ask(self, node: EmbeddedValkey, *command: str) -> Any:
         client = self._client(node)
         try:
             return client.execute_command(*command)  # type: ignore[no-untyped-call]
@@ -128,10 +130,9 @@ class LocalCluster:
     def replicated(self) -> bool:
         """Every slot range's primary has its replicas attached."""
         try:
-            ranges = self._ask(self.live_nodes()[0], "CLUSTER", "SLOTS")
+            return all(len(owner.replica_ports) >= self.replicas for owner in self.owners())
         except redis.RedisError:
             return False
-        return all(len(replicas) >= self.replicas for _, _, _, *replicas in ranges)  # type: ignore[attr-defined]
 
     def wait_healthy(self, timeout_s: float = CREATE_TIMEOUT_S) -> None:
         """Until :meth:`cluster_ok`; raises :class:`EmbeddedServerError` after ``timeout_s``."""
@@ -143,20 +144,22 @@ class LocalCluster:
         raise EmbeddedServerError(f"the cluster did not serve every slot within {timeout_s:.0f}s")
 
     def owners(self) -> list[SlotOwner]:
-        """Who serves each slot range now, one entry per range (``slot``: the range's first),
-        as a live node sees it."""
+        """Who serves each slot range now, one entry per range, as a live node sees it."""
         ranges = self._ask(self.live_nodes()[0], "CLUSTER", "SLOTS")
-        return [SlotOwner(int(start), int(primary[1]), tuple(int(replica[1]) for replica in replicas))
-                for start, _, primary, *replicas in ranges]  # type: ignore[attr-defined]
+        return [SlotOwner(int(first), int(last), int(primary[1]), tuple(int(replica[1]) for replica in replicas))
+                for first, last, primary, *replicas in ranges]
 
     def owner_of(self, key: str) -> SlotOwner:
         """Which primary serves ``key``'s slot now (asked of a live node)."""
-        node = self.live_nodes()[0]
-        slot = int(self._ask(node, "CLUSTER", "KEYSLOT", key))  # type: ignore[call-overload]
-        for start, end, primary, *replicas in self._ask(node, "CLUSTER", "SLOTS"):  # type: ignore[attr-defined]
-            if int(start) <= slot <= int(end):
-                return SlotOwner(slot, int(primary[1]), tuple(int(replica[1]) for replica in replicas))
+        slot = int(self._ask(self.live_nodes()[0], "CLUSTER", "KEYSLOT", key))
+        for owner in self.owners():
+            if owner.slot <= slot <= owner.last_slot:
+                return owner
         raise LookupError(f"no node serves slot {slot}")
+
+    def key_count(self, port: int) -> int:
+        """How many keys the node on ``port`` holds (DBSIZE)."""
+        return int(self._ask(self.node_on(port), "DBSIZE"))
 
     def primary_ports(self) -> set[int]:
         return {owner.primary_port for owner in self.owners()}

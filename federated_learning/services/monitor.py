@@ -278,15 +278,15 @@ class Monitor:
         if not raised and not resolved:
             return
         async with self.ctx.redis.pipeline(transaction=True) as pipe:
-            for alert in raised:
+            for alert, opened in [*((a, True) for a in raised), *((a, False) for a in resolved)]:
                 pipe.hset(self.ctx.keys.alerts, alert.alert_id, alert.model_dump_json())
-                pipe.hset(self.ctx.keys.open_alerts, alert.key, alert.alert_id)
-                self.ctx.stage_emit(pipe, "alert", alert.message, severity=alert.severity,
-                                    training_id=alert.training_id, alert=alert.model_dump(mode="json"))
-            for alert in resolved:
-                pipe.hset(self.ctx.keys.alerts, alert.alert_id, alert.model_dump_json())
-                pipe.hdel(self.ctx.keys.open_alerts, alert.key)
-                self.ctx.stage_emit(pipe, "alert_resolved", f"resolved: {alert.message}",
+                if opened:
+                    pipe.hset(self.ctx.keys.open_alerts, alert.key, alert.alert_id)
+                else:
+                    pipe.hdel(self.ctx.keys.open_alerts, alert.key)
+                self.ctx.stage_emit(pipe, "alert" if opened else "alert_resolved",
+                                    alert.message if opened else f"resolved: {alert.message}",
+                                    severity=alert.severity if opened else Severity.INFO,
                                     training_id=alert.training_id, alert=alert.model_dump(mode="json"))
             await pipe.execute()
 

@@ -131,8 +131,9 @@ class PrivacyManager:
     async def discard_unnoised(self, ready: AggregateReady, released_digest: str) -> None:
         """Delete the aggregate's un-noised model once ``released_digest`` (its noised version) is
         released. Kept when nothing was noised, or when the same bytes are a committed version's
-        model or state of the training: the check is a transaction (WATCH on the version index)
-        that fails if a version was committed meanwhile, and the delete follows it at once."""
+        model or state of the training: the check and the delete are one transaction against a
+        version committed meanwhile (WATCH on the version index); on a cluster, where the blob
+        lives in another hash slot, the delete follows that transaction at once."""
         if ready.model_digest == released_digest:
             return
         versions = self.ctx.keys.versions(ready.training_id)
@@ -145,11 +146,15 @@ class PrivacyManager:
                         log.warning("training %s round %d: the un-noised aggregate %s is also a committed "
                                     "version's blob; kept", ready.training_id, ready.round, ready.model_digest)
                         return
-                    # EXEC of nothing: it fails if a version was committed since the WATCH. The
-                    # blob's key is in another hash slot on a cluster, so it is unlinked after.
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    await pipe.execute()
-                    await self.ctx.blobs.discard([(ready.model_digest, None)])
+                    if self.ctx.keys.cluster:
+                        # The blob's key is in another hash slot: EXEC of nothing fails if a
+                        # version was committed since the WATCH, and the blob goes right after.
+                        await pipe.execute()
+                        await self.ctx.blobs.discard([(ready.model_digest, None)])
+                    else:
+                        pipe.unlink(self.ctx.keys.blob(ready.model_digest))
+                        await pipe.execute()
                     return
                 except WatchError:
                     continue

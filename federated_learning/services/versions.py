@@ -98,13 +98,14 @@ class VersionManager:
             if record.version not in doomed:
                 continue
             await asyncio.to_thread(self.checkpoints.delete, training_id, record.version)
+            # The bus blob before the record (another hash slot on a cluster): a crash in between
+            # leaves a record this pass deletes again, never a blob no record names.
+            if record.model_digest != (state.current_digest if state else None):
+                await self.ctx.blobs.discard([(record.model_digest, None)])
             pruned = record.model_copy(update={"pruned_at": time.time()})
             async with self.ctx.redis.pipeline(transaction=True) as pipe:
                 self.index.stage_commit(pipe, pruned)
                 await pipe.execute()
-            # After the record (another hash slot on a cluster): a crash in between leaves the blob.
-            if record.model_digest != (state.current_digest if state else None):
-                await self.ctx.blobs.discard([(record.model_digest, None)])
         if doomed:
             await self.ctx.emit("checkpoints_pruned", f"deleted checkpoints of versions {doomed}",
                                 training_id=training_id, versions=doomed)

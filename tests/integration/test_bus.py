@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from federated_learning.bus import blobs as blobs_module
 from federated_learning.bus.blobs import HEAD_PROBE_BYTES, SMALL_BLOB_BYTES, BlobMissing, BlobStore
 from federated_learning.bus.consumer import StreamConsumer, ensure_group
 from federated_learning.protocol.keys import Keys
@@ -213,6 +214,27 @@ async def test_get_each_fetches_small_blobs_together_and_large_ones_alone_in_ord
     assert isinstance(results[3], InvalidTensor) and results[3].reason == "hash_mismatch"
     assert isinstance(results[5], InvalidTensor) and results[5].reason == "too_large"
     assert isinstance(results[8], InvalidTensor) and results[8].reason == "bad_values"
+
+
+async def test_small_blobs_are_fetched_in_batches_of_bounded_bytes(redis: aioredis.Redis,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(blobs_module, "SMALL_BATCH_BYTES", 2500)  # two 1,000-byte blobs per batch
+    store = BlobStore(redis, Keys(), max_bytes=1 << 20)
+    data = [bytes([i]) * 1000 for i in range(7)]
+    digests = [await store.put(blob) for blob in data]
+    pipelines: list[int] = []
+    real_pipeline = redis.pipeline
+
+    def counting_pipeline(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        pipe = real_pipeline(*args, **kwargs)  # type: ignore[arg-type]
+        pipelines.append(1)
+        return pipe
+
+    monkeypatch.setattr(redis, "pipeline", counting_pipeline)
+    with ThreadPoolExecutor(2) as executor:
+        results = await store.get_each([(d, None) for d in digests], lambda _, blob: blob, executor=executor)
+    assert results == data
+    assert len(pipelines) == 1 + 4  # the sizes, then batches of 2, 2, 2 and 1 blobs
 
 
 async def test_trimming_keeps_unread_and_unacknowledged_entries(redis: aioredis.Redis) -> None:
