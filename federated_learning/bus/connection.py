@@ -23,6 +23,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError, ResponseErr
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from federated_learning.bus.cluster_client import ServicesCluster
 from federated_learning.config import Settings
 from federated_learning.protocol.keys import Keys
 
@@ -124,7 +125,7 @@ def _cluster_client(url: str, tls: RedisTls | None) -> aioredis.Redis:
               "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), 2 * OPERATION_RETRIES)}
     # The cluster client offers the same commands, pipelines and transactions (one slot each)
     # under another class; the services are written against ``aioredis.Redis``.
-    return cast(aioredis.Redis, RedisCluster.from_url(url, **kwargs))
+    return cast(aioredis.Redis, ServicesCluster.from_url(url, **kwargs))
 
 
 def is_cluster(redis: aioredis.Redis) -> bool:
