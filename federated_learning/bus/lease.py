@@ -129,9 +129,10 @@ class Lease:
                             "wrote") from exc
 
     async def renew(self, sent: float | None = None) -> bool:
-        """Extend the lease while this process holds it; False (and not valid) when it does not."""
+        """Extend the lease while this process holds it; False (and not valid) when it does not
+        (or when a process under the same name took it since)."""
         sent = time.monotonic() if sent is None else sent
-        if int(await self._redis.eval(_RENEW_LUA, 1, self.key, self.holder, str(self.ttl_ms))):
+        if not self._superseded and int(await self._redis.eval(_RENEW_LUA, 1, self.key, self.holder, str(self.ttl_ms))):
             self._valid_until = sent + self.ttl_ms / 1000 - self.margin_s
             return True
         self._valid_until = 0.0
@@ -140,7 +141,8 @@ class Lease:
     async def release(self) -> None:
         """Give the lease up now (on a clean stop), so a standby takes over without waiting."""
         self._valid_until = 0.0
-        await self._redis.eval(_RELEASE_LUA, 1, self.key, self.holder)
+        if not self._superseded:  # else the key, under our name, is a restart's
+            await self._redis.eval(_RELEASE_LUA, 1, self.key, self.holder)
 
     async def keep(self, lost: asyncio.Event, stop: asyncio.Event) -> None:
         """Renew until ``stop``; set ``lost`` (and return) once the lease cannot be kept valid."""

@@ -93,6 +93,9 @@ async def test_a_restarted_holder_fences_out_its_old_self_which_then_stands_by(r
         with pytest.raises(LeaseLost):
             await old.fence(pipe)
     assert not await old.acquire(), "the fenced-out process took the lease back by name"
+    assert not await old.renew() and not old.valid()
+    await old.release()
+    assert await redis.get("test:lease") == b"a", "the fenced-out process released its restart's lease"
     held = redis.pipeline(transaction=True)
     await restarted.fence(held)  # the restart still holds its epoch
     await held.reset()
