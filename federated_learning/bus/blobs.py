@@ -165,9 +165,9 @@ class BlobStore:
         ``executor`` (on its own connection of a blocking client, see :func:`blocking_client_like`),
         so as many blobs are in flight as the executor has threads, each checked as it arrives.
         Blobs of up to :data:`SMALL_BLOB_BYTES` go together instead: one pipeline per
-        :data:`SMALL_BATCH_BYTES`, one batch after the other, each checked in one call on a thread. A blob's :class:`BlobMissing`
-        or :class:`InvalidTensor` (``too_large``, ``hash_mismatch``, or raised by ``then``) is its
-        result; any other exception propagates.
+        :data:`SMALL_BATCH_BYTES`, one batch after the other, each checked in one call on a
+        thread. A blob's :class:`BlobMissing` or :class:`InvalidTensor` (``too_large``,
+        ``hash_mismatch``, or raised by ``then``) is its result; any other exception propagates.
         """
         keys = [self._keys.blob(digest, owner) for digest, owner in blobs]
         async with self._redis.pipeline(transaction=False) as pipe:

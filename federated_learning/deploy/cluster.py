@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import redis
+from redis.crc import key_slot
 
 from federated_learning.bus.embedded import (
     EmbeddedServerError,
@@ -151,15 +152,11 @@ class LocalCluster:
 
     def owner_of(self, key: str) -> SlotOwner:
         """Which primary serves ``key``'s slot now (asked of a live node)."""
-        slot = int(self._ask(self.live_nodes()[0], "CLUSTER", "KEYSLOT", key))
+        slot = key_slot(key.encode())
         for owner in self.owners():
             if owner.slot <= slot <= owner.last_slot:
                 return owner
         raise LookupError(f"no node serves slot {slot}")
-
-    def key_count(self, port: int) -> int:
-        """How many keys the node on ``port`` holds (DBSIZE)."""
-        return int(self._ask(self.node_on(port), "DBSIZE"))
 
     def primary_ports(self) -> set[int]:
         return {owner.primary_port for owner in self.owners()}
