@@ -28,6 +28,7 @@ from agents.attacks import Attack, poison_update
 from agents.local_work import LocalResult, local_bank, run_trainer, task_config
 from agents.secure import SecureParticipation
 from agents.updates import TrainedUpdate
+from federated_learning.bus.blob_stores import agent_blob_store
 from federated_learning.bus.blobs import BlobMissing, BlobStore
 from federated_learning.bus.connection import RedisTls, keys_for
 from federated_learning.bus.consumer import ensure_group
@@ -137,6 +138,7 @@ class FederatedClient:
         trainer: Trainer | MemoryBankTrainer | None = None,
         dataset: str | None = None,
         num_examples: int | None = None,
+        blob_folder: Path | None = None,
     ) -> None:
         if redis is None and redis_url is None:
             raise ValueError("FederatedClient needs redis_url or redis")
@@ -156,6 +158,10 @@ class FederatedClient:
         self.keys = Keys(key_prefix)
         self.heartbeat_interval_s = heartbeat_interval_s
         self.max_blob_bytes = max_blob_bytes
+        self.blob_folder = blob_folder
+        self._blob_store_published = False
+        """The deployment's blob folder as mounted here, when it keeps blobs as files
+        (``bus/blob_stores.py``) and the services see it at another path."""
         self.seed = seed
         self.join_token = join_token
         self.attack = attack
@@ -219,7 +225,8 @@ class FederatedClient:
             assert self._redis_url is not None
             self._redis = await connect(self._redis_url, tls=self._redis_tls)
         self.keys = keys_for(self.redis, self.keys.prefix)
-        self._blobs = BlobStore(self.redis, self.keys, max_bytes=self.max_blob_bytes)
+        self._blobs, self._blob_store_published = await agent_blob_store(
+            self.redis, self.keys, max_bytes=self.max_blob_bytes, blob_folder=self.blob_folder)
         await ensure_group(self.redis, self.keys.inbox_stream(self.agent_id), GROUP_AGENT)
         await self.join()
         self._tasks = [asyncio.create_task(self._heartbeat_loop()),
@@ -258,7 +265,17 @@ class FederatedClient:
 
     async def upload(self, blob: bytes) -> BlobDigest:
         """Store ``blob`` as this agent's upload (kept ``UPDATE_BLOB_TTL_S``); returns its digest."""
-        return await self._blobs.put(blob, ttl_s=UPDATE_BLOB_TTL_S, owner=self.agent_id)
+        return await (await self._settled_blobs()).put(blob, ttl_s=UPDATE_BLOB_TTL_S, owner=self.agent_id)
+
+    async def _settled_blobs(self) -> BlobStore:
+        """The deployment's blob store: looked up again until the services published it (an
+        agent may start before the coordinator did on a new deployment)."""
+        if not self._blob_store_published:
+            store, self._blob_store_published = await agent_blob_store(
+                self.redis, self.keys, max_bytes=self.max_blob_bytes, blob_folder=self.blob_folder)
+            if store.describe() != self._blobs.describe():
+                self._blobs = store
+        return self._blobs
 
     def _count_completed(self) -> None:
         self.completed_tasks += 1
@@ -365,7 +382,8 @@ class FederatedClient:
             return
         assert task.model_digest is not None
         try:
-            received = decode_layers(await self._blobs.get(task.model_digest), max_bytes=self.max_blob_bytes)
+            received = decode_layers(await (await self._settled_blobs()).get(task.model_digest),
+                                     max_bytes=self.max_blob_bytes)
         except (BlobMissing, InvalidTensor) as exc:
             log.warning("agent %s: model of %s/%d unreadable: %s", self.agent_id, task.training_id, task.round, exc)
             return

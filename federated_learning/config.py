@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     round_deadline_s: float = Field(default=120.0, gt=0, le=86400)
     claim_idle_ms: int = Field(default=15_000, ge=100)
     max_blob_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    blob_dir: Path | None = Field(
+        default=None, description="keep models and uploads as files in this folder instead of in "
+                                  "Redis, for agents on the services' host or a filesystem they share: "
+                                  "uploads then skip the bus, Redis's memory and its append-only file. "
+                                  "Agents find it by themselves; agents that cannot see the folder "
+                                  "train through the HTTP gateway. Empty: in Redis")
     coordinator_lease_s: float = Field(
         default=10.0, gt=1, le=600,
         description="one coordinator works at a time; a standby takes over this long after it stopped renewing")
@@ -122,6 +128,19 @@ class Settings(BaseSettings):
         default=None, description="the folder a training's validation_data names a file in; "
                                   "default <data_dir>/validation")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("blob_dir", mode="before")
+    @classmethod
+    def _absolute_folder(cls, value: object) -> Path | None:
+        """Agents are told this path: relative, it would mean another folder to each of them."""
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str | Path):
+            raise ValueError("a folder's path")  # noqa: TRY004 - pydantic reports a ValueError as a validation error
+        folder = Path(value).expanduser().resolve()
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{folder} is not a folder")
+        return folder
 
     @field_validator(*TLS_FILE_KEYS)
     @classmethod

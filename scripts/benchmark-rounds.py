@@ -241,6 +241,7 @@ def deployment_environment(args: argparse.Namespace, data_dir: Path) -> dict[str
         "FL_MIN_CLIENTS_PER_ROUND": "1", "FL_ROUND_DEADLINE_S": str(args.round_deadline_s),
         "FL_MAX_FIRST_JOINS_PER_MINUTE": str(max(600, 2 * (args.agents + args.idle_agents))),
         "NUMBA_CACHE_DIR": str(data_dir.parent / f"{data_dir.name}-numba-cache"),
+        "FL_BLOB_DIR": str(data_dir / "blobs") if args.blob_store == "folder" else "",
     }
 
 
@@ -479,6 +480,7 @@ def bus_figures(tail: BusTail, training_id: str, args: argparse.Namespace,
                        (usec - first.commands.get(name, (0, 0))[1]) / rounds)
                 for name, (calls, usec) in last.commands.items()}
     return {"bus_bytes_per_round": per_round, "model_bytes_per_round": dense, "ratio": per_round / dense,
+            "blob_store": args.blob_store,
             "watcher_bytes_per_round": own / rounds,
             "aof_rewrites_per_round": (last.aof_rewrites - first.aof_rewrites) / rounds,
             "upload_bytes_per_round": statistics.mean(uploads) if uploads else None,
@@ -642,10 +644,10 @@ def seconds(value: float | None, digits: int = 3) -> str:
 
 
 def summary_table(args: argparse.Namespace, ours: dict[str, Any], flower: dict[str, Any] | None) -> str:
-    header = ("| system | agents | d | rounds | compression | s/round (median, r >= 2) | round open -> commit "
+    header = ("| system | agents | d | rounds | compression | blobs | s/round (median, r >= 2) | round open -> commit "
               "(median) | to round 1, from start | to round 1, from training start | peak RSS, server side (MB) "
               "| peak RSS, clients (MB) |")
-    lines = [header, "|" + "---|" * 11]
+    lines = [header, "|" + "---|" * 12]
     for name, result in (("ours", ours), ("Flower", flower)):
         if result is None:
             continue
@@ -653,7 +655,8 @@ def summary_table(args: argparse.Namespace, ours: dict[str, Any], flower: dict[s
                      if not is_client(row["process"]) and row["process"] != WATCHER)
         clients = sum(row["peak_rss_bytes"] for row in result["processes"] if is_client(row["process"]))
         lines.append(f"| {name} | {args.agents:,} | {args.params:,} | {args.rounds} | "
-                     f"{args.compression if name == 'ours' else 'none'} | {seconds(result['s_per_round'])} | "
+                     f"{args.compression if name == 'ours' else 'none'} | "
+                     f"{args.blob_store if name == 'ours' else 'gRPC'} | {seconds(result['s_per_round'])} | "
                      f"{seconds(result['round_open_to_commit_s'])} | {seconds(result['to_round1_from_start_s'], 1)} | "
                      f"{seconds(result['to_round1_from_training_start_s'], 2)} | {server / 1e6:,.0f} | "
                      f"{clients / 1e6:,.0f} |")
@@ -694,7 +697,9 @@ def bus_line(bus: dict[str, Any]) -> str:
     if bus["bus_bytes_per_round"] is None:
         return "bus bytes per round: not measured (needs 2 rounds or more)"
     uploads = bus["upload_bytes_per_round"]
-    return (f"bus bytes per round (rounds 2..R): {bus['bus_bytes_per_round'] / 1e6:,.2f} MB; model bytes "
+    where = ("" if bus["blob_store"] == "redis" else
+             "; uploads and models are files in the blob folder, which these bytes do not count")
+    return (f"bus bytes per round (rounds 2..R{where}): {bus['bus_bytes_per_round'] / 1e6:,.2f} MB; model bytes "
             f"N d 4 x 2: {bus['model_bytes_per_round'] / 1e6:,.2f} MB; ratio {bus['ratio']:.2f}; "
             f"agents' uploads {seconds(uploads and uploads / 1e6, 2)} MB; this script's reads "
             f"{bus['watcher_bytes_per_round'] / 1e6:,.3f} MB (taken out); AOF rewrites per round "
@@ -740,6 +745,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "clients) are spread over")
     p.add_argument("--compression", default="none", choices=COMPRESSIONS, help="how agents compress "
                    "their updates (Flower's run is always dense)")
+    p.add_argument("--blob-store", default="redis", choices=("redis", "folder"),
+                   help="where models and uploads live: in Valkey, or as files in a folder the agents share "
+                        "(blob_dir, decision 0014)")
     p.add_argument("--flower", action=argparse.BooleanOptionalAction, default=True,
                    help="also run Flower's gRPC server on the same work, when flwr imports")
     p.add_argument("--heartbeat-s", type=float, default=30.0, help="agents' heartbeat interval")

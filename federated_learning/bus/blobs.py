@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from federated_learning.protocol.keys import Keys
+from federated_learning.protocol.storage import BlobStoreDescriptor
 from federated_learning.protocol.tensors import InvalidTensor, digest_of, header_bytes_needed
 from federated_learning.types import BlobDigest
 
@@ -87,7 +89,8 @@ OFF_LOOP_HASH_BYTES = 1 << 20
 about 1.8 GB/s, so a 256 MB model would hold the event loop, and every heartbeat on it, 140 ms."""
 
 
-async def _digest(data: bytes) -> BlobDigest:
+async def digest_off_loop(data: bytes) -> BlobDigest:
+    """The blob's SHA-256; a large blob's hashed on a worker thread (:data:`OFF_LOOP_HASH_BYTES`)."""
     return digest_of(data) if len(data) < OFF_LOOP_HASH_BYTES else await asyncio.to_thread(digest_of, data)
 
 
@@ -115,14 +118,98 @@ class BlobHead:
     head: bytes
 
 
-class BlobStore:
+class BlobStore(ABC):
+    """Content-addressed blobs: models and optimiser state (the services', no owner) and agents'
+    uploads (``owner``: the uploading agent, or an organisation's uploaded models); written once,
+    verified against their SHA-256 on every read.
+
+    Kept in Redis (:class:`RedisBlobStore`, the default) or as files in a folder the services and
+    their agents share (``bus/blob_files.py``); ``bus/blob_stores.py`` opens the deployment's.
+    """
+
+    in_redis: bool
+    """Whether the blobs live in the deployment's Redis (a transaction may then unlink one)."""
+
+    def __init__(self, *, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+
+    def close(self) -> None:
+        """Let go of what the store opened itself."""
+
+    def describe(self) -> BlobStoreDescriptor:
+        """What agents are told of this store (``bus/blob_stores.py``)."""
+        return BlobStoreDescriptor(kind="redis")
+
+    @abstractmethod
+    async def put(self, data: bytes, *, ttl_s: int | None = None, owner: str | None = None) -> BlobDigest:
+        """Store ``data`` (idempotent: a stored blob keeps its expiry) and return its digest;
+        ``ttl_s``: it expires then unless kept (:meth:`keep`)."""
+
+    @abstractmethod
+    async def get(self, digest: BlobDigest, *, owner: str | None = None) -> bytes:
+        """The blob's bytes; raises :class:`BlobMissing`, or ``InvalidTensor('hash_mismatch')``."""
+
+    @abstractmethod
+    async def get_each(self, blobs: Sequence[tuple[BlobDigest, str | None]], then: Callable[[int, bytes], T], *,
+                       executor: Executor) -> list[T | BlobMissing | InvalidTensor]:
+        """Fetch blobs (digest, owner) and hand each to ``then(index, data)`` on a thread of
+        ``executor``; one result per blob, in order. A blob's :class:`BlobMissing` or
+        :class:`InvalidTensor` (``too_large``, ``hash_mismatch``, or raised by ``then``) is its
+        result; any other exception propagates."""
+
+    @abstractmethod
+    async def head(self, digest: BlobDigest, *, owner: str | None = None) -> BlobHead:
+        """A blob's size and its first bytes, enough for its safetensors header (the blob is not
+        read, nor its hash checked); raises :class:`BlobMissing`."""
+
+    @abstractmethod
+    async def heads(self, blobs: Sequence[tuple[BlobDigest, str]]) -> dict[tuple[BlobDigest, str], BlobHead]:
+        """:meth:`head` of each (digest, owner) at once; a missing blob has no entry."""
+
+    @abstractmethod
+    async def exists(self, digest: BlobDigest, *, owner: str | None = None) -> bool: ...
+
+    @abstractmethod
+    async def keep(self, blobs: Sequence[tuple[BlobDigest, str | None]]) -> None:
+        """Take away the expiry of these blobs (accepted uploads, until their round commits);
+        a missing one is skipped."""
+
+    @abstractmethod
+    async def discard(self, blobs: Sequence[tuple[BlobDigest, str | None]]) -> None:
+        """Delete blobs (digest, owner) that are no longer needed; a missing one is skipped."""
+
+    async def sweep_expired(self) -> int:
+        """Delete the blobs whose expiry passed; the number deleted (Redis expires keys itself)."""
+        return 0
+
+    def _checked(self, index: int, digest: BlobDigest, data: bytes | None,
+                 then: Callable[[int, bytes], T]) -> T | BlobMissing | InvalidTensor:
+        """A fetched blob (None: missing) checked, through ``then``."""
+        try:
+            if data is None:
+                raise BlobMissing(f"no blob {digest}")
+            if len(data) > self.max_bytes:
+                raise self._too_large(digest, len(data))
+            if digest_of(data) != digest:
+                raise InvalidTensor("hash_mismatch", f"blob stored under {digest} has another hash")
+            return then(index, data)
+        except (BlobMissing, InvalidTensor) as exc:
+            return exc
+
+    def _too_large(self, digest: BlobDigest, size: int) -> InvalidTensor:
+        return InvalidTensor("too_large", f"blob {digest} of {size} bytes exceeds the limit {self.max_bytes}")
+
+
+class RedisBlobStore(BlobStore):
     """Blobs in Redis under ``<prefix>:blob:<sha256>`` (the services'), or an agent's uploads
-    under ``<prefix>:upload:<agent>:<sha256>`` (``owner``); written once, verified on read."""
+    under ``<prefix>:upload:<agent>:<sha256>`` (``owner``)."""
+
+    in_redis = True
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, *, max_bytes: int) -> None:
+        super().__init__(max_bytes=max_bytes)
         self._redis = redis
         self._keys = keys
-        self.max_bytes = max_bytes
         self._blocking: redis_sync.Redis | None = None
 
     def close(self) -> None:
@@ -134,15 +221,13 @@ class BlobStore:
             self._blocking = None
 
     async def put(self, data: bytes, *, ttl_s: int | None = None, owner: str | None = None) -> BlobDigest:
-        """Store ``data`` (idempotent) and return its digest; ``owner``: the uploading agent."""
         if len(data) > self.max_bytes:
             raise InvalidTensor("too_large", f"blob of {len(data)} bytes exceeds the limit {self.max_bytes}")
-        digest = await _digest(data)
+        digest = await digest_off_loop(data)
         await self._redis.set(self._keys.blob(digest, owner), data, nx=True, ex=ttl_s)
         return digest
 
     async def get(self, digest: BlobDigest, *, owner: str | None = None) -> bytes:
-        """The blob's bytes; raises :class:`BlobMissing`, or ``InvalidTensor('hash_mismatch')``."""
         key = self._keys.blob(digest, owner)
         size = await self._redis.strlen(key)
         if size == 0:
@@ -152,7 +237,7 @@ class BlobStore:
         data = cast("bytes | None", await self._redis.get(key))
         if data is None:
             raise BlobMissing(f"no blob {digest}")
-        if await _digest(data) != digest:
+        if await digest_off_loop(data) != digest:
             raise InvalidTensor("hash_mismatch", f"blob stored under {digest} has another hash")
         return bytes(data)
 
@@ -229,28 +314,12 @@ class BlobStore:
         assert self._blocking is not None
         return self._checked(index, digest, cast("bytes | None", self._blocking.get(key)), then)
 
-    def _checked(self, index: int, digest: BlobDigest, data: bytes | None,
-                 then: Callable[[int, bytes], T]) -> T | BlobMissing | InvalidTensor:
-        try:
-            if data is None:
-                raise BlobMissing(f"no blob {digest}")
-            if len(data) > self.max_bytes:
-                raise InvalidTensor("too_large", f"blob {digest} of {len(data)} bytes exceeds the limit {self.max_bytes}")
-            if digest_of(data) != digest:
-                raise InvalidTensor("hash_mismatch", f"blob stored under {digest} has another hash")
-            return then(index, data)
-        except (BlobMissing, InvalidTensor) as exc:
-            return exc
-
-    def stage_head(self, pipe: Pipeline, digest: BlobDigest, *, owner: str | None = None) -> None:
-        """Queue the two reads of :meth:`head` (its size, its first bytes); see ``parse_head``."""
+    def _stage_head(self, pipe: Pipeline, digest: BlobDigest, owner: str | None) -> None:
         key = self._keys.blob(digest, owner)
         pipe.strlen(key)
         pipe.getrange(key, 0, HEAD_PROBE_BYTES - 1)
 
-    async def parse_head(self, digest: BlobDigest, size: int, first: bytes, *, owner: str | None = None) -> BlobHead:
-        """The replies of ``stage_head`` as a :class:`BlobHead`, reading the rest of a long header;
-        raises :class:`BlobMissing`."""
+    async def _parse_head(self, digest: BlobDigest, size: int, first: bytes, owner: str | None) -> BlobHead:
         if int(size) == 0:
             raise BlobMissing(f"no blob {digest}")
         needed = min(int(size), header_bytes_needed(first))
@@ -259,19 +328,38 @@ class BlobStore:
         return BlobHead(digest, int(size), bytes(first))
 
     async def head(self, digest: BlobDigest, *, owner: str | None = None) -> BlobHead:
-        """A blob's size and its first bytes, enough for its safetensors header (the blob is not
-        read, nor its hash checked); raises :class:`BlobMissing`."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            self.stage_head(pipe, digest, owner=owner)
+            self._stage_head(pipe, digest, owner)
             size, first = await pipe.execute()
-        return await self.parse_head(digest, size, first, owner=owner)
+        return await self._parse_head(digest, size, first, owner)
+
+    async def heads(self, blobs: Sequence[tuple[BlobDigest, str]]) -> dict[tuple[BlobDigest, str], BlobHead]:
+        if not blobs:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for digest, owner in blobs:
+                self._stage_head(pipe, digest, owner)
+            replies = await pipe.execute()
+        found: dict[tuple[BlobDigest, str], BlobHead] = {}
+        for k, (digest, owner) in enumerate(blobs):
+            size, first = replies[2 * k: 2 * k + 2]
+            if int(size) > 0:
+                found[(digest, owner)] = await self._parse_head(digest, size, first, owner)
+        return found
 
     async def exists(self, digest: BlobDigest, *, owner: str | None = None) -> bool:
         return bool(await self._redis.exists(self._keys.blob(digest, owner)))
 
-    async def discard(self, blobs: list[tuple[BlobDigest, str | None]]) -> None:
-        """Delete blobs (digest, owner) that are no longer needed; the server frees them off its
-        main thread (UNLINK), so a round's worth of large uploads does not stall the bus."""
+    async def keep(self, blobs: Sequence[tuple[BlobDigest, str | None]]) -> None:
+        if blobs:
+            async with self._redis.pipeline(transaction=False) as keeper:
+                for digest, owner in blobs:
+                    keeper.persist(self._keys.blob(digest, owner))
+                await keeper.execute()
+
+    async def discard(self, blobs: Sequence[tuple[BlobDigest, str | None]]) -> None:
+        """The server frees them off its main thread (UNLINK), so a round's worth of large uploads
+        does not stall the bus."""
         if blobs:
             await self._redis.unlink(*(self._keys.blob(digest, owner) for digest, owner in blobs))
 

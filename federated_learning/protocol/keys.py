@@ -104,6 +104,12 @@ class Keys:
         agent's upload under ``upload:<agent>:``, the only blobs its Redis user may write."""
         return self._blob_k("blob", digest) if owner is None else self._blob_k("upload", owner, digest)
 
+    @property
+    def blob_store(self) -> str:
+        """Where the blobs live (``protocol/storage.py``): under ``blob:`` so that every agent,
+        which may read the services' blobs and nothing else there, may read it."""
+        return self._blob_k("blob", "store")
+
     # -- registry -------------------------------------------------------------
     @property
     def agents(self) -> str:

@@ -19,6 +19,7 @@ from typing import ParamSpec
 from prometheus_client import Gauge
 from redis.exceptions import RedisError
 
+from federated_learning.bus.blob_stores import publish_blob_store
 from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.bus.lease import Lease
 from federated_learning.config import load_settings
@@ -57,12 +58,15 @@ from federated_learning.services.initial_models import check_initial_model, init
 from federated_learning.services.notice_batch import DuplicateFlags, NoticeBatch
 from federated_learning.services.rounds import RoundProtocol
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
+from federated_learning.types import BlobDigest
 
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 
 TICK_S = 0.25
+BLOB_SWEEP_S = 60.0
+"""How often expired uploads are deleted from a blob folder (Redis expires its keys itself)."""
 UPDATE_NOTICE = UpdateSubmitted.model_fields["type"].default
 NOTICES_PER_READ = 128
 """Entries read per stream at once; a read of the update stream is handled as one batch."""
@@ -96,11 +100,12 @@ class Coordinator(RoundProtocol):
                                       max_first_joins_per_minute=ctx.settings.max_first_joins_per_minute,
                                       cache_records=True)
         self._last_tick = 0.0
+        self._last_sweep = time.monotonic()
         self.version_index = VersionIndex(ctx.redis, ctx.keys)
         self.exchange = SecureExchange(ctx.redis, ctx.keys)
         self.refusals = ModelRefusals(ctx.redis, ctx.keys)
         self.states: dict[str, TrainingState] = {}
-        self.uploads_to_keep: list[str] = []
+        self.uploads_to_keep: list[tuple[BlobDigest, str | None]] = []
         self.lease = Lease(ctx.redis, ctx.keys.coordinator_lease, f"coordinator-{ctx.instance}",
                            ttl_s=ctx.settings.coordinator_lease_s)
         self.consumer = StreamConsumer(
@@ -122,6 +127,7 @@ class Coordinator(RoundProtocol):
 
     async def run(self, *, burst: bool = False) -> None:
         """Work while holding the coordinator lease; stand by (or stand by again) without it."""
+        await publish_blob_store(self.redis, self.keys, self.ctx.blobs)
         while not self.ctx.stop.is_set():
             if not await self._wait_for_lease():
                 break
@@ -296,7 +302,8 @@ class Coordinator(RoundProtocol):
             self.batch = None
 
     async def _prefetch(self, batch: NoticeBatch, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        """Read the agents' records and the update notices' duplicate flags in one round trip."""
+        """Read the agents' records and the update notices' duplicate flags in one round trip,
+        then the uploads' sizes and headers."""
         notices: list[tuple[str, UpdateSubmitted]] = []
         for raw_id, fields in entries:
             if message_type(fields) == UPDATE_NOTICE:
@@ -317,8 +324,6 @@ class Coordinator(RoundProtocol):
                 self.registry.stage_records(pipe, unknown)
             for entry_id, notice in notices:
                 self.stage_duplicate_read(pipe, notice.training_id, notice.round, notice.agent_id, entry_id)
-            for digest, agent_id in uploads:
-                self.ctx.blobs.stage_head(pipe, digest, owner=agent_id)
             replies = await pipe.execute()
         if unknown:  # kept by the registry, where ``check_sender`` finds them
             self.registry.keep(self.registry.parse_records(replies.pop(0)))
@@ -326,11 +331,8 @@ class Coordinator(RoundProtocol):
             accepted, marked = replies[2 * k: 2 + 2 * k]
             batch.duplicates[(notice.training_id, notice.round, notice.agent_id, entry_id)] = \
                 DuplicateFlags(bool(accepted), bool(marked))
-        heads = replies[2 * len(notices):]
-        for k, (digest, agent_id) in enumerate(uploads):
-            size, first = heads[2 * k: 2 * k + 2]
-            if int(size) > 0:  # a missing blob is read (and refused) when its notice's turn comes
-                batch.heads[(digest, agent_id)] = await self.ctx.blobs.parse_head(digest, size, first, owner=agent_id)
+        # A missing blob is read (and refused) when its notice's turn comes.
+        batch.heads.update(await self.ctx.blobs.heads(uploads))
 
     async def on_agent_message(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         await self.on_agent_batch([(entry_id, fields)])
@@ -418,6 +420,11 @@ class Coordinator(RoundProtocol):
                 await self._report_dropouts(state, set(await self.registry.alive_among(state.selected)))
                 await self.advance(state)
         await self.activate_queued()
+        if now - self._last_sweep >= BLOB_SWEEP_S:
+            self._last_sweep = now
+            swept = await self.ctx.blobs.sweep_expired()
+            if swept:
+                log.info("deleted %d expired uploads", swept)
 
     async def resume_interrupted(self, state: TrainingState) -> None:
         """Finish a step a crash interrupted: a committed round whose next round never opened,

@@ -147,9 +147,9 @@ class PrivacyManager:
                                     "version's blob; kept", ready.training_id, ready.round, ready.model_digest)
                         return
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    if self.ctx.keys.cluster:
-                        # The blob's key is in another hash slot: EXEC of nothing fails if a
-                        # version was committed since the WATCH, and the blob goes right after.
+                    if self.ctx.keys.cluster or not self.ctx.blobs.in_redis:
+                        # The blob is a file, or its key in another hash slot: EXEC of nothing fails
+                        # if a version was committed since the WATCH, and the blob goes right after.
                         await pipe.execute()
                         await self.ctx.blobs.discard([(ready.model_digest, None)])
                     else:

@@ -113,6 +113,7 @@ from federated_learning.records.validation_sets import (
 from federated_learning.records.versions import VersionIndex
 from federated_learning.services.notice_batch import DuplicateFlags, NoticeBatch
 from federated_learning.services.runtime import ServiceContext
+from federated_learning.types import BlobDigest
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -201,7 +202,7 @@ class RoundProtocol:
     lease: Lease
     batch: NoticeBatch | None = None
     """Set while the coordinator handles a read of update notices together."""
-    uploads_to_keep: list[str]
+    uploads_to_keep: list[tuple[BlobDigest, str | None]]
     """Keys of the uploads staged writes accept: made permanent just before the transaction."""
 
     # -- the machine -------------------------------------------------------------
@@ -309,18 +310,15 @@ class RoundProtocol:
 
     async def _execute(self, pipe: Pipeline, *, fenced: bool) -> None:
         """Execute a step's transaction (fenced by the lease: :class:`LeaseLost` when another
-        coordinator took it since), after keeping the uploads it accepts (PERSIST).
+        coordinator took it since), after keeping the uploads it accepts (their expiry removed).
 
-        Outside the transaction because on a cluster an upload's key lives in a hash slot of its
-        own (``protocol/keys.py``). Before it, so that an accepted update's upload never expires:
+        Outside the transaction because an upload may be a file (``bus/blob_files.py``), or on a
+        cluster a key in a hash slot of its own (``protocol/keys.py``). Before it, so that an accepted update's upload never expires:
         a crash in between leaves an upload without expiry whose notice is delivered again.
         """
         if self.uploads_to_keep:
             keep, self.uploads_to_keep = self.uploads_to_keep, []
-            async with self.redis.pipeline(transaction=False) as keeper:
-                for key in keep:
-                    keeper.persist(key)
-                await keeper.execute()
+            await self.ctx.blobs.keep(keep)
         if fenced:
             await self.lease.execute(pipe)
         else:
@@ -346,7 +344,7 @@ class RoundProtocol:
                 pipe.set(self.keys.applied(ACCEPTED_NOTICE_MARKERS, effect.entry_id),
                          f"{state.training_id}/{notice.round}/{notice.agent_id}", ex=ACCEPTED_NOTICE_MARKER_TTL_S)
                 if notice.kind is TaskKind.TRAIN and notice.update_digest:
-                    self.uploads_to_keep.append(self.keys.blob(notice.update_digest, notice.agent_id))  # until its round commits
+                    self.uploads_to_keep.append((notice.update_digest, notice.agent_id))  # until its round commits
                     pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:completed", 1)
                     pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:examples", notice.num_examples)
                     if checked_whole_by_aggregator(state):

@@ -30,6 +30,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
+from federated_learning.bus.blob_stores import services_blob_store
 from federated_learning.bus.blobs import BlobStore
 from federated_learning.bus.connection import connect, keys_for
 from federated_learning.bus.stream_ids import StreamRepair
@@ -182,7 +183,8 @@ class ServiceContext:
 
     def __post_init__(self) -> None:
         self.keys = keys_for(self.redis, self.settings.redis_key_prefix)
-        self.blobs = BlobStore(self.redis, self.keys, max_bytes=self.settings.max_blob_bytes)
+        self.blobs = services_blob_store(self.redis, self.keys, max_bytes=self.settings.max_blob_bytes,
+                                         blob_dir=self.settings.blob_dir)
         self.process = psutil.Process()
         self.cpu_window.add(time.monotonic(), self._cpu_seconds())
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import redis.asyncio as aioredis
 
-from federated_learning.bus.blobs import BlobStore
+from federated_learning.bus.blobs import RedisBlobStore
 from federated_learning.dashboard.limits import MAX_JSON_BODY_BYTES
 from federated_learning.privacy.compression import CompressedUpdate, CompressionMethod
 from federated_learning.privacy.signing import AgentKeyPair
@@ -227,7 +227,7 @@ class Attacker:
 
     async def upload(self, layers: dict[str, np.ndarray] | bytes) -> str:
         """Store ``layers`` (or raw bytes) as one of the attacker's uploads; its digest."""
-        blobs = BlobStore(self.redis, KEYS, max_bytes=1 << 30)
+        blobs = RedisBlobStore(self.redis, KEYS, max_bytes=1 << 30)
         return await blobs.put(layers if isinstance(layers, bytes) else encode_layers(layers), owner=self.agent_id)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -122,6 +123,21 @@ def digits_config(**overrides: Any) -> TrainingConfig:
 
 async def start_training(redis: aioredis.Redis, training_id: str, config: TrainingConfig) -> None:
     await redis.xadd(Keys().control_stream, encode(StartTraining(training_id=training_id, config=config)))  # type: ignore[arg-type]
+
+
+async def wait_until(condition: Callable[[], Awaitable[object] | object], what: str,
+                     timeout_s: float = 30.0) -> None:
+    """Poll ``condition`` (a function, or a coroutine function) until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while not await _holds(condition):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s}s")
+        await asyncio.sleep(0.02)
+
+
+async def _holds(condition: Callable[[], Awaitable[object] | object]) -> bool:
+    value = condition()
+    return bool(await value if inspect.isawaitable(value) else value)
 
 
 async def wait_for_status(redis: aioredis.Redis, training_id: str, statuses: set[str],

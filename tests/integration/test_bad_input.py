@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import numpy as np
 import redis.asyncio as aioredis
 
-from federated_learning.bus.blobs import BlobStore
+from federated_learning.bus.blobs import RedisBlobStore
 from federated_learning.coordination.state import TrainingState
 from federated_learning.privacy.signing import AgentKeyPair
 from federated_learning.protocol.keys import Keys
@@ -96,7 +96,7 @@ async def test_every_bad_update_is_rejected_and_the_round_completes(redis: aiore
                                                          round_deadline_s=3.0))
         state = await wait_until_collecting(redis, "bad")
         assert state.selected == sorted(agents)
-        blobs = BlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
+        blobs = RedisBlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
         nan = np.zeros((64, 10), np.float32)
         nan[3, 3] = np.nan
         await submit(redis, "fake-0", await blobs.put(encode_layers(model(weight=nan)), owner="fake-0"))
@@ -177,7 +177,7 @@ async def test_a_redelivered_notice_is_silent_and_a_replayed_one_is_rejected(
     agents = ["fake-0", "fake-1", "fake-2"]
     async with one_round_of_fake_agents(redis, system, "replay", agents, clients_per_round=3, min_clients=2,
                                         round_deadline_s=10.0):
-        blobs = BlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
+        blobs = RedisBlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
         first = await submit(redis, "fake-0", await blobs.put(encode_layers(model(bias=np.ones(10, np.float32))), owner="fake-0"),
                              training_id="replay")
         [(entry_id, _fields)] = await redis.xrange(KEYS.update_stream)
@@ -308,7 +308,7 @@ async def test_an_update_that_weighs_more_than_the_training_allows_is_refused(re
         await start_training(redis, "heavy", digits_config(rounds=1, clients_per_round=3, min_clients=3,
                                                            max_examples_per_update=1000))
         await wait_until_collecting(redis, "heavy")
-        blobs = BlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
+        blobs = RedisBlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
         digest = await blobs.put(encode_layers(model()), owner="fake-0")
         notice = UpdateSubmitted(kind=TaskKind.TRAIN, training_id="heavy", round=1, attempt=1, agent_id="fake-0",
                                  update_digest=digest, num_examples=10**9, received_model_version=0)
@@ -385,7 +385,7 @@ async def test_an_update_refused_for_its_values_is_withdrawn_and_the_agent_may_s
     # The fake agents do not answer the final evaluation round: its deadline ends it.
     async with one_round_of_fake_agents(redis, system, "values", agents, clients_per_round=2, min_clients=2,
                                         round_deadline_s=8.0):
-        blobs = BlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
+        blobs = RedisBlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
         nan = np.zeros((64, 10), np.float32)
         nan[0, 0] = np.inf
         await submit(redis, "fake-0", await blobs.put(encode_layers(model(weight=nan)), owner="fake-0"),

@@ -10,7 +10,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from federated_learning.bus import blobs as blobs_module
-from federated_learning.bus.blobs import HEAD_PROBE_BYTES, SMALL_BLOB_BYTES, BlobMissing, BlobStore
+from federated_learning.bus.blobs import (
+    HEAD_PROBE_BYTES,
+    SMALL_BLOB_BYTES,
+    BlobMissing,
+    RedisBlobStore,
+)
 from federated_learning.bus.consumer import StreamConsumer, ensure_group
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.tensors import (
@@ -153,7 +158,7 @@ async def test_restarted_consumer_handles_its_own_pending_entries_first(redis: a
 
 
 async def test_blob_store_round_trip_and_limits(redis: aioredis.Redis) -> None:
-    store = BlobStore(redis, Keys(), max_bytes=1024)
+    store = RedisBlobStore(redis, Keys(), max_bytes=1024)
     digest = await store.put(b"hello")
     assert digest == digest_of(b"hello")
     assert await store.get(digest) == b"hello"
@@ -164,7 +169,7 @@ async def test_blob_store_round_trip_and_limits(redis: aioredis.Redis) -> None:
 
 
 async def test_a_blob_head_is_its_size_and_whole_header_without_its_body(redis: aioredis.Redis) -> None:
-    store = BlobStore(redis, Keys(), max_bytes=1 << 22)
+    store = RedisBlobStore(redis, Keys(), max_bytes=1 << 22)
     long_header = {f"layer.{k:04d}.weight": np.zeros(1, np.float32) for k in range(600)}  # > HEAD_PROBE_BYTES
     for layers in ({"w": np.zeros(100_000, np.float32)}, long_header):
         data = encode_layers(layers)
@@ -179,7 +184,7 @@ async def test_a_blob_head_is_its_size_and_whole_header_without_its_body(redis: 
 
 
 async def test_tampered_blob_fails_its_hash(redis: aioredis.Redis) -> None:
-    store = BlobStore(redis, Keys(), max_bytes=1024)
+    store = RedisBlobStore(redis, Keys(), max_bytes=1024)
     digest = await store.put(b"hello")
     await redis.set(Keys().blob(digest), b"evil")
     with pytest.raises(InvalidTensor) as info:
@@ -190,7 +195,7 @@ async def test_tampered_blob_fails_its_hash(redis: aioredis.Redis) -> None:
 async def test_get_each_fetches_small_blobs_together_and_large_ones_alone_in_order(redis: aioredis.Redis) -> None:
     """Every outcome, in the order asked, whichever path a blob took (small: one pipeline per
     SMALL_BATCH_BYTES and one checking call; large: a thread and a connection each)."""
-    store = BlobStore(redis, Keys(), max_bytes=SMALL_BLOB_BYTES * 3)
+    store = RedisBlobStore(redis, Keys(), max_bytes=SMALL_BLOB_BYTES * 3)
     small = [bytes([i]) * 1000 for i in range(5)]
     large = [bytes([9 - i]) * (SMALL_BLOB_BYTES + 1) for i in range(2)]
     digests = [await store.put(data, owner="a1") for data in small + large]
@@ -219,7 +224,7 @@ async def test_get_each_fetches_small_blobs_together_and_large_ones_alone_in_ord
 async def test_small_blobs_are_fetched_in_batches_of_bounded_bytes(redis: aioredis.Redis,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(blobs_module, "SMALL_BATCH_BYTES", 2500)  # two 1,000-byte blobs per batch
-    store = BlobStore(redis, Keys(), max_bytes=1 << 20)
+    store = RedisBlobStore(redis, Keys(), max_bytes=1 << 20)
     data = [bytes([i]) * 1000 for i in range(7)]
     digests = [await store.put(blob) for blob in data]
     pipelines: list[int] = []

@@ -8,9 +8,7 @@ server ids, reset the stream, and report the forgery; agents' loops and sends ou
 from __future__ import annotations
 
 import asyncio
-import inspect
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +36,13 @@ from federated_learning.deploy.access import plain_url, provision_at_start
 from federated_learning.protocol.events import Event
 from federated_learning.protocol.keys import GROUP_COORDINATOR, Keys
 from federated_learning.protocol.messages import Heartbeat, decode, encode
-from tests.integration.conftest import System, digits_config, start_training, wait_for_status
+from tests.integration.conftest import (
+    System,
+    digits_config,
+    start_training,
+    wait_for_status,
+    wait_until,
+)
 
 KEYS = Keys()
 STREAM = "test:forged"
@@ -48,20 +52,6 @@ ROUND_AGENTS = [f"honest-{i}" for i in range(4)]
 ATTACKER = "mallory"
 ADMIN_PASSWORD = "admin-password-forged-ids-0123"
 WAIT_S = 20.0
-
-
-async def wait_until(condition: Callable[[], Awaitable[object] | object], what: str,
-                     timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await holds(condition):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s}s")
-        await asyncio.sleep(0.02)
-
-
-async def holds(condition: Callable[[], Awaitable[object] | object]) -> bool:
-    value = condition()
-    return bool(await value if inspect.isawaitable(value) else value)
 
 
 async def server_ms(redis: aioredis.Redis) -> int:

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from safetensors.numpy import save as save_safetensors
 
 from agents.data import make_client_datasets
-from federated_learning.bus.blobs import BlobStore
+from federated_learning.bus.blobs import RedisBlobStore
 from federated_learning.bus.embedded import free_port
 from federated_learning.dashboard.main import create_app
 from federated_learning.presets import create_trainer
@@ -194,7 +194,7 @@ async def test_a_standard_safetensors_file_in_any_layer_order_is_accepted(redis:
 
     assert response.status_code == 200, response.text
     [notice] = await notices(redis)
-    blobs = BlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
+    blobs = RedisBlobStore(redis, KEYS, max_bytes=settings.max_blob_bytes)
     stored = decode_layers(await blobs.get(notice.update_digest, owner=notice.agent_id), max_bytes=1 << 20)
     validate_layers(stored, state.layer_spec)
     np.testing.assert_array_equal(stored["output.bias"], model["output.bias"] + 0.01)

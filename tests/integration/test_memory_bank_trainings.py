@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from agents.app import Config
 from agents.client import FederatedClient
-from federated_learning.bus.blobs import BlobStore
+from federated_learning.bus.blobs import RedisBlobStore
 from federated_learning.dashboard.main import create_app
 from federated_learning.memory_bank import coverage_radius
 from federated_learning.protocol.keys import Keys
@@ -98,7 +98,7 @@ def bank_body(training_id: str, **model: Any) -> dict[str, Any]:
 
 
 async def version_layers(redis: aioredis.Redis, digest: str) -> dict[str, NDArray[Any]]:
-    return decode_layers(await BlobStore(redis, KEYS, max_bytes=1 << 24).get(digest), max_bytes=1 << 24)
+    return decode_layers(await RedisBlobStore(redis, KEYS, max_bytes=1 << 24).get(digest), max_bytes=1 << 24)
 
 
 async def test_banks_of_different_sizes_merge_into_versions_of_the_global_bank(

@@ -20,7 +20,7 @@ from redis.exceptions import NoPermissionError
 from agents.client import FederatedClient
 from agents.data import make_client_datasets
 from agents.simulation import simulated_agent_ids
-from federated_learning.bus.blobs import BlobStore
+from federated_learning.bus.blobs import RedisBlobStore
 from federated_learning.bus.connection import RedisRefused, connect, with_credentials
 from federated_learning.bus.consumer import ensure_group
 from federated_learning.bus.embedded import EmbeddedValkey
@@ -132,8 +132,8 @@ async def test_agent_joins_uploads_and_reads_its_own_inbox(acl_server: AclServer
     inbox = KEYS.inbox_stream("a1")
     await ensure_group(agent, inbox, GROUP_AGENT)
     await agent.xadd(KEYS.agent_stream, encode(Heartbeat(agent_id="a1")))  # type: ignore[arg-type]
-    digest = await BlobStore(agent, KEYS, max_bytes=1024).put(b"an update", ttl_s=60, owner="a1")
-    assert await BlobStore(services, KEYS, max_bytes=1024).get(digest, owner="a1") == b"an update"
+    digest = await RedisBlobStore(agent, KEYS, max_bytes=1024).put(b"an update", ttl_s=60, owner="a1")
+    assert await RedisBlobStore(services, KEYS, max_bytes=1024).get(digest, owner="a1") == b"an update"
     await agent.xadd(KEYS.update_stream, {"m": digest})
     await services.xadd(inbox, {"m": "a task"})
     [(_stream, [(entry_id, fields)])] = await agent.xreadgroup(GROUP_AGENT, "a1", {inbox: ">"}, count=1)
@@ -170,15 +170,15 @@ async def test_agent_credentials_cannot_reach_beyond_its_own_role(
 
 async def test_agent_reads_models_and_writes_only_its_own_uploads(
         acl_server: AclServer, login, admin: aioredis.Redis) -> None:
-    from federated_learning.bus.blobs import BlobStore
+    from federated_learning.bus.blobs import RedisBlobStore
 
-    model = await BlobStore(admin, KEYS, max_bytes=1 << 20).put(b"model bytes")
+    model = await RedisBlobStore(admin, KEYS, max_bytes=1 << 20).put(b"model bytes")
     agent = await login(acl_server.agent("a1"))
-    own = BlobStore(agent, KEYS, max_bytes=1 << 20)
+    own = RedisBlobStore(agent, KEYS, max_bytes=1 << 20)
 
     assert await own.get(model) == b"model bytes"  # the global model is readable
     upload = await own.put(b"an update", owner="a1")
-    assert await BlobStore(admin, KEYS, max_bytes=1 << 20).get(upload, owner="a1") == b"an update"
+    assert await RedisBlobStore(admin, KEYS, max_bytes=1 << 20).get(upload, owner="a1") == b"an update"
     with pytest.raises(NoPermissionError):
         await own.put(b"an update", owner="a2")
     with pytest.raises(NoPermissionError):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from federated_learning.bus.blobs import BlobStore
+from federated_learning.bus.blobs import RedisBlobStore
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import AggregationJob, RoundMetrics, Task, VersionRecord
 from federated_learning.protocol.tensors import decode_layers
@@ -55,10 +55,10 @@ async def test_buffered_asynchronous_training_flushes_full_buffers_with_stalenes
         redis: aioredis.Redis, system, make_agents, monkeypatch) -> None:
     kept: list[tuple[str, str | None]] = []
 
-    async def keep(_store: BlobStore, blobs: list[tuple[str, str | None]]) -> None:
+    async def keep(_store: RedisBlobStore, blobs: list[tuple[str, str | None]]) -> None:
         kept.extend(blobs)  # the check below recomputes each job from its uploads
 
-    monkeypatch.setattr(BlobStore, "discard", keep)
+    monkeypatch.setattr(RedisBlobStore, "discard", keep)
     await system.start()
     await make_agents(8)
     await start_training(redis, "async", digits_config(algorithm="fedbuff", rounds=4, clients_per_round=6,

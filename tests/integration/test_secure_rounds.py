@@ -13,7 +13,7 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from agents.client import FederatedClient
-from federated_learning.bus.blobs import BlobStore
+from federated_learning.bus.blobs import RedisBlobStore
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import (
     AggregationJob,
@@ -64,10 +64,10 @@ def expected_model(base: np.ndarray, recorded: dict[tuple[str, int], tuple[np.nd
 
 async def test_secure_rounds_commit_the_weighted_mean_without_plain_updates(
         redis: aioredis.Redis, system, make_agents, monkeypatch) -> None:
-    async def keep(_store: BlobStore, _blobs: list[tuple[str, str | None]]) -> None:
+    async def keep(_store: RedisBlobStore, _blobs: list[tuple[str, str | None]]) -> None:
         """Committed rounds' uploads stay for the check below of what travelled."""
 
-    monkeypatch.setattr(BlobStore, "discard", keep)
+    monkeypatch.setattr(RedisBlobStore, "discard", keep)
     await system.start()
     agents = await make_agents(5)
     recorded = record_deltas(agents)

@@ -4,7 +4,6 @@ committed exactly once."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -16,17 +15,10 @@ from federated_learning.bus.lease import Lease, LeaseLost
 from federated_learning.config import Settings
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import VersionRecord
-from tests.integration.conftest import digits_config, start_training, wait_for_status
+from tests.integration.conftest import digits_config, start_training, wait_for_status, wait_until
 
 KEYS = Keys()
 ROUNDS = 20
-
-
-async def wait_until(check, what: str, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f}s"
-        await asyncio.sleep(0.05)
 
 
 async def test_one_holder_at_a_time_and_the_same_holder_takes_its_lease_back(redis: aioredis.Redis) -> None:

@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from agents.app import Config, Metrics, Parameters
 from agents.client import FederatedClient
 from agents.data import make_client_datasets
-from federated_learning.bus.blobs import BlobStore
+from federated_learning.bus.blobs import RedisBlobStore
 from federated_learning.dashboard.main import create_app
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.tensors import decode_layers, encode_layers
@@ -122,7 +122,7 @@ def training_body(model: dict[str, Any], **overrides: Any) -> dict[str, Any]:
 
 
 async def final_model(redis: aioredis.Redis, digest: str) -> dict[str, NDArray[Any]]:
-    return decode_layers(await BlobStore(redis, KEYS, max_bytes=1 << 24).get(digest), max_bytes=1 << 24)
+    return decode_layers(await RedisBlobStore(redis, KEYS, max_bytes=1 << 24).get(digest), max_bytes=1 << 24)
 
 
 async def test_an_uploaded_mixed_dtype_model_is_trained_end_to_end(

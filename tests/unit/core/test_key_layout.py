@@ -21,7 +21,8 @@ def every_key(keys: Keys) -> dict[str, str]:
                                   "org_id": "acme", "instance": "0", "credential": "c", "minute": 7}
     names: dict[str, str] = {}
     for name, member in inspect.getmembers(type(keys)):
-        if name.startswith("_") or name in {"blob", "model_owner", "agent_write_keys", "dashboard_write_keys"}:
+        if name.startswith("_") or name in {"blob", "blob_store", "model_owner", "agent_write_keys",
+                                            "dashboard_write_keys"}:
             continue
         if name.endswith("pattern") or name == "upload_pattern":
             continue

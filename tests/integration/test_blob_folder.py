@@ -1,0 +1,61 @@
+"""A deployment that keeps its blobs in a folder (``blob_dir``): agents find it by themselves,
+models and uploads never enter Redis, and a round's uploads are deleted when it commits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from agents.client import FederatedClient
+from federated_learning.bus.blob_files import FolderBlobStore
+from federated_learning.bus.blob_stores import BlobStoreUnreachable
+from federated_learning.config import Settings
+from federated_learning.protocol.keys import Keys
+from federated_learning.protocol.messages import VersionRecord
+from federated_learning.protocol.storage import BlobStoreDescriptor
+from federated_learning.protocol.tensors import decode_layers
+from tests.integration.conftest import digits_config, start_training, wait_for_status, wait_until
+
+KEYS = Keys()
+
+
+@pytest.fixture
+def settings(settings: Settings, tmp_path: Path) -> Settings:
+    return settings.model_copy(update={"blob_dir": tmp_path / "blobs"})
+
+
+async def test_a_training_through_a_blob_folder_keeps_no_blob_in_redis(
+        redis: aioredis.Redis, system, make_agents, settings: Settings) -> None:
+    await system.start()
+    agents = await make_agents(6)
+    await start_training(redis, "t1", digits_config(rounds=3))
+    state = await wait_for_status(redis, "t1", {"completed", "failed"})
+    assert state.status == "completed", state.reason
+
+    root = settings.blob_dir / KEYS.prefix
+    published = BlobStoreDescriptor.model_validate_json(await redis.get(KEYS.blob_store))
+    assert published == BlobStoreDescriptor(kind="folder", path=str(root))
+    assert all(isinstance(agent.blobs, FolderBlobStore) and agent.blobs.root == root for agent in agents)
+
+    records = [VersionRecord.model_validate_json(raw) for raw in (await redis.hgetall(KEYS.versions("t1"))).values()]
+    assert sorted(r.version for r in records) == [0, 1, 2, 3]
+    store = FolderBlobStore(root, max_bytes=settings.max_blob_bytes)
+    for record in records:  # every version's model is a whole, verified file
+        assert set(decode_layers(await store.get(record.model_digest), max_bytes=settings.max_blob_bytes)) == {
+            "dense.weight", "dense.bias"}
+    assert [key async for key in redis.scan_iter(match=f"{KEYS.prefix}:blob:*")] == [KEYS.blob_store.encode()]
+    assert [key async for key in redis.scan_iter(match=KEYS.upload_pattern())] == []
+    uploads = [path for path in (root / "upload").rglob("*") if path.is_file()]
+    assert uploads == [], "every round's uploads are deleted when it commits"
+
+
+async def test_an_agent_that_cannot_see_the_folder_says_where_it_is(
+        redis: aioredis.Redis, redis_url: str, system, tmp_path: Path) -> None:
+    await system.start("coordinator")
+    agent = FederatedClient("agent-far", redis_url=redis_url, blob_folder=tmp_path / "not-mounted")
+    await wait_until(lambda: redis.exists(KEYS.blob_store), "the coordinator publishing its blob store")
+    with pytest.raises(BlobStoreUnreachable, match="/sync_model"):
+        await agent.initialize()
+    await agent.close()

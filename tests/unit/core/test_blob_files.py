@@ -1,0 +1,150 @@
+"""The folder blob store (``bus/blob_files.py``): written whole, verified on read, expiring like
+Redis keys, and no name that leaves the folder."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from federated_learning.bus.blob_files import NEVER, TEMPORARY_PREFIX, FolderBlobStore
+from federated_learning.bus.blobs import HEAD_PROBE_BYTES, SMALL_BLOB_BYTES, BlobMissing
+from federated_learning.protocol.storage import BlobStoreDescriptor
+from federated_learning.protocol.tensors import InvalidTensor, digest_of, encode_layers
+
+AGENT = "agent-001"
+
+
+def overwrite(path: Path, data: bytes) -> None:
+    """Change a stored file's bytes, keeping its expiry (its modification time)."""
+    expires_at = os.stat(path).st_mtime if path.exists() else NEVER
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.utime(path, (expires_at, expires_at))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FolderBlobStore:
+    return FolderBlobStore(tmp_path / "fl", max_bytes=1 << 22)
+
+
+async def test_a_blob_reads_back_and_is_described_by_its_folder(store: FolderBlobStore) -> None:
+    digest = await store.put(b"model bytes")
+    assert digest == digest_of(b"model bytes")
+    assert await store.get(digest) == b"model bytes"
+    assert await store.exists(digest) and not await store.exists(digest, owner=AGENT)
+    assert store.path(digest) == store.root / "blob" / digest
+    assert store.describe() == BlobStoreDescriptor(kind="folder", path=str(store.root))
+    assert os.stat(store.path(digest)).st_mtime == NEVER
+    assert [p.name for p in store.path(digest).parent.iterdir()] == [digest]  # no temporary file left
+
+
+async def test_an_upload_expires_unless_kept(store: FolderBlobStore) -> None:
+    digest = await store.put(b"an update", ttl_s=60, owner=AGENT)
+    expires_at = os.stat(store.path(digest, AGENT)).st_mtime
+    assert time.time() + 50 < expires_at <= time.time() + 60
+    assert await store.get(digest, owner=AGENT) == b"an update"
+
+    os.utime(store.path(digest, AGENT), (time.time() - 1, time.time() - 1))  # its expiry passed
+    with pytest.raises(BlobMissing):
+        await store.get(digest, owner=AGENT)
+    assert await store.heads([(digest, AGENT)]) == {}
+
+    kept = await store.put(b"kept update", ttl_s=60, owner=AGENT)
+    await store.keep([(kept, AGENT), (digest_of(b"never uploaded"), AGENT)])  # a missing one is skipped
+    assert os.stat(store.path(kept, AGENT)).st_mtime == NEVER
+    assert await store.put(b"kept update", ttl_s=60, owner=AGENT) == kept  # written again: still kept
+    assert os.stat(store.path(kept, AGENT)).st_mtime == NEVER
+
+
+async def test_the_sweep_deletes_what_expired_and_what_dead_writers_left(store: FolderBlobStore) -> None:
+    expired = await store.put(b"expired", ttl_s=60, owner=AGENT)
+    fresh = await store.put(b"fresh", ttl_s=60, owner=AGENT)
+    model = await store.put(b"model")
+    os.utime(store.path(expired, AGENT), (time.time() - 1, time.time() - 1))
+    dead_writer = store.path(fresh, AGENT).parent / f"{TEMPORARY_PREFIX}{fresh}-0000"
+    live_writer = store.path(fresh, AGENT).parent / f"{TEMPORARY_PREFIX}{fresh}-1111"
+    dead_writer.write_bytes(b"half")
+    live_writer.write_bytes(b"half")
+
+    assert store.sweep_expired_now(time.time()) == 1
+    assert not store.path(expired, AGENT).exists() and dead_writer.exists() and live_writer.exists()
+    assert store.sweep_expired_now(time.time() + 2 * 3600) == 3  # the fresh upload has expired by then too
+    assert not dead_writer.exists() and not live_writer.exists()
+    assert await store.get(model) == b"model"
+    assert await store.sweep_expired() == 0
+
+
+async def test_bad_blobs_are_refused_with_their_reason(store: FolderBlobStore) -> None:
+    with pytest.raises(InvalidTensor, match="exceeds the limit"):
+        await store.put(b"x" * (store.max_bytes + 1))
+    with pytest.raises(BlobMissing):
+        await store.get(digest_of(b"never stored"))
+
+    digest = await store.put(b"honest", ttl_s=60, owner=AGENT)
+    overwrite(store.path(digest, AGENT), b"tampered")  # the name stays, the bytes change
+    with pytest.raises(InvalidTensor) as tampered:
+        await store.get(digest, owner=AGENT)
+    assert tampered.value.reason == "hash_mismatch"
+
+    oversized = digest_of(b"big")
+    overwrite(store.path(oversized, AGENT), b"x" * (store.max_bytes + 1))
+    with pytest.raises(InvalidTensor) as too_large:
+        await store.head(oversized, owner=AGENT)
+    assert too_large.value.reason == "too_large"
+
+
+@pytest.mark.parametrize(("digest", "owner"), [
+    ("../" + "a" * 61, None), ("A" * 64, None), ("a" * 64, "../agent"), ("a" * 64, "a/b"), ("a" * 64, ".hidden"),
+    ("a" * 64, "agent..x"),
+])
+def test_no_name_leaves_the_folder(store: FolderBlobStore, digest: str, owner: str | None) -> None:
+    with pytest.raises(ValueError):
+        store.path(digest, owner)
+
+
+def test_the_folder_is_absolute(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="absolute"):
+        FolderBlobStore(Path("relative"), max_bytes=1024)
+
+
+async def test_heads_read_a_header_longer_than_the_probe(store: FolderBlobStore) -> None:
+    layers = {f"layer_{i:04d}_{'x' * 40}": np.zeros(2, np.float32) for i in range(400)}
+    blob = encode_layers(layers)
+    assert int.from_bytes(blob[:8], "little") > HEAD_PROBE_BYTES
+    digest = await store.put(blob, ttl_s=60, owner=AGENT)
+    heads = await store.heads([(digest, AGENT), (digest_of(b"missing"), AGENT)])
+    assert list(heads) == [(digest, AGENT)]
+    head = heads[(digest, AGENT)]
+    assert head.size == len(blob) and blob.startswith(head.head)
+    assert len(head.head) == 8 + int.from_bytes(blob[:8], "little")
+
+
+async def test_get_each_checks_every_blob_and_keeps_their_order(store: FolderBlobStore) -> None:
+    small = [await store.put(bytes([k]) * 1000, ttl_s=60, owner=AGENT) for k in range(5)]
+    large = await store.put(b"L" * (SMALL_BLOB_BYTES + 1), ttl_s=60, owner=AGENT)
+    tampered = await store.put(b"honest", ttl_s=60, owner=AGENT)
+    overwrite(store.path(tampered, AGENT), b"tampered")
+    wanted = [(small[0], AGENT), (large, AGENT), (digest_of(b"gone"), AGENT), (tampered, AGENT),
+              *((d, AGENT) for d in small[1:])]
+    with ThreadPoolExecutor(2) as pool:
+        results = await store.get_each(wanted, lambda index, data: (index, len(data)), executor=pool)
+    assert results[0] == (0, 1000) and results[1] == (1, SMALL_BLOB_BYTES + 1)
+    assert isinstance(results[2], BlobMissing)
+    assert isinstance(results[3], InvalidTensor) and results[3].reason == "hash_mismatch"
+    assert results[4:] == [(k, 1000) for k in range(4, 8)]
+
+
+async def test_writers_of_the_same_blob_at_once_leave_one_whole_file(store: FolderBlobStore) -> None:
+    data = os.urandom(1 << 20)
+    digests = await asyncio.gather(*(store.put(data, ttl_s=60, owner=AGENT) for _ in range(8)))
+    assert set(digests) == {digest_of(data)}
+    assert [p.name for p in store.path(digests[0], AGENT).parent.iterdir()] == [digests[0]]
+    assert await store.get(digests[0], owner=AGENT) == data
+    await store.discard([(digests[0], AGENT), (digest_of(b"never"), None)])
+    assert not await store.exists(digests[0], owner=AGENT)
