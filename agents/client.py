@@ -567,7 +567,7 @@ class FederatedClient:
         elif settings.compression == "none":
             blob = encode_layers(local)
         else:
-            delta = [(local[name].astype(np.float32) - weights[name]).astype(np.float32)
+            delta = [(local[name].astype(np.float32, copy=False) - weights[name]).astype(np.float32, copy=False)
                      for name in local if is_float(local[name].dtype.name)]
             compressor = make_compressor(settings.compression, settings.compression_fraction,
                                          np.random.default_rng(zlib.crc32(f"{self.agent_id}/{task.round}".encode())))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load, save
 
+from federated_learning.privacy import compression
 from federated_learning.privacy.compression import (
     CompressedUpdate,
     CompressionMethod,
@@ -249,3 +250,22 @@ def test_a_quantized_update_with_more_or_fewer_codes_than_values_is_refused(extr
 
     with pytest.raises(ValueError, match="needs 100 uint8 code bytes"):
         decompress(tampered)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("block_size", [1, 7, 1024, 5000])
+def test_quantizing_a_chunk_at_a_time_gives_the_codes_of_one_pass(
+        monkeypatch: pytest.MonkeyPatch, bits: int, block_size: int) -> None:
+    """The blocks are quantized a cache-sized chunk at a time; the chunk size (here down to one
+    block, and up to the whole update) changes neither the codes nor the grid, since the random
+    draws come in the same order."""
+    rng = np.random.default_rng(7)
+    layers = [rng.standard_normal(12_345).astype(np.float32), rng.standard_normal((30, 7))]
+    monkeypatch.setattr(compression, "QUANTIZE_CHUNK_VALUES", 1 << 30)
+    whole = quantize(layers, bits, np.random.default_rng(3), block_size)
+    decoded = np.concatenate([a.ravel() for a in decompress(whole)])
+    monkeypatch.setattr(compression, "QUANTIZE_CHUNK_VALUES", 1)
+    chunked = quantize(layers, bits, np.random.default_rng(3), block_size)
+    for name in ("codes", "minimum", "step"):
+        np.testing.assert_array_equal(chunked.arrays[name], whole.arrays[name])
+    np.testing.assert_array_equal(np.concatenate([a.ravel() for a in decompress(chunked)]), decoded)
