@@ -30,15 +30,15 @@ from typing import TypeVar, cast
 
 from federated_learning.bus.blobs import (
     HEAD_PROBE_BYTES,
+    OFF_LOOP_HASH_BYTES,
     SMALL_BATCH_BYTES,
     SMALL_BLOB_BYTES,
     BlobHead,
     BlobMissing,
     BlobStore,
-    digest_off_loop,
 )
 from federated_learning.protocol.storage import BlobStoreDescriptor
-from federated_learning.protocol.tensors import InvalidTensor, header_bytes_needed
+from federated_learning.protocol.tensors import InvalidTensor, digest_of, header_bytes_needed
 from federated_learning.types import BlobDigest
 
 T = TypeVar("T")
@@ -79,9 +79,17 @@ class FolderBlobStore(BlobStore):
     async def put(self, data: bytes, *, ttl_s: int | None = None, owner: str | None = None) -> BlobDigest:
         if len(data) > self.max_bytes:
             raise InvalidTensor("too_large", f"blob of {len(data)} bytes exceeds the limit {self.max_bytes}")
-        digest = await digest_off_loop(data)
         expires_at = NEVER if ttl_s is None else time.time() + ttl_s
-        await asyncio.to_thread(self._write, self.path(digest, owner), data, expires_at, durable=ttl_s is None)
+        if len(data) < OFF_LOOP_HASH_BYTES:
+            digest = digest_of(data)
+            await asyncio.to_thread(self._write, self.path(digest, owner), data, expires_at, durable=ttl_s is None)
+            return digest
+        return await asyncio.to_thread(self._hash_and_write, data, owner, expires_at, durable=ttl_s is None)
+
+    def _hash_and_write(self, data: bytes, owner: str | None, expires_at: float, *, durable: bool) -> BlobDigest:
+        """On a worker thread, in one hand-off: a large blob hashed and written."""
+        digest = digest_of(data)
+        self._write(self.path(digest, owner), data, expires_at, durable=durable)
         return digest
 
     @staticmethod
@@ -122,8 +130,12 @@ class FolderBlobStore(BlobStore):
             raise BlobMissing(f"no blob {digest}") from None
 
     async def get(self, digest: BlobDigest, *, owner: str | None = None) -> bytes:
-        _, data = await asyncio.to_thread(self._read, digest, owner)
-        if await digest_off_loop(data) != digest:
+        return await asyncio.to_thread(self._read_checked, digest, owner)
+
+    def _read_checked(self, digest: BlobDigest, owner: str | None) -> bytes:
+        """On a worker thread, in one hand-off: the blob read and its hash checked."""
+        data = self._read(digest, owner)[1]
+        if digest_of(data) != digest:
             raise InvalidTensor("hash_mismatch", f"blob stored under {digest} has another hash")
         return data
 

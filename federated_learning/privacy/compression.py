@@ -227,7 +227,7 @@ def quantize(
     codes = codes[: flat.size]
     if bits == 4:
         codes = np.pad(codes, (0, codes.size % 2))
-        codes = codes[0::2] | (codes[1::2] << 4)
+        codes = (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8, copy=False)
     return CompressedUpdate(
         method, tuple(shapes_of(layers)),
         {"codes": codes, "minimum": minimum, "step": step}, block_size,
