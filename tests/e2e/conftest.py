@@ -27,9 +27,10 @@ START_TIMEOUT_S = 90.0
 class Deployment:
     """``scripts/deploy-federated-learning.py`` in a fresh data folder on free ports."""
 
-    def __init__(self, data_dir: Path, *, own_process_group: bool = False) -> None:
+    def __init__(self, data_dir: Path, *, own_process_group: bool = False, blob_dir: Path | None = None) -> None:
         """``own_process_group``: the launcher leads a process group of its own, as under
-        systemd or a container runtime, so a test can signal the group (``os.killpg``)."""
+        systemd or a container runtime, so a test can signal the group (``os.killpg``).
+        ``blob_dir``: models and uploads as files there (decision 0014), else in Redis."""
         self.data_dir = data_dir
         self.own_process_group = own_process_group
         self.dashboard_port = free_port()
@@ -43,6 +44,7 @@ class Deployment:
             "FL_ROUND_DEADLINE_S": "20", "FL_CLAIM_IDLE_MS": "2000", "FL_CPU_CORES": "2",
             "FL_MIN_CLIENTS_PER_ROUND": "2", "FL_MAX_CLIENTS_PER_ROUND": "10",
             "FL_DEFAULT_PRIVACY_LEVEL": "none", "FL_REDIS_URL": "",
+            "FL_BLOB_DIR": str(blob_dir or ""),
         }
 
     @property
@@ -101,8 +103,10 @@ class Deployment:
 
 
 @pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[Deployment]:
-    deployed = Deployment(tmp_path / "data")
+def deployment(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    """Blobs in Redis; ``"folder"`` as the fixture's parameter (``indirect``) keeps them as files."""
+    blobs = getattr(request, "param", "redis")
+    deployed = Deployment(tmp_path / "data", blob_dir=tmp_path / "blobs" if blobs == "folder" else None)
     deployed.data_dir.mkdir(parents=True)
     deployed.start()
     yield deployed
