@@ -19,6 +19,8 @@ are not (an agent whose upload was lost sends it again).
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import re
 import secrets
@@ -42,6 +44,7 @@ from federated_learning.protocol.tensors import InvalidTensor, digest_of, header
 from federated_learning.types import BlobDigest
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 NEVER = 4_102_444_800
 """The expiry (modification time) of a blob that does not expire: 2100-01-01."""
@@ -94,7 +97,13 @@ class FolderBlobStore(BlobStore):
 
     @staticmethod
     def _write(path: Path, data: bytes, expires_at: float, *, durable: bool) -> None:
-        if path.exists():
+        """Write ``data`` under ``path`` unless a live copy is there (as SET NX: an expired one is
+        replaced). Its bytes are whole before its name appears."""
+        try:
+            expired = path.stat().st_mtime <= time.time()
+        except FileNotFoundError:
+            expired = None
+        if expired is False:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.parent / f"{TEMPORARY_PREFIX}{path.name}-{secrets.token_hex(4)}"
@@ -106,10 +115,10 @@ class FolderBlobStore(BlobStore):
                     file.flush()
                     os.fsync(file.fileno())
             os.utime(partial, (expires_at, expires_at))
-            try:
-                os.link(partial, path)
-            except FileExistsError:
-                return
+            if expired:
+                os.replace(partial, path)  # the same bytes, alive again
+            else:
+                _link_or_move(partial, path)
         finally:
             partial.unlink(missing_ok=True)
         if durable:
@@ -230,7 +239,7 @@ class FolderBlobStore(BlobStore):
     async def discard(self, blobs: Sequence[tuple[BlobDigest, str | None]]) -> None:
         def discard_all() -> None:
             for digest, owner in blobs:
-                self.path(digest, owner).unlink(missing_ok=True)
+                _unlink(self.path(digest, owner))
         if blobs:
             await asyncio.to_thread(discard_all)
 
@@ -259,10 +268,33 @@ class FolderBlobStore(BlobStore):
                     gone = status.st_ctime < now - STALE_TEMPORARY_S
                 else:
                     gone = status.st_mtime <= now
-                if gone:
-                    Path(entry.path).unlink(missing_ok=True)
+                if gone and _unlink(Path(entry.path)):
                     swept += 1
         return swept
+
+
+def _link_or_move(partial: Path, path: Path) -> None:
+    """Give ``partial`` the name ``path`` unless another writer did first (a hard link fails
+    then); on a filesystem without hard links, a rename (the same bytes, so either copy does)."""
+    try:
+        os.link(partial, path)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        os.replace(partial, path)
+
+
+def _unlink(path: Path) -> bool:
+    """Delete ``path`` if it is there; a file this process may not delete (another user's folder)
+    is left, with a warning, rather than failing the commit or sweep that wanted it gone."""
+    try:
+        path.unlink(missing_ok=True)
+    except PermissionError as exc:
+        log.warning("cannot delete blob %s: %s (give the services write access to the blob folder)", path, exc)
+        return False
+    return True
 
 
 def _fsync_folder(folder: Path) -> None:

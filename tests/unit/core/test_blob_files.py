@@ -4,6 +4,7 @@ Redis keys, and no name that leaves the folder."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -148,3 +149,40 @@ async def test_writers_of_the_same_blob_at_once_leave_one_whole_file(store: Fold
     assert await store.get(digests[0], owner=AGENT) == data
     await store.discard([(digests[0], AGENT), (digest_of(b"never"), None)])
     assert not await store.exists(digests[0], owner=AGENT)
+
+
+async def test_an_expired_upload_written_again_is_alive_again(store: FolderBlobStore) -> None:
+    """As SET NX on Redis, where an expired key is gone: the agent's second upload counts."""
+    digest = await store.put(b"an update", ttl_s=60, owner=AGENT)
+    os.utime(store.path(digest, AGENT), (time.time() - 1, time.time() - 1))
+    assert not await store.exists(digest, owner=AGENT)
+    assert await store.put(b"an update", ttl_s=60, owner=AGENT) == digest
+    assert await store.get(digest, owner=AGENT) == b"an update"
+
+
+async def test_without_hard_links_a_blob_is_renamed_into_place(
+        store: FolderBlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(_source: object, _target: object) -> None:
+        raise OSError(errno.EPERM, "hard links not supported here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    digest = await store.put(b"model bytes")
+    assert await store.get(digest) == b"model bytes"
+    assert [p.name for p in store.path(digest).parent.iterdir()] == [digest]
+
+
+async def test_a_blob_the_services_may_not_delete_is_left_with_a_warning(
+        store: FolderBlobStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    digest = await store.put(b"an update", ttl_s=60, owner=AGENT)
+    original = Path.unlink
+
+    def refuse(path: Path, missing_ok: bool = False) -> None:
+        if path.parent.name == AGENT:
+            raise PermissionError(13, "Permission denied", str(path))
+        original(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    await store.discard([(digest, AGENT)])
+    assert store.sweep_expired_now(time.time() + 61) == 0
+    assert store.path(digest, AGENT).exists()
+    assert "give the services write access" in caplog.text
