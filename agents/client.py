@@ -28,8 +28,8 @@ from agents.attacks import Attack, poison_update
 from agents.local_work import LocalResult, local_bank, run_trainer, task_config
 from agents.secure import SecureParticipation
 from agents.updates import TrainedUpdate
-from federated_learning.bus.blob_stores import agent_blob_store
-from federated_learning.bus.blobs import BlobMissing, BlobStore
+from federated_learning.bus.blob_stores import BlobStoreUnreachable, agent_blob_store
+from federated_learning.bus.blobs import BlobMissing, BlobStore, BlobStoreError
 from federated_learning.bus.connection import RedisTls, keys_for
 from federated_learning.bus.consumer import ensure_group
 from federated_learning.bus.replies import group_batches
@@ -227,6 +227,7 @@ class FederatedClient:
         self.keys = keys_for(self.redis, self.keys.prefix)
         self._blobs, self._blob_store_published = await agent_blob_store(
             self.redis, self.keys, max_bytes=self.max_blob_bytes, blob_folder=self.blob_folder)
+        await self._check_writable(self._blobs)
         await ensure_group(self.redis, self.keys.inbox_stream(self.agent_id), GROUP_AGENT)
         await self.join()
         self._tasks = [asyncio.create_task(self._heartbeat_loop()),
@@ -274,8 +275,15 @@ class FederatedClient:
             store, self._blob_store_published = await agent_blob_store(
                 self.redis, self.keys, max_bytes=self.max_blob_bytes, blob_folder=self.blob_folder)
             if store.describe() != self._blobs.describe():
+                await self._check_writable(store)
                 self._blobs = store
         return self._blobs
+
+    async def _check_writable(self, store: BlobStore) -> None:
+        try:
+            await store.check_writable(self.agent_id)
+        except BlobStoreError as exc:
+            raise BlobStoreUnreachable(f"agent {self.agent_id} cannot upload: {exc}") from exc
 
     def _count_completed(self) -> None:
         self.completed_tasks += 1
@@ -352,6 +360,8 @@ class FederatedClient:
         """One task's failure (a diverging model, a bug in a trainer) must not stop the agent."""
         try:
             await self.handle_task(fields)
+        except (BlobStoreError, BlobStoreUnreachable) as exc:  # the store, not the bus: the next task may work
+            log.error("agent %s: task skipped: %s", self.agent_id, exc)
         except (RedisConnectionError, RedisTimeoutError, OSError):
             raise
         except Exception:

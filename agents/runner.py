@@ -111,7 +111,7 @@ async def run_agents(args: argparse.Namespace) -> None:
         agents.append(FederatedClient(
             agent_id, redis_url=access.redis_url, key_prefix=access.key_prefix, trainer=trainer,
             dataset=args.dataset, num_examples=examples, heartbeat_interval_s=args.heartbeat_s,
-            state_dir=args.state_dir, join_token=args.join_token))
+            state_dir=args.state_dir, join_token=args.join_token, blob_folder=args.blob_folder))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -142,6 +142,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--heartbeat-s", type=float, default=10.0, help="seconds between heartbeats")
     run.add_argument("--state-dir", type=Path, default=None, help="keeps the agents' keys across restarts")
     run.add_argument("--join-token", default=None, help="needed where registration is closed")
+    run.add_argument("--blob-folder", type=Path, default=None,
+                     help="the deployment's blob_dir as mounted here, when it keeps blobs as files and this "
+                          "host mounts them at another path (default: the path the services use)")
     run.add_argument("--log-level", default="INFO")
     return p
 

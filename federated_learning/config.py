@@ -137,7 +137,7 @@ class Settings(BaseSettings):
             return None
         if not isinstance(value, str | Path):
             raise ValueError("a folder's path")  # noqa: TRY004 - pydantic reports a ValueError as a validation error
-        folder = Path(value).expanduser().resolve()
+        folder = Path(os.path.abspath(Path(value).expanduser()))  # links kept: agents may mount this path
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"{folder} is not a folder")
         return folder

@@ -57,7 +57,8 @@ import redis.asyncio as aioredis
 from numpy.typing import NDArray
 
 from federated_learning.aggregation import RULES, create_strategy
-from federated_learning.bus.blobs import BlobStore, RedisBlobStore
+from federated_learning.bus.blob_stores import services_blob_store
+from federated_learning.bus.blobs import BlobStore
 from federated_learning.bus.connection import connect
 from federated_learning.config import ConfigError, Settings, load_settings
 from federated_learning.deploy.local import DeploymentFailed, LocalDeployment
@@ -445,7 +446,7 @@ def failures(summary: dict[str, Any]) -> list[str]:
 async def stress(deployment: LocalDeployment, settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     keys = Keys(settings.redis_key_prefix)
     redis = await connect(deployment.redis_url, settings, attempts=settings.redis_connect_attempts)
-    blobs = RedisBlobStore(redis, keys, max_bytes=settings.max_blob_bytes)
+    blobs = services_blob_store(redis, keys, max_bytes=settings.max_blob_bytes, blob_dir=settings.blob_dir)
     tracker, stop, kill = Tracker(), asyncio.Event(), KillReport() if args.kill_worker else None
     trainings_done = asyncio.Event()
     try:

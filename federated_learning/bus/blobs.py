@@ -98,6 +98,11 @@ class BlobMissing(LookupError):
     """No blob is stored under this digest (never uploaded, or expired)."""
 
 
+class BlobStoreError(RuntimeError):
+    """The store itself failed: a blob folder that cannot be read or written (permissions, a full
+    or read-only disk). Not the bus: an agent reports it and skips the task."""
+
+
 SMALL_BLOB_BYTES = 256 * 1024
 """Blobs up to this size are fetched together by :meth:`BlobStore.get_each`: for them a round trip
 and a thread hand-off each cost more than their bytes (1,000 updates of a 650-parameter model)."""
@@ -181,6 +186,10 @@ class BlobStore(ABC):
     async def sweep_expired(self) -> int:
         """Delete the blobs whose expiry passed; the number deleted (Redis expires keys itself)."""
         return 0
+
+    async def check_writable(self, owner: str) -> None:
+        """Raise :class:`BlobStoreError` unless ``owner`` can store uploads here (an agent asks
+        when it joins; on Redis its ACL user decides, which it learns at its first upload)."""
 
     def _checked(self, index: int, digest: BlobDigest, data: bytes | None,
                  then: Callable[[int, bytes], T]) -> T | BlobMissing | InvalidTensor:

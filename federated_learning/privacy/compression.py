@@ -39,6 +39,9 @@ from federated_learning.privacy.layers import Layers, flatten, shapes_of, unflat
 DEFAULT_BLOCK_SIZE = 1024
 """Coordinates per quantization block; each block costs 8 bytes of minimum and step."""
 
+MAX_BLOCK_SIZE = 1 << 16
+"""The largest block a quantized update may declare beyond its own size."""
+
 _DENSE_BYTES_PER_VALUE = 4
 
 
@@ -261,16 +264,19 @@ def _stochastic_codes(blocks: NDArray[np.float64], minimum: NDArray[np.float32],
 
 def quantized_codes_fit(compressed: CompressedUpdate) -> None:
     """Raise ValueError unless a quantized update holds exactly its codes (one byte per 8-bit
-    code, two 4-bit codes per byte) and one float32 minimum and step per block of block_size >= 1."""
+    code, two 4-bit codes per byte) and one float32 minimum and step per block of block_size >= 1
+    (at most the update's size or :data:`MAX_BLOCK_SIZE`)."""
     size, block_size = compressed.size, compressed.block_size
-    blocks = -(-size // block_size) if block_size >= 1 else -1
+    # Expanding pads the last block to block_size values: an agent's huge block size must not
+    # make the server allocate it.
+    blocks = -(-size // block_size) if 1 <= block_size <= max(size, MAX_BLOCK_SIZE) else -1
     packed = size if compressed.method == CompressionMethod.QUANTIZE_8 else (size + 1) // 2
     codes = np.asarray(compressed.arrays["codes"])
     if blocks < 0 or codes.dtype != np.uint8 or codes.size != packed or any(
             np.asarray(compressed.arrays[name]).dtype != np.float32
             or np.asarray(compressed.arrays[name]).size != blocks for name in ("minimum", "step")):
         raise ValueError(f"a quantized update of {size} values needs {packed} uint8 code bytes and one "
-                         f"float32 minimum and step per block of block_size >= 1")
+                         f"float32 minimum and step per block of 1 <= block_size <= max(size, {MAX_BLOCK_SIZE})")
 
 
 def _quantized_arrays(compressed: CompressedUpdate) -> tuple[NDArray[np.uint8], int, NDArray[np.float32],

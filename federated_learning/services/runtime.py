@@ -33,6 +33,7 @@ from redis.exceptions import ResponseError
 from federated_learning.bus.blob_stores import services_blob_store
 from federated_learning.bus.blobs import BlobStore
 from federated_learning.bus.connection import connect, keys_for
+from federated_learning.bus.replies import text
 from federated_learning.bus.stream_ids import StreamRepair
 from federated_learning.config import Settings
 from federated_learning.protocol.events import Event
@@ -45,6 +46,7 @@ from federated_learning.protocol.keys import (
     Keys,
 )
 from federated_learning.protocol.messages import M, MalformedMessage, Severity, decode, encode
+from federated_learning.protocol.storage import BlobStoreDescriptor
 from federated_learning.records.trainings import TrainingViews
 
 log = logging.getLogger(__name__)
@@ -373,10 +375,21 @@ async def open_context(settings: Settings, service: str, instance: str, *,
                          "or set FL_REDIS_URL")
     redis = await connect(url, settings, attempts=settings.redis_connect_attempts)
     ctx = ServiceContext(redis=redis, settings=settings, service=service, instance=instance)
+    await warn_if_another_blob_store(ctx)
     port = settings.metrics_port(service, int(instance) if instance.isdigit() else 0)
     ctx.metrics_port = start_metrics_server(port)
     log.info("%s/%s connected; metrics on :%d", service, instance, ctx.metrics_port)
     return ctx
+
+
+async def warn_if_another_blob_store(ctx: ServiceContext) -> None:
+    """Say so when this service's blob store is not the one the coordinator published (another
+    ``blob_dir``, or the folder not mounted here): its reads would miss and its writes be lost."""
+    published = await ctx.redis.get(ctx.keys.blob_store)
+    if published is not None and BlobStoreDescriptor.model_validate_json(published) != ctx.blobs.describe():
+        log.error("%s/%s keeps blobs in %s, but the deployment's coordinator published %s: give every "
+                  "service the same blob_dir, mounted at the same path", ctx.service, ctx.instance,
+                  ctx.blobs.describe().model_dump_json(), text(published))
 
 
 SHUTDOWN_GRACE_S = 5.0

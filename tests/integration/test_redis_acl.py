@@ -184,6 +184,11 @@ async def test_agent_reads_models_and_writes_only_its_own_uploads(
     with pytest.raises(NoPermissionError):
         await agent.set(KEYS.blob(model), b"garbage", xx=True)
     assert await admin.get(KEYS.blob(model)) == b"model bytes"
+    # Where the blobs are, as the coordinator publishes it: every agent reads it, none writes it.
+    await admin.set(KEYS.blob_store, b'{"kind": "redis"}')
+    assert await agent.get(KEYS.blob_store) == b'{"kind": "redis"}'
+    with pytest.raises(NoPermissionError):
+        await agent.set(KEYS.blob_store, b'{"kind": "folder"}')
 
 
 async def test_a_wrong_password_is_refused_at_once(acl_server: AclServer) -> None:

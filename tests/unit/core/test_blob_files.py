@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 
 from federated_learning.bus.blob_files import NEVER, TEMPORARY_PREFIX, FolderBlobStore
-from federated_learning.bus.blobs import HEAD_PROBE_BYTES, SMALL_BLOB_BYTES, BlobMissing
+from federated_learning.bus.blobs import (
+    HEAD_PROBE_BYTES,
+    SMALL_BLOB_BYTES,
+    BlobMissing,
+    BlobStoreError,
+)
 from federated_learning.protocol.storage import BlobStoreDescriptor
 from federated_learning.protocol.tensors import InvalidTensor, digest_of, encode_layers
 
@@ -31,7 +36,7 @@ def overwrite(path: Path, data: bytes) -> None:
 
 @pytest.fixture
 def store(tmp_path: Path) -> FolderBlobStore:
-    return FolderBlobStore(tmp_path / "fl", max_bytes=1 << 22)
+    return FolderBlobStore.create(tmp_path / "fl", max_bytes=1 << 22)
 
 
 async def test_a_blob_reads_back_and_is_described_by_its_folder(store: FolderBlobStore) -> None:
@@ -40,7 +45,7 @@ async def test_a_blob_reads_back_and_is_described_by_its_folder(store: FolderBlo
     assert await store.get(digest) == b"model bytes"
     assert await store.exists(digest) and not await store.exists(digest, owner=AGENT)
     assert store.path(digest) == store.root / "blob" / digest
-    assert store.describe() == BlobStoreDescriptor(kind="folder", path=str(store.root))
+    assert store.describe() == BlobStoreDescriptor(kind="folder", path=str(store.root), store_id=store.store_id)
     assert os.stat(store.path(digest)).st_mtime == NEVER
     assert [p.name for p in store.path(digest).parent.iterdir()] == [digest]  # no temporary file left
 
@@ -68,8 +73,8 @@ async def test_the_sweep_deletes_what_expired_and_what_dead_writers_left(store: 
     fresh = await store.put(b"fresh", ttl_s=60, owner=AGENT)
     model = await store.put(b"model")
     os.utime(store.path(expired, AGENT), (time.time() - 1, time.time() - 1))
-    dead_writer = store.path(fresh, AGENT).parent / f"{TEMPORARY_PREFIX}{fresh}-0000"
-    live_writer = store.path(fresh, AGENT).parent / f"{TEMPORARY_PREFIX}{fresh}-1111"
+    dead_writer = store.path(fresh, AGENT).parent / f"{TEMPORARY_PREFIX}{fresh}-00000000"
+    live_writer = store.path(fresh, AGENT).parent / f"{TEMPORARY_PREFIX}{fresh}-11111111"
     dead_writer.write_bytes(b"half")
     live_writer.write_bytes(b"half")
 
@@ -186,3 +191,62 @@ async def test_a_blob_the_services_may_not_delete_is_left_with_a_warning(
     assert store.sweep_expired_now(time.time() + 61) == 0
     assert store.path(digest, AGENT).exists()
     assert "give the services write access" in caplog.text
+
+
+async def test_the_services_blobs_never_expire(store: FolderBlobStore) -> None:
+    """A copy that reset modification times (``cp -r``) must not lose the models."""
+    model = await store.put(b"model")
+    os.utime(store.path(model), (1.0, 1.0))
+    await store.keep([(model, None)])
+    assert store.sweep_expired_now(time.time()) == 0
+    assert await store.get(model) == b"model"
+
+
+async def test_the_sweep_never_follows_a_link_out_of_the_folder(store: FolderBlobStore, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victims = [outside / ("a" * 64), outside / "notes.txt"]
+    for victim in victims:
+        victim.write_bytes(b"not the store's")
+        os.utime(victim, (1.0, 1.0))
+    await store.put(b"an update", ttl_s=60, owner=AGENT)
+    (store.root / "upload" / "intruder").symlink_to(outside, target_is_directory=True)
+    (store.path("b" * 64, AGENT)).symlink_to(victims[0])  # a link under a blob's name
+    (store.root / "upload" / AGENT / "notes.txt").write_bytes(b"not a blob's name")
+    os.utime(store.root / "upload" / AGENT / "notes.txt", (1.0, 1.0))
+    with pytest.raises(BlobMissing, match="link"):
+        await store.get("b" * 64, owner=AGENT)
+
+    swept = store.sweep_expired_now(time.time() + 120)
+
+    assert all(victim.read_bytes() == b"not the store's" for victim in victims)
+    assert swept == 2  # the expired upload, and the link itself (not what it points to)
+    assert (store.root / "upload" / AGENT / "notes.txt").exists()
+
+
+async def test_a_pipe_under_a_blobs_name_is_missing_not_a_hang(store: FolderBlobStore) -> None:
+    digest = "c" * 64
+    store.path(digest, AGENT).parent.mkdir(parents=True)
+    os.mkfifo(store.path(digest, AGENT))
+    os.utime(store.path(digest, AGENT), (NEVER, NEVER))
+    with pytest.raises(BlobMissing, match="regular"):
+        await asyncio.wait_for(store.get(digest, owner=AGENT), 10)
+    assert await asyncio.wait_for(store.heads([(digest, AGENT)]), 10) == {}
+    assert await store.put(b"x" * 10, ttl_s=60, owner=AGENT) != digest
+
+
+async def test_a_new_folder_gets_an_id_that_later_services_read(tmp_path: Path) -> None:
+    first = FolderBlobStore.create(tmp_path / "fl", max_bytes=1024)
+    second = FolderBlobStore.create(tmp_path / "fl", max_bytes=1024)
+    assert first.store_id is not None and first.store_id == second.store_id == second.read_id()
+    assert first.describe().store_id == first.store_id
+    assert FolderBlobStore(tmp_path / "elsewhere", max_bytes=1024).read_id() is None
+
+
+async def test_an_agent_learns_when_it_may_not_upload(store: FolderBlobStore) -> None:
+    await store.check_writable(AGENT)
+    (store.root / "upload" / "locked").symlink_to(store.root / "blob", target_is_directory=True)
+    with pytest.raises(BlobStoreError, match="link"):
+        await store.check_writable("locked")
+    with pytest.raises(BlobStoreError, match="link"):
+        await store.put(b"an update", ttl_s=60, owner="locked")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from fnmatch import fnmatchcase
 
+import pytest
 from redis.crc import key_slot
 
 from federated_learning.protocol.keys import Keys
@@ -51,6 +52,14 @@ def test_on_a_cluster_every_key_but_the_blobs_shares_one_slot() -> None:
     slots = {name: key_slot(key.encode()) for name, key in names.items()}
     assert set(slots.values()) == {key_slot(b"fl")}, slots
     assert all(key.startswith("fl:{fl}:") for key in names.values())
+
+
+@pytest.mark.parametrize("cluster", [False, True])
+def test_where_the_blobs_are_is_readable_with_the_models(cluster: bool) -> None:
+    """Agents' ACL users read ``blob_pattern`` keys only: the published store must be one."""
+    keys = Keys("fl", cluster=cluster)
+    assert fnmatchcase(keys.blob_store, keys.blob_pattern)
+    assert not fnmatchcase(keys.blob_store, keys.upload_pattern())
 
 
 def test_on_a_cluster_blobs_spread_over_the_slots() -> None:

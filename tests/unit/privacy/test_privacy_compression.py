@@ -269,3 +269,10 @@ def test_quantizing_a_chunk_at_a_time_gives_the_codes_of_one_pass(
     for name in ("codes", "minimum", "step"):
         np.testing.assert_array_equal(chunked.arrays[name], whole.arrays[name])
     np.testing.assert_array_equal(np.concatenate([a.ravel() for a in decompress(chunked)]), decoded)
+
+
+def test_a_quantized_update_may_not_declare_a_block_the_server_would_have_to_allocate() -> None:
+    update = quantize([np.ones(10, np.float32)], 8, np.random.default_rng(0), block_size=16)
+    huge = CompressedUpdate(update.method, update.shapes, dict(update.arrays), 1 << 34)
+    with pytest.raises(ValueError, match="block_size"):
+        decompress(huge)
