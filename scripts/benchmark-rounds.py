@@ -46,6 +46,7 @@ import itertools
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -56,7 +57,7 @@ import time
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import redis
@@ -66,10 +67,11 @@ sys.path.insert(0, str(ROOT))
 
 from agents.runner import agent_ids
 from agents.synthetic import LAYERS_ENV, PARAMS_ENV, initial_model
-from federated_learning.bus.embedded import free_port
+from federated_learning.bus.embedded import EmbeddedServerError, free_port
 from federated_learning.bus.replies import read_batches, text
 from federated_learning.config import ConfigError, load_settings
 from federated_learning.deploy.access import admin_url_for
+from federated_learning.deploy.cluster import LocalCluster
 from federated_learning.deploy.launcher import deployment_file, read_deployment
 from federated_learning.deploy.local import DeploymentFailed, LocalDeployment, stop_on_sigterm
 from federated_learning.protocol.keys import Keys
@@ -122,8 +124,8 @@ class BusSnapshot:
     at: float
     server_in: int
     server_out: int
-    own_in: int
-    own_out: int
+    own_bytes: int
+    """In and out of this script's own connections (taken out of the totals)."""
     cpu_s: dict[str, float]
     bytes_by_process: dict[str, int]
     commands: dict[str, tuple[int, int]]
@@ -135,9 +137,13 @@ class BusSnapshot:
 @dataclass
 class BusTail:
     """Reads the event, update and aggregate streams without a group (as the dashboard tails
-    events) in a thread; snapshots the byte counters at each ``round_completed``."""
+    events) in a thread; snapshots the byte counters at each ``round_completed``, summed over
+    every node (one server, or each node of a cluster: replication traffic included)."""
 
     client: redis.Redis
+    """Reads the streams (a cluster client on a cluster)."""
+    nodes: list[redis.Redis]
+    """One client per server node, for its counters."""
     keys: Keys
     rounds: dict[tuple[str, int], RoundTimes] = field(default_factory=dict)
     snapshots: dict[tuple[str, int], BusSnapshot] = field(default_factory=dict)
@@ -155,15 +161,20 @@ class BusTail:
         return self.rounds.setdefault((training_id, round_number), RoundTimes())
 
     def snapshot(self) -> BusSnapshot:
-        stats = self.client.info("stats")
-        own = self.client.client_info()
-        commands = {name.removeprefix("cmdstat_"): (int(row["calls"]), int(row["usec"]))
-                    for name, row in self.client.info("commandstats").items()}
-        return BusSnapshot(at=time.time(), server_in=int(stats["total_net_input_bytes"]),
-                           server_out=int(stats["total_net_output_bytes"]),
-                           own_in=int(own["tot-net-in"]), own_out=int(own["tot-net-out"]),
-                           cpu_s=cpu_seconds(self.processes), bytes_by_process=self.bytes_by_process(),
-                           commands=commands, aof_rewrites=int(self.client.info("persistence")["aof_rewrites"]))
+        server_in = server_out = rewrites = 0
+        commands: dict[str, tuple[int, int]] = {}
+        for node in self.nodes:
+            stats = node.info("stats")
+            server_in += int(stats["total_net_input_bytes"])
+            server_out += int(stats["total_net_output_bytes"])
+            rewrites += int(node.info("persistence")["aof_rewrites"])
+            for name, row in node.info("commandstats").items():
+                calls, usec = commands.get(name.removeprefix("cmdstat_"), (0, 0))
+                commands[name.removeprefix("cmdstat_")] = (calls + int(row["calls"]), usec + int(row["usec"]))
+        by_process = self.bytes_by_process()
+        return BusSnapshot(at=time.time(), server_in=server_in, server_out=server_out,
+                           own_bytes=by_process.get(WATCHER, 0), cpu_s=cpu_seconds(self.processes),
+                           bytes_by_process=by_process, commands=commands, aof_rewrites=rewrites)
 
     def bytes_by_process(self) -> dict[str, int]:
         """Bytes in and out of the connections open now, summed by the process holding each
@@ -172,7 +183,7 @@ class BusTail:
         The port map is read again only when a connection's port is not in it (a new
         connection): reading every process's sockets took 0.3 CPU s per snapshot at 1,000 agents,
         taken from the system it measures."""
-        connections = self.client.client_list()
+        connections = [connection for node in self.nodes for connection in node.client_list()]
         port_of = {id(c): int(str(c["addr"]).rsplit(":", 1)[1]) for c in connections}
         if any(port not in self.ports and port not in self.unknown_ports for port in port_of.values()):
             self.ports = local_ports(self.processes)
@@ -392,7 +403,7 @@ def local_ports(processes: list[tuple[int, str]]) -> dict[int, str]:
     """Local TCP port -> role, for the client sockets of the processes (valkey-server's are its own)."""
     ports = {}
     for pid, role in processes:
-        if role == "valkey-server":
+        if role.startswith("valkey-server"):
             continue
         with contextlib.suppress(psutil.Error):
             for connection in psutil.Process(pid).net_connections(kind="tcp"):
@@ -402,14 +413,16 @@ def local_ports(processes: list[tuple[int, str]]) -> dict[int, str]:
 
 
 def run_processes(deployment: LocalDeployment, processes: list[subprocess.Popen[bytes]],
-                  idle: list[subprocess.Popen[bytes]]) -> list[tuple[int, str]]:
-    """(pid, role) of the launcher, every service, valkey-server, the agent processes, the idle
-    agents' process and this script (which only watches the bus)."""
+                  idle: list[subprocess.Popen[bytes]], cluster: LocalCluster | None = None) -> list[tuple[int, str]]:
+    """(pid, role) of the launcher, every service, valkey-server (each node of a cluster), the
+    agent processes, the idle agents' process and this script (which only watches the bus)."""
     assert deployment.process is not None
     launcher = psutil.Process(deployment.process.pid)
     children = sorted(((child.pid, process_role(child)) for child in launcher.children(recursive=True)),
                       key=lambda pair: pair[1])
-    return [(launcher.pid, "launcher"), *children,
+    nodes = [(node.pid, f"valkey-server :{node.port}") for node in (cluster.nodes if cluster else [])
+             if node.pid is not None]
+    return [(launcher.pid, "launcher"), *children, *nodes,
             *[(process.pid, f"agents-{p}") for p, process in enumerate(processes)],
             *[(process.pid, "idle agents") for process in idle], (os.getpid(), WATCHER)]
 
@@ -470,7 +483,7 @@ def bus_figures(tail: BusTail, training_id: str, args: argparse.Namespace,
     if first is None or last is None or args.rounds < 2:
         return {"bus_bytes_per_round": None, "model_bytes_per_round": dense, "ratio": None}
     server = (last.server_in - first.server_in) + (last.server_out - first.server_out)
-    own = (last.own_in - first.own_in) + (last.own_out - first.own_out)
+    own = last.own_bytes - first.own_bytes
     per_round = (server - own) / (args.rounds - 1)
     uploads = [m["upload_bytes"] for m in metrics if m["round"] >= 2]
     rounds = args.rounds - 1
@@ -501,40 +514,61 @@ def round_figures(metrics: list[dict[str, Any]], run_started: float, training_st
 
 
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
-    """Deploy, run the agents and the training, measure; everything stopped on the way out."""
+    """Deploy (on a local Valkey Cluster with ``--cluster``), run the agents and the training,
+    measure; everything stopped on the way out."""
     data_dir = args.data_dir.resolve()
     shutil.rmtree(data_dir, ignore_errors=True)
     os.environ.update(deployment_environment(args, data_dir))
-    try:
-        settings = load_settings(ROOT / "config.json")
-    except ConfigError as exc:
-        raise BenchmarkFailed(str(exc)) from exc
-    groups = process_agent_ids(args)
-    deployment = LocalDeployment(settings, ROOT / "config.json", data_dir,
-                                 acl_agents=[agent for ids in groups for agent in ids])
     run_started = time.time()
+    cluster = LocalCluster(data_dir / "cluster", shards=args.cluster, replicas=args.cluster_replicas,
+                           password=secrets.token_hex(16)) if args.cluster else None
     known_pids: list[int] = []
+    deployment: LocalDeployment | None = None
     try:
+        if cluster is not None:
+            logger.info("starting a local Valkey Cluster: %d primaries, %d replicas each", args.cluster,
+                        args.cluster_replicas)
+            os.environ["FL_REDIS_URL"] = cluster.start()
+        try:
+            settings = load_settings(ROOT / "config.json")
+        except ConfigError as exc:
+            raise BenchmarkFailed(str(exc)) from exc
+        groups = process_agent_ids(args)
+        deployment = LocalDeployment(settings, ROOT / "config.json", data_dir,
+                                     acl_agents=[agent for ids in groups for agent in ids])
         logger.info("starting the deployment (logs in %s)", data_dir / "logs")
         deployment.start()
         assert deployment.process is not None
         known_pids = [p.pid for p in psutil.Process(deployment.process.pid).children(recursive=True)]
-        return train_and_measure(args, deployment, groups, run_started)
+        return train_and_measure(args, deployment, groups, run_started, cluster)
     except DeploymentFailed as exc:
         first, *rest = str(exc).splitlines()
         raise BenchmarkFailed(f"{first.rstrip(':')}; see {data_dir / 'deploy.log'}" if rest else first) from exc
+    except EmbeddedServerError as exc:
+        raise BenchmarkFailed(f"the local cluster did not start: {exc}") from exc
     finally:
-        deployment.stop()
+        if deployment is not None:
+            deployment.stop()
         kill_leftovers(known_pids)
+        if cluster is not None:
+            cluster.stop()
+
+
+def bus_clients(url: str, cluster: LocalCluster | None) -> tuple[redis.Redis, list[redis.Redis]]:
+    """A client of the deployment's bus (a cluster client on a cluster) and one client per node."""
+    if cluster is None:
+        return redis.Redis.from_url(url), [redis.Redis.from_url(url)]
+    nodes = [redis.Redis(host=cluster.host, port=node.port, password=cluster.password) for node in cluster.nodes]
+    return cast(redis.Redis, redis.RedisCluster.from_url(url)), nodes
 
 
 def train_and_measure(args: argparse.Namespace, deployment: LocalDeployment, groups: list[list[str]],
-                      run_started: float) -> dict[str, Any]:
-    keys = Keys(str(read_deployment(deployment.data_dir).get("key_prefix", "fl")))
-    admin = redis.Redis.from_url(admin_url_for(deployment.settings, deployment.data_dir, None,
-                                               deployment.redis_url))
-    tail = BusTail(redis.Redis.from_url(admin_url_for(deployment.settings, deployment.data_dir, None,
-                                                      deployment.redis_url)), keys)
+                      run_started: float, cluster: LocalCluster | None) -> dict[str, Any]:
+    keys = Keys(str(read_deployment(deployment.data_dir).get("key_prefix", "fl")), cluster=cluster is not None)
+    url = cluster.url if cluster is not None else admin_url_for(deployment.settings, deployment.data_dir, None,
+                                                                 deployment.redis_url)
+    admin, _ = bus_clients(url, cluster)
+    tail = BusTail(*bus_clients(url, cluster), keys)
     watcher = threading.Thread(target=tail.run, name="bus-tail", daemon=True)
     watcher.start()
     api = RestClient(deployment.dashboard_url, deployment.api_key, verify=deployment.dashboard_verify,
@@ -544,7 +578,7 @@ def train_and_measure(args: argparse.Namespace, deployment: LocalDeployment, gro
         with agent_processes(args, deployment, groups) as processes, \
                 idle_agents(args, deployment, keys) as idle:
             wait_for_agents(admin, keys, args.agents + args.idle_agents, [*processes, *idle], deployment)
-            tail.processes = run_processes(deployment, processes, idle)
+            tail.processes = run_processes(deployment, processes, idle, cluster)
             logger.info("%d agents joined in %d process(es) after %.1fs", args.agents, len(processes),
                         time.time() - run_started)
             training_started = time.time()
@@ -656,13 +690,19 @@ def summary_table(args: argparse.Namespace, ours: dict[str, Any], flower: dict[s
         clients = sum(row["peak_rss_bytes"] for row in result["processes"] if is_client(row["process"]))
         lines.append(f"| {name} | {args.agents:,} | {args.params:,} | {args.rounds} | "
                      f"{args.compression if name == 'ours' else 'none'} | "
-                     f"{args.blob_store if name == 'ours' else 'gRPC'} | {seconds(result['s_per_round'])} | "
+                     f"{blobs_label(args) if name == 'ours' else 'gRPC'} | {seconds(result['s_per_round'])} | "
                      f"{seconds(result['round_open_to_commit_s'])} | {seconds(result['to_round1_from_start_s'], 1)} | "
                      f"{seconds(result['to_round1_from_training_start_s'], 2)} | {server / 1e6:,.0f} | "
                      f"{clients / 1e6:,.0f} |")
     if flower is not None and ours["s_per_round"] and flower["s_per_round"]:
         lines.append(f"\nours/Flower s/round: {ours['s_per_round'] / flower['s_per_round']:.2f}")
     return "\n".join(lines)
+
+
+def blobs_label(args: argparse.Namespace) -> str:
+    """Where our blobs went: Valkey (one server, or a cluster of P primaries x (1 + R) nodes) or a folder."""
+    bus = f"cluster {args.cluster}x{1 + args.cluster_replicas}" if args.cluster else "redis"
+    return f"folder ({bus} for messages)" if args.blob_store == "folder" else bus
 
 
 def is_client(process: str) -> bool:
@@ -745,6 +785,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "clients) are spread over")
     p.add_argument("--compression", default="none", choices=COMPRESSIONS, help="how agents compress "
                    "their updates (Flower's run is always dense)")
+    p.add_argument("--cluster", type=int, default=0, metavar="PRIMARIES",
+                   help="run the bus on a local Valkey Cluster of this many primaries (at least 3) instead of "
+                        "the embedded server")
+    p.add_argument("--cluster-replicas", type=int, default=1, help="replicas of each primary with --cluster")
     p.add_argument("--blob-store", default="redis", choices=("redis", "folder"),
                    help="where models and uploads live: in Valkey, or as files in a folder the agents share "
                         "(blob_dir, decision 0014)")
@@ -771,6 +815,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                 f"{args.clients_per_round}, {args.agents}")
     if args.rounds < 2:
         p.error(f"--rounds is {args.rounds}; s/round needs at least 2")
+    if args.cluster and (args.cluster < 3 or args.idle_agents):
+        p.error("--cluster needs at least 3 primaries, and no --idle-agents (scripts/idle_agents.py talks to "
+                "one server)")
     return args
 
 

@@ -1,12 +1,14 @@
-"""The services' cluster client: redis-py's, with transactions that queue without a thread each.
+"""The services' cluster client: redis-py's, with transactions that start no thread per command.
 
-redis-py 8.2 queues every command of a cluster transaction by running its slot lookup on a new
-thread with an event loop of its own (queuing is synchronous, the lookup is not): 0.4 ms per
-command, 413 ms to queue a transaction of 1,000 commands against 21 ms to run it (measured on the
-local cluster). A coordinator batch of 128 update notices queues about a thousand. Every command
-our transactions queue names its key first, so its slot is that key's CRC16, computed on the
-spot; any other command, WATCH, and the reads between WATCH and MULTI keep redis-py's own path.
-The slots are checked as before: a transaction whose keys span slots fails at EXEC.
+redis-py 8.2 resolves the slot of every command of a cluster transaction (queued, or run at once
+between WATCH and MULTI) on a new thread with an event loop of its own, since queuing is
+synchronous and its slot lookup is not: 0.4 ms per command, 413 ms to queue a transaction of
+1,000 commands against 21 ms to run it (measured on the local cluster). A coordinator batch of
+128 update notices queues about a thousand, and every step transaction WATCHes the lease's epoch
+and reads it. Here a command whose keys we know (the key first, or the keys of EVAL and WATCH)
+gets its slot from the keys' CRC16 on the spot; an immediate one is then sent on the caller's
+loop as redis-py would after its lookup. Any other command keeps redis-py's path. The slots are
+checked as before: a transaction whose keys span slots is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from redis.asyncio.cluster import (
     RedisCluster,
     TransactionStrategy,
 )
+from redis.exceptions import CrossSlotTransactionError
 
 KEY_FIRST_COMMANDS = frozenset({
     "SET", "SETNX", "SETEX", "PSETEX", "GETDEL", "INCR", "INCRBY", "INCRBYFLOAT", "DECR", "DECRBY",
@@ -31,17 +34,48 @@ KEY_FIRST_COMMANDS = frozenset({
 """Write commands whose first argument is their (first) key."""
 
 
+KEY_FIRST_READS = frozenset({
+    "GET", "GETRANGE", "STRLEN", "EXISTS", "TYPE", "TTL", "PTTL",
+    "HGET", "HMGET", "HGETALL", "HKEYS", "HVALS", "HLEN", "HEXISTS",
+    "LRANGE", "LLEN", "LINDEX", "SMEMBERS", "SISMEMBER", "SCARD",
+    "ZSCORE", "ZRANGE", "ZRANGEBYSCORE", "ZCARD", "XLEN", "XRANGE", "XREVRANGE",
+})
+"""Reads whose first argument is their key (run at once between WATCH and MULTI)."""
+
+
 class KeyFirstTransactionStrategy(TransactionStrategy):
-    """Queues a key-first command of a transaction with its key's slot, on the caller's thread."""
+    """Gives a transaction's command whose keys are known its slot on the caller's thread."""
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        queued = not (self._watching and not self._explicit_transaction)
-        if queued and len(args) > 1 and str(args[0]).upper() in KEY_FIRST_COMMANDS:
-            self._pipeline_slots.add(self._pipe.cluster_client.keyslot(args[1]))
+        name = str(args[0]).upper()
+        slots = self._known_slots(name, args)
+        if slots is None:
+            return super().execute_command(*args, **kwargs)
+        immediate = (self._watching or name in self.IMMEDIATE_EXECUTE_COMMANDS) and not self._explicit_transaction
+        if not immediate:
+            if name not in KEY_FIRST_COMMANDS and name not in ("EVAL", "EVALSHA"):
+                return super().execute_command(*args, **kwargs)  # a read queued after MULTI: redis-py's way
+            self._pipeline_slots.update(slots)
             self._transaction_has_keyed_slot = True
             self._command_queue.append(PipelineCommand(len(self._command_queue), *args, **kwargs))
             return self._pipe
-        return super().execute_command(*args, **kwargs)
+        if name == "WATCH":
+            self._validate_watch()  # type: ignore[no-untyped-call]
+        if len(slots) > 1 or (self._pipeline_slots and not slots <= self._pipeline_slots):
+            raise CrossSlotTransactionError("Cannot watch or send commands on different slots")
+        self._pipeline_slots.update(slots)
+        return self._immediate_execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]  # awaited by the caller
+
+    def _known_slots(self, name: str, args: tuple[Any, ...]) -> set[int] | None:
+        """The slots of the command's keys, when this client knows where its keys are."""
+        keyslot = self._pipe.cluster_client.keyslot
+        if name in KEY_FIRST_COMMANDS or name in KEY_FIRST_READS:
+            return {keyslot(args[1])} if len(args) > 1 else None
+        if name == "WATCH" and len(args) > 1:
+            return {keyslot(key) for key in args[1:]}
+        if name in ("EVAL", "EVALSHA") and len(args) > 3 and int(args[2]) >= 1:
+            return {keyslot(key) for key in args[3:3 + int(args[2])]}
+        return None
 
 
 class ServicesCluster(RedisCluster):

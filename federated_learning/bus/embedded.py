@@ -167,6 +167,11 @@ class EmbeddedValkey:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id while it runs (benchmarks sample its CPU and memory)."""
+        return self._process.pid if self.running and self._process is not None else None
+
     def kill(self) -> None:
         """SIGKILL, as a crash would (fault tests)."""
         process, self._process = self._process, None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import RedisClusterException
+from redis.exceptions import RedisClusterException, WatchError
 
 from federated_learning.bus.cluster_client import ServicesCluster
 from federated_learning.bus.connection import connect, is_cluster, keys_for
@@ -33,10 +33,9 @@ async def test_connect_finds_the_cluster_and_its_key_layout(client: aioredis.Red
     assert keys_for(client, "fl").update_stream == "fl:{fl}:stream:updates"
 
 
-async def test_a_transaction_queues_its_commands_on_the_callers_thread(client: aioredis.Redis,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """redis-py's own cluster transaction starts a thread per queued command; ours starts none,
-    and the transaction still runs whole (WATCH and the reads before MULTI keep their path)."""
+async def test_a_transaction_starts_no_thread(client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-py's own cluster transaction starts a thread per command (WATCH, the reads before
+    MULTI, every queued one); ours starts none, and the transaction still runs whole."""
     keys = keys_for(client, "fl")
     started: list[threading.Thread] = []
     real_start = threading.Thread.start
@@ -45,21 +44,44 @@ async def test_a_transaction_queues_its_commands_on_the_callers_thread(client: a
         started.append(thread)
         real_start(thread)
 
+    await client.set(keys.coordinator_lease, b"7")
     async with client.pipeline(transaction=True) as pipe:
-        await pipe.watch(keys.coordinator_lease)
-        await pipe.get(keys.coordinator_lease)
-        pipe.multi()  # type: ignore[no-untyped-call]
         monkeypatch.setattr(threading.Thread, "start", counting_start)
+        await pipe.watch(keys.coordinator_lease)
+        assert await pipe.get(keys.coordinator_lease) == b"7"
+        pipe.multi()  # type: ignore[no-untyped-call]
         for i in range(200):
             pipe.hincrby(keys.agent_stats, f"agent-{i}:asked", 1)
         pipe.xadd(keys.event_stream, {"m": "x"})
         pipe.set(keys.training("t"), b"state")
-        monkeypatch.undo()
+        pipe.eval("return redis.call('GET', KEYS[1])", 1, keys.training("t"))
         replies = await pipe.execute()
+        monkeypatch.undo()
     assert started == []
-    assert len(replies) == 202 and replies[0] == 1
+    assert len(replies) == 203 and replies[0] == 1 and replies[-1] == b"state"
     assert await client.hget(keys.agent_stats, "agent-199:asked") == b"1"
     assert await client.get(keys.training("t")) == b"state"
+
+
+async def test_a_watched_key_that_changes_fails_the_transaction(client: aioredis.Redis) -> None:
+    keys = keys_for(client, "fl")
+    await client.set(keys.coordinator_lease, b"1")
+    async with client.pipeline(transaction=True) as pipe:
+        await pipe.watch(keys.coordinator_lease)
+        await client.set(keys.coordinator_lease, b"2")  # another client, meanwhile
+        pipe.multi()  # type: ignore[no-untyped-call]
+        pipe.set(keys.training("w"), b"stale")
+        with pytest.raises(WatchError):
+            await pipe.execute()
+    assert await client.get(keys.training("w")) is None
+
+
+async def test_watching_keys_of_two_slots_is_refused(client: aioredis.Redis) -> None:
+    keys = keys_for(client, "fl")
+    async with client.pipeline(transaction=True) as pipe:
+        await pipe.watch(keys.coordinator_lease)
+        with pytest.raises(RedisClusterException, match="different slots"):
+            await pipe.get(keys.blob("ab" * 32))
 
 
 async def test_keys_of_two_slots_in_one_transaction_are_still_refused(client: aioredis.Redis) -> None:
@@ -71,9 +93,11 @@ async def test_keys_of_two_slots_in_one_transaction_are_still_refused(client: ai
             await pipe.execute()
 
 
-async def test_a_command_that_is_not_key_first_takes_redis_pys_path(client: aioredis.Redis) -> None:
+async def test_a_command_whose_keys_it_does_not_know_takes_redis_pys_path(client: aioredis.Redis) -> None:
     keys = keys_for(client, "fl")
     async with client.pipeline(transaction=True) as pipe:
         pipe.set(keys.training("u"), b"1")
-        pipe.eval("return redis.call('GET', KEYS[1])", 1, keys.training("u"))
-        assert await pipe.execute() == [True, b"1"]
+        pipe.eval("return 5", 0)  # no keys: redis-py finds the slot (the transaction's)
+        pipe.append(keys.training("u"), b"2")  # not among the commands it knows
+        assert await pipe.execute() == [True, 5, 2]
+    assert await client.get(keys.training("u")) == b"12"
