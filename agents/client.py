@@ -159,9 +159,9 @@ class FederatedClient:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.max_blob_bytes = max_blob_bytes
         self.blob_folder = blob_folder
-        self._blob_store_published = False
-        """The deployment's blob folder as mounted here, when it keeps blobs as files
+        """The deployment's ``blob_dir`` as mounted here, when it keeps blobs as files
         (``bus/blob_stores.py``) and the services see it at another path."""
+        self._blob_store_published = False
         self.seed = seed
         self.join_token = join_token
         self.attack = attack

@@ -203,7 +203,7 @@ class RoundProtocol:
     batch: NoticeBatch | None = None
     """Set while the coordinator handles a read of update notices together."""
     uploads_to_keep: list[tuple[BlobDigest, str | None]]
-    """Keys of the uploads staged writes accept: made permanent just before the transaction."""
+    """(digest, agent) of the uploads staged writes accept: made permanent just before the transaction."""
 
     # -- the machine -------------------------------------------------------------
 
@@ -313,8 +313,9 @@ class RoundProtocol:
         coordinator took it since), after keeping the uploads it accepts (their expiry removed).
 
         Outside the transaction because an upload may be a file (``bus/blob_files.py``), or on a
-        cluster a key in a hash slot of its own (``protocol/keys.py``). Before it, so that an accepted update's upload never expires:
-        a crash in between leaves an upload without expiry whose notice is delivered again.
+        cluster a key in a hash slot of its own (``protocol/keys.py``). Before it, so that an
+        accepted update's upload never expires: a crash in between leaves an upload without
+        expiry whose notice is delivered again.
         """
         if self.uploads_to_keep:
             keep, self.uploads_to_keep = self.uploads_to_keep, []
