@@ -89,8 +89,8 @@ OFF_LOOP_HASH_BYTES = 1 << 20
 about 1.8 GB/s, so a 256 MB model would hold the event loop, and every heartbeat on it, 140 ms."""
 
 
-async def digest_off_loop(data: bytes) -> BlobDigest:
-    """The blob's SHA-256; a large blob's hashed on a worker thread (:data:`OFF_LOOP_HASH_BYTES`)."""
+async def _digest(data: bytes) -> BlobDigest:
+    """The blob's SHA-256; a large one hashed on a worker thread (:data:`OFF_LOOP_HASH_BYTES`)."""
     return digest_of(data) if len(data) < OFF_LOOP_HASH_BYTES else await asyncio.to_thread(digest_of, data)
 
 
@@ -232,7 +232,7 @@ class RedisBlobStore(BlobStore):
     async def put(self, data: bytes, *, ttl_s: int | None = None, owner: str | None = None) -> BlobDigest:
         if len(data) > self.max_bytes:
             raise InvalidTensor("too_large", f"blob of {len(data)} bytes exceeds the limit {self.max_bytes}")
-        digest = await digest_off_loop(data)
+        digest = await _digest(data)
         await self._redis.set(self._keys.blob(digest, owner), data, nx=True, ex=ttl_s)
         return digest
 
@@ -246,7 +246,7 @@ class RedisBlobStore(BlobStore):
         data = cast("bytes | None", await self._redis.get(key))
         if data is None:
             raise BlobMissing(f"no blob {digest}")
-        if await digest_off_loop(data) != digest:
+        if await _digest(data) != digest:
             raise InvalidTensor("hash_mismatch", f"blob stored under {digest} has another hash")
         return bytes(data)
 
