@@ -225,9 +225,10 @@ class FederatedClient:
             assert self._redis_url is not None
             self._redis = await connect(self._redis_url, tls=self._redis_tls)
         self.keys = keys_for(self.redis, self.keys.prefix)
-        self._blobs, self._blob_store_published = await agent_blob_store(
-            self.redis, self.keys, max_bytes=self.max_blob_bytes, blob_folder=self.blob_folder)
-        await self._check_writable(self._blobs)
+        store, published = await agent_blob_store(self.redis, self.keys, max_bytes=self.max_blob_bytes,
+                                                  blob_folder=self.blob_folder)
+        await self._check_writable(store)
+        self._blobs, self._blob_store_published = store, published
         await ensure_group(self.redis, self.keys.inbox_stream(self.agent_id), GROUP_AGENT)
         await self.join()
         self._tasks = [asyncio.create_task(self._heartbeat_loop()),
@@ -272,11 +273,12 @@ class FederatedClient:
         """The deployment's blob store: looked up again until the services published it (an
         agent may start before the coordinator did on a new deployment)."""
         if not self._blob_store_published:
-            store, self._blob_store_published = await agent_blob_store(
-                self.redis, self.keys, max_bytes=self.max_blob_bytes, blob_folder=self.blob_folder)
+            store, published = await agent_blob_store(self.redis, self.keys, max_bytes=self.max_blob_bytes,
+                                                      blob_folder=self.blob_folder)
             if store.describe() != self._blobs.describe():
-                await self._check_writable(store)
+                await self._check_writable(store)  # raises before the agent settles on a store it cannot use
                 self._blobs = store
+            self._blob_store_published = published
         return self._blobs
 
     async def _check_writable(self, store: BlobStore) -> None:

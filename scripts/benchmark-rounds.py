@@ -150,9 +150,9 @@ class BusTail:
     final: dict[str, tuple[str, str]] = field(default_factory=dict)
     processes: list[tuple[int, str]] = field(default_factory=list)
     """(pid, role) of the processes whose CPU time each snapshot samples."""
-    ports: dict[int, str] = field(default_factory=dict)
-    """Local TCP port -> role of the processes' connections (:func:`local_ports`), as last read."""
-    unknown_ports: set[int] = field(default_factory=set)
+    ports: dict[tuple[int, int], str] = field(default_factory=dict)
+    """(client port, server port) -> role of the processes' connections (:func:`local_ports`), as last read."""
+    unknown_ports: set[tuple[int, int]] = field(default_factory=set)
     """Ports of connections no known process held at the last read (not looked for again)."""
     stop: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -184,7 +184,9 @@ class BusTail:
         connection): reading every process's sockets took 0.3 CPU s per snapshot at 1,000 agents,
         taken from the system it measures."""
         connections = [connection for node in self.nodes for connection in node.client_list()]
-        port_of = {id(c): int(str(c["addr"]).rsplit(":", 1)[1]) for c in connections}
+        # (client port, server port): one client port may serve connections to several nodes.
+        port_of = {id(c): (int(str(c["addr"]).rsplit(":", 1)[1]), int(str(c["laddr"]).rsplit(":", 1)[1]))
+                   for c in connections}
         if any(port not in self.ports and port not in self.unknown_ports for port in port_of.values()):
             self.ports = local_ports(self.processes)
             self.unknown_ports = {port for port in port_of.values() if port not in self.ports}
@@ -399,16 +401,17 @@ def cpu_seconds(processes: list[tuple[int, str]]) -> dict[str, float]:
     return seconds
 
 
-def local_ports(processes: list[tuple[int, str]]) -> dict[int, str]:
-    """Local TCP port -> role, for the client sockets of the processes (valkey-server's are its own)."""
+def local_ports(processes: list[tuple[int, str]]) -> dict[tuple[int, int], str]:
+    """(client port, server port) -> role, for the client sockets of the processes (valkey-server's
+    are its own)."""
     ports = {}
     for pid, role in processes:
         if role.startswith("valkey-server"):
             continue
         with contextlib.suppress(psutil.Error):
             for connection in psutil.Process(pid).net_connections(kind="tcp"):
-                if connection.laddr:
-                    ports[connection.laddr.port] = role
+                if connection.laddr and connection.raddr:
+                    ports[(connection.laddr.port, connection.raddr.port)] = role
     return ports
 
 
@@ -528,7 +531,10 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         if cluster is not None:
             logger.info("starting a local Valkey Cluster: %d primaries, %d replicas each", args.cluster,
                         args.cluster_replicas)
-            os.environ["FL_REDIS_URL"] = cluster.start()
+            try:
+                os.environ["FL_REDIS_URL"] = cluster.start()
+            except EmbeddedServerError as exc:
+                raise BenchmarkFailed(f"the local cluster did not start: {exc}") from exc
         try:
             settings = load_settings(ROOT / "config.json")
         except ConfigError as exc:
@@ -544,14 +550,14 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     except DeploymentFailed as exc:
         first, *rest = str(exc).splitlines()
         raise BenchmarkFailed(f"{first.rstrip(':')}; see {data_dir / 'deploy.log'}" if rest else first) from exc
-    except EmbeddedServerError as exc:
-        raise BenchmarkFailed(f"the local cluster did not start: {exc}") from exc
     finally:
-        if deployment is not None:
-            deployment.stop()
-        kill_leftovers(known_pids)
-        if cluster is not None:
-            cluster.stop()
+        try:
+            if deployment is not None:
+                deployment.stop()
+        finally:
+            kill_leftovers(known_pids)
+            if cluster is not None:
+                cluster.stop()
 
 
 def bus_clients(url: str, cluster: LocalCluster | None) -> tuple[redis.Redis, list[redis.Redis]]:
@@ -567,7 +573,7 @@ def train_and_measure(args: argparse.Namespace, deployment: LocalDeployment, gro
     keys = Keys(str(read_deployment(deployment.data_dir).get("key_prefix", "fl")), cluster=cluster is not None)
     url = cluster.url if cluster is not None else admin_url_for(deployment.settings, deployment.data_dir, None,
                                                                  deployment.redis_url)
-    admin, _ = bus_clients(url, cluster)
+    admin = bus_clients(url, cluster)[0]
     tail = BusTail(*bus_clients(url, cluster), keys)
     watcher = threading.Thread(target=tail.run, name="bus-tail", daemon=True)
     watcher.start()
@@ -593,7 +599,8 @@ def train_and_measure(args: argparse.Namespace, deployment: LocalDeployment, gro
         tail.stop.set()
         watcher.join(2 * TAIL_BLOCK_MS / 1000)
         api.close()
-        admin.close()
+        for client in (admin, tail.client, *tail.nodes):
+            client.close()
     return {"training_id": training_id, **round_figures(metrics, run_started, training_started),
             "phases": phase_rows(tail, training_id, args.rounds), "processes": usage,
             "bus": bus_figures(tail, training_id, args, metrics), "metrics": metrics}

@@ -63,22 +63,37 @@ _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _TEMPORARY = re.compile(r"^\.partial-[0-9a-f]{64}-[0-9a-f]{8}$")
 _OWNER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
+_UNUSABLE_UPLOAD = frozenset({errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENXIO, errno.EISDIR})
+"""What an agent can do to its own upload folder or file (a link, a file for a folder, no read
+permission): that upload is missing. The store's own failures (a full, read-only or failing
+disk) are :class:`BlobStoreError`."""
 
 
 @contextlib.contextmanager
-def _store_errors(what: str) -> Iterator[None]:
-    """A failing folder (permissions, a full or read-only disk) as :class:`BlobStoreError`."""
+def _store_errors(what: str, *, upload: bool = False) -> Iterator[None]:
+    """A failing folder (permissions, a full or read-only disk) as :class:`BlobStoreError`; for
+    an upload, what its agent could have caused as :class:`BlobMissing`."""
     try:
         yield
     except (BlobMissing, InvalidTensor, BlobStoreError):
         raise
+    except FileNotFoundError:
+        raise BlobMissing(f"{what}: not found") from None
     except OSError as exc:
+        if upload and exc.errno in _UNUSABLE_UPLOAD:
+            raise BlobMissing(f"{what}: {exc.strerror}") from None
         raise BlobStoreError(f"{what}: {exc}") from exc
 
 
 class FolderBlobStore(BlobStore):
-    """Blobs under ``root`` (the deployment's folder, ``<blob_dir>/<prefix>``)."""
+    """Blobs under ``root`` (the deployment's folder, ``<blob_dir>/<prefix>``).
+
+    Every file is reached through its folder's descriptor, opened without following links
+    (``blob/``, ``upload/``, ``upload/<owner>/``): an agent that turns its upload folder into a
+    link only loses its uploads.
+    """
 
     in_redis = False
 
@@ -99,18 +114,14 @@ class FolderBlobStore(BlobStore):
                 folder.mkdir(parents=True, exist_ok=True)
             marker = root / MARKER
             if not marker.exists():
-                partial = root / f"{TEMPORARY_PREFIX}{MARKER}-{secrets.token_hex(4)}"
-                partial.write_text(json.dumps({"store_id": secrets.token_hex(16)}))
-                with open(partial, "rb") as file:
-                    os.fsync(file.fileno())
-                _link_or_move(partial, marker)
-                partial.unlink(missing_ok=True)
-                _fsync_folder(root)
+                _write_marker(root, json.dumps({"store_id": secrets.token_hex(16)}).encode())
         store = cls(root, max_bytes=max_bytes)
-        store.store_id = store.read_id()
-        if store.store_id is None:
-            raise BlobStoreError(f"{marker} holds no store id")
-        return store
+        for _ in range(100):  # a service that wrote it without hard links may still be writing
+            store.store_id = store.read_id()
+            if store.store_id is not None:
+                return store
+            time.sleep(0.01)
+        raise BlobStoreError(f"{marker} holds no store id")
 
     def read_id(self) -> str | None:
         """The id in ``store.json``; None when the folder has none (not a deployment's folder)."""
@@ -126,13 +137,32 @@ class FolderBlobStore(BlobStore):
 
     def path(self, digest: BlobDigest, owner: str | None = None) -> Path:
         """Where the blob lives; the digest and owner are checked, so no name leaves the folder."""
-        if not _DIGEST.match(digest):
-            raise ValueError(f"'{digest}' is not a SHA-256 digest")
+        return self.root.joinpath(*self._folder_names(owner), _checked_digest(digest))
+
+    @staticmethod
+    def _folder_names(owner: str | None) -> tuple[str, ...]:
         if owner is None:
-            return self.root / "blob" / digest
+            return ("blob",)
         if not _OWNER.match(owner) or ".." in owner:
             raise ValueError(f"'{owner}' cannot own blobs")
-        return self.root / "upload" / owner / digest
+        return ("upload", owner)
+
+    @contextlib.contextmanager
+    def _folder(self, owner: str | None, *, create: bool = False) -> Iterator[int]:
+        """The descriptor of the blob's folder, each level opened without following a link."""
+        names = self._folder_names(owner)
+        descriptor = os.open(self.root, _FOLDER_FLAGS)
+        try:
+            for name in names:
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(name, dir_fd=descriptor)
+                inner = os.open(name, _FOLDER_FLAGS, dir_fd=descriptor)
+                os.close(descriptor)
+                descriptor = inner
+            yield descriptor
+        finally:
+            os.close(descriptor)
 
     async def put(self, data: bytes, *, ttl_s: int | None = None, owner: str | None = None) -> BlobDigest:
         if len(data) > self.max_bytes:
@@ -152,21 +182,23 @@ class FolderBlobStore(BlobStore):
 
     def _write(self, digest: BlobDigest, owner: str | None, data: bytes, expires_at: float, *,
                durable: bool) -> None:
-        """Write ``data`` under its name unless a live copy is there (as SET NX: an expired upload,
-        or anything but a regular file, is replaced). Its bytes are whole before its name appears."""
-        path = self.path(digest, owner)
-        with _store_errors(f"cannot store blob {digest}"):
+        """Write ``data`` under its name unless a live, whole copy is there (as SET NX: an expired
+        upload, or anything but a regular file of its size, is replaced). Its bytes are whole
+        before its name appears."""
+        name = _checked_digest(digest)
+        with _store_errors(f"cannot store blob {digest}"), self._folder(owner, create=True) as folder:
             try:
-                found = os.lstat(path)
-                live = stat.S_ISREG(found.st_mode) and (owner is None or found.st_mtime > time.time())
+                found = os.stat(name, dir_fd=folder, follow_symlinks=False)
+                live = (stat.S_ISREG(found.st_mode) and found.st_size == len(data)
+                        and (owner is None or found.st_mtime > time.time()))
                 replace = not live
             except FileNotFoundError:
                 live, replace = False, False
             if live:
                 return
-            self._folder_of(path, create=True)
-            partial = path.parent / f"{TEMPORARY_PREFIX}{path.name}-{secrets.token_hex(4)}"
-            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            partial = f"{TEMPORARY_PREFIX}{name}-{secrets.token_hex(4)}"
+            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 0o644, dir_fd=folder)
             try:
                 with os.fdopen(descriptor, "wb") as file:
                     file.write(data)
@@ -175,30 +207,22 @@ class FolderBlobStore(BlobStore):
                     if durable:
                         os.fsync(file.fileno())
                 if replace:
-                    os.replace(partial, path)  # the same bytes, alive again
+                    os.replace(partial, name, src_dir_fd=folder, dst_dir_fd=folder)  # the same bytes, alive again
                 else:
-                    _link_or_move(partial, path)
+                    _link_or_move(partial, name, folder)
             finally:
-                partial.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(partial, dir_fd=folder)
             if durable:
-                _fsync_folder(path.parent)
-
-    def _folder_of(self, path: Path, *, create: bool = False) -> None:
-        """Refuse a blob's folder that is a link (it would lead out of the store)."""
-        folder = path.parent
-        if folder.is_symlink() or (folder.parent != self.root and folder.parent.is_symlink()):
-            raise BlobStoreError(f"{folder} is a link, not a folder of the blob store")
-        if create:
-            folder.mkdir(parents=True, exist_ok=True)
+                os.fsync(folder)
 
     def _read(self, digest: BlobDigest, owner: str | None, limit: int | None = None) -> tuple[int, bytes]:
         """The blob's size and its bytes (the first ``limit`` of them). BlobMissing when absent,
         expired (an upload) or not a regular file; InvalidTensor when over the size limit."""
-        with _store_errors(f"cannot read blob {digest}"):
+        name = _checked_digest(digest)
+        with _store_errors(f"blob {digest}", upload=owner is not None), self._folder(owner) as folder:
             try:
-                descriptor = os.open(self.path(digest, owner), _READ_FLAGS)
-            except FileNotFoundError:
-                raise BlobMissing(f"no blob {digest}") from None
+                descriptor = os.open(name, _READ_FLAGS, dir_fd=folder)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
                     raise BlobMissing(f"blob {digest} is a link, not a file") from None
@@ -230,15 +254,17 @@ class FolderBlobStore(BlobStore):
         up to :data:`SMALL_BLOB_BYTES` go in groups of up to :data:`SMALL_BATCH_BYTES`, one call each."""
         sizes = await asyncio.to_thread(self._sizes, blobs)
         groups: list[list[int]] = []
-        group_bytes = SMALL_BATCH_BYTES
+        small: list[int] | None = None  # the group of small blobs being filled
+        group_bytes = 0
         for index, size in enumerate(sizes):
             if size > SMALL_BLOB_BYTES:
                 groups.append([index])
                 continue
-            if group_bytes + size > SMALL_BATCH_BYTES:
-                groups.append([])
+            if small is None or group_bytes + size > SMALL_BATCH_BYTES:
+                small = []
+                groups.append(small)
                 group_bytes = 0
-            groups[-1].append(index)
+            small.append(index)
             group_bytes += size
         loop = asyncio.get_running_loop()
         done = await asyncio.gather(*(loop.run_in_executor(executor, self._read_each, blobs, group, then)
@@ -250,12 +276,13 @@ class FolderBlobStore(BlobStore):
         return cast("list[T | BlobMissing | InvalidTensor]", results)
 
     def _sizes(self, blobs: Sequence[tuple[BlobDigest, str | None]]) -> list[int]:
-        """Each blob's size, for grouping (0 for one that is not a regular file: read, and missed,
-        alone)."""
+        """Each blob's size, for grouping (0 for one that is not a regular file here: read, and
+        missed, alone)."""
         sizes = []
         for digest, owner in blobs:
             try:
-                status = os.lstat(self.path(digest, owner))
+                with self._folder(owner) as folder:
+                    status = os.stat(_checked_digest(digest), dir_fd=folder, follow_symlinks=False)
                 sizes.append(status.st_size if stat.S_ISREG(status.st_mode) else 0)
             except OSError:
                 sizes.append(0)
@@ -310,29 +337,32 @@ class FolderBlobStore(BlobStore):
             for digest, owner in blobs:
                 if owner is None:
                     continue  # the services' blobs never expire
-                with _store_errors(f"cannot keep blob {digest}"):
-                    try:
-                        os.utime(self.path(digest, owner), (NEVER, NEVER), follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
+                try:
+                    with _store_errors(f"cannot keep blob {digest}", upload=True), self._folder(owner) as folder:
+                        os.utime(_checked_digest(digest), (NEVER, NEVER), dir_fd=folder, follow_symlinks=False)
+                except BlobMissing:
+                    continue  # gone, or made unusable by its agent: the aggregator refuses it
         if blobs:
             await asyncio.to_thread(keep_all)
 
     async def discard(self, blobs: Sequence[tuple[BlobDigest, str | None]]) -> None:
         def discard_all() -> None:
             for digest, owner in blobs:
-                _unlink(self.path(digest, owner))
+                try:
+                    with self._folder(owner) as folder:
+                        _unlink(_checked_digest(digest), folder, self.path(digest, owner))
+                except OSError:
+                    continue  # no such folder (nothing to delete), or a link: not the store's to delete
         if blobs:
             await asyncio.to_thread(discard_all)
 
     async def check_writable(self, owner: str) -> None:
         def probe() -> None:
-            folder = self.path("0" * 64, owner).parent
-            with _store_errors(f"cannot store uploads in {folder}"):
-                self._folder_of(folder / "probe", create=True)
-                probe = folder / f"{TEMPORARY_PREFIX}{'0' * 64}-{secrets.token_hex(4)}"
-                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
-                probe.unlink()
+            with _store_errors(f"cannot store uploads in {self.root / 'upload' / owner}"), \
+                    self._folder(owner, create=True) as folder:
+                name = f"{TEMPORARY_PREFIX}{'0' * 64}-{secrets.token_hex(4)}"
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=folder))
+                os.unlink(name, dir_fd=folder)
         await asyncio.to_thread(probe)
 
     async def sweep_expired(self) -> int:
@@ -343,70 +373,115 @@ class FolderBlobStore(BlobStore):
         the store writes, in its own folders, never through a link; a folder or file that cannot
         be read is skipped with a warning."""
         swept = 0
-        for folder, uploads in self._sweep_folders():
+        for owner in [None, *self._owners()]:
             try:
-                entries = list(os.scandir(folder))
+                with self._folder(owner) as folder:
+                    for entry in os.scandir(folder):
+                        swept += self._sweep_one(entry, folder, owner, now)
             except OSError as exc:
-                log.warning("blob sweep: cannot list %s: %s", folder, exc)
-                continue
-            for entry in entries:
-                temporary = _TEMPORARY.match(entry.name) is not None
-                if not temporary and not (uploads and _DIGEST.match(entry.name)):
-                    continue  # not a name the store writes, or a services' blob (those never expire)
-                try:
-                    status = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                # A temporary file's modification time is set before it is linked: its age is its ctime.
-                gone = status.st_ctime < now - STALE_TEMPORARY_S if temporary else status.st_mtime <= now
-                if gone and _unlink(Path(entry.path)):
-                    swept += 1
+                log.warning("blob sweep: cannot list the folder of %s: %s", owner or "the services' blobs", exc)
         return swept
 
-    def _sweep_folders(self) -> list[tuple[Path, bool]]:
-        """(folder, holds uploads) of every folder the sweep looks in: real folders only."""
-        folders: list[tuple[Path, bool]] = []
-        blob, upload = self.root / "blob", self.root / "upload"
-        if blob.is_dir() and not blob.is_symlink():
-            folders.append((blob, False))
-        if upload.is_dir() and not upload.is_symlink():
-            try:
-                folders += [(Path(entry.path), True) for entry in os.scandir(upload)
-                            if entry.is_dir(follow_symlinks=False)]
-            except OSError as exc:
-                log.warning("blob sweep: cannot list %s: %s", upload, exc)
-        return folders
+    def _owners(self) -> list[str]:
+        """The owners with a real folder under ``upload/``."""
+        try:
+            with self._folder_of_uploads() as uploads:
+                return [entry.name for entry in os.scandir(uploads)
+                        if entry.is_dir(follow_symlinks=False) and _OWNER.match(entry.name) and ".." not in entry.name]
+        except OSError as exc:
+            log.warning("blob sweep: cannot list %s: %s", self.root / "upload", exc)
+            return []
+
+    @contextlib.contextmanager
+    def _folder_of_uploads(self) -> Iterator[int]:
+        descriptor = os.open(self.root, _FOLDER_FLAGS)
+        try:
+            uploads = os.open("upload", _FOLDER_FLAGS, dir_fd=descriptor)
+        finally:
+            os.close(descriptor)
+        try:
+            yield uploads
+        finally:
+            os.close(uploads)
+
+    def _sweep_one(self, entry: os.DirEntry[str], folder: int, owner: str | None, now: float) -> int:
+        temporary = _TEMPORARY.match(entry.name) is not None
+        if not temporary and not (owner is not None and _DIGEST.match(entry.name)):
+            return 0  # not a name the store writes, or a services' blob (those never expire)
+        try:
+            status = entry.stat(follow_symlinks=False)
+        except OSError:
+            return 0
+        # A temporary file's modification time is set before it is linked: its age is its ctime.
+        gone = status.st_ctime < now - STALE_TEMPORARY_S if temporary else status.st_mtime <= now
+        shown = self.root.joinpath(*self._folder_names(owner), entry.name)
+        return 1 if gone and _unlink(entry.name, folder, shown) else 0
 
 
-def _link_or_move(partial: Path, path: Path) -> None:
-    """Give ``partial`` the name ``path`` unless another writer did first (a hard link fails
-    then); on a filesystem without hard links, a rename (the same bytes, so either copy does)."""
+def _checked_digest(digest: BlobDigest) -> str:
+    if not _DIGEST.match(digest):
+        raise ValueError(f"'{digest}' is not a SHA-256 digest")
+    return digest
+
+
+def _link_or_move(partial: str, name: str, folder: int) -> None:
+    """Give ``partial`` the name ``name`` in ``folder`` unless another writer did first (a hard
+    link fails then); on a filesystem without hard links, a rename (the same bytes either way)."""
     try:
-        os.link(partial, path)
+        os.link(partial, name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
     except FileExistsError:
         return
     except OSError as exc:
         if exc.errno not in _NO_HARD_LINKS:
             raise
-        if not os.path.lexists(path):  # a kept copy that appeared meanwhile keeps its expiry
-            os.replace(partial, path)
+        try:
+            os.stat(name, dir_fd=folder, follow_symlinks=False)
+        except FileNotFoundError:  # a kept copy that appeared meanwhile keeps its expiry
+            os.replace(partial, name, src_dir_fd=folder, dst_dir_fd=folder)
 
 
-def _unlink(path: Path) -> bool:
-    """Delete ``path`` if it is there; a file this process may not delete (another user's folder)
-    is left, with a warning, rather than failing the commit or sweep that wanted it gone."""
+def _write_marker(root: Path, content: bytes) -> None:
+    """``store.json`` written whole, by one writer: linked into place, or (without hard links)
+    created exclusively, so that a second service reads the first one's id."""
+    with _store_errors(f"cannot write {root / MARKER}"):
+        folder = os.open(root, _FOLDER_FLAGS)
+        try:
+            partial = f"{TEMPORARY_PREFIX}{MARKER}-{secrets.token_hex(4)}"
+            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=folder)
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(content)
+                file.flush()
+                os.fsync(file.fileno())
+            try:
+                os.link(partial, MARKER, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    exclusive = os.open(MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
+                                        dir_fd=folder)
+                    with os.fdopen(exclusive, "wb") as file:
+                        file.write(content)
+                        file.flush()
+                        os.fsync(file.fileno())
+            finally:
+                os.unlink(partial, dir_fd=folder)
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def _unlink(name: str, folder: int, shown: Path) -> bool:
+    """Delete ``name`` in ``folder`` if it is there; a file this process may not delete (another
+    user's folder) is left, with a warning, rather than failing the commit or sweep that wanted
+    it gone."""
     try:
-        path.unlink(missing_ok=True)
+        os.unlink(name, dir_fd=folder)
+    except FileNotFoundError:
+        return True
     except OSError as exc:
-        log.warning("cannot delete blob %s: %s (give the services write access to the blob folder)", path, exc)
+        log.warning("cannot delete blob %s: %s (give the services write access to the blob folder)", shown, exc)
         return False
     return True
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a new name in ``folder`` durable."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

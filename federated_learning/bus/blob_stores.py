@@ -13,7 +13,7 @@ from federated_learning.bus.blob_files import FolderBlobStore
 from federated_learning.bus.blobs import BlobStore, RedisBlobStore
 from federated_learning.bus.replies import text
 from federated_learning.protocol.keys import Keys
-from federated_learning.protocol.storage import BlobStoreDescriptor
+from federated_learning.protocol.storage import read_descriptor
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ async def publish_blob_store(redis: aioredis.Redis, keys: Keys, store: BlobStore
     running agents keep the store they found until they restart."""
     described = store.describe().model_dump_json()
     before = cast("bytes | None", await redis.set(keys.blob_store, described, get=True))
-    if before is not None and BlobStoreDescriptor.model_validate_json(before) != store.describe():
+    if before is not None and read_descriptor(before) != store.describe():
         log.warning("the deployment's blob store changes from %s to %s: restart the agents, and stop the "
                     "trainings whose blobs stay behind", text(before), described)
 
@@ -48,10 +48,9 @@ async def agent_blob_store(redis: aioredis.Redis, keys: Keys, *, max_bytes: int,
     path the services see (the deployment's own folder is ``<blob_folder>/<prefix>``). The folder's
     ``store.json`` must hold the published id, else :class:`BlobStoreUnreachable` says what is wrong.
     """
-    raw = await redis.get(keys.blob_store)
-    if raw is None:
+    descriptor = read_descriptor(await redis.get(keys.blob_store))
+    if descriptor is None:
         return RedisBlobStore(redis, keys, max_bytes=max_bytes), False
-    descriptor = BlobStoreDescriptor.model_validate_json(raw)
     if descriptor.kind == "redis":
         return RedisBlobStore(redis, keys, max_bytes=max_bytes), True
     assert descriptor.path is not None

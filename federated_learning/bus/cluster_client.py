@@ -21,7 +21,7 @@ from redis.asyncio.cluster import (
     RedisCluster,
     TransactionStrategy,
 )
-from redis.exceptions import CrossSlotTransactionError
+from redis.exceptions import CrossSlotTransactionError, RedisClusterException
 
 KEY_FIRST_COMMANDS = frozenset({
     "SET", "SETNX", "SETEX", "PSETEX", "GETDEL", "INCR", "INCRBY", "INCRBYFLOAT", "DECR", "DECRBY",
@@ -43,36 +43,50 @@ KEY_FIRST_READS = frozenset({
 """Reads whose first argument is their key (run at once between WATCH and MULTI)."""
 
 
+ALL_ARGUMENTS_KEYS = frozenset({"DEL", "UNLINK", "EXISTS", "WATCH"})
+"""Commands whose every argument is a key."""
+
+
 class KeyFirstTransactionStrategy(TransactionStrategy):
-    """Gives a transaction's command whose keys are known its slot on the caller's thread."""
+    """Gives a transaction's command whose keys are known its slot on the caller's thread, with
+    redis-py's rules (``TransactionStrategy._execute_command``): a command runs at once between
+    WATCH and MULTI, else is queued; slots that came only from keyless scripts give way to the
+    first keyed command's."""
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         name = str(args[0]).upper()
         slots = self._known_slots(name, args)
         if slots is None:
             return super().execute_command(*args, **kwargs)
+        if len(slots) > 1:
+            raise RedisClusterException(f"{name} - all keys must map to the same key slot")
+        [slot] = slots
         immediate = (self._watching or name in self.IMMEDIATE_EXECUTE_COMMANDS) and not self._explicit_transaction
+        if not immediate and name not in KEY_FIRST_COMMANDS and name not in ("EVAL", "EVALSHA"):
+            return super().execute_command(*args, **kwargs)  # a read queued after MULTI: redis-py's way
+        if self._pipeline_slots and slot not in self._pipeline_slots and not self._transaction_has_keyed_slot:
+            self._pipeline_slots.clear()  # the slots so far came from keyless scripts only
+        self._transaction_has_keyed_slot = True
         if not immediate:
-            if name not in KEY_FIRST_COMMANDS and name not in ("EVAL", "EVALSHA"):
-                return super().execute_command(*args, **kwargs)  # a read queued after MULTI: redis-py's way
-            self._pipeline_slots.update(slots)
-            self._transaction_has_keyed_slot = True
+            self._pipeline_slots.add(slot)
             self._command_queue.append(PipelineCommand(len(self._command_queue), *args, **kwargs))
             return self._pipe
         if name == "WATCH":
             self._validate_watch()  # type: ignore[no-untyped-call]
-        if len(slots) > 1 or (self._pipeline_slots and not slots <= self._pipeline_slots):
+        if self._pipeline_slots and slot not in self._pipeline_slots:
             raise CrossSlotTransactionError("Cannot watch or send commands on different slots")
-        self._pipeline_slots.update(slots)
+        self._pipeline_slots.add(slot)
         return self._immediate_execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]  # awaited by the caller
 
     def _known_slots(self, name: str, args: tuple[Any, ...]) -> set[int] | None:
         """The slots of the command's keys, when this client knows where its keys are."""
         keyslot = self._pipe.cluster_client.keyslot
-        if name in KEY_FIRST_COMMANDS or name in KEY_FIRST_READS:
-            return {keyslot(args[1])} if len(args) > 1 else None
-        if name == "WATCH" and len(args) > 1:
+        if len(args) < 2:
+            return None
+        if name in ALL_ARGUMENTS_KEYS:
             return {keyslot(key) for key in args[1:]}
+        if name in KEY_FIRST_COMMANDS or name in KEY_FIRST_READS:
+            return {keyslot(args[1])}
         if name in ("EVAL", "EVALSHA") and len(args) > 3 and int(args[2]) >= 1:
             return {keyslot(key) for key in args[3:3 + int(args[2])]}
         return None

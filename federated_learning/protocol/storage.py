@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 BLOB_STORE_SCHEMA: Literal[1] = 1
 
@@ -27,3 +27,14 @@ class BlobStoreDescriptor(BaseModel):
         if (self.kind == "folder") != folder or (self.kind == "redis" and (self.path or self.store_id)):
             raise ValueError("a folder store names an absolute path and its id; a redis store neither")
         return self
+
+
+def read_descriptor(raw: bytes | str | None) -> BlobStoreDescriptor | None:
+    """The published descriptor; None when there is none, or one this version cannot read (an
+    older or newer writer's): the coordinator publishes its own when it starts."""
+    if raw is None:
+        return None
+    try:
+        return BlobStoreDescriptor.model_validate_json(raw)
+    except ValidationError:
+        return None

@@ -46,7 +46,7 @@ from federated_learning.protocol.keys import (
     Keys,
 )
 from federated_learning.protocol.messages import M, MalformedMessage, Severity, decode, encode
-from federated_learning.protocol.storage import BlobStoreDescriptor
+from federated_learning.protocol.storage import read_descriptor
 from federated_learning.records.trainings import TrainingViews
 
 log = logging.getLogger(__name__)
@@ -386,7 +386,7 @@ async def warn_if_another_blob_store(ctx: ServiceContext) -> None:
     """Say so when this service's blob store is not the one the coordinator published (another
     ``blob_dir``, or the folder not mounted here): its reads would miss and its writes be lost."""
     published = await ctx.redis.get(ctx.keys.blob_store)
-    if published is not None and BlobStoreDescriptor.model_validate_json(published) != ctx.blobs.describe():
+    if published is not None and read_descriptor(published) != ctx.blobs.describe():
         log.error("%s/%s keeps blobs in %s, but the deployment's coordinator published %s: give every "
                   "service the same blob_dir, mounted at the same path", ctx.service, ctx.instance,
                   ctx.blobs.describe().model_dump_json(), text(published))

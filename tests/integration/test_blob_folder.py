@@ -14,7 +14,7 @@ from federated_learning.bus.blob_stores import BlobStoreUnreachable
 from federated_learning.config import Settings
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import VersionRecord
-from federated_learning.protocol.storage import BlobStoreDescriptor
+from federated_learning.protocol.storage import BlobStoreDescriptor, read_descriptor
 from federated_learning.protocol.tensors import decode_layers
 from federated_learning.services.runtime import ServiceContext, warn_if_another_blob_store
 from tests.integration.conftest import digits_config, start_training, wait_for_status, wait_until
@@ -97,3 +97,19 @@ async def test_a_service_with_another_blob_folder_says_so(
     elsewhere = settings.model_copy(update={"blob_dir": tmp_path / "not-the-shared-folder"})
     await warn_if_another_blob_store(ServiceContext(redis=redis, settings=elsewhere, service="aggregator", instance="2"))
     assert "aggregator/2 keeps blobs in" in caplog.text and "same blob_dir" in caplog.text
+
+
+async def test_a_descriptor_this_version_cannot_read_is_replaced_not_fatal(
+        redis: aioredis.Redis, system, settings: Settings) -> None:
+    """An earlier writer's descriptor (here: a folder without its id) neither stops a service
+    nor an agent; the coordinator publishes its own when it starts."""
+    await redis.set(KEYS.blob_store, b'{"kind": "folder", "path": "/srv/old"}')
+    assert read_descriptor(await redis.get(KEYS.blob_store)) is None
+    await warn_if_another_blob_store(ServiceContext(redis=redis, settings=settings, service="monitor", instance="0"))
+    await system.start("coordinator")
+
+    async def republished() -> bool:
+        descriptor = read_descriptor(await redis.get(KEYS.blob_store))
+        return descriptor is not None and descriptor.path == str(settings.blob_dir / KEYS.prefix)
+
+    await wait_until(republished, "the coordinator publishing its blob store over the old one")

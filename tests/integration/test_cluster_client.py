@@ -101,3 +101,22 @@ async def test_a_command_whose_keys_it_does_not_know_takes_redis_pys_path(client
         pipe.append(keys.training("u"), b"2")  # not among the commands it knows
         assert await pipe.execute() == [True, 5, 2]
     assert await client.get(keys.training("u")) == b"12"
+
+
+async def test_watching_keys_of_two_slots_at_once_is_refused_before_anything_is_watched(
+        client: aioredis.Redis) -> None:
+    keys = keys_for(client, "fl")
+    async with client.pipeline(transaction=True) as pipe:
+        with pytest.raises(RedisClusterException, match="WATCH - all keys must map to the same key slot"):
+            await pipe.watch(keys.coordinator_lease, keys.blob("ab" * 32))
+        pipe.set(keys.training("v"), b"1")  # not watching: queued, as redis-py would
+        assert await pipe.execute() == [True]
+
+
+async def test_a_keyless_script_first_follows_the_keyed_commands_slot(client: aioredis.Redis) -> None:
+    """As redis-py does: a keyless script can run anywhere, so the first keyed command decides."""
+    keys = keys_for(client, "fl")
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.eval("return 5", 0)
+        pipe.set(keys.blob("cd" * 32), b"x")  # a slot of its own, not the tag's
+        assert await pipe.execute() == [5, True]

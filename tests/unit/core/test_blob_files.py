@@ -167,7 +167,7 @@ async def test_an_expired_upload_written_again_is_alive_again(store: FolderBlobS
 
 async def test_without_hard_links_a_blob_is_renamed_into_place(
         store: FolderBlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_links(_source: object, _target: object) -> None:
+    def no_links(_source: object, _target: object, **_options: object) -> None:
         raise OSError(errno.EPERM, "hard links not supported here")
 
     monkeypatch.setattr(os, "link", no_links)
@@ -179,14 +179,14 @@ async def test_without_hard_links_a_blob_is_renamed_into_place(
 async def test_a_blob_the_services_may_not_delete_is_left_with_a_warning(
         store: FolderBlobStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     digest = await store.put(b"an update", ttl_s=60, owner=AGENT)
-    original = Path.unlink
+    original = os.unlink
 
-    def refuse(path: Path, missing_ok: bool = False) -> None:
-        if path.parent.name == AGENT:
-            raise PermissionError(13, "Permission denied", str(path))
-        original(path, missing_ok=missing_ok)
+    def refuse(path: str, *, dir_fd: int | None = None) -> None:
+        if path == digest:
+            raise PermissionError(13, "Permission denied", path)
+        original(path, dir_fd=dir_fd)
 
-    monkeypatch.setattr(Path, "unlink", refuse)
+    monkeypatch.setattr(os, "unlink", refuse)
     await store.discard([(digest, AGENT)])
     assert store.sweep_expired_now(time.time() + 61) == 0
     assert store.path(digest, AGENT).exists()
@@ -246,7 +246,41 @@ async def test_a_new_folder_gets_an_id_that_later_services_read(tmp_path: Path) 
 async def test_an_agent_learns_when_it_may_not_upload(store: FolderBlobStore) -> None:
     await store.check_writable(AGENT)
     (store.root / "upload" / "locked").symlink_to(store.root / "blob", target_is_directory=True)
-    with pytest.raises(BlobStoreError, match="link"):
+    with pytest.raises(BlobStoreError, match="upload/locked: .*Not a directory"):
         await store.check_writable("locked")
-    with pytest.raises(BlobStoreError, match="link"):
+    with pytest.raises(BlobStoreError, match="Not a directory"):
         await store.put(b"an update", ttl_s=60, owner="locked")
+    assert list((store.root / "blob").iterdir()) == []  # nothing written through the link
+
+
+async def test_a_linked_upload_folder_reaches_nothing_outside(store: FolderBlobStore, tmp_path: Path) -> None:
+    """An agent that turns its upload folder into a link (say, into another content store) makes
+    the services neither read, keep nor delete what is there: its uploads are just missing."""
+    outside = tmp_path / "some-content-store"
+    outside.mkdir()
+    digest = digest_of(b"someone else's bytes")
+    (outside / digest).write_bytes(b"someone else's bytes")
+    os.utime(outside / digest, (NEVER, NEVER))
+    (store.root / "upload" / "evil").symlink_to(outside, target_is_directory=True)
+
+    assert not await store.exists(digest, owner="evil")
+    with pytest.raises(BlobMissing):
+        await store.get(digest, owner="evil")
+    assert await store.heads([(digest, "evil")]) == {}
+    with ThreadPoolExecutor(1) as pool:
+        [result] = await store.get_each([(digest, "evil")], lambda _i, data: data, executor=pool)
+    assert isinstance(result, BlobMissing)
+    os.utime(outside / digest, (1.0, 1.0))
+    await store.keep([(digest, "evil")])
+    await store.discard([(digest, "evil")])
+    assert store.sweep_expired_now(time.time()) == 0
+    assert (outside / digest).read_bytes() == b"someone else's bytes" and os.stat(outside / digest).st_mtime == 1.0
+
+
+async def test_an_upload_its_agent_made_unreadable_is_missing_not_a_failed_batch(store: FolderBlobStore) -> None:
+    good = await store.put(b"an honest update", ttl_s=60, owner=AGENT)
+    (store.root / "upload" / "broken").write_bytes(b"a file where a folder should be")
+    with ThreadPoolExecutor(2) as pool:
+        results = await store.get_each([(good, AGENT), ("d" * 64, "broken")], lambda _i, data: data, executor=pool)
+    assert results[0] == b"an honest update" and isinstance(results[1], BlobMissing)
+    assert list(await store.heads([(good, AGENT), ("d" * 64, "broken")])) == [(good, AGENT)]
