@@ -290,17 +290,17 @@ def agent_processes(args: argparse.Namespace, deployment: LocalDeployment,
 
 
 @contextlib.contextmanager
-def idle_agents(args: argparse.Namespace, deployment: LocalDeployment,
-                keys: Keys) -> Iterator[list[subprocess.Popen[bytes]]]:
+def idle_agents(args: argparse.Namespace, deployment: LocalDeployment, keys: Keys,
+                url: str) -> Iterator[list[subprocess.Popen[bytes]]]:
     """``scripts/idle_agents.py``: --idle-agents registered agents that only heartbeat (none when 0)."""
     if not args.idle_agents:
         yield []
         return
-    url = admin_url_for(deployment.settings, deployment.data_dir, None, deployment.redis_url)
     with open(deployment.data_dir / "idle-agents.log", "ab") as log:
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "scripts" / "idle_agents.py"), "--redis-url", url,
-             "--key-prefix", keys.prefix, "--count", str(args.idle_agents), "--heartbeat-s", str(args.heartbeat_s)],
+             "--key-prefix", keys.prefix, "--count", str(args.idle_agents), "--heartbeat-s", str(args.heartbeat_s),
+             *(["--cluster"] if keys.cluster else [])],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
             yield [process]
@@ -582,7 +582,7 @@ def train_and_measure(args: argparse.Namespace, deployment: LocalDeployment, gro
     try:
         model = api.upload_model(initial_model(args.params, args.layers), name="synthetic")
         with agent_processes(args, deployment, groups) as processes, \
-                idle_agents(args, deployment, keys) as idle:
+                idle_agents(args, deployment, keys, url) as idle:
             wait_for_agents(admin, keys, args.agents + args.idle_agents, [*processes, *idle], deployment)
             tail.processes = run_processes(deployment, processes, idle, cluster)
             logger.info("%d agents joined in %d process(es) after %.1fs", args.agents, len(processes),
@@ -822,9 +822,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                 f"{args.clients_per_round}, {args.agents}")
     if args.rounds < 2:
         p.error(f"--rounds is {args.rounds}; s/round needs at least 2")
-    if args.cluster and (args.cluster < 3 or args.idle_agents):
-        p.error("--cluster needs at least 3 primaries, and no --idle-agents (scripts/idle_agents.py talks to "
-                "one server)")
+    if args.cluster and args.cluster < 3:
+        p.error("--cluster needs at least 3 primaries")
     return args
 
 

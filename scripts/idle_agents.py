@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--heartbeat-s", type=float, default=30.0)
     parser.add_argument("--prefix", default="idle")
+    parser.add_argument("--cluster", action="store_true", help="the URL is a node of a Valkey or Redis Cluster")
     args = parser.parse_args(argv)
-    client = redis.Redis.from_url(args.redis_url)
-    keys = Keys(args.key_prefix)
+    client = redis.RedisCluster.from_url(args.redis_url) if args.cluster else redis.Redis.from_url(args.redis_url)
+    keys = Keys(args.key_prefix, cluster=args.cluster)
     stopping = False
 
     def stop(_signum: int, _frame: object) -> None:

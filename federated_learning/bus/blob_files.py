@@ -157,6 +157,7 @@ class FolderBlobStore(BlobStore):
                 if create:
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(name, dir_fd=descriptor)
+                        os.fsync(descriptor)  # the new folder's entry, as durable as what goes in it
                 inner = os.open(name, _FOLDER_FLAGS, dir_fd=descriptor)
                 os.close(descriptor)
                 descriptor = inner
