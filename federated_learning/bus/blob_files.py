@@ -425,20 +425,38 @@ def _checked_digest(digest: BlobDigest) -> str:
     return digest
 
 
-def _link_or_move(partial: str, name: str, folder: int) -> None:
-    """Give ``partial`` the name ``name`` in ``folder`` unless another writer did first (a hard
-    link fails then); on a filesystem without hard links, a rename (the same bytes either way)."""
+def _linked(partial: str, name: str, folder: int) -> bool:
+    """Hard-link ``partial`` as ``name`` in ``folder``: True when linked, or when another writer's
+    link was there first; False on a filesystem without hard links."""
     try:
         os.link(partial, name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
     except FileExistsError:
-        return
+        return True
     except OSError as exc:
         if exc.errno not in _NO_HARD_LINKS:
             raise
+        return False
+    return True
+
+
+def _link_or_move(partial: str, name: str, folder: int) -> None:
+    """Give ``partial`` the name ``name`` in ``folder`` unless another writer did first; on a
+    filesystem without hard links, a rename (the same bytes either way)."""
+    if not _linked(partial, name, folder):
         try:
             os.stat(name, dir_fd=folder, follow_symlinks=False)
         except FileNotFoundError:  # a kept copy that appeared meanwhile keeps its expiry
             os.replace(partial, name, src_dir_fd=folder, dst_dir_fd=folder)
+
+
+def _create_durably(name: str, folder: int, content: bytes) -> None:
+    """A new file ``name`` in ``folder`` holding ``content``, on disk (FileExistsError if there)."""
+    descriptor = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=folder)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(content)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def _write_marker(root: Path, content: bytes) -> None:
@@ -448,25 +466,11 @@ def _write_marker(root: Path, content: bytes) -> None:
         folder = os.open(root, _FOLDER_FLAGS)
         try:
             partial = f"{TEMPORARY_PREFIX}{MARKER}-{secrets.token_hex(4)}"
-            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=folder)
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(content)
-                file.flush()
-                os.fsync(file.fileno())
+            _create_durably(partial, folder, content)
             try:
-                os.link(partial, MARKER, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                if exc.errno not in _NO_HARD_LINKS:
-                    raise
-                with contextlib.suppress(FileExistsError):
-                    exclusive = os.open(MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
-                                        dir_fd=folder)
-                    with os.fdopen(exclusive, "wb") as file:
-                        file.write(content)
-                        file.flush()
-                        os.fsync(file.fileno())
+                if not _linked(partial, MARKER, folder):
+                    with contextlib.suppress(FileExistsError):
+                        _create_durably(MARKER, folder, content)
             finally:
                 os.unlink(partial, dir_fd=folder)
             os.fsync(folder)

@@ -284,3 +284,15 @@ async def test_an_upload_its_agent_made_unreadable_is_missing_not_a_failed_batch
         results = await store.get_each([(good, AGENT), ("d" * 64, "broken")], lambda _i, data: data, executor=pool)
     assert results[0] == b"an honest update" and isinstance(results[1], BlobMissing)
     assert list(await store.heads([(good, AGENT), ("d" * 64, "broken")])) == [(good, AGENT)]
+
+
+async def test_without_hard_links_the_first_service_still_sets_the_folders_id(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(_source: object, _target: object, **_options: object) -> None:
+        raise OSError(errno.EPERM, "hard links not supported here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    first = FolderBlobStore.create(tmp_path / "fl", max_bytes=1024)
+    second = FolderBlobStore.create(tmp_path / "fl", max_bytes=1024)
+    assert first.store_id is not None and second.store_id == first.store_id
+    assert sorted(p.name for p in (tmp_path / "fl").iterdir()) == ["blob", "store.json", "upload"]
