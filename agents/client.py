@@ -162,6 +162,7 @@ class FederatedClient:
         """The deployment's ``blob_dir`` as mounted here, when it keeps blobs as files
         (``bus/blob_stores.py``) and the services see it at another path."""
         self._blob_store_published = False
+        self._blobs: BlobStore | None = None
         self.seed = seed
         self.join_token = join_token
         self.attack = attack
@@ -193,6 +194,7 @@ class FederatedClient:
 
     @property
     def blobs(self) -> BlobStore:
+        assert self._blobs is not None, "initialize() first"
         return self._blobs
 
     def add_dataset(self, name: str, x: NDArray[np.floating], y: NDArray[np.integer], *,
@@ -225,10 +227,7 @@ class FederatedClient:
             assert self._redis_url is not None
             self._redis = await connect(self._redis_url, tls=self._redis_tls)
         self.keys = keys_for(self.redis, self.keys.prefix)
-        store, published = await agent_blob_store(self.redis, self.keys, max_bytes=self.max_blob_bytes,
-                                                  blob_folder=self.blob_folder)
-        await self._check_writable(store)
-        self._blobs, self._blob_store_published = store, published
+        await self._settled_blobs()
         await ensure_group(self.redis, self.keys.inbox_stream(self.agent_id), GROUP_AGENT)
         await self.join()
         self._tasks = [asyncio.create_task(self._heartbeat_loop()),
@@ -275,10 +274,11 @@ class FederatedClient:
         if not self._blob_store_published:
             store, published = await agent_blob_store(self.redis, self.keys, max_bytes=self.max_blob_bytes,
                                                       blob_folder=self.blob_folder)
-            if store.describe() != self._blobs.describe():
+            if self._blobs is None or store.describe() != self._blobs.describe():
                 await self._check_writable(store)  # raises before the agent settles on a store it cannot use
                 self._blobs = store
             self._blob_store_published = published
+        assert self._blobs is not None
         return self._blobs
 
     async def _check_writable(self, store: BlobStore) -> None:

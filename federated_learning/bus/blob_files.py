@@ -147,10 +147,12 @@ class FolderBlobStore(BlobStore):
             raise ValueError(f"'{owner}' cannot own blobs")
         return ("upload", owner)
 
-    @contextlib.contextmanager
-    def _folder(self, owner: str | None, *, create: bool = False) -> Iterator[int]:
+    def _folder(self, owner: str | None, *, create: bool = False) -> contextlib.AbstractContextManager[int]:
         """The descriptor of the blob's folder, each level opened without following a link."""
-        names = self._folder_names(owner)
+        return self._open_folder(self._folder_names(owner), create=create)
+
+    @contextlib.contextmanager
+    def _open_folder(self, names: tuple[str, ...], *, create: bool = False) -> Iterator[int]:
         descriptor = os.open(self.root, _FOLDER_FLAGS)
         try:
             for name in names:
@@ -386,24 +388,12 @@ class FolderBlobStore(BlobStore):
     def _owners(self) -> list[str]:
         """The owners with a real folder under ``upload/``."""
         try:
-            with self._folder_of_uploads() as uploads:
+            with self._open_folder(("upload",)) as uploads:
                 return [entry.name for entry in os.scandir(uploads)
                         if entry.is_dir(follow_symlinks=False) and _OWNER.match(entry.name) and ".." not in entry.name]
         except OSError as exc:
             log.warning("blob sweep: cannot list %s: %s", self.root / "upload", exc)
             return []
-
-    @contextlib.contextmanager
-    def _folder_of_uploads(self) -> Iterator[int]:
-        descriptor = os.open(self.root, _FOLDER_FLAGS)
-        try:
-            uploads = os.open("upload", _FOLDER_FLAGS, dir_fd=descriptor)
-        finally:
-            os.close(descriptor)
-        try:
-            yield uploads
-        finally:
-            os.close(uploads)
 
     def _sweep_one(self, entry: os.DirEntry[str], folder: int, owner: str | None, now: float) -> int:
         temporary = _TEMPORARY.match(entry.name) is not None

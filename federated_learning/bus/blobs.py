@@ -141,9 +141,9 @@ class BlobStore(ABC):
     def close(self) -> None:
         """Let go of what the store opened itself."""
 
+    @abstractmethod
     def describe(self) -> BlobStoreDescriptor:
         """What agents are told of this store (``bus/blob_stores.py``)."""
-        return BlobStoreDescriptor(kind="redis")
 
     @abstractmethod
     async def put(self, data: bytes, *, ttl_s: int | None = None, owner: str | None = None) -> BlobDigest:
@@ -220,6 +220,9 @@ class RedisBlobStore(BlobStore):
         self._redis = redis
         self._keys = keys
         self._blocking: redis_sync.Redis | None = None
+
+    def describe(self) -> BlobStoreDescriptor:
+        return BlobStoreDescriptor(kind="redis")
 
     def close(self) -> None:
         """Close the blocking connections :meth:`get_each` opened (the asyncio client is the caller's)."""
