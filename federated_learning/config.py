@@ -104,7 +104,12 @@ class Settings(BaseSettings):
                                   "train through the HTTP gateway. Empty: in Redis")
     coordinator_lease_s: float = Field(
         default=10.0, gt=1, le=600,
-        description="one coordinator works at a time; a standby takes over this long after it stopped renewing")
+        description="a partition's coordinator works alone; a standby takes over this long after it stopped renewing")
+    coordinator_partitions: int = Field(
+        default=1, ge=1, le=256,
+        description="trainings are split into this many partitions, each worked on by one coordinator "
+                    "process at a time; several coordinator processes share the partitions. Fixed when a "
+                    "deployment first starts")
     aggregator_cache_bytes: int = Field(
         default=1024 * 1024 * 1024, ge=0, le=1 << 40,
         description="accepted updates an aggregator keeps in memory, checked, for their round's job "

@@ -333,24 +333,29 @@ def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
     return int(millis), int(seq or 0)
 
 
-async def trim_consumed(redis: aioredis.Redis, stream: str, group: str) -> bool:
-    """Drop entries every consumer of ``group`` has handled and acknowledged (XTRIM MINID, approximate).
+async def trim_consumed(redis: aioredis.Redis, stream: str, *groups: str) -> bool:
+    """Drop entries every consumer of each of ``groups`` has handled and acknowledged (XTRIM
+    MINID, approximate).
 
-    The trim point is the older of the group's last-delivered id and its oldest pending
-    entry, so nothing unread or unacknowledged goes. Returns False when the stream or group
-    does not exist yet.
+    A group's trim point is the older of its last-delivered id and its oldest pending entry, so
+    nothing unread or unacknowledged goes; the stream is trimmed to the oldest of the groups'
+    points. Returns False (and trims nothing) when the stream or one of the groups does not exist yet.
     """
     try:
-        groups = await redis.xinfo_groups(stream)
+        infos = {text(g["name"]): g for g in await redis.xinfo_groups(stream)}
     except ResponseError:
         return False
-    info = next((g for g in groups if text(g["name"]) == group), None)
-    if info is None:
+    if not groups or any(group not in infos for group in groups):
         return False
-    safe = _id_tuple(info["last-delivered-id"])
-    if int(info["pending"]) > 0:
-        oldest = (await redis.xpending(stream, group))["min"]
-        if oldest is not None:
-            safe = min(safe, _id_tuple(oldest))
+    points = []
+    for group in groups:
+        info = infos[group]
+        point = _id_tuple(info["last-delivered-id"])
+        if int(info["pending"]) > 0:
+            oldest = (await redis.xpending(stream, group))["min"]
+            if oldest is not None:
+                point = min(point, _id_tuple(oldest))
+        points.append(point)
+    safe = min(points)
     await redis.xtrim(stream, minid=f"{safe[0]}-{safe[1]}", approximate=True)
     return True

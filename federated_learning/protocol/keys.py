@@ -25,6 +25,13 @@ GROUP_MONITOR = "monitor"
 GROUP_AGENT = "agent"
 
 
+def coordinator_group(partition: int, partitions: int) -> str:
+    """The consumer group of one partition's coordinator (``coordination/partitions.py``): one
+    group per partition, each reading every entry and handling its own trainings'. A deployment
+    of one partition keeps the group name it always had."""
+    return GROUP_COORDINATOR if partitions == 1 else f"{GROUP_COORDINATOR}-p{partition}"
+
+
 @dataclass(frozen=True)
 class Keys:
     """Key names under one deployment prefix."""
@@ -159,6 +166,22 @@ class Keys:
     def coordinator_lease(self) -> str:
         """Who runs the coordinator's work now (``bus/lease.py``); standbys wait for it."""
         return self._k("lease", "coordinator")
+
+    def coordinator_lease_of(self, partition: int, partitions: int) -> str:
+        """The lease of one partition of the trainings (one partition: :attr:`coordinator_lease`)."""
+        if partitions == 1:
+            return self.coordinator_lease
+        return self._k("lease", "coordinator", f"p{partition}")
+
+    @property
+    def coordinators(self) -> str:
+        """Sorted set: live coordinator processes -> the server time of their last sign of life."""
+        return self._k("coordinators")
+
+    @property
+    def coordinator_partitions(self) -> str:
+        """How many partitions this deployment's trainings are split into, fixed at its first start."""
+        return self._k("coordinators", "partitions")
 
     def training_view(self, training_id: TrainingId) -> str:
         """JSON of the training's published view (``protocol/trainings.py``), written with its state."""

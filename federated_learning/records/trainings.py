@@ -17,6 +17,16 @@ from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import RoundMetrics
 from federated_learning.protocol.trainings import TrainingView
 
+QUEUE_READ = 1000
+"""Queued trainings a coordinator looks at per activation (its partition's may be further back)."""
+_CLAIM_SLOT_LUA = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('SADD', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
 
 class TrainingViews:
     """The published views of trainings (``protocol/trainings.py``), their index and their metrics."""
@@ -89,9 +99,14 @@ class TrainingStore(TrainingViews):
     async def active_count(self) -> int:
         return int(await self._redis.scard(self._keys.active_trainings))
 
-    async def first_queued(self) -> str | None:
-        raw = await self._redis.lindex(self._keys.training_queue, 0)
-        return None if raw is None else text(raw)
+    async def queued_ids(self, limit: int = QUEUE_READ) -> list[str]:
+        """The first ``limit`` queued trainings, oldest first."""
+        return [text(raw) for raw in await self._redis.lrange(self._keys.training_queue, 0, limit - 1)]
+
+    async def claim_slot(self, training_id: str, slots: int) -> bool:
+        """Give ``training_id`` one of the deployment's ``slots`` (atomic, so coordinators of
+        several partitions never take more between them); True when it holds one (already, or now)."""
+        return bool(await self._redis.eval(_CLAIM_SLOT_LUA, 1, self._keys.active_trainings, training_id, str(slots)))
 
     async def remove_queued(self, training_id: str) -> None:
         await self._redis.lrem(self._keys.training_queue, 0, training_id)

@@ -22,16 +22,23 @@ from redis.exceptions import RedisError
 from federated_learning.bus.blob_stores import publish_blob_store
 from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.bus.lease import Lease
+from federated_learning.bus.membership import Membership
 from federated_learning.config import load_settings
 from federated_learning.coordination.checks import check_agent_message, refuse_training
 from federated_learning.coordination.initial import waits_for_agent
 from federated_learning.coordination.inputs import InitialModelStored
+from federated_learning.coordination.partitions import (
+    Partition,
+    preferred_holder,
+    training_of_payload,
+)
 from federated_learning.coordination.secure import DEFAULT_SECURE_CLIP_NORM
 from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.privacy.release import DEFAULT_ADAPTIVE_INITIAL_CLIP_NORM, clip_norm_for
 from federated_learning.protocol.agents import AgentRecord
-from federated_learning.protocol.keys import GROUP_COORDINATOR
+from federated_learning.protocol.keys import coordinator_group
 from federated_learning.protocol.messages import (
+    PAYLOAD_FIELD,
     AgentJoined,
     AgentLeft,
     Heartbeat,
@@ -51,6 +58,7 @@ from federated_learning.protocol.secure_messages import SECURE_AGENT_TYPES, mess
 from federated_learning.protocol.tensors import spec_of
 from federated_learning.records.agents import AgentRegistry, entry_time
 from federated_learning.records.model_refusals import ModelRefusals
+from federated_learning.records.partitions import PartitionCountMismatch, pin_partition_count
 from federated_learning.records.secure_exchange import SecureExchange
 from federated_learning.records.trainings import TrainingStore
 from federated_learning.records.versions import VersionIndex
@@ -63,13 +71,20 @@ from federated_learning.types import BlobDigest
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 TICK_S = 0.25
 BLOB_SWEEP_S = 60.0
 """How often expired uploads are deleted from a blob folder (Redis expires its keys itself)."""
+TAKE_OVER_AFTER_RENEWALS = 2
+"""A free partition assigned to another live coordinator is taken after this many renewal periods
+(its own coordinator takes it within one)."""
 UPDATE_NOTICE = UpdateSubmitted.model_fields["type"].default
 NOTICES_PER_READ = 128
 """Entries read per stream at once; a read of the update stream is handled as one batch."""
+
+ALL_TRAININGS = Partition(0)
+"""The one partition of a deployment whose trainings are not split."""
 
 ACTIVE = Gauge("fl_trainings_active", "Trainings holding a slot")
 ALIVE = Gauge("fl_agents_alive", "Agents with a live heartbeat")
@@ -86,19 +101,41 @@ async def _first_of(*events: asyncio.Event, then: asyncio.Event) -> None:
             wait.cancel()
 
 
-class Coordinator(RoundProtocol):
-    """Runs the round protocol of every training."""
+async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and return once all have ended, cancelling them again whenever this task is
+    cancelled meanwhile: none outlives the process's connection. (On Python 3.11 a cancellation
+    that meets a finishing ``wait_for`` inside redis-py can be lost; a task then ends when it next
+    sees the stop event, which a shutdown sets before it cancels.)"""
+    for task in tasks:
+        task.cancel()
+    while not all(task.done() for task in tasks):
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
 
-    def __init__(self, ctx: ServiceContext) -> None:
+
+class Coordinator(RoundProtocol):
+    """Runs the round protocol of the trainings of one partition (all of them, by default), while
+    it holds that partition's lease; :class:`CoordinatorService` runs one per partition."""
+
+    def __init__(self, ctx: ServiceContext, partition: Partition = ALL_TRAININGS,
+                 membership: Membership | None = None) -> None:
         self.ctx = ctx
         self.keys = ctx.keys
         self.redis = ctx.redis
         self.settings = ctx.settings
+        self.partition = partition
+        self.membership = membership
+        """The live coordinator processes, when several may share the partitions: a process
+        takes the partitions assigned to it and hands back those it holds for another."""
         self.store = TrainingStore(ctx.redis, ctx.keys)
+        # Only the registry's writer may keep records: they change only through its own joins.
         self.registry = AgentRegistry(ctx.redis, ctx.keys, ctx.settings.heartbeat_timeout_s,
                                       require_join_token=ctx.settings.require_join_token,
                                       max_first_joins_per_minute=ctx.settings.max_first_joins_per_minute,
-                                      cache_records=True)
+                                      cache_records=partition.keeps_registry)
         self._last_tick = 0.0
         self._last_sweep = time.monotonic()
         self.version_index = VersionIndex(ctx.redis, ctx.keys)
@@ -106,72 +143,137 @@ class Coordinator(RoundProtocol):
         self.refusals = ModelRefusals(ctx.redis, ctx.keys)
         self.states: dict[str, TrainingState] = {}
         self.uploads_to_keep: list[tuple[BlobDigest, str | None]] = []
-        self.lease = Lease(ctx.redis, ctx.keys.coordinator_lease, f"coordinator-{ctx.instance}",
+        holder = f"coordinator-{ctx.instance}"
+        self.lease = Lease(ctx.redis, ctx.keys.coordinator_lease_of(partition.index, partition.count), holder,
                            ttl_s=ctx.settings.coordinator_lease_s)
+        self.label = holder if partition.count == 1 else f"{holder} (partition {partition.name()})"
+        handlers = {
+            self.keys.control_stream: self._forgetting_on_failure(self._own(self.on_control)),
+            self.keys.update_stream: self._forgetting_on_failure(self._own(self.on_upload)),
+            self.keys.version_stream: self._forgetting_on_failure(self._own(self.on_version)),
+            self.keys.refused_update_stream: self._forgetting_on_failure(self._own(self.on_update_refused)),
+        }
+        batch_handlers = {self.keys.update_stream: self._forgetting_on_failure(self._own_batch(self.on_upload_batch))}
+        if partition.keeps_registry:
+            handlers[self.keys.agent_stream] = self.on_agent_message
+            batch_handlers[self.keys.agent_stream] = self.on_agent_batch
         self.consumer = StreamConsumer(
-            ctx.redis, GROUP_COORDINATOR, f"coordinator-{ctx.instance}",
-            {
-                self.keys.control_stream: self._forgetting_on_failure(self.on_control),
-                self.keys.agent_stream: self.on_agent_message,
-                self.keys.update_stream: self._forgetting_on_failure(self.on_upload),
-                self.keys.version_stream: self._forgetting_on_failure(self.on_version),
-                self.keys.refused_update_stream: self._forgetting_on_failure(self.on_update_refused),
-            },
+            ctx.redis, coordinator_group(partition.index, partition.count), holder, handlers,
             dead_letter_stream=ctx.dead_letter_stream, block_ms=int(TICK_S * 1000),
             claim_idle_ms=ctx.settings.claim_idle_ms,
             on_forged_id=ctx.forged_stream_id,
-            batch_handlers={self.keys.update_stream: self._forgetting_on_failure(self.on_upload_batch),
-                            self.keys.agent_stream: self.on_agent_batch},
+            batch_handlers=batch_handlers,
             count=NOTICES_PER_READ,
         )
 
     async def run(self, *, burst: bool = False) -> None:
-        """Work while holding the coordinator lease; stand by (or stand by again) without it."""
-        await publish_blob_store(self.redis, self.keys, self.ctx.blobs)
+        """Work while holding this partition's lease; stand by (or stand by again) without it."""
+        if self.partition.keeps_registry:
+            await publish_blob_store(self.redis, self.keys, self.ctx.blobs)
         while not self.ctx.stop.is_set():
             if not await self._wait_for_lease():
                 break
             lost = asyncio.Event()
             keeper = asyncio.create_task(self.lease.keep(lost, self.ctx.stop))
+            handing_back = asyncio.Event()
+            helpers = [keeper, asyncio.create_task(self._hand_back_once_assigned_elsewhere(handing_back))]
             working = asyncio.Event()
-            watcher = asyncio.create_task(_first_of(self.ctx.stop, lost, then=working))
+            helpers.append(asyncio.create_task(_first_of(self.ctx.stop, lost, handing_back, then=working)))
             try:
                 self.forget_states()  # another coordinator may have worked meanwhile
-                self.registry.forget_records()
-                await self.registry.index_volunteers()
-                await self.store.publish_missing_views()
+                if self.partition.keeps_registry:
+                    self.registry.forget_records()
+                    await self.registry.index_volunteers()
+                    await self.store.publish_missing_views()
                 await self.consumer.run(working, burst=burst, on_idle=self._forgetting_on_failure(self.tick))
             finally:
-                keeper.cancel()
-                watcher.cancel()
+                for helper in helpers:
+                    helper.cancel()
             if burst:
                 break
-            if not self.ctx.stop.is_set():
-                log.warning("coordinator %s lost its lease; standing by", self.lease.holder)
+            if self.ctx.stop.is_set():
+                continue
+            if handing_back.is_set() and not lost.is_set():
+                log.info("coordinator %s hands its partition over to %s", self.label, self._assigned_holder())
+                await self._release_lease()
+            else:
+                log.warning("coordinator %s lost its lease; standing by", self.label)
         if self.lease.valid():
-            try:
-                await asyncio.wait_for(self.lease.release(), 1.0)
-            except Exception as exc:  # noqa: BLE001 - a lost bus: the lease expires anyway
-                log.info("releasing the lease failed: %s", exc)
+            await self._release_lease()
+
+    async def _release_lease(self) -> None:
+        try:
+            await asyncio.wait_for(self.lease.release(), 1.0)
+        except Exception as exc:  # noqa: BLE001 - a lost bus: the lease expires anyway
+            log.info("releasing the lease failed: %s", exc)
+
+    def _assigned_holder(self) -> str | None:
+        """The live coordinator this partition is assigned to (None: any may take it)."""
+        if self.membership is None:
+            return None
+        return preferred_holder(self.membership.members, self.partition.index)
+
+    async def _hand_back_once_assigned_elsewhere(self, handing_back: asyncio.Event) -> None:
+        """Set ``handing_back`` once the partition is assigned to another live coordinator (one that
+        started, or came back, after this one took it)."""
+        while True:
+            await asyncio.sleep(self.lease.renew_every_s)
+            if self._assigned_holder() not in (None, self.lease.holder):
+                handing_back.set()
+                return
 
     async def _wait_for_lease(self) -> bool:
-        """Take the lease, waiting as a standby while another coordinator holds it; False on stop."""
+        """Take the lease, waiting as a standby while another coordinator holds it or the partition
+        is assigned to another live coordinator (which then has ``TAKE_OVER_AFTER_RENEWALS``
+        renewal periods to take it up); False on stop."""
         announced = False
+        free_since: float | None = None
         while not self.ctx.stop.is_set():
             try:
-                if await self.lease.acquire():
-                    log.info("coordinator %s holds the lease", self.lease.holder)
+                assigned = self._assigned_holder()
+                take = assigned in (None, self.lease.holder)
+                if not take:
+                    if await self.redis.exists(self.lease.key):
+                        free_since = None
+                    else:
+                        free_since = free_since or time.monotonic()
+                        take = time.monotonic() - free_since >= TAKE_OVER_AFTER_RENEWALS * self.lease.renew_every_s
+                if take and await self.lease.acquire():
+                    log.info("coordinator %s holds the lease", self.label)
                     return True
             except (OSError, RedisError) as exc:
                 log.warning("taking the lease failed: %s", exc)
             if not announced:
-                log.info("coordinator %s stands by: another coordinator holds the lease", self.lease.holder)
+                log.info("coordinator %s stands by: another coordinator holds the lease", self.label)
                 announced = True
             try:
                 await asyncio.wait_for(self.ctx.stop.wait(), timeout=self.lease.renew_every_s)
             except TimeoutError:
                 continue
         return False
+
+    def _own(self, handler: Callable[[bytes, dict[bytes, bytes]], Awaitable[None]]
+             ) -> Callable[[bytes, dict[bytes, bytes]], Awaitable[None]]:
+        """``handler`` for this partition's entries only (the others are acknowledged unhandled:
+        each partition's group reads every entry)."""
+        if self.partition.count == 1:
+            return handler
+
+        async def own(entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+            if self.partition.owns(training_of_payload(fields.get(PAYLOAD_FIELD))):
+                await handler(entry_id, fields)
+        return own
+
+    def _own_batch(self, handler: Callable[[Entries], Awaitable[None]]) -> Callable[[Entries], Awaitable[None]]:
+        if self.partition.count == 1:
+            return handler
+
+        async def own(entries: Entries) -> None:
+            mine = [(entry_id, fields) for entry_id, fields in entries
+                    if self.partition.owns(training_of_payload(fields.get(PAYLOAD_FIELD)))]
+            if mine:
+                await handler(mine)
+        return own
 
     def _forgetting_on_failure(self, handler: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
         """``handler``, run only while the lease is valid, dropping the states held in memory when
@@ -245,13 +347,14 @@ class Coordinator(RoundProtocol):
                           command.reason)
 
     async def activate_queued(self) -> None:
-        """Start queued trainings while slots are free."""
-        while await self.store.active_count() < self.settings.max_concurrent_trainings:
-            training_id = await self.store.first_queued()
-            if training_id is None:
-                return
+        """Start this partition's queued trainings, oldest first, while the deployment has free slots."""
+        for training_id in await self.store.queued_ids():
+            if not self.partition.owns(training_id):
+                continue
             state = await self.load_state(training_id)
             if state is not None and state.status is TrainingStatus.QUEUED:
+                if not await self.store.claim_slot(training_id, self.settings.max_concurrent_trainings):
+                    return
                 await self.initialize(state)
             # Only now that INITIALIZING (or FAILED) is durable does the training leave the queue.
             await self.store.remove_queued(training_id)
@@ -398,10 +501,11 @@ class Coordinator(RoundProtocol):
         if now - self._last_tick < TICK_S:
             return
         self._last_tick = now
-        ALIVE.set(await self.registry.count_alive())
         active = await self.store.active_ids()
-        ACTIVE.set(len(active))
-        for training_id in active:
+        if self.partition.keeps_registry:
+            ALIVE.set(await self.registry.count_alive())
+            ACTIVE.set(len(active))
+        for training_id in filter(self.partition.owns, active):
             state = await self.load_state(training_id)
             if state is None:
                 continue
@@ -420,7 +524,7 @@ class Coordinator(RoundProtocol):
                 await self._report_dropouts(state, set(await self.registry.alive_among(state.selected)))
                 await self.advance(state)
         await self.activate_queued()
-        if now - self._last_sweep >= BLOB_SWEEP_S:
+        if self.partition.keeps_registry and now - self._last_sweep >= BLOB_SWEEP_S:
             self._last_sweep = now
             swept = await self.ctx.blobs.sweep_expired()
             if swept:
@@ -435,12 +539,54 @@ class Coordinator(RoundProtocol):
                 state.phase is RoundPhase.IDLE and state.completed_rounds == state.round:
             await self.open_round(state, state.round + 1)
 
+class CoordinatorService:
+    """One coordinator process: a :class:`Coordinator` per partition of the trainings, each
+    working while it holds its partition's lease, and a sign of life that lets several processes
+    split the partitions between them (``coordination/partitions.py``)."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        count = ctx.settings.coordinator_partitions
+        self.membership = Membership(ctx.redis, ctx.keys.coordinators, f"coordinator-{ctx.instance}",
+                                     ttl_s=ctx.settings.coordinator_lease_s)
+        self.partitions = [Coordinator(ctx, Partition(index, count), self.membership) for index in range(count)]
+
+    async def run(self, *, burst: bool = False) -> None:
+        await pin_partition_count(self.ctx.redis, self.ctx.keys, len(self.partitions))
+        await self._beat()
+        beating = asyncio.create_task(self._keep_beating())
+        working = [asyncio.create_task(partition.run(burst=burst)) for partition in self.partitions]
+        try:
+            await asyncio.gather(*working)
+        finally:
+            await _cancel_and_wait(working)  # one failed, or this process is being cancelled
+            beating.cancel()
+            try:  # a clean stop: the others take this process's partitions without waiting
+                await asyncio.wait_for(self.membership.leave(), 1.0)
+            except Exception as exc:  # noqa: BLE001 - a lost bus: the sign of life expires anyway
+                log.info("signing out failed: %s", exc)
+
+    async def _beat(self) -> None:
+        try:
+            await self.membership.beat()
+        except (OSError, RedisError) as exc:
+            log.warning("coordinator %s could not sign in: %s", self.membership.name, exc)
+
+    async def _keep_beating(self) -> None:
+        while True:
+            await asyncio.sleep(self.partitions[0].lease.renew_every_s)
+            await self._beat()
+
+
 async def _main(args: argparse.Namespace) -> None:
     settings = load_settings(args.config)
     setup_logging(settings.log_level, "coordinator")
     ctx = await open_context(settings, "coordinator", args.instance)
-    coordinator = Coordinator(ctx)
-    await serve(ctx, coordinator.run)
+    try:
+        await serve(ctx, CoordinatorService(ctx).run)
+    except PartitionCountMismatch as exc:
+        log.error("%s", exc)
+        raise SystemExit(2) from exc
 
 
 def main() -> None:

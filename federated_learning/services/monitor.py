@@ -83,6 +83,7 @@ from federated_learning.services.runtime import (
     read_backlogs,
     read_health_records,
     read_redis_memory,
+    recorded_partition_count,
     serve,
     service_streams,
     setup_logging,
@@ -218,9 +219,13 @@ class Monitor:
         self._last_check = now
         if now - self._last_trim >= TRIM_EVERY_S:
             self._last_trim = now
-            for stream, group in service_streams(self.ctx.keys):
+            readers: dict[str, list[str]] = {}
+            partitions = await recorded_partition_count(self.ctx.redis, self.ctx.keys)
+            for stream, group in service_streams(self.ctx.keys, partitions):
+                readers.setdefault(stream, []).append(group)
+            for stream, groups in readers.items():
                 if stream != self.ctx.keys.event_stream:  # capped by length; the dashboard tails it
-                    await trim_consumed(self.ctx.redis, stream, group)
+                    await trim_consumed(self.ctx.redis, stream, *groups)
         conditions = await self._system_conditions(now) + await self._training_conditions(now)
         every_open = await self._open_alerts()
         open_alerts = {k: a for k, a in every_open.items() if a.rule in RECONCILED_RULES}

@@ -39,11 +39,11 @@ from federated_learning.config import Settings
 from federated_learning.protocol.events import Event
 from federated_learning.protocol.keys import (
     GROUP_AGGREGATOR,
-    GROUP_COORDINATOR,
     GROUP_MONITOR,
     GROUP_PRIVACY,
     GROUP_VERSIONS,
     Keys,
+    coordinator_group,
 )
 from federated_learning.protocol.messages import M, MalformedMessage, Severity, decode, encode
 from federated_learning.protocol.storage import read_descriptor
@@ -314,21 +314,29 @@ class StreamBacklog:
         return f"{self.stream}/{self.group}"
 
 
-def service_streams(keys: Keys) -> list[tuple[str, str]]:
-    """(stream, group) for every stream a pipeline service consumes."""
+async def recorded_partition_count(redis: aioredis.Redis, keys: Keys) -> int:
+    """How many partitions the deployment's coordinators split the trainings into (recorded by the
+    first coordinator; 1 before it starts)."""
+    return int(await redis.get(keys.coordinator_partitions) or 1)
+
+
+def service_streams(keys: Keys, coordinator_partitions: int = 1) -> list[tuple[str, str]]:
+    """(stream, group) for every stream a pipeline service consumes: the coordinator's streams
+    once per partition's group (``coordination/partitions.py``), the agents' by the first only."""
+    coordinators = [coordinator_group(k, coordinator_partitions) for k in range(coordinator_partitions)]
     return [
-        (keys.control_stream, GROUP_COORDINATOR), (keys.agent_stream, GROUP_COORDINATOR),
-        (keys.update_stream, GROUP_COORDINATOR), (keys.version_stream, GROUP_COORDINATOR),
-        (keys.refused_update_stream, GROUP_COORDINATOR), (keys.accepted_update_stream, GROUP_AGGREGATOR),
+        *((stream, group) for stream in (keys.control_stream, keys.update_stream, keys.version_stream,
+                                         keys.refused_update_stream) for group in coordinators),
+        (keys.agent_stream, coordinators[0]), (keys.accepted_update_stream, GROUP_AGGREGATOR),
         (keys.job_stream, GROUP_AGGREGATOR), (keys.aggregate_stream, GROUP_PRIVACY),
         (keys.release_stream, GROUP_VERSIONS), (keys.event_stream, GROUP_MONITOR),
     ]
 
 
 async def read_backlogs(redis: aioredis.Redis, keys: Keys) -> list[StreamBacklog]:
-    """Length and pending count of each service stream's group, in one round trip; a stream
-    or group that does not exist yet counts as empty."""
-    pairs = service_streams(keys)
+    """Length and pending count of each service stream's group, in one round trip after the
+    partition count's; a stream or group that does not exist yet counts as empty."""
+    pairs = service_streams(keys, await recorded_partition_count(redis, keys))
     async with redis.pipeline(transaction=False) as pipe:
         for stream, _group in pairs:
             pipe.xlen(stream)

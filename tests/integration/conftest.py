@@ -19,7 +19,7 @@ from federated_learning.coordination.state import TrainingState
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import StartTraining, TrainingConfig, encode
 from federated_learning.services.aggregator import Aggregator
-from federated_learning.services.coordinator import Coordinator
+from federated_learning.services.coordinator import CoordinatorService
 from federated_learning.services.monitor import Monitor
 from federated_learning.services.privacy import PrivacyManager
 from federated_learning.services.runtime import ServiceContext
@@ -28,7 +28,7 @@ from federated_learning.services.versions import VersionManager
 TEST_API_KEY = "test-key-0123456789abcdef"
 
 SERVICES: dict[str, Any] = {
-    "coordinator": Coordinator, "aggregator": Aggregator, "privacy": PrivacyManager,
+    "coordinator": CoordinatorService, "aggregator": Aggregator, "privacy": PrivacyManager,
     "versions": VersionManager, "monitor": Monitor,
 }
 

@@ -1,6 +1,6 @@
-"""Several coordinators and aggregators share a deployment safely: one coordinator works at a time
-under a lease and a standby takes over when it dies; aggregators share the jobs; every round is
-committed exactly once."""
+"""Several coordinators and aggregators share a deployment safely: one coordinator works on a
+partition of the trainings at a time under its lease, live coordinators split the partitions and a
+standby takes over when one dies; aggregators share the jobs; every round is committed exactly once."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from federated_learning.bus.lease import Lease, LeaseLost
 from federated_learning.config import Settings
+from federated_learning.coordination.partitions import partition_of
 from federated_learning.protocol.keys import Keys
-from federated_learning.protocol.messages import VersionRecord
+from federated_learning.protocol.messages import StopTraining, VersionRecord, encode
 from tests.integration.conftest import digits_config, start_training, wait_for_status, wait_until
 
 KEYS = Keys()
@@ -134,9 +135,14 @@ async def test_coordinators_hand_over_when_the_lease_is_lost_and_two_aggregators
         return await redis.hlen(KEYS.versions("shared")) > rounds
 
     await wait_until(lambda: committed(2), "two rounds committed", 60)
-    holder = (await redis.get(KEYS.coordinator_lease) or b"").decode()
-    assert holder in ("coordinator-0", "coordinator-1"), holder
-    standby = "coordinator-1" if holder == "coordinator-0" else "coordinator-0"
+
+    async def held_by_its_assigned_coordinator() -> bool:
+        # Whichever process signed in first may take the one partition at the start; it hands it
+        # to coordinator-0, first in name order, once both are signed in.
+        return await redis.get(KEYS.coordinator_lease) == b"coordinator-0"
+
+    await wait_until(held_by_its_assigned_coordinator, "coordinator-0 holds the lease")
+    holder, standby = "coordinator-0", "coordinator-1"
     # As if the holder were cut off long enough for its lease to expire and be taken: it must
     # stop working at its next renewal, and whichever coordinator takes the lease next goes on.
     await redis.set(KEYS.coordinator_lease, "elsewhere", px=1500)
@@ -158,3 +164,70 @@ async def test_coordinators_hand_over_when_the_lease_is_lost_and_two_aggregators
     consumers = await redis.xinfo_consumers(KEYS.job_stream, "aggregator")
     assert {c["name"].decode() for c in consumers} == {"aggregator-0", "aggregator-1"}, "both aggregators read jobs"
     assert all(c["pending"] == 0 for c in consumers)
+
+
+PARTITIONS = 4
+
+
+def one_training_per_partition() -> list[str]:
+    """Training ids, one in each of the ``PARTITIONS`` partitions."""
+    ids: dict[int, str] = {}
+    k = 0
+    while len(ids) < PARTITIONS:
+        ids.setdefault(partition_of(f"split-{k}", PARTITIONS), f"split-{k}")
+        k += 1
+    return [ids[p] for p in range(PARTITIONS)]
+
+
+async def test_live_coordinators_split_the_partitions_and_take_over_a_dead_ones(
+        redis: aioredis.Redis, system, make_agents, settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="federated_learning")
+    system.settings = settings.model_copy(update={"coordinator_partitions": PARTITIONS,
+                                                  "max_concurrent_trainings": PARTITIONS})
+    await system.start("coordinator", "coordinator:1", "aggregator", "privacy", "versions", "monitor")
+    await make_agents(4)
+    trainings = one_training_per_partition()
+    for training_id in trainings:  # they run until stopped
+        await start_training(redis, training_id, digits_config(rounds=100_000, clients_per_round=4, min_clients=2))
+    leases = [KEYS.coordinator_lease_of(p, PARTITIONS) for p in range(PARTITIONS)]
+
+    async def holders() -> list[bytes | None]:
+        return [await redis.get(lease) for lease in leases]
+
+    async def split_in_turn() -> bool:  # members in name order take the partitions in turn
+        return await holders() == [b"coordinator-0", b"coordinator-1"] * (PARTITIONS // 2)
+
+    async def all_with_the_survivor() -> bool:
+        return await holders() == [b"coordinator-0"] * PARTITIONS
+
+    async def committed() -> list[int]:
+        return [await redis.hlen(KEYS.versions(t)) for t in trainings]
+
+    async def each_goes_on() -> None:
+        before = await committed()
+
+        async def every_training_committed_another_round() -> bool:
+            return all(now > then for now, then in zip(await committed(), before, strict=True))
+        await wait_until(every_training_committed_another_round, "every partition's training commits rounds", 60)
+
+    await wait_until(split_in_turn, "each coordinator holds its half of the partitions")
+    await each_goes_on()
+    await system.kill("coordinator:1")  # no clean stop: its leases and its sign of life expire
+    await wait_until(all_with_the_survivor, "the survivor takes the dead coordinator's partitions")
+    await each_goes_on()
+    await system.start("coordinator:1")
+    await wait_until(split_in_turn, "the restarted coordinator gets its partitions back")
+    await each_goes_on()
+
+    for training_id in trainings:
+        await redis.xadd(KEYS.control_stream, encode(StopTraining(training_id=training_id)))  # type: ignore[arg-type]
+    for training_id in trainings:
+        done = await wait_for_status(redis, training_id, {"stopped", "failed"})
+        assert done.status == "stopped", (training_id, done.reason)
+        records = [VersionRecord.model_validate_json(raw)
+                   for raw in (await redis.hgetall(KEYS.versions(training_id))).values()]
+        rounds = sorted(r.round for r in records if r.version > 0)
+        assert rounds == list(range(1, len(rounds) + 1)), f"{training_id}: each round committed once"
+    assert "coordinator coordinator-0 (partition 2 of 4) holds the lease" in caplog.messages
+    assert any(m.startswith("coordinator coordinator-0 (partition 2 of 4) hands its partition over to coordinator-1")
+               for m in caplog.messages), "the partition went back to its assigned coordinator"

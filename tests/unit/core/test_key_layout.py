@@ -19,7 +19,8 @@ def every_key(keys: Keys) -> dict[str, str]:
     """Each key-naming property and method of ``keys`` (methods called with sample arguments)."""
     samples: dict[str, object] = {"training_id": TRAINING, "agent_id": AGENT, "round_number": RoundNumber(3),
                                   "service": "coordinator", "entry_id": "1-0", "attempt": 1, "part": "keys",
-                                  "org_id": "acme", "instance": "0", "credential": "c", "minute": 7}
+                                  "org_id": "acme", "instance": "0", "credential": "c", "minute": 7,
+                                  "partition": 2, "partitions": 4}
     names: dict[str, str] = {}
     for name, member in inspect.getmembers(type(keys)):
         if name.startswith("_") or name in {"blob", "blob_store", "model_owner", "agent_write_keys",

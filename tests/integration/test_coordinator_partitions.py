@@ -1,0 +1,71 @@
+"""What lets several coordinator processes split the trainings: signs of life under the server's
+clock, the deployment's fixed partition count, slots claimed atomically, and streams trimmed only
+past what every partition's group has handled."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from federated_learning.bus.consumer import ensure_group, trim_consumed
+from federated_learning.bus.membership import Membership
+from federated_learning.protocol.keys import GROUP_COORDINATOR, Keys
+from federated_learning.records.partitions import PartitionCountMismatch, pin_partition_count
+from federated_learning.records.trainings import TrainingStore
+from tests.integration.conftest import wait_until
+
+KEYS = Keys()
+
+
+async def test_members_sign_in_and_out_and_the_silent_ones_drop_out(redis: aioredis.Redis) -> None:
+    first, second = (Membership(redis, "test:members", name, ttl_s=1.0) for name in ("c-1", "c-0"))
+    assert await first.beat() == ("c-1",)
+    assert await second.beat() == ("c-0", "c-1")
+    assert await Membership(redis, "test:members", "observer", ttl_s=1.0).look() == ("c-0", "c-1")
+    await second.leave()
+    assert second.members == ("c-1",) and await first.beat() == ("c-1",)
+    await second.beat()
+
+    async def only_the_beating_one_is_left() -> bool:  # c-1 stops beating; c-0 goes on
+        return await second.beat() == ("c-0",)
+
+    await wait_until(only_the_beating_one_is_left, "a member silent for its ttl drops out")
+
+
+async def test_the_partition_count_is_fixed_at_the_first_start(redis: aioredis.Redis) -> None:
+    await pin_partition_count(redis, KEYS, 4)
+    await pin_partition_count(redis, KEYS, 4)
+    with pytest.raises(PartitionCountMismatch, match="set it to 4"):
+        await pin_partition_count(redis, KEYS, 2)
+
+
+async def test_a_deployment_from_before_partitions_has_one(redis: aioredis.Redis) -> None:
+    await ensure_group(redis, KEYS.control_stream, GROUP_COORDINATOR)  # its coordinator read the stream
+    with pytest.raises(PartitionCountMismatch, match="split into 1 coordinator partitions"):
+        await pin_partition_count(redis, KEYS, 3)
+    await pin_partition_count(redis, KEYS, 1)
+
+
+async def test_slots_are_claimed_atomically_and_a_holder_keeps_its_own(redis: aioredis.Redis) -> None:
+    store = TrainingStore(redis, KEYS)
+    assert await store.claim_slot("a", 2) and await store.claim_slot("b", 2)
+    assert not await store.claim_slot("c", 2), "a third training in two slots"
+    assert await store.claim_slot("a", 2), "a training that holds a slot (a retried activation) keeps it"
+    assert await store.active_ids() == ["a", "b"]
+
+
+async def test_a_stream_read_by_several_groups_is_trimmed_past_what_all_have_handled(redis: aioredis.Redis) -> None:
+    stream = "test:partitioned"
+    for group in ("p0", "p1"):
+        await ensure_group(redis, stream, group)
+    ids = [await redis.xadd(stream, {"n": str(n)}) for n in range(300)]
+    for group, count in (("p0", 300), ("p1", 120)):
+        read = await redis.xreadgroup(group, "c", {stream: ">"}, count=count)
+        await redis.xack(stream, group, *(entry_id for entry_id, _ in read[0][1]))
+
+    assert not await trim_consumed(redis, stream, "p0", "p1", "p2"), "a group that does not exist yet"
+    assert await trim_consumed(redis, stream, "p0", "p1")
+
+    remaining = [entry_id for entry_id, _ in await redis.xrange(stream)]
+    assert set(ids[120:]) <= set(remaining), "p1 has not handled these"
+    assert ids[0] not in remaining
