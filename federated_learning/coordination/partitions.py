@@ -58,7 +58,8 @@ class Partition:
         return partition_of(training_id, self.count) == self.index
 
     def name(self) -> str:
-        return f"{self.index + 1} of {self.count}"
+        """As in the partition's key and group names: ``p0 of 4`` is ``lease:coordinator:p0``."""
+        return f"p{self.index} of {self.count}"
 
 
 def training_of_payload(payload: bytes | None) -> str | None:

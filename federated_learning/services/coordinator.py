@@ -131,11 +131,12 @@ class Coordinator(RoundProtocol):
         """The live coordinator processes, when several may share the partitions: a process
         takes the partitions assigned to it and hands back those it holds for another."""
         self.store = TrainingStore(ctx.redis, ctx.keys)
-        # Only the registry's writer may keep records: they change only through its own joins.
+        # The registry's writer keeps the records it reads (they change only through its own joins);
+        # the other partitions keep them for one read of the streams (see ``tick``).
         self.registry = AgentRegistry(ctx.redis, ctx.keys, ctx.settings.heartbeat_timeout_s,
                                       require_join_token=ctx.settings.require_join_token,
                                       max_first_joins_per_minute=ctx.settings.max_first_joins_per_minute,
-                                      cache_records=partition.keeps_registry)
+                                      cache_records=True)
         self._last_tick = 0.0
         self._last_sweep = time.monotonic()
         self.version_index = VersionIndex(ctx.redis, ctx.keys)
@@ -496,7 +497,11 @@ class Coordinator(RoundProtocol):
     # -- rounds ----------------------------------------------------------------
 
     async def tick(self) -> None:
-        """Deadlines, paused trainings, dropouts; at most every ``TICK_S``."""
+        """Deadlines, paused trainings, dropouts; at most every ``TICK_S``. Runs after every read of
+        the streams, where a partition that does not keep the registry drops the agents' records it
+        read: partition 0 may have changed them since."""
+        if not self.partition.keeps_registry:
+            self.registry.forget_records()
         now = time.monotonic()
         if now - self._last_tick < TICK_S:
             return

@@ -36,8 +36,14 @@ function useKey(key) {
 class Unauthorized extends Error {}
 
 async function request(path, options = {}) {
-  const response = await fetch(path, { ...options, headers: { ...options.headers, "X-API-Key": apiKey() } });
-  if (response.status === 401) { unauthorized(); throw new Unauthorized(`${path}: 401`); }
+  const key = apiKey();
+  const response = await fetch(path, { ...options, headers: { ...options.headers, "X-API-Key": key } });
+  if (response.status === 401) {
+    // A refusal of a key the user has replaced since (a slow answer to the old key) says nothing
+    // about the new one.
+    if (key === apiKey()) unauthorized();
+    throw new Unauthorized(`${path}: 401`);
+  }
   return response;
 }
 

@@ -44,7 +44,7 @@ def test_a_partition_owns_its_trainings_and_the_first_also_unreadable_entries() 
         assert first.owns(training_id) != second.owns(training_id)
     assert first.owns(None) and not second.owns(None)
     assert first.keeps_registry and not second.keeps_registry
-    assert Partition(0).owns("anything") and second.name() == "2 of 2"
+    assert Partition(0).owns("anything") and second.name() == "p1 of 2"
     for index, count in ((2, 2), (-1, 2), (0, 0)):
         with pytest.raises(ValueError, match="does not exist"):
             Partition(index, count)
