@@ -27,6 +27,7 @@ from agents.app import FlowerTrainer, MemoryBankTrainer, Trainer, layout_of
 from agents.attacks import Attack, poison_update
 from agents.local_work import LocalResult, local_bank, run_trainer, task_config
 from agents.secure import SecureParticipation
+from agents.shared_models import SharedModels
 from agents.updates import TrainedUpdate
 from federated_learning.bus.blob_stores import BlobStoreUnreachable, agent_blob_store
 from federated_learning.bus.blobs import BlobMissing, BlobStore, BlobStoreError
@@ -139,6 +140,7 @@ class FederatedClient:
         dataset: str | None = None,
         num_examples: int | None = None,
         blob_folder: Path | None = None,
+        shared_models: SharedModels | None = None,
     ) -> None:
         if redis is None and redis_url is None:
             raise ValueError("FederatedClient needs redis_url or redis")
@@ -161,6 +163,8 @@ class FederatedClient:
         self.blob_folder = blob_folder
         """The deployment's ``blob_dir`` as mounted here, when it keeps blobs as files
         (``bus/blob_stores.py``) and the services see it at another path."""
+        self.shared_models = shared_models
+        """Models this agent shares with the other agents of its process (each read once)."""
         self._blob_store_published = False
         self._blobs: BlobStore | None = None
         self.seed = seed
@@ -394,8 +398,7 @@ class FederatedClient:
             return
         assert task.model_digest is not None
         try:
-            received = decode_layers(await (await self._settled_blobs()).get(task.model_digest),
-                                     max_bytes=self.max_blob_bytes)
+            received = await self.read_model(task.model_digest)
         except (BlobMissing, InvalidTensor) as exc:
             log.warning("agent %s: model of %s/%d unreadable: %s", self.agent_id, task.training_id, task.round, exc)
             return
@@ -428,6 +431,15 @@ class FederatedClient:
                 dense_bytes=trained.dense_bytes, unclipped=trained.unclipped, **common)  # type: ignore[arg-type]
         await self.send_update(notice)
         self.completed_tasks += 1
+
+    async def read_model(self, digest: BlobDigest) -> NamedLayers:
+        """The layers of a model a task names, read and checked (size, SHA-256, layout): once per
+        process when the agents of this process share their models."""
+        async def read() -> NamedLayers:
+            return decode_layers(await (await self._settled_blobs()).get(digest), max_bytes=self.max_blob_bytes)
+        if self.shared_models is None:
+            return await read()
+        return await self.shared_models.get(digest, self.max_blob_bytes, read)
 
     async def send_bank(self, task: Task, spec: MemoryBankModel) -> None:
         """Answer a memory-bank task: extract this agent's features, keep a local coreset, upload it."""

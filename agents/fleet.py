@@ -29,6 +29,7 @@ from agents.client import FederatedClient
 from agents.data import ClientData
 from agents.flower import FlowerAgent
 from agents.http_sync import SyncFailed, SyncSettings, sync_once
+from agents.shared_models import SharedModels
 from federated_learning.bus.connection import connect
 from federated_learning.presets import create_trainer
 from federated_learning.protocol.tensors import decode_layers, encode_layers
@@ -202,7 +203,8 @@ class OrgFleet:
         self._redis = await connect(self.endpoints.redis_url)
         common: dict[str, Any] = {"redis": self._redis, "key_prefix": self.endpoints.key_prefix,
                                       "heartbeat_interval_s": self.endpoints.heartbeat_interval_s,
-                                      "join_token": self.membership.join_token}
+                                      "join_token": self.membership.join_token,
+                                      "shared_models": SharedModels()}
         for agent_id, shard in zip(self.ids_by_kind["bus"], self.bus_shards, strict=True):
             agent = FederatedClient(agent_id, seed=shard.client_id, **common)
             agent.add_dataset(DATASET, shard.train.x, shard.train.y, x_eval=shard.eval.x, y_eval=shard.eval.y)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from agents.app import MemoryBankTrainer, Trainer, as_trainer
 from agents.client import FederatedClient
+from agents.shared_models import SharedModels
 from federated_learning.bus.connection import with_credentials
 from federated_learning.deploy.acl import AclError, agent_user_name, stored_password
 from federated_learning.protocol.keys import Keys
@@ -104,6 +105,7 @@ def agent_ids(agent_id: str, count: int) -> list[str]:
 async def run_agents(args: argparse.Namespace) -> None:
     factory = load_factory(args.app)
     agents: list[FederatedClient] = []
+    shared_models = SharedModels()  # the agents of this process read each model once
     for agent_id in agent_ids(args.agent_id, args.agents):
         trainer = build_trainer(factory, agent_id)
         access = bus_access(args.deployment, args.redis_url, args.key_prefix, agent_id)
@@ -111,7 +113,8 @@ async def run_agents(args: argparse.Namespace) -> None:
         agents.append(FederatedClient(
             agent_id, redis_url=access.redis_url, key_prefix=access.key_prefix, trainer=trainer,
             dataset=args.dataset, num_examples=examples, heartbeat_interval_s=args.heartbeat_s,
-            state_dir=args.state_dir, join_token=args.join_token, blob_folder=args.blob_folder))
+            state_dir=args.state_dir, join_token=args.join_token, blob_folder=args.blob_folder,
+            shared_models=shared_models))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

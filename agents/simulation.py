@@ -24,6 +24,7 @@ import numpy as np
 from agents.attacks import Attack, flip_labels
 from agents.client import FederatedClient
 from agents.data import Dataset, make_client_datasets
+from agents.shared_models import SharedModels
 from federated_learning.bus.connection import RedisTls, connect, with_credentials
 from federated_learning.deploy.acl import agent_user_name, stored_password
 from federated_learning.presets import create_trainer
@@ -166,6 +167,7 @@ async def start_agents(options: SimulationOptions) -> tuple[list[FederatedClient
     malicious = malicious_ids(options.clients, options.malicious_fraction, options.seed)
     attack = Attack(options.attack)
     agents = []
+    shared_models = SharedModels()  # the simulated agents read each model once
     for data in clients_data:
         bad = data.client_id in malicious
         name = agent_id(data.client_id)
@@ -173,7 +175,7 @@ async def start_agents(options: SimulationOptions) -> tuple[list[FederatedClient
         agent = FederatedClient(name, redis=shared, redis_url=own_url, redis_tls=options.redis_tls,
                                 key_prefix=options.key_prefix,
                                 heartbeat_interval_s=options.heartbeat_interval_s, seed=options.seed,
-                                state_dir=options.state_dir,
+                                state_dir=options.state_dir, shared_models=shared_models,
                                 attack=attack if bad and attack is not Attack.LABEL_FLIP else None)
         y_train = flip_labels(data.train.y, NUM_CLASSES) if bad and attack is Attack.LABEL_FLIP else data.train.y
         agent.add_dataset(DATASET, data.train.x, y_train, x_eval=data.eval.x, y_eval=data.eval.y)
