@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -374,6 +375,21 @@ def install_stop_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+def _serve_metrics(settings: Settings, service: str, instance: str) -> int:
+    """Start the metrics endpoint on the service's port; the bound port."""
+    port = settings.metrics_port(service, int(instance) if instance.isdigit() else 0)
+    try:
+        return start_metrics_server(port)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE or service == "aggregator" or instance == "0":
+            raise
+    # Another instance of this service on this host (a standby coordinator, say) has the service's
+    # port: take any free one; the health record says which.
+    log.warning("%s/%s: metrics port %d is taken (by instance 0?); serving metrics on a free port",
+                service, instance, port)
+    return start_metrics_server(0)
+
+
 async def open_context(settings: Settings, service: str, instance: str, *,
                        redis_url: str | None = None) -> ServiceContext:
     """Connect to the bus (bounded retries) and start the metrics endpoint."""
@@ -383,9 +399,12 @@ async def open_context(settings: Settings, service: str, instance: str, *,
                          "or set FL_REDIS_URL")
     redis = await connect(url, settings, attempts=settings.redis_connect_attempts)
     ctx = ServiceContext(redis=redis, settings=settings, service=service, instance=instance)
-    await warn_if_another_blob_store(ctx)
-    port = settings.metrics_port(service, int(instance) if instance.isdigit() else 0)
-    ctx.metrics_port = start_metrics_server(port)
+    try:
+        await warn_if_another_blob_store(ctx)
+        ctx.metrics_port = _serve_metrics(settings, service, instance)
+    except BaseException:
+        await redis.aclose()
+        raise
     log.info("%s/%s connected; metrics on :%d", service, instance, ctx.metrics_port)
     return ctx
 

@@ -4,14 +4,18 @@ past what every partition's group has handled."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import redis.asyncio as aioredis
 
 from federated_learning.bus.consumer import ensure_group, trim_consumed
 from federated_learning.bus.membership import Membership
+from federated_learning.config import SERVICE_PORT_OFFSETS, Settings
 from federated_learning.protocol.keys import GROUP_COORDINATOR, Keys
 from federated_learning.records.partitions import PartitionCountMismatch, pin_partition_count
 from federated_learning.records.trainings import TrainingStore
+from federated_learning.services.runtime import open_context
 from tests.integration.conftest import wait_until
 
 KEYS = Keys()
@@ -69,3 +73,19 @@ async def test_a_stream_read_by_several_groups_is_trimmed_past_what_all_have_han
     remaining = [entry_id for entry_id, _ in await redis.xrange(stream)]
     assert set(ids[120:]) <= set(remaining), "p1 has not handled these"
     assert ids[0] not in remaining
+
+
+async def test_a_second_coordinator_on_the_same_host_serves_metrics_on_a_free_port(
+        redis_url: str, settings: Settings) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        base = taken.getsockname()[1] - SERVICE_PORT_OFFSETS["coordinator"]
+        with_base = settings.model_copy(update={"metrics_port_base": base})
+        with pytest.raises(OSError):
+            await open_context(with_base, "coordinator", "0", redis_url=redis_url)  # instance 0 owns it
+        ctx = await open_context(with_base, "coordinator", "1", redis_url=redis_url)
+        try:
+            assert ctx.metrics_port not in (0, taken.getsockname()[1])
+        finally:
+            await ctx.redis.aclose()
