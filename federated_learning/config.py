@@ -106,7 +106,7 @@ class Settings(BaseSettings):
         default=10.0, gt=1, le=600,
         description="a partition's coordinator works alone; a standby takes over this long after it stopped renewing")
     coordinator_partitions: int = Field(
-        default=1, ge=1, le=256,
+        default=1, ge=1, le=64,
         description="trainings are split into this many partitions, each worked on by one coordinator "
                     "process at a time; several coordinator processes share the partitions. Fixed when a "
                     "deployment first starts")

@@ -146,9 +146,12 @@ class Lease:
 
     async def keep(self, lost: asyncio.Event, stop: asyncio.Event) -> None:
         """Renew until ``stop``; set ``lost`` (and return) once the lease cannot be kept valid."""
+        # asyncio.timeout rather than wait_for: on Python 3.11 wait_for can lose a cancellation
+        # that meets a finishing renewal, and a keeper that outlives its holder renews for nobody.
         while not stop.is_set():
             try:
-                held = await asyncio.wait_for(self.renew(), timeout=self.renew_every_s)
+                async with asyncio.timeout(self.renew_every_s):
+                    held = await self.renew()
             except (TimeoutError, OSError, aioredis.RedisError) as exc:
                 log.warning("renewing lease %s failed: %s", self.key, exc)
                 held = self.valid()
@@ -156,6 +159,7 @@ class Lease:
                 lost.set()
                 return
             try:
-                await asyncio.wait_for(stop.wait(), timeout=self.renew_every_s)
+                async with asyncio.timeout(self.renew_every_s):
+                    await stop.wait()
             except TimeoutError:
                 continue

@@ -1,8 +1,9 @@
 """Which processes of one kind are alive: each signs in to a sorted set under the server's clock.
 
-Every coordinator process beats (:meth:`Membership.beat`) a few times per lease; the members
-are those whose last beat is younger than the ttl. Times come from the server (Lua ``TIME``), so
-the processes' own clocks may differ; every process reads the same set and so derives the same
+Every coordinator process beats (:meth:`Membership.beat`) a few times per lease; each beat sets
+the member's expiry to the server's time plus the member's own ttl, and the members are those not
+expired (so processes with different ttls do not drop each other early). Times come from the
+server (Lua ``TIME``), so the processes' own clocks may differ; every process reads the same set and so derives the same
 assignment of partitions (``coordination/partitions.py``).
 """
 
@@ -16,9 +17,9 @@ _BEAT_LUA = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 if ARGV[1] ~= '' then
-  redis.call('ZADD', KEYS[1], ms, ARGV[1])
+  redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[2]), ARGV[1])
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms - tonumber(ARGV[2]))
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ms)
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
@@ -37,7 +38,7 @@ class Membership:
         """The members at the last beat, in name order (this process among them)."""
 
     async def beat(self) -> tuple[str, ...]:
-        """Sign in (again), drop members silent for the ttl, and return the live ones."""
+        """Sign in (again) for the ttl, drop expired members, and return the live ones."""
         return await self._run(self.name)
 
     async def look(self) -> tuple[str, ...]:

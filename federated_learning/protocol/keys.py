@@ -173,9 +173,13 @@ class Keys:
             return self.coordinator_lease
         return self._k("lease", "coordinator", f"p{partition}")
 
+    def coordinator_wanted(self, partition: int, partitions: int) -> str:
+        """Which live coordinator is waiting to take a partition assigned to it (expires unless renewed)."""
+        return f"{self.coordinator_lease_of(partition, partitions)}:wanted"
+
     @property
     def coordinators(self) -> str:
-        """Sorted set: live coordinator processes -> the server time of their last sign of life."""
+        """Sorted set: live coordinator processes -> when their sign of life expires (server time, ms)."""
         return self._k("coordinators")
 
     @property

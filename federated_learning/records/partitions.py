@@ -17,12 +17,13 @@ class PartitionCountMismatch(RuntimeError):
 async def pin_partition_count(redis: aioredis.Redis, keys: Keys, partitions: int) -> None:
     """Record ``partitions`` as the deployment's count, or check it is the recorded one.
 
-    A deployment from before partitions (its coordinators read the control stream in the group
-    ``coordinator``, and no count is recorded) has one partition.
+    Without a record the count is read from the coordinators' groups on the control stream (a
+    deployment from before partitions has the group ``coordinator``: one partition). Coordinators
+    check it again with every sign of life, so a record lost meanwhile is written again.
     """
     recorded = await redis.get(keys.coordinator_partitions)
     if recorded is None:
-        count = 1 if await _has_coordinator_group(redis, keys) else partitions
+        count = await _count_from_groups(redis, keys) or partitions
         await redis.set(keys.coordinator_partitions, str(count), nx=True)
         recorded = await redis.get(keys.coordinator_partitions)
     if recorded is not None and int(text(recorded)) != partitions:
@@ -32,9 +33,17 @@ async def pin_partition_count(redis: aioredis.Redis, keys: Keys, partitions: int
             "(the count is fixed once a deployment has started)")
 
 
-async def _has_coordinator_group(redis: aioredis.Redis, keys: Keys) -> bool:
+async def _count_from_groups(redis: aioredis.Redis, keys: Keys) -> int | None:
+    """The partition count the coordinators' groups on the control stream show, when the record is
+    missing (a deployment from before partitions, or a lost key): 1 for the group ``coordinator``,
+    else one more than the highest ``coordinator-p<k>``; None for a new deployment."""
     try:
-        groups = await redis.xinfo_groups(keys.control_stream)
+        groups = [text(group["name"]) for group in await redis.xinfo_groups(keys.control_stream)]
     except ResponseError:  # no control stream yet
-        return False
-    return any(text(group["name"]) == GROUP_COORDINATOR for group in groups)
+        return None
+    if GROUP_COORDINATOR in groups:
+        return 1
+    prefix = f"{GROUP_COORDINATOR}-p"
+    indexes = [int(name[len(prefix):]) for name in groups
+               if name.startswith(prefix) and name[len(prefix):].isdigit()]
+    return max(indexes) + 1 if indexes else None

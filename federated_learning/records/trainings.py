@@ -21,11 +21,12 @@ QUEUE_READ = 1000
 """Queued trainings a coordinator looks at per activation (its partition's may be further back)."""
 _CLAIM_SLOT_LUA = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
-if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('SADD', KEYS[1], ARGV[1])
-  return 1
-end
-return 0
+local free = tonumber(ARGV[2]) - redis.call('SCARD', KEYS[1])
+if free <= 0 then return 0 end
+local position = redis.call('LPOS', KEYS[2], ARGV[1])
+if position and position >= free then return 0 end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
 """
 
 class TrainingViews:
@@ -59,7 +60,7 @@ class TrainingViews:
         return [RoundMetrics.model_validate_json(item) for item in raw]
 
     async def active_ids(self) -> list[str]:
-        """Trainings holding a slot (queued ones do not)."""
+        """Trainings holding a slot (a queued one claims its slot a moment before it initializes)."""
         return sorted(text(m) for m in await self._redis.smembers(self._keys.active_trainings))
 
 
@@ -104,9 +105,12 @@ class TrainingStore(TrainingViews):
         return [text(raw) for raw in await self._redis.lrange(self._keys.training_queue, 0, limit - 1)]
 
     async def claim_slot(self, training_id: str, slots: int) -> bool:
-        """Give ``training_id`` one of the deployment's ``slots`` (atomic, so coordinators of
-        several partitions never take more between them); True when it holds one (already, or now)."""
-        return bool(await self._redis.eval(_CLAIM_SLOT_LUA, 1, self._keys.active_trainings, training_id, str(slots)))
+        """Give ``training_id`` one of the deployment's ``slots``; True when it holds one (already,
+        or now). Atomic, so coordinators of several partitions never take more between them, and
+        in queue order: a slot goes to a training only while no more trainings queued before it
+        than there are free slots wait (their partitions start them)."""
+        return bool(await self._redis.eval(_CLAIM_SLOT_LUA, 2, self._keys.active_trainings,
+                                           self._keys.training_queue, training_id, str(slots)))
 
     async def remove_queued(self, training_id: str) -> None:
         await self._redis.lrem(self._keys.training_queue, 0, training_id)

@@ -76,6 +76,11 @@ Entries = list[tuple[bytes, dict[bytes, bytes]]]
 TICK_S = 0.25
 BLOB_SWEEP_S = 60.0
 """How often expired uploads are deleted from a blob folder (Redis expires its keys itself)."""
+CANCEL_AGAIN_S = 0.1
+"""How long a cancelled helper task has to end before it is cancelled again."""
+WANTED_FOR_RENEWALS = 3
+"""How long a coordinator's claim to a partition assigned to it lasts unless renewed (it renews it
+every renewal period while it waits)."""
 TAKE_OVER_AFTER_RENEWALS = 2
 """A free partition assigned to another live coordinator is taken after this many renewal periods
 (its own coordinator takes it within one)."""
@@ -102,18 +107,20 @@ async def _first_of(*events: asyncio.Event, then: asyncio.Event) -> None:
 
 
 async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel ``tasks`` and return once all have ended, cancelling them again whenever this task is
-    cancelled meanwhile: none outlives the process's connection. (On Python 3.11 a cancellation
-    that meets a finishing ``wait_for`` inside redis-py can be lost; a task then ends when it next
-    sees the stop event, which a shutdown sets before it cancels.)"""
-    for task in tasks:
-        task.cancel()
-    while not all(task.done() for task in tasks):
+    """Cancel ``tasks`` and return once all have ended: none outlives the process's connection, and
+    a lease keeper cannot go on renewing. A task still running after ``CANCEL_AGAIN_S`` is cancelled
+    again (on Python 3.11 an ``asyncio.wait_for``, in redis-py too, can lose a cancellation that
+    meets a finishing call). If this task is cancelled meanwhile, it still waits, then re-raises."""
+    cancelled = False
+    while pending := [task for task in tasks if not task.done()]:
+        for task in pending:
+            task.cancel()
         try:
-            await asyncio.wait(tasks)
+            await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
         except asyncio.CancelledError:
-            for task in tasks:
-                task.cancel()
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 class Coordinator(RoundProtocol):
@@ -188,8 +195,10 @@ class Coordinator(RoundProtocol):
                     await self.store.publish_missing_views()
                 await self.consumer.run(working, burst=burst, on_idle=self._forgetting_on_failure(self.tick))
             finally:
-                for helper in helpers:
-                    helper.cancel()
+                await _cancel_and_wait(helpers)
+                if self.partition.keeps_registry:  # the next holder reports them
+                    ACTIVE.set(0)
+                    ALIVE.set(0)
             if burst:
                 break
             if self.ctx.stop.is_set():
@@ -216,10 +225,14 @@ class Coordinator(RoundProtocol):
 
     async def _hand_back_once_assigned_elsewhere(self, handing_back: asyncio.Event) -> None:
         """Set ``handing_back`` once the partition is assigned to another live coordinator (one that
-        started, or came back, after this one took it)."""
+        started, or came back, after this one took it) which says it is waiting for it: a process
+        that signs in but does not take its partitions (a hung one) gets none handed to it."""
+        wanted = self.keys.coordinator_wanted(self.partition.index, self.partition.count)
         while True:
             await asyncio.sleep(self.lease.renew_every_s)
-            if self._assigned_holder() not in (None, self.lease.holder):
+            assigned = self._assigned_holder()
+            if assigned is not None and assigned != self.lease.holder \
+                    and await self.redis.get(wanted) == assigned.encode():
                 handing_back.set()
                 return
 
@@ -233,6 +246,9 @@ class Coordinator(RoundProtocol):
             try:
                 assigned = self._assigned_holder()
                 take = assigned in (None, self.lease.holder)
+                if take and assigned is not None:  # the holder hands it over once it sees this
+                    await self.redis.set(self.keys.coordinator_wanted(self.partition.index, self.partition.count),
+                                         self.lease.holder, px=int(WANTED_FOR_RENEWALS * self.lease.renew_every_s * 1000))
                 if not take:
                     if await self.redis.exists(self.lease.key):
                         free_since = None
@@ -248,7 +264,8 @@ class Coordinator(RoundProtocol):
                 log.info("coordinator %s stands by: another coordinator holds the lease", self.label)
                 announced = True
             try:
-                await asyncio.wait_for(self.ctx.stop.wait(), timeout=self.lease.renew_every_s)
+                async with asyncio.timeout(self.lease.renew_every_s):
+                    await self.ctx.stop.wait()
             except TimeoutError:
                 continue
         return False
@@ -552,35 +569,54 @@ class CoordinatorService:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         count = ctx.settings.coordinator_partitions
-        self.membership = Membership(ctx.redis, ctx.keys.coordinators, f"coordinator-{ctx.instance}",
-                                     ttl_s=ctx.settings.coordinator_lease_s)
+        # With one partition there is nothing to split: a standby waits for the lease to be free.
+        self.membership = None if count == 1 else Membership(
+            ctx.redis, ctx.keys.coordinators, f"coordinator-{ctx.instance}", ttl_s=ctx.settings.coordinator_lease_s)
         self.partitions = [Coordinator(ctx, Partition(index, count), self.membership) for index in range(count)]
+        self.mismatch: PartitionCountMismatch | None = None
+        """Set when the deployment's recorded partition count is no longer this process's."""
 
     async def run(self, *, burst: bool = False) -> None:
         await pin_partition_count(self.ctx.redis, self.ctx.keys, len(self.partitions))
         await self._beat()
-        beating = asyncio.create_task(self._keep_beating())
+        helpers = [asyncio.create_task(self._keep_beating())]
         working = [asyncio.create_task(partition.run(burst=burst)) for partition in self.partitions]
         try:
             await asyncio.gather(*working)
+            if self.mismatch is not None:
+                raise self.mismatch
+        except BaseException:
+            self.ctx.stop.set()  # one partition failed (or the process is cancelled): stop them all
+            raise
         finally:
-            await _cancel_and_wait(working)  # one failed, or this process is being cancelled
-            beating.cancel()
-            try:  # a clean stop: the others take this process's partitions without waiting
-                await asyncio.wait_for(self.membership.leave(), 1.0)
-            except Exception as exc:  # noqa: BLE001 - a lost bus: the sign of life expires anyway
-                log.info("signing out failed: %s", exc)
+            await _cancel_and_wait(helpers)  # no sign of life after this
+            await _cancel_and_wait(working)
+            if self.membership is not None:
+                try:  # a clean stop: the others take this process's partitions without waiting
+                    await asyncio.wait_for(self.membership.leave(), 1.0)
+                except Exception as exc:  # noqa: BLE001 - a lost bus: the sign of life expires anyway
+                    log.info("signing out failed: %s", exc)
 
     async def _beat(self) -> None:
+        """Sign in again, and check the deployment's partition count is still this process's (the
+        record may have been lost: then it is written again, or inferred from the groups)."""
+        if self.membership is None:
+            return
         try:
             await self.membership.beat()
+            await pin_partition_count(self.ctx.redis, self.ctx.keys, len(self.partitions))
         except (OSError, RedisError) as exc:
             log.warning("coordinator %s could not sign in: %s", self.membership.name, exc)
 
     async def _keep_beating(self) -> None:
-        while True:
+        while self.membership is not None:
             await asyncio.sleep(self.partitions[0].lease.renew_every_s)
-            await self._beat()
+            try:
+                await self._beat()
+            except PartitionCountMismatch as exc:
+                self.mismatch = exc
+                self.ctx.stop.set()
+                return
 
 
 async def _main(args: argparse.Namespace) -> None:

@@ -36,11 +36,31 @@ async def test_members_sign_in_and_out_and_the_silent_ones_drop_out(redis: aiore
     await wait_until(only_the_beating_one_is_left, "a member silent for its ttl drops out")
 
 
+async def test_each_member_lives_for_its_own_ttl(redis: aioredis.Redis) -> None:
+    patient = Membership(redis, "test:members", "slow", ttl_s=60.0)
+    hurried = Membership(redis, "test:members", "fast", ttl_s=0.5)
+    await patient.beat()
+
+    async def the_hurried_one_sees_itself_alone_gone() -> bool:
+        return await hurried.look() == ("slow",)
+
+    await hurried.beat()
+    await wait_until(the_hurried_one_sees_itself_alone_gone, "a short ttl expires without dropping a long one")
+
+
 async def test_the_partition_count_is_fixed_at_the_first_start(redis: aioredis.Redis) -> None:
     await pin_partition_count(redis, KEYS, 4)
     await pin_partition_count(redis, KEYS, 4)
     with pytest.raises(PartitionCountMismatch, match="set it to 4"):
         await pin_partition_count(redis, KEYS, 2)
+
+
+async def test_a_lost_record_is_read_back_from_the_partitions_groups(redis: aioredis.Redis) -> None:
+    for partition in range(3):
+        await ensure_group(redis, KEYS.control_stream, f"coordinator-p{partition}")
+    with pytest.raises(PartitionCountMismatch, match="split into 3 coordinator partitions"):
+        await pin_partition_count(redis, KEYS, 8)
+    await pin_partition_count(redis, KEYS, 3)
 
 
 async def test_a_deployment_from_before_partitions_has_one(redis: aioredis.Redis) -> None:
@@ -50,9 +70,14 @@ async def test_a_deployment_from_before_partitions_has_one(redis: aioredis.Redis
     await pin_partition_count(redis, KEYS, 1)
 
 
-async def test_slots_are_claimed_atomically_and_a_holder_keeps_its_own(redis: aioredis.Redis) -> None:
+async def test_slots_are_claimed_atomically_in_queue_order_and_a_holder_keeps_its_own(redis: aioredis.Redis) -> None:
     store = TrainingStore(redis, KEYS)
-    assert await store.claim_slot("a", 2) and await store.claim_slot("b", 2)
+    await redis.rpush(KEYS.training_queue, "a", "b", "c", "d")
+    assert not await store.claim_slot("c", 2), "a and b were queued first and fill the two slots"
+    assert await store.claim_slot("b", 2), "b is within the free slots: a's partition starts a"
+    await redis.lrem(KEYS.training_queue, 0, "b")
+    assert await store.claim_slot("a", 2)
+    await redis.lrem(KEYS.training_queue, 0, "a")
     assert not await store.claim_slot("c", 2), "a third training in two slots"
     assert await store.claim_slot("a", 2), "a training that holds a slot (a retried activation) keeps it"
     assert await store.active_ids() == ["a", "b"]

@@ -4,6 +4,7 @@ standby takes over when one dies; aggregators share the jobs; every round is com
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -12,6 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from federated_learning.bus.lease import Lease, LeaseLost
+from federated_learning.bus.membership import Membership
 from federated_learning.config import Settings
 from federated_learning.coordination.partitions import partition_of
 from federated_learning.protocol.keys import Keys
@@ -135,14 +137,9 @@ async def test_coordinators_hand_over_when_the_lease_is_lost_and_two_aggregators
         return await redis.hlen(KEYS.versions("shared")) > rounds
 
     await wait_until(lambda: committed(2), "two rounds committed", 60)
-
-    async def held_by_its_assigned_coordinator() -> bool:
-        # Whichever process signed in first may take the one partition at the start; it hands it
-        # to coordinator-0, first in name order, once both are signed in.
-        return await redis.get(KEYS.coordinator_lease) == b"coordinator-0"
-
-    await wait_until(held_by_its_assigned_coordinator, "coordinator-0 holds the lease")
-    holder, standby = "coordinator-0", "coordinator-1"
+    holder = (await redis.get(KEYS.coordinator_lease) or b"").decode()
+    assert holder in ("coordinator-0", "coordinator-1"), holder
+    standby = "coordinator-1" if holder == "coordinator-0" else "coordinator-0"
     # As if the holder were cut off long enough for its lease to expire and be taken: it must
     # stop working at its next renewal, and whichever coordinator takes the lease next goes on.
     await redis.set(KEYS.coordinator_lease, "elsewhere", px=1500)
@@ -212,7 +209,7 @@ async def test_live_coordinators_split_the_partitions_and_take_over_a_dead_ones(
 
     await wait_until(split_in_turn, "each coordinator holds its half of the partitions")
     await each_goes_on()
-    await system.kill("coordinator:1")  # no clean stop: its leases and its sign of life expire
+    await system.kill("coordinator:1")  # cancelled mid-flight: its leases expire
     await wait_until(all_with_the_survivor, "the survivor takes the dead coordinator's partitions")
     await each_goes_on()
     await system.start("coordinator:1")
@@ -231,3 +228,30 @@ async def test_live_coordinators_split_the_partitions_and_take_over_a_dead_ones(
     assert "coordinator coordinator-0 (partition p1 of 4) holds the lease" in caplog.messages
     assert any(m.startswith("coordinator coordinator-0 (partition p1 of 4) hands its partition over to coordinator-1")
                for m in caplog.messages), "the partition went back to its assigned coordinator"
+
+
+async def test_a_coordinator_that_signs_in_but_never_takes_its_partitions_gets_none(
+        redis: aioredis.Redis, system, make_agents, settings: Settings) -> None:
+    """A hung process (alive enough to sign in, not to work) is assigned partitions by name order;
+    the live one takes them once they stay free, and never hands them to it."""
+    system.settings = settings.model_copy(update={"coordinator_partitions": 2})
+    hung = Membership(redis, KEYS.coordinators, "coordinator-00", ttl_s=settings.coordinator_lease_s)
+    await hung.beat()  # first in name order: partition 0 is assigned to it
+    keep_signing_in = asyncio.create_task(_beat_until_cancelled(hung))
+    try:
+        await system.start("coordinator", "aggregator", "privacy", "versions", "monitor")
+        await make_agents(4)
+        training_id = next(t for t in (f"hung-{k}" for k in range(100)) if partition_of(t, 2) == 0)
+        await start_training(redis, training_id, digits_config(rounds=3, clients_per_round=4, min_clients=2))
+        done = await wait_for_status(redis, training_id, {"completed", "failed"}, timeout_s=120)
+        assert done.status == "completed", done.reason
+        assert await redis.get(KEYS.coordinator_lease_of(0, 2)) == b"coordinator-0"
+        assert hung.members == ("coordinator-0", "coordinator-00")
+    finally:
+        keep_signing_in.cancel()
+
+
+async def _beat_until_cancelled(member: Membership) -> None:
+    while True:
+        await asyncio.sleep(0.2)
+        await member.beat()
