@@ -126,6 +126,11 @@ class StreamConsumer:
         self._retry_at = 0.0
         self.stats = ConsumerStats()
 
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The streams this consumer reads, in the order a read's entries are handled."""
+        return tuple(self._handlers)
+
     async def setup(self) -> None:
         for stream in self._handlers:
             await ensure_group(self._redis, stream, self.group)

@@ -155,16 +155,19 @@ class Coordinator(RoundProtocol):
         self.lease = Lease(ctx.redis, ctx.keys.coordinator_lease_of(partition.index, partition.count), holder,
                            ttl_s=ctx.settings.coordinator_lease_s)
         self.label = holder if partition.count == 1 else f"{holder} (partition {partition.name()})"
-        handlers = {
-            self.keys.control_stream: self._forgetting_on_failure(self._own(self.on_control)),
+        # One read is handled stream by stream in this order: an agent's join before its first
+        # update notice (an HTTP client joins and sends its update at once).
+        handlers = {self.keys.control_stream: self._forgetting_on_failure(self._own(self.on_control))}
+        batch_handlers: dict[str, Callable[[Entries], Awaitable[None]]] = {}
+        if partition.keeps_registry:
+            handlers[self.keys.agent_stream] = self.on_agent_message
+            batch_handlers[self.keys.agent_stream] = self.on_agent_batch
+        handlers |= {
             self.keys.update_stream: self._forgetting_on_failure(self._own(self.on_upload)),
             self.keys.version_stream: self._forgetting_on_failure(self._own(self.on_version)),
             self.keys.refused_update_stream: self._forgetting_on_failure(self._own(self.on_update_refused)),
         }
-        batch_handlers = {self.keys.update_stream: self._forgetting_on_failure(self._own_batch(self.on_upload_batch))}
-        if partition.keeps_registry:
-            handlers[self.keys.agent_stream] = self.on_agent_message
-            batch_handlers[self.keys.agent_stream] = self.on_agent_batch
+        batch_handlers[self.keys.update_stream] = self._forgetting_on_failure(self._own_batch(self.on_upload_batch))
         self.consumer = StreamConsumer(
             ctx.redis, coordinator_group(partition.index, partition.count), holder, handlers,
             dead_letter_stream=ctx.dead_letter_stream, block_ms=int(TICK_S * 1000),

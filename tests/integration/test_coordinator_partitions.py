@@ -114,3 +114,18 @@ async def test_a_second_coordinator_on_the_same_host_serves_metrics_on_a_free_po
             assert ctx.metrics_port not in (0, taken.getsockname()[1])
         finally:
             await ctx.redis.aclose()
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+async def test_a_read_is_handled_with_joins_before_update_notices(
+        redis: aioredis.Redis, settings: Settings, partitions: int) -> None:
+    """An HTTP client joins and sends its first update at once: when both come in one read, the
+    join must be handled first, or the notice is refused as from an unknown agent."""
+    from federated_learning.coordination.partitions import Partition
+    from federated_learning.services.coordinator import Coordinator
+    from federated_learning.services.runtime import ServiceContext
+
+    ctx = ServiceContext(redis=redis, settings=settings, service="coordinator", instance="0")
+    streams = list(Coordinator(ctx, Partition(0, partitions)).consumer.streams)
+    assert streams.index(KEYS.agent_stream) < streams.index(KEYS.update_stream), streams
+    assert KEYS.agent_stream not in Coordinator(ctx, Partition(1, 2)).consumer.streams
