@@ -18,6 +18,7 @@ from safetensors.numpy import save as save_safetensors
 from agents.data import make_client_datasets
 from federated_learning.bus.blobs import RedisBlobStore
 from federated_learning.bus.embedded import free_port
+from federated_learning.coordination.partitions import partition_of
 from federated_learning.dashboard.main import create_app
 from federated_learning.presets import create_trainer
 from federated_learning.protocol.keys import Keys
@@ -60,7 +61,13 @@ async def http_client_loop(http: httpx.AsyncClient, client_id: str, x: np.ndarra
         await asyncio.sleep(0.05)
 
 
-async def test_http_clients_and_bus_agents_train_together(redis: aioredis.Redis, system, make_agents, http) -> None:
+@pytest.mark.parametrize("partitions", [1, 2])
+async def test_http_clients_and_bus_agents_train_together(redis: aioredis.Redis, system, make_agents, http,
+                                                          partitions: int) -> None:
+    """With two partitions the training ("http") is in partition 1, whose coordinator may read a
+    client's first update before partition 0's has handled its join: it waits for the join."""
+    assert partition_of("http", 2) == 1
+    system.settings = system.settings.model_copy(update={"coordinator_partitions": partitions})
     await system.start()
     await make_agents(5)
     await start_training(redis, "http", digits_config(rounds=3, clients_per_round=10, min_clients=5,
@@ -79,6 +86,7 @@ async def test_http_clients_and_bus_agents_train_together(redis: aioredis.Redis,
     contributors = {a for r in records for a in r.contributors}
     assert {f"http-bot-{i}" for i in range(5)} <= contributors
     assert any(a.startswith("agent-") for a in contributors)
+    assert await redis.hget(KEYS.rejections, "updates:unknown_agent") is None, "a first update came before its join"
 
 
 async def test_json_sync_is_validated_against_the_model(redis: aioredis.Redis, system, make_agents, http) -> None:
