@@ -36,6 +36,7 @@ from federated_learning.bus.replies import group_batches, text
 from federated_learning.bus.stream_ids import (
     SUSPECT_AFTER_MS,
     StreamRepair,
+    id_order,
     is_beyond,
     now_ms,
     repair_stream,
@@ -347,11 +348,6 @@ class StreamConsumer:
                 await asyncio.sleep(max(0.0, self._retry_at - time.monotonic()))
 
 
-def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
-    millis, _, seq = text(entry_id).partition("-")
-    return int(millis), int(seq or 0)
-
-
 async def trim_consumed(redis: aioredis.Redis, stream: str, *groups: str) -> bool:
     """Drop entries every consumer of each of ``groups`` has handled and acknowledged (XTRIM
     MINID, approximate).
@@ -369,11 +365,11 @@ async def trim_consumed(redis: aioredis.Redis, stream: str, *groups: str) -> boo
     points = []
     for group in groups:
         info = infos[group]
-        point = _id_tuple(info["last-delivered-id"])
+        point = id_order(info["last-delivered-id"])
         if int(info["pending"]) > 0:
             oldest = (await redis.xpending(stream, group))["min"]
             if oldest is not None:
-                point = min(point, _id_tuple(oldest))
+                point = min(point, id_order(oldest))
         points.append(point)
     safe = min(points)
     await redis.xtrim(stream, minid=f"{safe[0]}-{safe[1]}", approximate=True)

@@ -52,6 +52,12 @@ STREAM_ID_REFUSALS = ("exhausted the last possible ID", "equal or smaller than t
 """What the server answers an XADD when the stream's last id leaves no room for the new entry."""
 
 
+def id_order(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id (``<ms>-<seq>``, or ``<ms>``) as a tuple that sorts as the server does."""
+    millis, _, seq = text(entry_id).partition("-")
+    return int(millis), int(seq or 0)
+
+
 def id_millis(entry_id: bytes | str) -> int:
     """The millisecond part of a stream entry id (``<ms>-<seq>``).
 

@@ -27,6 +27,7 @@ from federated_learning.bus.blobs import BlobHead, BlobMissing
 from federated_learning.bus.consumer import RetryLater
 from federated_learning.bus.lease import Lease
 from federated_learning.bus.replies import text
+from federated_learning.bus.stream_ids import id_order
 from federated_learning.config import Settings
 from federated_learning.coordination import effects as fx
 from federated_learning.coordination.checks import (
@@ -179,16 +180,11 @@ async def joins_handled_before(redis: aioredis.Redis, keys: Keys, partitions: in
         return False
     if int(info["pending"]) > 0:
         oldest = (await redis.xpending(keys.agent_stream, group))["min"]
-        if oldest is not None and _stream_id(oldest) <= _stream_id(entry_id):
+        if oldest is not None and id_order(oldest) <= id_order(entry_id):
             return False
     unread = await redis.xrange(keys.agent_stream, min=f"({text(info['last-delivered-id'])}",
                                 max=entry_id.decode(), count=1)
     return not unread
-
-
-def _stream_id(entry_id: bytes | str) -> tuple[int, int]:
-    millis, _, sequence = text(entry_id).partition("-")
-    return int(millis), int(sequence or 0)
 
 
 class UpdateContext(TypedDict):
