@@ -75,12 +75,6 @@ async def ensure_group(redis: aioredis.Redis, stream: str, group: str, *, start_
         raise
 
 
-class RetryLater(Exception):
-    """Raised by a handler whose entry cannot be handled yet (it waits for another consumer's work):
-    the entry stays pending and is handled again after the retry delay, as after a failure, but
-    without a traceback in the log."""
-
-
 class StopConsuming(Exception):
     """Raised by a handler that must not handle entries any more: the entry stays pending for
     whoever takes over, is not counted as a failure, and :meth:`StreamConsumer.run` returns."""
@@ -202,18 +196,14 @@ class StreamConsumer:
             await self._handlers[stream](entry_id, fields)
         except (RedisConnectionError, RedisTimeoutError, StopConsuming):
             raise
-        except Exception as exc:
+        except Exception:
             self._failures[key] = self._failures.get(key, 0) + 1
             self.stats.failed += 1
             self._retry_at = time.monotonic() + RETRY_DELAY_S * self._failures[key]
-            if isinstance(exc, RetryLater):
-                log.info("%s entry %s handled again later (%d/%d): %s",
-                         stream, entry_id.decode(), self._failures[key], self.max_deliveries, exc)
-            else:
-                log.exception(
-                    "handler for %s entry %s failed (%d/%d)",
-                    stream, entry_id.decode(), self._failures[key], self.max_deliveries,
-                )
+            log.exception(
+                "handler for %s entry %s failed (%d/%d)",
+                stream, entry_id.decode(), self._failures[key], self.max_deliveries,
+            )
             if self._failures[key] >= self.max_deliveries:
                 await self._dead_letter_entry(stream, entry_id, fields)
             return
@@ -254,12 +244,8 @@ class StreamConsumer:
                 await self._batch_handlers[stream](batch)
             except (RedisConnectionError, RedisTimeoutError, StopConsuming):
                 raise
-            except Exception as exc:
-                if isinstance(exc, RetryLater):
-                    log.info("%d %s entries handled one by one: %s", len(batch), stream, exc)
-                else:
-                    log.exception("batch handler for %d %s entries failed; handling them one by one",
-                                  len(batch), stream)
+            except Exception:
+                log.exception("batch handler for %d %s entries failed; handling them one by one", len(batch), stream)
                 for entry_id, fields in batch:
                     await self._handle(stream, entry_id, fields)
                 return len(batch)

@@ -369,8 +369,6 @@ class Coordinator(RoundProtocol):
 
     async def activate_queued(self) -> None:
         """Start this partition's queued trainings, oldest first, while the deployment has free slots."""
-        if await self.store.active_count() >= self.settings.max_concurrent_trainings:
-            return
         for training_id in await self.store.queued_ids():
             if not self.partition.owns(training_id):
                 continue

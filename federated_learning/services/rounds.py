@@ -21,13 +21,10 @@ import redis.asyncio as aioredis
 from numpy.typing import NDArray
 from prometheus_client import Counter, Histogram
 from redis.asyncio.client import Pipeline
-from redis.exceptions import ResponseError
 
 from federated_learning.bus.blobs import BlobHead, BlobMissing
-from federated_learning.bus.consumer import RetryLater
 from federated_learning.bus.lease import Lease
 from federated_learning.bus.replies import text
-from federated_learning.bus.stream_ids import id_order
 from federated_learning.config import Settings
 from federated_learning.coordination import effects as fx
 from federated_learning.coordination.checks import (
@@ -67,7 +64,6 @@ from federated_learning.coordination.inputs import (
     VersionsScored,
 )
 from federated_learning.coordination.machine import step
-from federated_learning.coordination.partitions import REGISTRY_PARTITION, Partition
 from federated_learning.coordination.rollbacks import version_scores
 from federated_learning.coordination.secure import SecurePhase
 from federated_learning.coordination.secure_exchange import masked_upload_problem
@@ -76,7 +72,7 @@ from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.presets import trainer_for
 from federated_learning.protocol.agents import AgentRecord
 from federated_learning.protocol.banks import decode_bank_upload
-from federated_learning.protocol.keys import Keys, coordinator_group
+from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import (
     MalformedMessage,
     MemoryBankModel,
@@ -163,30 +159,6 @@ BATCHED_FOLLOW_UPS = (fx.Reject, fx.CheckUpdate, fx.TallyRound, fx.TallyBuffer)
 change, or read it through the batch (see :mod:`federated_learning.services.notice_batch`)."""
 
 
-class RegistryBehind(RetryLater):
-    """A message's sender is not registered yet, and its join may still be on the agent stream."""
-
-
-async def joins_handled_before(redis: aioredis.Redis, keys: Keys, partitions: int, entry_id: bytes) -> bool:
-    """Whether the registry's coordinator (partition 0's group on the agent stream) has handled every
-    agent-stream entry added before ``entry_id`` (an entry of another stream: ids are times)."""
-    group = coordinator_group(REGISTRY_PARTITION, partitions)
-    try:
-        infos = {text(info["name"]): info for info in await redis.xinfo_groups(keys.agent_stream)}
-    except ResponseError:  # no agent stream yet: nobody has joined
-        return True
-    info = infos.get(group)
-    if info is None:
-        return False
-    if int(info["pending"]) > 0:
-        oldest = (await redis.xpending(keys.agent_stream, group))["min"]
-        if oldest is not None and id_order(oldest) <= id_order(entry_id):
-            return False
-    unread = await redis.xrange(keys.agent_stream, min=f"({text(info['last-delivered-id'])}",
-                                max=entry_id.decode(), count=1)
-    return not unread
-
-
 class UpdateContext(TypedDict):
     """The ids a rejected update notice is reported with."""
 
@@ -228,7 +200,6 @@ class RoundProtocol:
     refusals: ModelRefusals
     activate_queued: Callable[[], Awaitable[None]]
     lease: Lease
-    partition: Partition
     batch: NoticeBatch | None = None
     """Set while the coordinator handles a read of update notices together."""
     uploads_to_keep: list[tuple[BlobDigest, str | None]]
@@ -614,7 +585,7 @@ class RoundProtocol:
     async def on_notice(self, entry_id: bytes, notice: UpdateSubmitted) -> None:
         context: UpdateContext = {"training_id": notice.training_id, "round": notice.round,
                                   "agent_id": notice.agent_id}
-        sender = await self.check_sender(notice, context, entry_id)
+        sender = await self.check_sender(notice, context)
         if sender is None:
             return
         state, agent = sender
@@ -756,26 +727,16 @@ class RoundProtocol:
 
     # -- reads ---------------------------------------------------------------------
 
-    async def check_sender(self, message: AgentMessageOnStream, context: UpdateContext,
-                           entry_id: bytes | None = None) -> tuple[TrainingState, AgentRecord] | None:
+    async def check_sender(self, message: AgentMessageOnStream, context: UpdateContext
+                           ) -> tuple[TrainingState, AgentRecord] | None:
         """The training and the agent of a message on the update stream, or None after rejecting
-        it: unknown training or agent, an agent of another project, or a bad signature.
-
-        A partition that does not keep the registry refuses an unknown agent only once partition 0
-        has handled every join sent before the message's entry (``entry_id``): an HTTP client joins
-        and sends its first update at once, and the two streams are read by different groups.
-        Until then it raises :class:`RegistryBehind` and the entry is handled again a moment later.
-        """
+        it: unknown training or agent, an agent of another project, or a bad signature."""
         state = await self.load_state(message.training_id)
         if state is None:
             await self.ctx.reject("updates", "unknown_training", message.training_id, **context)
             return None
         agent = await self.registry.get(message.agent_id)
         if agent is None:
-            if entry_id is not None and not self.partition.keeps_registry \
-                    and not await joins_handled_before(self.redis, self.keys, self.partition.count, entry_id):
-                raise RegistryBehind(f"agent {message.agent_id} is not registered yet and partition 0 has not "
-                                     f"handled every join sent before entry {entry_id.decode()}")
             await self.ctx.reject("updates", "unknown_agent", message.agent_id, **context)
             return None
         mismatch = project_mismatch(agent.project, state.project)

@@ -130,20 +130,3 @@ async def test_a_read_is_handled_with_joins_before_update_notices(
     assert streams.index(KEYS.agent_stream) < streams.index(KEYS.update_stream), streams
     assert KEYS.agent_stream not in Coordinator(ctx, Partition(1, 2)).consumer.streams
 
-
-async def test_an_unknown_sender_waits_until_partition_0_has_handled_the_joins_sent_before_it(
-        redis: aioredis.Redis) -> None:
-    from federated_learning.services.rounds import joins_handled_before
-
-    group = "coordinator-p0"
-    assert await joins_handled_before(redis, KEYS, 2, b"1-0"), "no agent stream: nobody joined"
-    await ensure_group(redis, KEYS.agent_stream, group)
-    join = await redis.xadd(KEYS.agent_stream, {"m": "join"})
-    notice = await redis.xadd(KEYS.update_stream, {"m": "notice"})
-    assert not await joins_handled_before(redis, KEYS, 2, notice), "the join is unread"
-    await redis.xreadgroup(group, "coordinator-0", {KEYS.agent_stream: ">"})
-    assert not await joins_handled_before(redis, KEYS, 2, notice), "the join is being handled"
-    await redis.xack(KEYS.agent_stream, group, join)
-    await redis.xadd(KEYS.agent_stream, {"m": "a later join"})
-    assert await joins_handled_before(redis, KEYS, 2, notice), "only joins sent before the notice count"
-    assert not await joins_handled_before(redis, KEYS, 1, notice), "no group 'coordinator' has read the stream"

@@ -65,7 +65,8 @@ async def http_client_loop(http: httpx.AsyncClient, client_id: str, x: np.ndarra
 async def test_http_clients_and_bus_agents_train_together(redis: aioredis.Redis, system, make_agents, http,
                                                           partitions: int) -> None:
     """With two partitions the training ("http") is in partition 1, whose coordinator may read a
-    client's first update before partition 0's has handled its join: it waits for the join."""
+    client's first update before partition 0's has handled its join: the gateway sends the update
+    only once the join took effect."""
     assert partition_of("http", 2) == 1
     system.settings = system.settings.model_copy(update={"coordinator_partitions": partitions})
     await system.start()
@@ -87,6 +88,27 @@ async def test_http_clients_and_bus_agents_train_together(redis: aioredis.Redis,
     assert {f"http-bot-{i}" for i in range(5)} <= contributors
     assert any(a.startswith("agent-") for a in contributors)
     assert await redis.hget(KEYS.rejections, "updates:unknown_agent") is None, "a first update came before its join"
+    assert await redis.xlen(KEYS.dead_letters("coordinator")) == 0
+
+
+async def test_a_first_sync_the_coordinator_does_not_register_in_time_is_answered_503(
+        redis: aioredis.Redis, system, make_agents, http, monkeypatch: pytest.MonkeyPatch) -> None:
+    from federated_learning.dashboard.routes import sync
+
+    await system.start()
+    await make_agents(3)
+    await start_training(redis, "http", digits_config(rounds=50))
+    await wait_for_status(redis, "http", {"running"})
+    await system.stop("coordinator")  # nobody handles the join now
+    monkeypatch.setattr(sync, "REGISTRATION_WAIT_S", 0.2)
+    body = {"client_id": "new-bot", "weights": {"dense.weight": np.zeros((64, 10)).tolist(), "dense.bias": [0.0] * 10},
+            "metrics": {"num_examples": 12}}
+    response = await http.post("/sync_model", json=body)
+    assert response.status_code == 503 and "sync again" in response.json()["detail"], response.text
+    assert response.headers["Retry-After"] == "1"
+    assert await redis.hget(KEYS.rejections, "sync:registration_pending") == b"1"
+    assert await redis.xlen(KEYS.update_stream) == 0 or not any(
+        b"new-bot" in fields[b"m"] for _id, fields in await redis.xrange(KEYS.update_stream)), "no update went out"
 
 
 async def test_json_sync_is_validated_against_the_model(redis: aioredis.Redis, system, make_agents, http) -> None:

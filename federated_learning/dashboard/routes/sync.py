@@ -63,6 +63,14 @@ router = APIRouter(tags=["sync"])
 HTTP_AGENT_PREFIX = "http-"
 SAFETENSORS = "application/octet-stream"
 GATEWAY_TOKEN_TTL_S = 600.0
+REGISTRATION_WAIT_S = 10.0
+"""How long a client's first sync waits for the coordinator to register it before its update goes
+out (an update from an agent the registry does not know yet would be refused)."""
+REGISTRATION_POLL_S = 0.02
+
+
+class RegistrationPending(Exception):
+    """A client's join was not registered in time (the coordinator is busy, taking over, or refused it)."""
 MAX_NUM_EXAMPLES = 1_000_000_000
 MAX_JSON_VALUES = 1_000_000
 """Most numbers the JSON form carries either way: parsed, each costs ~32 bytes of Python objects
@@ -238,9 +246,12 @@ async def _submit(ctx: Context, state: TrainingView, client_id: str, layers: Nam
     joined = AgentJoined(agent_id=agent_id, datasets={state.config.dataset: metrics.num_examples},
                          device={"kind": "http-sync"}, public_key=identity.public_key_bytes.hex(), volunteer=True,
                          join_token=await _project_token(ctx, state, agent_id))
+    registered = await ctx.redis.hexists(ctx.keys.agents, agent_id)
     for message in (joined, Heartbeat(agent_id=agent_id)):  # signed with the gateway's key, as the notice
         signed = message.model_copy(update={"signature": identity.sign(message.signed_bytes()).hex()})
         await ctx.redis.xadd(ctx.keys.agent_stream, encode(signed))
+    if not registered:
+        await _registered(ctx, agent_id)
     digest = await ctx.blobs.put(blob, ttl_s=24 * 3600, owner=agent_id)
     evaluation = None
     if metrics.accuracy is not None and metrics.loss is not None:
@@ -253,6 +264,19 @@ async def _submit(ctx: Context, state: TrainingView, client_id: str, layers: Nam
     notice = notice.model_copy(update={"signature": identity.sign(notice.signed_bytes()).hex()})
     await ctx.redis.xadd(ctx.keys.update_stream, encode(notice))
     return agent_id
+
+
+async def _registered(ctx: Context, agent_id: str) -> None:
+    """Return once the coordinator has registered ``agent_id`` (its join handled); raise
+    :class:`RegistrationPending` after ``REGISTRATION_WAIT_S``. The join and the update travel on
+    two streams, which a coordinator with several partitions reads in different groups: the update
+    goes out only after the join took effect."""
+    deadline = asyncio.get_running_loop().time() + REGISTRATION_WAIT_S
+    while not await ctx.redis.hexists(ctx.keys.agents, agent_id):
+        if asyncio.get_running_loop().time() >= deadline:
+            raise RegistrationPending(f"the coordinator has not registered {agent_id} within "
+                                      f"{REGISTRATION_WAIT_S:.0f} s; sync again")
+        await asyncio.sleep(REGISTRATION_POLL_S)
 
 
 def volunteer_id(state: TrainingView, client_id: str) -> str:
@@ -326,6 +350,10 @@ async def sync_model(request: Request, ctx: Context, trainings: Trainings, princ
         layers = (in_model_order(decode_layers(body, max_bytes=ctx.settings.max_blob_bytes), state.layer_spec)
                   if binary else await asyncio.to_thread(_layers_from_json, sync.weights, state))
         agent_id = await _submit(ctx, state, sync.client_id, layers, sync.base_version, sync.metrics)
+    except RegistrationPending as exc:
+        await ctx.reject("sync", "registration_pending", str(exc), training_id=state.training_id)
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc),
+                            headers={"Retry-After": "1"}) from exc
     except InvalidTensor as exc:
         await ctx.reject("sync", exc.reason, exc.detail, training_id=state.training_id)
         if state.layer_spec:
