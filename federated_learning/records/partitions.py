@@ -14,6 +14,12 @@ class PartitionCountMismatch(RuntimeError):
     """A coordinator was started with another partition count than its deployment's."""
 
 
+async def recorded_partition_count(redis: aioredis.Redis, keys: Keys) -> int:
+    """How many partitions the deployment's coordinators split the trainings into (1 before the
+    first coordinator records it)."""
+    return int(await redis.get(keys.coordinator_partitions) or 1)
+
+
 async def pin_partition_count(redis: aioredis.Redis, keys: Keys, partitions: int) -> None:
     """Record ``partitions`` as the deployment's count, or check it is the recorded one.
 

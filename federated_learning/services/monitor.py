@@ -72,6 +72,7 @@ from federated_learning.protocol.keys import GROUP_MONITOR
 from federated_learning.protocol.messages import (
     Severity,
 )
+from federated_learning.records.partitions import recorded_partition_count
 from federated_learning.records.trainings import TrainingViews
 from federated_learning.services.runtime import (
     HEALTH_TTL_S,
@@ -83,7 +84,6 @@ from federated_learning.services.runtime import (
     read_backlogs,
     read_health_records,
     read_redis_memory,
-    recorded_partition_count,
     serve,
     service_streams,
     setup_logging,

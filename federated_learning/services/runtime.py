@@ -48,6 +48,7 @@ from federated_learning.protocol.keys import (
 )
 from federated_learning.protocol.messages import M, MalformedMessage, Severity, decode, encode
 from federated_learning.protocol.storage import read_descriptor
+from federated_learning.records.partitions import recorded_partition_count
 from federated_learning.records.trainings import TrainingViews
 
 log = logging.getLogger(__name__)
@@ -313,12 +314,6 @@ class StreamBacklog:
     @property
     def name(self) -> str:
         return f"{self.stream}/{self.group}"
-
-
-async def recorded_partition_count(redis: aioredis.Redis, keys: Keys) -> int:
-    """How many partitions the deployment's coordinators split the trainings into (recorded by the
-    first coordinator; 1 before it starts)."""
-    return int(await redis.get(keys.coordinator_partitions) or 1)
 
 
 def service_streams(keys: Keys, coordinator_partitions: int = 1) -> list[tuple[str, str]]:
