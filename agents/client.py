@@ -39,8 +39,8 @@ from federated_learning.presets import trainer_for
 from federated_learning.privacy.compression import (
     Compressor,
     ErrorFeedback,
+    Quantizer,
     keep_count,
-    quantize,
     random_k,
     top_k,
 )
@@ -116,7 +116,7 @@ def make_compressor(method: str, fraction: float, rng: np.random.Generator) -> C
     bits = {"q8": 8, "q4": 4}.get(method)
     if bits is None:
         raise ValueError(f"unknown compression '{method}'")
-    return lambda layers: quantize(layers, bits, rng)
+    return Quantizer(bits, rng)
 
 
 class FederatedClient:

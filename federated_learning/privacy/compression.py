@@ -172,15 +172,14 @@ def random_k(
 
 
 def _block_grid(
-    blocks: NDArray[np.float64], levels: int
+    lowest: NDArray[np.float64], highest: NDArray[np.float64], levels: int
 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    """Per-block float32 (minimum, step) whose grid minimum + [0, levels] * step covers the block.
+    """Per-block float32 (minimum, step) whose grid minimum + [0, levels] * step covers each block's
+    [lowest, highest].
 
     The minimum is rounded down and the step up in float32, so every value maps into
     [0, levels] and stochastic rounding needs no clamping, which would bias it.
     """
-    lowest = blocks.min(axis=1)
-    highest = blocks.max(axis=1)
     minimum = lowest.astype(np.float32)
     below = minimum.astype(np.float64) > lowest
     minimum[below] = np.nextafter(minimum[below], np.float32(-np.inf))
@@ -192,8 +191,8 @@ def _block_grid(
 
 
 QUANTIZE_CHUNK_VALUES = 1 << 16
-"""Values quantized per pass: 512 KiB of float64 temporaries, which stay in the CPU's cache
-(passes over the whole update went to memory: 3 x slower at 1M values)."""
+"""Values quantized per kernel call, with their random draws (256 KiB of them): they stay in the
+CPU's cache."""
 
 
 def quantize(
@@ -202,64 +201,75 @@ def quantize(
     """Unbiased stochastic quantization to 2**bits levels per block of block_size values.
 
     With t = (x - min) / step in [0, L], L = 2**bits - 1, the code is floor(t) + 1 with
-    probability t - floor(t), else floor(t); decoded min + code * step has expectation x.
-    bits is 8 (one code per byte) or 4 (two codes per byte, low nibble first). The blocks go a
-    chunk at a time, drawing from ``rng`` in order, so the codes do not depend on the chunking.
+    probability t - floor(t), else floor(t); decoded min + code * step has expectation x (to within
+    2**-32 of a step: the draws are uint32, see
+    :data:`~federated_learning.privacy.quantization_kernels.UNIFORM_SCALE`). bits is 8 (one code
+    per byte) or 4 (two codes per byte, low nibble first). The draws come from ``rng`` in order,
+    so the codes do not depend on how the work is chunked.
     """
+    flat = (np.concatenate([np.asarray(layer).ravel() for layer in layers]) if len(layers)
+            else np.zeros(0, np.float32))
+    return _quantize_flat(flat, tuple(shapes_of(layers)), bits, rng, block_size, None)
+
+
+def _quantize_flat(flat: NDArray[np.floating], shapes: tuple[tuple[int, ...], ...], bits: int,
+                   rng: np.random.Generator, block_size: int,
+                   residual: NDArray[np.float32] | None) -> CompressedUpdate:
+    """`quantize` of a flat vector; ``residual``, when given, receives flat minus the decoded values."""
     method = {8: CompressionMethod.QUANTIZE_8, 4: CompressionMethod.QUANTIZE_4}.get(bits)
     if method is None:
         raise ValueError(f"quantization bits must be 8 or 4; got {bits}")
     if block_size < 1:
         raise ValueError(f"block size must be >= 1; got {block_size}")
-    flat = (np.concatenate([np.asarray(layer).ravel() for layer in layers]) if len(layers)
-            else np.zeros(0, np.float64))
-    if not np.isfinite(flat).all():
-        raise ValueError("cannot quantize an update with NaN or infinite values")
+    from federated_learning.privacy.quantization_kernels import stochastic_codes
+
     levels = 2**bits - 1
-    num_blocks = max(1, -(-flat.size // block_size))
-    minimum = np.empty(num_blocks, np.float32)
-    step = np.empty(num_blocks, np.float32)
-    codes = np.empty(num_blocks * block_size, np.uint8)
-    chunk_blocks = max(1, QUANTIZE_CHUNK_VALUES // block_size)
-    for first in range(0, num_blocks, chunk_blocks):
-        last = min(num_blocks, first + chunk_blocks)
-        blocks = _padded_blocks(flat, first * block_size, last * block_size, block_size)
-        minimum[first:last], step[first:last] = _block_grid(blocks, levels)
-        codes[first * block_size:last * block_size] = _stochastic_codes(
-            blocks, minimum[first:last], step[first:last], levels, rng).ravel()
-    codes = codes[: flat.size]
+    lowest, highest = _block_ranges(flat, block_size)
+    if not (np.isfinite(lowest).all() and np.isfinite(highest).all()):  # NaN reaches both
+        raise ValueError("cannot quantize an update with NaN or infinite values")
+    minimum, step = _block_grid(lowest, highest, levels)
+    codes = np.empty(flat.size, np.uint8)
+    no_residual = np.empty(0, np.float32)
+    # An even number of values per chunk: each uint64 draw gives two uint32s, so the stream of
+    # draws (and the codes) is the same for every chunk size.
+    chunk = 2 * block_size * max(1, QUANTIZE_CHUNK_VALUES // (2 * block_size))
+    for start in range(0, flat.size, chunk):
+        stop = min(flat.size, start + chunk)
+        uniforms = rng.integers(0, 1 << 64, (stop - start + 1) // 2, dtype=np.uint64).view(np.uint32)
+        stochastic_codes(flat[start:stop], start // block_size, block_size, minimum, step, levels,
+                         uniforms, codes[start:stop],
+                         no_residual if residual is None else residual[start:stop])
     if bits == 4:
         codes = np.pad(codes, (0, codes.size % 2))
         codes = (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8, copy=False)
-    return CompressedUpdate(
-        method, tuple(shapes_of(layers)),
-        {"codes": codes, "minimum": minimum, "step": step}, block_size,
-    )
+    return CompressedUpdate(method, shapes, {"codes": codes, "minimum": minimum, "step": step},
+                            block_size)
 
 
-def _padded_blocks(flat: NDArray[np.generic], start: int, stop: int, block_size: int) -> NDArray[np.float64]:
-    """flat[start:stop] in float64 as rows of block_size, the last row padded with its last
-    value (which leaves its minimum and maximum as they were); zeros for an empty update."""
-    values = flat[start:min(stop, flat.size)].astype(np.float64)
-    if values.size == 0:
-        return np.zeros((1, block_size))
-    if values.size < stop - start:
-        values = np.pad(values, (0, stop - start - values.size), mode="edge")
-    return values.reshape(-1, block_size)
+def _block_ranges(flat: NDArray[np.floating], block_size: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Each block's minimum and maximum in float64 (NumPy's reductions propagate NaN); none for an
+    empty update."""
+    whole = flat.size - flat.size % block_size
+    rows = flat[:whole].reshape(-1, block_size)
+    lowest, highest = [rows.min(axis=1)], [rows.max(axis=1)]
+    if whole < flat.size:
+        lowest.append(flat[whole:].min(keepdims=True))
+        highest.append(flat[whole:].max(keepdims=True))
+    return (np.concatenate(lowest).astype(np.float64, copy=False),
+            np.concatenate(highest).astype(np.float64, copy=False))
 
 
-def _stochastic_codes(blocks: NDArray[np.float64], minimum: NDArray[np.float32], step: NDArray[np.float32],
-                      levels: int, rng: np.random.Generator) -> NDArray[np.uint8]:
-    """Each value's code on its block's grid, rounded up with probability its fraction; in place
-    on ``blocks`` (a copy of its own)."""
-    safe_step = np.where(step > 0, step, 1.0).astype(np.float64)[:, None]
-    scaled = np.divide(np.subtract(blocks, minimum.astype(np.float64)[:, None], out=blocks), safe_step, out=blocks)
-    lower = np.floor(scaled)
-    round_up = rng.random(scaled.shape) < np.subtract(scaled, lower, out=scaled)
-    # float64 rounding can put a block's maximum a hair above `levels`; clamp that case only.
-    codes = np.minimum(lower, levels, out=lower).astype(np.uint8)
-    np.add(codes, round_up, out=codes, where=codes < levels)
-    return codes
+@dataclass(frozen=True)
+class Quantizer:
+    """:func:`quantize` as a :data:`Compressor`; :class:`ErrorFeedback` takes the residual of a
+    Quantizer from the quantizing pass itself instead of decoding the update again."""
+
+    bits: int
+    rng: np.random.Generator
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+    def __call__(self, layers: Layers) -> CompressedUpdate:
+        return quantize(layers, self.bits, self.rng, self.block_size)
 
 
 def quantized_codes_fit(compressed: CompressedUpdate) -> None:
@@ -317,15 +327,15 @@ def decompress_onto(compressed: CompressedUpdate,
                     bases: Sequence[NDArray[np.generic]]) -> list[NDArray[np.generic]]:
     """Each base layer plus its part of the decompressed delta, in float64, rounded to the base
     layer's dtype: ``(base.astype(float64) + decompress(compressed)[i]).astype(base.dtype)``, in one
-    pass per float32 layer of a quantized update (no dense delta is built for those). The kernel
-    is the server's (Numba, imported here only), so agents that compress never load Numba."""
+    pass per float32 layer of a quantized update (no dense delta is built for those), by a Numba
+    kernel."""
     if [tuple(base.shape) for base in bases] != [tuple(shape) for shape in compressed.shapes]:
         raise ValueError(f"the update has shapes {list(compressed.shapes)[:8]}; the bases "
                          f"{[tuple(base.shape) for base in bases][:8]}")
     if compressed.method in _SPARSE or any(base.dtype != np.float32 for base in bases):
         return [(np.asarray(base).astype(np.float64) + delta).astype(base.dtype)
                 for base, delta in zip(bases, decompress(compressed), strict=True)]
-    from federated_learning.privacy.dequantize import dequantize_onto
+    from federated_learning.privacy.quantization_kernels import dequantize_onto
 
     codes, bits, minimum, step = _quantized_arrays(compressed)
     layers: list[NDArray[np.generic]] = []
@@ -360,8 +370,14 @@ class ErrorFeedback:
                     f"{residual.size} (model changed shape? call reset first)"
                 )
             flat = flat + residual
-        sent = compressor(unflatten(flat, shapes_of(layers)))
-        self._residuals[agent_id] = flat - flatten(decompress(sent))
+        if isinstance(compressor, Quantizer):
+            kept = np.empty(flat.size, np.float32)
+            sent = _quantize_flat(flat, tuple(shapes_of(layers)), compressor.bits, compressor.rng,
+                                  compressor.block_size, kept)
+        else:
+            sent = compressor(unflatten(flat, shapes_of(layers)))
+            kept = flat - flatten(decompress(sent))
+        self._residuals[agent_id] = kept
         return sent
 
     def residual(self, agent_id: str) -> NDArray[np.float32] | None:

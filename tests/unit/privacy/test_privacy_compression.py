@@ -11,6 +11,7 @@ from federated_learning.privacy.compression import (
     CompressedUpdate,
     CompressionMethod,
     ErrorFeedback,
+    Quantizer,
     decompress,
     keep_count,
     quantize,
@@ -276,3 +277,53 @@ def test_a_quantized_update_may_not_declare_a_block_the_server_would_have_to_all
     huge = CompressedUpdate(update.method, update.shapes, dict(update.arrays), 1 << 34)
     with pytest.raises(ValueError, match="block_size"):
         decompress(huge)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("block_size", [1, 64, 1000])
+def test_quantized_codes_equal_the_numpy_reference(bits: int, block_size: int) -> None:
+    """floor(t) + (u < frac(t) * 2**32), at most the top level, with t = (x - minimum) / step per
+    block and u the uint32 halves of the generator's uint64 draws, in order."""
+    rng = np.random.default_rng(11)
+    x = np.concatenate([rng.normal(size=5_001), np.zeros(block_size), [3.0] * 7]).astype(np.float32)
+    compressed = quantize([x], bits, np.random.default_rng(4), block_size)
+
+    draws = np.random.default_rng(4).integers(0, 1 << 64, (x.size + 1) // 2, dtype=np.uint64)
+    uniforms = draws.view(np.uint32)[: x.size].astype(np.float64)
+    block = np.arange(x.size) // block_size
+    minimum = compressed.arrays["minimum"].astype(np.float64)[block]
+    step = compressed.arrays["step"].astype(np.float64)[block]
+    scaled = (x.astype(np.float64) - minimum) / np.where(step > 0, step, 1.0)
+    lower = np.floor(scaled)
+    expected = np.minimum(lower + (uniforms < (scaled - lower) * 2.0**32), 2**bits - 1).astype(np.uint8)
+    codes = np.asarray(compressed.arrays["codes"])
+    if bits == 4:
+        codes = np.stack([codes & 0x0F, codes >> 4], axis=1).ravel()[: x.size]
+    np.testing.assert_array_equal(codes, expected)
+    assert (lower <= 2**bits - 1).all() and ((scaled >= 0) | (step == 0)).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_error_feedback_takes_a_quantizers_residual_from_the_same_pass(bits: int) -> None:
+    """The residual the quantizing pass writes is the one decoding would give, bit for bit."""
+    rng = np.random.default_rng(2)
+    updates = [[rng.normal(size=(50, 40)).astype(np.float32), rng.normal(size=33).astype(np.float32)]
+               for _ in range(3)]
+    fused, decoded = ErrorFeedback(), ErrorFeedback()
+    for update in updates:
+        sent = fused.compress("a", update, Quantizer(bits, np.random.default_rng(9)))
+        again = decoded.compress("a", update, lambda layers: quantize(layers, bits, np.random.default_rng(9)))
+        for name in ("codes", "minimum", "step"):
+            np.testing.assert_array_equal(sent.arrays[name], again.arrays[name])
+        fused_residual, decoded_residual = fused.residual("a"), decoded.residual("a")
+        assert fused_residual is not None and decoded_residual is not None
+        np.testing.assert_array_equal(fused_residual.view(np.uint32), decoded_residual.view(np.uint32))
+
+
+def test_quantizing_an_empty_update_and_a_non_finite_one() -> None:
+    empty = quantize([np.zeros(0, np.float32)], 8, np.random.default_rng(0))
+    assert empty.arrays["codes"].size == 0 and empty.arrays["minimum"].size == 0
+    assert decompress(empty)[0].size == 0
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            quantize([np.array([1.0, bad, 2.0], np.float32)], 8, np.random.default_rng(0), block_size=2)
