@@ -33,6 +33,9 @@ SERVICE_PORT_OFFSETS = {
     "monitor": 5,
 }
 AGGREGATOR_WORKER_PORT_OFFSET = 10
+COORDINATOR_INSTANCE_PORT_OFFSET = 80
+"""Coordinator process k >= 1 serves its metrics on metrics_port_base + 80 + k (after the at most
+64 aggregator workers' ports); process 0 on the coordinator's own port."""
 MIN_API_KEY_LENGTH = 16
 PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "password", "api-key", "apikey",
                                  "your-api-key", "xxxxxxxxxxxxxxxx", "0000000000000000"})
@@ -110,6 +113,10 @@ class Settings(BaseSettings):
         description="trainings are split into this many partitions, each worked on by one coordinator "
                     "process at a time; several coordinator processes share the partitions. Fixed when a "
                     "deployment first starts")
+    coordinator_processes: int = Field(
+        default=1, ge=1, le=64,
+        description="coordinator processes the launcher starts on this host; they share the "
+                    "partitions (coordinator_partitions), and with one partition all but one stand by")
     aggregator_cache_bytes: int = Field(
         default=1024 * 1024 * 1024, ge=0, le=1 << 40,
         description="accepted updates an aggregator keeps in memory, checked, for their round's job "
@@ -225,11 +232,14 @@ class Settings(BaseSettings):
         return "https" if self.dashboard_tls_cert_file is not None else "http"
 
     def metrics_port(self, service: str, worker: int = 0) -> int:
-        """Port on which ``service`` exports Prometheus metrics (0: pick a free one)."""
+        """Port on which instance ``worker`` of ``service`` exports Prometheus metrics (0: pick a
+        free one)."""
         if self.metrics_port_base == 0:
             return 0
         if service == "aggregator":
             return self.metrics_port_base + AGGREGATOR_WORKER_PORT_OFFSET + worker
+        if service == "coordinator" and worker > 0:
+            return self.metrics_port_base + COORDINATOR_INSTANCE_PORT_OFFSET + worker
         return self.metrics_port_base + SERVICE_PORT_OFFSETS[service]
 
 

@@ -103,15 +103,19 @@ def _port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def instances_of(settings: Settings, service: str) -> int:
+    """How many processes of ``service`` the launcher starts."""
+    return {"aggregator": settings.aggregator_workers,
+            "coordinator": settings.coordinator_processes}.get(service, 1)
+
+
 def scrape_targets(settings: Settings) -> dict[str, list[str]]:
     """Prometheus targets of this deployment by service (empty when metrics ports are random)."""
     if not settings.metrics_port_base:
         return {}
     host = "127.0.0.1"
-    targets = {service: [f"{host}:{settings.metrics_port(service)}"]
-               for service in ("coordinator", "privacy", "versions", "monitor")}
-    targets["aggregator"] = [f"{host}:{settings.metrics_port('aggregator', i)}"
-                             for i in range(settings.aggregator_workers)]
+    targets = {service: [f"{host}:{settings.metrics_port(service, i)}" for i in range(instances_of(settings, service))]
+               for service in ("coordinator", "aggregator", "privacy", "versions", "monitor")}
     targets["dashboard"] = [f"{settings.dashboard_host}:{settings.dashboard_port}"]
     return targets
 
@@ -128,7 +132,8 @@ def _tls_scrape_lines(settings: Settings) -> list[str]:
 
 PROMETHEUS_CONFIG_HEADER = (
     "# Prometheus scrape configuration written by federated_learning.deploy.launcher.prometheus_config",
-    "# for metrics_port_base {base} and aggregator_workers {workers} (one target per worker).",
+    "# for metrics_port_base {base}, aggregator_workers {workers} and coordinator_processes {coordinators}",
+    "# (one target per process).",
     "# The launcher writes the one for its own settings to <data_dir>/run/prometheus.yml.",
     "# With metrics_port_base 0 the ports are random: read them from GET /api/system/health",
     "# (services.*.metrics_port) or use file_sd.",
@@ -140,7 +145,8 @@ def prometheus_config(settings: Settings) -> str:
 
     ``deploy/prometheus.yml`` is this function's output for the shipped ``config.json``.
     """
-    header = [line.format(base=settings.metrics_port_base, workers=settings.aggregator_workers)
+    header = [line.format(base=settings.metrics_port_base, workers=settings.aggregator_workers,
+                          coordinators=settings.coordinator_processes)
               for line in PROMETHEUS_CONFIG_HEADER]
     lines = [*header, "global:", "  scrape_interval: 15s", "scrape_configs:"]
     targets = scrape_targets(settings)
@@ -164,8 +170,8 @@ def check_ports(settings: Settings) -> None:
     if settings.dashboard_port and _port_in_use(settings.dashboard_host, settings.dashboard_port):
         raise ConfigError(f"config 'dashboard_port' is {settings.dashboard_port}: port already in use")
     if settings.metrics_port_base:
-        ports = [settings.metrics_port(s) for s in ("coordinator", "privacy", "versions", "monitor")]
-        ports += [settings.metrics_port("aggregator", i) for i in range(settings.aggregator_workers)]
+        ports = [settings.metrics_port(service, i) for service in START_ORDER if service != "dashboard"
+                 for i in range(instances_of(settings, service))]
         for port in ports:
             if _port_in_use("127.0.0.1", port):
                 raise ConfigError(f"config 'metrics_port_base' is {settings.metrics_port_base}: "
@@ -238,7 +244,7 @@ def build_children(settings: Settings, config_path: Path | None, role_secrets: R
         env["FL_CONFIG_FILE"] = str(config_path.resolve())
     children = []
     for service in START_ORDER:
-        instances = settings.aggregator_workers if service == "aggregator" else 1
+        instances = instances_of(settings, service)
         for instance in range(instances):
             name = f"{service}-{instance}" if instances > 1 else service
             command = [sys.executable, "-m", f"federated_learning.services.{service}",
@@ -338,8 +344,9 @@ def run(settings: Settings, config_path: Path | None) -> int:
         log.info("dashboard: %s  (REST /api, WebSocket /ws/{client_id}, metrics %s/metrics)",
                  dashboard_url, dashboard_url)
         if settings.metrics_port_base:
-            log.info("service metrics on 127.0.0.1:%d-%d; logs in %s", settings.metrics_port_base + 1,
-                     settings.metrics_port("aggregator", settings.aggregator_workers - 1), logs)
+            log.info("service metrics on 127.0.0.1:%s; logs in %s", ", ".join(
+                address.rsplit(":", 1)[1] for service, addresses in scrape_targets(settings).items()
+                if service != "dashboard" for address in addresses), logs)
         while not stop["requested"]:
             supervisor.poll()
             time.sleep(POLL_S)
@@ -357,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None, help="config file (default ./config.json)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="aggregator worker processes; overrides config 'aggregator_workers'")
+    parser.add_argument("--coordinators", type=int, default=None, metavar="N",
+                        help="coordinator processes; overrides config 'coordinator_processes'")
     parser.add_argument("--provision-acl", action="store_true",
                         help="create or update the Redis ACL users (services, dashboard, --agents) "
                              "and exit; passwords go to <data_dir>/secrets/redis-acl")
@@ -366,8 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agents", default="", metavar="ID,ID",
                         help="agent ids that get their own ACL user (with --provision-acl)")
     args = parser.parse_args(argv)
-    if args.workers is not None and args.workers < 1:
-        parser.error(f"--workers is {args.workers}; must be >= 1")
+    for option, value in (("--workers", args.workers), ("--coordinators", args.coordinators)):
+        if value is not None and value < 1:
+            parser.error(f"{option} is {value}; must be >= 1")
     if (args.agents or args.admin_url) and not args.provision_acl:
         parser.error("--agents and --admin-url go with --provision-acl")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s deploy %(levelname)s %(message)s")
@@ -375,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
         if args.workers is not None:
             settings = settings.model_copy(update={"aggregator_workers": args.workers})
+        if args.coordinators is not None:
+            settings = settings.model_copy(update={"coordinator_processes": args.coordinators})
         if args.provision_acl:
             return _provision(settings, args.admin_url, args.agents)
         return run(settings, args.config)

@@ -80,3 +80,20 @@ def test_a_multi_worker_config_scrapes_one_target_per_aggregator_worker() -> Non
     assert scrape_targets(settings)["aggregator"] == [f"127.0.0.1:{port}" for port in (9210, 9211, 9212, 9213)]
     assert '"127.0.0.1:9210", "127.0.0.1:9211", "127.0.0.1:9212", "127.0.0.1:9213"' in text
     assert '"127.0.0.1:9201"' in text and ":8099" in text
+
+
+def test_several_coordinator_processes_get_their_own_instance_and_metrics_port(tmp_path: Path) -> None:
+    from federated_learning.config import Settings
+    from federated_learning.deploy.launcher import build_children, scrape_targets
+    from federated_learning.deploy.access import RoleUrls, write_role_secrets
+
+    settings = Settings(metrics_port_base=9200, coordinator_processes=3, coordinator_partitions=4,
+                        aggregator_workers=2, dashboard_port=8099, data_dir=tmp_path)
+
+    assert scrape_targets(settings)["coordinator"] == ["127.0.0.1:9201", "127.0.0.1:9281", "127.0.0.1:9282"]
+    assert scrape_targets(settings)["aggregator"] == ["127.0.0.1:9210", "127.0.0.1:9211"]
+    roles = write_role_secrets(tmp_path / "run" / "secrets", RoleUrls("redis://a", "redis://b"), "k" * 24)
+    children = build_children(settings, None, roles, tmp_path)
+    coordinators = [child for child in children if child.name.startswith("coordinator")]
+    assert [child.name for child in coordinators] == ["coordinator-0", "coordinator-1", "coordinator-2"]
+    assert [child.command[-1] for child in coordinators] == ["0", "1", "2"]
