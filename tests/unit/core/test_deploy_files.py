@@ -84,8 +84,8 @@ def test_a_multi_worker_config_scrapes_one_target_per_aggregator_worker() -> Non
 
 def test_several_coordinator_processes_get_their_own_instance_and_metrics_port(tmp_path: Path) -> None:
     from federated_learning.config import Settings
-    from federated_learning.deploy.launcher import build_children, scrape_targets
     from federated_learning.deploy.access import RoleUrls, write_role_secrets
+    from federated_learning.deploy.launcher import build_children, scrape_targets
 
     settings = Settings(metrics_port_base=9200, coordinator_processes=3, coordinator_partitions=4,
                         aggregator_workers=2, dashboard_port=8099, data_dir=tmp_path)
