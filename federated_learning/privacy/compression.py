@@ -209,6 +209,8 @@ def quantize(
     """
     flat = (np.concatenate([np.asarray(layer).ravel() for layer in layers]) if len(layers)
             else np.zeros(0, np.float32))
+    if flat.dtype not in (np.float32, np.float64):  # half precision, integers: the kernel reads these two
+        flat = flat.astype(np.float64)
     return _quantize_flat(flat, tuple(shapes_of(layers)), bits, rng, block_size, None)
 
 

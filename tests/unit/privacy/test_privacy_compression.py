@@ -327,3 +327,11 @@ def test_quantizing_an_empty_update_and_a_non_finite_one() -> None:
     for bad in (np.nan, np.inf, -np.inf):
         with pytest.raises(ValueError, match="NaN or infinite"):
             quantize([np.array([1.0, bad, 2.0], np.float32)], 8, np.random.default_rng(0), block_size=2)
+
+
+def test_half_precision_layers_quantize_as_their_float64_values() -> None:
+    layer = np.random.default_rng(0).normal(size=300).astype(np.float16)
+    half = quantize([layer], 8, np.random.default_rng(1), block_size=64)
+    wide = quantize([layer.astype(np.float64)], 8, np.random.default_rng(1), block_size=64)
+    for name in ("codes", "minimum", "step"):
+        np.testing.assert_array_equal(half.arrays[name], wide.arrays[name])
