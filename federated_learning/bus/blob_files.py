@@ -61,6 +61,7 @@ STALE_TEMPORARY_S = 3600.0
 MARKER = "store.json"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _TEMPORARY = re.compile(r"^\.partial-[0-9a-f]{64}-[0-9a-f]{8}$")
+_MARKER_TEMPORARY = re.compile(r"^\.partial-store\.json-[0-9a-f]{8}$")
 _OWNER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -383,6 +384,19 @@ class FolderBlobStore(BlobStore):
                         swept += self._sweep_one(entry, folder, owner, now)
             except OSError as exc:
                 log.warning("blob sweep: cannot list the folder of %s: %s", owner or "the services' blobs", exc)
+        return swept + self._sweep_marker_temporaries(now)
+
+    def _sweep_marker_temporaries(self, now: float) -> int:
+        """Temporary copies of ``store.json`` that a service died writing, once stale."""
+        swept = 0
+        try:
+            with self._open_folder(()) as folder:
+                for entry in os.scandir(folder):
+                    if _MARKER_TEMPORARY.match(entry.name) and entry.is_file(follow_symlinks=False) \
+                            and entry.stat(follow_symlinks=False).st_ctime < now - STALE_TEMPORARY_S:
+                        swept += _unlink(entry.name, folder, self.root / entry.name)
+        except OSError as exc:
+            log.warning("blob sweep: cannot list %s: %s", self.root, exc)
         return swept
 
     def _owners(self) -> list[str]:

@@ -80,8 +80,11 @@ async def test_the_sweep_deletes_what_expired_and_what_dead_writers_left(store: 
 
     assert store.sweep_expired_now(time.time()) == 1
     assert not store.path(expired, AGENT).exists() and dead_writer.exists() and live_writer.exists()
-    assert store.sweep_expired_now(time.time() + 2 * 3600) == 3  # the fresh upload has expired by then too
-    assert not dead_writer.exists() and not live_writer.exists()
+    marker_writer = store.root / f"{TEMPORARY_PREFIX}store.json-22222222"  # a service died writing store.json
+    marker_writer.write_bytes(b"{")
+    assert store.sweep_expired_now(time.time()) == 0 and marker_writer.exists()
+    assert store.sweep_expired_now(time.time() + 2 * 3600) == 4  # the fresh upload has expired by then too
+    assert not dead_writer.exists() and not live_writer.exists() and not marker_writer.exists()
     assert await store.get(model) == b"model"
     assert await store.sweep_expired() == 0
 
