@@ -273,6 +273,9 @@ class Coordinator(RoundProtocol):
                 continue
         return False
 
+    def _is_mine(self, fields: dict[bytes, bytes]) -> bool:
+        return self.partition.owns(training_of_payload(fields.get(PAYLOAD_FIELD)))
+
     def _own(self, handler: Callable[[bytes, dict[bytes, bytes]], Awaitable[None]]
              ) -> Callable[[bytes, dict[bytes, bytes]], Awaitable[None]]:
         """``handler`` for this partition's entries only (the others are acknowledged unhandled:
@@ -281,17 +284,17 @@ class Coordinator(RoundProtocol):
             return handler
 
         async def own(entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-            if self.partition.owns(training_of_payload(fields.get(PAYLOAD_FIELD))):
+            if self._is_mine(fields):
                 await handler(entry_id, fields)
         return own
 
     def _own_batch(self, handler: Callable[[Entries], Awaitable[None]]) -> Callable[[Entries], Awaitable[None]]:
+        """:meth:`_own` for a handler of a read's entries at once."""
         if self.partition.count == 1:
             return handler
 
         async def own(entries: Entries) -> None:
-            mine = [(entry_id, fields) for entry_id, fields in entries
-                    if self.partition.owns(training_of_payload(fields.get(PAYLOAD_FIELD)))]
+            mine = [(entry_id, fields) for entry_id, fields in entries if self._is_mine(fields)]
             if mine:
                 await handler(mine)
         return own
