@@ -371,9 +371,10 @@ class ErrorFeedback:
                     f"agent '{agent_id}' update has {flat.size} values; its residual has "
                     f"{residual.size} (model changed shape? call reset first)"
                 )
-            flat = flat + residual
+            np.add(flat, residual, out=flat)  # flatten made a copy of its own
         if isinstance(compressor, Quantizer):
-            kept = np.empty(flat.size, np.float32)
+            # The old residual is in ``flat`` now: its buffer takes the new one.
+            kept = np.empty(flat.size, np.float32) if residual is None else residual
             sent = _quantize_flat(flat, tuple(shapes_of(layers)), compressor.bits, compressor.rng,
                                   compressor.block_size, kept)
         else:
