@@ -87,6 +87,8 @@ class UpdateLayout:
     carried: tuple[str, ...] = ()
     clip_norm: float | None = None
     clip_norm_type: NormType = "l2"
+    measure_norms: bool = True
+    """Whether each update's distance from the reference is computed (only its anomaly score uses it)."""
     trained: tuple[str, ...] = field(init=False)
     global_layers: tuple[NDArray[np.floating], ...] = field(init=False)
 
@@ -106,7 +108,7 @@ class UpdateLayout:
 @dataclass(frozen=True)
 class PreparedUpdate:
     """One update's rows (one per trained layer, in the layer's shape), its integer layers to carry,
-    and its distance from the reference (L2, float64)."""
+    and its distance from the reference (L2, float64; NaN unless ``UpdateLayout.measure_norms``)."""
 
     rows: list[NDArray[np.floating]]
     carried: dict[str, NDArray[np.generic]]
@@ -130,8 +132,8 @@ def prepare_update(data: bytes, layout: UpdateLayout, own: NamedLayers | None = 
     if layout.clip_norm is not None:
         layers = clip_update(base, layers, layout.clip_norm, layout.clip_norm_type)
     rows = [update_row(layers[name], base[name], layout.rows) for name in layout.trained]
-    return PreparedUpdate(rows, {name: layers[name] for name in layout.carried},
-                          row_distance(rows, layout.global_layers, layout.rows))
+    norm = row_distance(rows, layout.global_layers, layout.rows) if layout.measure_norms else math.nan
+    return PreparedUpdate(rows, {name: layers[name] for name in layout.carried}, norm)
 
 
 def update_row(layer: NDArray[np.generic], base: NDArray[np.generic], rows: Rows) -> NDArray[np.floating]:

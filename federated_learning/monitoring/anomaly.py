@@ -76,6 +76,16 @@ median 3.9 (sign_flip), 5.1 (label_flip) and 12.5 (gaussian) times it
 (scripts/calibrate-anomaly.py). The lower side cannot fire at this floor: a small update has
 little pull on the aggregate anyway."""
 MIN_UPDATES_FOR_SCORES = 5
+ANOMALY_MAX_VALUES = 50_000_000
+"""Update anomaly scores are skipped above this many values (K x d) to keep rounds fast."""
+
+
+def scores_updates(updates: int, values: int) -> bool:
+    """Whether a job of ``updates`` updates of ``values`` trained values each gets anomaly scores:
+    enough updates for a median, and at most ``ANOMALY_MAX_VALUES`` values in all."""
+    return MIN_UPDATES_FOR_SCORES <= updates and updates * values <= ANOMALY_MAX_VALUES
+
+
 CHUNK_ELEMENTS = 1 << 16
 """Float64 elements per column block when reducing the stack of deltas."""
 

@@ -37,7 +37,7 @@ from federated_learning.aggregation.layouts import (
 from federated_learning.bus.blobs import BlobMissing
 from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
-from federated_learning.monitoring.anomaly import MIN_UPDATES_FOR_SCORES, score_against_median
+from federated_learning.monitoring.anomaly import score_against_median, scores_updates
 from federated_learning.privacy.errors import PrivacyError
 from federated_learning.privacy.secure_session import unmask_weighted_mean
 from federated_learning.protocol.banks import (
@@ -67,6 +67,7 @@ from federated_learning.protocol.tensors import (
     InvalidTensor,
     decode_layers,
     encode_layers,
+    is_float,
 )
 from federated_learning.records.versions import VersionIndex
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
@@ -324,12 +325,14 @@ class Aggregator:
         base = decode_layers(await self.ctx.blobs.get(job.base_digest),
                              max_bytes=self.ctx.settings.max_blob_bytes)
         rows = rows_for(job.algorithm)
+        scoring = scores_updates(len(job.updates), sum(layer.size for name, layer in base.items()
+                                                       if is_float(layer.dtype.name)))
         # Integer layers follow the updates only where the updates are seen whole and unclipped.
         layout = UpdateLayout(
             base=base, rows=rows, max_bytes=self.ctx.settings.max_blob_bytes,
             carried=tuple(carried_names(base)) if job.carry_integers and job.secure is None
             and job.clip_norm is None else (),
-            clip_norm=job.clip_norm, clip_norm_type=job.clip_norm_type)
+            clip_norm=job.clip_norm, clip_norm_type=job.clip_norm_type, measure_norms=scoring)
         if not layout.trained:
             raise AggregationFailed("the model has no float layer to aggregate")
         global_layers: list[NDArray[np.generic]] = list(layout.global_layers)
@@ -374,8 +377,7 @@ class Aggregator:
         state_digest = await self.ctx.blobs.put(encode_layers(state)) if state else None
         # A secure round has no individual updates to score: that is what it hides. Unscored
         # updates are credited their examples.
-        scored = bool(prepared) and len(prepared) >= MIN_UPDATES_FOR_SCORES \
-            and len(prepared) * sum(layer.size for layer in global_layers) <= ANOMALY_MAX_VALUES
+        scored = scoring and scores_updates(len(prepared), sum(layer.size for layer in global_layers))
         log.info("job %s: %s over %d updates in %.3fs", job.job_key, job.algorithm, len(refs), seconds)
         ready = AggregateReady(
             training_id=job.training_id, round=job.round, attempt=job.attempt,
@@ -441,10 +443,6 @@ def use_cores(cores: int) -> None:
     from federated_learning.aggregation import configure_threads
 
     configure_threads(cores)
-
-
-ANOMALY_MAX_VALUES = 50_000_000
-"""Update anomaly scores are skipped above this many slab values (K x d) to keep rounds fast."""
 
 
 def configure_numba(settings_cores: int, data_dir: Path) -> None:

@@ -113,3 +113,15 @@ def test_rules_read_models_except_fedbuff_deltas_and_fedsgd_gradients() -> None:
 def test_rebasing_carries_counters_and_keeps_bools() -> None:
     assert int(rebased(np.array(5), np.array(7), np.array(2))) == 10
     assert rebased(np.array(False), np.array(True), np.array(False)).dtype == np.bool_
+
+
+def test_the_distance_is_left_out_where_the_job_will_not_be_scored() -> None:
+    from federated_learning.monitoring.anomaly import ANOMALY_MAX_VALUES, scores_updates
+
+    update = prepare_update(encode_layers({"w": BASE["w"] + 1.0, "steps": BASE["steps"]}),
+                            layout(measure_norms=False))
+
+    assert np.isnan(update.norm)
+    np.testing.assert_array_equal(update.rows[0], BASE["w"] + 1.0)
+    assert scores_updates(5, 10) and not scores_updates(4, 10)
+    assert scores_updates(69, ANOMALY_MAX_VALUES // 69) and not scores_updates(69, ANOMALY_MAX_VALUES // 69 + 1)
