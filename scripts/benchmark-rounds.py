@@ -443,12 +443,15 @@ def process_usage(processes: list[tuple[int, str]], first: BusSnapshot | None, l
     return rows
 
 
-def kill_leftovers(pids: list[int]) -> None:
-    """SIGKILL the deployment's processes that outlived its stop (none, when it stops cleanly)."""
-    for pid in pids:
+def kill_leftovers(processes: list[psutil.Process]) -> None:
+    """SIGKILL the deployment's processes that outlived its stop (none, when it stops cleanly).
+    A process that ended is not signalled even if its pid was given to another one since: psutil
+    checks the creation time it saw."""
+    for process in processes:
         with contextlib.suppress(psutil.Error):
-            psutil.Process(pid).kill()
-            logger.warning("killed process %s, left after the deployment stopped", pid)
+            if process.is_running():
+                process.kill()
+                logger.warning("killed process %s, left after the deployment stopped", process.pid)
 
 
 # -- our figures ------------------------------------------------------------------------------
@@ -525,7 +528,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     run_started = time.time()
     cluster = LocalCluster(data_dir / "cluster", shards=args.cluster, replicas=args.cluster_replicas,
                            password=secrets.token_hex(16)) if args.cluster else None
-    known_pids: list[int] = []
+    known: list[psutil.Process] = []
     deployment: LocalDeployment | None = None
     try:
         if cluster is not None:
@@ -545,7 +548,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("starting the deployment (logs in %s)", data_dir / "logs")
         deployment.start()
         assert deployment.process is not None
-        known_pids = [p.pid for p in psutil.Process(deployment.process.pid).children(recursive=True)]
+        known = psutil.Process(deployment.process.pid).children(recursive=True)
         return train_and_measure(args, deployment, groups, run_started, cluster)
     except DeploymentFailed as exc:
         first, *rest = str(exc).splitlines()
@@ -555,7 +558,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
             if deployment is not None:
                 deployment.stop()
         finally:
-            kill_leftovers(known_pids)
+            kill_leftovers(known)
             if cluster is not None:
                 cluster.stop()
 
