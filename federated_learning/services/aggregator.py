@@ -70,6 +70,7 @@ from federated_learning.protocol.tensors import (
     is_float,
 )
 from federated_learning.records.versions import VersionIndex
+from federated_learning.services.process_memory import retain_freed_memory
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
 from federated_learning.services.update_cache import UpdateCache, describe_refusal
 from federated_learning.types import BlobDigest, NamedLayers
@@ -496,6 +497,7 @@ def warm_up_memory_banks() -> None:
 async def _main(args: argparse.Namespace) -> None:
     settings = load_settings(args.config)
     setup_logging(settings.log_level, f"aggregator-{args.instance}")
+    retain_freed_memory()
     configure_numba(settings.cpu_cores, settings.data_dir)
     from federated_learning.aggregation import configure_threads
 
