@@ -305,41 +305,60 @@ async function refreshAgents() {
     `${counts.alive || 0} alive, ${counts.left || 0} left, ${counts.silent || 0} silent of ${agents.length}`;
 }
 
+// Rows are kept and updated in place, keyed by training and version: a row (and the button
+// a user is about to click) is never rebuilt while rounds commit new versions above it.
+let versionsRequest = 0;
 async function refreshVersions() {
   if (!state.selected) return;
-  const [versions, status] = await Promise.all([getJSON(`/api/training/${state.selected}/versions`),
-                                                getJSON(`/api/training/${state.selected}/status`)]);
+  const trainingId = state.selected;
+  const request = ++versionsRequest;
+  const [versions, status] = await Promise.all([getJSON(`/api/training/${trainingId}/versions`),
+                                                getJSON(`/api/training/${trainingId}/status`)]);
+  if (request !== versionsRequest) return;  // a newer refresh started meanwhile and wins
   const current = status.current_version;
   document.getElementById("versions").dataset.currentVersion = current ?? "";
   const body = document.querySelector("#versions tbody");
-  body.replaceChildren();
-  for (const v of versions.slice().reverse().slice(0, 30)) {
-    const row = body.insertRow();
-    row.dataset.version = v.version;
-    row.dataset.parent = v.parent_version ?? "";
-    if (v.version === current) row.className = "current";
-    const pick = document.createElement("input");
-    pick.type = "checkbox";
-    pick.checked = state.compare.includes(v.version);
-    pick.onchange = () => toggleCompare(v.version, pick.checked);
-    row.insertCell().appendChild(pick);
-    cell(row, v.version);
-    cell(row, v.round);
-    cell(row, v.parent_version ?? "–");
-    cell(row, v.contributors.length);
-    cell(row, v.privacy.level + (v.privacy.epsilon_spent ? ` ε=${fmt(v.privacy.epsilon_spent, 2)}` : ""));
-    const actions = row.insertCell();
-    const download = document.createElement("a");
-    download.href = "#";
-    const trainingId = state.selected;
-    download.onclick = (event) => { event.preventDefault(); downloadModel(trainingId, v.version).catch((e) => alert(e.message)); };
-    download.textContent = "download";
-    const rollback = document.createElement("button");
-    rollback.textContent = "roll back here";
-    rollback.className = "rollback";
-    rollback.onclick = () => requestRollback(v.version);
-    actions.append(download, " ", rollback);
+  const kept = new Map([...body.rows].map(row => [row.dataset.key, row]));
+  const shown = versions.slice().reverse().slice(0, 30);
+  let previous = null;
+  for (const v of shown) {
+    const key = `${trainingId}:${v.version}`;
+    const row = kept.get(key) ?? versionRow(trainingId, v, key);
+    kept.delete(key);
+    row.className = v.version === current ? "current" : "";
+    row.querySelector("input").checked = state.compare.includes(v.version);
+    const next = previous ? previous.nextSibling : body.firstChild;
+    if (row !== next) body.insertBefore(row, next);
+    previous = row;
   }
+  for (const stale of kept.values()) stale.remove();
+}
+
+function versionRow(trainingId, v, key) {
+  const row = document.createElement("tr");
+  row.dataset.key = key;
+  row.dataset.version = v.version;
+  row.dataset.parent = v.parent_version ?? "";
+  const pick = document.createElement("input");
+  pick.type = "checkbox";
+  pick.onchange = () => toggleCompare(v.version, pick.checked);
+  row.insertCell().appendChild(pick);
+  cell(row, v.version);
+  cell(row, v.round);
+  cell(row, v.parent_version ?? "–");
+  cell(row, v.contributors.length);
+  cell(row, v.privacy.level + (v.privacy.epsilon_spent ? ` ε=${fmt(v.privacy.epsilon_spent, 2)}` : ""));
+  const actions = row.insertCell();
+  const download = document.createElement("a");
+  download.href = "#";
+  download.onclick = (event) => { event.preventDefault(); downloadModel(trainingId, v.version).catch((e) => alert(e.message)); };
+  download.textContent = "download";
+  const rollback = document.createElement("button");
+  rollback.textContent = "roll back here";
+  rollback.className = "rollback";
+  rollback.onclick = () => requestRollback(v.version);
+  actions.append(download, " ", rollback);
+  return row;
 }
 
 async function requestRollback(version) {
