@@ -101,23 +101,40 @@ function accuracyCell(row, t) {
   }
 }
 
+let trainingsRequest = 0;
 async function refreshTrainings() {
+  const request = ++trainingsRequest;
   const trainings = await getJSON("/api/trainings");
+  if (request !== trainingsRequest) return;  // a newer refresh started meanwhile and wins
   state.trainings = trainings;
   const body = document.querySelector("#trainings tbody");
-  body.replaceChildren();
+  // Rows stay (keyed by training) and only their cells change, so a click lands while rounds finish.
+  const kept = new Map([...body.rows].map(row => [row.dataset.key, row]));
+  let previous = null;
   for (const t of trainings) {
-    const row = body.insertRow();
-    if (t.training_id === state.selected) row.className = "selected";
-    cell(row, t.training_id);
-    cell(row, t.config.name);
-    cell(row, t.status + (t.reason ? ` (${t.reason})` : ""), t.status);
-    cell(row, `${t.completed_rounds}/${t.config.rounds}`);
-    cell(row, t.current_version ?? "–");
-    accuracyCell(row, t);
-    cell(row, fmt(t.epsilon_spent, 2));
-    row.onclick = () => { state.selected = t.training_id; state.compare = []; refreshMetrics(); refreshTrainings(); refreshVersions(); refreshPrivacy(); };
+    const fresh = document.createElement("tr");
+    cell(fresh, t.training_id);
+    cell(fresh, t.config.name);
+    cell(fresh, t.status + (t.reason ? ` (${t.reason})` : ""), t.status);
+    cell(fresh, `${t.completed_rounds}/${t.config.rounds}`);
+    cell(fresh, t.current_version ?? "–");
+    accuracyCell(fresh, t);
+    cell(fresh, fmt(t.epsilon_spent, 2));
+    let row = kept.get(t.training_id);
+    kept.delete(t.training_id);
+    if (!row) {
+      row = fresh;
+      row.dataset.key = t.training_id;
+      row.onclick = () => { state.selected = t.training_id; state.compare = []; refreshMetrics(); refreshTrainings(); refreshVersions(); refreshPrivacy(); };
+    } else if (row.innerHTML !== fresh.innerHTML) {
+      row.replaceChildren(...fresh.childNodes);
+    }
+    row.className = t.training_id === state.selected ? "selected" : "";
+    const next = previous ? previous.nextSibling : body.firstChild;
+    if (row !== next) body.insertBefore(row, next);
+    previous = row;
   }
+  for (const stale of kept.values()) stale.remove();
   if (!state.selected && trainings.length) { state.selected = trainings[0].training_id; refreshMetrics(); refreshVersions(); refreshPrivacy(); }
   showModelAccuracy();
 }
