@@ -191,8 +191,7 @@ def _block_grid(
 
 
 QUANTIZE_CHUNK_VALUES = 1 << 16
-"""Values quantized per kernel call, with their random draws (256 KiB of them): they stay in the
-CPU's cache."""
+"""Values NumPy decompresses per pass, so that its float64 temporaries stay in the CPU's cache."""
 
 
 def quantize(
@@ -202,10 +201,10 @@ def quantize(
 
     With t = (x - min) / step in [0, L], L = 2**bits - 1, the code is floor(t) + 1 with
     probability t - floor(t), else floor(t); decoded min + code * step has expectation x (to within
-    2**-32 of a step: the draws are uint32, see
+    2**-31 of a step: the draws are 31 bits, see
     :data:`~federated_learning.privacy.quantization_kernels.UNIFORM_SCALE`). bits is 8 (one code
-    per byte) or 4 (two codes per byte, low nibble first). The draws come from ``rng`` in order,
-    so the codes do not depend on how the work is chunked.
+    per byte) or 4 (two codes per byte, low nibble first). ``rng`` gives one uint64 per update, the
+    seed of the per-value draws (:func:`~federated_learning.privacy.quantization_kernels.draw`).
     """
     flat = (np.concatenate([np.asarray(layer).ravel() for layer in layers]) if len(layers)
             else np.zeros(0, np.float32))
@@ -231,16 +230,9 @@ def _quantize_flat(flat: NDArray[np.floating], shapes: tuple[tuple[int, ...], ..
         raise ValueError("cannot quantize an update with NaN or infinite values")
     minimum, step = _block_grid(lowest, highest, levels)
     codes = np.empty(flat.size, np.uint8)
-    no_residual = np.empty(0, np.float32)
-    # An even number of values per chunk: each uint64 draw gives two uint32s, so the stream of
-    # draws (and the codes) is the same for every chunk size.
-    chunk = 2 * block_size * max(1, QUANTIZE_CHUNK_VALUES // (2 * block_size))
-    for start in range(0, flat.size, chunk):
-        stop = min(flat.size, start + chunk)
-        uniforms = rng.integers(0, 1 << 64, (stop - start + 1) // 2, dtype=np.uint64).view(np.uint32)
-        stochastic_codes(flat[start:stop], start // block_size, block_size, minimum, step, levels,
-                         uniforms, codes[start:stop],
-                         no_residual if residual is None else residual[start:stop])
+    seed = rng.integers(0, 1 << 64, dtype=np.uint64)
+    stochastic_codes(flat, block_size, minimum, step, levels, seed, codes,
+                     np.empty(0, np.float32) if residual is None else residual)
     if bits == 4:
         codes = np.pad(codes, (0, codes.size % 2))
         codes = (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8, copy=False)
@@ -314,7 +306,7 @@ def decompress(compressed: CompressedUpdate) -> list[NDArray[np.float32]]:
             codes = np.stack([codes & 0x0F, codes >> 4], axis=1).ravel()
         block_size = compressed.block_size
         chunk_blocks = max(1, QUANTIZE_CHUNK_VALUES // block_size)
-        for first in range(0, minimum.size, chunk_blocks):  # in cache, as `quantize`
+        for first in range(0, minimum.size, chunk_blocks):  # in cache
             last = min(minimum.size, first + chunk_blocks)
             start, stop = first * block_size, min(last * block_size, compressed.size)
             by_block = np.zeros((last - first) * block_size, np.uint8)

@@ -17,17 +17,33 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-UNIFORM_SCALE = 2.0**32
-"""Stochastic rounding compares a uint32 draw u with fraction * 2**32: P(round up) is the fraction
-rounded up to a multiple of 2**-32, unbiased to within 2**-32 of a step (float32 keeps 24 bits)."""
+UNIFORM_SCALE = 2.0**31
+"""Stochastic rounding compares a 31-bit draw u with fraction * 2**31: P(round up) is the fraction
+rounded up to a multiple of 2**-31, unbiased to within 2**-31 of a step (float32 keeps 24 bits)."""
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_2 = np.uint64(0x94D049BB133111EB)
 
 
 @njit(cache=True, nogil=True)
-def _codes_of_block(values, low, width, top, uniforms, codes):  # type: ignore[no-untyped-def]
+def draw(seed, index):  # type: ignore[no-untyped-def]
+    """Value ``index``'s draw: the top 31 bits of output ``index + 1`` of SplitMix64 started at
+    ``seed`` (a uint64), as an int32. Computed from the index alone, so the draws need no memory,
+    no order and no generator calls, and the loop that uses them still vectorises (31 bits convert to
+    float64 with AVX2; 32 would not)."""
+    z = seed + np.uint64(index + 1) * _GAMMA
+    z = (z ^ (z >> np.uint64(30))) * _MIX_1
+    z = (z ^ (z >> np.uint64(27))) * _MIX_2
+    return np.int32((z ^ (z >> np.uint64(31))) >> np.uint64(33))
+
+
+@njit(cache=True, nogil=True)
+def _codes_of_block(values, low, width, top, seed, first, codes):  # type: ignore[no-untyped-def]
     for j in range(values.size):  # branch-free over slices of one block, so that it vectorises
         scaled = (np.float64(values[j]) - low) / width
         lower = np.floor(scaled)
-        up = np.float64(uniforms[j]) < (scaled - lower) * UNIFORM_SCALE
+        up = np.float64(draw(seed, first + j)) < (scaled - lower) * UNIFORM_SCALE
         codes[j] = np.uint8(min(lower + up, top))
 
 
@@ -39,11 +55,11 @@ def _residual_of_block(values, low, width, codes, residual):  # type: ignore[no-
 
 @njit(cache=True, nogil=True)
 def stochastic_codes(  # type: ignore[no-untyped-def]
-        values, first_block, block_size, minimum, step, levels, uniforms, codes, residual):
-    """codes[i] = min(floor(t) + (uniforms[i] < frac(t) * 2**32), levels) for
-    t = (values[i] - minimum[b]) / step[b] in float64 (step 0 counts as 1), where block
-    b = first_block + i // block_size: ``values`` starts at a block boundary. (The minimum is
-    needed only where float64 rounding puts a block's maximum a hair above ``levels``.)
+        values, block_size, minimum, step, levels, seed, codes, residual):
+    """codes[i] = min(floor(t) + (draw(seed, i) < frac(t) * 2**31), levels) for
+    t = (values[i] - minimum[b]) / step[b] in float64 (step 0 counts as 1), b = i // block_size.
+    (The minimum is needed only where float64 rounding puts a block's maximum a hair above
+    ``levels``.)
 
     When ``residual`` has values.size entries it receives values[i] minus the decoded value
     float32(minimum[b] + codes[i] * step[b]) (what error feedback keeps), in float32; give it
@@ -53,10 +69,9 @@ def stochastic_codes(  # type: ignore[no-untyped-def]
     for k in range(-(-values.size // block_size)):
         i = k * block_size
         end = min(values.size, i + block_size)
-        low = np.float64(minimum[first_block + k])
-        width = np.float64(step[first_block + k])
-        _codes_of_block(values[i:end], low, width if width > 0 else 1.0, top, uniforms[i:end],
-                        codes[i:end])
+        low = np.float64(minimum[k])
+        width = np.float64(step[k])
+        _codes_of_block(values[i:end], low, width if width > 0 else 1.0, top, seed, i, codes[i:end])
         if residual.size == values.size:
             _residual_of_block(values[i:end], low, width, codes[i:end], residual[i:end])
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load, save
 
-from federated_learning.privacy import compression
 from federated_learning.privacy.compression import (
     CompressedUpdate,
     CompressionMethod,
@@ -253,23 +252,29 @@ def test_a_quantized_update_with_more_or_fewer_codes_than_values_is_refused(extr
         decompress(tampered)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("block_size", [1, 7, 1024, 5000])
-def test_quantizing_a_chunk_at_a_time_gives_the_codes_of_one_pass(
-        monkeypatch: pytest.MonkeyPatch, bits: int, block_size: int) -> None:
-    """The blocks are quantized a cache-sized chunk at a time; the chunk size (here down to one
-    block, and up to the whole update) changes neither the codes nor the grid, since the random
-    draws come in the same order."""
-    rng = np.random.default_rng(7)
-    layers = [rng.standard_normal(12_345).astype(np.float32), rng.standard_normal((30, 7))]
-    monkeypatch.setattr(compression, "QUANTIZE_CHUNK_VALUES", 1 << 30)
-    whole = quantize(layers, bits, np.random.default_rng(3), block_size)
-    decoded = np.concatenate([a.ravel() for a in decompress(whole)])
-    monkeypatch.setattr(compression, "QUANTIZE_CHUNK_VALUES", 1)
-    chunked = quantize(layers, bits, np.random.default_rng(3), block_size)
-    for name in ("codes", "minimum", "step"):
-        np.testing.assert_array_equal(chunked.arrays[name], whole.arrays[name])
-    np.testing.assert_array_equal(np.concatenate([a.ravel() for a in decompress(chunked)]), decoded)
+def _splitmix_draws(seed: int, count: int) -> np.ndarray:
+    """The NumPy reference of the per-value draws: the top 31 bits of SplitMix64's outputs 1..count
+    from state ``seed`` (uint64 arithmetic wraps)."""
+    z = np.uint64(seed) + np.arange(1, count + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return (z ^ (z >> np.uint64(31))) >> np.uint64(33)
+
+
+def test_the_per_value_draws_are_splitmix64_and_look_uniform() -> None:
+    from federated_learning.privacy.quantization_kernels import draw
+
+    seed = 0x0123456789ABCDEF
+    draws = _splitmix_draws(seed, 200_000)
+    assert [int(draw(np.uint64(seed), j)) for j in range(5)] == [int(d) for d in draws[:5]]
+    # SplitMix64 from state 0: its published first output is 0xE220A8397B1DCDAF.
+    assert int(_splitmix_draws(0, 1)[0]) == 0xE220A8397B1DCDAF >> 33
+    fractions = draws / 2.0**31
+    assert abs(fractions.mean() - 0.5) < 0.005 and abs(fractions.var() - 1 / 12) < 0.002
+    counts = np.bincount((fractions * 16).astype(int), minlength=16)
+    chi2 = float((((counts - draws.size / 16) ** 2) / (draws.size / 16)).sum())
+    assert chi2 < 40  # 15 degrees of freedom: 40 is beyond p = 0.0005
+    assert np.corrcoef(fractions[:-1], fractions[1:])[0, 1] < 0.01
 
 
 def test_a_quantized_update_may_not_declare_a_block_the_server_would_have_to_allocate() -> None:
@@ -282,20 +287,20 @@ def test_a_quantized_update_may_not_declare_a_block_the_server_would_have_to_all
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("block_size", [1, 64, 1000])
 def test_quantized_codes_equal_the_numpy_reference(bits: int, block_size: int) -> None:
-    """floor(t) + (u < frac(t) * 2**32), at most the top level, with t = (x - minimum) / step per
-    block and u the uint32 halves of the generator's uint64 draws, in order."""
+    """floor(t) + (u < frac(t) * 2**31), at most the top level, with t = (x - minimum) / step per
+    block and u value i's SplitMix64 draw from the update's seed, the generator's first uint64."""
     rng = np.random.default_rng(11)
     x = np.concatenate([rng.normal(size=5_001), np.zeros(block_size), [3.0] * 7]).astype(np.float32)
     compressed = quantize([x], bits, np.random.default_rng(4), block_size)
 
-    draws = np.random.default_rng(4).integers(0, 1 << 64, (x.size + 1) // 2, dtype=np.uint64)
-    uniforms = draws.view(np.uint32)[: x.size].astype(np.float64)
+    seed = int(np.random.default_rng(4).integers(0, 1 << 64, dtype=np.uint64))
+    uniforms = _splitmix_draws(seed, x.size).astype(np.float64)
     block = np.arange(x.size) // block_size
     minimum = compressed.arrays["minimum"].astype(np.float64)[block]
     step = compressed.arrays["step"].astype(np.float64)[block]
     scaled = (x.astype(np.float64) - minimum) / np.where(step > 0, step, 1.0)
     lower = np.floor(scaled)
-    expected = np.minimum(lower + (uniforms < (scaled - lower) * 2.0**32), 2**bits - 1).astype(np.uint8)
+    expected = np.minimum(lower + (uniforms < (scaled - lower) * 2.0**31), 2**bits - 1).astype(np.uint8)
     codes = np.asarray(compressed.arrays["codes"])
     if bits == 4:
         codes = np.stack([codes & 0x0F, codes >> 4], axis=1).ravel()[: x.size]
