@@ -18,7 +18,7 @@ from numba import njit
 from numpy.typing import NDArray
 
 from federated_learning.privacy.mechanisms import NormType, clip_update
-from federated_learning.protocol.messages import ASYNC_ALGORITHMS
+from federated_learning.protocol.messages import ASYNC_ALGORITHMS, SECURE_ALGORITHMS
 from federated_learning.protocol.tensors import InvalidTensor, is_float, spec_of
 from federated_learning.protocol.updates import decode_update, is_compressed
 from federated_learning.types import NamedLayers
@@ -43,6 +43,13 @@ def rows_for(algorithm: str) -> Rows:
     if algorithm in ASYNC_ALGORITHMS:
         return Rows.DELTAS
     return Rows.GRADIENTS if algorithm == "fedsgd" else Rows.MODELS
+
+
+def folds_updates(algorithm: str, scored: bool) -> bool:
+    """Whether a job takes its updates' example-weighted mean as one row (``WeightedSum``) instead
+    of every update: its rule needs only the mean (the rules a secure round may use), and its
+    updates are not scored (scores need each update)."""
+    return algorithm in SECURE_ALGORITHMS and not scored
 
 
 def rebased(base: np.ndarray, model: np.ndarray, own: np.ndarray) -> np.ndarray:

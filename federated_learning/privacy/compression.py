@@ -293,7 +293,8 @@ def _quantized_arrays(compressed: CompressedUpdate) -> tuple[NDArray[np.uint8], 
 
 
 def decompress(compressed: CompressedUpdate) -> list[NDArray[np.float32]]:
-    """Dense float32 layers of the original shapes."""
+    """Dense float32 layers of the original shapes (a value beyond float32's range becomes
+    infinite: whoever applies the delta refuses it)."""
     flat = np.zeros(compressed.size, dtype=np.float32)
     if compressed.method in _SPARSE:
         indices = np.asarray(compressed.arrays["indices"], dtype=np.int64)
@@ -311,10 +312,15 @@ def decompress(compressed: CompressedUpdate) -> list[NDArray[np.float32]]:
             start, stop = first * block_size, min(last * block_size, compressed.size)
             by_block = np.zeros((last - first) * block_size, np.uint8)
             by_block[: stop - start] = codes[start:stop]
-            flat[start:stop] = (minimum[first:last].astype(np.float64)[:, None]
-                                + by_block.reshape(last - first, block_size)
-                                * step[first:last].astype(np.float64)[:, None]).ravel()[: stop - start]
+            with np.errstate(over="ignore"):
+                flat[start:stop] = (minimum[first:last].astype(np.float64)[:, None]
+                                    + by_block.reshape(last - first, block_size)
+                                    * step[first:last].astype(np.float64)[:, None]).ravel()[: stop - start]
     return [np.asarray(layer, dtype=np.float32) for layer in unflatten(flat, compressed.shapes)]
+
+
+class NonFiniteResult(ValueError):
+    """A decompressed delta that overflows on its base: the update's model holds NaN or Inf."""
 
 
 def decompress_onto(compressed: CompressedUpdate,
@@ -322,22 +328,28 @@ def decompress_onto(compressed: CompressedUpdate,
     """Each base layer plus its part of the decompressed delta, in float64, rounded to the base
     layer's dtype: ``(base.astype(float64) + decompress(compressed)[i]).astype(base.dtype)``, in one
     pass per float32 layer of a quantized update (no dense delta is built for those), by a Numba
-    kernel."""
+    kernel. Raises :class:`NonFiniteResult` when a value of the result is NaN or Inf."""
     if [tuple(base.shape) for base in bases] != [tuple(shape) for shape in compressed.shapes]:
         raise ValueError(f"the update has shapes {list(compressed.shapes)[:8]}; the bases "
                          f"{[tuple(base.shape) for base in bases][:8]}")
     if compressed.method in _SPARSE or any(base.dtype != np.float32 for base in bases):
-        return [(np.asarray(base).astype(np.float64) + delta).astype(base.dtype)
-                for base, delta in zip(bases, decompress(compressed), strict=True)]
+        with np.errstate(over="ignore"):  # found below, as the kernel finds it
+            moved = [(np.asarray(base).astype(np.float64) + delta).astype(base.dtype)
+                     for base, delta in zip(bases, decompress(compressed), strict=True)]
+        for k, layer in enumerate(moved):
+            if not np.isfinite(layer).all():
+                raise NonFiniteResult(f"layer {k} of the update's model contains NaN or Inf")
+        return moved
     from federated_learning.privacy.quantization_kernels import dequantize_onto
 
     codes, bits, minimum, step = _quantized_arrays(compressed)
     layers: list[NDArray[np.generic]] = []
     start = 0
-    for base in bases:
+    for k, base in enumerate(bases):
         out = np.empty(base.shape, np.float32)
-        dequantize_onto(codes, bits, minimum, step, compressed.block_size, start,
-                        np.ascontiguousarray(base).reshape(-1), out.reshape(-1))
+        if not dequantize_onto(codes, bits, minimum, step, compressed.block_size, start,
+                               np.ascontiguousarray(base).reshape(-1), out.reshape(-1)):
+            raise NonFiniteResult(f"layer {k} of the update's model contains NaN or Inf")
         layers.append(out)
         start += base.size
     return layers

@@ -91,10 +91,19 @@ def _onto_4(packed, first, low, width, base, out):  # type: ignore[no-untyped-de
         out[t] = np.float32(np.float64(base[t]) + np.float64(delta))
 
 
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _finite(values):  # type: ignore[no-untyped-def]
+    probe = np.float32(0.0)  # x * 0 is 0 for finite x, else NaN: one vectorised sum tests them all
+    for t in range(values.size):
+        probe += values[t] * np.float32(0.0)
+    return probe == 0.0
+
+
 @njit(cache=True, nogil=True)
 def dequantize_onto(codes, bits, minimum, step, block_size, start, base, out):  # type: ignore[no-untyped-def]
     """out[i] = float32(base[i] + delta_j) in float64, with delta_j = float32(minimum[b] + c_j * step[b])
-    in float64 (a decompressed delta), j = start + i and b = j // block_size.
+    in float64 (a decompressed delta), j = start + i and b = j // block_size. Returns whether every
+    out[i] is finite (checked a block at a time while it is in cache).
 
     c_j is code j: byte j (8 bits), or nibble j of the packed bytes, low nibble first (4 bits).
     codes: uint8; minimum, step: float32, one per block; base, out: (n,) float32. One pass, a
@@ -102,6 +111,7 @@ def dequantize_onto(codes, bits, minimum, step, block_size, start, base, out):  
     temporaries; the typed wrapper
     :func:`~federated_learning.privacy.compression.decompress_onto` checks the sizes first.
     """
+    finite = True
     i = 0
     while i < out.size:
         b = (start + i) // block_size
@@ -111,4 +121,6 @@ def dequantize_onto(codes, bits, minimum, step, block_size, start, base, out):  
             _onto_8(codes[start + i:start + end], low, width, base[i:end], out[i:end])
         else:
             _onto_4(codes, start + i, low, width, base[i:end], out[i:end])
+        finite = _finite(out[i:end]) and finite
         i = end
+    return finite

@@ -16,7 +16,12 @@ import numpy as np
 from numpy.typing import NDArray
 from safetensors.numpy import save as _st_save
 
-from federated_learning.privacy.compression import CompressedUpdate, decompress, decompress_onto
+from federated_learning.privacy.compression import (
+    CompressedUpdate,
+    NonFiniteResult,
+    decompress,
+    decompress_onto,
+)
 from federated_learning.protocol.tensors import (
     ALLOWED_DTYPES,
     InvalidTensor,
@@ -25,6 +30,7 @@ from federated_learning.protocol.tensors import (
     is_float,
     layout_mismatch,
     read_layout,
+    spec_of,
     validate_layers,
 )
 from federated_learning.types import NamedLayers
@@ -58,6 +64,8 @@ def _compressed_update(data: bytes, spec: LayerSpec, max_bytes: int) -> Compress
 def _expanded(expand: Callable[[], list[NDArray[np.generic]]]) -> list[NDArray[np.generic]]:
     try:
         return expand()
+    except NonFiniteResult as exc:
+        raise InvalidTensor("not_finite", str(exc)) from exc
     except (KeyError, ValueError, IndexError) as exc:
         raise InvalidTensor("bad_blob", f"not a valid compressed update: {exc}") from exc
 
@@ -106,9 +114,11 @@ def decode_update(data: bytes, spec: LayerSpec, *, max_bytes: int,
         return delta
     update = _compressed_update(data, floats, max_bytes)
     bases = [np.asarray(base[name]).astype(dtype, copy=False) for name, (_shape, dtype) in floats.items()]
+    # decompress_onto checks the values it writes are finite, while they are in cache.
     moved = dict(zip(floats, _expanded(lambda: decompress_onto(update, bases)), strict=True))
     layers = {name: moved.get(name, base[name]) for name in spec}
-    validate_layers(layers, spec)
+    if (problem := layout_mismatch(spec_of(layers), spec)) is not None:
+        raise problem
     return layers
 
 

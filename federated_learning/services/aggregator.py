@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +26,7 @@ from federated_learning.aggregation.inputs import (
     PreparedUpdate,
     Rows,
     UpdateLayout,
+    folds_updates,
     prepare_update,
     rows_for,
 )
@@ -34,6 +36,7 @@ from federated_learning.aggregation.layouts import (
     restore_dtype,
     trained_names,
 )
+from federated_learning.aggregation.streaming import WeightedSum
 from federated_learning.bus.blobs import BlobMissing
 from federated_learning.bus.consumer import StreamConsumer
 from federated_learning.config import load_settings
@@ -87,6 +90,11 @@ class AggregationFailed(RuntimeError):
     """A job that cannot produce a model (too few valid updates, or the rule refused)."""
 
 
+Upload = bytes | BlobMissing | InvalidTensor
+"""An update's bytes, checked against its digest, or why it could not be read."""
+FOLDED_GROUP = 8
+"""Updates decoded at once (and folded together) when a job takes only their weighted mean."""
+
 ACCEPTED_PER_READ = 128
 """Accepted updates read (and fetched concurrently) at once."""
 REFUSED_MAXLEN = 100_000
@@ -119,6 +127,8 @@ class Aggregator:
         )
         self._pool: ThreadPoolExecutor | None = None
         self._scoring: set[asyncio.Task[None]] = set()
+        # The model this worker wrote last, by digest: usually the next round's base.
+        self._written: tuple[BlobDigest, NamedLayers] | None = None
 
     @property
     def pool(self) -> ThreadPoolExecutor:
@@ -202,12 +212,27 @@ class Aggregator:
                 bases[digest] = exc
         return bases
 
-    async def _load_updates(self, job: AggregationJob,
-                            layout: UpdateLayout) -> tuple[list[UpdateRef], list[PreparedUpdate]]:
-        """Fetch, check and decode the job's updates concurrently; refuse each invalid one (agent and
-        reason) and return the valid ones in job order. Fails the job when fewer than
-        ``job.min_updates`` are valid."""
+    async def _checked_uploads(self, job: AggregationJob) -> tuple[list[Upload], set[int]]:
+        """Each update's bytes, checked against its digest (kept by the read-ahead, else fetched
+        now), or why it is invalid; and the positions whose problem the read-ahead reported."""
+        self.cache.job_started(job.training_id, job.round)
+        kept = [self.cache.get((ref.digest, ref.agent_id)) for ref in job.updates]
+        uploads: list[Upload | None] = [await verdict if verdict is not None else None for verdict in kept]
+        reported = {k for k, upload in enumerate(uploads) if isinstance(upload, (BlobMissing, InvalidTensor))}
+        missing = [k for k, upload in enumerate(uploads) if upload is None]
+        if missing:
+            fetched = await self.ctx.blobs.get_each(
+                [(job.updates[k].digest, job.updates[k].agent_id) for k in missing],
+                lambda _i, data: data, executor=self.pool)
+            for k, upload in zip(missing, fetched, strict=True):
+                uploads[k] = upload
+        return [upload for upload in uploads if upload is not None], reported
+
+    async def _preparer(self, job: AggregationJob, layout: UpdateLayout
+                        ) -> Callable[[int, Upload], Awaitable[PreparedUpdate | BlobMissing | InvalidTensor]]:
+        """Decode, check and lay out update k of the job on the pool (``prepare_update``)."""
         own_bases = await self._own_bases(job)
+        loop = asyncio.get_running_loop()
 
         def prepare(k: int, data: bytes) -> PreparedUpdate:
             own = own_bases.get(job.updates[k].model_digest or "")
@@ -215,41 +240,84 @@ class Aggregator:
                 raise own
             return prepare_update(data, layout, own)
 
-        loop = asyncio.get_running_loop()
-        self.cache.job_started(job.training_id, job.round)
-        kept = [self.cache.get((ref.digest, ref.agent_id)) for ref in job.updates]
-        verdicts = [await verdict if verdict is not None else None for verdict in kept]
-
-        async def prepare_kept(k: int, verdict: bytes | BlobMissing | InvalidTensor
-                               ) -> PreparedUpdate | BlobMissing | InvalidTensor:
-            if isinstance(verdict, (BlobMissing, InvalidTensor)):
-                return verdict
+        async def prepared(k: int, upload: Upload) -> PreparedUpdate | BlobMissing | InvalidTensor:
+            if isinstance(upload, (BlobMissing, InvalidTensor)):
+                return upload
             try:
-                return await loop.run_in_executor(self.pool, prepare, k, verdict)
+                return await loop.run_in_executor(self.pool, prepare, k, upload)
             except (BlobMissing, InvalidTensor) as exc:
                 return exc
 
-        missing = [k for k, verdict in enumerate(verdicts) if verdict is None]
-        fetched = iter(await self.ctx.blobs.get_each(
-            [(job.updates[k].digest, job.updates[k].agent_id) for k in missing],
-            lambda i, data: prepare(missing[i], data), executor=self.pool) if missing else [])
-        ready = await asyncio.gather(*(prepare_kept(k, verdict) for k, verdict in enumerate(verdicts)
-                                       if verdict is not None))
-        from_cache = iter(ready)
-        loaded = [next(fetched) if verdict is None else next(from_cache) for verdict in verdicts]
+        return prepared
+
+    async def _load_updates(self, job: AggregationJob,
+                            layout: UpdateLayout) -> tuple[list[UpdateRef], list[PreparedUpdate]]:
+        """Check and decode the job's updates concurrently; refuse each invalid one (agent and
+        reason) and return the valid ones in job order. Fails the job when fewer than
+        ``job.min_updates`` are valid."""
+        uploads, reported = await self._checked_uploads(job)
+        prepared = await self._preparer(job, layout)
+        loaded = await asyncio.gather(*(prepared(k, upload) for k, upload in enumerate(uploads)))
         refs: list[UpdateRef] = []
-        prepared: list[PreparedUpdate] = []
-        for ref, result, verdict in zip(job.updates, loaded, verdicts, strict=True):
+        valid: list[PreparedUpdate] = []
+        for k, (ref, result) in enumerate(zip(job.updates, loaded, strict=True)):
             if isinstance(result, (BlobMissing, InvalidTensor)):
-                if not isinstance(verdict, (BlobMissing, InvalidTensor)):  # else reported when it was read
+                if k not in reported:
                     await self._refuse(job, ref, result)
                 continue
             refs.append(ref)
-            prepared.append(result)
-        if len(refs) < job.min_updates or not refs:
-            raise AggregationFailed(f"{len(refs)} of {len(job.updates)} updates are valid; "
+            valid.append(result)
+        self._check_enough(job, len(refs))
+        return refs, valid
+
+    async def _fold_updates(self, job: AggregationJob, layout: UpdateLayout
+                            ) -> tuple[list[UpdateRef], WeightedSum, list[dict[str, NDArray[np.generic]]]]:
+        """The job's valid updates folded into their example-weighted sum, FOLDED_GROUP at a time
+        (decoded concurrently, then folded in job order), so that the expanded updates of a group
+        are all that exist at once; each invalid one refused. Also each valid update's carried
+        integer layers. Fails the job when fewer than ``job.min_updates`` are valid."""
+        uploads, reported = await self._checked_uploads(job)
+        prepared = await self._preparer(job, layout)
+        total = WeightedSum(layout.global_layers)
+        refs: list[UpdateRef] = []
+        carried: list[dict[str, NDArray[np.generic]]] = []
+        groups = [range(first, min(len(uploads), first + FOLDED_GROUP))
+                  for first in range(0, len(uploads), FOLDED_GROUP)]
+
+        def decode(group: range) -> asyncio.Future[list[PreparedUpdate | BlobMissing | InvalidTensor]]:
+            return asyncio.gather(*(prepared(k, uploads[k]) for k in group))
+
+        pending = decode(groups[0]) if groups else None
+        for index, group in enumerate(groups):
+            assert pending is not None
+            loaded = await pending
+            if index + 1 < len(groups):  # the pool decodes the next group while this one is folded
+                pending = decode(groups[index + 1])
+                await asyncio.sleep(0)
+            rows: list[list[NDArray[np.floating]]] = []
+            weights: list[float] = []
+            for k, result in zip(group, loaded, strict=True):
+                ref = job.updates[k]
+                if isinstance(result, (BlobMissing, InvalidTensor)):
+                    if k not in reported:
+                        await self._refuse(job, ref, result)
+                    continue
+                refs.append(ref)
+                carried.append(result.carried)
+                rows.append(result.rows)
+                weights.append(float(ref.num_examples))
+            try:
+                total.add(rows, weights)  # on this thread, as the rules run: one parallel kernel at a time
+            except ValueError as exc:
+                raise AggregationFailed(str(exc)) from exc
+        self._check_enough(job, len(refs))
+        return refs, total, carried
+
+    @staticmethod
+    def _check_enough(job: AggregationJob, valid: int) -> None:
+        if valid < job.min_updates or not valid:
+            raise AggregationFailed(f"{valid} of {len(job.updates)} updates are valid; "
                                     f"the job needs at least {job.min_updates}")
-        return refs, prepared
 
     def _start_scoring(self, job: AggregationJob, layout: UpdateLayout, refs: list[UpdateRef],
                        prepared: list[PreparedUpdate]) -> None:
@@ -317,14 +385,28 @@ class Aggregator:
             offset += layer.size
         return unmasked.unclipped_count
 
+    async def _base_model(self, digest: BlobDigest) -> NamedLayers:
+        """A job's base model: the one this worker wrote last when the digest names it (the
+        previous round's aggregate, as a rule), else read, checked and decoded from the blob store.
+        The digest is of exactly those layers' encoding, so both give the same arrays."""
+        if self._written is not None and self._written[0] == digest:
+            return self._written[1]
+        return decode_layers(await self.ctx.blobs.get(digest), max_bytes=self.ctx.settings.max_blob_bytes)
+
+    def _keep_written(self, digest: BlobDigest, model: dict[str, NDArray[np.generic]]) -> None:
+        kept: NamedLayers = {}
+        for name, layer in model.items():
+            layer.setflags(write=False)  # a job reads its base; nothing may change a kept one
+            kept[name] = layer  # type: ignore[assignment]  # integer layers too, as decode_layers gives them
+        self._written = (digest, kept)
+
     async def aggregate(self, job: AggregationJob) -> AggregateReady:
         """The job's aggregate, stored; the update scores follow in the background (``finish_scoring``)."""
         from federated_learning.aggregation import allocate_slabs, create_strategy
 
         if job.memory_bank is not None:
             return await self.merge_banks(job, job.memory_bank)
-        base = decode_layers(await self.ctx.blobs.get(job.base_digest),
-                             max_bytes=self.ctx.settings.max_blob_bytes)
+        base = await self._base_model(job.base_digest)
         rows = rows_for(job.algorithm)
         scoring = scores_updates(len(job.updates), sum(layer.size for name, layer in base.items()
                                                        if is_float(layer.dtype.name)))
@@ -344,28 +426,38 @@ class Aggregator:
                                                    allowed_dtypes=STATE_DTYPES))
         unclipped_count = None
         prepared: list[PreparedUpdate] = []
+        carried_layers: list[dict[str, NDArray[np.generic]]] = []
+        one_row = None
         if job.secure is not None:
             # One row: the survivors' unmasked weighted mean, weighted by all their examples.
-            slabs = allocate_slabs(global_layers, 1)
-            unclipped_count = await self._load_secure_mean(job, job.secure, base, slabs,
+            one_row = allocate_slabs(global_layers, 1)
+            unclipped_count = await self._load_secure_mean(job, job.secure, base, one_row,
                                                              gradients=rows is Rows.GRADIENTS)
             refs = job.updates
+            weights = [sum(ref.num_examples for ref in refs)]
+        elif folds_updates(job.algorithm, scoring):
+            # The rule needs only the weighted mean: one row again, folded from the updates.
+            refs, total, carried_layers = await self._fold_updates(job, layout)
+            one_row = allocate_slabs(global_layers, 1)
+            for slab, mean in zip(one_row, total.mean(), strict=True):
+                slab[0] = mean
             weights = [sum(ref.num_examples for ref in refs)]
         else:
             refs, prepared = await self._load_updates(job, layout)
             weights = [ref.num_examples for ref in refs]
+            carried_layers = [update.carried for update in prepared]
         metrics = [dict(ref.metrics) for ref in refs][: len(weights)]
         staleness = [max(0, job.base_version - ref.model_version) for ref in refs][: len(weights)]
         started = time.perf_counter()
-        if job.secure is not None:
-            new_layers = strategy.aggregate_slabs(global_layers, slabs, weights, client_metrics=metrics,
+        if one_row is not None:
+            new_layers = strategy.aggregate_slabs(global_layers, one_row, weights, client_metrics=metrics,
                                                   staleness=staleness)
         else:
             new_layers = strategy.aggregate(global_layers, [list(update.rows) for update in prepared], weights,
                                             client_metrics=metrics, staleness=staleness)
         seconds = time.perf_counter() - started
         SECONDS.labels(job.algorithm).observe(seconds)
-        carried = {name: [update.carried[name] for update in prepared] for name in layout.carried}
+        carried = {name: [layers[name] for layers in carried_layers] for name in layout.carried}
         aggregated = dict(zip(layout.trained, new_layers, strict=True))
         model = {name: restore_dtype(aggregated[name], layer) if name in aggregated
                  else carried_maximum(carried.get(name, []), layer) for name, layer in base.items()}
@@ -374,6 +466,7 @@ class Aggregator:
                 raise AggregationFailed(f"layer '{name}' does not fit {model[name].dtype.name}: "
                                         "the aggregate holds values out of its range")
         model_digest = await self.ctx.blobs.put(encode_layers(model))
+        self._keep_written(model_digest, model)
         state = strategy.state_dict()
         state_digest = await self.ctx.blobs.put(encode_layers(state)) if state else None
         # A secure round has no individual updates to score: that is what it hides. Unscored
@@ -463,6 +556,7 @@ def warm_up() -> None:
     updates: list[list[NDArray[np.generic]]] = [[np.full(8, k, np.float32)] for k in range(7)]
     for name in WARM_UP_RULES:
         create_strategy(name).aggregate(base, updates, [1] * len(updates))
+    WeightedSum(base).add(updates, [1.0] * len(updates))
     warm_up_update_kernels()
     warm_up_memory_banks()
     log.info("aggregation kernels ready in %.2fs", time.perf_counter() - started)

@@ -234,3 +234,32 @@ async def test_uploads_the_read_ahead_could_not_read_are_left_to_the_job(redis: 
     [ready] = await run_job(redis, aggregator, job_of(base_digest, [UpdateRef(agent_id="a0", digest=digest,
                                                                               num_examples=1)]))
     assert ready.contributors == ["a0"]
+
+
+async def test_the_model_a_worker_wrote_is_the_next_jobs_base_without_a_read_and_gives_the_same_result(
+        redis: aioredis.Redis, settings: Settings) -> None:
+    rng = np.random.default_rng(5)
+    base = {"w": rng.normal(size=D).astype(np.float32), "step": np.array([3], np.int64)}
+    base_digest = await put(redis, encode_layers(base))
+
+    def uploads() -> list[tuple[str, bytes]]:
+        return [(f"a{k}", encode_compressed(quantize([rng.normal(size=D).astype(np.float32)], 8, rng)))
+                for k in range(3)]
+
+    first = [UpdateRef(agent_id=agent, digest=await put(redis, data, agent), num_examples=k + 1)
+             for k, (agent, data) in enumerate(uploads())]
+    aggregator = aggregator_for(redis, settings)
+    [one] = await run_job(redis, aggregator, job_of(base_digest, first))
+    second = [UpdateRef(agent_id=agent, digest=await put(redis, data, agent), num_examples=k + 1)
+              for k, (agent, data) in enumerate(uploads())]
+    written = await redis.get(KEYS.blob(one.model_digest))
+    await redis.delete(KEYS.blob(one.model_digest))  # only the worker's own copy can serve now
+
+    [_, two] = await run_job(redis, aggregator, job_of(one.model_digest, second, round=2, base_version=1))
+
+    await redis.set(KEYS.blob(one.model_digest), written)
+    await redis.delete(KEYS.aggregate_stream)
+    [again] = await run_job(redis, aggregator_for(redis, settings),
+                            job_of(one.model_digest, second, round=2, base_version=1))
+    assert two.model_digest == again.model_digest, "a worker that reads the base writes the same model"
+    assert not await events(redis, "aggregation_failed")

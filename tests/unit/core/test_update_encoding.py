@@ -1,7 +1,12 @@
 import numpy as np
 import pytest
 
-from federated_learning.privacy.compression import quantize, top_k
+from federated_learning.privacy.compression import (
+    CompressedUpdate,
+    CompressionMethod,
+    quantize,
+    top_k,
+)
 from federated_learning.protocol.tensors import InvalidTensor, encode_layers, spec_of
 from federated_learning.protocol.updates import decode_update, encode_compressed, is_compressed
 
@@ -66,3 +71,22 @@ def test_a_quantized_update_with_inconsistent_blocks_is_refused(block_size: int)
     with pytest.raises(InvalidTensor) as info:
         decode_update(blob, SPEC, max_bytes=1 << 20)
     assert info.value.reason == "bad_blob"
+
+
+@pytest.mark.parametrize("base_dtype", [np.float32, np.float16])
+def test_a_quantized_delta_that_overflows_on_its_base_is_refused_as_not_finite(base_dtype: type) -> None:
+    """Finite codes, minimum and step can still overflow float32 (or float16) once applied: the
+    expansion checks what it writes."""
+    base = {"w": np.ones(8, base_dtype), "steps": np.array([4], np.int64)}
+    codes = np.array([0, 0, 0, 0, 0, 0, 0, 255], np.uint8)
+    overflowing = CompressedUpdate(CompressionMethod.QUANTIZE_8, ((8,),), {
+        "codes": codes, "minimum": np.array([3e38], np.float32), "step": np.array([3e36], np.float32)}, 8)
+    data = encode_compressed(overflowing)
+
+    with pytest.raises(InvalidTensor, match="layer 0 of the update's model contains NaN or Inf") as refused:
+        decode_update(data, spec_of(base), max_bytes=1 << 20, base=base)
+    assert refused.value.reason == "not_finite"
+    fits = CompressedUpdate(CompressionMethod.QUANTIZE_8, ((8,),), {
+        "codes": codes, "minimum": np.array([-1.0], np.float32), "step": np.array([0.01], np.float32)}, 8)
+    model = decode_update(encode_compressed(fits), spec_of(base), max_bytes=1 << 20, base=base)
+    np.testing.assert_allclose(model["w"].astype(np.float64), [0] * 7 + [1 - 1 + 2.55], atol=1e-3)
