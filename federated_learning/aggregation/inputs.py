@@ -122,17 +122,19 @@ class PreparedUpdate:
     norm: float
 
 
-def prepare_update(data: bytes, layout: UpdateLayout, own: NamedLayers | None = None) -> PreparedUpdate:
+def prepare_update(data: bytes, layout: UpdateLayout, own: NamedLayers | None = None, *,
+                   values_checked: bool = False) -> PreparedUpdate:
     """Decode and check an update blob against the job's base (names, order, shapes, dtypes, finite
     values; a compressed one's declared sizes before it is expanded), move it onto the base when it
-    was trained from another model ``own``, clip it, and lay out its rows. Raises
-    :class:`InvalidTensor` with the reason."""
+    was trained from another model ``own``, clip it, and lay out its rows. ``values_checked``:
+    the bytes passed ``check_update`` already (a dense update's finite values are not checked
+    twice). Raises :class:`InvalidTensor` with the reason."""
     base = layout.base
     spec = spec_of(base)
     if own is None or is_compressed(data):
-        layers = decode_update(data, spec, max_bytes=layout.max_bytes, base=base)
+        layers = decode_update(data, spec, max_bytes=layout.max_bytes, base=base, values_checked=values_checked)
     else:
-        model = decode_update(data, spec, max_bytes=layout.max_bytes)
+        model = decode_update(data, spec, max_bytes=layout.max_bytes, values_checked=values_checked)
         if spec_of(own) != spec:
             raise InvalidTensor("bad_layers", "the model the update was trained from has another layout")
         layers = {name: rebased(base[name], model[name], own[name]) for name in model}

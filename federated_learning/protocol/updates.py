@@ -96,16 +96,21 @@ def is_compressed(data: bytes) -> bool:
 
 
 def decode_update(data: bytes, spec: LayerSpec, *, max_bytes: int,
-                  base: Mapping[str, np.ndarray] | None = None) -> NamedLayers:
+                  base: Mapping[str, np.ndarray] | None = None, values_checked: bool = False) -> NamedLayers:
     """The update as model layers, validated against ``spec``.
 
     A compressed delta covers the float layers only. It becomes ``base + delta`` (integer layers
     as in ``base``) when ``base`` (the model the agent received) is given, else the float32 delta
-    itself (enough to validate it).
+    itself (enough to validate it). ``values_checked``: these very bytes passed
+    :func:`check_update`, so a dense update's values are known to be finite and only its layout
+    is compared (a compressed one's expansion is always checked).
     """
     if not is_compressed(data):
         layers = decode_layers(data, max_bytes=max_bytes)
-        validate_layers(layers, spec)
+        if not values_checked:
+            validate_layers(layers, spec)
+        elif (problem := layout_mismatch(spec_of(layers), spec)) is not None:
+            raise problem
         return layers
     floats = trained_spec(spec)
     if base is None:

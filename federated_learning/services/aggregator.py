@@ -212,13 +212,15 @@ class Aggregator:
                 bases[digest] = exc
         return bases
 
-    async def _checked_uploads(self, job: AggregationJob) -> tuple[list[Upload], set[int]]:
+    async def _checked_uploads(self, job: AggregationJob) -> tuple[list[Upload], set[int], set[int]]:
         """Each update's bytes, checked against its digest (kept by the read-ahead, else fetched
-        now), or why it is invalid; and the positions whose problem the read-ahead reported."""
+        now), or why it is invalid; the positions whose problem the read-ahead reported; and those
+        whose bytes the read-ahead checked whole (``check_update``)."""
         self.cache.job_started(job.training_id, job.round)
         kept = [self.cache.get((ref.digest, ref.agent_id)) for ref in job.updates]
         uploads: list[Upload | None] = [await verdict if verdict is not None else None for verdict in kept]
         reported = {k for k, upload in enumerate(uploads) if isinstance(upload, (BlobMissing, InvalidTensor))}
+        checked = {k for k, upload in enumerate(uploads) if isinstance(upload, bytes)}
         missing = [k for k, upload in enumerate(uploads) if upload is None]
         if missing:
             fetched = await self.ctx.blobs.get_each(
@@ -226,11 +228,12 @@ class Aggregator:
                 lambda _i, data: data, executor=self.pool)
             for k, upload in zip(missing, fetched, strict=True):
                 uploads[k] = upload
-        return [upload for upload in uploads if upload is not None], reported
+        return [upload for upload in uploads if upload is not None], reported, checked
 
-    async def _preparer(self, job: AggregationJob, layout: UpdateLayout
+    async def _preparer(self, job: AggregationJob, layout: UpdateLayout, checked: set[int]
                         ) -> Callable[[int, Upload], Awaitable[PreparedUpdate | BlobMissing | InvalidTensor]]:
-        """Decode, check and lay out update k of the job on the pool (``prepare_update``)."""
+        """Decode, check and lay out update k of the job on the pool (``prepare_update``); the
+        values of those in ``checked`` were checked by the read-ahead."""
         own_bases = await self._own_bases(job)
         loop = asyncio.get_running_loop()
 
@@ -238,7 +241,7 @@ class Aggregator:
             own = own_bases.get(job.updates[k].model_digest or "")
             if isinstance(own, (BlobMissing, InvalidTensor)):
                 raise own
-            return prepare_update(data, layout, own)
+            return prepare_update(data, layout, own, values_checked=k in checked)
 
         async def prepared(k: int, upload: Upload) -> PreparedUpdate | BlobMissing | InvalidTensor:
             if isinstance(upload, (BlobMissing, InvalidTensor)):
@@ -255,8 +258,8 @@ class Aggregator:
         """Check and decode the job's updates concurrently; refuse each invalid one (agent and
         reason) and return the valid ones in job order. Fails the job when fewer than
         ``job.min_updates`` are valid."""
-        uploads, reported = await self._checked_uploads(job)
-        prepared = await self._preparer(job, layout)
+        uploads, reported, checked = await self._checked_uploads(job)
+        prepared = await self._preparer(job, layout, checked)
         loaded = await asyncio.gather(*(prepared(k, upload) for k, upload in enumerate(uploads)))
         refs: list[UpdateRef] = []
         valid: list[PreparedUpdate] = []
@@ -276,8 +279,8 @@ class Aggregator:
         (decoded concurrently, then folded in job order), so that the expanded updates of a group
         are all that exist at once; each invalid one refused. Also each valid update's carried
         integer layers. Fails the job when fewer than ``job.min_updates`` are valid."""
-        uploads, reported = await self._checked_uploads(job)
-        prepared = await self._preparer(job, layout)
+        uploads, reported, checked = await self._checked_uploads(job)
+        prepared = await self._preparer(job, layout, checked)
         total = WeightedSum(layout.global_layers)
         refs: list[UpdateRef] = []
         carried: list[dict[str, NDArray[np.generic]]] = []

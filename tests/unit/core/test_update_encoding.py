@@ -90,3 +90,17 @@ def test_a_quantized_delta_that_overflows_on_its_base_is_refused_as_not_finite(b
         "codes": codes, "minimum": np.array([-1.0], np.float32), "step": np.array([0.01], np.float32)}, 8)
     model = decode_update(encode_compressed(fits), spec_of(base), max_bytes=1 << 20, base=base)
     np.testing.assert_allclose(model["w"].astype(np.float64), [0] * 7 + [1 - 1 + 2.55], atol=1e-3)
+
+
+def test_bytes_whose_values_were_checked_are_compared_by_layout_only() -> None:
+    """The aggregator's read-ahead checks each dense upload whole; the job decoding the same bytes
+    compares their layout again but does not scan the values a second time."""
+    base = {"w": np.zeros(4, np.float32)}
+    nan = encode_layers({"w": np.array([0, np.nan, 0, 0], np.float32)})
+    with pytest.raises(InvalidTensor, match="not_finite"):
+        decode_update(nan, spec_of(base), max_bytes=1 << 20)
+
+    assert np.isnan(decode_update(nan, spec_of(base), max_bytes=1 << 20, values_checked=True)["w"][1])
+    wrong = encode_layers({"w": np.zeros(5, np.float32)})
+    with pytest.raises(InvalidTensor, match="bad_shape"):
+        decode_update(wrong, spec_of(base), max_bytes=1 << 20, values_checked=True)
