@@ -379,15 +379,19 @@ def vmhwm_bytes(pid: int | str = "self") -> int:
     raise BenchmarkFailed(f"/proc/{pid}/status has no VmHWM")
 
 
-def process_role(process: psutil.Process) -> str:
-    """A deployment process by its job: a service name, ``valkey-server`` or ``launcher``."""
-    command = " ".join(process.cmdline())
+def process_role(process: psutil.Process) -> str | None:
+    """A deployment process by its job: a service name, ``valkey-server`` or ``launcher``; None for
+    one that ended (or is ending) meanwhile."""
+    try:
+        command, name = " ".join(process.cmdline()), process.name()
+    except psutil.Error:
+        return None
     for service in SERVICES:
         if f"federated_learning.services.{service}" in command:
             return service
     if "valkey-server" in command:
         return "valkey-server"
-    return "launcher" if "deploy-federated-learning" in command else process.name()
+    return "launcher" if "deploy-federated-learning" in command else name
 
 
 def cpu_seconds(processes: list[tuple[int, str]]) -> dict[str, float]:
@@ -421,8 +425,8 @@ def run_processes(deployment: LocalDeployment, processes: list[subprocess.Popen[
     agent processes, the idle agents' process and this script (which only watches the bus)."""
     assert deployment.process is not None
     launcher = psutil.Process(deployment.process.pid)
-    children = sorted(((child.pid, process_role(child)) for child in launcher.children(recursive=True)),
-                      key=lambda pair: pair[1])
+    roles = [(child.pid, process_role(child)) for child in launcher.children(recursive=True)]
+    children = sorted(((pid, role) for pid, role in roles if role is not None), key=lambda pair: pair[1])
     nodes = [(node.pid, f"valkey-server :{node.port}") for node in (cluster.nodes if cluster else [])
              if node.pid is not None]
     return [(launcher.pid, "launcher"), *children, *nodes,
