@@ -11,7 +11,7 @@ the cost of the process holding on to its largest round's memory.
 It also keeps one malloc arena for all threads: glibc gives each thread that allocates an arena
 of its own (up to 8 per core), and memory freed in one is not reused by another, so the
 aggregator's reader and job threads each held their own round's worth (peak RSS at 69 q8 updates
-of 1M values 643-694 MB with an arena per thread, 435 MB with two). Its threads allocate a few
+of 1M values 643-694 MB with an arena per thread, 400-401 MB with one). Its threads allocate a few
 large blocks per update, so they hardly ever wait for the arena's lock.
 """
 
