@@ -64,7 +64,9 @@ def weighted_sum_affine(  # type: ignore[no-untyped-def]
     addresses: (m,) int64 data addresses of m aligned, C-contiguous (d,) arrays x_j (slab
     rows or separate client arrays, kept alive by the caller); like: a 1-D array of the
     x_j's dtype (float32/float64; only its type is used); weights: (m,) float64; base, out:
-    (d,); num_threads: how many tasks (one float64 accumulator block each, allocated once)
+    (d,), and ``out`` may be ``base`` (each coordinate is read, then written, by one thread:
+    ``WeightedSum`` adds to its running sum so); num_threads: how many tasks (one float64
+    accumulator block each, allocated once)
     to split the blocks among. Every x_j is read once, in place, one WEIGHTED_SUM_BLOCK of
     coordinates at a time, so no (m, d) copy is needed. Each coordinate is
     summed over j in order, in float64, by one thread, so the result does not depend on

@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from numpy.typing import NDArray
 
-from .base import slab_dtype
+from .base import flat_client_array, is_all_finite, slab_dtype
 from .fedavg import OUTPUT_NOT_FINITE, weighted_sum_affine
 
 
@@ -43,15 +43,20 @@ class WeightedSum:
             return
         threads = numba.get_num_threads()
         for i, (total, size, dtype) in enumerate(zip(self.sums, self.sizes, self.dtypes, strict=True)):
-            flat = [np.ascontiguousarray(update[i], dtype=dtype).reshape(-1) for update in rows]
+            # Flat, aligned and C-contiguous, as the kernel reads them (a view where they are).
+            flat = [flat_client_array(update[i], np.dtype(dtype)) for update in rows]
             if any(row.size != size for row in flat):
                 raise ValueError(f"layer {i}: rows of sizes {[row.size for row in flat][:8]}; expected {size}")
             # The kernel reads the rows through their addresses; ``flat`` keeps them alive.
             addresses = np.fromiter((row.ctypes.data for row in flat), dtype=np.int64, count=len(flat))
+            # The sum so far is both the kernel's base and its output: each coordinate is read,
+            # then written, by one thread.
             flags = weighted_sum_affine(addresses, flat[0], np.asarray(weights, np.float64), total, 1.0, 1.0,
                                         total, threads)
             if flags & OUTPUT_NOT_FINITE:
-                raise ValueError(f"layer {i}: the weighted sum of the updates is not finite")
+                bad = [k for k, row in enumerate(flat) if not is_all_finite(row)]
+                raise ValueError(f"layer {i}: the weighted sum of the updates is not finite"
+                                 + (f" (update {bad[0]} of the group holds NaN or Inf)" if bad else ""))
         self.weight += float(sum(weights))
         self.count += len(rows)
 

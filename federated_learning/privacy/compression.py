@@ -320,7 +320,12 @@ def decompress(compressed: CompressedUpdate) -> list[NDArray[np.float32]]:
 
 
 class NonFiniteResult(ValueError):
-    """A decompressed delta that overflows on its base: the update's model holds NaN or Inf."""
+    """A decompressed delta that overflows on its base: the update's model holds NaN or Inf in
+    layer ``layer`` (an index into the bases)."""
+
+    def __init__(self, layer: int) -> None:
+        super().__init__(f"layer {layer} of the update's model contains NaN or Inf")
+        self.layer = layer
 
 
 def decompress_onto(compressed: CompressedUpdate,
@@ -338,7 +343,7 @@ def decompress_onto(compressed: CompressedUpdate,
                      for base, delta in zip(bases, decompress(compressed), strict=True)]
         for k, layer in enumerate(moved):
             if not np.isfinite(layer).all():
-                raise NonFiniteResult(f"layer {k} of the update's model contains NaN or Inf")
+                raise NonFiniteResult(k)
         return moved
     from federated_learning.privacy.quantization_kernels import dequantize_onto
 
@@ -349,7 +354,7 @@ def decompress_onto(compressed: CompressedUpdate,
         out = np.empty(base.shape, np.float32)
         if not dequantize_onto(codes, bits, minimum, step, compressed.block_size, start,
                                np.ascontiguousarray(base).reshape(-1), out.reshape(-1)):
-            raise NonFiniteResult(f"layer {k} of the update's model contains NaN or Inf")
+            raise NonFiniteResult(k)
         layers.append(out)
         start += base.size
     return layers

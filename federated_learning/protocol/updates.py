@@ -10,7 +10,7 @@ finite values, within the size limit.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -61,11 +61,14 @@ def _compressed_update(data: bytes, spec: LayerSpec, max_bytes: int) -> Compress
     return update
 
 
-def _expanded(expand: Callable[[], list[NDArray[np.generic]]]) -> list[NDArray[np.generic]]:
+def _expanded(expand: Callable[[], list[NDArray[np.generic]]], names: Sequence[str] = ()) -> list[NDArray[np.generic]]:
+    """What ``expand`` returns; its errors as InvalidTensor (``names``: the layers it expands)."""
     try:
         return expand()
     except NonFiniteResult as exc:
-        raise InvalidTensor("not_finite", str(exc)) from exc
+        name = names[exc.layer] if exc.layer < len(names) else str(exc.layer)
+        raise InvalidTensor("not_finite", f"layer '{name}' contains NaN or Inf once the update is applied to "
+                                          "its base") from exc
     except (KeyError, ValueError, IndexError) as exc:
         raise InvalidTensor("bad_blob", f"not a valid compressed update: {exc}") from exc
 
@@ -120,7 +123,7 @@ def decode_update(data: bytes, spec: LayerSpec, *, max_bytes: int,
     update = _compressed_update(data, floats, max_bytes)
     bases = [np.asarray(base[name]).astype(dtype, copy=False) for name, (_shape, dtype) in floats.items()]
     # decompress_onto checks the values it writes are finite, while they are in cache.
-    moved = dict(zip(floats, _expanded(lambda: decompress_onto(update, bases)), strict=True))
+    moved = dict(zip(floats, _expanded(lambda: decompress_onto(update, bases), list(floats)), strict=True))
     layers = {name: moved.get(name, base[name]) for name in spec}
     if (problem := layout_mismatch(spec_of(layers), spec)) is not None:
         raise problem

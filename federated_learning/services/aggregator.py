@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -215,7 +216,8 @@ class Aggregator:
     async def _checked_uploads(self, job: AggregationJob) -> tuple[list[Upload], set[int], set[int]]:
         """Each update's bytes, checked against its digest (kept by the read-ahead, else fetched
         now), or why it is invalid; the positions whose problem the read-ahead reported; and those
-        whose bytes the read-ahead checked whole (``check_update``)."""
+        whose bytes the read-ahead checked whole (``check_update``). What the read-ahead did not
+        hold (after a restart or a takeover) is fetched whole before any of it is decoded."""
         self.cache.job_started(job.training_id, job.round)
         kept = [self.cache.get((ref.digest, ref.agent_id)) for ref in job.updates]
         uploads: list[Upload | None] = [await verdict if verdict is not None else None for verdict in kept]
@@ -228,7 +230,7 @@ class Aggregator:
                 lambda _i, data: data, executor=self.pool)
             for k, upload in zip(missing, fetched, strict=True):
                 uploads[k] = upload
-        return [upload for upload in uploads if upload is not None], reported, checked
+        return cast(list[Upload], uploads), reported, checked  # every position holds its upload now
 
     async def _preparer(self, job: AggregationJob, layout: UpdateLayout, checked: set[int]
                         ) -> Callable[[int, Upload], Awaitable[PreparedUpdate | BlobMissing | InvalidTensor]]:
@@ -276,9 +278,10 @@ class Aggregator:
     async def _fold_updates(self, job: AggregationJob, layout: UpdateLayout
                             ) -> tuple[list[UpdateRef], WeightedSum, list[dict[str, NDArray[np.generic]]]]:
         """The job's valid updates folded into their example-weighted sum, FOLDED_GROUP at a time
-        (decoded concurrently, then folded in job order), so that the expanded updates of a group
-        are all that exist at once; each invalid one refused. Also each valid update's carried
-        integer layers. Fails the job when fewer than ``job.min_updates`` are valid."""
+        (decoded concurrently, then folded in job order), so that the expanded updates of two
+        groups (the one folded, the next one decoded meanwhile) are all that exist at once; each
+        invalid one refused. Also each valid update's carried integer layers. Fails the job when
+        fewer than ``job.min_updates`` are valid."""
         uploads, reported, checked = await self._checked_uploads(job)
         prepared = await self._preparer(job, layout, checked)
         total = WeightedSum(layout.global_layers)
@@ -291,28 +294,35 @@ class Aggregator:
             return asyncio.gather(*(prepared(k, uploads[k]) for k in group))
 
         pending = decode(groups[0]) if groups else None
-        for index, group in enumerate(groups):
-            assert pending is not None
-            loaded = await pending
-            if index + 1 < len(groups):  # the pool decodes the next group while this one is folded
-                pending = decode(groups[index + 1])
-                await asyncio.sleep(0)
-            rows: list[list[NDArray[np.floating]]] = []
-            weights: list[float] = []
-            for k, result in zip(group, loaded, strict=True):
-                ref = job.updates[k]
-                if isinstance(result, (BlobMissing, InvalidTensor)):
-                    if k not in reported:
-                        await self._refuse(job, ref, result)
-                    continue
-                refs.append(ref)
-                carried.append(result.carried)
-                rows.append(result.rows)
-                weights.append(float(ref.num_examples))
-            try:
-                total.add(rows, weights)  # on this thread, as the rules run: one parallel kernel at a time
-            except ValueError as exc:
-                raise AggregationFailed(str(exc)) from exc
+        try:
+            for index, group in enumerate(groups):
+                assert pending is not None
+                loaded = await pending
+                if index + 1 < len(groups):  # the pool decodes the next group while this one is folded
+                    pending = decode(groups[index + 1])
+                    await asyncio.sleep(0)
+                rows: list[list[NDArray[np.floating]]] = []
+                weights: list[float] = []
+                for k, result in zip(group, loaded, strict=True):
+                    ref = job.updates[k]
+                    if isinstance(result, (BlobMissing, InvalidTensor)):
+                        if k not in reported:
+                            await self._refuse(job, ref, result)
+                        continue
+                    refs.append(ref)
+                    carried.append(result.carried)
+                    rows.append(result.rows)
+                    weights.append(float(ref.num_examples))
+                del loaded
+                try:
+                    total.add(rows, weights)  # on this thread, as the rules run: one parallel kernel at a time
+                except ValueError as exc:
+                    raise AggregationFailed(str(exc)) from exc
+                del rows
+        finally:
+            if pending is not None and not pending.done():  # a failed job leaves no decoding behind
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
         self._check_enough(job, len(refs))
         return refs, total, carried
 

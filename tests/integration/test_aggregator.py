@@ -27,6 +27,7 @@ from federated_learning.protocol.messages import (
 )
 from federated_learning.protocol.tensors import decode_layers, digest_of, encode_layers, spec_of
 from federated_learning.protocol.updates import decode_update, encode_compressed
+from federated_learning.services import aggregator as aggregator_module
 from federated_learning.services.aggregator import Aggregator
 from federated_learning.services.runtime import ServiceContext
 
@@ -263,3 +264,60 @@ async def test_the_model_a_worker_wrote_is_the_next_jobs_base_without_a_read_and
                             job_of(one.model_digest, second, round=2, base_version=1))
     assert two.model_digest == again.model_digest, "a worker that reads the base writes the same model"
     assert not await events(redis, "aggregation_failed")
+
+
+async def test_a_folded_job_checks_what_the_read_ahead_did_not_and_reports_each_refusal_once(
+        redis: aioredis.Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FedAvg over 4 updates (too few to score) folds them, 2 per group here: an update fetched at
+    job time has its values checked then, one the read-ahead refused is reported once, and the
+    mean is the valid updates'."""
+    monkeypatch.setattr(aggregator_module, "FOLDED_GROUP", 2)
+    base = {"w": np.zeros(D, np.float32)}
+    base_digest = await put(redis, encode_layers(base))
+    await record_version_zero(redis, base_digest)
+    uploads = {"a0": np.full(D, 1.0, np.float32), "nan-ahead": np.full(D, np.nan, np.float32),
+               "a1": np.full(D, 4.0, np.float32), "nan-late": np.full(D, np.nan, np.float32)}
+    refs = [UpdateRef(agent_id=agent, digest=await put(redis, encode_layers({"w": values}), agent),
+                      num_examples=k + 1) for k, (agent, values) in enumerate(uploads.items())]
+    for ref in refs[:2]:  # the read-ahead sees the first two only
+        await redis.xadd(KEYS.accepted_update_stream, {b"m": UpdateAccepted(
+            training_id="t", round=1, agent_id=ref.agent_id, update_digest=ref.digest,
+            model_version=0).model_dump_json().encode()})
+    aggregator = aggregator_for(redis, settings)
+    await aggregator.reader.run(aggregator.ctx.stop, burst=True)
+    assert [(r.agent_id, r.reason) for r in await refusals(redis)] == [("nan-ahead", "not_finite")]
+
+    [ready] = await run_job(redis, aggregator, job_of(base_digest, refs))
+
+    assert ready.contributors == ["a0", "a1"] and ready.num_examples == 1 + 3
+    assert sorted((r.agent_id, r.reason) for r in await refusals(redis)) == [
+        ("nan-ahead", "not_finite"), ("nan-late", "not_finite")]
+    model = decode_layers(await redis.get(KEYS.blob(ready.model_digest)), max_bytes=1 << 20)
+    np.testing.assert_allclose(model["w"], np.full(D, (1.0 * 1 + 4.0 * 3) / 4, np.float32), rtol=1e-6)
+
+
+async def test_a_folded_job_whose_sum_is_not_finite_fails_and_leaves_no_decoding_behind(
+        redis: aioredis.Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(aggregator_module, "FOLDED_GROUP", 1)
+    base = {"w": np.zeros(D, np.float32)}
+    base_digest = await put(redis, encode_layers(base))
+    refs = [UpdateRef(agent_id=f"a{k}", digest=await put(redis, encode_layers({"w": np.full(D, k, np.float32)}),
+                                                          f"a{k}"), num_examples=1) for k in range(3)]
+    aggregator = aggregator_for(redis, settings)
+    folds = 0
+    original_add = aggregator_module.WeightedSum.add
+
+    def failing_add(self: aggregator_module.WeightedSum, rows: list[list[np.ndarray]], weights: list[float]) -> None:
+        nonlocal folds
+        folds += 1
+        if folds == 1:
+            raise ValueError("layer 0: the weighted sum of the updates is not finite")
+        original_add(self, rows, weights)
+
+    monkeypatch.setattr(aggregator_module.WeightedSum, "add", failing_add)
+
+    assert await run_job(redis, aggregator, job_of(base_digest, refs)) == []
+
+    [failed] = await events(redis, "aggregation_failed")
+    assert "not finite" in failed.message and folds == 1
+    assert not [task for task in asyncio.all_tasks() if task is not asyncio.current_task() and not task.done()]

@@ -358,7 +358,7 @@ function versionRow(trainingId, v, key) {
   row.dataset.parent = v.parent_version ?? "";
   const pick = document.createElement("input");
   pick.type = "checkbox";
-  pick.onchange = () => toggleCompare(v.version, pick.checked);
+  pick.onchange = () => toggleCompare(trainingId, v.version, pick.checked);
   row.insertCell().appendChild(pick);
   cell(row, v.version);
   cell(row, v.round);
@@ -373,16 +373,16 @@ function versionRow(trainingId, v, key) {
   const rollback = document.createElement("button");
   rollback.textContent = "roll back here";
   rollback.className = "rollback";
-  rollback.onclick = () => requestRollback(v.version);
+  rollback.onclick = () => requestRollback(trainingId, v.version);
   actions.append(download, " ", rollback);
   return row;
 }
 
-async function requestRollback(version) {
+async function requestRollback(trainingId, version) {
   const out = document.getElementById("version-status");
   try {
-    await postJSON(`/api/training/${state.selected}/rollback`, { version });
-    out.textContent = `rollback of ${state.selected} to version ${version} requested`;
+    await postJSON(`/api/training/${trainingId}/rollback`, { version });
+    out.textContent = `rollback of ${trainingId} to version ${version} requested`;
     out.className = "ok";
   } catch (e) {
     out.textContent = `rollback to version ${version} refused: ${e.message}`;
@@ -391,13 +391,14 @@ async function requestRollback(version) {
   refreshTrainings(); refreshVersions();
 }
 
-async function toggleCompare(version, on) {
+async function toggleCompare(trainingId, version, on) {
+  if (trainingId !== state.selected) return;  // a row of the training shown before
   state.compare = on ? [...state.compare.filter(v => v !== version), version].slice(-2) : state.compare.filter(v => v !== version);
   refreshVersions();
   const out = document.getElementById("comparison");
   if (state.compare.length !== 2) { out.textContent = ""; return; }
   const [a, b] = state.compare.slice().sort((x, y) => x - y);
-  const c = await getJSON(`/api/training/${state.selected}/versions/compare?a=${a}&b=${b}`);
+  const c = await getJSON(`/api/training/${trainingId}/versions/compare?a=${a}&b=${b}`);
   out.textContent = `v${a} -> v${b}: L2 distance ${fmt(c.l2_distance, 4)}, cosine ${fmt(c.cosine_similarity, 4)}\n` +
     c.layers.map(l => `  ${l.name}: L2 ${fmt(l.l2_distance, 4)}, cosine ${fmt(l.cosine_similarity, 4)}`).join("\n") +
     (Object.keys(c.metric_deltas).length ? `\n  metric deltas: ${JSON.stringify(c.metric_deltas)}` : "");

@@ -73,23 +73,26 @@ def test_a_quantized_update_with_inconsistent_blocks_is_refused(block_size: int)
     assert info.value.reason == "bad_blob"
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("base_dtype", [np.float32, np.float16])
-def test_a_quantized_delta_that_overflows_on_its_base_is_refused_as_not_finite(base_dtype: type) -> None:
+def test_a_quantized_delta_that_overflows_on_its_base_is_refused_as_not_finite(base_dtype: type, bits: int) -> None:
     """Finite codes, minimum and step can still overflow float32 (or float16) once applied: the
     expansion checks what it writes."""
     base = {"w": np.ones(8, base_dtype), "steps": np.array([4], np.int64)}
-    codes = np.array([0, 0, 0, 0, 0, 0, 0, 255], np.uint8)
-    overflowing = CompressedUpdate(CompressionMethod.QUANTIZE_8, ((8,),), {
-        "codes": codes, "minimum": np.array([3e38], np.float32), "step": np.array([3e36], np.float32)}, 8)
+    top = np.array([0, 0, 0, 0, 0, 0, 0, 255], np.uint8) if bits == 8 else np.array([0, 0, 0, 0xF0], np.uint8)
+    overflowing = CompressedUpdate(
+        CompressionMethod.QUANTIZE_8 if bits == 8 else CompressionMethod.QUANTIZE_4, ((8,),),
+        {"codes": top, "minimum": np.array([3e38], np.float32), "step": np.array([3e36 if bits == 8 else 3e37], np.float32)},
+        8)
     data = encode_compressed(overflowing)
 
-    with pytest.raises(InvalidTensor, match="layer 0 of the update's model contains NaN or Inf") as refused:
+    with pytest.raises(InvalidTensor, match="layer 'w' contains NaN or Inf once the update is applied") as refused:
         decode_update(data, spec_of(base), max_bytes=1 << 20, base=base)
     assert refused.value.reason == "not_finite"
-    fits = CompressedUpdate(CompressionMethod.QUANTIZE_8, ((8,),), {
-        "codes": codes, "minimum": np.array([-1.0], np.float32), "step": np.array([0.01], np.float32)}, 8)
+    fits = CompressedUpdate(overflowing.method, ((8,),), {
+        "codes": top, "minimum": np.array([-1.0], np.float32), "step": np.array([0.01], np.float32)}, 8)
     model = decode_update(encode_compressed(fits), spec_of(base), max_bytes=1 << 20, base=base)
-    np.testing.assert_allclose(model["w"].astype(np.float64), [0] * 7 + [1 - 1 + 2.55], atol=1e-3)
+    np.testing.assert_allclose(model["w"].astype(np.float64), [0] * 7 + [0.01 * (2**bits - 1)], atol=1e-3)
 
 
 def test_bytes_whose_values_were_checked_are_compared_by_layout_only() -> None:

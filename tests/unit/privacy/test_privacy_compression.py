@@ -255,7 +255,11 @@ def test_a_quantized_update_with_more_or_fewer_codes_than_values_is_refused(extr
 def _splitmix_draws(seed: int, count: int) -> np.ndarray:
     """The NumPy reference of the per-value draws: the top 31 bits of SplitMix64's outputs 1..count
     from state ``seed`` (uint64 arithmetic wraps)."""
-    z = np.uint64(seed) + np.arange(1, count + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return _splitmix_draws_at(seed, np.arange(count, dtype=np.uint64))
+
+
+def _splitmix_draws_at(seed: int, indices: np.ndarray) -> np.ndarray:
+    z = np.uint64(seed) + (indices + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return (z ^ (z >> np.uint64(31))) >> np.uint64(33)
@@ -267,6 +271,9 @@ def test_the_per_value_draws_are_splitmix64_and_look_uniform() -> None:
     seed = 0x0123456789ABCDEF
     draws = _splitmix_draws(seed, 200_000)
     assert [int(draw(np.uint64(seed), j)) for j in range(5)] == [int(d) for d in draws[:5]]
+    far = [2**32 + 7, 2**40 + 3]  # the index times the gamma wraps around 2**64
+    assert [int(draw(np.uint64(seed), j)) for j in far] == [
+        int(d) for d in _splitmix_draws_at(seed, np.array(far, np.uint64))]
     # SplitMix64 from state 0: its published first output is 0xE220A8397B1DCDAF.
     assert int(_splitmix_draws(0, 1)[0]) == 0xE220A8397B1DCDAF >> 33
     fractions = draws / 2.0**31
@@ -274,7 +281,7 @@ def test_the_per_value_draws_are_splitmix64_and_look_uniform() -> None:
     counts = np.bincount((fractions * 16).astype(int), minlength=16)
     chi2 = float((((counts - draws.size / 16) ** 2) / (draws.size / 16)).sum())
     assert chi2 < 40  # 15 degrees of freedom: 40 is beyond p = 0.0005
-    assert np.corrcoef(fractions[:-1], fractions[1:])[0, 1] < 0.01
+    assert abs(np.corrcoef(fractions[:-1], fractions[1:])[0, 1]) < 0.01
 
 
 def test_a_quantized_update_may_not_declare_a_block_the_server_would_have_to_allocate() -> None:
