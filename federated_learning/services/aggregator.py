@@ -12,11 +12,9 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -28,7 +26,6 @@ from federated_learning.aggregation.inputs import (
     Rows,
     UpdateLayout,
     folds_updates,
-    prepare_update,
     rows_for,
 )
 from federated_learning.aggregation.layouts import (
@@ -74,6 +71,7 @@ from federated_learning.protocol.tensors import (
     is_float,
 )
 from federated_learning.records.versions import VersionIndex
+from federated_learning.services.job_updates import AggregationFailed, JobUpdates
 from federated_learning.services.process_memory import retain_freed_memory
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
 from federated_learning.services.update_cache import UpdateCache, describe_refusal
@@ -86,15 +84,6 @@ CACHED_BYTES = Gauge("fl_aggregator_cached_update_bytes", "Bytes of checked acce
 SECONDS = Histogram("fl_aggregation_seconds", "Seconds spent in the aggregation rule",
                     ["algorithm"], buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
 
-
-class AggregationFailed(RuntimeError):
-    """A job that cannot produce a model (too few valid updates, or the rule refused)."""
-
-
-Upload = bytes | BlobMissing | InvalidTensor
-"""An update's bytes, checked against its digest, or why it could not be read."""
-FOLDED_GROUP = 8
-"""Updates decoded at once (and folded together) when a job takes only their weighted mean."""
 
 ACCEPTED_PER_READ = 128
 """Accepted updates read (and fetched concurrently) at once."""
@@ -128,6 +117,8 @@ class Aggregator:
         )
         self._pool: ThreadPoolExecutor | None = None
         self._scoring: set[asyncio.Task[None]] = set()
+        self.updates = JobUpdates(ctx.blobs, self.cache, lambda: self.pool, self._refuse,
+                                  max_blob_bytes=ctx.settings.max_blob_bytes)
         # The model this worker wrote last, by digest: usually the next round's base.
         self._written: tuple[BlobDigest, NamedLayers] | None = None
 
@@ -201,136 +192,6 @@ class Aggregator:
 
     async def _refuse(self, job: AggregationJob, ref: UpdateRef, exc: BlobMissing | InvalidTensor) -> None:
         await self._report_refusal(job.training_id, job.round, ref.agent_id, ref.digest, exc)
-
-    async def _own_bases(self, job: AggregationJob) -> dict[BlobDigest, NamedLayers | BlobMissing | InvalidTensor]:
-        """The models that updates of an asynchronous training were trained from, by digest."""
-        bases: dict[BlobDigest, NamedLayers | BlobMissing | InvalidTensor] = {}
-        for digest in dict.fromkeys(ref.model_digest for ref in job.updates if ref.model_digest is not None):
-            try:
-                bases[digest] = decode_layers(await self.ctx.blobs.get(digest),
-                                              max_bytes=self.ctx.settings.max_blob_bytes)
-            except (BlobMissing, InvalidTensor) as exc:
-                bases[digest] = exc
-        return bases
-
-    async def _checked_uploads(self, job: AggregationJob) -> tuple[list[Upload], set[int], set[int]]:
-        """Each update's bytes, checked against its digest (kept by the read-ahead, else fetched
-        now), or why it is invalid; the positions whose problem the read-ahead reported; and those
-        whose bytes the read-ahead checked whole (``check_update``). What the read-ahead did not
-        hold (after a restart or a takeover) is fetched whole before any of it is decoded."""
-        self.cache.job_started(job.training_id, job.round)
-        kept = [self.cache.get((ref.digest, ref.agent_id)) for ref in job.updates]
-        uploads: list[Upload | None] = [await verdict if verdict is not None else None for verdict in kept]
-        reported = {k for k, upload in enumerate(uploads) if isinstance(upload, (BlobMissing, InvalidTensor))}
-        checked = {k for k, upload in enumerate(uploads) if isinstance(upload, bytes)}
-        missing = [k for k, upload in enumerate(uploads) if upload is None]
-        if missing:
-            fetched = await self.ctx.blobs.get_each(
-                [(job.updates[k].digest, job.updates[k].agent_id) for k in missing],
-                lambda _i, data: data, executor=self.pool)
-            for k, upload in zip(missing, fetched, strict=True):
-                uploads[k] = upload
-        return cast(list[Upload], uploads), reported, checked  # every position holds its upload now
-
-    async def _preparer(self, job: AggregationJob, layout: UpdateLayout, checked: set[int]
-                        ) -> Callable[[int, Upload], Awaitable[PreparedUpdate | BlobMissing | InvalidTensor]]:
-        """Decode, check and lay out update k of the job on the pool (``prepare_update``); the
-        values of those in ``checked`` were checked by the read-ahead."""
-        own_bases = await self._own_bases(job)
-        loop = asyncio.get_running_loop()
-
-        def prepare(k: int, data: bytes) -> PreparedUpdate:
-            own = own_bases.get(job.updates[k].model_digest or "")
-            if isinstance(own, (BlobMissing, InvalidTensor)):
-                raise own
-            return prepare_update(data, layout, own, values_checked=k in checked)
-
-        async def prepared(k: int, upload: Upload) -> PreparedUpdate | BlobMissing | InvalidTensor:
-            if isinstance(upload, (BlobMissing, InvalidTensor)):
-                return upload
-            try:
-                return await loop.run_in_executor(self.pool, prepare, k, upload)
-            except (BlobMissing, InvalidTensor) as exc:
-                return exc
-
-        return prepared
-
-    async def _load_updates(self, job: AggregationJob,
-                            layout: UpdateLayout) -> tuple[list[UpdateRef], list[PreparedUpdate]]:
-        """Check and decode the job's updates concurrently; refuse each invalid one (agent and
-        reason) and return the valid ones in job order. Fails the job when fewer than
-        ``job.min_updates`` are valid."""
-        uploads, reported, checked = await self._checked_uploads(job)
-        prepared = await self._preparer(job, layout, checked)
-        loaded = await asyncio.gather(*(prepared(k, upload) for k, upload in enumerate(uploads)))
-        refs: list[UpdateRef] = []
-        valid: list[PreparedUpdate] = []
-        for k, (ref, result) in enumerate(zip(job.updates, loaded, strict=True)):
-            if isinstance(result, (BlobMissing, InvalidTensor)):
-                if k not in reported:
-                    await self._refuse(job, ref, result)
-                continue
-            refs.append(ref)
-            valid.append(result)
-        self._check_enough(job, len(refs))
-        return refs, valid
-
-    async def _fold_updates(self, job: AggregationJob, layout: UpdateLayout
-                            ) -> tuple[list[UpdateRef], WeightedSum, list[dict[str, NDArray[np.generic]]]]:
-        """The job's valid updates folded into their example-weighted sum, FOLDED_GROUP at a time
-        (decoded concurrently, then folded in job order), so that the expanded updates of two
-        groups (the one folded, the next one decoded meanwhile) are all that exist at once; each
-        invalid one refused. Also each valid update's carried integer layers. Fails the job when
-        fewer than ``job.min_updates`` are valid."""
-        uploads, reported, checked = await self._checked_uploads(job)
-        prepared = await self._preparer(job, layout, checked)
-        total = WeightedSum(layout.global_layers)
-        refs: list[UpdateRef] = []
-        carried: list[dict[str, NDArray[np.generic]]] = []
-        groups = [range(first, min(len(uploads), first + FOLDED_GROUP))
-                  for first in range(0, len(uploads), FOLDED_GROUP)]
-
-        def decode(group: range) -> asyncio.Future[list[PreparedUpdate | BlobMissing | InvalidTensor]]:
-            return asyncio.gather(*(prepared(k, uploads[k]) for k in group))
-
-        pending = decode(groups[0]) if groups else None
-        try:
-            for index, group in enumerate(groups):
-                assert pending is not None
-                loaded = await pending
-                if index + 1 < len(groups):  # the pool decodes the next group while this one is folded
-                    pending = decode(groups[index + 1])
-                    await asyncio.sleep(0)
-                rows: list[list[NDArray[np.floating]]] = []
-                weights: list[float] = []
-                for k, result in zip(group, loaded, strict=True):
-                    ref = job.updates[k]
-                    if isinstance(result, (BlobMissing, InvalidTensor)):
-                        if k not in reported:
-                            await self._refuse(job, ref, result)
-                        continue
-                    refs.append(ref)
-                    carried.append(result.carried)
-                    rows.append(result.rows)
-                    weights.append(float(ref.num_examples))
-                del loaded
-                try:
-                    total.add(rows, weights)  # on this thread, as the rules run: one parallel kernel at a time
-                except ValueError as exc:
-                    raise AggregationFailed(str(exc)) from exc
-                del rows
-        finally:
-            if pending is not None and not pending.done():  # a failed job leaves no decoding behind
-                pending.cancel()
-                await asyncio.gather(pending, return_exceptions=True)
-        self._check_enough(job, len(refs))
-        return refs, total, carried
-
-    @staticmethod
-    def _check_enough(job: AggregationJob, valid: int) -> None:
-        if valid < job.min_updates or not valid:
-            raise AggregationFailed(f"{valid} of {len(job.updates)} updates are valid; "
-                                    f"the job needs at least {job.min_updates}")
 
     def _start_scoring(self, job: AggregationJob, layout: UpdateLayout, refs: list[UpdateRef],
                        prepared: list[PreparedUpdate]) -> None:
@@ -450,13 +311,13 @@ class Aggregator:
             weights = [sum(ref.num_examples for ref in refs)]
         elif folds_updates(job.algorithm, scoring):
             # The rule needs only the weighted mean: one row again, folded from the updates.
-            refs, total, carried_layers = await self._fold_updates(job, layout)
+            refs, total, carried_layers = await self.updates.fold(job, layout)
             one_row = allocate_slabs(global_layers, 1)
             for slab, mean in zip(one_row, total.mean(), strict=True):
                 slab[0] = mean
             weights = [sum(ref.num_examples for ref in refs)]
         else:
-            refs, prepared = await self._load_updates(job, layout)
+            refs, prepared = await self.updates.load(job, layout)
             weights = [ref.num_examples for ref in refs]
             carried_layers = [update.carried for update in prepared]
         metrics = [dict(ref.metrics) for ref in refs][: len(weights)]

@@ -27,7 +27,7 @@ from federated_learning.protocol.messages import (
 )
 from federated_learning.protocol.tensors import decode_layers, digest_of, encode_layers, spec_of
 from federated_learning.protocol.updates import decode_update, encode_compressed
-from federated_learning.services import aggregator as aggregator_module
+from federated_learning.services import job_updates
 from federated_learning.services.aggregator import Aggregator
 from federated_learning.services.runtime import ServiceContext
 
@@ -271,7 +271,7 @@ async def test_a_folded_job_checks_what_the_read_ahead_did_not_and_reports_each_
     """FedAvg over 4 updates (too few to score) folds them, 2 per group here: an update fetched at
     job time has its values checked then, one the read-ahead refused is reported once, and the
     mean is the valid updates'."""
-    monkeypatch.setattr(aggregator_module, "FOLDED_GROUP", 2)
+    monkeypatch.setattr(job_updates, "FOLDED_GROUP", 2)
     base = {"w": np.zeros(D, np.float32)}
     base_digest = await put(redis, encode_layers(base))
     await record_version_zero(redis, base_digest)
@@ -298,23 +298,23 @@ async def test_a_folded_job_checks_what_the_read_ahead_did_not_and_reports_each_
 
 async def test_a_folded_job_whose_sum_is_not_finite_fails_and_leaves_no_decoding_behind(
         redis: aioredis.Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(aggregator_module, "FOLDED_GROUP", 1)
+    monkeypatch.setattr(job_updates, "FOLDED_GROUP", 1)
     base = {"w": np.zeros(D, np.float32)}
     base_digest = await put(redis, encode_layers(base))
     refs = [UpdateRef(agent_id=f"a{k}", digest=await put(redis, encode_layers({"w": np.full(D, k, np.float32)}),
                                                           f"a{k}"), num_examples=1) for k in range(3)]
     aggregator = aggregator_for(redis, settings)
     folds = 0
-    original_add = aggregator_module.WeightedSum.add
+    original_add = job_updates.WeightedSum.add
 
-    def failing_add(self: aggregator_module.WeightedSum, rows: list[list[np.ndarray]], weights: list[float]) -> None:
+    def failing_add(self: job_updates.WeightedSum, rows: list[list[np.ndarray]], weights: list[float]) -> None:
         nonlocal folds
         folds += 1
         if folds == 1:
             raise ValueError("layer 0: the weighted sum of the updates is not finite")
         original_add(self, rows, weights)
 
-    monkeypatch.setattr(aggregator_module.WeightedSum, "add", failing_add)
+    monkeypatch.setattr(job_updates.WeightedSum, "add", failing_add)
 
     assert await run_job(redis, aggregator, job_of(base_digest, refs)) == []
 
