@@ -30,9 +30,10 @@ _MIX_2 = np.uint64(0x94D049BB133111EB)
 def draw(seed, index):  # type: ignore[no-untyped-def]
     """Value ``index``'s draw: the top 31 bits of output ``index + 1`` of SplitMix64 (Steele, Lea
     and Flood, "Fast Splittable Pseudorandom Number Generators", OOPSLA 2014) started at ``seed``,
-    as an int32. ``seed`` must be a NumPy uint64 (a Python int would make the sum float64). Computed from the index alone, so the draws need no memory,
-    no order and no generator calls, and the loop that uses them still vectorises (31 bits convert to
-    float64 with AVX2; 32 would not)."""
+    as an int32. ``seed`` must be a NumPy uint64 (a Python int would make the sum float64).
+    Computed from the index alone, so the draws need no memory, no order and no generator calls,
+    and the loop that uses them still vectorises (31 bits convert to float64 with AVX2; 32 would
+    not)."""
     z = seed + np.uint64(index + 1) * _GAMMA
     z = (z ^ (z >> np.uint64(30))) * _MIX_1
     z = (z ^ (z >> np.uint64(27))) * _MIX_2

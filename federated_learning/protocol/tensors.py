@@ -244,11 +244,14 @@ def layout_mismatch(received: LayerSpec, expected: LayerSpec) -> InvalidTensor |
     return None
 
 
-def validate_layers(layers: Mapping[str, np.ndarray], spec: LayerSpec) -> None:
-    """Check names, order, shapes, dtypes and finiteness against ``spec``; raise :class:`InvalidTensor`."""
+def validate_layers(layers: Mapping[str, np.ndarray], spec: LayerSpec, *, values: bool = True) -> None:
+    """Check names, order, shapes, dtypes and (``values``) finiteness against ``spec``; raise
+    :class:`InvalidTensor`."""
     problem = layout_mismatch(spec_of(layers), spec)
     if problem is not None:
         raise problem
+    if not values:
+        return
     for name, (_shape, dtype) in spec.items():
         if is_float(dtype) and not np.isfinite(layers[name]).all():
             raise InvalidTensor("not_finite", f"layer '{name}' contains NaN or Inf")

@@ -30,7 +30,6 @@ from federated_learning.protocol.tensors import (
     is_float,
     layout_mismatch,
     read_layout,
-    spec_of,
     validate_layers,
 )
 from federated_learning.types import NamedLayers
@@ -110,10 +109,7 @@ def decode_update(data: bytes, spec: LayerSpec, *, max_bytes: int,
     """
     if not is_compressed(data):
         layers = decode_layers(data, max_bytes=max_bytes)
-        if not values_checked:
-            validate_layers(layers, spec)
-        elif (problem := layout_mismatch(spec_of(layers), spec)) is not None:
-            raise problem
+        validate_layers(layers, spec, values=not values_checked)
         return layers
     floats = trained_spec(spec)
     if base is None:
@@ -122,11 +118,9 @@ def decode_update(data: bytes, spec: LayerSpec, *, max_bytes: int,
         return delta
     update = _compressed_update(data, floats, max_bytes)
     bases = [np.asarray(base[name]).astype(dtype, copy=False) for name, (_shape, dtype) in floats.items()]
-    # decompress_onto checks the values it writes are finite, while they are in cache.
     moved = dict(zip(floats, _expanded(lambda: decompress_onto(update, bases), list(floats)), strict=True))
     layers = {name: moved.get(name, base[name]) for name in spec}
-    if (problem := layout_mismatch(spec_of(layers), spec)) is not None:
-        raise problem
+    validate_layers(layers, spec, values=False)  # decompress_onto checked the values it wrote
     return layers
 
 
