@@ -140,6 +140,7 @@ class FederatedClient:
         dataset: str | None = None,
         num_examples: int | None = None,
         blob_folder: Path | None = None,
+        blob_endpoint_url: str | None = None,
         shared_models: SharedModels | None = None,
     ) -> None:
         if redis is None and redis_url is None:
@@ -163,6 +164,9 @@ class FederatedClient:
         self.blob_folder = blob_folder
         """The deployment's ``blob_dir`` as mounted here, when it keeps blobs as files
         (``bus/blob_stores.py``) and the services see it at another path."""
+        self.blob_endpoint_url = blob_endpoint_url
+        """The deployment's object store as reached from here, when it keeps blobs in a bucket and
+        the services reach it at another URL (credentials: the standard AWS chain)."""
         self.shared_models = shared_models
         """Models this agent shares with the other agents of its process (each read once)."""
         self._blob_store_published = False
@@ -277,10 +281,13 @@ class FederatedClient:
         agent may start before the coordinator did on a new deployment)."""
         if not self._blob_store_published:
             store, published = await agent_blob_store(self.redis, self.keys, max_bytes=self.max_blob_bytes,
-                                                      blob_folder=self.blob_folder)
+                                                      blob_folder=self.blob_folder,
+                                                      blob_endpoint_url=self.blob_endpoint_url)
             if self._blobs is None or store.describe() != self._blobs.describe():
                 await self._check_writable(store)  # raises before the agent settles on a store it cannot use
                 self._blobs = store
+            elif store is not self._blobs:
+                store.close()
             self._blob_store_published = published
         assert self._blobs is not None
         return self._blobs

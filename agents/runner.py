@@ -114,6 +114,7 @@ async def run_agents(args: argparse.Namespace) -> None:
             agent_id, redis_url=access.redis_url, key_prefix=access.key_prefix, trainer=trainer,
             dataset=args.dataset, num_examples=examples, heartbeat_interval_s=args.heartbeat_s,
             state_dir=args.state_dir, join_token=args.join_token, blob_folder=args.blob_folder,
+            blob_endpoint_url=args.blob_endpoint_url,
             shared_models=shared_models))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -148,6 +149,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--blob-folder", type=Path, default=None,
                      help="the deployment's blob_dir as mounted here, when it keeps blobs as files and this "
                           "host mounts them at another path (default: the path the services use)")
+    run.add_argument("--blob-endpoint-url", default=None,
+                     help="the deployment's object store as reached from here, when it keeps blobs in a bucket "
+                          "and this host reaches it at another URL (default: the services' URL; credentials: "
+                          "the standard AWS chain)")
     run.add_argument("--log-level", default="INFO")
     return p
 

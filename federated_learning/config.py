@@ -16,6 +16,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from federated_learning.protocol.storage import BUCKET_NAME, ENDPOINT_URL
+
 CONFIG_FILE_ENV = "FL_CONFIG_FILE"
 DEFAULT_CONFIG_FILE = Path("config.json")
 SECRETS_DIR_ENV = "FL_SECRETS_DIR"
@@ -105,6 +107,17 @@ class Settings(BaseSettings):
                                   "uploads then skip the bus, Redis's memory and its append-only file. "
                                   "Agents find it by themselves; agents that cannot see the folder "
                                   "train through the HTTP gateway. Empty: in Redis")
+    blob_bucket: str | None = Field(
+        default=None, pattern=BUCKET_NAME,
+        description="keep models and uploads in this bucket of an S3-compatible object store (AWS S3, "
+                    "MinIO, ...) under the deployment's prefix, for agents on other machines: uploads then "
+                    "skip the bus. Credentials: the standard AWS chain (AWS_ACCESS_KEY_ID, AWS_PROFILE, a "
+                    "role). Agents find it by themselves. Empty: in Redis (or blob_dir)")
+    blob_endpoint_url: str | None = Field(
+        default=None, pattern=ENDPOINT_URL,
+        description="the object store's URL (MinIO and the like, e.g. http://minio:9000); empty: AWS S3")
+    blob_region: str | None = Field(default=None, pattern=r"^[a-z0-9\-]{1,64}$",
+                                    description="the bucket's region; empty: the AWS chain's")
     coordinator_lease_s: float = Field(
         default=10.0, gt=1, le=600,
         description="a partition's coordinator works alone; a standby takes over this long after it stopped renewing")
@@ -153,6 +166,19 @@ class Settings(BaseSettings):
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"{folder} is not a folder")
         return folder
+
+    @field_validator("blob_bucket", "blob_endpoint_url", "blob_region", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _one_blob_store(self) -> Settings:
+        if self.blob_dir is not None and self.blob_bucket is not None:
+            raise ValueError("blob_dir and blob_bucket both set: a deployment keeps its blobs in one store")
+        if self.blob_bucket is None and (self.blob_endpoint_url or self.blob_region):
+            raise ValueError("blob_endpoint_url and blob_region need blob_bucket")
+        return self
 
     @field_validator(*TLS_FILE_KEYS)
     @classmethod

@@ -8,24 +8,40 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 BLOB_STORE_SCHEMA: Literal[1] = 1
 
+BUCKET_NAME = r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$"
+"""An S3 bucket name: 3 to 63 lowercase letters, digits, dots and hyphens."""
+ENDPOINT_URL = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
+
 
 class BlobStoreDescriptor(BaseModel):
     """``redis``: blobs are keys of the deployment's Redis. ``folder``: files under ``path`` (an
-    absolute path on the services' host; agents that see it elsewhere say where, ``bus/blob_stores.py``),
-    whose ``store.json`` holds ``store_id``, so that an agent can tell it found the right folder."""
+    absolute path on the services' host; agents that see it elsewhere say where, ``bus/blob_stores.py``).
+    ``s3``: objects in ``bucket`` of an S3-compatible object store (AWS S3 when ``endpoint_url`` is
+    empty; MinIO and the like at their URL), under the deployment's prefix. A folder or a bucket
+    holds ``store.json`` with ``store_id``, so that an agent can tell it found the right store."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: Literal[1] = BLOB_STORE_SCHEMA
-    kind: Literal["redis", "folder"]
+    kind: Literal["redis", "folder", "s3"]
     path: str | None = None
+    bucket: str | None = Field(default=None, pattern=BUCKET_NAME)
+    endpoint_url: str | None = Field(default=None, pattern=ENDPOINT_URL, max_length=2048)
+    region: str | None = Field(default=None, pattern=r"^[a-z0-9\-]{1,64}$")
     store_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
 
     @model_validator(mode="after")
-    def _path_with_folder(self) -> BlobStoreDescriptor:
-        folder = self.path is not None and self.path.startswith("/") and self.store_id is not None
-        if (self.kind == "folder") != folder or (self.kind == "redis" and (self.path or self.store_id)):
-            raise ValueError("a folder store names an absolute path and its id; a redis store neither")
+    def _fields_of_the_kind(self) -> BlobStoreDescriptor:
+        folder = self.path is not None and self.path.startswith("/")
+        s3_fields = (self.bucket, self.endpoint_url, self.region)
+        valid = {
+            "redis": self.path is None and self.store_id is None and s3_fields == (None, None, None),
+            "folder": folder and self.store_id is not None and s3_fields == (None, None, None),
+            "s3": self.path is None and self.store_id is not None and self.bucket is not None,
+        }[self.kind]
+        if not valid:
+            raise ValueError("a folder store names an absolute path and its id, an s3 store its bucket and its "
+                             "id (and may name an endpoint and a region), a redis store nothing")
         return self
 
 

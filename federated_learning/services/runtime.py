@@ -31,7 +31,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
-from federated_learning.bus.blob_stores import services_blob_store
+from federated_learning.bus.blob_stores import ObjectStoreSettings, services_blob_store
 from federated_learning.bus.blobs import BlobStore
 from federated_learning.bus.connection import connect, keys_for
 from federated_learning.bus.replies import text
@@ -187,8 +187,11 @@ class ServiceContext:
 
     def __post_init__(self) -> None:
         self.keys = keys_for(self.redis, self.settings.redis_key_prefix)
-        self.blobs = services_blob_store(self.redis, self.keys, max_bytes=self.settings.max_blob_bytes,
-                                         blob_dir=self.settings.blob_dir)
+        bucket = self.settings.blob_bucket
+        self.blobs = services_blob_store(
+            self.redis, self.keys, max_bytes=self.settings.max_blob_bytes, blob_dir=self.settings.blob_dir,
+            object_store=None if bucket is None else ObjectStoreSettings(
+                bucket, endpoint_url=self.settings.blob_endpoint_url, region=self.settings.blob_region))
         self.process = psutil.Process()
         self.cpu_window.add(time.monotonic(), self._cpu_seconds())
 
@@ -410,7 +413,7 @@ async def warn_if_another_blob_store(ctx: ServiceContext) -> None:
     published = await ctx.redis.get(ctx.keys.blob_store)
     if published is not None and read_descriptor(published) != ctx.blobs.describe():
         log.error("%s/%s keeps blobs in %s, but the deployment's coordinator published %s: give every "
-                  "service the same blob_dir, mounted at the same path", ctx.service, ctx.instance,
+                  "service the same blob_dir (mounted at the same path) or blob_bucket", ctx.service, ctx.instance,
                   ctx.blobs.describe().model_dump_json(), text(published))
 
 

@@ -1,0 +1,435 @@
+"""Blobs as objects of an S3-compatible object store (AWS S3, MinIO, Ceph, R2, ...).
+
+For agents that run on other machines than the services and share no folder with them: uploads
+and models then never pass through Redis (it carries the messages only), and each blob crosses
+the network once each way, between its writer or reader and the store (decision 0018).
+
+Layout under ``<bucket>/<prefix>/``: ``store.json`` (the store's id, which the coordinator
+publishes, so an agent knows it found the right store), ``blob/<sha256>`` (the services' models
+and state: they never expire) and ``upload/<owner>/<sha256>`` (an agent's uploads, an
+organisation's models). The semantics are those of the other stores:
+
+- **Written once.** A PUT with ``If-None-Match: *``: a second writer of the same bytes leaves a
+  live copy alone (SET NX), and replaces one that has expired.
+- **Verified on every read**: the size limit before the body is read, then the SHA-256.
+- **Expiry, for uploads only.** An upload's metadata ``fl-expires`` holds its expiry (unix
+  seconds; an upload without a valid one expires :data:`DEFAULT_UPLOAD_TTL_S` after it was
+  written). :meth:`ObjectBlobStore.keep` tags it ``fl-kept=1`` (an accepted upload, until its
+  round commits): the PERSIST of the Redis store, without copying the object. A reader treats an
+  expired upload that is not kept as missing; the coordinator's sweep deletes it. The tag is read
+  only for an upload past its expiry, so a live upload costs one request to read.
+- **Durable** once the store acknowledged the PUT.
+
+Credentials come from the standard AWS chain of whoever runs the process (``AWS_ACCESS_KEY_ID``
+and ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, an instance or pod role): the services need read,
+write, delete, tagging and listing under the prefix; an agent needs only to read ``store.json``
+and ``blob/``, and to write ``upload/<its id>/`` (docs/operations.md has such a policy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from federated_learning.bus.blobs import (
+    HEAD_PROBE_BYTES,
+    OFF_LOOP_HASH_BYTES,
+    BlobHead,
+    BlobMissing,
+    BlobStore,
+    BlobStoreError,
+)
+from federated_learning.protocol.storage import BlobStoreDescriptor
+from federated_learning.protocol.tensors import InvalidTensor, digest_of, header_bytes_needed
+from federated_learning.types import BlobDigest
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+MARKER = "store.json"
+EXPIRES = "fl-expires"
+"""The metadata entry that holds an upload's expiry (unix seconds)."""
+KEPT_TAG = {"Key": "fl-kept", "Value": "1"}
+DEFAULT_UPLOAD_TTL_S = 24 * 3600
+"""How long an upload lives when its metadata says nothing (written by other means than ours)."""
+SWEEP_MIN_AGE_S = 600.0
+"""The sweep looks at uploads at least this old only: most uploads are deleted when their round
+commits, so the sweep reads the expiry of the few left behind, not of every upload."""
+DELETE_BATCH = 1000
+"""Keys per DeleteObjects request (the API's limit)."""
+CONNECTIONS = 64
+"""HTTP connections one store keeps to the object store: blobs are fetched in parallel, one per
+thread of the executor that checks them."""
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_OWNER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+_MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
+_EXISTS = frozenset({"PreconditionFailed", "412"})
+_RACED = frozenset({"ConditionalRequestConflict", "409"})
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+@contextlib.contextmanager
+def _store_errors(what: str) -> Iterator[None]:
+    """The object store's failures as :class:`BlobStoreError` (no bucket, no access, the store
+    unreachable), a missing object as :class:`BlobMissing`."""
+    try:
+        yield
+    except (BlobMissing, InvalidTensor, BlobStoreError):
+        raise
+    except ClientError as exc:
+        if _code(exc) in _MISSING:
+            raise BlobMissing(f"{what}: not found") from None
+        raise BlobStoreError(f"{what}: {exc}") from exc
+    except BotoCoreError as exc:
+        raise BlobStoreError(f"{what}: {exc}") from exc
+
+
+def s3_client(endpoint_url: str | None, region: str | None) -> Any:
+    """A thread-safe S3 client with credentials from the standard AWS chain. Path-style addresses
+    for an endpoint of one's own (MinIO and the like serve no bucket subdomains); checksums only
+    where the API requires them, since every read checks the blob's SHA-256."""
+    config = Config(
+        max_pool_connections=CONNECTIONS, connect_timeout=10, read_timeout=30,
+        retries={"max_attempts": 4, "mode": "standard"},
+        s3={"addressing_style": "path"} if endpoint_url else None,
+        request_checksum_calculation="when_required", response_checksum_validation="when_required")
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+
+@dataclass(frozen=True)
+class _Found:
+    """What a GET told about an object before its body is read."""
+
+    size: int
+    expired: bool
+
+
+class ObjectBlobStore(BlobStore):
+    """Blobs under ``<prefix>/`` in ``bucket`` of an S3-compatible store."""
+
+    in_redis = False
+
+    def __init__(self, bucket: str, prefix: str, *, max_bytes: int, endpoint_url: str | None = None,
+                 region: str | None = None, store_id: str | None = None, client: Any = None) -> None:
+        super().__init__(max_bytes=max_bytes)
+        if not prefix or "/" in prefix:
+            raise ValueError(f"'{prefix}' is not a deployment prefix")
+        self.bucket = bucket
+        self.prefix = prefix
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self.store_id = store_id
+        """The id in the store's ``store.json`` (:meth:`create`, :meth:`read_id`)."""
+        self._client = client if client is not None else s3_client(endpoint_url, region)
+        self._expiry_seen: dict[str, float] = {}
+        """The sweep's memory: an old upload's expiry (inf: kept), so it is read once."""
+
+    @classmethod
+    def create(cls, bucket: str, prefix: str, *, max_bytes: int, endpoint_url: str | None = None,
+               region: str | None = None) -> ObjectBlobStore:
+        """The services' store: its ``store.json`` written when missing (the first service to
+        start writes the id, with ``If-None-Match``; the others read it)."""
+        store = cls(bucket, prefix, max_bytes=max_bytes, endpoint_url=endpoint_url, region=region)
+        marker = json.dumps({"store_id": secrets.token_hex(16)}).encode()
+        with _store_errors(f"cannot write s3://{bucket}/{store._key(MARKER)}"):
+            try:
+                store._client.put_object(Bucket=bucket, Key=store._key(MARKER), Body=marker, IfNoneMatch="*",
+                                         ContentType="application/json")
+            except ClientError as exc:
+                if _code(exc) not in _EXISTS | _RACED:
+                    raise
+        store.store_id = store.read_id()
+        if store.store_id is None:
+            raise BlobStoreError(f"s3://{bucket}/{store._key(MARKER)} holds no store id")
+        return store
+
+    def read_id(self) -> str | None:
+        """The id in ``store.json``; None when there is none (not a deployment's store). Raises
+        :class:`BlobStoreError` when the store cannot be asked (no bucket, no access, unreachable)."""
+        try:
+            with _store_errors(f"cannot read s3://{self.bucket}/{self._key(MARKER)}"):
+                reply = self._client.get_object(Bucket=self.bucket, Key=self._key(MARKER))
+                value = json.loads(reply["Body"].read(4096)).get("store_id")
+        except BlobMissing:
+            return None
+        except (ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{32}", value) else None
+
+    def describe(self) -> BlobStoreDescriptor:
+        return BlobStoreDescriptor(kind="s3", bucket=self.bucket, endpoint_url=self.endpoint_url,
+                                   region=self.region, store_id=self.store_id)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def key(self, digest: BlobDigest, owner: str | None = None) -> str:
+        """The blob's object key; the digest and owner are checked, so no key leaves the prefix."""
+        if not _DIGEST.match(digest):
+            raise ValueError(f"'{digest}' is not a SHA-256 digest")
+        if owner is None:
+            return self._key("blob", digest)
+        if not _OWNER.match(owner) or ".." in owner:
+            raise ValueError(f"'{owner}' cannot own blobs")
+        return self._key("upload", owner, digest)
+
+    def _key(self, *parts: str) -> str:
+        return "/".join((self.prefix, *parts))
+
+    # -- writing ---------------------------------------------------------------
+    async def put(self, data: bytes, *, ttl_s: int | None = None, owner: str | None = None) -> BlobDigest:
+        if len(data) > self.max_bytes:
+            raise InvalidTensor("too_large", f"blob of {len(data)} bytes exceeds the limit {self.max_bytes}")
+        if len(data) < OFF_LOOP_HASH_BYTES:
+            digest = digest_of(data)
+            await asyncio.to_thread(self._write, digest, owner, data, ttl_s)
+            return digest
+        return await asyncio.to_thread(self._hash_and_write, data, owner, ttl_s)
+
+    def _hash_and_write(self, data: bytes, owner: str | None, ttl_s: int | None) -> BlobDigest:
+        digest = digest_of(data)
+        self._write(digest, owner, data, ttl_s)
+        return digest
+
+    def _write(self, digest: BlobDigest, owner: str | None, data: bytes, ttl_s: int | None) -> None:
+        """PUT unless a live copy is there (SET NX); an expired copy is replaced by the same bytes."""
+        key = self.key(digest, owner)
+        metadata = {} if ttl_s is None or owner is None else {EXPIRES: str(int(time.time() + ttl_s))}
+        with _store_errors(f"cannot store blob {digest}"):
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*", Metadata=metadata,
+                                        ContentType="application/octet-stream")
+                return
+            except ClientError as exc:
+                if _code(exc) not in _EXISTS | _RACED:
+                    raise
+            try:
+                head = self._client.head_object(Bucket=self.bucket, Key=key)
+                if head["ContentLength"] == len(data) and not self._expired(key, owner, head):
+                    return
+            except ClientError as exc:
+                if _code(exc) not in _MISSING:  # deleted meanwhile: written again below
+                    raise
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=data, Metadata=metadata,
+                                    ContentType="application/octet-stream")
+
+    async def keep(self, blobs: Sequence[tuple[BlobDigest, str | None]]) -> None:
+        uploads = [(digest, owner) for digest, owner in blobs if owner is not None]  # services' blobs never expire
+        if uploads:
+            await asyncio.gather(*(asyncio.to_thread(self._keep, digest, owner) for digest, owner in uploads))
+
+    def _keep(self, digest: BlobDigest, owner: str) -> None:
+        with contextlib.suppress(BlobMissing), _store_errors(f"cannot keep blob {digest}"):
+            self._client.put_object_tagging(Bucket=self.bucket, Key=self.key(digest, owner),
+                                            Tagging={"TagSet": [KEPT_TAG]})
+
+    async def discard(self, blobs: Sequence[tuple[BlobDigest, str | None]]) -> None:
+        if blobs:
+            await asyncio.to_thread(self._delete, [self.key(digest, owner) for digest, owner in blobs])
+
+    def _delete(self, keys: list[str]) -> int:
+        """Delete ``keys`` (a missing one counts as deleted); the number the store deleted. A key it
+        refused is left, with a warning, rather than failing the commit or sweep that wanted it gone."""
+        deleted = 0
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start:start + DELETE_BATCH]
+            with _store_errors("cannot delete blobs"):
+                reply = self._client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": key} for key in batch], "Quiet": True})
+            errors = reply.get("Errors", [])
+            for error in errors:
+                log.warning("cannot delete blob s3://%s/%s: %s", self.bucket, error.get("Key"), error.get("Message"))
+            deleted += len(batch) - len(errors)
+        return deleted
+
+    async def check_writable(self, owner: str) -> None:
+        """An empty upload, expiring in a minute: it fails as the agent's real uploads would."""
+        await asyncio.to_thread(self._write, digest_of(b""), owner, b"", 60)
+
+    # -- reading ---------------------------------------------------------------
+    def _expired(self, key: str, owner: str | None, reply: dict[str, Any], now: float | None = None) -> bool:
+        """Whether an upload is past its expiry and not kept (the tag is read only then)."""
+        if owner is None:
+            return False
+        now = time.time() if now is None else now
+        if _expiry(reply) > now:
+            return False
+        tags = self._client.get_object_tagging(Bucket=self.bucket, Key=key)["TagSet"]
+        return KEPT_TAG not in tags
+
+    def _open(self, digest: BlobDigest, owner: str | None, byte_range: str | None = None) -> tuple[_Found, Any]:
+        """GET the object (or a range of it): what its headers say, and its unread body."""
+        key = self.key(digest, owner)
+        extra = {} if byte_range is None else {"Range": byte_range}
+        try:
+            reply = self._client.get_object(Bucket=self.bucket, Key=key, **extra)
+        except ClientError as exc:
+            if _code(exc) == "InvalidRange":  # a range of an empty object
+                return _Found(0, self._expired(key, owner, self._client.head_object(Bucket=self.bucket, Key=key))), None
+            raise
+        size = _total_size(reply)
+        return _Found(size, self._expired(key, owner, reply)), reply["Body"]
+
+    def _read(self, digest: BlobDigest, owner: str | None) -> bytes:
+        """The blob's bytes, unchecked: BlobMissing when absent or expired, InvalidTensor when over
+        the size limit (its body is then not read)."""
+        with _store_errors(f"blob {digest}"):
+            found, body = self._open(digest, owner)
+            with contextlib.closing(body) if body is not None else contextlib.nullcontext():
+                if found.expired:
+                    raise BlobMissing(f"blob {digest} expired")
+                if found.size > self.max_bytes:
+                    raise self._too_large(digest, found.size)
+                return b"" if body is None else bytes(body.read())
+
+    async def get(self, digest: BlobDigest, *, owner: str | None = None) -> bytes:
+        return await asyncio.to_thread(self._read_checked, digest, owner)
+
+    def _read_checked(self, digest: BlobDigest, owner: str | None) -> bytes:
+        data = self._read(digest, owner)
+        if digest_of(data) != digest:
+            raise InvalidTensor("hash_mismatch", f"blob stored under {digest} has another hash")
+        return data
+
+    async def get_each(self, blobs: Sequence[tuple[BlobDigest, str | None]], then: Callable[[int, bytes], T], *,
+                       executor: Executor) -> list[T | BlobMissing | InvalidTensor]:
+        """Each blob fetched, checked and handed to ``then`` on a thread of ``executor``, as many at
+        once as it has threads (an object store has no batched read)."""
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(loop.run_in_executor(executor, self._fetched, index, digest, owner, then)
+                                           for index, (digest, owner) in enumerate(blobs))))
+
+    def _fetched(self, index: int, digest: BlobDigest, owner: str | None,
+                 then: Callable[[int, bytes], T]) -> T | BlobMissing | InvalidTensor:
+        try:
+            data: bytes | None = self._read(digest, owner)
+        except BlobMissing:
+            data = None
+        except InvalidTensor as exc:
+            return exc
+        return self._checked(index, digest, data, then)
+
+    def _head(self, digest: BlobDigest, owner: str | None) -> BlobHead:
+        with _store_errors(f"blob {digest}"):
+            found, body = self._open(digest, owner, f"bytes=0-{HEAD_PROBE_BYTES - 1}")
+            with contextlib.closing(body) if body is not None else contextlib.nullcontext():
+                if found.expired:
+                    raise BlobMissing(f"blob {digest} expired")
+                if found.size > self.max_bytes:
+                    raise self._too_large(digest, found.size)
+                first = b"" if body is None else bytes(body.read())
+            needed = min(found.size, header_bytes_needed(first))
+            if needed > len(first):
+                found, body = self._open(digest, owner, f"bytes=0-{needed - 1}")
+                with contextlib.closing(body):
+                    first = bytes(body.read())
+        return BlobHead(digest, found.size, first)
+
+    async def head(self, digest: BlobDigest, *, owner: str | None = None) -> BlobHead:
+        return await asyncio.to_thread(self._head, digest, owner)
+
+    async def heads(self, blobs: Sequence[tuple[BlobDigest, str]]) -> dict[tuple[BlobDigest, str], BlobHead]:
+        async def one(digest: BlobDigest, owner: str) -> BlobHead | None:
+            try:
+                return await asyncio.to_thread(self._head, digest, owner)
+            except (BlobMissing, InvalidTensor):
+                return None  # read (and refused) again when its notice's turn comes
+        found = await asyncio.gather(*(one(digest, owner) for digest, owner in blobs))
+        return {blob: head for blob, head in zip(blobs, found, strict=True) if head is not None}
+
+    async def exists(self, digest: BlobDigest, *, owner: str | None = None) -> bool:
+        def ask() -> bool:
+            key = self.key(digest, owner)
+            with _store_errors(f"blob {digest}"):
+                try:
+                    return not self._expired(key, owner, self._client.head_object(Bucket=self.bucket, Key=key))
+                except ClientError as exc:
+                    if _code(exc) in _MISSING:
+                        return False
+                    raise
+        return await asyncio.to_thread(ask)
+
+    # -- expiry ------------------------------------------------------------------
+    async def sweep_expired(self) -> int:
+        return await asyncio.to_thread(self.sweep_expired_now, time.time())
+
+    def sweep_expired_now(self, now: float) -> int:
+        """Delete the uploads past their expiry that are not kept; the count. Only uploads older
+        than :data:`SWEEP_MIN_AGE_S` are looked at, each one's expiry read once. A store that
+        cannot be listed is skipped with a warning (the next sweep tries again)."""
+        expired: list[str] = []
+        listed: set[str] = set()
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key("upload", ""))
+            for page in pages:
+                for entry in page.get("Contents", []):
+                    key = entry["Key"]
+                    listed.add(key)
+                    if entry["LastModified"].timestamp() > now - SWEEP_MIN_AGE_S or not self._upload_key(key):
+                        continue
+                    if self._expiry_seen.get(key, -math.inf) <= now and self._sweepable(key, now):
+                        expired.append(key)
+            for key in expired:
+                self._expiry_seen.pop(key, None)
+            self._expiry_seen = {key: at for key, at in self._expiry_seen.items() if key in listed}
+            return self._delete(expired) if expired else 0
+        except (ClientError, BotoCoreError, BlobStoreError) as exc:
+            log.warning("blob sweep: cannot list or delete the uploads in s3://%s/%s: %s",
+                        self.bucket, self._key("upload"), exc)
+            return 0
+
+    def _upload_key(self, key: str) -> bool:
+        parts = key[len(self.prefix) + 1:].split("/")
+        return len(parts) == 3 and _OWNER.match(parts[1]) is not None and _DIGEST.match(parts[2]) is not None
+
+    def _sweepable(self, key: str, now: float) -> bool:
+        """Whether an old upload is expired and not kept; remembers when to look again."""
+        try:
+            reply = self._client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                return False
+            raise
+        expires = _expiry(reply)
+        if expires > now:
+            self._expiry_seen[key] = expires
+            return False
+        if KEPT_TAG in self._client.get_object_tagging(Bucket=self.bucket, Key=key)["TagSet"]:
+            self._expiry_seen[key] = math.inf  # kept until its round commits and discards it
+            return False
+        return True
+
+
+def _expiry(reply: dict[str, Any]) -> float:
+    """An upload's expiry from its metadata; without a valid one, :data:`DEFAULT_UPLOAD_TTL_S`
+    after it was written."""
+    try:
+        return float(int(reply.get("Metadata", {})[EXPIRES]))
+    except (KeyError, ValueError):
+        return float(reply["LastModified"].timestamp() + DEFAULT_UPLOAD_TTL_S)
+
+
+def _total_size(reply: dict[str, Any]) -> int:
+    """The object's whole size, from a ranged GET's ``Content-Range`` (``bytes 0-99/1234``)."""
+    content_range = reply.get("ContentRange")
+    if content_range:
+        return int(str(content_range).rsplit("/", 1)[1])
+    return int(reply["ContentLength"])
