@@ -255,6 +255,8 @@ def deployment_environment(args: argparse.Namespace, data_dir: Path) -> dict[str
         "FL_MAX_FIRST_JOINS_PER_MINUTE": str(max(600, 2 * (args.agents + args.idle_agents))),
         "NUMBA_CACHE_DIR": str(data_dir.parent / f"{data_dir.name}-numba-cache"),
         "FL_BLOB_DIR": str(data_dir / "blobs") if args.blob_store == "folder" else "",
+        "FL_BLOB_BUCKET": args.s3_bucket if args.blob_store == "s3" else "",
+        "FL_BLOB_ENDPOINT_URL": args.s3_endpoint if args.blob_store == "s3" else "",
     }
 
 
@@ -716,6 +718,8 @@ def summary_table(args: argparse.Namespace, ours: dict[str, Any], flower: dict[s
 def blobs_label(args: argparse.Namespace) -> str:
     """Where our blobs went: Valkey (one server, or a cluster of P primaries x (1 + R) nodes) or a folder."""
     bus = f"cluster {args.cluster}x{1 + args.cluster_replicas}" if args.cluster else "redis"
+    if args.blob_store == "s3":
+        return f"s3 bucket {args.s3_bucket} at {args.s3_endpoint or 'AWS'} ({bus} for messages)"
     return f"folder ({bus} for messages)" if args.blob_store == "folder" else bus
 
 
@@ -751,8 +755,8 @@ def bus_line(bus: dict[str, Any]) -> str:
     if bus["bus_bytes_per_round"] is None:
         return "bus bytes per round: not measured (needs 2 rounds or more)"
     uploads = bus["upload_bytes_per_round"]
-    where = ("" if bus["blob_store"] == "redis" else
-             "; uploads and models are files in the blob folder, which these bytes do not count")
+    where = {"redis": "", "folder": "; uploads and models are files in the blob folder, which these bytes do not count",
+             "s3": "; uploads and models are objects in the bucket, which these bytes do not count"}[bus["blob_store"]]
     return (f"bus bytes per round (rounds 2..R{where}): {bus['bus_bytes_per_round'] / 1e6:,.2f} MB; model bytes "
             f"N d 4 x 2: {bus['model_bytes_per_round'] / 1e6:,.2f} MB; ratio {bus['ratio']:.2f}; "
             f"agents' uploads {seconds(uploads and uploads / 1e6, 2)} MB; this script's reads "
@@ -803,9 +807,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="run the bus on a local Valkey Cluster of this many primaries (at least 3) instead of "
                         "the embedded server")
     p.add_argument("--cluster-replicas", type=int, default=1, help="replicas of each primary with --cluster")
-    p.add_argument("--blob-store", default="redis", choices=("redis", "folder"),
-                   help="where models and uploads live: in Valkey, or as files in a folder the agents share "
-                        "(blob_dir, decision 0014)")
+    p.add_argument("--blob-store", default="redis", choices=("redis", "folder", "s3"),
+                   help="where models and uploads live: in Valkey, as files in a folder the agents share "
+                        "(blob_dir, decision 0014), or in an S3 bucket (blob_bucket, decision 0018)")
+    p.add_argument("--s3-bucket", default="", help="with --blob-store s3: the bucket (it must exist; credentials "
+                   "from the AWS chain, e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+    p.add_argument("--s3-endpoint", default="", help="with --blob-store s3: the store's URL (MinIO and the like); "
+                   "empty: AWS S3")
     p.add_argument("--flower", action=argparse.BooleanOptionalAction, default=True,
                    help="also run Flower's gRPC server on the same work, when flwr imports")
     p.add_argument("--heartbeat-s", type=float, default=30.0, help="agents' heartbeat interval")
@@ -831,6 +839,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--rounds is {args.rounds}; s/round needs at least 2")
     if args.cluster and args.cluster < 3:
         p.error("--cluster needs at least 3 primaries")
+    if (args.blob_store == "s3") != bool(args.s3_bucket):
+        p.error("--blob-store s3 and --s3-bucket go together")
     return args
 
 

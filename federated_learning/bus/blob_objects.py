@@ -13,9 +13,8 @@ organisation's models). The semantics are those of the other stores:
   live copy alone (SET NX), and replaces one that has expired.
 - **Verified on every read**: the size limit before the body is read, then the SHA-256.
 - **Expiry, for uploads only.** An upload's metadata ``fl-expires`` holds its expiry (unix
-  seconds; an upload without a valid one expires :data:`DEFAULT_UPLOAD_TTL_S` after it was
-  written). :meth:`ObjectBlobStore.keep` tags it ``fl-kept=1`` (an accepted upload, until its
-  round commits): the PERSIST of the Redis store, without copying the object. A reader treats an
+  seconds; at most :data:`MAX_UPLOAD_TTL_S` after it was written, also without a valid one).
+  :meth:`ObjectBlobStore.keep` tags it ``fl-kept=1`` (an accepted upload, until its round commits): the PERSIST of the Redis store, without copying the object. A reader treats an
   expired upload that is not kept as missing; the coordinator's sweep deletes it. The tag is read
   only for an upload past its expiry, so a live upload costs one request to read.
 - **Durable** once the store acknowledged the PUT.
@@ -64,8 +63,9 @@ MARKER = "store.json"
 EXPIRES = "fl-expires"
 """The metadata entry that holds an upload's expiry (unix seconds)."""
 KEPT_TAG = {"Key": "fl-kept", "Value": "1"}
-DEFAULT_UPLOAD_TTL_S = 24 * 3600
-"""How long an upload lives when its metadata says nothing (written by other means than ours)."""
+MAX_UPLOAD_TTL_S = 24 * 3600
+"""The longest an upload lives unless kept, whatever its metadata says (agents and the HTTP
+gateway ask for 24 h): an agent writing with its own S3 client cannot keep its upload alive."""
 SWEEP_MIN_AGE_S = 600.0
 """The sweep looks at uploads at least this old only: most uploads are deleted when their round
 commits, so the sweep reads the expiry of the few left behind, not of every upload."""
@@ -419,12 +419,13 @@ class ObjectBlobStore(BlobStore):
 
 
 def _expiry(reply: dict[str, Any]) -> float:
-    """An upload's expiry from its metadata; without a valid one, :data:`DEFAULT_UPLOAD_TTL_S`
-    after it was written."""
+    """An upload's expiry from its metadata, at most :data:`MAX_UPLOAD_TTL_S` after it was written
+    (also without valid metadata)."""
+    latest = float(reply["LastModified"].timestamp() + MAX_UPLOAD_TTL_S)
     try:
-        return float(int(reply.get("Metadata", {})[EXPIRES]))
+        return min(float(int(reply.get("Metadata", {})[EXPIRES])), latest)
     except (KeyError, ValueError):
-        return float(reply["LastModified"].timestamp() + DEFAULT_UPLOAD_TTL_S)
+        return latest
 
 
 def _total_size(reply: dict[str, Any]) -> int:

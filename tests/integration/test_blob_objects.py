@@ -82,16 +82,17 @@ async def test_an_upload_expires_unless_kept(store: ObjectBlobStore, s3: Any) ->
     assert s3.get_object_tagging(Bucket=store.bucket, Key=store.key(kept, AGENT))["TagSet"] == [KEPT_TAG]
 
 
-async def test_an_upload_without_our_metadata_expires_a_day_after_it_was_written(
-        store: ObjectBlobStore, s3: Any) -> None:
-    """An agent that writes with its own S3 client, without the expiry, does not keep its upload
-    forever: the sweep takes it a day after it was written."""
-    digest = digest_of(b"raw upload")
-    s3.put_object(Bucket=store.bucket, Key=store.key(digest, AGENT), Body=b"raw upload")
-    assert await store.get(digest, owner=AGENT) == b"raw upload"
+async def test_an_upload_lives_a_day_at_most_whatever_its_metadata_says(store: ObjectBlobStore, s3: Any) -> None:
+    """An agent that writes with its own S3 client, without the expiry or with one years ahead,
+    does not keep its upload alive: the sweep takes it a day after it was written."""
+    raw, far = digest_of(b"raw upload"), digest_of(b"far upload")
+    s3.put_object(Bucket=store.bucket, Key=store.key(raw, AGENT), Body=b"raw upload")
+    s3.put_object(Bucket=store.bucket, Key=store.key(far, AGENT), Body=b"far upload",
+                  Metadata={EXPIRES: str(int(time.time() + 10 * 365 * 86400))})
+    assert await store.get(raw, owner=AGENT) == b"raw upload" and await store.get(far, owner=AGENT) == b"far upload"
     assert store.sweep_expired_now(time.time() + 3600) == 0
-    assert store.sweep_expired_now(time.time() + 25 * 3600) == 1
-    assert not await store.exists(digest, owner=AGENT)
+    assert store.sweep_expired_now(time.time() + 25 * 3600) == 2
+    assert not await store.exists(raw, owner=AGENT) and not await store.exists(far, owner=AGENT)
 
 
 async def test_the_sweep_deletes_old_uploads_past_their_expiry_and_nothing_else(

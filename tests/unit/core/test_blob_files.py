@@ -299,3 +299,17 @@ async def test_without_hard_links_the_first_service_still_sets_the_folders_id(
     second = FolderBlobStore.create(tmp_path / "fl", max_bytes=1024)
     assert first.store_id is not None and second.store_id == first.store_id
     assert sorted(p.name for p in (tmp_path / "fl").iterdir()) == ["blob", "store.json", "upload"]
+
+
+@pytest.mark.parametrize("fields", [
+    {"kind": "s3", "bucket": "fl-models"},  # no id
+    {"kind": "s3", "store_id": "0" * 32},  # no bucket
+    {"kind": "s3", "bucket": "fl-models", "store_id": "0" * 32, "path": "/srv"},
+    {"kind": "folder", "path": "/srv", "store_id": "0" * 32, "bucket": "fl-models"},
+    {"kind": "redis", "endpoint_url": "http://minio:9000"},
+    {"kind": "s3", "bucket": "fl-models", "store_id": "0" * 32, "endpoint_url": "file:///etc"},
+])
+def test_a_descriptor_names_the_fields_of_its_kind_only(fields: dict[str, str]) -> None:
+    with pytest.raises(ValueError):
+        BlobStoreDescriptor(**fields)  # type: ignore[arg-type]
+    assert BlobStoreDescriptor(kind="s3", bucket="fl-models", store_id="0" * 32).endpoint_url is None

@@ -55,3 +55,22 @@ def test_shipped_config_json_loads() -> None:
     assert settings.max_concurrent_trainings == 3
     assert settings.default_privacy_level == "medium"
     assert (settings.min_clients_per_round, settings.max_clients_per_round) == (3, 20)
+
+
+def test_a_bucket_is_the_blob_store_with_its_endpoint(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, blob_bucket="fl-models", blob_endpoint_url="http://minio:9000",
+                                   blob_region=""))
+    assert (settings.blob_bucket, settings.blob_endpoint_url, settings.blob_region) == (
+        "fl-models", "http://minio:9000", None)
+    assert load_settings(write(tmp_path, blob_bucket="")).blob_bucket is None
+
+
+@pytest.mark.parametrize(("values", "reason"), [
+    ({"blob_bucket": "Fl_Models"}, "blob_bucket"),
+    ({"blob_bucket": "fl-models", "blob_endpoint_url": "minio:9000"}, "blob_endpoint_url"),
+    ({"blob_bucket": "fl-models", "blob_dir": "/srv/blobs"}, "one store"),
+    ({"blob_endpoint_url": "http://minio:9000"}, "need blob_bucket"),
+])
+def test_a_bucket_setting_that_cannot_work_is_refused(tmp_path: Path, values: dict[str, str], reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        load_settings(write(tmp_path, **values))
