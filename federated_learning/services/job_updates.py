@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -55,29 +54,24 @@ class JobUpdates:
                 bases[digest] = exc
         return bases
 
-    async def _checked_uploads(self, job: AggregationJob) -> tuple[list[Upload], set[int], set[int]]:
-        """Each update's bytes, checked against its digest (kept by the read-ahead, else fetched
-        now), or why it is invalid; the positions whose problem the read-ahead reported; and those
-        whose bytes the read-ahead checked whole (``check_update``). What the read-ahead did not
-        hold (after a restart or a takeover) is fetched whole before any of it is decoded."""
+    async def _checked_uploads(self, job: AggregationJob) -> tuple[list[Upload | None], set[int], set[int]]:
+        """Each update's bytes the read-ahead kept, checked against its digest, or why it is
+        invalid; None for one it did not read (after a restart or a takeover), which is fetched
+        when its turn to be decoded comes. Also the positions whose problem the read-ahead reported,
+        and those whose bytes it checked whole (``check_update``)."""
         self.cache.job_started(job.training_id, job.round)
         kept = [self.cache.get((ref.digest, ref.agent_id)) for ref in job.updates]
         uploads: list[Upload | None] = [await verdict if verdict is not None else None for verdict in kept]
         reported = {k for k, upload in enumerate(uploads) if isinstance(upload, (BlobMissing, InvalidTensor))}
         checked = {k for k, upload in enumerate(uploads) if isinstance(upload, bytes)}
-        missing = [k for k, upload in enumerate(uploads) if upload is None]
-        if missing:
-            fetched = await self.blobs.get_each(
-                [(job.updates[k].digest, job.updates[k].agent_id) for k in missing],
-                lambda _i, data: data, executor=self.pool())
-            for k, upload in zip(missing, fetched, strict=True):
-                uploads[k] = upload
-        return cast(list[Upload], uploads), reported, checked  # every position holds its upload now
+        return uploads, reported, checked
 
     async def _preparer(self, job: AggregationJob, layout: UpdateLayout, checked: set[int]
-                        ) -> Callable[[int, Upload], Awaitable[PreparedUpdate | BlobMissing | InvalidTensor]]:
+                        ) -> Callable[[int, Upload | None], Awaitable[PreparedUpdate | BlobMissing | InvalidTensor]]:
         """Decode, check and lay out update k of the job on the pool (``prepare_update``); the
-        values of those in ``checked`` were checked by the read-ahead."""
+        values of those in ``checked`` were checked by the read-ahead. An update it did not read is
+        fetched, checked and decoded in one hand-off to the pool, so that fetching overlaps
+        decoding, and a folded job holds the bytes of its two groups only."""
         own_bases = await self._own_bases(job)
         loop = asyncio.get_running_loop()
 
@@ -87,7 +81,12 @@ class JobUpdates:
                 raise own
             return prepare_update(data, layout, own, values_checked=k in checked)
 
-        async def prepared(k: int, upload: Upload) -> PreparedUpdate | BlobMissing | InvalidTensor:
+        async def prepared(k: int, upload: Upload | None) -> PreparedUpdate | BlobMissing | InvalidTensor:
+            if upload is None:
+                ref = job.updates[k]
+                (fetched,) = await self.blobs.get_each([(ref.digest, ref.agent_id)],
+                                                       lambda _i, data: prepare(k, data), executor=self.pool())
+                return fetched
             if isinstance(upload, (BlobMissing, InvalidTensor)):
                 return upload
             try:
