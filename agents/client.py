@@ -284,7 +284,13 @@ class FederatedClient:
                                                       blob_folder=self.blob_folder,
                                                       blob_endpoint_url=self.blob_endpoint_url)
             if self._blobs is None or store.describe() != self._blobs.describe():
-                await self._check_writable(store)  # raises before the agent settles on a store it cannot use
+                try:
+                    await self._check_writable(store)  # raises before the agent settles on a store it cannot use
+                except BaseException:
+                    store.close()
+                    raise
+                if self._blobs is not None:
+                    self._blobs.close()
                 self._blobs = store
             elif store is not self._blobs:
                 store.close()
@@ -313,6 +319,8 @@ class FederatedClient:
                          retry_for_s=LEAVE_RETRY_S)
         except (RedisError, OSError) as exc:
             log.warning("agent %s could not announce leaving: %s", self.agent_id, exc)
+        if self._blobs is not None:
+            self._blobs.close()
         if self._owns_redis:
             await self.redis.aclose()
 

@@ -14,21 +14,24 @@ organisation's models). The semantics are those of the other stores:
 - **Verified on every read**: the size limit before the body is read, then the SHA-256.
 - **Expiry, for uploads only.** An upload's metadata ``fl-expires`` holds its expiry (unix
   seconds; at most :data:`MAX_UPLOAD_TTL_S` after it was written, also without a valid one).
-  :meth:`ObjectBlobStore.keep` tags it ``fl-kept=1`` (an accepted upload, until its round commits): the PERSIST of the Redis store, without copying the object. A reader treats an
+  :meth:`ObjectBlobStore.keep` tags it ``fl-kept=1`` (an accepted upload, until its round commits;
+  an owned blob the services write without expiry, such as an organisation's model, at once): the PERSIST of the Redis store, without copying the object. A reader treats an
   expired upload that is not kept as missing; the coordinator's sweep deletes it. The tag is read
   only for an upload past its expiry, so a live upload costs one request to read.
 - **Durable** once the store acknowledged the PUT.
 
 Credentials come from the standard AWS chain of whoever runs the process (``AWS_ACCESS_KEY_ID``
 and ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, an instance or pod role): the services need read,
-write, delete, tagging and listing under the prefix; an agent needs only to read ``store.json``
-and ``blob/``, and to write ``upload/<its id>/`` (docs/operations.md has such a policy).
+write, delete, tagging and listing under the prefix; an agent needs only to read ``store.json``,
+``blob/`` and its own uploads, and to write ``upload/<its id>/``, never to tag (docs/operations.md
+has such a policy).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -36,13 +39,20 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
 
 from federated_learning.bus.blobs import (
     HEAD_PROBE_BYTES,
@@ -65,7 +75,8 @@ EXPIRES = "fl-expires"
 KEPT_TAG = {"Key": "fl-kept", "Value": "1"}
 MAX_UPLOAD_TTL_S = 24 * 3600
 """The longest an upload lives unless kept, whatever its metadata says (agents and the HTTP
-gateway ask for 24 h): an agent writing with its own S3 client cannot keep its upload alive."""
+gateway ask for 24 h): an agent writing with its own S3 client keeps an upload only by writing it
+again. Also the age at which the sweep deletes a key under ``upload/`` that is no blob's."""
 SWEEP_MIN_AGE_S = 600.0
 """The sweep looks at uploads at least this old only: most uploads are deleted when their round
 commits, so the sweep reads the expiry of the few left behind, not of every upload."""
@@ -76,7 +87,13 @@ CONNECTIONS = 64
 thread of the executor that checks them."""
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _OWNER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
-_MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
+_MISSING = frozenset({"NoSuchKey"})
+"""Every read is a GET, whose error names its code (a HEAD's is a bare 404, as for a missing
+bucket or a wrong endpoint, and some stores ask more of a HEAD than of a GET)."""
+_EXPIRY = re.compile(r"^[0-9]{1,12}$")
+BODY_READS = 3
+"""How often a GET is made again when its body breaks off (a dropped connection, a read timeout)."""
+_BODY_ERRORS = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError)
 _EXISTS = frozenset({"PreconditionFailed", "412"})
 _RACED = frozenset({"ConditionalRequestConflict", "409"})
 
@@ -140,6 +157,7 @@ class ObjectBlobStore(BlobStore):
         self._client = client if client is not None else s3_client(endpoint_url, region)
         self._expiry_seen: dict[str, float] = {}
         """The sweep's memory: an old upload's expiry (inf: kept), so it is read once."""
+        self._requests: ThreadPoolExecutor | None = None
 
     @classmethod
     def create(cls, bucket: str, prefix: str, *, max_bytes: int, endpoint_url: str | None = None,
@@ -147,6 +165,9 @@ class ObjectBlobStore(BlobStore):
         """The services' store: its ``store.json`` written when missing (the first service to
         start writes the id, with ``If-None-Match``; the others read it)."""
         store = cls(bucket, prefix, max_bytes=max_bytes, endpoint_url=endpoint_url, region=region)
+        store.store_id = store.read_id()  # first: a store that ignores If-None-Match keeps its id too
+        if store.store_id is not None:
+            return store
         marker = json.dumps({"store_id": secrets.token_hex(16)}).encode()
         with _store_errors(f"cannot write s3://{bucket}/{store._key(MARKER)}"):
             try:
@@ -166,7 +187,8 @@ class ObjectBlobStore(BlobStore):
         try:
             with _store_errors(f"cannot read s3://{self.bucket}/{self._key(MARKER)}"):
                 reply = self._client.get_object(Bucket=self.bucket, Key=self._key(MARKER))
-                value = json.loads(reply["Body"].read(4096)).get("store_id")
+                with contextlib.closing(reply["Body"]) as body:
+                    value = json.loads(body.read(4096)).get("store_id")
         except BlobMissing:
             return None
         except (ValueError, AttributeError):
@@ -178,7 +200,17 @@ class ObjectBlobStore(BlobStore):
                                    region=self.region, store_id=self.store_id)
 
     def close(self) -> None:
+        if self._requests is not None:
+            self._requests.shutdown(wait=False)
+            self._requests = None
         self._client.close()
+
+    async def _off_loop(self, call: Callable[..., T], *args: Any) -> T:
+        """Run a blocking request on the store's own threads, as many as its connections: on the
+        loop's default executor (a few threads) a thousand requests would wait in line."""
+        if self._requests is None:
+            self._requests = ThreadPoolExecutor(CONNECTIONS, thread_name_prefix="object-store")
+        return await asyncio.get_running_loop().run_in_executor(self._requests, functools.partial(call, *args))
 
     def key(self, digest: BlobDigest, owner: str | None = None) -> str:
         """The blob's object key; the digest and owner are checked, so no key leaves the prefix."""
@@ -212,28 +244,32 @@ class ObjectBlobStore(BlobStore):
         """PUT unless a live copy is there (SET NX); an expired copy is replaced by the same bytes."""
         key = self.key(digest, owner)
         metadata = {} if ttl_s is None or owner is None else {EXPIRES: str(int(time.time() + ttl_s))}
+        extra: dict[str, Any] = {"Metadata": metadata}
+        if owner is not None and ttl_s is None:
+            extra["Tagging"] = "fl-kept=1"  # an owned blob without expiry (an organisation's model)
         with _store_errors(f"cannot store blob {digest}"):
             try:
-                self._client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*", Metadata=metadata,
-                                        ContentType="application/octet-stream")
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*",
+                                        ContentType="application/octet-stream", **extra)
                 return
             except ClientError as exc:
                 if _code(exc) not in _EXISTS | _RACED:
                     raise
-            try:
-                head = self._client.head_object(Bucket=self.bucket, Key=key)
-                if head["ContentLength"] == len(data) and not self._expired(key, owner, head):
-                    return
+            try:  # a GET, not a HEAD: an agent may read its own uploads, and some stores ask more for a HEAD
+                reply = self._get(key, "bytes=0-0")
+                reply["Body"].close()
+                if _total_size(reply) == len(data) and (owner is None or _expiry(reply) > time.time()):
+                    return  # a live copy (one past its expiry in metadata is written again, kept or not)
             except ClientError as exc:
                 if _code(exc) not in _MISSING:  # deleted meanwhile: written again below
                     raise
-            self._client.put_object(Bucket=self.bucket, Key=key, Body=data, Metadata=metadata,
-                                    ContentType="application/octet-stream")
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/octet-stream",
+                                    **extra)
 
     async def keep(self, blobs: Sequence[tuple[BlobDigest, str | None]]) -> None:
         uploads = [(digest, owner) for digest, owner in blobs if owner is not None]  # services' blobs never expire
         if uploads:
-            await asyncio.gather(*(asyncio.to_thread(self._keep, digest, owner) for digest, owner in uploads))
+            await asyncio.gather(*(self._off_loop(self._keep, digest, owner) for digest, owner in uploads))
 
     def _keep(self, digest: BlobDigest, owner: str) -> None:
         with contextlib.suppress(BlobMissing), _store_errors(f"cannot keep blob {digest}"):
@@ -241,8 +277,13 @@ class ObjectBlobStore(BlobStore):
                                             Tagging={"TagSet": [KEPT_TAG]})
 
     async def discard(self, blobs: Sequence[tuple[BlobDigest, str | None]]) -> None:
+        """A store that fails to delete is logged, not raised: the commit that wanted the blobs gone
+        stands, and the sweep deletes expired uploads later."""
         if blobs:
-            await asyncio.to_thread(self._delete, [self.key(digest, owner) for digest, owner in blobs])
+            try:
+                await self._off_loop(self._delete, [self.key(digest, owner) for digest, owner in blobs])
+            except BlobStoreError as exc:
+                log.warning("cannot delete %d blob(s) in s3://%s: %s", len(blobs), self.bucket, exc)
 
     def _delete(self, keys: list[str]) -> int:
         """Delete ``keys`` (a missing one counts as deleted); the number the store deleted. A key it
@@ -261,7 +302,7 @@ class ObjectBlobStore(BlobStore):
 
     async def check_writable(self, owner: str) -> None:
         """An empty upload, expiring in a minute: it fails as the agent's real uploads would."""
-        await asyncio.to_thread(self._write, digest_of(b""), owner, b"", 60)
+        await self._off_loop(self._write, digest_of(b""), owner, b"", 60)
 
     # -- reading ---------------------------------------------------------------
     def _expired(self, key: str, owner: str | None, reply: dict[str, Any], now: float | None = None) -> bool:
@@ -274,33 +315,46 @@ class ObjectBlobStore(BlobStore):
         tags = self._client.get_object_tagging(Bucket=self.bucket, Key=key)["TagSet"]
         return KEPT_TAG not in tags
 
+    def _get(self, key: str, byte_range: str | None = None) -> dict[str, Any]:
+        """GET an object, or a range of it (an empty object whole, since no range of it exists)."""
+        if byte_range is not None:
+            try:
+                return cast("dict[str, Any]", self._client.get_object(Bucket=self.bucket, Key=key, Range=byte_range))
+            except ClientError as exc:
+                if _code(exc) != "InvalidRange":
+                    raise
+        return cast("dict[str, Any]", self._client.get_object(Bucket=self.bucket, Key=key))
+
     def _open(self, digest: BlobDigest, owner: str | None, byte_range: str | None = None) -> tuple[_Found, Any]:
         """GET the object (or a range of it): what its headers say, and its unread body."""
         key = self.key(digest, owner)
-        extra = {} if byte_range is None else {"Range": byte_range}
+        reply = self._get(key, byte_range)
         try:
-            reply = self._client.get_object(Bucket=self.bucket, Key=key, **extra)
-        except ClientError as exc:
-            if _code(exc) == "InvalidRange":  # a range of an empty object
-                return _Found(0, self._expired(key, owner, self._client.head_object(Bucket=self.bucket, Key=key))), None
+            return _Found(_total_size(reply), self._expired(key, owner, reply)), reply["Body"]
+        except BaseException:
+            reply["Body"].close()
             raise
-        size = _total_size(reply)
-        return _Found(size, self._expired(key, owner, reply)), reply["Body"]
 
     def _read(self, digest: BlobDigest, owner: str | None) -> bytes:
         """The blob's bytes, unchecked: BlobMissing when absent or expired, InvalidTensor when over
-        the size limit (its body is then not read)."""
+        the size limit (its body is then not read). A body that breaks off is read again."""
         with _store_errors(f"blob {digest}"):
-            found, body = self._open(digest, owner)
-            with contextlib.closing(body) if body is not None else contextlib.nullcontext():
-                if found.expired:
-                    raise BlobMissing(f"blob {digest} expired")
-                if found.size > self.max_bytes:
-                    raise self._too_large(digest, found.size)
-                return b"" if body is None else bytes(body.read())
+            for attempt in range(BODY_READS):
+                found, body = self._open(digest, owner)
+                with contextlib.closing(body):
+                    if found.expired:
+                        raise BlobMissing(f"blob {digest} expired")
+                    if found.size > self.max_bytes:
+                        raise self._too_large(digest, found.size)
+                    try:
+                        return bytes(body.read())
+                    except _BODY_ERRORS:
+                        if attempt + 1 == BODY_READS:
+                            raise
+            raise AssertionError("unreachable")
 
     async def get(self, digest: BlobDigest, *, owner: str | None = None) -> bytes:
-        return await asyncio.to_thread(self._read_checked, digest, owner)
+        return await self._off_loop(self._read_checked, digest, owner)
 
     def _read_checked(self, digest: BlobDigest, owner: str | None) -> bytes:
         data = self._read(digest, owner)
@@ -329,26 +383,26 @@ class ObjectBlobStore(BlobStore):
     def _head(self, digest: BlobDigest, owner: str | None) -> BlobHead:
         with _store_errors(f"blob {digest}"):
             found, body = self._open(digest, owner, f"bytes=0-{HEAD_PROBE_BYTES - 1}")
-            with contextlib.closing(body) if body is not None else contextlib.nullcontext():
+            with contextlib.closing(body):
                 if found.expired:
                     raise BlobMissing(f"blob {digest} expired")
                 if found.size > self.max_bytes:
                     raise self._too_large(digest, found.size)
-                first = b"" if body is None else bytes(body.read())
+                first = bytes(body.read())
             needed = min(found.size, header_bytes_needed(first))
             if needed > len(first):
-                found, body = self._open(digest, owner, f"bytes=0-{needed - 1}")
-                with contextlib.closing(body):
-                    first = bytes(body.read())
+                _, body = self._open(digest, owner, f"bytes={len(first)}-{needed - 1}")
+                with contextlib.closing(body):  # a blob changed meanwhile is refused by its hash
+                    first += bytes(body.read())
         return BlobHead(digest, found.size, first)
 
     async def head(self, digest: BlobDigest, *, owner: str | None = None) -> BlobHead:
-        return await asyncio.to_thread(self._head, digest, owner)
+        return await self._off_loop(self._head, digest, owner)
 
     async def heads(self, blobs: Sequence[tuple[BlobDigest, str]]) -> dict[tuple[BlobDigest, str], BlobHead]:
         async def one(digest: BlobDigest, owner: str) -> BlobHead | None:
             try:
-                return await asyncio.to_thread(self._head, digest, owner)
+                return await self._off_loop(self._head, digest, owner)
             except (BlobMissing, InvalidTensor):
                 return None  # read (and refused) again when its notice's turn comes
         found = await asyncio.gather(*(one(digest, owner) for digest, owner in blobs))
@@ -356,15 +410,14 @@ class ObjectBlobStore(BlobStore):
 
     async def exists(self, digest: BlobDigest, *, owner: str | None = None) -> bool:
         def ask() -> bool:
-            key = self.key(digest, owner)
-            with _store_errors(f"blob {digest}"):
-                try:
-                    return not self._expired(key, owner, self._client.head_object(Bucket=self.bucket, Key=key))
-                except ClientError as exc:
-                    if _code(exc) in _MISSING:
-                        return False
-                    raise
-        return await asyncio.to_thread(ask)
+            try:
+                with _store_errors(f"blob {digest}"):
+                    found, body = self._open(digest, owner, "bytes=0-0")
+                    body.close()
+                    return not found.expired
+            except BlobMissing:
+                return False
+        return await self._off_loop(ask)
 
     # -- expiry ------------------------------------------------------------------
     async def sweep_expired(self) -> int:
@@ -383,7 +436,12 @@ class ObjectBlobStore(BlobStore):
                 for entry in page.get("Contents", []):
                     key = entry["Key"]
                     listed.add(key)
-                    if entry["LastModified"].timestamp() > now - SWEEP_MIN_AGE_S or not self._upload_key(key):
+                    written = entry["LastModified"].timestamp()
+                    if written > now - SWEEP_MIN_AGE_S:
+                        continue
+                    if not self._upload_key(key):
+                        if written <= now - MAX_UPLOAD_TTL_S:
+                            expired.append(key)  # no blob's name: nothing reads it
                         continue
                     if self._expiry_seen.get(key, -math.inf) <= now and self._sweepable(key, now):
                         expired.append(key)
@@ -401,19 +459,21 @@ class ObjectBlobStore(BlobStore):
         return len(parts) == 3 and _OWNER.match(parts[1]) is not None and _DIGEST.match(parts[2]) is not None
 
     def _sweepable(self, key: str, now: float) -> bool:
-        """Whether an old upload is expired and not kept; remembers when to look again."""
+        """Whether an old upload is expired and not kept; remembers when to look again. One that
+        cannot be asked about is left for the next sweep."""
         try:
-            reply = self._client.head_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
-            if _code(exc) in _MISSING:
+            reply = self._get(key, "bytes=0-0")
+            reply["Body"].close()
+            expires = _expiry(reply)
+            if expires > now:
+                self._expiry_seen[key] = expires
                 return False
-            raise
-        expires = _expiry(reply)
-        if expires > now:
-            self._expiry_seen[key] = expires
-            return False
-        if KEPT_TAG in self._client.get_object_tagging(Bucket=self.bucket, Key=key)["TagSet"]:
-            self._expiry_seen[key] = math.inf  # kept until its round commits and discards it
+            if KEPT_TAG in self._client.get_object_tagging(Bucket=self.bucket, Key=key)["TagSet"]:
+                self._expiry_seen[key] = math.inf  # kept until its round commits and discards it
+                return False
+        except (ClientError, BotoCoreError) as exc:
+            if not isinstance(exc, ClientError) or _code(exc) not in _MISSING:
+                log.warning("blob sweep: cannot read the expiry of s3://%s/%s: %s", self.bucket, key, exc)
             return False
         return True
 
@@ -422,10 +482,8 @@ def _expiry(reply: dict[str, Any]) -> float:
     """An upload's expiry from its metadata, at most :data:`MAX_UPLOAD_TTL_S` after it was written
     (also without valid metadata)."""
     latest = float(reply["LastModified"].timestamp() + MAX_UPLOAD_TTL_S)
-    try:
-        return min(float(int(reply.get("Metadata", {})[EXPIRES])), latest)
-    except (KeyError, ValueError):
-        return latest
+    given = str(reply.get("Metadata", {}).get(EXPIRES, ""))
+    return min(float(given), latest) if _EXPIRY.match(given) else latest
 
 
 def _total_size(reply: dict[str, Any]) -> int:

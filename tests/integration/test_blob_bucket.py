@@ -50,7 +50,7 @@ async def test_a_training_through_a_bucket_keeps_no_blob_in_redis(
     assert [key async for key in redis.scan_iter(match=f"{KEYS.prefix}:blob:*")] == [KEYS.blob_store.encode()]
     assert [key async for key in redis.scan_iter(match=KEYS.upload_pattern())] == []
 
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3 = boto3.session.Session().client("s3", endpoint_url=s3_endpoint)
     uploads = s3.list_objects_v2(Bucket=s3_bucket, Prefix=f"{KEYS.prefix}/upload/").get("Contents", [])
     probes = [entry for entry in uploads if entry["Size"] == 0]  # each agent's check that it may write
     assert uploads == probes and len(probes) == 6, "every round's uploads are deleted when it commits"
@@ -78,7 +78,7 @@ async def test_an_agent_reaches_the_bucket_at_its_own_url_and_refuses_another_st
         await far.initialize()
     await far.close()
 
-    s3: Any = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3: Any = boto3.session.Session().client("s3", endpoint_url=s3_endpoint)
     s3.put_object(Bucket=s3_bucket, Key=f"{KEYS.prefix}/store.json", Body=b'{"store_id": "' + b"0" * 32 + b'"}')
     stranger = FederatedClient("agent-elsewhere", redis_url=redis_url)
     with pytest.raises(BlobStoreUnreachable, match=f"another deployment \\(store id {'0' * 32}\\)"):

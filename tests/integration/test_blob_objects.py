@@ -30,7 +30,7 @@ def store(s3_endpoint: str, s3_bucket: str) -> Any:
 @pytest.fixture
 def s3(s3_endpoint: str, s3_bucket: str) -> Any:
     """A plain S3 client: what someone else with access to the bucket could do."""
-    return boto3.client("s3", endpoint_url=s3_endpoint)
+    return boto3.session.Session().client("s3", endpoint_url=s3_endpoint)
 
 
 def set_expiry(s3: Any, store: ObjectBlobStore, digest: str, expires_at: float) -> None:
@@ -60,9 +60,10 @@ async def test_a_blob_reads_back_under_its_prefix_and_is_described_by_its_bucket
 
 
 async def test_an_upload_expires_unless_kept(store: ObjectBlobStore, s3: Any) -> None:
+    before = time.time()
     digest = await store.put(b"an update", ttl_s=60, owner=AGENT)
     expires_at = int(s3.head_object(Bucket=store.bucket, Key=store.key(digest, AGENT))["Metadata"][EXPIRES])
-    assert time.time() + 50 < expires_at <= time.time() + 60
+    assert before + 59 <= expires_at <= time.time() + 60
     assert await store.get(digest, owner=AGENT) == b"an update"
 
     set_expiry(s3, store, digest, time.time() - 1)
@@ -78,8 +79,24 @@ async def test_an_upload_expires_unless_kept(store: ObjectBlobStore, s3: Any) ->
     assert s3.get_object_tagging(Bucket=store.bucket, Key=store.key(kept, AGENT))["TagSet"] == [KEPT_TAG]
     set_expiry(s3, store, kept, time.time() - 1)
     assert await store.get(kept, owner=AGENT) == b"kept update"  # past its expiry, but kept
+    set_expiry(s3, store, kept, time.time() + 3600)
     assert await store.put(b"kept update", ttl_s=60, owner=AGENT) == kept  # a live copy is left alone
     assert s3.get_object_tagging(Bucket=store.bucket, Key=store.key(kept, AGENT))["TagSet"] == [KEPT_TAG]
+
+
+async def test_an_organisations_model_and_a_bad_expiry_neither_expire_early_nor_break_a_reader(
+        store: ObjectBlobStore, s3: Any) -> None:
+    """A blob owned without expiry (an organisation's model) is kept from the start; an expiry an
+    agent wrote that is no number, or an absurd one, counts as none (a day after writing)."""
+    model = await store.put(b"an organisation's model", owner="_models.acme")
+    assert s3.get_object_tagging(Bucket=store.bucket, Key=store.key(model, "_models.acme"))["TagSet"] == [KEPT_TAG]
+    odd, huge = digest_of(b"odd"), digest_of(b"huge")
+    s3.put_object(Bucket=store.bucket, Key=store.key(odd, AGENT), Body=b"odd", Metadata={EXPIRES: "soon"})
+    s3.put_object(Bucket=store.bucket, Key=store.key(huge, AGENT), Body=b"huge", Metadata={EXPIRES: "9" * 400})
+    assert await store.get(odd, owner=AGENT) == b"odd" and await store.get(huge, owner=AGENT) == b"huge"
+    assert set(await store.heads([(odd, AGENT), (huge, AGENT)])) == {(odd, AGENT), (huge, AGENT)}
+    assert store.sweep_expired_now(time.time() + 25 * 3600) == 2
+    assert await store.get(model, owner="_models.acme") == b"an organisation's model"
 
 
 async def test_an_upload_lives_a_day_at_most_whatever_its_metadata_says(store: ObjectBlobStore, s3: Any) -> None:
@@ -117,6 +134,7 @@ async def test_the_sweep_deletes_old_uploads_past_their_expiry_and_nothing_else(
     assert s3.head_object(Bucket=store.bucket, Key=f"{PREFIX}/upload/{AGENT}/not-a-digest")
     await store.discard([(kept, AGENT), (model, None), (digest_of(b"never stored"), None)])
     assert not await store.exists(kept, owner=AGENT) and not await store.exists(model)
+    assert store.sweep_expired_now(time.time() + 25 * 3600) == 1  # a key no blob has, once a day old
     assert await store.sweep_expired() == 0
 
 
