@@ -31,8 +31,12 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
-from federated_learning.bus.blob_stores import ObjectStoreSettings, services_blob_store
-from federated_learning.bus.blobs import BlobStore
+from federated_learning.bus.blob_stores import (
+    BlobStoreUnreachable,
+    ObjectStoreSettings,
+    services_blob_store,
+)
+from federated_learning.bus.blobs import BlobStore, BlobStoreError
 from federated_learning.bus.connection import connect, keys_for
 from federated_learning.bus.replies import text
 from federated_learning.bus.stream_ids import StreamRepair
@@ -396,7 +400,11 @@ async def open_context(settings: Settings, service: str, instance: str, *,
         raise SystemExit("no redis_url: start services through scripts/deploy-federated-learning.py "
                          "or set FL_REDIS_URL")
     redis = await connect(url, settings, attempts=settings.redis_connect_attempts)
-    ctx = ServiceContext(redis=redis, settings=settings, service=service, instance=instance)
+    try:
+        ctx = ServiceContext(redis=redis, settings=settings, service=service, instance=instance)
+    except (BlobStoreError, BlobStoreUnreachable) as exc:  # a bucket or folder it cannot use
+        await redis.aclose()
+        raise SystemExit(f"{service}/{instance}: cannot open the deployment's blob store: {exc}") from exc
     try:
         await warn_if_another_blob_store(ctx)
         ctx.metrics_port = _serve_metrics(settings, service, instance)

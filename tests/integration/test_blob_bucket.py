@@ -18,6 +18,7 @@ from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.messages import VersionRecord
 from federated_learning.protocol.storage import BlobStoreDescriptor
 from federated_learning.protocol.tensors import decode_layers
+from federated_learning.services.runtime import open_context
 from tests.integration.conftest import digits_config, start_training, wait_for_status, wait_until
 
 KEYS = Keys()
@@ -84,3 +85,10 @@ async def test_an_agent_reaches_the_bucket_at_its_own_url_and_refuses_another_st
     with pytest.raises(BlobStoreUnreachable, match=f"another deployment \\(store id {'0' * 32}\\)"):
         await stranger.initialize()
     await stranger.close()
+
+
+async def test_a_service_whose_bucket_does_not_exist_stops_with_the_reason(
+        redis: aioredis.Redis, redis_url: str, settings: Settings) -> None:
+    missing = settings.model_copy(update={"blob_bucket": "no-such-bucket"})
+    with pytest.raises(SystemExit, match="monitor/0: cannot open the deployment's blob store: .*NoSuchBucket"):
+        await open_context(missing, "monitor", "0", redis_url=redis_url)
