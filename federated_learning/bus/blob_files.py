@@ -45,6 +45,10 @@ from federated_learning.bus.blobs import (
     BlobMissing,
     BlobStore,
     BlobStoreError,
+    checked_digest,
+    checked_owner,
+    is_digest,
+    is_owner,
 )
 from federated_learning.protocol.storage import BlobStoreDescriptor
 from federated_learning.protocol.tensors import InvalidTensor, digest_of, header_bytes_needed
@@ -59,10 +63,8 @@ TEMPORARY_PREFIX = ".partial-"
 STALE_TEMPORARY_S = 3600.0
 """A temporary file this old belongs to a writer that died; the sweep deletes it."""
 MARKER = "store.json"
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _TEMPORARY = re.compile(r"^\.partial-[0-9a-f]{64}-[0-9a-f]{8}$")
 _MARKER_TEMPORARY = re.compile(r"^\.partial-store\.json-[0-9a-f]{8}$")
-_OWNER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
@@ -138,15 +140,13 @@ class FolderBlobStore(BlobStore):
 
     def path(self, digest: BlobDigest, owner: str | None = None) -> Path:
         """Where the blob lives; the digest and owner are checked, so no name leaves the folder."""
-        return self.root.joinpath(*self._folder_names(owner), _checked_digest(digest))
+        return self.root.joinpath(*self._folder_names(owner), checked_digest(digest))
 
     @staticmethod
     def _folder_names(owner: str | None) -> tuple[str, ...]:
         if owner is None:
             return ("blob",)
-        if not _OWNER.match(owner) or ".." in owner:
-            raise ValueError(f"'{owner}' cannot own blobs")
-        return ("upload", owner)
+        return ("upload", checked_owner(owner))
 
     def _folder(self, owner: str | None, *, create: bool = False) -> contextlib.AbstractContextManager[int]:
         """The descriptor of the blob's folder, each level opened without following a link."""
@@ -189,7 +189,7 @@ class FolderBlobStore(BlobStore):
         """Write ``data`` under its name unless a live, whole copy is there (as SET NX: an expired
         upload, or anything but a regular file of its size, is replaced). Its bytes are whole
         before its name appears."""
-        name = _checked_digest(digest)
+        name = checked_digest(digest)
         with _store_errors(f"cannot store blob {digest}"), self._folder(owner, create=True) as folder:
             try:
                 found = os.stat(name, dir_fd=folder, follow_symlinks=False)
@@ -223,7 +223,7 @@ class FolderBlobStore(BlobStore):
     def _read(self, digest: BlobDigest, owner: str | None, limit: int | None = None) -> tuple[int, bytes]:
         """The blob's size and its bytes (the first ``limit`` of them). BlobMissing when absent,
         expired (an upload) or not a regular file; InvalidTensor when over the size limit."""
-        name = _checked_digest(digest)
+        name = checked_digest(digest)
         with _store_errors(f"blob {digest}", upload=owner is not None), self._folder(owner) as folder:
             try:
                 descriptor = os.open(name, _READ_FLAGS, dir_fd=folder)
@@ -286,7 +286,7 @@ class FolderBlobStore(BlobStore):
         for digest, owner in blobs:
             try:
                 with self._folder(owner) as folder:
-                    status = os.stat(_checked_digest(digest), dir_fd=folder, follow_symlinks=False)
+                    status = os.stat(checked_digest(digest), dir_fd=folder, follow_symlinks=False)
                 sizes.append(status.st_size if stat.S_ISREG(status.st_mode) else 0)
             except OSError:
                 sizes.append(0)
@@ -343,7 +343,7 @@ class FolderBlobStore(BlobStore):
                     continue  # the services' blobs never expire
                 try:
                     with _store_errors(f"cannot keep blob {digest}", upload=True), self._folder(owner) as folder:
-                        os.utime(_checked_digest(digest), (NEVER, NEVER), dir_fd=folder, follow_symlinks=False)
+                        os.utime(checked_digest(digest), (NEVER, NEVER), dir_fd=folder, follow_symlinks=False)
                 except BlobMissing:
                     continue  # gone, or made unusable by its agent: the aggregator refuses it
         if blobs:
@@ -354,7 +354,7 @@ class FolderBlobStore(BlobStore):
             for digest, owner in blobs:
                 try:
                     with self._folder(owner) as folder:
-                        _unlink(_checked_digest(digest), folder, self.path(digest, owner))
+                        _unlink(checked_digest(digest), folder, self.path(digest, owner))
                 except OSError:
                     continue  # no such folder (nothing to delete), or a link: not the store's to delete
         if blobs:
@@ -404,14 +404,14 @@ class FolderBlobStore(BlobStore):
         try:
             with self._open_folder(("upload",)) as uploads:
                 return [entry.name for entry in os.scandir(uploads)
-                        if entry.is_dir(follow_symlinks=False) and _OWNER.match(entry.name) and ".." not in entry.name]
+                        if entry.is_dir(follow_symlinks=False) and is_owner(entry.name)]
         except OSError as exc:
             log.warning("blob sweep: cannot list %s: %s", self.root / "upload", exc)
             return []
 
     def _sweep_one(self, entry: os.DirEntry[str], folder: int, owner: str | None, now: float) -> int:
         temporary = _TEMPORARY.match(entry.name) is not None
-        if not temporary and not (owner is not None and _DIGEST.match(entry.name)):
+        if not temporary and not (owner is not None and is_digest(entry.name)):
             return 0  # not a name the store writes, or a services' blob (those never expire)
         try:
             status = entry.stat(follow_symlinks=False)
@@ -421,12 +421,6 @@ class FolderBlobStore(BlobStore):
         gone = status.st_ctime < now - STALE_TEMPORARY_S if temporary else status.st_mtime <= now
         shown = self.root.joinpath(*self._folder_names(owner), entry.name)
         return 1 if gone and _unlink(entry.name, folder, shown) else 0
-
-
-def _checked_digest(digest: BlobDigest) -> str:
-    if not _DIGEST.match(digest):
-        raise ValueError(f"'{digest}' is not a SHA-256 digest")
-    return digest
 
 
 def _linked(partial: str, name: str, folder: int) -> bool:

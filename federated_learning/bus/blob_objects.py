@@ -61,6 +61,10 @@ from federated_learning.bus.blobs import (
     BlobMissing,
     BlobStore,
     BlobStoreError,
+    checked_digest,
+    checked_owner,
+    is_digest,
+    is_owner,
 )
 from federated_learning.protocol.storage import BlobStoreDescriptor
 from federated_learning.protocol.tensors import InvalidTensor, digest_of, header_bytes_needed
@@ -85,8 +89,6 @@ DELETE_BATCH = 1000
 CONNECTIONS = 64
 """HTTP connections one store keeps to the object store: blobs are fetched in parallel, one per
 thread of the executor that checks them."""
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
-_OWNER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 _MISSING = frozenset({"NoSuchKey"})
 """Every read is a GET, whose error names its code (a HEAD's is a bare 404, as for a missing
 bucket or a wrong endpoint, and some stores ask more of a HEAD than of a GET)."""
@@ -214,13 +216,9 @@ class ObjectBlobStore(BlobStore):
 
     def key(self, digest: BlobDigest, owner: str | None = None) -> str:
         """The blob's object key; the digest and owner are checked, so no key leaves the prefix."""
-        if not _DIGEST.match(digest):
-            raise ValueError(f"'{digest}' is not a SHA-256 digest")
         if owner is None:
-            return self._key("blob", digest)
-        if not _OWNER.match(owner) or ".." in owner:
-            raise ValueError(f"'{owner}' cannot own blobs")
-        return self._key("upload", owner, digest)
+            return self._key("blob", checked_digest(digest))
+        return self._key("upload", checked_owner(owner), checked_digest(digest))
 
     def _key(self, *parts: str) -> str:
         return "/".join((self.prefix, *parts))
@@ -456,7 +454,7 @@ class ObjectBlobStore(BlobStore):
 
     def _upload_key(self, key: str) -> bool:
         parts = key[len(self.prefix) + 1:].split("/")
-        return len(parts) == 3 and _OWNER.match(parts[1]) is not None and _DIGEST.match(parts[2]) is not None
+        return len(parts) == 3 and is_owner(parts[1]) and is_digest(parts[2])
 
     def _sweepable(self, key: str, now: float) -> bool:
         """Whether an old upload is expired and not kept; remembers when to look again. One that

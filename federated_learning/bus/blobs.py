@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -92,6 +93,32 @@ about 1.8 GB/s, so a 256 MB model would hold the event loop, and every heartbeat
 async def _digest(data: bytes) -> BlobDigest:
     """The blob's SHA-256; a large one hashed on a worker thread (:data:`OFF_LOOP_HASH_BYTES`)."""
     return digest_of(data) if len(data) < OFF_LOOP_HASH_BYTES else await asyncio.to_thread(digest_of, data)
+
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_OWNER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+
+
+def is_digest(name: str) -> bool:
+    """Whether ``name`` is a blob's name in a store: a SHA-256 in lowercase hex."""
+    return _DIGEST.match(name) is not None
+
+
+def is_owner(name: str) -> bool:
+    """Whether ``name`` may own blobs in a store: a plain name, nothing that leaves a folder or prefix."""
+    return _OWNER.match(name) is not None and ".." not in name
+
+
+def checked_digest(digest: BlobDigest) -> str:
+    if not is_digest(digest):
+        raise ValueError(f"'{digest}' is not a SHA-256 digest")
+    return digest
+
+
+def checked_owner(owner: str) -> str:
+    if not is_owner(owner):
+        raise ValueError(f"'{owner}' cannot own blobs")
+    return owner
 
 
 class BlobMissing(LookupError):
