@@ -110,7 +110,7 @@ def _agent_object_store(descriptor: BlobStoreDescriptor, keys: Keys, max_bytes: 
     assert descriptor.bucket is not None
     endpoint = endpoint_url or descriptor.endpoint_url
     store = _object_store_class()(descriptor.bucket, keys.prefix, max_bytes=max_bytes, endpoint_url=endpoint,
-                                            region=descriptor.region, store_id=descriptor.store_id)
+                                  region=descriptor.region, store_id=descriptor.store_id)
     where = f"s3://{descriptor.bucket}/{keys.prefix}/ at {endpoint or 'AWS S3'}"
     try:
         found = store.read_id()

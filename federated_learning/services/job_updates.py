@@ -5,7 +5,7 @@ example-weighted sum folded a group at a time (decision 0017)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -26,6 +26,8 @@ class AggregationFailed(RuntimeError):
 
 Upload = bytes | BlobMissing | InvalidTensor
 """An update's bytes, checked against its digest, or why it could not be read."""
+Prepared = PreparedUpdate | BlobMissing | InvalidTensor
+"""An update decoded and laid out for the rule, or why it could not be."""
 Refuse = Callable[[AggregationJob, UpdateRef, BlobMissing | InvalidTensor], Awaitable[None]]
 """Report an invalid update of a job to the coordinator."""
 FOLDED_GROUP = 8
@@ -66,12 +68,13 @@ class JobUpdates:
         checked = {k for k, upload in enumerate(uploads) if isinstance(upload, bytes)}
         return uploads, reported, checked
 
-    async def _preparer(self, job: AggregationJob, layout: UpdateLayout, checked: set[int]
-                        ) -> Callable[[int, Upload | None], Awaitable[PreparedUpdate | BlobMissing | InvalidTensor]]:
-        """Decode, check and lay out update k of the job on the pool (``prepare_update``); the
-        values of those in ``checked`` were checked by the read-ahead. An update it did not read is
-        fetched, checked and decoded in one hand-off to the pool, so that fetching overlaps
-        decoding, and a folded job holds the bytes of its two groups only."""
+    async def _preparer(self, job: AggregationJob, layout: UpdateLayout, uploads: list[Upload | None],
+                        checked: set[int]) -> Callable[[Sequence[int]], Awaitable[list[Prepared]]]:
+        """Decode, check and lay out the job's updates at the given positions on the pool
+        (``prepare_update``); the values of those in ``checked`` were checked by the read-ahead.
+        Those it did not read are fetched together, each checked and decoded on the pool as it
+        arrives, so that fetching overlaps decoding, and a folded job holds the bytes of its two
+        groups only."""
         own_bases = await self._own_bases(job)
         loop = asyncio.get_running_loop()
 
@@ -81,18 +84,29 @@ class JobUpdates:
                 raise own
             return prepare_update(data, layout, own, values_checked=k in checked)
 
-        async def prepared(k: int, upload: Upload | None) -> PreparedUpdate | BlobMissing | InvalidTensor:
-            if upload is None:
-                ref = job.updates[k]
-                (fetched,) = await self.blobs.get_each([(ref.digest, ref.agent_id)],
-                                                       lambda _i, data: prepare(k, data), executor=self.pool())
-                return fetched
+        async def held(k: int, upload: Upload) -> Prepared:
             if isinstance(upload, (BlobMissing, InvalidTensor)):
                 return upload
             try:
                 return await loop.run_in_executor(self.pool(), prepare, k, upload)
             except (BlobMissing, InvalidTensor) as exc:
                 return exc
+
+        async def fetched(positions: list[int]) -> list[Prepared]:
+            if not positions:
+                return []
+            return await self.blobs.get_each(
+                [(job.updates[k].digest, job.updates[k].agent_id) for k in positions],
+                lambda i, data: prepare(positions[i], data), executor=self.pool())
+
+        async def prepared(positions: Sequence[int]) -> list[Prepared]:
+            missing = [k for k in positions if uploads[k] is None]
+            present = [(k, upload) for k in positions if (upload := uploads[k]) is not None]
+            from_store, from_cache = await asyncio.gather(
+                fetched(missing), asyncio.gather(*(held(k, upload) for k, upload in present)))
+            results = dict(zip(missing, from_store, strict=True)) | {
+                k: result for (k, _), result in zip(present, from_cache, strict=True)}
+            return [results[k] for k in positions]
 
         return prepared
 
@@ -102,8 +116,8 @@ class JobUpdates:
         reason) and return the valid ones in job order. Fails the job when fewer than
         ``job.min_updates`` are valid."""
         uploads, reported, checked = await self._checked_uploads(job)
-        prepared = await self._preparer(job, layout, checked)
-        loaded = await asyncio.gather(*(prepared(k, upload) for k, upload in enumerate(uploads)))
+        prepared = await self._preparer(job, layout, uploads, checked)
+        loaded = await prepared(range(len(uploads)))
         refs: list[UpdateRef] = []
         valid: list[PreparedUpdate] = []
         for k, (ref, result) in enumerate(zip(job.updates, loaded, strict=True)):
@@ -124,15 +138,15 @@ class JobUpdates:
         invalid one refused. Also each valid update's carried integer layers. Fails the job when
         fewer than ``job.min_updates`` are valid."""
         uploads, reported, checked = await self._checked_uploads(job)
-        prepared = await self._preparer(job, layout, checked)
+        prepared = await self._preparer(job, layout, uploads, checked)
         total = WeightedSum(layout.global_layers)
         refs: list[UpdateRef] = []
         carried: list[dict[str, NDArray[np.generic]]] = []
         groups = [range(first, min(len(uploads), first + FOLDED_GROUP))
                   for first in range(0, len(uploads), FOLDED_GROUP)]
 
-        def decode(group: range) -> asyncio.Future[list[PreparedUpdate | BlobMissing | InvalidTensor]]:
-            return asyncio.gather(*(prepared(k, uploads[k]) for k in group))
+        def decode(group: range) -> asyncio.Task[list[Prepared]]:
+            return asyncio.ensure_future(prepared(group))
 
         pending = decode(groups[0]) if groups else None
         try:
