@@ -37,6 +37,7 @@ import logging
 import math
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -120,16 +121,42 @@ def _store_errors(what: str) -> Iterator[None]:
         raise BlobStoreError(f"{what}: {exc}") from exc
 
 
-def s3_client(endpoint_url: str | None, region: str | None) -> Any:
-    """A thread-safe S3 client with credentials from the standard AWS chain. Path-style addresses
-    for an endpoint of one's own (MinIO and the like serve no bucket subdomains); checksums only
-    where the API requires them, since every read checks the blob's SHA-256."""
-    config = Config(
-        max_pool_connections=CONNECTIONS, connect_timeout=10, read_timeout=30,
-        retries={"max_attempts": 4, "mode": "standard"},
-        s3={"addressing_style": "path"} if endpoint_url else None,
-        request_checksum_calculation="when_required", response_checksum_validation="when_required")
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+@dataclass(frozen=True)
+class _Connection:
+    """One S3 client and the threads that run its requests, shared by the stores of a process
+    that reach the same store as the same identity (the agents of one process, say): a client
+    costs about 13 MB and a third of a second to make (botocore loads the S3 model for each)."""
+
+    client: Any
+    requests: ThreadPoolExecutor
+
+
+_connections: dict[tuple[str | None, str | None, str | None], _Connection] = {}
+_connections_lock = threading.Lock()
+
+
+def s3_connection(endpoint_url: str | None, region: str | None) -> _Connection:
+    """The process's client of the store at ``endpoint_url`` as the identity the standard AWS chain
+    gives now, made at first use. Path-style addresses for an endpoint of one's own (MinIO and
+    the like serve no bucket subdomains); checksums only where the API requires them, since every
+    read checks the blob's SHA-256; thread-safe, with :data:`CONNECTIONS` connections and as many
+    threads."""
+    session = boto3.session.Session()
+    credentials = session.get_credentials()
+    identity = None if credentials is None else credentials.access_key
+    with _connections_lock:
+        found = _connections.get((endpoint_url, region, identity))
+        if found is not None:
+            return found
+        config = Config(
+            max_pool_connections=CONNECTIONS, connect_timeout=10, read_timeout=30,
+            retries={"max_attempts": 4, "mode": "standard"},
+            s3={"addressing_style": "path"} if endpoint_url else None,
+            request_checksum_calculation="when_required", response_checksum_validation="when_required")
+        made = _Connection(session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config),
+                           ThreadPoolExecutor(CONNECTIONS, thread_name_prefix="object-store"))
+        _connections[(endpoint_url, region, identity)] = made
+        return made
 
 
 @dataclass(frozen=True)
@@ -146,7 +173,7 @@ class ObjectBlobStore(BlobStore):
     in_redis = False
 
     def __init__(self, bucket: str, prefix: str, *, max_bytes: int, endpoint_url: str | None = None,
-                 region: str | None = None, store_id: str | None = None, client: Any = None) -> None:
+                 region: str | None = None, store_id: str | None = None) -> None:
         super().__init__(max_bytes=max_bytes)
         if not prefix or "/" in prefix:
             raise ValueError(f"'{prefix}' is not a deployment prefix")
@@ -156,10 +183,11 @@ class ObjectBlobStore(BlobStore):
         self.region = region
         self.store_id = store_id
         """The id in the store's ``store.json`` (:meth:`create`, :meth:`read_id`)."""
-        self._client = client if client is not None else s3_client(endpoint_url, region)
+        connection = s3_connection(endpoint_url, region)
+        self._client = connection.client
+        self._requests = connection.requests
         self._expiry_seen: dict[str, float] = {}
         """The sweep's memory: an old upload's expiry (inf: kept), so it is read once."""
-        self._requests: ThreadPoolExecutor | None = None
 
     @classmethod
     def create(cls, bucket: str, prefix: str, *, max_bytes: int, endpoint_url: str | None = None,
@@ -201,17 +229,9 @@ class ObjectBlobStore(BlobStore):
         return BlobStoreDescriptor(kind="s3", bucket=self.bucket, endpoint_url=self.endpoint_url,
                                    region=self.region, store_id=self.store_id)
 
-    def close(self) -> None:
-        if self._requests is not None:
-            self._requests.shutdown(wait=False)
-            self._requests = None
-        self._client.close()
-
     async def _off_loop(self, call: Callable[..., T], *args: Any) -> T:
-        """Run a blocking request on the store's own threads, as many as its connections: on the
-        loop's default executor (a few threads) a thousand requests would wait in line."""
-        if self._requests is None:
-            self._requests = ThreadPoolExecutor(CONNECTIONS, thread_name_prefix="object-store")
+        """Run a blocking request on the connection's own threads, as many as its connections: on
+        the loop's default executor (a few threads) a thousand requests would wait in line."""
         return await asyncio.get_running_loop().run_in_executor(self._requests, functools.partial(call, *args))
 
     def key(self, digest: BlobDigest, owner: str | None = None) -> str:

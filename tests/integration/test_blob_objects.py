@@ -205,3 +205,14 @@ async def test_a_store_that_cannot_be_reached_is_a_store_error(s3_endpoint: str,
     with pytest.raises(BlobStoreError):
         store.read_id()
     store.close()
+
+
+def test_stores_of_one_identity_share_a_client_and_another_identity_gets_its_own(
+        s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """69 agents of one process would otherwise load the S3 model 69 times (about 13 MB each)."""
+    first = ObjectBlobStore(s3_bucket, PREFIX, max_bytes=1024, endpoint_url=s3_endpoint)
+    second = ObjectBlobStore(s3_bucket, "other", max_bytes=1024, endpoint_url=s3_endpoint)
+    assert first._client is second._client
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "another-key")
+    other = ObjectBlobStore(s3_bucket, PREFIX, max_bytes=1024, endpoint_url=s3_endpoint)
+    assert other._client is not first._client
