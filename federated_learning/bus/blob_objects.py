@@ -249,9 +249,9 @@ class ObjectBlobStore(BlobStore):
             raise InvalidTensor("too_large", f"blob of {len(data)} bytes exceeds the limit {self.max_bytes}")
         if len(data) < OFF_LOOP_HASH_BYTES:
             digest = digest_of(data)
-            await asyncio.to_thread(self._write, digest, owner, data, ttl_s)
+            await self._off_loop(self._write, digest, owner, data, ttl_s)
             return digest
-        return await asyncio.to_thread(self._hash_and_write, data, owner, ttl_s)
+        return await self._off_loop(self._hash_and_write, data, owner, ttl_s)
 
     def _hash_and_write(self, data: bytes, owner: str | None, ttl_s: int | None) -> BlobDigest:
         digest = digest_of(data)
@@ -323,12 +323,11 @@ class ObjectBlobStore(BlobStore):
         await self._off_loop(self._write, digest_of(b""), owner, b"", 60)
 
     # -- reading ---------------------------------------------------------------
-    def _expired(self, key: str, owner: str | None, reply: dict[str, Any], now: float | None = None) -> bool:
+    def _expired(self, key: str, owner: str | None, reply: dict[str, Any]) -> bool:
         """Whether an upload is past its expiry and not kept (the tag is read only then)."""
         if owner is None:
             return False
-        now = time.time() if now is None else now
-        if _expiry(reply) > now:
+        if _expiry(reply) > time.time():
             return False
         tags = self._client.get_object_tagging(Bucket=self.bucket, Key=key)["TagSet"]
         return KEPT_TAG not in tags
