@@ -69,12 +69,13 @@ class JobUpdates:
         return uploads, reported, checked
 
     async def _preparer(self, job: AggregationJob, layout: UpdateLayout, uploads: list[Upload | None],
-                        checked: set[int]) -> Callable[[Sequence[int]], Awaitable[list[Prepared]]]:
+                        checked: set[int]) -> Callable[[Sequence[int]], asyncio.Future[list[Prepared]]]:
         """Decode, check and lay out the job's updates at the given positions on the pool
         (``prepare_update``); the values of those in ``checked`` were checked by the read-ahead.
         Those it did not read are fetched together, each checked and decoded on the pool as it
         arrives, so that fetching overlaps decoding, and a folded job holds the bytes of its two
-        groups only."""
+        groups only. The pool's work for held updates is submitted before the call returns, so
+        that it runs while the caller's thread folds the previous group."""
         own_bases = await self._own_bases(job)
         loop = asyncio.get_running_loop()
 
@@ -84,13 +85,18 @@ class JobUpdates:
                 raise own
             return prepare_update(data, layout, own, values_checked=k in checked)
 
-        async def held(k: int, upload: Upload) -> Prepared:
-            if isinstance(upload, (BlobMissing, InvalidTensor)):
-                return upload
+        def prepare_held(k: int, data: bytes) -> Prepared:
             try:
-                return await loop.run_in_executor(self.pool(), prepare, k, upload)
+                return prepare(k, data)
             except (BlobMissing, InvalidTensor) as exc:
                 return exc
+
+        def held(k: int, upload: Upload) -> asyncio.Future[Prepared]:
+            if isinstance(upload, (BlobMissing, InvalidTensor)):
+                done: asyncio.Future[Prepared] = loop.create_future()
+                done.set_result(upload)
+                return done
+            return loop.run_in_executor(self.pool(), prepare_held, k, upload)
 
         async def fetched(positions: list[int]) -> list[Prepared]:
             if not positions:
@@ -99,14 +105,18 @@ class JobUpdates:
                 [(job.updates[k].digest, job.updates[k].agent_id) for k in positions],
                 lambda i, data: prepare(positions[i], data), executor=self.pool())
 
-        async def prepared(positions: Sequence[int]) -> list[Prepared]:
+        def prepared(positions: Sequence[int]) -> asyncio.Future[list[Prepared]]:
             missing = [k for k in positions if uploads[k] is None]
-            present = [(k, upload) for k in positions if (upload := uploads[k]) is not None]
-            from_store, from_cache = await asyncio.gather(
-                fetched(missing), asyncio.gather(*(held(k, upload) for k, upload in present)))
-            results = dict(zip(missing, from_store, strict=True)) | {
-                k: result for (k, _), result in zip(present, from_cache, strict=True)}
-            return [results[k] for k in positions]
+            present = [(k, held(k, upload)) for k in positions if (upload := uploads[k]) is not None]
+            together = asyncio.gather(fetched(missing), asyncio.gather(*(result for _, result in present)))
+
+            async def in_order() -> list[Prepared]:  # cancelled, it cancels the fetch and the decoding
+                from_store, from_cache = await together
+                results = dict(zip(missing, from_store, strict=True)) | {
+                    k: result for (k, _), result in zip(present, from_cache, strict=True)}
+                return [results[k] for k in positions]
+
+            return asyncio.ensure_future(in_order())
 
         return prepared
 
@@ -145,8 +155,8 @@ class JobUpdates:
         groups = [range(first, min(len(uploads), first + FOLDED_GROUP))
                   for first in range(0, len(uploads), FOLDED_GROUP)]
 
-        def decode(group: range) -> asyncio.Task[list[Prepared]]:
-            return asyncio.ensure_future(prepared(group))
+        def decode(group: range) -> asyncio.Future[list[Prepared]]:
+            return prepared(group)
 
         pending = decode(groups[0]) if groups else None
         try:
@@ -175,7 +185,7 @@ class JobUpdates:
                     raise AggregationFailed(str(exc)) from exc
                 del rows
         finally:
-            if pending is not None and not pending.done():  # a failed job leaves no decoding behind
+            if pending is not None:  # a failed job leaves no decoding behind, nor an unread failure
                 pending.cancel()
                 await asyncio.gather(pending, return_exceptions=True)
         self._check_enough(job, len(refs))
