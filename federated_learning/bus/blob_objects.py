@@ -35,6 +35,7 @@ import functools
 import json
 import logging
 import math
+import os
 import re
 import secrets
 import threading
@@ -121,42 +122,61 @@ def _store_errors(what: str) -> Iterator[None]:
         raise BlobStoreError(f"{what}: {exc}") from exc
 
 
-@dataclass(frozen=True)
 class _Connection:
     """One S3 client and the threads that run its requests, shared by the stores of a process
-    that reach the same store as the same identity (the agents of one process, say): a client
-    costs about 13 MB and a third of a second to make (botocore loads the S3 model for each)."""
+    that reach the same store with the same settings (the agents of one process, say): a client
+    costs about 13 MB and a third of a second to make (botocore loads the S3 model for each).
+    The last store to close it closes it."""
 
-    client: Any
-    requests: ThreadPoolExecutor
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.requests = ThreadPoolExecutor(CONNECTIONS, thread_name_prefix="object-store")
+        self.users = 0
 
 
-_connections: dict[tuple[str | None, str | None, str | None], _Connection] = {}
+_connections: dict[tuple[str | None, ...], _Connection] = {}
 _connections_lock = threading.Lock()
 
 
-def s3_connection(endpoint_url: str | None, region: str | None) -> _Connection:
-    """The process's client of the store at ``endpoint_url`` as the identity the standard AWS chain
-    gives now, made at first use. Path-style addresses for an endpoint of one's own (MinIO and
-    the like serve no bucket subdomains); checksums only where the API requires them, since every
-    read checks the blob's SHA-256; thread-safe, with :data:`CONNECTIONS` connections and as many
-    threads."""
-    session = boto3.session.Session()
-    credentials = session.get_credentials()
-    identity = None if credentials is None else credentials.access_key
+def _connection_key(endpoint_url: str | None, region: str | None) -> tuple[str | None, ...]:
+    """What decides a client: the store, and the settings the AWS chain reads from the environment
+    (not the credentials it resolves: for a role those are temporary, and resolving them may ask
+    STS; the client's session refreshes them itself)."""
+    return (endpoint_url, region, *(os.environ.get(name) for name in (
+        "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+        "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")))
+
+
+def _open_connection(endpoint_url: str | None, region: str | None) -> tuple[tuple[str | None, ...], _Connection]:
+    """The process's client of the store at ``endpoint_url`` with the AWS chain's settings of now,
+    made at first use. Path-style addresses for an endpoint of one's own (MinIO and the like serve
+    no bucket subdomains); checksums only where the API requires them, since every read checks
+    the blob's SHA-256; thread-safe, with :data:`CONNECTIONS` connections and as many threads."""
+    key = _connection_key(endpoint_url, region)
     with _connections_lock:
-        found = _connections.get((endpoint_url, region, identity))
-        if found is not None:
-            return found
-        config = Config(
-            max_pool_connections=CONNECTIONS, connect_timeout=10, read_timeout=30,
-            retries={"max_attempts": 4, "mode": "standard"},
-            s3={"addressing_style": "path"} if endpoint_url else None,
-            request_checksum_calculation="when_required", response_checksum_validation="when_required")
-        made = _Connection(session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config),
-                           ThreadPoolExecutor(CONNECTIONS, thread_name_prefix="object-store"))
-        _connections[(endpoint_url, region, identity)] = made
-        return made
+        connection = _connections.get(key)
+        if connection is None:
+            config = Config(
+                max_pool_connections=CONNECTIONS, connect_timeout=10, read_timeout=30,
+                retries={"max_attempts": 4, "mode": "standard"},
+                s3={"addressing_style": "path"} if endpoint_url else None,
+                request_checksum_calculation="when_required", response_checksum_validation="when_required")
+            connection = _Connection(boto3.session.Session().client(
+                "s3", endpoint_url=endpoint_url, region_name=region, config=config))
+            _connections[key] = connection
+        connection.users += 1
+        return key, connection
+
+
+def _close_connection(key: tuple[str | None, ...], connection: _Connection) -> None:
+    with _connections_lock:
+        connection.users -= 1
+        if connection.users > 0:
+            return
+        if _connections.get(key) is connection:
+            del _connections[key]
+    connection.requests.shutdown(wait=False, cancel_futures=True)
+    connection.client.close()
 
 
 @dataclass(frozen=True)
@@ -183,9 +203,10 @@ class ObjectBlobStore(BlobStore):
         self.region = region
         self.store_id = store_id
         """The id in the store's ``store.json`` (:meth:`create`, :meth:`read_id`)."""
-        connection = s3_connection(endpoint_url, region)
-        self._client = connection.client
-        self._requests = connection.requests
+        self._connection_key, self._connection = _open_connection(endpoint_url, region)
+        self._client = self._connection.client
+        self._requests = self._connection.requests
+        self._closed = False
         self._expiry_seen: dict[str, float] = {}
         """The sweep's memory: an old upload's expiry (inf: kept), so it is read once."""
 
@@ -228,6 +249,12 @@ class ObjectBlobStore(BlobStore):
     def describe(self) -> BlobStoreDescriptor:
         return BlobStoreDescriptor(kind="s3", bucket=self.bucket, endpoint_url=self.endpoint_url,
                                    region=self.region, store_id=self.store_id)
+
+    def close(self) -> None:
+        """Let go of the shared client; the last store of it closes it."""
+        if not self._closed:
+            self._closed = True
+            _close_connection(self._connection_key, self._connection)
 
     async def _off_loop(self, call: Callable[..., T], *args: Any) -> T:
         """Run a blocking request on the connection's own threads, as many as its connections: on
@@ -276,8 +303,8 @@ class ObjectBlobStore(BlobStore):
             try:  # a GET, not a HEAD: an agent may read its own uploads, and some stores ask more for a HEAD
                 reply = self._get(key, "bytes=0-0")
                 reply["Body"].close()
-                if _total_size(reply) == len(data) and (owner is None or _expiry(reply) > time.time()):
-                    return  # a live copy (one past its expiry in metadata is written again, kept or not)
+                if _total_size(reply) == len(data) and not self._expired(key, owner, reply):
+                    return  # a live copy, or a kept one (the writer may read its uploads' tags)
             except ClientError as exc:
                 if _code(exc) not in _MISSING:  # deleted meanwhile: written again below
                     raise
@@ -333,14 +360,20 @@ class ObjectBlobStore(BlobStore):
         return KEPT_TAG not in tags
 
     def _get(self, key: str, byte_range: str | None = None) -> dict[str, Any]:
-        """GET an object, or a range of it (an empty object whole, since no range of it exists)."""
-        if byte_range is not None:
-            try:
-                return cast("dict[str, Any]", self._client.get_object(Bucket=self.bucket, Key=key, Range=byte_range))
-            except ClientError as exc:
-                if _code(exc) != "InvalidRange":
-                    raise
-        return cast("dict[str, Any]", self._client.get_object(Bucket=self.bucket, Key=key))
+        """GET an object, or a range of it. No range of an empty object exists: a range from its
+        start gets the object whole if, and only if, it is empty."""
+        if byte_range is None:
+            return cast("dict[str, Any]", self._client.get_object(Bucket=self.bucket, Key=key))
+        try:
+            return cast("dict[str, Any]", self._client.get_object(Bucket=self.bucket, Key=key, Range=byte_range))
+        except ClientError as exc:
+            if _code(exc) != "InvalidRange" or not byte_range.startswith("bytes=0-"):
+                raise
+        whole = cast("dict[str, Any]", self._client.get_object(Bucket=self.bucket, Key=key))
+        if int(whole["ContentLength"]) == 0:
+            return whole
+        whole["Body"].close()  # written meanwhile (its body unread): its range exists now
+        return cast("dict[str, Any]", self._client.get_object(Bucket=self.bucket, Key=key, Range=byte_range))
 
     def _open(self, digest: BlobDigest, owner: str | None, byte_range: str | None = None) -> tuple[_Found, Any]:
         """GET the object (or a range of it): what its headers say, and its unread body."""
@@ -410,7 +443,7 @@ class ObjectBlobStore(BlobStore):
             if needed > len(first):
                 _, body = self._open(digest, owner, f"bytes={len(first)}-{needed - 1}")
                 with contextlib.closing(body):  # a blob changed meanwhile is refused by its hash
-                    first += bytes(body.read())
+                    first += bytes(body.read(needed - len(first)))
         return BlobHead(digest, found.size, first)
 
     async def head(self, digest: BlobDigest, *, owner: str | None = None) -> BlobHead:

@@ -31,7 +31,8 @@ def agent_policy(agent_id: str) -> dict[str, Any]:
         {"Effect": "Allow", "Action": "s3:GetObject",
          "Resource": [f"arn:aws:s3:::{BUCKET}/{PREFIX}/store.json", f"arn:aws:s3:::{BUCKET}/{PREFIX}/blob/*",
                       f"arn:aws:s3:::{BUCKET}/{PREFIX}/upload/{agent_id}/*"]},
-        {"Effect": "Allow", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{BUCKET}/{PREFIX}/upload/{agent_id}/*"},
+        {"Effect": "Allow", "Action": ["s3:PutObject", "s3:GetObjectTagging"],
+         "Resource": f"arn:aws:s3:::{BUCKET}/{PREFIX}/upload/{agent_id}/*"},
         {"Effect": "Deny", "Action": "s3:PutObjectTagging", "Resource": f"arn:aws:s3:::{BUCKET}/*"},
     ]}
 

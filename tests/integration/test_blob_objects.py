@@ -79,6 +79,8 @@ async def test_an_upload_expires_unless_kept(store: ObjectBlobStore, s3: Any) ->
     assert s3.get_object_tagging(Bucket=store.bucket, Key=store.key(kept, AGENT))["TagSet"] == [KEPT_TAG]
     set_expiry(s3, store, kept, time.time() - 1)
     assert await store.get(kept, owner=AGENT) == b"kept update"  # past its expiry, but kept
+    assert await store.put(b"kept update", ttl_s=60, owner=AGENT) == kept  # a kept copy is left alone
+    assert s3.get_object_tagging(Bucket=store.bucket, Key=store.key(kept, AGENT))["TagSet"] == [KEPT_TAG]
     set_expiry(s3, store, kept, time.time() + 3600)
     assert await store.put(b"kept update", ttl_s=60, owner=AGENT) == kept  # a live copy is left alone
     assert s3.get_object_tagging(Bucket=store.bucket, Key=store.key(kept, AGENT))["TagSet"] == [KEPT_TAG]
@@ -216,3 +218,10 @@ def test_stores_of_one_identity_share_a_client_and_another_identity_gets_its_own
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "another-key")
     other = ObjectBlobStore(s3_bucket, PREFIX, max_bytes=1024, endpoint_url=s3_endpoint)
     assert other._client is not first._client
+    other.close()
+    first.close()
+    first.close()  # a second close changes nothing
+    assert second.read_id() is None  # the client lives on while a store still uses it
+    users = second._connection.users
+    second.close()
+    assert second._connection.users == users - 1
