@@ -74,6 +74,7 @@ from federated_learning.types import BlobDigest
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # "Found credentials in ..." per client
 
 MARKER = "store.json"
 EXPIRES = "fl-expires"

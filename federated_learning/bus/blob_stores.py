@@ -20,6 +20,7 @@ from federated_learning.protocol.storage import BlobStoreDescriptor, read_descri
 
 if TYPE_CHECKING:
     from federated_learning.bus.blob_objects import ObjectBlobStore
+    from federated_learning.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,14 @@ class ObjectStoreSettings:
     region: str | None = None
 
 
+def object_store_settings(settings: Settings) -> ObjectStoreSettings | None:
+    """The bucket a deployment's settings name, if any."""
+    if settings.blob_bucket is None:
+        return None
+    return ObjectStoreSettings(settings.blob_bucket, endpoint_url=settings.blob_endpoint_url,
+                               region=settings.blob_region)
+
+
 def services_blob_store(redis: aioredis.Redis, keys: Keys, *, max_bytes: int, blob_dir: Path | None,
                         object_store: ObjectStoreSettings | None = None) -> BlobStore:
     """Blobs in ``<blob_dir>/<prefix>`` when a folder is configured, under ``<prefix>/`` in a bucket
@@ -49,6 +58,25 @@ def services_blob_store(redis: aioredis.Redis, keys: Keys, *, max_bytes: int, bl
     if blob_dir is None:
         return RedisBlobStore(redis, keys, max_bytes=max_bytes)
     return FolderBlobStore.create(blob_dir / keys.prefix, max_bytes=max_bytes)
+
+
+def check_services_blob_store(prefix: str, *, max_bytes: int, blob_dir: Path | None,
+                              object_store: ObjectStoreSettings | None) -> None:
+    """Open the deployment's folder or bucket once, as the services will (its ``store.json``
+    made when missing); :class:`BlobStoreUnreachable` with the reason when that fails (no such
+    bucket, no access, the store unreachable, a folder that cannot be written). For the launcher,
+    before it starts any service."""
+    try:
+        if object_store is not None:
+            _object_store_class().create(object_store.bucket, prefix, max_bytes=max_bytes,
+                                         endpoint_url=object_store.endpoint_url,
+                                         region=object_store.region).close()
+        elif blob_dir is not None:
+            FolderBlobStore.create(blob_dir / prefix, max_bytes=max_bytes).close()
+    except BlobStoreError as exc:
+        where = (f"s3://{object_store.bucket}/{prefix}/ at {object_store.endpoint_url or 'AWS S3'}"
+                 if object_store is not None else f"the folder {blob_dir}")
+        raise BlobStoreUnreachable(f"the blob store in {where} cannot be used: {exc}") from exc
 
 
 def _object_store_class() -> type[ObjectBlobStore]:

@@ -27,6 +27,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from federated_learning.bus.blob_stores import (
+    BlobStoreUnreachable,
+    check_services_blob_store,
+    object_store_settings,
+)
 from federated_learning.bus.connection import RedisTls, redacted
 from federated_learning.bus.embedded import EmbeddedServerError, EmbeddedValkey
 from federated_learning.config import (
@@ -311,6 +316,8 @@ def run(settings: Settings, config_path: Path | None) -> int:
         check_bus(settings)
         log.info("using external Redis at %s", redis_url.split("@")[-1])
     try:
+        check_services_blob_store(settings.redis_key_prefix, max_bytes=settings.max_blob_bytes,
+                                  blob_dir=settings.blob_dir, object_store=object_store_settings(settings))
         urls = _role_urls(settings, redis_url, data_dir, embedded=server is not None)
     except BaseException:
         Supervisor(valkey).stop_all()
@@ -393,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, EmbeddedServerError, AclError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except BusUnreachable as exc:
+    except (BusUnreachable, BlobStoreUnreachable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

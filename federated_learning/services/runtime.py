@@ -33,7 +33,7 @@ from redis.exceptions import ResponseError
 
 from federated_learning.bus.blob_stores import (
     BlobStoreUnreachable,
-    ObjectStoreSettings,
+    object_store_settings,
     services_blob_store,
 )
 from federated_learning.bus.blobs import BlobStore, BlobStoreError
@@ -191,11 +191,9 @@ class ServiceContext:
 
     def __post_init__(self) -> None:
         self.keys = keys_for(self.redis, self.settings.redis_key_prefix)
-        bucket = self.settings.blob_bucket
-        self.blobs = services_blob_store(
-            self.redis, self.keys, max_bytes=self.settings.max_blob_bytes, blob_dir=self.settings.blob_dir,
-            object_store=None if bucket is None else ObjectStoreSettings(
-                bucket, endpoint_url=self.settings.blob_endpoint_url, region=self.settings.blob_region))
+        self.blobs = services_blob_store(self.redis, self.keys, max_bytes=self.settings.max_blob_bytes,
+                                         blob_dir=self.settings.blob_dir,
+                                         object_store=object_store_settings(self.settings))
         self.process = psutil.Process()
         self.cpu_window.add(time.monotonic(), self._cpu_seconds())
 

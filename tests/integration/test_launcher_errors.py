@@ -89,3 +89,19 @@ def test_simulate_clients_with_a_wrong_password_ends_in_one_line(tmp_path: Path,
     [line] = result.stderr.splitlines()
     assert line.startswith("error: the deployment's credentials were refused: redis at "
                            f"127.0.0.1:{port} refused user 'nobody'")
+
+
+def test_the_launcher_stops_with_one_line_when_the_bucket_does_not_exist(
+        tmp_path: Path, valkey_server: EmbeddedValkey, s3_endpoint: str, s3_bucket: str) -> None:
+    """Before any service starts: otherwise each would exit, and be restarted, with the reason in
+    its own log only."""
+    env = {**launcher_env(tmp_path, valkey_server.url), "FL_BLOB_BUCKET": "no-such-bucket",
+           "FL_BLOB_ENDPOINT_URL": s3_endpoint}
+    result = run_script(DEPLOY, env=env)
+
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.splitlines()[-1]  # after the bus's line
+    assert line.startswith(f"error: the blob store in s3://no-such-bucket/fl/ at {s3_endpoint} cannot be used: ")
+    assert "NoSuchBucket" in line
+    assert "Found credentials" not in result.stderr  # botocore's chatter stays out of the launcher's lines
+    assert not deployment_file(tmp_path).exists()
