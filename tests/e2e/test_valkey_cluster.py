@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from federated_learning.bus.connection import connect, is_cluster, with_credenti
 from federated_learning.deploy import acl
 from federated_learning.deploy.cluster import LocalCluster
 from federated_learning.protocol.keys import Keys
-from federated_learning.protocol.messages import VersionRecord
+from federated_learning.protocol.messages import MalformedMessage, Task, VersionRecord, decode
 from tests.e2e.conftest import Deployment, training_body, wait_status
 
 pytestmark = pytest.mark.e2e
@@ -99,27 +100,60 @@ async def observer(cluster: LocalCluster) -> AsyncIterator[aioredis.Redis]:
     await connected.aclose()
 
 
+class RoundGate:
+    """Agents answer the tasks of the rounds the test allows, and hold later ones: the test, not
+    the machine's speed, decides where the training stands at each failover (its rounds take
+    tens of milliseconds, a failover seconds)."""
+
+    def __init__(self, allowed: float) -> None:
+        self.allowed = allowed
+        self.changed = asyncio.Condition()
+
+    async def allow(self, allowed: float) -> None:
+        async with self.changed:
+            self.allowed = allowed
+            self.changed.notify_all()
+
+    def hold(self, agent: FederatedClient) -> None:
+        answer = agent.handle_task
+
+        async def gated(fields: dict[bytes, bytes]) -> None:
+            try:
+                round_number = decode(Task, fields).round
+            except MalformedMessage:  # not a task: nothing to hold
+                round_number = 0
+            async with self.changed:
+                await self.changed.wait_for(lambda: round_number <= self.allowed)
+            await answer(fields)
+
+        agent.handle_task = gated  # type: ignore[method-assign]
+
+
 async def test_a_training_survives_failovers_of_the_control_shard_and_a_blob_shard(
         cluster: LocalCluster, cluster_deployment: Deployment, cluster_agents: list[FederatedClient],
         observer: aioredis.Redis) -> None:
     assert is_cluster(observer)
+    gate = RoundGate(allowed=2)
+    for agent in cluster_agents:
+        gate.hold(agent)
     async with cluster_deployment.client() as http:
         started = await http.post("/api/training/start", json=training_body(ROUNDS))
         assert started.status_code == 202, started.text
         training_id = started.json()["training_id"]
 
         # Every step writes the control slot, so the training waits for its replica's promotion.
-        first = await wait_status(http, training_id, {"running"}, min_round=2)
+        await wait_status(http, training_id, {"running"}, min_round=3)  # round 3's tasks held
         control = cluster.owner_of(KEYS.update_stream).primary_port
         promoted = await fail_over(cluster, control)
 
         # The uploads spread over the shards: a round needs every shard's blobs.
-        await wait_status(http, training_id, {"running"}, min_round=first["round"] + 1)
+        await gate.allow(3)
+        await wait_status(http, training_id, {"running"}, min_round=4)  # round 3 committed, round 4 held
         blob_shard = min(cluster.primary_ports() - {promoted})
         await fail_over(cluster, blob_shard)
         after = (await http.get(f"/api/training/{training_id}/status")).json()
-        assert after["status"] == "running" and after["current_version"] < ROUNDS, \
-            "the training was over before the blob shard's replica took over"
+        assert after["status"] == "running" and after["current_version"] < ROUNDS, after
+        await gate.allow(math.inf)
 
         status = await wait_status(http, training_id, {"completed", "failed"}, timeout_s=180)
         assert status["status"] == "completed", status.get("reason")
