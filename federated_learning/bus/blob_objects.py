@@ -496,9 +496,8 @@ class ObjectBlobStore(BlobStore):
                         continue
                     if self._expiry_seen.get(key, -math.inf) <= now and self._sweepable(key, now):
                         expired.append(key)
-            for key in expired:
-                self._expiry_seen.pop(key, None)
-            self._expiry_seen = {key: at for key, at in self._expiry_seen.items() if key in listed}
+            remaining = listed.difference(expired)  # what the next sweep may still see
+            self._expiry_seen = {key: at for key, at in self._expiry_seen.items() if key in remaining}
             return self._delete(expired) if expired else 0
         except (ClientError, BotoCoreError, BlobStoreError) as exc:
             log.warning("blob sweep: cannot list or delete the uploads in s3://%s/%s: %s",

@@ -52,12 +52,8 @@ def services_blob_store(redis: aioredis.Redis, keys: Keys, *, max_bytes: int, bl
     """Blobs in ``<blob_dir>/<prefix>`` when a folder is configured, under ``<prefix>/`` in a bucket
     when one is (either made, with its id, when missing: agents look for it before the first blob
     is written), else in Redis."""
-    if object_store is not None:
-        return _object_store_class().create(object_store.bucket, keys.prefix, max_bytes=max_bytes,
-                                            endpoint_url=object_store.endpoint_url, region=object_store.region)
-    if blob_dir is None:
-        return RedisBlobStore(redis, keys, max_bytes=max_bytes)
-    return FolderBlobStore.create(blob_dir / keys.prefix, max_bytes=max_bytes)
+    store = _folder_or_bucket(keys.prefix, max_bytes=max_bytes, blob_dir=blob_dir, object_store=object_store)
+    return store if store is not None else RedisBlobStore(redis, keys, max_bytes=max_bytes)
 
 
 def check_services_blob_store(prefix: str, *, max_bytes: int, blob_dir: Path | None,
@@ -67,16 +63,24 @@ def check_services_blob_store(prefix: str, *, max_bytes: int, blob_dir: Path | N
     bucket, no access, the store unreachable, a folder that cannot be written). For the launcher,
     before it starts any service."""
     try:
-        if object_store is not None:
-            _object_store_class().create(object_store.bucket, prefix, max_bytes=max_bytes,
-                                         endpoint_url=object_store.endpoint_url,
-                                         region=object_store.region).close()
-        elif blob_dir is not None:
-            FolderBlobStore.create(blob_dir / prefix, max_bytes=max_bytes).close()
+        store = _folder_or_bucket(prefix, max_bytes=max_bytes, blob_dir=blob_dir, object_store=object_store)
     except BlobStoreError as exc:
         where = (f"s3://{object_store.bucket}/{prefix}/ at {object_store.endpoint_url or 'AWS S3'}"
                  if object_store is not None else f"the folder {blob_dir}")
         raise BlobStoreUnreachable(f"the blob store in {where} cannot be used: {exc}") from exc
+    if store is not None:
+        store.close()
+
+
+def _folder_or_bucket(prefix: str, *, max_bytes: int, blob_dir: Path | None,
+                      object_store: ObjectStoreSettings | None) -> BlobStore | None:
+    """The services' store when the settings name a bucket or a folder; None: in Redis."""
+    if object_store is not None:
+        return _object_store_class().create(object_store.bucket, prefix, max_bytes=max_bytes,
+                                            endpoint_url=object_store.endpoint_url, region=object_store.region)
+    if blob_dir is not None:
+        return FolderBlobStore.create(blob_dir / prefix, max_bytes=max_bytes)
+    return None
 
 
 def _object_store_class() -> type[ObjectBlobStore]:
