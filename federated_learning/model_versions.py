@@ -126,7 +126,8 @@ class ModelVersionManager:
         """Write the checkpoint atomically, then record and announce the version in one transaction."""
         existing = await self._committed_round(release)
         if existing is not None:
-            await self.ctx.redis.xadd(self.ctx.keys.version_stream, encode(_announcement(existing)))
+            await self.ctx.redis.xadd(self.ctx.keys.for_training(release.training_id).version_stream,
+                                      encode(_announcement(existing)))
             return Commit(existing, created=False)
         data = await self.ctx.blobs.get(release.model_digest)
         decode_layers(data, max_bytes=self.ctx.settings.max_blob_bytes)
@@ -135,7 +136,7 @@ class ModelVersionManager:
                                 record.model_dump_json(indent=1))
         async with self.ctx.redis.pipeline(transaction=True) as pipe:
             self.index.stage_commit(pipe, record)
-            pipe.xadd(self.ctx.keys.version_stream, encode(_announcement(record)))
+            pipe.xadd(self.ctx.keys.for_training(record.training_id).version_stream, encode(_announcement(record)))
             await pipe.execute()
         await self.ctx.emit("version_committed", f"version {record.version} from round {release.round}",
                             training_id=release.training_id, round=release.round, version=record.version,

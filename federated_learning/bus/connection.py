@@ -142,9 +142,10 @@ def is_cluster(redis: aioredis.Redis) -> bool:
     return isinstance(redis, RedisCluster)
 
 
-def keys_for(redis: aioredis.Redis, prefix: str) -> Keys:
-    """The key names of deployment ``prefix`` on the server behind ``redis``."""
-    return Keys(prefix, cluster=is_cluster(redis))
+def keys_for(redis: aioredis.Redis, prefix: str, partitions: int = 1) -> Keys:
+    """The key names of deployment ``prefix`` (split into ``partitions`` coordinator partitions)
+    on the server behind ``redis``."""
+    return Keys(prefix, cluster=is_cluster(redis), partitions=partitions)
 
 
 def _tls_of(settings: Settings | None, tls: RedisTls | None) -> RedisTls | None:

@@ -360,3 +360,33 @@ async def trim_consumed(redis: aioredis.Redis, stream: str, *groups: str) -> boo
     safe = min(points)
     await redis.xtrim(stream, minid=f"{safe[0]}-{safe[1]}", approximate=True)
     return True
+
+
+async def run_consumers(consumers: list[StreamConsumer], stop: asyncio.Event, *, burst: bool = False,
+                        on_idle: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run several consumers (one per cell's hash slot: a cluster reads the streams of one slot
+    per command) until ``stop`` is set; the first also runs ``on_idle``. Outside ``burst`` mode
+    one consumer that ends (it raised :class:`StopConsuming`) ends them all."""
+    if len(consumers) == 1:
+        await consumers[0].run(stop, burst=burst, on_idle=on_idle)
+        return
+    ended = asyncio.Event()
+
+    async def run_one(index: int, consumer: StreamConsumer) -> None:
+        try:
+            await consumer.run(ended, burst=burst, on_idle=on_idle if index == 0 else None)
+        finally:
+            if not burst:
+                ended.set()
+
+    async def follow_stop() -> None:
+        await stop.wait()
+        ended.set()
+
+    follower = asyncio.create_task(follow_stop())
+    try:
+        async with asyncio.TaskGroup() as group:
+            for index, consumer in enumerate(consumers):
+                group.create_task(run_one(index, consumer))
+    finally:
+        follower.cancel()

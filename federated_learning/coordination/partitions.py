@@ -9,21 +9,16 @@ also owns what belongs to no training: the agent registry, the queue's metrics, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from federated_learning.protocol.keys import partition_of
+
+__all__ = ["REGISTRY_PARTITION", "Partition", "partition_of", "preferred_holder", "training_of_payload"]
+
 REGISTRY_PARTITION = 0
 """The partition whose holder also keeps the agent registry (joins, heartbeats, leaves)."""
-
-
-def partition_of(training_id: str, partitions: int) -> int:
-    """The partition of ``training_id``: stable across processes, machines and Python versions."""
-    if partitions == 1:
-        return 0
-    digest = hashlib.sha256(training_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") % partitions
 
 
 def preferred_holder(members: Sequence[str], partition: int) -> str | None:

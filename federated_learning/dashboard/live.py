@@ -89,9 +89,10 @@ class Subscriber:
 
 
 class EventHub:
-    def __init__(self, redis: aioredis.Redis, stream: str) -> None:
+    def __init__(self, redis: aioredis.Redis, streams: list[str]) -> None:
+        """``streams``: the event streams of every cell (``protocol/keys.py``), each tailed on its own."""
         self._redis = redis
-        self._stream = stream
+        self._streams = streams
         self.subscribers: dict[int, Subscriber] = {}
 
     def sockets_of(self, key_id: str) -> int:
@@ -112,11 +113,14 @@ class EventHub:
                     subscriber.offer(push)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Tail the event stream (from now on) until ``stop``."""
+        """Tail the event streams (from now on) until ``stop``."""
+        await asyncio.gather(*(self._tail(stream, stop) for stream in self._streams))
+
+    async def _tail(self, stream: str, stop: asyncio.Event) -> None:
         last_id: bytes | str = "$"
         while not stop.is_set():
             try:
-                reply = await self._redis.xread({self._stream: last_id}, count=500, block=500)
+                reply = await self._redis.xread({stream: last_id}, count=500, block=500)
             except (RedisError, OSError) as exc:  # live pushes must outlive any bus hiccup
                 log.warning("event stream read failed (%s); retrying", exc)
                 await asyncio.sleep(1.0)

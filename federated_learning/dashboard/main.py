@@ -71,7 +71,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     app = FastAPI(title="Federated learning dashboard", version="1", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.ctx = ctx
-    app.state.hub = EventHub(ctx.redis, ctx.keys.event_stream)
+    app.state.hub = EventHub(ctx.redis, [cell.event_stream for cell in ctx.keys.cells])
     app.add_middleware(BodyGuard, ctx=ctx)
 
     @app.exception_handler(RequestValidationError)

@@ -90,7 +90,7 @@ async def provision_users(settings: Settings, admin_url: str, data_dir: Path,
     """Connect as an administrator and create or update the role users and ``agent_ids``'s."""
     admin = await connect(admin_url, settings, attempts=settings.redis_connect_attempts)
     try:
-        return await acl.provision(admin, keys_for(admin, settings.redis_key_prefix), data_dir,
+        return await acl.provision(admin, keys_for(admin, settings.redis_key_prefix, settings.coordinator_partitions), data_dir,
                                    agent_ids, save=save)
     finally:
         await admin.aclose()

@@ -9,11 +9,21 @@ transactions write a training's keys together with the shared streams, counters 
 inboxes, so these must share one hash slot. Blobs (models and uploads: nearly all the bytes)
 keep untagged names and spread over every shard; no transaction touches them
 (``docs/decisions/0013-valkey-cluster.md``).
+
+With several coordinator partitions (``coordinator_partitions``) each partition is a *cell*
+(``docs/decisions/0019-a-control-slot-per-partition.md``): the streams its coordinator's
+transactions write (accepted updates, jobs, aggregates, releases, versions, events, its outbox of
+tasks), the counters they bump and its lease are the cell's own (``fl:p3:stream:jobs``; on a
+cluster ``fl:{fl:p3}:stream:jobs``, and a training's keys carry its cell's tag too), so on a
+cluster the cells' messages spread over the shards. Cell 0 keeps the deployment's names, and what
+belongs to no training (the registry, agents' inboxes, the update notices, the control stream,
+alerts) stays in it. :meth:`Keys.in_cell` and :meth:`Keys.for_training` give a cell's names.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, replace
 
 from federated_learning.types import AgentId, BlobDigest, RoundNumber, TrainingId
 
@@ -23,6 +33,8 @@ GROUP_PRIVACY = "privacy"
 GROUP_VERSIONS = "versions"
 GROUP_MONITOR = "monitor"
 GROUP_AGENT = "agent"
+GROUP_FORWARDER = "forwarder"
+"""Reads a cell's outbox (its partition's coordinator) and forwards the tasks to the inboxes."""
 
 
 def coordinator_group(partition: int, partitions: int) -> str:
@@ -32,6 +44,15 @@ def coordinator_group(partition: int, partitions: int) -> str:
     return GROUP_COORDINATOR if partitions == 1 else f"{GROUP_COORDINATOR}-p{partition}"
 
 
+def partition_of(training_id: str, partitions: int) -> int:
+    """The coordinator partition (and key cell) of ``training_id``: stable across processes,
+    machines and Python versions."""
+    if partitions == 1:
+        return 0
+    digest = hashlib.sha256(training_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % partitions
+
+
 @dataclass(frozen=True)
 class Keys:
     """Key names under one deployment prefix."""
@@ -39,11 +60,53 @@ class Keys:
     prefix: str = "fl"
     cluster: bool = False
     """Lay the keys out for a Redis/Valkey Cluster (one slot for all but the blobs)."""
+    partitions: int = 1
+    """How many coordinator partitions (cells) the deployment's trainings are split into."""
+    cell: int = 0
+    """Whose cell-scoped names these are (see the module's docstring); 0: the deployment's own."""
+
+    def __post_init__(self) -> None:
+        if self.partitions < 1 or not 0 <= self.cell < self.partitions:
+            raise ValueError(f"cell {self.cell} of {self.partitions} partitions does not exist")
+
+    def in_cell(self, cell: int) -> Keys:
+        """The names of cell ``cell`` (its streams, counters, lease)."""
+        return self if cell == self.cell else replace(self, cell=cell)
+
+    def for_training(self, training_id: TrainingId) -> Keys:
+        """The names of the cell ``training_id`` belongs to."""
+        return self.in_cell(partition_of(training_id, self.partitions))
+
+    @property
+    def cells(self) -> list[Keys]:
+        """Every cell's names, cell 0 first."""
+        return [self.in_cell(cell) for cell in range(self.partitions)]
+
+    @property
+    def global_keys(self) -> Keys:
+        """The deployment's own names (cell 0)."""
+        return self.in_cell(0)
 
     def _k(self, *parts: str) -> str:
         if self.cluster:
             return ":".join((self.prefix, f"{{{self.prefix}}}", *parts))
         return ":".join((self.prefix, *parts))
+
+    def _c(self, *parts: str) -> str:
+        """A key of this cell: in cell 0 the deployment's name."""
+        if self.cell == 0:
+            return self._k(*parts)
+        if self.cluster:
+            return ":".join((self.prefix, f"{{{self.prefix}:p{self.cell}}}", *parts))
+        return ":".join((self.prefix, f"p{self.cell}", *parts))
+
+    def _t(self, kind: str, training_id: TrainingId, *parts: str) -> str:
+        """A key of one training: in its cell's hash slot on a cluster (the slot of the
+        transactions that write it), under the deployment's name on one server."""
+        tag = f"{{t:{training_id}}}"
+        if self.cluster and self.partitions > 1:
+            return self.for_training(training_id)._c(kind, tag, *parts)
+        return self._k(kind, tag, *parts)
 
     def _blob_k(self, *parts: str) -> str:
         """A blob's key: never tagged, so that a cluster spreads blobs over its shards."""
@@ -69,37 +132,43 @@ class Keys:
     def accepted_update_stream(self) -> str:
         """Update notices the coordinator accepted after checking only their blob's header: the
         aggregator reads each blob whole as it arrives (hash, values) and keeps it for the job."""
-        return self._k("stream", "accepted")
+        return self._c("stream", "accepted")
 
     @property
     def refused_update_stream(self) -> str:
         """Accepted updates the aggregator found invalid, read by the coordinator (services only)."""
-        return self._k("stream", "refused")
+        return self._c("stream", "refused")
 
     @property
     def job_stream(self) -> str:
         """Aggregation jobs, read by the aggregator workers."""
-        return self._k("stream", "jobs")
+        return self._c("stream", "jobs")
 
     @property
     def aggregate_stream(self) -> str:
         """Aggregation results, read by the privacy manager."""
-        return self._k("stream", "aggregates")
+        return self._c("stream", "aggregates")
 
     @property
     def release_stream(self) -> str:
         """Models released by the privacy manager, read by the version manager."""
-        return self._k("stream", "releases")
+        return self._c("stream", "releases")
 
     @property
     def version_stream(self) -> str:
         """Committed versions, read by the coordinator."""
-        return self._k("stream", "versions")
+        return self._c("stream", "versions")
 
     @property
     def event_stream(self) -> str:
         """Everything that happened, read by the monitor and the dashboard."""
-        return self._k("stream", "events")
+        return self._c("stream", "events")
+
+    @property
+    def outbox_stream(self) -> str:
+        """Tasks and messages a cell's steps sent, forwarded to the agents' inboxes (which are the
+        deployment's, in cell 0) by the cell's coordinator after each transaction."""
+        return self._c("stream", "outbox")
 
     def inbox_stream(self, agent_id: AgentId) -> str:
         """One agent's task inbox."""
@@ -156,7 +225,7 @@ class Keys:
 
     def training(self, training_id: TrainingId) -> str:
         """JSON of the training's state (config, status, round, version)."""
-        return self._k("training", f"{{t:{training_id}}}")
+        return self._t("training", training_id)
 
     def dead_letters(self, service: str) -> str:
         """Entries ``service`` gave up on after too many failed deliveries."""
@@ -171,7 +240,8 @@ class Keys:
         """The lease of one partition of the trainings (one partition: :attr:`coordinator_lease`)."""
         if partitions == 1:
             return self.coordinator_lease
-        return self._k("lease", "coordinator", f"p{partition}")
+        cell = replace(self, partitions=partitions, cell=partition)
+        return cell._c("lease", "coordinator", f"p{partition}")  # in the slot of the steps it fences
 
     def coordinator_wanted(self, partition: int, partitions: int) -> str:
         """Which live coordinator is waiting to take a partition assigned to it (expires unless renewed)."""
@@ -189,54 +259,54 @@ class Keys:
 
     def training_view(self, training_id: TrainingId) -> str:
         """JSON of the training's published view (``protocol/trainings.py``), written with its state."""
-        return self._k("training_view", f"{{t:{training_id}}}")
+        return self._t("training_view", training_id)
 
     def round_updates(self, training_id: TrainingId, round_number: RoundNumber) -> str:
         """Hash agent id -> accepted UpdateSubmitted JSON for one round."""
-        return self._k("updates", f"{{t:{training_id}}}", str(round_number))
+        return self._t("updates", training_id, str(round_number))
 
     def applied(self, service: str, entry_id: str) -> str:
         """Marker that ``service`` applied the effects of a stream entry (redelivery skips them)."""
-        return self._k("applied", service, entry_id)
+        return self._c("applied", service, entry_id)
 
     def secure_exchange(self, training_id: TrainingId, round_number: RoundNumber, attempt: int,
                         part: str) -> str:
         """Hash agent id -> message JSON of one secure-aggregation phase ("keys", "shares",
         "unmask") of one round attempt."""
-        return self._k("secure", f"{{t:{training_id}}}", str(round_number), str(attempt), part)
+        return self._t("secure", training_id, str(round_number), str(attempt), part)
 
     def agent_outcomes(self, training_id: TrainingId) -> str:
         """Hash agent id -> its recent task outcomes in the training, oldest first ("1" done, "0" dropped)."""
-        return self._k("outcomes", f"{{t:{training_id}}}")
+        return self._t("outcomes", training_id)
 
     def training_metrics(self, training_id: TrainingId) -> str:
         """List of RoundMetrics JSON, one per completed round."""
-        return self._k("metrics", f"{{t:{training_id}}}")
+        return self._t("metrics", training_id)
 
     def versions(self, training_id: TrainingId) -> str:
         """Hash version number -> VersionRecord JSON."""
-        return self._k("versions", f"{{t:{training_id}}}")
+        return self._t("versions", training_id)
 
     def version_by_round(self, training_id: TrainingId) -> str:
         """Hash round -> version number committed for that round."""
-        return self._k("version_round", f"{{t:{training_id}}}")
+        return self._t("version_round", training_id)
 
     def aggregator_state(self, training_id: TrainingId) -> str:
         """Hash round -> blob digest of the strategy state after that round."""
-        return self._k("aggstate", f"{{t:{training_id}}}")
+        return self._t("aggstate", training_id)
 
     def release(self, training_id: TrainingId) -> str:
         """Hash round -> ModelReleased JSON (what the privacy manager released)."""
-        return self._k("release", f"{{t:{training_id}}}")
+        return self._t("release", training_id)
 
     def privacy_budget(self, training_id: TrainingId) -> str:
         """JSON of the training's privacy accountant."""
-        return self._k("privacy", f"{{t:{training_id}}}")
+        return self._t("privacy", training_id)
 
     def model_refusals(self, training_id: TrainingId) -> str:
         """Hash agent id -> ModelRefusal JSON: agents (and HTTP clients) whose model is not the
         training's, with the reason (shown in the training's status)."""
-        return self._k("refusals", f"{{t:{training_id}}}")
+        return self._k("refusals", f"{{t:{training_id}}}")  # written alone, by the coordinator and the dashboard
 
     @property
     def model_refusals_pattern(self) -> str:
@@ -280,7 +350,7 @@ class Keys:
 
     def metric_series(self, training_id: TrainingId) -> str:
         """List of TrainingMetric JSON recorded by the monitor."""
-        return self._k("monitor", f"{{t:{training_id}}}")
+        return self._k("monitor", f"{{t:{training_id}}}")  # the monitor's transactions write it with alerts
 
     @property
     def agent_dropouts(self) -> str:
@@ -289,8 +359,9 @@ class Keys:
 
     @property
     def agent_stats(self) -> str:
-        """Hash '<agent>:<counter>' -> count (asked, completed, late, examples)."""
-        return self._k("agents", "stats")
+        """Hash '<agent>:<counter>' -> count (asked, completed, late, examples): each cell counts
+        what its steps did; :attr:`cells` reads them all."""
+        return self._c("agents", "stats")
 
     def first_joins(self, credential: str, minute: int) -> str:
         """Counter of new agent ids ``credential`` registered in ``minute`` (unix minutes)."""
@@ -309,8 +380,8 @@ class Keys:
     def agent_contributions(self) -> str:
         """Hash agent id -> sum over committed rounds of examples x max(0, cosine of its update
         to the round's median update) (examples alone in rounds whose updates are not scored):
-        how much its updates pulled the model the way it went."""
-        return self._k("agents", "contributions")
+        how much its updates pulled the model the way it went. Per cell, like :attr:`agent_stats`."""
+        return self._c("agents", "contributions")
 
     @property
     def rejections(self) -> str:
@@ -370,7 +441,7 @@ class Keys:
         messages and uploads, organisations, projects and API keys, uploaded models and the
         HTTP clients' model refusals. Everything else it
         only reads."""
-        return (self.control_stream, self.event_stream, self.rejections, self.alerts,
+        return (self.control_stream, *(cell.event_stream for cell in self.cells), self.rejections, self.alerts,
                 self.open_alerts, self.join_tokens, self.service_health_keys("dashboard"),
                 *self.agent_write_keys(), self.upload_pattern(), self.organisations, self.organisation_pattern,
                 self.models_pattern, self.model_refusals_pattern)

@@ -228,11 +228,15 @@ class AgentRegistry:
     async def statistics(self) -> dict[str, AgentStats]:
         """Each registered agent's record of work: asked, completed, late, dropped, flagged, examples,
         and contribution (``Keys.agent_contributions``)."""
-        counters = _counts(await self._redis.hgetall(self._keys.agent_stats))
+        counters: dict[str, int] = {}
+        contributions: dict[str, float] = {}
+        for cell in self._keys.cells:  # each cell counts what its partition's steps did
+            for name, count in _counts(await self._redis.hgetall(cell.agent_stats)).items():
+                counters[name] = counters.get(name, 0) + count
+            for raw_name, value in (await self._redis.hgetall(cell.agent_contributions)).items():
+                contributions[text(raw_name)] = contributions.get(text(raw_name), 0.0) + float(value)
         dropouts = _counts(await self._redis.hgetall(self._keys.agent_dropouts))
         flags = _counts(await self._redis.hgetall(self._keys.agent_flags))
-        contributions = {text(k): float(v) for k, v in
-                         (await self._redis.hgetall(self._keys.agent_contributions)).items()}
         stats = {}
         for agent in await self._redis.hkeys(self._keys.agents):
             name = text(agent)

@@ -6,6 +6,7 @@ an index (and one per organisation), an active set and a queue.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 import redis.asyncio as aioredis
@@ -71,30 +72,87 @@ class TrainingStore(TrainingViews):
         raw = await self._redis.get(self._keys.training(training_id))
         return None if raw is None else TrainingState.model_validate_json(raw)
 
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+        super().__init__(redis, keys)
+        self._slot_changes: list[tuple[str, bool]] = []
+
+    def _in_index_cell(self, training_id: str) -> bool:
+        """Whether the training's keys are in the cell of the deployment's index, queue and active
+        set (``protocol/keys.py``), so that one transaction may write them together."""
+        return self._keys.for_training(training_id).cell == 0
+
     async def create(self, state: TrainingState, *, queued: bool) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._keys.training(state.training_id), state.model_dump_json())
-            pipe.set(self._keys.training_view(state.training_id), state.view().model_dump_json())
+        """Write a new training. In another cell than the index's, the index (and queue) first: a
+        crash in between leaves an id without a state, which the redelivered start command
+        creates (adding an id to the index again changes nothing; a second queue entry is skipped
+        and removed with the first)."""
+        def stage_index(pipe: Pipeline) -> None:
             pipe.zadd(self._keys.trainings, {state.training_id: state.created_at})
             pipe.zadd(self._keys.org_trainings(state.org_id), {state.training_id: state.created_at})
             if queued:
                 pipe.rpush(self._keys.training_queue, state.training_id)
+
+        together = self._in_index_cell(state.training_id)
+        if not together:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                stage_index(pipe)
+                await pipe.execute()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if together:
+                stage_index(pipe)
+            pipe.set(self._keys.training(state.training_id), state.model_dump_json())
+            pipe.set(self._keys.training_view(state.training_id), state.view().model_dump_json())
             await pipe.execute()
 
     def stage_save(self, pipe: Pipeline, state: TrainingState, *, active: bool | None = None) -> None:
-        """Add the state write (and active-set change) to ``pipe``."""
+        """Add the state write (and active-set change) to ``pipe``. A training of another cell than
+        the active set's changes the set after the transaction (:meth:`apply_slot_changes`)."""
         state.touch()
         pipe.set(self._keys.training(state.training_id), state.model_dump_json())
         pipe.set(self._keys.training_view(state.training_id), state.view().model_dump_json())
-        if active is True:
+        if active is not None and not self._in_index_cell(state.training_id):
+            self._slot_changes.append((state.training_id, active))
+        elif active is True:
             pipe.sadd(self._keys.active_trainings, state.training_id)
         elif active is False:
             pipe.srem(self._keys.active_trainings, state.training_id)
 
+    async def apply_slot_changes(self) -> None:
+        """Change the active set as the transaction just executed said. A crash before this leaves
+        a finished training holding its slot until its partition is taken again
+        (:meth:`release_finished_slots`); a started one holds it already (:meth:`claim_slot`)."""
+        changes, self._slot_changes = self._slot_changes, []
+        for training_id, active in changes:
+            if active:
+                await self._redis.sadd(self._keys.active_trainings, training_id)
+            else:
+                await self._redis.srem(self._keys.active_trainings, training_id)
+
+    def drop_slot_changes(self) -> None:
+        """Forget the changes of a transaction that did not execute."""
+        self._slot_changes.clear()
+
+    async def release_finished_slots(self, owns: Callable[[str], bool]) -> list[str]:
+        """Free the slots that finished (or vanished) trainings of a partition still hold; returns their ids."""
+        freed = []
+        for training_id in await self.active_ids():
+            if not owns(training_id):
+                continue
+            state = await self.load(training_id)
+            if state is None or state.status.is_final:
+                await self._redis.srem(self._keys.active_trainings, training_id)
+                freed.append(training_id)
+        return freed
+
     async def save(self, state: TrainingState, *, active: bool | None = None) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             self.stage_save(pipe, state, active=active)
-            await pipe.execute()
+            try:
+                await pipe.execute()
+            except BaseException:
+                self.drop_slot_changes()
+                raise
+        await self.apply_slot_changes()
 
 
     async def active_count(self) -> int:

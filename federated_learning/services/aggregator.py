@@ -36,7 +36,7 @@ from federated_learning.aggregation.layouts import (
 )
 from federated_learning.aggregation.streaming import WeightedSum
 from federated_learning.bus.blobs import BlobMissing
-from federated_learning.bus.consumer import StreamConsumer
+from federated_learning.bus.consumer import StreamConsumer, run_consumers
 from federated_learning.config import load_settings
 from federated_learning.monitoring.anomaly import score_against_median, scores_updates
 from federated_learning.privacy.errors import PrivacyError
@@ -96,25 +96,27 @@ scores are not credited twice)."""
 class Aggregator:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self.consumer = StreamConsumer(
+        self.consumers = [StreamConsumer(
             ctx.redis, GROUP_AGGREGATOR, f"aggregator-{ctx.instance}",
-            {ctx.keys.job_stream: self.on_job},
+            {cell.job_stream: self.on_job},
             dead_letter_stream=ctx.dead_letter_stream, count=1,
             claim_idle_ms=ctx.settings.claim_idle_ms,
             on_forged_id=ctx.forged_stream_id,
-        )
+        ) for cell in ctx.keys.cells]
+        self.consumer = self.consumers[0]
         self.cache = UpdateCache(ctx.blobs, VersionIndex(ctx.redis, ctx.keys),
                                  max_bytes=ctx.settings.aggregator_cache_bytes,
                                  max_blob_bytes=ctx.settings.max_blob_bytes)
         # Accepted updates are read in batches by a consumer of their own: a job (one at a time, so
         # that workers share them) does not hold them up, and a job awaits those still being read.
-        self.reader = StreamConsumer(
+        self.readers = [StreamConsumer(
             ctx.redis, GROUP_AGGREGATOR, f"aggregator-{ctx.instance}",
-            {ctx.keys.accepted_update_stream: self.on_accepted},
-            batch_handlers={ctx.keys.accepted_update_stream: self.on_accepted_batch},
+            {cell.accepted_update_stream: self.on_accepted},
+            batch_handlers={cell.accepted_update_stream: self.on_accepted_batch},
             dead_letter_stream=ctx.dead_letter_stream, count=ACCEPTED_PER_READ,
             claim_idle_ms=ctx.settings.claim_idle_ms, on_forged_id=ctx.forged_stream_id,
-        )
+        ) for cell in ctx.keys.cells]
+        self.reader = self.readers[0]
         self._pool: ThreadPoolExecutor | None = None
         self._scoring: set[asyncio.Task[None]] = set()
         self.updates = JobUpdates(ctx.blobs, self.cache, lambda: self.pool, self._refuse,
@@ -134,10 +136,10 @@ class Aggregator:
     async def run(self, *, burst: bool = False) -> None:
         try:
             if burst:  # the accepted updates first, as they would have arrived before their job
-                await self.reader.run(self.ctx.stop, burst=True)
-                await self.consumer.run(self.ctx.stop, burst=True)
+                await run_consumers(self.readers, self.ctx.stop, burst=True)
+                await run_consumers(self.consumers, self.ctx.stop, burst=True)
             else:
-                await asyncio.gather(self.reader.run(self.ctx.stop), self.consumer.run(self.ctx.stop))
+                await run_consumers([*self.readers, *self.consumers], self.ctx.stop)
         finally:
             await self.finish_scoring()
             if self._pool is not None:
@@ -169,7 +171,7 @@ class Aggregator:
         """Tell the coordinator an accepted update is invalid: it counts the refusal (once) and,
         while the round collects, withdraws the update."""
         reason, detail = describe_refusal(problem, digest)
-        await self.ctx.redis.xadd(self.ctx.keys.refused_update_stream, encode(UpdateRefused(
+        await self.ctx.redis.xadd(self.ctx.keys.for_training(training_id).refused_update_stream, encode(UpdateRefused(
             training_id=training_id, round=round_number, agent_id=agent_id, update_digest=digest,
             reason=reason, detail=detail[:1000])), maxlen=REFUSED_MAXLEN, approximate=True)
 
@@ -185,7 +187,7 @@ class Aggregator:
                                 severity=Severity.CRITICAL, training_id=job.training_id,
                                 round=job.round, attempt=job.attempt)
             return
-        await self.ctx.redis.xadd(self.ctx.keys.aggregate_stream, encode(ready))
+        await self.ctx.redis.xadd(self.ctx.keys.for_training(job.training_id).aggregate_stream, encode(ready))
         JOBS.labels(job.algorithm, "ok").inc()
         self.cache.release(job.training_id, job.round)
         CACHED_BYTES.set(self.cache.bytes_kept)
@@ -219,7 +221,8 @@ class Aggregator:
             log.exception("job %s: scoring the updates failed", job.job_key)
 
     async def _credit(self, job: AggregationJob, contributions: dict[str, float]) -> None:
-        marker = self.ctx.keys.applied("aggregator", f"contributions/{job.training_id}/{job.round}")
+        keys = self.ctx.keys.for_training(job.training_id)  # the marker and the counters in one slot
+        marker = keys.applied("aggregator", f"contributions/{job.training_id}/{job.round}")
         async with self.ctx.redis.pipeline(transaction=True) as pipe:
             try:
                 await pipe.watch(marker)
@@ -228,7 +231,7 @@ class Aggregator:
                     return
                 pipe.multi()  # type: ignore[no-untyped-call]
                 for agent_id, contribution in contributions.items():
-                    pipe.hincrbyfloat(self.ctx.keys.agent_contributions, agent_id, contribution)
+                    pipe.hincrbyfloat(keys.agent_contributions, agent_id, contribution)
                 pipe.set(marker, 1, ex=CONTRIBUTION_MARKER_TTL_S)
                 await pipe.execute()
             except WatchError:  # another worker credited this round meanwhile

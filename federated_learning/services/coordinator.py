@@ -14,13 +14,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import ParamSpec
+from typing import Any, ParamSpec
 
 from prometheus_client import Gauge
 from redis.exceptions import RedisError
 
 from federated_learning.bus.blob_stores import publish_blob_store
-from federated_learning.bus.consumer import StreamConsumer
+from federated_learning.bus.consumer import StreamConsumer, run_consumers
 from federated_learning.bus.lease import Lease
 from federated_learning.bus.membership import Membership
 from federated_learning.config import load_settings
@@ -36,7 +36,7 @@ from federated_learning.coordination.secure import DEFAULT_SECURE_CLIP_NORM
 from federated_learning.coordination.state import RoundPhase, TrainingState
 from federated_learning.privacy.release import DEFAULT_ADAPTIVE_INITIAL_CLIP_NORM, clip_norm_for
 from federated_learning.protocol.agents import AgentRecord
-from federated_learning.protocol.keys import coordinator_group
+from federated_learning.protocol.keys import GROUP_FORWARDER, coordinator_group
 from federated_learning.protocol.messages import (
     PAYLOAD_FIELD,
     AgentJoined,
@@ -64,6 +64,7 @@ from federated_learning.records.trainings import TrainingStore
 from federated_learning.records.versions import VersionIndex
 from federated_learning.services.initial_models import check_initial_model, initial_model_bytes
 from federated_learning.services.notice_batch import DuplicateFlags, NoticeBatch
+from federated_learning.services.outbox import OutboxForwarder
 from federated_learning.services.rounds import RoundProtocol
 from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
 from federated_learning.types import BlobDigest
@@ -87,6 +88,8 @@ TAKE_OVER_AFTER_RENEWALS = 2
 UPDATE_NOTICE = UpdateSubmitted.model_fields["type"].default
 NOTICES_PER_READ = 128
 """Entries read per stream at once; a read of the update stream is handled as one batch."""
+FORWARDED_PER_READ = 1024
+"""Outbox entries forwarded to the agents' inboxes in one transaction (a round's tasks, typically)."""
 
 ALL_TRAININGS = Partition(0)
 """The one partition of a deployment whose trainings are not split."""
@@ -150,6 +153,7 @@ class Coordinator(RoundProtocol):
         self.exchange = SecureExchange(ctx.redis, ctx.keys)
         self.refusals = ModelRefusals(ctx.redis, ctx.keys)
         self.states: dict[str, TrainingState] = {}
+        self._stepping = asyncio.Lock()
         self.uploads_to_keep: list[tuple[BlobDigest, str | None]] = []
         holder = f"coordinator-{ctx.instance}"
         self.lease = Lease(ctx.redis, ctx.keys.coordinator_lease_of(partition.index, partition.count), holder,
@@ -162,20 +166,32 @@ class Coordinator(RoundProtocol):
         if partition.keeps_registry:
             handlers[self.keys.agent_stream] = self.on_agent_message
             batch_handlers[self.keys.agent_stream] = self.on_agent_batch
-        handlers |= {
-            self.keys.update_stream: self._forgetting_on_failure(self._own(self.on_upload)),
-            self.keys.version_stream: self._forgetting_on_failure(self._own(self.on_version)),
-            self.keys.refused_update_stream: self._forgetting_on_failure(self._own(self.on_update_refused)),
-        }
+        handlers[self.keys.update_stream] = self._forgetting_on_failure(self._own(self.on_upload))
         batch_handlers[self.keys.update_stream] = self._forgetting_on_failure(self._own_batch(self.on_upload_batch))
-        self.consumer = StreamConsumer(
-            ctx.redis, coordinator_group(partition.index, partition.count), holder, handlers,
-            dead_letter_stream=ctx.dead_letter_stream, block_ms=int(TICK_S * 1000),
-            claim_idle_ms=ctx.settings.claim_idle_ms,
-            on_forged_id=ctx.forged_stream_id,
-            batch_handlers=batch_handlers,
-            count=NOTICES_PER_READ,
-        )
+        # The versions and refusals of this partition's trainings come on its cell's streams
+        # (``protocol/keys.py``); another cell's are read with a command of their own (a cluster
+        # reads one hash slot per command), and so is the outbox that reaches the agents.
+        cell = ctx.keys.in_cell(partition.index)
+        cell_handlers = {
+            cell.version_stream: self._forgetting_on_failure(self._own(self.on_version)),
+            cell.refused_update_stream: self._forgetting_on_failure(self._own(self.on_update_refused)),
+        }
+        group = coordinator_group(partition.index, partition.count)
+        options: dict[str, Any] = {"dead_letter_stream": ctx.dead_letter_stream, "block_ms": int(TICK_S * 1000),
+                                   "claim_idle_ms": ctx.settings.claim_idle_ms, "on_forged_id": ctx.forged_stream_id}
+        if cell.cell == 0:
+            handlers |= cell_handlers
+        self.consumer = StreamConsumer(ctx.redis, group, holder, handlers, batch_handlers=batch_handlers,
+                                       count=NOTICES_PER_READ, **options)
+        self.consumers = [self.consumer]
+        if cell.cell != 0:
+            forwarder = OutboxForwarder(ctx.redis, cell)
+            self.consumers += [
+                StreamConsumer(ctx.redis, group, holder, cell_handlers, **options),
+                StreamConsumer(ctx.redis, GROUP_FORWARDER, holder, {cell.outbox_stream: forwarder.forward},
+                               batch_handlers={cell.outbox_stream: forwarder.forward_batch},
+                               count=FORWARDED_PER_READ, **options),
+            ]
 
     async def run(self, *, burst: bool = False) -> None:
         """Work while holding this partition's lease; stand by (or stand by again) without it."""
@@ -196,7 +212,9 @@ class Coordinator(RoundProtocol):
                     self.registry.forget_records()
                     await self.registry.index_volunteers()
                     await self.store.publish_missing_views()
-                await self.consumer.run(working, burst=burst, on_idle=self._forgetting_on_failure(self.tick))
+                await self.store.release_finished_slots(self.partition.owns)
+                await run_consumers(self.consumers, working, burst=burst,
+                                    on_idle=self._forgetting_on_failure(self.tick))
             finally:
                 await _cancel_and_wait(helpers)
                 if self.partition.keeps_registry:  # the next holder reports them
@@ -302,14 +320,16 @@ class Coordinator(RoundProtocol):
     def _forgetting_on_failure(self, handler: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
         """``handler``, run only while the lease is valid, dropping the states held in memory when
         it fails part-way (they may be ahead of what was written); the entry is retried against
-        the states in Redis."""
+        the states in Redis. One handler at a time: a partition of another cell reads its cell's
+        streams with a consumer of their own, and the machine steps one event at a time."""
         async def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
-            self.lease.check()
-            try:
-                await handler(*args, **kwargs)
-            except BaseException:
-                self.forget_states()
-                raise
+            async with self._stepping:
+                self.lease.check()
+                try:
+                    await handler(*args, **kwargs)
+                except BaseException:
+                    self.forget_states()
+                    raise
         return guarded
 
     # -- control ---------------------------------------------------------------

@@ -16,13 +16,13 @@ import argparse
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 from redis.asyncio.client import Pipeline
 
-from federated_learning.bus.consumer import StreamConsumer, trim_consumed
+from federated_learning.bus.consumer import StreamConsumer, run_consumers, trim_consumed
 from federated_learning.bus.replies import text
 from federated_learning.config import load_settings
 from federated_learning.monitoring.alerts import (
@@ -114,20 +114,27 @@ class Monitor:
         self._last_trim = time.time()
         self._last_check = 0.0
         self.trainings = TrainingViews(ctx.redis, ctx.keys)
-        self.consumer = StreamConsumer(
+        self.consumers = [StreamConsumer(
             ctx.redis, GROUP_MONITOR, f"monitor-{ctx.instance}",
-            {ctx.keys.event_stream: self.on_event},
+            {cell.event_stream: self._of_cell(cell.cell)},
             dead_letter_stream=ctx.dead_letter_stream, claim_idle_ms=ctx.settings.claim_idle_ms,
             on_forged_id=ctx.forged_stream_id,
-        )
+        ) for cell in ctx.keys.cells]
+        self.consumer = self.consumers[0]
+
+    def _of_cell(self, cell: int) -> Callable[[bytes, dict[bytes, bytes]], Awaitable[None]]:
+        async def on_event(entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+            await self.on_event(entry_id, fields, cell=cell)
+        return on_event
 
     async def run(self, *, burst: bool = False) -> None:
-        await self.consumer.run(self.ctx.stop, burst=burst, on_idle=self.check)
+        await run_consumers(self.consumers, self.ctx.stop, burst=burst, on_idle=self.check)
 
-    async def _apply_once(self, entry_id: bytes, stage: Callable[[Pipeline], None]) -> None:
+    async def _apply_once(self, entry_id: bytes, stage: Callable[[Pipeline], None], cell: int) -> None:
         """Apply counter and series updates of one event exactly once: they go in one
-        transaction with a marker, and a redelivered event whose marker exists is skipped."""
-        marker = self.ctx.keys.applied("monitor", entry_id.decode())
+        transaction with a marker, and a redelivered event whose marker exists is skipped. The
+        marker is the deployment's (with the alerts), named by the event's cell and entry."""
+        marker = self.ctx.keys.applied("monitor" if cell == 0 else f"monitor-p{cell}", entry_id.decode())
         if await self.ctx.redis.exists(marker):
             return
         async with self.ctx.redis.pipeline(transaction=True) as pipe:
@@ -135,7 +142,7 @@ class Monitor:
             pipe.set(marker, 1, ex=APPLIED_MARKER_TTL_S)
             await pipe.execute()
 
-    async def on_event(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    async def on_event(self, entry_id: bytes, fields: dict[bytes, bytes], cell: int = 0) -> None:
         event = await self.ctx.decoded(Event, fields, "events")
         if event is None:
             return
@@ -150,7 +157,7 @@ class Monitor:
                     pipe.rpush(key, *(m.model_dump_json() for m in metrics))
                     pipe.ltrim(key, -METRIC_SERIES_MAXLEN, -1)
 
-                await self._apply_once(entry_id, add_series)
+                await self._apply_once(entry_id, add_series, cell)
                 jumps = series_jump_conditions(event.training_id, await self._recent_series(event.training_id),
                                                event.round)
                 if jumps:
@@ -164,7 +171,7 @@ class Monitor:
                 for flag in flags:
                     pipe.hincrby(self.ctx.keys.agent_flags, flag.agent_id, 1)
 
-            await self._apply_once(entry_id, count_flags)
+            await self._apply_once(entry_id, count_flags, cell)
             await self.raise_once(anomaly_conditions(flags, event.training_id, event.round))
         elif event.kind == "rollback" and event.training_id:
             await self.raise_once([Condition(
@@ -191,7 +198,7 @@ class Monitor:
             def count_dropout(pipe: Pipeline) -> None:
                 pipe.hincrby(self.ctx.keys.agent_dropouts, agent_id, 1)
 
-            await self._apply_once(entry_id, count_dropout)
+            await self._apply_once(entry_id, count_dropout, cell)
 
     async def _recent_series(self, training_id: str) -> list[TrainingMetric]:
         """The last ``JUMP_HISTORY`` rounds' worth of the training's recorded metrics, oldest first."""
@@ -224,7 +231,7 @@ class Monitor:
             for stream, group in service_streams(self.ctx.keys, partitions):
                 readers.setdefault(stream, []).append(group)
             for stream, groups in readers.items():
-                if stream != self.ctx.keys.event_stream:  # capped by length; the dashboard tails it
+                if GROUP_MONITOR not in groups:  # the events are capped by length; the dashboard tails them
                     await trim_consumed(self.ctx.redis, stream, *groups)
         conditions = await self._system_conditions(now) + await self._training_conditions(now)
         every_open = await self._open_alerts()

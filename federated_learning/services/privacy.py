@@ -18,7 +18,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge
 from redis.exceptions import WatchError
 
-from federated_learning.bus.consumer import StreamConsumer
+from federated_learning.bus.consumer import StreamConsumer, run_consumers
 from federated_learning.bus.replies import text
 from federated_learning.config import load_settings
 from federated_learning.privacy.release import ReleaseRefused, plan_release
@@ -59,21 +59,22 @@ class PrivacyManager:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.trainings = TrainingViews(ctx.redis, ctx.keys)
-        self.consumer = StreamConsumer(
+        self.consumers = [StreamConsumer(
             ctx.redis, GROUP_PRIVACY, f"privacy-{ctx.instance}",
-            {ctx.keys.aggregate_stream: self.on_aggregate},
+            {cell.aggregate_stream: self.on_aggregate},
             dead_letter_stream=ctx.dead_letter_stream, claim_idle_ms=ctx.settings.claim_idle_ms,
             on_forged_id=ctx.forged_stream_id,
-        )
+        ) for cell in ctx.keys.cells]
+        self.consumer = self.consumers[0]
 
     async def run(self, *, burst: bool = False) -> None:
-        await self.consumer.run(self.ctx.stop, burst=burst)
+        await run_consumers(self.consumers, self.ctx.stop, burst=burst)
 
     async def on_aggregate(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
-        keys = self.ctx.keys
         ready = await self.ctx.decoded(AggregateReady, fields, "aggregates")
         if ready is None:
             return
+        keys = self.ctx.keys.for_training(ready.training_id)  # its transaction writes the training's cell
         recorded = await self.ctx.redis.hget(keys.release(ready.training_id), str(ready.round))
         if recorded is not None:
             await self.ctx.redis.xadd(keys.release_stream, {b"m": recorded})

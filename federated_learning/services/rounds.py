@@ -112,6 +112,7 @@ from federated_learning.records.validation_sets import (
 )
 from federated_learning.records.versions import VersionIndex
 from federated_learning.services.notice_batch import DuplicateFlags, NoticeBatch
+from federated_learning.services.outbox import stage_to_agent
 from federated_learning.services.runtime import ServiceContext
 from federated_learning.types import BlobDigest
 
@@ -121,7 +122,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INBOX_MAXLEN = 1000
 OUTCOME_HISTORY = 50
 """Task outcomes kept per agent and training."""
 _APPEND_OUTCOME_LUA = """
@@ -131,8 +131,6 @@ if #history > keep then history = string.sub(history, -keep) end
 redis.call('HSET', KEYS[1], ARGV[1], history)
 return #history
 """
-ASKED_AT_HORIZON_S = 3600.0
-"""How long task times are kept per agent (the hourly cap looks back this far)."""
 ACCEPTED_NOTICE_MARKERS = "coordinator-updates"
 """`Keys.applied` namespace of the markers naming the update-stream entry a notice was accepted from."""
 ACCEPTED_STREAM_MAXLEN = 100_000
@@ -320,20 +318,26 @@ class RoundProtocol:
         if self.uploads_to_keep:
             keep, self.uploads_to_keep = self.uploads_to_keep, []
             await self.ctx.blobs.keep(keep)
-        if fenced:
-            await self.lease.execute(pipe)
-        else:
-            await pipe.execute()
+        try:
+            if fenced:
+                await self.lease.execute(pipe)
+            else:
+                await pipe.execute()
+        except BaseException:
+            self.store.drop_slot_changes()
+            raise
+        await self.store.apply_slot_changes()
 
     def _stage(self, pipe: Pipeline, state: TrainingState, effect: fx.Staged) -> None:
+        keys = self.keys.for_training(state.training_id)  # the step's transaction is in its cell's slot
         match effect:
             case fx.Save():
                 self.store.stage_save(pipe, state, active=effect.active)
             case fx.SendTasks():
-                self._stage_tasks(pipe, state, effect)
+                self._stage_tasks(pipe, keys, state, effect)
             case fx.SendMessages():
                 for agent_id, message in effect.messages:
-                    pipe.xadd(self.keys.inbox_stream(agent_id), encode(message), maxlen=INBOX_MAXLEN, approximate=True)
+                    stage_to_agent(pipe, keys, agent_id, encode(message))
             case fx.StoreSecureMessage():
                 self.exchange.stage_store(pipe, state, effect.message)
             case fx.ClearRoundUpdates():
@@ -342,14 +346,14 @@ class RoundProtocol:
                 notice = effect.notice
                 pipe.hset(self.keys.round_updates(state.training_id, effect.round), notice.agent_id,
                           notice.model_dump_json())
-                pipe.set(self.keys.applied(ACCEPTED_NOTICE_MARKERS, effect.entry_id),
+                pipe.set(keys.applied(ACCEPTED_NOTICE_MARKERS, effect.entry_id),
                          f"{state.training_id}/{notice.round}/{notice.agent_id}", ex=ACCEPTED_NOTICE_MARKER_TTL_S)
                 if notice.kind is TaskKind.TRAIN and notice.update_digest:
                     self.uploads_to_keep.append((notice.update_digest, notice.agent_id))  # until its round commits
-                    pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:completed", 1)
-                    pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:examples", notice.num_examples)
+                    pipe.hincrby(keys.agent_stats, f"{notice.agent_id}:completed", 1)
+                    pipe.hincrby(keys.agent_stats, f"{notice.agent_id}:examples", notice.num_examples)
                     if checked_whole_by_aggregator(state):
-                        pipe.xadd(self.keys.accepted_update_stream, encode(UpdateAccepted(
+                        pipe.xadd(keys.accepted_update_stream, encode(UpdateAccepted(
                             training_id=state.training_id, round=effect.round, agent_id=notice.agent_id,
                             update_digest=notice.update_digest, model_version=notice.received_model_version)),
                             maxlen=ACCEPTED_STREAM_MAXLEN, approximate=True)
@@ -357,27 +361,24 @@ class RoundProtocol:
                 notice = effect.notice
                 if effect.withdraw:
                     pipe.hdel(self.keys.round_updates(state.training_id, effect.round), notice.agent_id)
-                pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:completed", -1)
-                pipe.hincrby(self.keys.agent_stats, f"{notice.agent_id}:examples", -notice.num_examples)
+                pipe.hincrby(keys.agent_stats, f"{notice.agent_id}:completed", -1)
+                pipe.hincrby(keys.agent_stats, f"{notice.agent_id}:examples", -notice.num_examples)
             case fx.ReleaseModel():
-                pipe.xadd(self.keys.release_stream, encode(effect.release))
+                pipe.xadd(keys.release_stream, encode(effect.release))
             case fx.RecordOutcome():
                 self._stage_outcome(pipe, state.training_id, effect.agent_id, completed=effect.completed)
             case fx.WriteJob():
-                pipe.xadd(self.keys.job_stream, encode(effect.job))
+                pipe.xadd(keys.job_stream, encode(effect.job))
             case fx.AppendMetrics():
-                pipe.rpush(self.keys.training_metrics(state.training_id), effect.metrics.model_dump_json())
+                pipe.rpush(keys.training_metrics(state.training_id), effect.metrics.model_dump_json())
                 for agent_id, contribution in effect.contributions.items():
-                    pipe.hincrbyfloat(self.keys.agent_contributions, agent_id, contribution)
+                    pipe.hincrbyfloat(keys.agent_contributions, agent_id, contribution)
 
-    def _stage_tasks(self, pipe: Pipeline, state: TrainingState, effect: fx.SendTasks) -> None:
+    def _stage_tasks(self, pipe: Pipeline, keys: Keys, state: TrainingState, effect: fx.SendTasks) -> None:
         now = time.time()
         for agent_id, task in effect.tasks:
-            pipe.xadd(self.keys.inbox_stream(agent_id), encode(task), maxlen=INBOX_MAXLEN, approximate=True)
-            pipe.hincrby(self.keys.agent_stats, f"{agent_id}:asked", 1)
-            asked_at = self.keys.agent_asked_at(agent_id)
-            pipe.zadd(asked_at, {f"{state.training_id}/{task.round}/{task.attempt}": now})
-            pipe.zremrangebyscore(asked_at, 0, now - ASKED_AT_HORIZON_S)
+            stage_to_agent(pipe, keys, agent_id, encode(task), asked=f"{state.training_id}/{task.round}/{task.attempt}",
+                           now=now)
 
     def _stage_event(self, pipe: Pipeline, state: TrainingState,
                      effect: fx.Emit | fx.StatusChanged | fx.RolledBack) -> None:
@@ -406,7 +407,8 @@ class RoundProtocol:
             case fx.CountLate():
                 notice = effect.notice
                 if notice.kind is TaskKind.TRAIN:
-                    await self.redis.hincrby(self.keys.agent_stats, f"{notice.agent_id}:late", 1)
+                    await self.redis.hincrby(self.keys.for_training(notice.training_id).agent_stats,
+                                             f"{notice.agent_id}:late", 1)
                     await self._discard_unused_upload(notice)
                 await self.ctx.late_update(effect.detail, training_id=notice.training_id, round=notice.round,
                                            agent_id=notice.agent_id)
@@ -628,7 +630,7 @@ class RoundProtocol:
                              entry_id: str) -> None:
         """Queue the two reads of :class:`DuplicateFlags` (accepted in the round, accepted from the entry)."""
         pipe.hexists(self.keys.round_updates(training_id, round_number), agent_id)
-        pipe.exists(self.keys.applied(ACCEPTED_NOTICE_MARKERS, entry_id))
+        pipe.exists(self.keys.for_training(training_id).applied(ACCEPTED_NOTICE_MARKERS, entry_id))
 
     async def on_update_refused(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
         """The aggregator read an accepted update whole and found it invalid."""

@@ -44,6 +44,7 @@ from federated_learning.config import Settings
 from federated_learning.protocol.events import Event
 from federated_learning.protocol.keys import (
     GROUP_AGGREGATOR,
+    GROUP_FORWARDER,
     GROUP_MONITOR,
     GROUP_PRIVACY,
     GROUP_VERSIONS,
@@ -190,7 +191,7 @@ class ServiceContext:
     cpu_window: CpuWindow = field(default_factory=CpuWindow, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.keys = keys_for(self.redis, self.settings.redis_key_prefix)
+        self.keys = keys_for(self.redis, self.settings.redis_key_prefix, self.settings.coordinator_partitions)
         self.blobs = services_blob_store(self.redis, self.keys, max_bytes=self.settings.max_blob_bytes,
                                          blob_dir=self.settings.blob_dir,
                                          object_store=object_store_settings(self.settings))
@@ -207,8 +208,13 @@ class ServiceContext:
         """Publish an event on the event stream."""
         event = Event(kind=kind, source=self.service, severity=severity, message=message,
                       training_id=training_id, round=round, agent_id=agent_id, data=data)
-        await self.redis.xadd(self.keys.event_stream, encode(event),
+        await self.redis.xadd(self.event_stream_of(training_id), encode(event),
                               maxlen=EVENT_STREAM_MAXLEN, approximate=True)
+
+    def event_stream_of(self, training_id: str | None) -> str:
+        """The event stream of ``training_id``'s cell (``protocol/keys.py``); the deployment's for
+        events of no training."""
+        return (self.keys if training_id is None else self.keys.for_training(training_id)).event_stream
 
     def stage_emit(self, pipe: Pipeline, kind: str, message: str = "", *, severity: Severity = Severity.INFO,
                    training_id: str | None = None, round: int | None = None,
@@ -216,7 +222,7 @@ class ServiceContext:
         """Add an event to ``pipe``: published with the writes it reports, or not at all."""
         event = Event(kind=kind, source=self.service, severity=severity, message=message,
                       training_id=training_id, round=round, agent_id=agent_id, data=data)
-        pipe.xadd(self.keys.event_stream, encode(event), maxlen=EVENT_STREAM_MAXLEN, approximate=True)
+        pipe.xadd(self.event_stream_of(training_id), encode(event), maxlen=EVENT_STREAM_MAXLEN, approximate=True)
 
     async def decoded(self, model: type[M], fields: dict[bytes, bytes], source: str) -> M | None:
         """A stream entry as ``model``, or None after rejecting it as ``<source>:malformed``."""
@@ -322,16 +328,24 @@ class StreamBacklog:
 
 
 def service_streams(keys: Keys, coordinator_partitions: int = 1) -> list[tuple[str, str]]:
-    """(stream, group) for every stream a pipeline service consumes: the coordinator's streams
-    once per partition's group (``coordination/partitions.py``), the agents' by the first only."""
+    """(stream, group) for every stream a pipeline service consumes: the deployment's control and
+    update streams once per partition's group (``coordination/partitions.py``), the agents' by the
+    first only, then each cell's streams (``protocol/keys.py``), the versions and refusals by their
+    partition's coordinator."""
     coordinators = [coordinator_group(k, coordinator_partitions) for k in range(coordinator_partitions)]
-    return [
-        *((stream, group) for stream in (keys.control_stream, keys.update_stream, keys.version_stream,
-                                         keys.refused_update_stream) for group in coordinators),
-        (keys.agent_stream, coordinators[0]), (keys.accepted_update_stream, GROUP_AGGREGATOR),
-        (keys.job_stream, GROUP_AGGREGATOR), (keys.aggregate_stream, GROUP_PRIVACY),
-        (keys.release_stream, GROUP_VERSIONS), (keys.event_stream, GROUP_MONITOR),
+    pairs = [
+        *((stream, group) for stream in (keys.control_stream, keys.update_stream) for group in coordinators),
+        (keys.agent_stream, coordinators[0]),
     ]
+    cells = Keys(keys.prefix, cluster=keys.cluster, partitions=coordinator_partitions).cells
+    for cell, group in zip(cells, coordinators, strict=True):
+        pairs += [(cell.version_stream, group), (cell.refused_update_stream, group),
+                  (cell.accepted_update_stream, GROUP_AGGREGATOR), (cell.job_stream, GROUP_AGGREGATOR),
+                  (cell.aggregate_stream, GROUP_PRIVACY), (cell.release_stream, GROUP_VERSIONS),
+                  (cell.event_stream, GROUP_MONITOR)]
+        if cell.cell != 0:
+            pairs.append((cell.outbox_stream, GROUP_FORWARDER))
+    return pairs
 
 
 async def read_backlogs(redis: aioredis.Redis, keys: Keys) -> list[StreamBacklog]:
@@ -404,6 +418,7 @@ async def open_context(settings: Settings, service: str, instance: str, *,
         await redis.aclose()
         raise SystemExit(f"{service}/{instance}: cannot open the deployment's blob store: {exc}") from exc
     try:
+        await check_partition_count(ctx)
         await warn_if_another_blob_store(ctx)
         ctx.metrics_port = _serve_metrics(settings, service, instance)
     except BaseException:
@@ -411,6 +426,16 @@ async def open_context(settings: Settings, service: str, instance: str, *,
         raise
     log.info("%s/%s connected; metrics on :%d", service, instance, ctx.metrics_port)
     return ctx
+
+
+async def check_partition_count(ctx: ServiceContext) -> None:
+    """Stop with the reason when the deployment's recorded partition count is not this service's
+    ``coordinator_partitions``: it would read and write the wrong cells' streams."""
+    recorded = await ctx.redis.get(ctx.keys.coordinator_partitions)
+    if recorded is not None and int(text(recorded)) != ctx.settings.coordinator_partitions:
+        raise SystemExit(f"{ctx.service}/{ctx.instance}: this deployment's trainings are split into {text(recorded)} "
+                         f"coordinator partitions, and this service was started with coordinator_partitions="
+                         f"{ctx.settings.coordinator_partitions}: give every service the same count")
 
 
 async def warn_if_another_blob_store(ctx: ServiceContext) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge
 
 from federated_learning.bus.blobs import BlobMissing
-from federated_learning.bus.consumer import StreamConsumer
+from federated_learning.bus.consumer import StreamConsumer, run_consumers
 from federated_learning.config import load_settings
 from federated_learning.model_versions import ModelVersionManager
 from federated_learning.protocol.keys import GROUP_VERSIONS
@@ -50,15 +50,16 @@ class VersionManager:
         self.trainings = TrainingViews(ctx.redis, ctx.keys)
         self.api = ModelVersionManager(ctx)
         self.checkpoints = self.api.checkpoints
-        self.consumer = StreamConsumer(
+        self.consumers = [StreamConsumer(
             ctx.redis, GROUP_VERSIONS, f"versions-{ctx.instance}",
-            {ctx.keys.release_stream: self.on_release},
+            {cell.release_stream: self.on_release},
             dead_letter_stream=ctx.dead_letter_stream, claim_idle_ms=ctx.settings.claim_idle_ms,
             on_forged_id=ctx.forged_stream_id,
-        )
+        ) for cell in ctx.keys.cells]
+        self.consumer = self.consumers[0]
 
     async def run(self, *, burst: bool = False) -> None:
-        await self.consumer.run(self.ctx.stop, burst=burst)
+        await run_consumers(self.consumers, self.ctx.stop, burst=burst)
 
     async def on_release(self, _id: bytes, fields: dict[bytes, bytes]) -> None:
         release = await self.ctx.decoded(ModelReleased, fields, "releases")

@@ -125,8 +125,14 @@ async def test_a_read_is_handled_with_joins_before_update_notices(
     from federated_learning.services.coordinator import Coordinator
     from federated_learning.services.runtime import ServiceContext
 
-    ctx = ServiceContext(redis=redis, settings=settings, service="coordinator", instance="0")
+    split = settings.model_copy(update={"coordinator_partitions": partitions})
+    ctx = ServiceContext(redis=redis, settings=split, service="coordinator", instance="0")
     streams = list(Coordinator(ctx, Partition(0, partitions)).consumer.streams)
     assert streams.index(KEYS.agent_stream) < streams.index(KEYS.update_stream), streams
-    assert KEYS.agent_stream not in Coordinator(ctx, Partition(1, 2)).consumer.streams
+    if partitions == 2:
+        other = Coordinator(ctx, Partition(1, 2))
+        assert KEYS.agent_stream not in other.consumer.streams
+        cell = ctx.keys.in_cell(1)  # its versions, refusals and outbox come on streams of their own
+        assert [list(consumer.streams) for consumer in other.consumers[1:]] == [
+            [cell.version_stream, cell.refused_update_stream], [cell.outbox_stream]]
 
