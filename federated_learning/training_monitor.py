@@ -7,7 +7,7 @@ dashboard's ``/api/system/health`` and ``/api/alerts`` answer through it, so a s
 that uses this API sees what the page sees:
 
     client = await federated_learning.bus.connection.connect(deployment_redis_url)
-    monitor = TrainingMonitor(client, keys_for(client, settings.redis_key_prefix))
+    monitor = TrainingMonitor(client, keys_for(client, settings.redis_key_prefix, settings.coordinator_partitions))
     progress = await monitor.get_training_progress("my-training")
     critical = await monitor.get_alerts("my-training", "critical")
 """

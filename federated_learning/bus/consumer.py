@@ -366,10 +366,24 @@ async def run_consumers(consumers: list[StreamConsumer], stop: asyncio.Event, *,
                         on_idle: Callable[[], Awaitable[None]] | None = None) -> None:
     """Run several consumers (one per cell's hash slot: a cluster reads the streams of one slot
     per command) until ``stop`` is set; the first also runs ``on_idle``. Outside ``burst`` mode
-    one consumer that ends (it raised :class:`StopConsuming`) ends them all."""
+    one consumer that ends (it raised :class:`StopConsuming`) ends them all, and one that fails
+    cancels the others and its exception propagates. In ``burst`` mode they run again until none
+    handled anything (one may write what another reads)."""
     if len(consumers) == 1:
         await consumers[0].run(stop, burst=burst, on_idle=on_idle)
         return
+    if burst:
+        while not stop.is_set():
+            before = sum(consumer.stats.handled for consumer in consumers)
+            await _together(consumers, stop, burst=True, on_idle=on_idle)
+            if sum(consumer.stats.handled for consumer in consumers) == before:
+                return
+        return
+    await _together(consumers, stop, burst=False, on_idle=on_idle)
+
+
+async def _together(consumers: list[StreamConsumer], stop: asyncio.Event, *, burst: bool,
+                    on_idle: Callable[[], Awaitable[None]] | None) -> None:
     ended = asyncio.Event()
 
     async def run_one(index: int, consumer: StreamConsumer) -> None:
@@ -384,9 +398,11 @@ async def run_consumers(consumers: list[StreamConsumer], stop: asyncio.Event, *,
         ended.set()
 
     follower = asyncio.create_task(follow_stop())
+    tasks = [asyncio.create_task(run_one(index, consumer)) for index, consumer in enumerate(consumers)]
     try:
-        async with asyncio.TaskGroup() as group:
-            for index, consumer in enumerate(consumers):
-                group.create_task(run_one(index, consumer))
+        await asyncio.gather(*tasks)
     finally:
         follower.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(follower, *tasks, return_exceptions=True)

@@ -107,7 +107,7 @@ async def _main(args: argparse.Namespace) -> str:
     settings = load_settings(args.config)
     redis = await connect(redis_url_of(settings, args.redis_url), settings, attempts=3)
     try:
-        return await run_command(args, redis, keys_for(redis, settings.redis_key_prefix))
+        return await run_command(args, redis, keys_for(redis, settings.redis_key_prefix, settings.coordinator_partitions))
     finally:
         await redis.aclose()
 

@@ -76,6 +76,8 @@ Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 TICK_S = 0.25
 BLOB_SWEEP_S = 60.0
+SLOT_CHECK_S = 10.0
+"""How often a partition frees the slots its finished trainings still hold."""
 """How often expired uploads are deleted from a blob folder (Redis expires its keys itself)."""
 CANCEL_AGAIN_S = 0.1
 """How long a cancelled helper task has to end before it is cancelled again."""
@@ -149,6 +151,7 @@ class Coordinator(RoundProtocol):
                                       cache_records=True)
         self._last_tick = 0.0
         self._last_sweep = time.monotonic()
+        self._last_slot_check = time.monotonic()
         self.version_index = VersionIndex(ctx.redis, ctx.keys)
         self.exchange = SecureExchange(ctx.redis, ctx.keys)
         self.refusals = ModelRefusals(ctx.redis, ctx.keys)
@@ -571,6 +574,9 @@ class Coordinator(RoundProtocol):
             elif state.phase is RoundPhase.COLLECTING:
                 await self._report_dropouts(state, set(await self.registry.alive_among(state.selected)))
                 await self.advance(state)
+        if now - self._last_slot_check >= SLOT_CHECK_S:
+            self._last_slot_check = now  # a slot whose release a failure cut off (``apply_slot_changes``)
+            await self.store.release_finished_slots(self.partition.owns)
         await self.activate_queued()
         if self.partition.keeps_registry and now - self._last_sweep >= BLOB_SWEEP_S:
             self._last_sweep = now

@@ -286,7 +286,8 @@ class Monitor:
                 for key, raw in zip(open_ids, raws, strict=True) if raw is not None}
 
     async def _store(self, raised: list[Alert], resolved: list[Alert]) -> None:
-        """Open ``raised`` and close ``resolved``, with an event each, in one transaction."""
+        """Open ``raised`` and close ``resolved``, with an event each, in one transaction (the
+        events on the deployment's stream, in the alerts' hash slot)."""
         if not raised and not resolved:
             return
         async with self.ctx.redis.pipeline(transaction=True) as pipe:
@@ -296,10 +297,10 @@ class Monitor:
                     pipe.hset(self.ctx.keys.open_alerts, alert.key, alert.alert_id)
                 else:
                     pipe.hdel(self.ctx.keys.open_alerts, alert.key)
-                self.ctx.stage_emit(pipe, "alert" if opened else "alert_resolved",
-                                    alert.message if opened else f"resolved: {alert.message}",
-                                    severity=alert.severity if opened else Severity.INFO,
-                                    training_id=alert.training_id, alert=alert.model_dump(mode="json"))
+                self.ctx.stage_deployment_emit(pipe, "alert" if opened else "alert_resolved",
+                                               alert.message if opened else f"resolved: {alert.message}",
+                                               severity=alert.severity if opened else Severity.INFO,
+                                               training_id=alert.training_id, alert=alert.model_dump(mode="json"))
             await pipe.execute()
 
 

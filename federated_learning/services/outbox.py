@@ -16,6 +16,7 @@ import time
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
 
 from federated_learning.bus.replies import text
 from federated_learning.protocol.keys import Keys
@@ -73,24 +74,34 @@ class OutboxForwarder:
         await self.forward_batch([(entry_id, fields)])
 
     async def forward_batch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        """Deliver the entries not yet forwarded, with their markers, in one transaction."""
+        """Deliver the entries not yet forwarded, with their markers, in one transaction that
+        fails if another forwarder (a holder that lost the partition while paused) marked any of
+        them meanwhile: then the markers are read again."""
+        for _entry_id, fields in entries:
+            if _TO not in fields:
+                raise ValueError(f"an outbox entry of cell {self._cell} names no agent: {sorted(fields)}")
         markers = [self._marker(entry_id) for entry_id, _ in entries]
-        async with self._redis.pipeline(transaction=False) as reads:
-            for marker in markers:
-                reads.get(marker)  # GET, not EXISTS: a cluster pipeline splits EXISTS by slot
-            seen = await reads.execute()
-        now = time.time()
         async with self._redis.pipeline(transaction=True) as pipe:
-            staged = 0
-            for (_entry_id, fields), marker, done in zip(entries, markers, seen, strict=True):
-                if done is not None:
+            while True:
+                try:
+                    await pipe.watch(*markers)
+                    # Read after the WATCH (on another connection: a cluster transaction runs no
+                    # MGET): a marker set from now on fails the EXEC, and the loop reads again.
+                    async with self._redis.pipeline(transaction=False) as reads:
+                        for marker in markers:
+                            reads.get(marker)
+                        seen = await reads.execute()
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    now = time.time()
+                    for (_entry_id, fields), marker, done in zip(entries, markers, seen, strict=True):
+                        if done is not None:
+                            continue
+                        message: StreamFields = {name: value for name, value in fields.items()
+                                                 if name not in (_TO, _ASKED)}
+                        asked = text(fields[_ASKED]) if _ASKED in fields else None
+                        _stage_delivery(pipe, self._deployment, text(fields[_TO]), message, asked, now)
+                        pipe.set(marker, 1, ex=FORWARDED_MARKER_TTL_S)
+                    await pipe.execute()
+                    return
+                except WatchError:
                     continue
-                if _TO not in fields:
-                    raise ValueError(f"an outbox entry of cell {self._cell} names no agent: {sorted(fields)}")
-                message: StreamFields = {name: value for name, value in fields.items() if name not in (_TO, _ASKED)}
-                asked = text(fields[_ASKED]) if _ASKED in fields else None
-                _stage_delivery(pipe, self._deployment, text(fields[_TO]), message, asked, now)
-                pipe.set(marker, 1, ex=FORWARDED_MARKER_TTL_S)
-                staged += 1
-            if staged:
-                await pipe.execute()

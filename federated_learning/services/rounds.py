@@ -239,6 +239,7 @@ class RoundProtocol:
         """Read every state from Redis again (after a handler failed part-way)."""
         self.states.clear()
         self.uploads_to_keep.clear()
+        self.store.drop_slot_changes()
 
     async def carry_out(self, state: TrainingState, effects: list[fx.Effect], *, retried: bool = False) -> None:
         staged = [e for e in effects if isinstance(e, STAGED)]

@@ -219,10 +219,20 @@ class ServiceContext:
     def stage_emit(self, pipe: Pipeline, kind: str, message: str = "", *, severity: Severity = Severity.INFO,
                    training_id: str | None = None, round: int | None = None,
                    agent_id: str | None = None, **data: object) -> None:
-        """Add an event to ``pipe``: published with the writes it reports, or not at all."""
+        """Add an event to ``pipe``: published with the writes it reports, or not at all (on the
+        stream of the training's cell, the slot of a step's transaction)."""
         event = Event(kind=kind, source=self.service, severity=severity, message=message,
                       training_id=training_id, round=round, agent_id=agent_id, data=data)
         pipe.xadd(self.event_stream_of(training_id), encode(event), maxlen=EVENT_STREAM_MAXLEN, approximate=True)
+
+    def stage_deployment_emit(self, pipe: Pipeline, kind: str, message: str = "", *,
+                              severity: Severity = Severity.INFO, training_id: str | None = None,
+                              **data: object) -> None:
+        """:meth:`stage_emit` on the deployment's event stream, for a transaction that writes the
+        deployment's keys (alerts); the readers read every cell's stream."""
+        event = Event(kind=kind, source=self.service, severity=severity, message=message,
+                      training_id=training_id, data=data)
+        pipe.xadd(self.keys.global_keys.event_stream, encode(event), maxlen=EVENT_STREAM_MAXLEN, approximate=True)
 
     async def decoded(self, model: type[M], fields: dict[bytes, bytes], source: str) -> M | None:
         """A stream entry as ``model``, or None after rejecting it as ``<source>:malformed``."""

@@ -3,6 +3,8 @@ there, and the forwarder delivers each to its agent's inbox exactly once."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis.asyncio as aioredis
 
@@ -44,6 +46,16 @@ async def test_a_cells_tasks_reach_the_inboxes_once_through_its_outbox(redis: ai
     # Asked once each (the message that is not a task counts nothing), on the deployment's counters.
     assert await redis.hgetall(KEYS.agent_stats) == {b"a1:asked": b"1", b"a2:asked": b"1"}
     assert not await redis.exists(cell.agent_stats)
+
+
+async def test_two_forwarders_of_one_cell_deliver_each_entry_once(redis: aioredis.Redis) -> None:
+    """A holder that lost the partition while paused and its successor forward the same read."""
+    cell = KEYS.in_cell(1)
+    await stage(redis, cell, *((f"a{i}", b"task", "t/1/1") for i in range(50)))
+    entries = await redis.xrange(cell.outbox_stream)
+    await asyncio.gather(*(OutboxForwarder(redis, cell).forward_batch(entries) for _ in range(4)))
+    assert [await redis.xlen(KEYS.inbox_stream(f"a{i}")) for i in range(50)] == [1] * 50
+    assert set((await redis.hgetall(KEYS.agent_stats)).values()) == {b"1"}
 
 
 async def test_an_entry_naming_no_agent_is_refused(redis: aioredis.Redis) -> None:
