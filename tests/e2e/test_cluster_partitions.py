@@ -4,7 +4,8 @@ With ``coordinator_partitions`` = 3 each partition's streams, counters and train
 slot of their own (``protocol/keys.py``), and the three slots fall on the three shards. A
 training in each partition runs to the end through the deployed services: the tasks of cells 1
 and 2 reach the agents through their outboxes, and each cell's jobs, releases and versions are
-written and read on its own shard.
+written and read on its own shard. The monitor raises an alert about a training of cell 2 from
+that cell's event stream, in the deployment's slot.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from agents.client import FederatedClient
 from agents.data import make_client_datasets
 from federated_learning.bus.connection import connect
 from federated_learning.deploy.cluster import LocalCluster
+from federated_learning.protocol.events import Event
 from federated_learning.protocol.keys import Keys, partition_of
-from federated_learning.protocol.messages import VersionRecord
+from federated_learning.protocol.messages import Severity, VersionRecord, encode
 from tests.e2e.conftest import Deployment, training_body, wait_status
+from tests.integration.conftest import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -116,3 +119,26 @@ async def test_each_partitions_trainings_run_on_a_shard_of_its_own(
     assert selected >= PARTITIONS * (ROUNDS + 1) * 3 and asked == selected
     for cell in KEYS.cells[1:]:
         assert (await observer.xpending(cell.outbox_stream, "forwarder"))["pending"] == 0
+
+
+async def test_the_monitor_raises_alerts_about_another_cells_training(
+        cluster: LocalCluster, deployment: Deployment, observer: aioredis.Redis) -> None:
+    """The alert and its event are written with the deployment's alerts (one slot), whatever the
+    cell of the training the alert is about."""
+    training_id = one_training_per_cell()[2]
+    flag = {"agent_id": "agent-007", "norm": 40.0, "norm_z": 9.0, "cosine": -0.9, "cosine_z": -8.0,
+            "reasons": ["norm"]}
+    anomaly = Event(kind="update_anomaly", source="aggregator", severity=Severity.WARNING,
+                    message="1 of 6 updates look anomalous", training_id=training_id, round=4,
+                    data={"flags": [flag]})
+    await observer.xadd(KEYS.for_training(training_id).event_stream, encode(anomaly))
+
+    async def alert_raised() -> bool:
+        return await observer.hexists(KEYS.open_alerts, f"suspicious_update:{training_id}:agent-007")
+
+    await wait_until(alert_raised, "the monitor opens the alert", 60)
+    announced = [json.loads(fields[b"m"]) for _, fields in await observer.xrange(KEYS.event_stream)]
+    assert any(e["kind"] == "alert" and e["training_id"] == training_id for e in announced)
+    async with deployment.client() as http:
+        alerts = (await http.get("/api/alerts")).json()
+    assert any(a.get("training_id") == training_id for a in alerts), alerts
