@@ -74,7 +74,7 @@ from federated_learning.deploy.access import admin_url_for
 from federated_learning.deploy.cluster import LocalCluster
 from federated_learning.deploy.launcher import deployment_file, read_deployment
 from federated_learning.deploy.local import DeploymentFailed, LocalDeployment, stop_on_sigterm
-from federated_learning.protocol.keys import Keys
+from federated_learning.protocol.keys import Keys, partition_of
 from federated_learning.protocol.messages import LocalTrainingSettings
 from federated_learning.rest_client import ApiError, RestClient
 
@@ -145,6 +145,7 @@ class BusTail:
     nodes: list[redis.Redis]
     """One client per server node, for its counters."""
     keys: Keys
+    """The cell of the measured training (``--partitions``, ``--cell``): its events and aggregates."""
     rounds: dict[tuple[str, int], RoundTimes] = field(default_factory=dict)
     snapshots: dict[tuple[str, int], BusSnapshot] = field(default_factory=dict)
     final: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -227,16 +228,18 @@ class BusTail:
             times.last_notice = at
 
     def run(self) -> None:
-        streams: dict[Any, Any] = {self.keys.event_stream: "0-0", self.keys.update_stream: "0-0",
-                                          self.keys.aggregate_stream: "0-0"}
+        # The cell's streams, then the deployment's notices: one hash slot per read on a cluster.
+        cell: dict[Any, Any] = {self.keys.event_stream: "0-0", self.keys.aggregate_stream: "0-0"}
+        notices: dict[Any, Any] = {self.keys.update_stream: "0-0"}
         try:
             while not self.stop.is_set():
-                for name, entries in read_batches(self.client.xread(streams, block=TAIL_BLOCK_MS)):
-                    stream = text(name)
-                    for entry_id, fields in entries:
-                        streams[stream] = entry_id
-                        if b"m" in fields:
-                            self.on_entry(stream, entry_id, json.loads(fields[b"m"]))
+                for streams, block in ((cell, TAIL_BLOCK_MS), (notices, None)):
+                    for name, entries in read_batches(self.client.xread(streams, block=block)):
+                        stream = text(name)
+                        for entry_id, fields in entries:
+                            streams[stream] = entry_id
+                            if b"m" in fields:
+                                self.on_entry(stream, entry_id, json.loads(fields[b"m"]))
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which says it in one line
             self.error = exc
 
@@ -255,6 +258,7 @@ def deployment_environment(args: argparse.Namespace, data_dir: Path) -> dict[str
         "FL_MAX_FIRST_JOINS_PER_MINUTE": str(max(600, 2 * (args.agents + args.idle_agents))),
         "NUMBA_CACHE_DIR": str(data_dir.parent / f"{data_dir.name}-numba-cache"),
         "FL_BLOB_DIR": str(data_dir / "blobs") if args.blob_store == "folder" else "",
+        "FL_COORDINATOR_PARTITIONS": str(args.partitions), "FL_MAX_CONCURRENT_TRAININGS": "3",
         "FL_BLOB_BUCKET": args.s3_bucket if args.blob_store == "s3" else "",
         "FL_BLOB_ENDPOINT_URL": args.s3_endpoint if args.blob_store == "s3" else "",
     }
@@ -352,6 +356,14 @@ def training_body(args: argparse.Namespace) -> dict[str, Any]:
             "clients_per_round": args.clients_per_round, "min_clients": args.min_clients,
             "round_deadline_s": args.round_deadline_s, "privacy_level": "none",
             "local": {"compression": args.compression}}
+
+
+def training_in_cell(partitions: int, cell: int) -> str:
+    """A training id in coordinator partition ``cell`` (decision 0019)."""
+    for n in range(100_000):
+        if partition_of(f"benchmark-{n}", partitions) == cell:
+            return f"benchmark-{n}"
+    raise BenchmarkFailed(f"no training id falls in partition {cell} of {partitions}")
 
 
 def wait_for_training(tail: BusTail, training_id: str, processes: list[subprocess.Popen[bytes]],
@@ -579,11 +591,13 @@ def bus_clients(url: str, cluster: LocalCluster | None) -> tuple[redis.Redis, li
 
 def train_and_measure(args: argparse.Namespace, deployment: LocalDeployment, groups: list[list[str]],
                       run_started: float, cluster: LocalCluster | None) -> dict[str, Any]:
-    keys = Keys(str(read_deployment(deployment.data_dir).get("key_prefix", "fl")), cluster=cluster is not None)
+    keys = Keys(str(read_deployment(deployment.data_dir).get("key_prefix", "fl")), cluster=cluster is not None,
+                partitions=args.partitions)
+    training_id = training_in_cell(args.partitions, args.cell)
     url = cluster.url if cluster is not None else admin_url_for(deployment.settings, deployment.data_dir, None,
                                                                  deployment.redis_url)
     admin = bus_clients(url, cluster)[0]
-    tail = BusTail(*bus_clients(url, cluster), keys)
+    tail = BusTail(*bus_clients(url, cluster), keys.for_training(training_id))
     watcher = threading.Thread(target=tail.run, name="bus-tail", daemon=True)
     watcher.start()
     api = RestClient(deployment.dashboard_url, deployment.api_key, verify=deployment.dashboard_verify,
@@ -597,7 +611,7 @@ def train_and_measure(args: argparse.Namespace, deployment: LocalDeployment, gro
             logger.info("%d agents joined in %d process(es) after %.1fs", args.agents, len(processes),
                         time.time() - run_started)
             training_started = time.time()
-            training_id = api.start_training(training_body(args), model_id=model["model_id"])
+            api.start_training(training_body(args), model_id=model["model_id"], training_id=training_id)
             wait_for_training(tail, training_id, processes, deployment, args.timeout)
             usage = process_usage(tail.processes, tail.snapshots.get((training_id, 1)),
                                   tail.snapshots.get((training_id, args.rounds)), args.rounds)
@@ -814,6 +828,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "from the AWS chain, e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
     p.add_argument("--s3-endpoint", default="", help="with --blob-store s3: the store's URL (MinIO and the like); "
                    "empty: AWS S3")
+    p.add_argument("--partitions", type=int, default=1, help="coordinator partitions (decision 0019)")
+    p.add_argument("--cell", type=int, default=0, help="the partition the measured training is in (its tasks "
+                   "reach the agents through an outbox unless it is 0)")
     p.add_argument("--flower", action=argparse.BooleanOptionalAction, default=True,
                    help="also run Flower's gRPC server on the same work, when flwr imports")
     p.add_argument("--heartbeat-s", type=float, default=30.0, help="agents' heartbeat interval")
@@ -841,6 +858,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--cluster needs at least 3 primaries")
     if (args.blob_store == "s3") != bool(args.s3_bucket):
         p.error("--blob-store s3 and --s3-bucket go together")
+    if not 1 <= args.partitions <= 64 or not 0 <= args.cell < args.partitions:
+        p.error(f"need 1 <= --partitions <= 64 and 0 <= --cell < --partitions; got {args.partitions}, {args.cell}")
     return args
 
 
