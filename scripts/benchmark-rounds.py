@@ -258,7 +258,7 @@ def deployment_environment(args: argparse.Namespace, data_dir: Path) -> dict[str
         "FL_MAX_FIRST_JOINS_PER_MINUTE": str(max(600, 2 * (args.agents + args.idle_agents))),
         "NUMBA_CACHE_DIR": str(data_dir.parent / f"{data_dir.name}-numba-cache"),
         "FL_BLOB_DIR": str(data_dir / "blobs") if args.blob_store == "folder" else "",
-        "FL_COORDINATOR_PARTITIONS": str(args.partitions), "FL_MAX_CONCURRENT_TRAININGS": "3",
+        "FL_COORDINATOR_PARTITIONS": str(args.partitions),
         "FL_BLOB_BUCKET": args.s3_bucket if args.blob_store == "s3" else "",
         "FL_BLOB_ENDPOINT_URL": args.s3_endpoint if args.blob_store == "s3" else "",
     }
@@ -611,7 +611,10 @@ def train_and_measure(args: argparse.Namespace, deployment: LocalDeployment, gro
             logger.info("%d agents joined in %d process(es) after %.1fs", args.agents, len(processes),
                         time.time() - run_started)
             training_started = time.time()
-            api.start_training(training_body(args), model_id=model["model_id"], training_id=training_id)
+            started = api.start_training(training_body(args), model_id=model["model_id"], training_id=training_id)
+            if started != training_id:  # a key of another organisation prefixes it: another partition
+                raise BenchmarkFailed(f"the training started as {started!r}, not {training_id!r}; "
+                                      "use the deployment's bootstrap key")
             wait_for_training(tail, training_id, processes, deployment, args.timeout)
             usage = process_usage(tail.processes, tail.snapshots.get((training_id, 1)),
                                   tail.snapshots.get((training_id, args.rounds)), args.rounds)

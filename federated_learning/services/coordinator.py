@@ -76,9 +76,9 @@ Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 TICK_S = 0.25
 BLOB_SWEEP_S = 60.0
+"""How often expired uploads are deleted from a blob folder (Redis expires its keys itself)."""
 SLOT_CHECK_S = 10.0
 """How often a partition frees the slots its finished trainings still hold."""
-"""How often expired uploads are deleted from a blob folder (Redis expires its keys itself)."""
 CANCEL_AGAIN_S = 0.1
 """How long a cancelled helper task has to end before it is cancelled again."""
 WANTED_FOR_RENEWALS = 3
