@@ -68,13 +68,13 @@ class TrainingViews:
 class TrainingStore(TrainingViews):
     """The coordinator's states: written with their published view, in one transaction."""
 
-    async def load(self, training_id: str) -> TrainingState | None:
-        raw = await self._redis.get(self._keys.training(training_id))
-        return None if raw is None else TrainingState.model_validate_json(raw)
-
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         super().__init__(redis, keys)
         self._slot_changes: list[tuple[str, bool]] = []
+
+    async def load(self, training_id: str) -> TrainingState | None:
+        raw = await self._redis.get(self._keys.training(training_id))
+        return None if raw is None else TrainingState.model_validate_json(raw)
 
     def _in_index_cell(self, training_id: str) -> bool:
         """Whether the training's keys are in the cell of the deployment's index, queue and active
