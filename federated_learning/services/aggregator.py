@@ -36,7 +36,7 @@ from federated_learning.aggregation.layouts import (
 )
 from federated_learning.aggregation.streaming import WeightedSum
 from federated_learning.bus.blobs import BlobMissing
-from federated_learning.bus.consumer import StreamConsumer, run_consumers
+from federated_learning.bus.consumer import run_consumers
 from federated_learning.config import load_settings
 from federated_learning.monitoring.anomaly import score_against_median, scores_updates
 from federated_learning.privacy.errors import PrivacyError
@@ -96,26 +96,16 @@ scores are not credited twice)."""
 class Aggregator:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self.consumers = [StreamConsumer(
-            ctx.redis, GROUP_AGGREGATOR, f"aggregator-{ctx.instance}",
-            {cell.job_stream: self.on_job},
-            dead_letter_stream=ctx.dead_letter_stream, count=1,
-            claim_idle_ms=ctx.settings.claim_idle_ms,
-            on_forged_id=ctx.forged_stream_id,
-        ) for cell in ctx.keys.cells]
+        self.consumers = ctx.cell_consumers(GROUP_AGGREGATOR, lambda cell: cell.job_stream, self.on_job, count=1)
         self.consumer = self.consumers[0]
         self.cache = UpdateCache(ctx.blobs, VersionIndex(ctx.redis, ctx.keys),
                                  max_bytes=ctx.settings.aggregator_cache_bytes,
                                  max_blob_bytes=ctx.settings.max_blob_bytes)
         # Accepted updates are read in batches by a consumer of their own: a job (one at a time, so
         # that workers share them) does not hold them up, and a job awaits those still being read.
-        self.readers = [StreamConsumer(
-            ctx.redis, GROUP_AGGREGATOR, f"aggregator-{ctx.instance}",
-            {cell.accepted_update_stream: self.on_accepted},
-            batch_handlers={cell.accepted_update_stream: self.on_accepted_batch},
-            dead_letter_stream=ctx.dead_letter_stream, count=ACCEPTED_PER_READ,
-            claim_idle_ms=ctx.settings.claim_idle_ms, on_forged_id=ctx.forged_stream_id,
-        ) for cell in ctx.keys.cells]
+        self.readers = ctx.cell_consumers(GROUP_AGGREGATOR, lambda cell: cell.accepted_update_stream,
+                                          self.on_accepted, batch_handler=self.on_accepted_batch,
+                                          count=ACCEPTED_PER_READ)
         self.reader = self.readers[0]
         self._pool: ThreadPoolExecutor | None = None
         self._scoring: set[asyncio.Task[None]] = set()

@@ -18,7 +18,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge
 from redis.exceptions import WatchError
 
-from federated_learning.bus.consumer import StreamConsumer, run_consumers
+from federated_learning.bus.consumer import run_consumers
 from federated_learning.bus.replies import text
 from federated_learning.config import load_settings
 from federated_learning.privacy.release import ReleaseRefused, plan_release
@@ -59,12 +59,7 @@ class PrivacyManager:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.trainings = TrainingViews(ctx.redis, ctx.keys)
-        self.consumers = [StreamConsumer(
-            ctx.redis, GROUP_PRIVACY, f"privacy-{ctx.instance}",
-            {cell.aggregate_stream: self.on_aggregate},
-            dead_letter_stream=ctx.dead_letter_stream, claim_idle_ms=ctx.settings.claim_idle_ms,
-            on_forged_id=ctx.forged_stream_id,
-        ) for cell in ctx.keys.cells]
+        self.consumers = ctx.cell_consumers(GROUP_PRIVACY, lambda cell: cell.aggregate_stream, self.on_aggregate)
         self.consumer = self.consumers[0]
 
     async def run(self, *, burst: bool = False) -> None:

@@ -38,6 +38,7 @@ from federated_learning.bus.blob_stores import (
 )
 from federated_learning.bus.blobs import BlobStore, BlobStoreError
 from federated_learning.bus.connection import connect, keys_for
+from federated_learning.bus.consumer import BatchHandler, Handler, StreamConsumer
 from federated_learning.bus.replies import text
 from federated_learning.bus.stream_ids import StreamRepair
 from federated_learning.config import Settings
@@ -51,7 +52,14 @@ from federated_learning.protocol.keys import (
     Keys,
     coordinator_group,
 )
-from federated_learning.protocol.messages import M, MalformedMessage, Severity, decode, encode
+from federated_learning.protocol.messages import (
+    M,
+    MalformedMessage,
+    Severity,
+    StreamFields,
+    decode,
+    encode,
+)
 from federated_learning.protocol.storage import read_descriptor
 from federated_learning.records.partitions import recorded_partition_count
 from federated_learning.records.trainings import TrainingViews
@@ -202,13 +210,32 @@ class ServiceContext:
     def dead_letter_stream(self) -> str:
         return self.keys.dead_letters(self.service)
 
+    def cell_consumers(self, group: str, stream_of: Callable[[Keys], str], handler: Handler, *,
+                       batch_handler: BatchHandler | None = None, count: int = 32) -> list[StreamConsumer]:
+        """One consumer of ``group`` per cell (``protocol/keys.py``), each reading that cell's
+        ``stream_of`` stream (a cluster serves one hash slot per read); run them with
+        :func:`~federated_learning.bus.consumer.run_consumers`."""
+        consumers = []
+        for cell in self.keys.cells:
+            stream = stream_of(cell)
+            consumers.append(StreamConsumer(
+                self.redis, group, f"{self.service}-{self.instance}", {stream: handler},
+                batch_handlers={stream: batch_handler} if batch_handler is not None else None,
+                dead_letter_stream=self.dead_letter_stream, count=count,
+                claim_idle_ms=self.settings.claim_idle_ms, on_forged_id=self.forged_stream_id))
+        return consumers
+
+    def _event(self, kind: str, message: str, severity: Severity, training_id: str | None, round: int | None,
+               agent_id: str | None, data: dict[str, object]) -> StreamFields:
+        return encode(Event(kind=kind, source=self.service, severity=severity, message=message,
+                            training_id=training_id, round=round, agent_id=agent_id, data=data))
+
     async def emit(self, kind: str, message: str = "", *, severity: Severity = Severity.INFO,
                    training_id: str | None = None, round: int | None = None,
                    agent_id: str | None = None, **data: object) -> None:
-        """Publish an event on the event stream."""
-        event = Event(kind=kind, source=self.service, severity=severity, message=message,
-                      training_id=training_id, round=round, agent_id=agent_id, data=data)
-        await self.redis.xadd(self.event_stream_of(training_id), encode(event),
+        """Publish an event on the event stream (of the training's cell)."""
+        await self.redis.xadd(self.event_stream_of(training_id),
+                              self._event(kind, message, severity, training_id, round, agent_id, data),
                               maxlen=EVENT_STREAM_MAXLEN, approximate=True)
 
     def event_stream_of(self, training_id: str | None) -> str:
@@ -221,18 +248,17 @@ class ServiceContext:
                    agent_id: str | None = None, **data: object) -> None:
         """Add an event to ``pipe``: published with the writes it reports, or not at all (on the
         stream of the training's cell, the slot of a step's transaction)."""
-        event = Event(kind=kind, source=self.service, severity=severity, message=message,
-                      training_id=training_id, round=round, agent_id=agent_id, data=data)
-        pipe.xadd(self.event_stream_of(training_id), encode(event), maxlen=EVENT_STREAM_MAXLEN, approximate=True)
+        pipe.xadd(self.event_stream_of(training_id),
+                  self._event(kind, message, severity, training_id, round, agent_id, data),
+                  maxlen=EVENT_STREAM_MAXLEN, approximate=True)
 
     def stage_deployment_emit(self, pipe: Pipeline, kind: str, message: str = "", *,
                               severity: Severity = Severity.INFO, training_id: str | None = None,
                               **data: object) -> None:
         """:meth:`stage_emit` on the deployment's event stream, for a transaction that writes the
         deployment's keys (alerts); the readers read every cell's stream."""
-        event = Event(kind=kind, source=self.service, severity=severity, message=message,
-                      training_id=training_id, data=data)
-        pipe.xadd(self.keys.global_keys.event_stream, encode(event), maxlen=EVENT_STREAM_MAXLEN, approximate=True)
+        pipe.xadd(self.keys.global_keys.event_stream, self._event(kind, message, severity, training_id, None, None, data),
+                  maxlen=EVENT_STREAM_MAXLEN, approximate=True)
 
     async def decoded(self, model: type[M], fields: dict[bytes, bytes], source: str) -> M | None:
         """A stream entry as ``model``, or None after rejecting it as ``<source>:malformed``."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge
 
 from federated_learning.bus.blobs import BlobMissing
-from federated_learning.bus.consumer import StreamConsumer, run_consumers
+from federated_learning.bus.consumer import run_consumers
 from federated_learning.config import load_settings
 from federated_learning.model_versions import ModelVersionManager
 from federated_learning.protocol.keys import GROUP_VERSIONS
@@ -50,12 +50,7 @@ class VersionManager:
         self.trainings = TrainingViews(ctx.redis, ctx.keys)
         self.api = ModelVersionManager(ctx)
         self.checkpoints = self.api.checkpoints
-        self.consumers = [StreamConsumer(
-            ctx.redis, GROUP_VERSIONS, f"versions-{ctx.instance}",
-            {cell.release_stream: self.on_release},
-            dead_letter_stream=ctx.dead_letter_stream, claim_idle_ms=ctx.settings.claim_idle_ms,
-            on_forged_id=ctx.forged_stream_id,
-        ) for cell in ctx.keys.cells]
+        self.consumers = ctx.cell_consumers(GROUP_VERSIONS, lambda cell: cell.release_stream, self.on_release)
         self.consumer = self.consumers[0]
 
     async def run(self, *, burst: bool = False) -> None:
