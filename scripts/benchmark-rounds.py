@@ -20,7 +20,10 @@ Reports:
   (-> round_completed);
 - peak RSS (VmHWM) and CPU seconds of every process of the run;
 - bus bytes per round: valkey's total_net_input_bytes + total_net_output_bytes over rounds
-  2..R (this script's own reads taken out), against the model bytes N d 4 x 2.
+  2..R (this script's own reads taken out), against the model bytes N d 4 x 2;
+- the data-path floor (``round_floor.py``, --floor): the same N uploads of d values encoded,
+  hashed, written, read, hash-checked and folded, and the model written back, with no protocol
+  around them; both systems' s/round against it, and whether 3 x Flower is above it.
 
 Usage (see docs/performance.md, "Rounds end to end"):
     .venv/bin/python scripts/benchmark-rounds.py --agents 10 --params 100000 --rounds 5
@@ -35,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli import HelpFormatter, use_venv
+from round_floor import measure_floor
 
 use_venv()
 
@@ -799,8 +803,24 @@ def bus_tables(bus: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def report(args: argparse.Namespace, ours: dict[str, Any], flower: dict[str, Any] | None) -> str:
-    return "\n\n".join([summary_table(args, ours, flower), phase_table(ours["phases"]),
+def floor_line(ours: dict[str, Any], flower: dict[str, Any] | None, floor: dict[str, Any] | None) -> str:
+    """Both systems' s/round against the data-path floor, and 3 x Flower against it."""
+    if floor is None:
+        return "data-path floor: not measured (--no-floor)"
+    line = (f"data-path floor (no protocol; {floor['threads']} threads): {seconds(floor['s_per_round'])} s/round, "
+            f"{seconds(floor['cpu_s_per_round'])} CPU-s per round")
+    if ours["s_per_round"]:
+        line += f"; ours/floor {ours['s_per_round'] / floor['s_per_round']:.2f}"
+    if flower is not None and flower["s_per_round"]:
+        third = flower["s_per_round"] / 3
+        line += (f"; Flower/floor {flower['s_per_round'] / floor['s_per_round']:.2f}; 3 x Flower is "
+                 f"{third:.3f} s/round, {third - floor['s_per_round']:+.3f} s from the floor")
+    return line
+
+
+def report(args: argparse.Namespace, ours: dict[str, Any], flower: dict[str, Any] | None,
+           floor: dict[str, Any] | None) -> str:
+    return "\n\n".join([summary_table(args, ours, flower), floor_line(ours, flower, floor), phase_table(ours["phases"]),
                         process_table(ours, flower), bus_line(ours["bus"]), bus_tables(ours["bus"])]) + "\n"
 
 
@@ -836,6 +856,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "reach the agents through an outbox unless it is 0)")
     p.add_argument("--flower", action=argparse.BooleanOptionalAction, default=True,
                    help="also run Flower's gRPC server on the same work, when flwr imports")
+    p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the data-path floor of the same N x d (round_floor.py)")
     p.add_argument("--heartbeat-s", type=float, default=30.0, help="agents' heartbeat interval")
     p.add_argument("--idle-agents", type=int, default=0, help="more registered agents that only heartbeat "
                    "(a dataset no training uses; scripts/idle_agents.py): registry load beside the rounds")
@@ -878,6 +900,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ours = run_ours(args)
         logger.info("ours: %s s/round", seconds(ours["s_per_round"]))
+        floor = None
+        if args.floor:
+            floor = measure_floor(agents=args.agents, params=args.params, layers=args.layers, rounds=args.rounds,
+                                  folder=args.data_dir.resolve() / "floor", log=logger.info)
+            logger.info("data-path floor: %s s/round", seconds(floor["s_per_round"]))
         flower = run_flower(args) if args.flower and flower_available() else None
         if args.flower and flower is None:
             logger.warning("flwr does not import: no Flower run")
@@ -889,11 +916,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     context = {"loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cpus": os.cpu_count(),
                "flwr": importlib.metadata.version("flwr") if flower is not None else None}
-    sys.stdout.write(f"context: {json.dumps(context)}\n{report(args, ours, flower)}")
+    sys.stdout.write(f"context: {json.dumps(context)}\n{report(args, ours, flower, floor)}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"argv": sys.argv, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "context": context, "ours": ours, "flower": flower,
+                                         "context": context, "ours": ours, "flower": flower, "floor": floor,
                                          "ours_over_flower": ratio(ours, flower)}, indent=2))
     return 0
 
