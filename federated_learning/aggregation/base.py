@@ -16,29 +16,12 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
-from numba import njit
 from numpy.typing import NDArray
+
+from federated_learning.numeric import all_finite
 
 Layers = list[NDArray[np.floating]]
 Slab = NDArray[np.floating]
-
-# Only reassociation: x * 0 must stay NaN for NaN/Inf x, so no nnan/ninf/nsz flags.
-REASSOCIATE = {"reassoc"}
-
-
-@njit(cache=True, nogil=True, fastmath=REASSOCIATE)
-def all_finite(values):  # type: ignore[no-untyped-def]
-    """True when no entry of a 1-D float array is NaN or Inf.
-
-    Serial on purpose: it reads O(d) values (1/K of an aggregation's input), and a
-    parallel region costs a scheduler time slice when another process holds a core.
-    x * 0 is 0 for finite x and NaN otherwise, so one vectorised sum tests every entry.
-    """
-    probe = values[0] * 0.0
-    for c in range(values.size):
-        probe += values[c] * 0.0
-    return probe == 0.0
-
 
 def is_all_finite(values: NDArray[np.generic]) -> bool:
     """True when no entry of ``values`` (any shape) is NaN or Inf."""

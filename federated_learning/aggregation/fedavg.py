@@ -20,11 +20,12 @@ from numba.extending import intrinsic
 from numba.np.numpy_support import carray
 from numpy.typing import NDArray
 
+from federated_learning.numeric import all_finite
+
 from .base import (
     Slab,
     Strategy,
     UpdateBatch,
-    all_finite,
     check_learning_rate,
     check_real,
     example_weights,

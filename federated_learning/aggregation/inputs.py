@@ -17,13 +17,14 @@ import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
+from federated_learning.numeric import REASSOCIATE
 from federated_learning.privacy.mechanisms import NormType, clip_update
 from federated_learning.protocol.messages import ASYNC_ALGORITHMS, SECURE_ALGORITHMS
 from federated_learning.protocol.tensors import InvalidTensor, is_float, spec_of
 from federated_learning.protocol.updates import decode_update, is_compressed
 from federated_learning.types import NamedLayers
 
-from .base import REASSOCIATE, slab_dtype
+from .base import slab_dtype
 from .layouts import for_rules
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from federated_learning.numeric import all_finite
+
 UNIFORM_SCALE = 2.0**31
 """Stochastic rounding compares a 31-bit draw u with fraction * 2**31: P(round up) is the fraction
 rounded up to a multiple of 2**-31, unbiased to within 2**-31 of a step (float32 keeps 24 bits)."""
@@ -93,14 +95,6 @@ def _onto_4(packed, first, low, width, base, out):  # type: ignore[no-untyped-de
         out[t] = np.float32(np.float64(base[t]) + np.float64(delta))
 
 
-@njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _finite(values):  # type: ignore[no-untyped-def]
-    probe = np.float32(0.0)  # x * 0 is 0 for finite x, else NaN: one vectorised sum tests them all
-    for t in range(values.size):
-        probe += values[t] * np.float32(0.0)
-    return probe == 0.0
-
-
 @njit(cache=True, nogil=True)
 def dequantize_onto(codes, bits, minimum, step, block_size, start, base, out):  # type: ignore[no-untyped-def]
     """out[i] = float32(base[i] + delta_j) in float64, with delta_j = float32(minimum[b] + c_j * step[b])
@@ -123,6 +117,6 @@ def dequantize_onto(codes, bits, minimum, step, block_size, start, base, out):  
             _onto_8(codes[start + i:start + end], low, width, base[i:end], out[i:end])
         else:
             _onto_4(codes, start + i, low, width, base[i:end], out[i:end])
-        finite = _finite(out[i:end]) and finite
+        finite = all_finite(out[i:end]) and finite
         i = end
     return finite
