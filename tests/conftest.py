@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from federated_learning.bus.embedded import EmbeddedValkey, free_port
+from federated_learning.bus.embedded import EmbeddedValkey
+from tests.ports import free_port
 
 # Kernels compile once per test session into a shared cache, not in every test.
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parent.parent / "data" / "numba-cache"))

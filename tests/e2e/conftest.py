@@ -18,7 +18,7 @@ import pytest
 
 from agents.client import FederatedClient
 from agents.data import make_client_datasets
-from federated_learning.bus.embedded import free_port
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 90.0

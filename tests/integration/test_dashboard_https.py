@@ -13,7 +13,6 @@ import redis.asyncio as aioredis
 import uvicorn
 
 from agents.http_sync import SyncSettings
-from federated_learning.bus.embedded import free_port
 from federated_learning.config import Settings
 from federated_learning.dashboard.main import create_app
 from federated_learning.deploy.local import LocalDeployment
@@ -21,6 +20,7 @@ from federated_learning.services.dashboard import server_config
 from federated_learning.services.runtime import ServiceContext
 from tests.integration.certificates import Pki, make_pki
 from tests.integration.conftest import TEST_API_KEY
+from tests.ports import free_port
 
 
 @pytest.fixture

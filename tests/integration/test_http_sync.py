@@ -17,7 +17,6 @@ from safetensors.numpy import save as save_safetensors
 
 from agents.data import make_client_datasets
 from federated_learning.bus.blobs import RedisBlobStore
-from federated_learning.bus.embedded import free_port
 from federated_learning.coordination.partitions import partition_of
 from federated_learning.dashboard.main import create_app
 from federated_learning.presets import create_trainer
@@ -27,6 +26,7 @@ from federated_learning.protocol.secure_messages import message_type
 from federated_learning.protocol.tensors import decode_layers, encode_layers, validate_layers
 from federated_learning.services.runtime import ServiceContext
 from tests.integration.conftest import TEST_API_KEY, digits_config, start_training, wait_for_status
+from tests.ports import free_port
 
 KEYS = Keys()
 

@@ -11,10 +11,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from federated_learning.bus.embedded import EmbeddedValkey, free_port
+from federated_learning.bus.embedded import EmbeddedValkey
 from federated_learning.config import load_settings
 from federated_learning.deploy.launcher import deployment_file
 from federated_learning.deploy.local import DeploymentFailed, LocalDeployment
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "scripts" / "deploy-federated-learning.py"

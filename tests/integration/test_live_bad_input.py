@@ -13,13 +13,13 @@ import redis.asyncio as aioredis
 import uvicorn
 import websockets
 
-from federated_learning.bus.embedded import free_port
 from federated_learning.config import Settings
 from federated_learning.dashboard.main import create_app
 from federated_learning.dashboard.routes.live import MAX_TOPICS, TOO_MANY_CLOSE
 from federated_learning.services.dashboard import server_config
 from federated_learning.services.runtime import ServiceContext
 from tests.integration.conftest import TEST_API_KEY
+from tests.ports import free_port
 
 SOCKETS_PER_KEY = 3
 

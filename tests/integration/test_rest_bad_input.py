@@ -14,7 +14,6 @@ import pytest
 import redis.asyncio as aioredis
 import uvicorn
 
-from federated_learning.bus.embedded import free_port
 from federated_learning.config import Settings
 from federated_learning.dashboard.limits import MAX_JSON_BODY_BYTES
 from federated_learning.dashboard.main import create_app
@@ -22,6 +21,7 @@ from federated_learning.protocol.keys import Keys
 from federated_learning.services.dashboard import server_config
 from federated_learning.services.runtime import ServiceContext
 from tests.integration.conftest import TEST_API_KEY
+from tests.ports import free_port
 
 BODY_ROUTES = ["/api/training/start", "/api/training/t/stop", "/api/training/t/rollback", "/api/orgs",
                "/api/orgs/acme/keys", "/api/join-tokens", "/api/models", "/sync_model"]
