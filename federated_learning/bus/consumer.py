@@ -367,17 +367,19 @@ async def run_consumers(consumers: list[StreamConsumer], stop: asyncio.Event, *,
     """Run several consumers (one per cell's hash slot: a cluster reads the streams of one slot
     per command) until ``stop`` is set; the first also runs ``on_idle``. Outside ``burst`` mode
     one consumer that ends (it raised :class:`StopConsuming`) ends them all, and one that fails
-    cancels the others and its exception propagates. In ``burst`` mode they run again until none
-    handled anything (one may write what another reads)."""
+    cancels the others and its exception propagates. In ``burst`` mode they run again until two
+    passes in a row handled nothing: one may write what another reads, and ``on_idle`` may write in
+    a pass that read nothing, for the next pass to read."""
     if len(consumers) == 1:
         await consumers[0].run(stop, burst=burst, on_idle=on_idle)
         return
     if burst:
-        while not stop.is_set():
+        quiet_passes = 0
+        while not stop.is_set() and quiet_passes < 2:
             before = sum(consumer.stats.handled for consumer in consumers)
             await _together(consumers, stop, burst=True, on_idle=on_idle)
-            if sum(consumer.stats.handled for consumer in consumers) == before:
-                return
+            quiet = sum(consumer.stats.handled for consumer in consumers) == before
+            quiet_passes = quiet_passes + 1 if quiet else 0
         return
     await _together(consumers, stop, burst=False, on_idle=on_idle)
 

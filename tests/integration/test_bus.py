@@ -16,7 +16,7 @@ from federated_learning.bus.blobs import (
     BlobMissing,
     RedisBlobStore,
 )
-from federated_learning.bus.consumer import StreamConsumer, ensure_group
+from federated_learning.bus.consumer import StreamConsumer, ensure_group, run_consumers
 from federated_learning.protocol.keys import Keys
 from federated_learning.protocol.tensors import (
     InvalidTensor,
@@ -277,3 +277,28 @@ async def test_entry_that_keeps_killing_its_consumer_is_dead_lettered_unhandled(
     assert calls == 0
     assert (await redis.xpending(STREAM, "g"))["pending"] == 0
     assert (await redis.xrange("test:dead"))[0][1][b"n"] == b"poison"
+
+
+async def test_a_burst_reads_what_the_idle_hook_wrote_in_a_quiet_pass(redis: aioredis.Redis) -> None:
+    """A partition's coordinator: its tick (the first consumer's idle hook) may stage tasks in its
+    outbox in a pass that read nothing; the forwarder (another consumer) must still get them."""
+    other = "test:other"
+    forwarded: list[bytes] = []
+    ticks = 0
+
+    async def ignore(_entry_id: bytes, _fields: dict[bytes, bytes]) -> None:
+        return None
+
+    async def forward(_entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        forwarded.append(fields[b"task"])
+
+    async def tick() -> None:
+        nonlocal ticks
+        ticks += 1
+        if ticks == 1:
+            await redis.xadd(other, {"task": "t1"})
+
+    main = consumer(redis, "main", ignore)
+    forwarder = StreamConsumer(redis, "g", "forwarder", {other: forward}, dead_letter_stream="test:dead", block_ms=50)
+    await run_consumers([main, forwarder], asyncio.Event(), burst=True, on_idle=tick)
+    assert forwarded == [b"t1"]
