@@ -7,7 +7,6 @@ rules are deterministic (identical for any thread count).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -37,7 +36,7 @@ from federated_learning.aggregation.layouts import (
 from federated_learning.aggregation.streaming import WeightedSum
 from federated_learning.bus.blobs import BlobMissing
 from federated_learning.bus.consumer import run_consumers
-from federated_learning.config import load_settings
+from federated_learning.config import Settings
 from federated_learning.monitoring.anomaly import score_against_median, scores_updates
 from federated_learning.privacy.errors import PrivacyError
 from federated_learning.privacy.secure_session import unmask_weighted_mean
@@ -73,7 +72,10 @@ from federated_learning.protocol.tensors import (
 from federated_learning.records.versions import VersionIndex
 from federated_learning.services.job_updates import AggregationFailed, JobUpdates
 from federated_learning.services.process_memory import retain_freed_memory
-from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
+from federated_learning.services.runtime import (
+    ServiceContext,
+    service_main,
+)
 from federated_learning.services.update_cache import UpdateCache, describe_refusal
 from federated_learning.types import BlobDigest, NamedLayers
 
@@ -455,25 +457,19 @@ def warm_up_memory_banks() -> None:
         merge_banks(banks, [1, 2], 8, weighted=weighted)
 
 
-async def _main(args: argparse.Namespace) -> None:
-    settings = load_settings(args.config)
-    setup_logging(settings.log_level, f"aggregator-{args.instance}")
+def prepare_process(settings: Settings, _instance: str) -> None:
+    """Memory, Numba's cache and threads set up, and the kernels compiled, before the bus."""
     retain_freed_memory()
     configure_numba(settings.cpu_cores, settings.data_dir)
     from federated_learning.aggregation import configure_threads
 
     configure_threads(settings.cpu_cores)
     warm_up()
-    ctx = await open_context(settings, "aggregator", args.instance)
-    aggregator = Aggregator(ctx)
-    await serve(ctx, aggregator.run)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="federated learning aggregator worker")
-    parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument("--instance", default="0")
-    asyncio.run(_main(parser.parse_args()))
+    service_main("aggregator", "federated learning aggregator worker", lambda ctx: Aggregator(ctx).run,
+                 prepare=prepare_process, per_instance_log=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ after that write; a redelivered entry finds its effect already there.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import time
@@ -23,7 +22,6 @@ from federated_learning.bus.blob_stores import publish_blob_store
 from federated_learning.bus.consumer import StreamConsumer, run_consumers
 from federated_learning.bus.lease import Lease
 from federated_learning.bus.membership import Membership
-from federated_learning.config import load_settings
 from federated_learning.coordination.checks import check_agent_message, refuse_training
 from federated_learning.coordination.initial import waits_for_agent
 from federated_learning.coordination.inputs import InitialModelStored
@@ -66,7 +64,10 @@ from federated_learning.services.initial_models import check_initial_model, init
 from federated_learning.services.notice_batch import DuplicateFlags, NoticeBatch
 from federated_learning.services.outbox import OutboxForwarder
 from federated_learning.services.rounds import RoundProtocol
-from federated_learning.services.runtime import ServiceContext, open_context, serve, setup_logging
+from federated_learning.services.runtime import (
+    ServiceContext,
+    service_main,
+)
 from federated_learning.types import BlobDigest
 
 log = logging.getLogger(__name__)
@@ -651,22 +652,9 @@ class CoordinatorService:
                 return
 
 
-async def _main(args: argparse.Namespace) -> None:
-    settings = load_settings(args.config)
-    setup_logging(settings.log_level, "coordinator")
-    ctx = await open_context(settings, "coordinator", args.instance)
-    try:
-        await serve(ctx, CoordinatorService(ctx).run)
-    except PartitionCountMismatch as exc:
-        log.error("%s", exc)
-        raise SystemExit(2) from exc
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description="federated learning coordinator")
-    parser.add_argument("--config", type=lambda p: __import__("pathlib").Path(p), default=None)
-    parser.add_argument("--instance", default="0")
-    asyncio.run(_main(parser.parse_args()))
+    service_main("coordinator", "federated learning coordinator", lambda ctx: CoordinatorService(ctx).run,
+                 fatal=(PartitionCountMismatch,))
 
 
 if __name__ == "__main__":

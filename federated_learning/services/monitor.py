@@ -12,19 +12,15 @@ the active trainings' round state and per-version accuracies.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 from redis.asyncio.client import Pipeline
 
 from federated_learning.bus.consumer import StreamConsumer, run_consumers, trim_consumed
 from federated_learning.bus.replies import text
-from federated_learning.config import load_settings
 from federated_learning.monitoring.alerts import (
     RECONCILED_RULES,
     Alert,
@@ -79,14 +75,12 @@ from federated_learning.services.runtime import (
     PER_TRAINING,
     ServiceContext,
     forget_training,
-    open_context,
     per_training,
     read_backlogs,
     read_health_records,
     read_redis_memory,
-    serve,
+    service_main,
     service_streams,
-    setup_logging,
 )
 
 log = logging.getLogger(__name__)
@@ -311,18 +305,8 @@ def publish_open_alerts(open_alerts: list[Alert]) -> None:
         ALERTS_OPEN.labels(severity.value).set(count)
 
 
-async def _main(args: argparse.Namespace) -> None:
-    settings = load_settings(args.config)
-    setup_logging(settings.log_level, "monitor")
-    ctx = await open_context(settings, "monitor", args.instance)
-    await serve(ctx, Monitor(ctx).run)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description="federated learning monitor")
-    parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument("--instance", default="0")
-    asyncio.run(_main(parser.parse_args()))
+    service_main("monitor", "federated learning monitor", lambda ctx: Monitor(ctx).run)
 
 
 if __name__ == "__main__":

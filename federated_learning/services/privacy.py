@@ -10,17 +10,13 @@ training's committed versions.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
-from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 from redis.exceptions import WatchError
 
 from federated_learning.bus.consumer import run_consumers
 from federated_learning.bus.replies import text
-from federated_learning.config import load_settings
 from federated_learning.privacy.release import ReleaseRefused, plan_release
 from federated_learning.protocol.banks import decode_bank_version
 from federated_learning.protocol.keys import GROUP_PRIVACY
@@ -42,10 +38,8 @@ from federated_learning.protocol.tensors import (
 from federated_learning.records.trainings import TrainingViews
 from federated_learning.services.runtime import (
     ServiceContext,
-    open_context,
     per_training,
-    serve,
-    setup_logging,
+    service_main,
 )
 
 log = logging.getLogger(__name__)
@@ -163,18 +157,8 @@ class PrivacyManager:
                             training_id=ready.training_id, round=ready.round)
 
 
-async def _main(args: argparse.Namespace) -> None:
-    settings = load_settings(args.config)
-    setup_logging(settings.log_level, "privacy")
-    ctx = await open_context(settings, "privacy", args.instance)
-    await serve(ctx, PrivacyManager(ctx).run)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description="federated learning privacy manager")
-    parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument("--instance", default="0")
-    asyncio.run(_main(parser.parse_args()))
+    service_main("privacy", "federated learning privacy manager", lambda ctx: PrivacyManager(ctx).run)
 
 
 if __name__ == "__main__":

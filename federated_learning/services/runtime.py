@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import errno
 import json
@@ -14,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 from wsgiref.types import StartResponse, WSGIEnvironment
@@ -41,7 +43,7 @@ from federated_learning.bus.connection import connect, keys_for
 from federated_learning.bus.consumer import BatchHandler, Handler, StreamConsumer
 from federated_learning.bus.replies import text
 from federated_learning.bus.stream_ids import StreamRepair
-from federated_learning.config import Settings
+from federated_learning.config import Settings, load_settings
 from federated_learning.protocol.events import Event
 from federated_learning.protocol.keys import (
     GROUP_AGGREGATOR,
@@ -523,3 +525,30 @@ async def serve(ctx: ServiceContext, body: Callable[[], Awaitable[None]],
             pass
         await ctx.redis.aclose()
         log.info("%s/%s stopped", ctx.service, ctx.instance)
+
+
+def service_main(service: str, description: str, body: Callable[[ServiceContext], Callable[[], Awaitable[None]]], *,
+                 prepare: Callable[[Settings, str], None] | None = None, per_instance_log: bool = False,
+                 fatal: tuple[type[Exception], ...] = ()) -> None:
+    """A service process's ``main``: ``--config`` and ``--instance``, the settings, logging,
+    ``prepare(settings, instance)`` (process set-up before the bus), the context, and
+    :func:`serve` of ``body(ctx)``. An exception of a ``fatal`` type is logged and ends the process
+    with status 2 (the supervisor does not restart a service that cannot run as configured)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--instance", default="0")
+    args = parser.parse_args()
+
+    async def run() -> None:
+        settings = load_settings(args.config)
+        setup_logging(settings.log_level, f"{service}-{args.instance}" if per_instance_log else service)
+        if prepare is not None:
+            prepare(settings, args.instance)
+        ctx = await open_context(settings, service, args.instance)
+        try:
+            await serve(ctx, body(ctx))
+        except fatal as exc:
+            log.error("%s", exc)
+            raise SystemExit(2) from exc
+
+    asyncio.run(run())

@@ -11,17 +11,14 @@ same file under the same number: no gaps, no duplicates.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import time
-from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 
 from federated_learning.bus.blobs import BlobMissing
 from federated_learning.bus.consumer import run_consumers
-from federated_learning.config import load_settings
 from federated_learning.model_versions import ModelVersionManager
 from federated_learning.protocol.keys import GROUP_VERSIONS
 from federated_learning.protocol.messages import ModelReleased
@@ -30,10 +27,8 @@ from federated_learning.records.trainings import TrainingViews
 from federated_learning.records.versions import VersionIndex
 from federated_learning.services.runtime import (
     ServiceContext,
-    open_context,
     per_training,
-    serve,
-    setup_logging,
+    service_main,
 )
 from federated_learning.versioning.retention import versions_to_delete
 
@@ -107,18 +102,8 @@ class VersionManager:
                                 training_id=training_id, versions=doomed)
 
 
-async def _main(args: argparse.Namespace) -> None:
-    settings = load_settings(args.config)
-    setup_logging(settings.log_level, "versions")
-    ctx = await open_context(settings, "versions", args.instance)
-    await serve(ctx, VersionManager(ctx).run)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description="federated learning version manager")
-    parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument("--instance", default="0")
-    asyncio.run(_main(parser.parse_args()))
+    service_main("versions", "federated learning version manager", lambda ctx: VersionManager(ctx).run)
 
 
 if __name__ == "__main__":
