@@ -1,19 +1,21 @@
-"""The data-path floor of a round: the least work any round of N x d does that names each upload
-by its SHA-256 at the agent and checks it at the server, measured on this machine with no
-protocol around it (no bus, no messages, no signatures, no state).
+"""The data-path floor of a round: this design's data path for N x d measured alone, on this
+machine, with no protocol around it (no bus, messages, signatures, state or transactions).
 
 One round of the floor, on a pool of as many threads as this process may use:
 - per agent: the synthetic trainer's fit (``agents/synthetic.py``), the upload encoded as
-  safetensors, its SHA-256, and the bytes written into a new file in the agent's folder;
-- per upload, as soon as it is written: the file read, its SHA-256 checked, decoded, and folded
-  into the example-weighted sum (``aggregation.streaming.WeightedSum``, ``FOLDED_GROUP`` at a time,
-  as the aggregator folds);
+  safetensors, its SHA-256 (which names it), and the bytes written into a new file in the agent's
+  folder;
+- per upload, as soon as it is written: the file read, its SHA-256 checked (which binds it to what
+  the agent signed), decoded, and folded into the sum weighted by example counts (each synthetic
+  agent reports 1; ``aggregation.streaming.WeightedSum``, ``FOLDED_GROUP`` at a time, as the
+  aggregator folds);
 - then the new model: the mean encoded, hashed, written and fsynced (a committed version is
   durable), and read back and hash-checked once (the agents of one process share each model).
 
 ``scripts/benchmark-rounds.py`` runs it in the same run as the deployed system and Flower and
-prints both against it: no design that hashes at both ends and moves the bytes through files
-can take less per round on this machine.
+prints both against it. It is a reference, not a bound on every design: a data path with fewer
+copies would cost a little less; the two SHA-256 passes and the file write and read it keeps are
+what the design's safety rules ask of every upload.
 """
 
 from __future__ import annotations
@@ -35,14 +37,13 @@ from federated_learning.protocol.tensors import decode_layers, digest_of, encode
 from federated_learning.services.job_updates import FOLDED_GROUP
 
 MAX_BLOB_BYTES = 1 << 40
+Model = dict[str, np.ndarray]
 
 
 def cpu_seconds() -> float:
+    """User and system CPU seconds of this process, all threads."""
     times = os.times()
     return times.user + times.system
-
-
-Model = dict[str, np.ndarray]
 
 
 def _upload(folder: Path, model: Model, agent: str, server_round: int) -> tuple[Path, str]:
@@ -65,6 +66,7 @@ def _write_all(descriptor: int, data: bytes) -> None:
 
 
 def read_checked(path: Path, digest: str) -> Model:
+    """The layers of the file at ``path``; RuntimeError when its bytes do not hash to ``digest``."""
     data = path.read_bytes()
     if digest_of(data) != digest:
         raise RuntimeError(f"{path} does not hash to its name")

@@ -369,7 +369,8 @@ async def run_consumers(consumers: list[StreamConsumer], stop: asyncio.Event, *,
     one consumer that ends (it raised :class:`StopConsuming`) ends them all, and one that fails
     cancels the others and its exception propagates. In ``burst`` mode they run again until two
     passes in a row handled nothing: one may write what another reads, and ``on_idle`` may write in
-    a pass that read nothing, for the next pass to read."""
+    a pass that read nothing, for the next pass to read. (A burst ends once the work does: an
+    ``on_idle`` that wrote something to read in every quiet pass would keep it going.)"""
     if len(consumers) == 1:
         await consumers[0].run(stop, burst=burst, on_idle=on_idle)
         return

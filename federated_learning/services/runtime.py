@@ -548,7 +548,7 @@ def service_main(service: str, description: str, body: Callable[[ServiceContext]
         try:
             await serve(ctx, body(ctx))
         except fatal as exc:
-            log.error("%s", exc)
+            log.error("%s/%s cannot run: %s", service, args.instance, exc)
             raise SystemExit(2) from exc
 
     asyncio.run(run())
