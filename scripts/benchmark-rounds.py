@@ -809,7 +809,8 @@ def floor_line(ours: dict[str, Any], flower: dict[str, Any] | None, floor: dict[
     (Flower's s/round / 3) against it."""
     if floor is None:
         return "data-path floor: not measured (--no-floor)"
-    line = (f"data-path floor (no protocol; {floor['threads']} threads): {seconds(floor['s_per_round'])} s/round, "
+    line = (f"data-path floor (dense float32 uploads through files, no protocol; {floor['threads']} threads): "
+            f"{seconds(floor['s_per_round'])} s/round, "
             f"{seconds(floor['cpu_s_per_round'])} CPU-s per round")
     if ours["s_per_round"]:
         line += f"; ours/floor {ours['s_per_round'] / floor['s_per_round']:.2f}"
