@@ -23,7 +23,8 @@ Reports:
   2..R (this script's own reads taken out), against the model bytes N d 4 x 2;
 - the data-path floor (``round_floor.py``, --floor): the same N uploads of d values encoded,
   hashed, written, read, hash-checked and folded, and the model written back, with no protocol
-  around them; both systems' s/round against it, and whether 3 x Flower is above it.
+  around them; both systems' s/round against it, and how far a round 3 x faster than Flower's
+  is from it.
 
 Usage (see docs/performance.md, "Rounds end to end"):
     .venv/bin/python scripts/benchmark-rounds.py --agents 10 --params 100000 --rounds 5

@@ -110,7 +110,7 @@ def measure_floor(*, agents: int, params: int, layers: int, rounds: int, folder:
     names = [f"floor-{index:05d}" for index in range(agents)]
     for name in names:
         (folder / name).mkdir()
-    threads = len(os.sched_getaffinity(0))
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     walls, cpus = [], []
     try:
         with ThreadPoolExecutor(threads, thread_name_prefix="floor") as pool:

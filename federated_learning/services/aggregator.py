@@ -72,10 +72,7 @@ from federated_learning.protocol.tensors import (
 from federated_learning.records.versions import VersionIndex
 from federated_learning.services.job_updates import AggregationFailed, JobUpdates
 from federated_learning.services.process_memory import retain_freed_memory
-from federated_learning.services.runtime import (
-    ServiceContext,
-    service_main,
-)
+from federated_learning.services.runtime import ServiceContext, service_main
 from federated_learning.services.update_cache import UpdateCache, describe_refusal
 from federated_learning.types import BlobDigest, NamedLayers
 

@@ -64,10 +64,7 @@ from federated_learning.services.initial_models import check_initial_model, init
 from federated_learning.services.notice_batch import DuplicateFlags, NoticeBatch
 from federated_learning.services.outbox import OutboxForwarder
 from federated_learning.services.rounds import RoundProtocol
-from federated_learning.services.runtime import (
-    ServiceContext,
-    service_main,
-)
+from federated_learning.services.runtime import ServiceContext, service_main
 from federated_learning.types import BlobDigest
 
 log = logging.getLogger(__name__)
